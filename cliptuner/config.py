@@ -1,0 +1,141 @@
+"""Configuration dataclasses for the cliptuner core.
+
+Each dataclass validates itself in ``__post_init__`` and raises a ``ValueError`` that names the bad
+value and what is allowed, so a mistake surfaces where it is made rather than deep inside training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence
+
+PRECISIONS = ("fp32", "amp", "amp_bf16")
+SCHEDULERS = ("cosine", "constant")
+METRIC_NAMES = ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "mean_recall")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def from_mapping(cls: type, values: Mapping[str, Any]) -> Any:
+    """Build a config dataclass from a mapping, rejecting unknown keys by name.
+
+    Values that arrive as floats for integer fields (protobuf Structs carry every number as a float)
+    are cast when they are whole numbers.
+
+    Args:
+        cls: the dataclass type to build.
+        values: field name → value.
+
+    Returns:
+        An instance of ``cls``.
+
+    Raises:
+        ValueError: on an unknown key or a value of the wrong type.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} option(s) {unknown}; known: {sorted(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        kind = fields[name].type if isinstance(fields[name].type, str) else getattr(fields[name].type, "__name__", "")
+        if kind.startswith("int") or kind.startswith("Optional[int"):
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError(f"{name} must be a whole number, got {value!r}")
+                value = int(value)
+        if kind.startswith("float") or kind.startswith("Optional[float"):
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+        if kind.startswith("bool") and not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+@dataclass
+class ModelSpec:
+    """Which OpenCLIP model to build and where its weights come from."""
+
+    arch: str = "cliptuner-tiny"  # OpenCLIP model name (``ViT-B-32``) or a bundled config (``cliptuner-tiny``)
+    pretrained: Optional[str] = None  # OpenCLIP tag (``openai``), a local checkpoint path, or None for random init
+    cache_dir: Optional[str] = None  # where OpenCLIP keeps downloaded weights (HF cache when None)
+    force_quick_gelu: bool = False  # use QuickGELU, as OpenAI-trained weights expect
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.arch, str) and bool(self.arch.strip()), f"arch must be a non-empty string, got {self.arch!r}")
+        if self.pretrained is not None:
+            _check(isinstance(self.pretrained, str), f"pretrained must be a string or None, got {self.pretrained!r}")
+            if not self.pretrained.strip():
+                self.pretrained = None
+
+
+@dataclass
+class TrainConfig:
+    """Options of one fine-tuning run."""
+
+    epochs: int = 5  # passes over the training pairs
+    batch_size: int = 64  # pairs per optimizer step (before accumulation)
+    learning_rate: float = 1e-4  # peak learning rate of AdamW
+    weight_decay: float = 0.1  # AdamW weight decay (not applied to gains, biases, embeddings, logit scale)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.98  # AdamW beta2 (CLIP's choice, steadier than 0.999 with large batches)
+    eps: float = 1e-6  # AdamW epsilon
+    warmup_steps: int = 10  # linear warmup length in optimizer steps
+    scheduler: str = "cosine"  # learning-rate shape after warmup: cosine | constant
+    accum_steps: int = 1  # micro-batches whose gradients are accumulated per optimizer step
+    grad_clip_norm: Optional[float] = 1.0  # clip the global grad norm; None disables
+    lock_image: bool = False  # freeze the image tower
+    lock_text: bool = False  # freeze the text tower
+    precision: str = "amp"  # fp32 | amp (fp16 autocast on CUDA) | amp_bf16; AMP falls back to fp32 on CPU
+    device: str = "cpu"  # torch device string: cpu, cuda, cuda:1
+    seed: int = 0  # seeds torch, numpy and the batch sampler
+    num_workers: int = 0  # DataLoader worker processes
+    eval_every: int = 1  # evaluate every N epochs (0: only at the end)
+    early_stop_patience: Optional[int] = None  # stop after N evaluations without improvement; None disables
+    early_stop_metric: str = "t2i_r5"  # metric watched for early stopping and the best checkpoint
+    keep_best: bool = True  # restore the best evaluated weights at the end
+    log_every: int = 10  # emit a progress line every N optimizer steps
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "accum_steps"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
+        _check(self.batch_size >= 2, f"batch_size must be >= 2 for a contrastive loss, got {self.batch_size}")
+        _check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate!r}")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"betas must be in [0, 1), got {(self.beta1, self.beta2)}")
+        _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        _check(self.scheduler in SCHEDULERS, f"scheduler must be one of {list(SCHEDULERS)}, got {self.scheduler!r}")
+        _check(self.precision in PRECISIONS, f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        _check(self.grad_clip_norm is None or self.grad_clip_norm > 0, f"grad_clip_norm must be > 0 or None, got {self.grad_clip_norm!r}")
+        _check(not (self.lock_image and self.lock_text), "lock_image and lock_text together leave nothing to train")
+        _check(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        _check(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers!r}")
+        _check(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every!r}")
+        _check(self.early_stop_patience is None or self.early_stop_patience >= 1,
+               f"early_stop_patience must be >= 1 or None, got {self.early_stop_patience!r}")
+        _check(self.early_stop_metric in METRIC_NAMES,
+               f"early_stop_metric must be one of {list(METRIC_NAMES)}, got {self.early_stop_metric!r}")
+        _check(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every!r}")
+
+
+@dataclass
+class EvalConfig:
+    """Options of retrieval evaluation and of the held-out split."""
+
+    ks: Sequence[int] = field(default_factory=lambda: (1, 5, 10))  # recall@k cut-offs
+    batch_size: int = 128  # images or texts per forward pass
+    eval_fraction: float = 0.2  # share of images held out when no eval data is given
+    split_seed: int = 0  # seed of the held-out split (same seed → same split)
+
+    def __post_init__(self) -> None:
+        self.ks = tuple(int(k) for k in self.ks)
+        _check(len(self.ks) > 0 and all(k >= 1 for k in self.ks), f"ks must be positive integers, got {self.ks!r}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size!r}")
+        _check(0 < self.eval_fraction < 1, f"eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
+
