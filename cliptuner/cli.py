@@ -1,0 +1,309 @@
+"""The ``cliptuner`` command: train, eval, export, encode, synth, demo, serve."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+logger = logging.getLogger("cliptuner")
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    from .config import TrainConfig
+
+    d = TrainConfig()
+    g = parser.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float, default=d.learning_rate)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    g.add_argument("--scheduler", choices=["cosine", "constant"], default=d.scheduler)
+    g.add_argument("--accum-steps", type=int, default=d.accum_steps)
+    g.add_argument("--lock-image", action="store_true", help="freeze the image tower")
+    g.add_argument("--lock-text", action="store_true", help="freeze the text tower")
+    g.add_argument("--precision", choices=["fp32", "amp", "amp_bf16"], default=d.precision)
+    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--workers", dest="num_workers", type=int, default=d.num_workers)
+    g.add_argument("--eval-every", type=int, default=d.eval_every)
+    g.add_argument("--early-stop-patience", type=int, default=None)
+    g.add_argument("--eval-fraction", type=float, default=0.2,
+                   help="share of images held out when no --eval-data is given")
+    g.add_argument("--checkpoint-dir", default=None, help="write resumable training state here every epoch")
+    g.add_argument("--resume", default=None, help="continue from a last.pt written by --checkpoint-dir")
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _train_config(args: argparse.Namespace) -> Any:
+    from .config import TrainConfig
+
+    return TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, scheduler=args.scheduler,
+        accum_steps=args.accum_steps, lock_image=args.lock_image, lock_text=args.lock_text,
+        precision=args.precision, device=args.device or _default_device(), seed=args.seed,
+        num_workers=args.num_workers, eval_every=args.eval_every, early_stop_patience=args.early_stop_patience)
+
+
+def load_train_eval(data: str, eval_data: Optional[str], eval_fraction: float, seed: int) -> tuple[Any, Any]:
+    """Training and held-out pairs from the CLI's ``--data``/``--eval-data`` contract.
+
+    A Karpathy JSON trains on its train (+restval) split and evaluates on its test split unless eval data is
+    given; a CSV without eval data holds out a seeded fraction of its images.
+    """
+    from .data import load_karpathy, load_pairs
+
+    if eval_data:
+        train = load_pairs(data, split="train") if data.endswith(".json") else load_pairs(data)
+        held_out = load_pairs(eval_data, split="test") if eval_data.endswith(".json") else load_pairs(eval_data)
+        return train, held_out
+    if data.endswith(".json"):
+        return load_karpathy(data, split="train"), load_karpathy(data, split="test")
+    return load_pairs(data).split(eval_fraction, seed)
+
+
+class _ProgressBar:
+    """A tqdm bar over optimizer steps, fed by training events."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar = None
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind == "before":
+            print(f"before: t2i R@5 {100 * event['metrics']['t2i_r5']:.1f}%  "
+                  f"i2t R@5 {100 * event['metrics']['i2t_r5']:.1f}%", file=sys.stderr)
+        elif kind == "step" and self.enabled:
+            from tqdm import tqdm
+
+            if self.bar is None:
+                self.bar = tqdm(total=event["total_steps"], unit="step", dynamic_ncols=True, file=sys.stderr)
+            self.bar.update(event["step"] - self.bar.n)
+            self.bar.set_postfix(epoch=f"{event['epoch']}/{event['epochs']}", loss=f"{event['loss']:.3f}",
+                                 lr=f"{event['lr']:.1e}", sps=f"{event['samples_per_s']:.0f}")
+        elif kind == "eval":
+            msg = (f"epoch {event['epoch']}: t2i R@5 {100 * event['metrics']['t2i_r5']:.1f}%  "
+                   f"i2t R@5 {100 * event['metrics']['i2t_r5']:.1f}%")
+            (self.bar.write(msg) if self.bar is not None else print(msg, file=sys.stderr))
+        elif kind == "end" and self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def run_train(args: argparse.Namespace) -> dict[str, Any]:
+    """``cliptuner train``: fine-tune, evaluate before/after, export a model version to ``--out``."""
+    from .config import EvalConfig, ModelSpec
+    from .evaluate import format_report
+    from .export import export_model_dir
+    from .models import load_model
+    from .train import finetune, seed_everything
+
+    cfg = _train_config(args)
+    eval_cfg = EvalConfig(eval_fraction=args.eval_fraction, split_seed=args.seed)
+    train_pairs, eval_pairs = load_train_eval(args.data, args.eval_data, eval_cfg.eval_fraction, args.seed)
+    print(f"train: {len(train_pairs)} pairs / {train_pairs.num_images} images;  "
+          f"held out: {len(eval_pairs)} pairs / {eval_pairs.num_images} images", file=sys.stderr)
+    seed_everything(cfg.seed)  # random init is reproducible too
+    spec = ModelSpec(arch=args.model, pretrained=args.pretrained)
+    bundle = load_model(spec)
+    started = time.time()
+    report = finetune(bundle, train_pairs, eval_pairs, cfg, eval_cfg, on_event=_ProgressBar(not args.quiet),
+                      checkpoint_dir=args.checkpoint_dir, resume_from=args.resume)
+    out = Path(args.out)
+    version = args.version or out.name
+    report.update({"model_version": version, "model": {"arch": spec.arch, "pretrained": spec.pretrained},
+                   "wall_seconds": time.time() - started})
+    bundle.model.cpu()
+    export_model_dir(bundle, out, checkpoint=True, metadata_extra={"version": version, "report": report})
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    print(format_report(report["before"], report["after"]))
+    print(f"{report['epochs']} epochs, {report['samples_per_s']:.1f} samples/s; model version {version!r} in {out}")
+    return report
+
+
+def run_eval(args: argparse.Namespace) -> dict[str, float]:
+    """``cliptuner eval``: recall@k of an exported model directory on a PAIRS file (ONNX, no torch)."""
+    from .data import load_pairs
+    from .evaluate import evaluate_onnx, format_report
+    from .runtime import OnnxClip
+
+    split = args.split if args.data.endswith(".json") else None
+    pairs = load_pairs(args.data, split=split)
+    clip = OnnxClip(args.model_dir, device=args.device)
+    metrics = evaluate_onnx(clip, pairs)
+    print(format_report(metrics))
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def run_export(args: argparse.Namespace) -> Path:
+    """``cliptuner export``: a checkpoint file → ONNX model directory."""
+    from .config import ModelSpec
+    from .export import export_model_dir
+    from .models import load_model, read_checkpoint
+
+    arch = args.model or read_checkpoint(args.checkpoint).get("arch")
+    if not arch:
+        raise SystemExit(f"{args.checkpoint} does not record its arch; pass --model")
+    bundle = load_model(ModelSpec(arch=arch, pretrained=args.checkpoint))
+    out = export_model_dir(bundle, Path(args.out), checkpoint=args.with_checkpoint,
+                           metadata_extra={"version": args.version or Path(args.out).name})
+    print(f"exported {arch} to {out}")
+    return out
+
+
+def run_encode(args: argparse.Namespace) -> Any:
+    """``cliptuner encode``: texts and/or images → embeddings (ONNX runtime, no torch)."""
+    import numpy as np
+
+    from .runtime import OnnxClip
+
+    if not args.text and not args.image:
+        raise SystemExit("give --text and/or --image")
+    clip = OnnxClip(args.model_dir, device=args.device)
+    parts = []
+    if args.text:
+        parts.append(clip.encode_text(list(args.text)))
+    if args.image:
+        parts.append(clip.encode_images(list(args.image), names=list(args.image)))
+    embeddings = np.concatenate(parts)
+    if args.out:
+        np.save(args.out, embeddings)
+        print(f"{embeddings.shape[0]} embeddings of dim {embeddings.shape[1]} → {args.out}")
+    else:
+        for label, row in zip(list(args.text or []) + list(args.image or []), embeddings):
+            print(json.dumps({"input": label, "embedding": [round(float(x), 6) for x in row]}))
+    return embeddings
+
+
+def run_synth(args: argparse.Namespace) -> Path:
+    """``cliptuner synth``: write a synthetic captioned-scenes data set (CSV or Karpathy JSON)."""
+    from . import synthetic
+
+    kwargs = dict(n_images=args.n_images, domain=args.domain, seed=args.seed, image_size=args.image_size,
+                  captions_per_image=args.captions_per_image)
+    if args.format == "karpathy":
+        path = synthetic.write_karpathy(args.out, **kwargs)
+    else:
+        path = synthetic.write_csv(args.out, **kwargs)
+    print(path)
+    return path
+
+
+def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """``cliptuner demo``: offline end to end on synthetic data — train, report, export, encode."""
+    from . import synthetic
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="cliptuner-demo-"))
+    data = synthetic.write_csv(workdir / "data", n_images=args.n_images, domain="domain", seed=args.seed,
+                               image_size=64, captions_per_image=2)
+    print(f"synthetic 'domain' pairs written to {data}", file=sys.stderr)
+    parser = build_parser()
+    train_args = parser.parse_args([
+        "train", "--data", str(data), "--model", args.model, "--epochs", str(args.epochs),
+        "--batch-size", str(args.batch_size), "--lr", str(args.learning_rate), "--seed", str(args.seed),
+        "--out", str(workdir / "model"), "--warmup-steps", "20"] + (["--quiet"] if args.quiet else []))
+    report = run_train(train_args)
+    from .runtime import OnnxClip
+
+    clip = OnnxClip(workdir / "model")
+    vectors = clip.encode_text(["a large teal star on the left"])
+    print(f"ONNX runtime ({', '.join(clip.providers)}) encodes text to a {vectors.shape[1]}-d unit vector; "
+          f"everything is in {workdir}")
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cliptuner", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every training step line")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune a model on PAIRS and export it")
+    p.add_argument("--data", required=True, help="PAIRS: CSV (image,caption) or Karpathy-style JSON")
+    p.add_argument("--eval-data", default=None, help="held-out PAIRS (default: a seeded fraction of --data)")
+    p.add_argument("--model", default="cliptuner-tiny", help="OpenCLIP arch or bundled config")
+    p.add_argument("--pretrained", default=None, help="OpenCLIP tag (e.g. openai) or local checkpoint path")
+    p.add_argument("--out", required=True, help="directory for the tuned model version")
+    p.add_argument("--version", default=None, help="model version name (default: the --out folder name)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_train_options(p)
+    p.set_defaults(func=run_train)
+
+    p = sub.add_parser("eval", help="recall@k of an exported model on PAIRS")
+    p.add_argument("--data", required=True)
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--split", default="test", help="split of a Karpathy JSON to evaluate (default: test)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--json", default=None, help="also write the metrics to this file")
+    p.set_defaults(func=run_eval)
+
+    p = sub.add_parser("export", help="export a checkpoint to an ONNX model directory")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default=None, help="arch (default: the one recorded in the checkpoint)")
+    p.add_argument("--version", default=None)
+    p.add_argument("--with-checkpoint", action="store_true", help="copy the weights into the directory too")
+    p.set_defaults(func=run_export)
+
+    p = sub.add_parser("encode", help="embed texts and images with an exported model")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--text", nargs="*", default=[])
+    p.add_argument("--image", nargs="*", default=[])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", default=None, help="write a .npy instead of JSON lines")
+    p.set_defaults(func=run_encode)
+
+    p = sub.add_parser("synth", help="write a synthetic captioned-scenes data set")
+    p.add_argument("--out", required=True)
+    p.add_argument("--domain", default="domain")
+    p.add_argument("--n-images", type=int, default=500)
+    p.add_argument("--captions-per-image", type=int, default=2)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", choices=["csv", "karpathy"], default="csv")
+    p.set_defaults(func=run_synth)
+
+    p = sub.add_parser("demo", help="offline end-to-end run on synthetic data")
+    p.add_argument("--model", default="cliptuner-tiny")
+    p.add_argument("--n-images", type=int, default=600)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", dest="learning_rate", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=run_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("JINA_HIDE_SURVEY", "1")
+    try:
+        args.func(args)
+    except ValueError as exc:  # bad input: one clear line, no traceback
+        print(f"cliptuner {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
