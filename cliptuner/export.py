@@ -1,0 +1,401 @@
+"""Export an OpenCLIP model to two ONNX graphs and a model directory that serves without torch.
+
+``visual.onnx``  ``pixel_values`` float32 ``[batch, 3, H, W]``  → ``embeddings`` float32 ``[batch, D]``
+``textual.onnx`` ``input_ids``    int64   ``[batch, context]``  → ``embeddings`` float32 ``[batch, D]``
+
+Both outputs are L2-normalised inside the graph and the batch axis is dynamic. After export the graphs are
+checked with ``onnx.checker`` and, by default, compared with torch on real inputs — images decoded and
+preprocessed by :mod:`cliptuner.images`, texts tokenized by :class:`cliptuner.tokenizer.ClipTokenizer`, i.e.
+exactly what :class:`cliptuner.runtime.OnnxClip` will feed them — at batch sizes other than the one traced.
+
+The exporter is torch's TorchScript-based one (``dynamo=False``): it handles OpenCLIP's ViT and text
+transformer in seconds and needs no extra package. The ``torch.export``-based exporter is available with
+``exporter="dynamo"`` (it needs ``onnxscript``). Either way PyTorch's fused multi-head-attention fast path is
+switched off while tracing, since ``aten::_native_multi_head_attention`` has no ONNX form.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import shutil
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .images import DEFAULT_LIMITS, ImageSource, decode_image, preprocess
+from .models import ClipBundle, save_checkpoint
+from .runtime import METADATA_FILE, MODEL_FORMAT
+from .tokenizer import VOCAB_FILENAME, ClipTokenizer
+
+logger = logging.getLogger(__name__)
+
+try:
+    import onnx
+    import onnxruntime as ort
+    from open_clip import tokenizer as _oc_tokenizer
+except ImportError as exc:  # pragma: no cover - dependency missing
+    raise ImportError("ONNX export needs onnx, onnxruntime and open_clip: "
+                      "pip install onnx onnxruntime open_clip_torch") from exc
+
+VISUAL_FILE = "visual.onnx"
+TEXTUAL_FILE = "textual.onnx"
+CHECKPOINT_FILE = "checkpoint.pt"
+IMAGE_INPUT = "pixel_values"
+TEXT_INPUT = "input_ids"
+OUTPUT = "embeddings"
+EXPORTERS = ("torchscript", "dynamo")
+DYNAMO_MIN_OPSET = 18  # the torch.export-based exporter writes opset 18+ (down-conversion fails on CLIP)
+TRACE_BATCH = 2  # batch size of the example inputs traced; parity runs at other sizes
+SUPPORTED_INTERPOLATIONS = ("bicubic", "bilinear", "nearest")  # what cliptuner.images.preprocess implements
+SUPPORTED_RESIZE_MODES = ("shortest",)  # resize shortest side + centre crop
+
+DEFAULT_SAMPLE_TEXTS = (
+    "a photo of a cat",
+    "",
+    "A RED square on a BLUE background!!",
+    "emoji 😀👍🏽, café &amp; crème brûlée",
+    "a very long caption " + "that goes on and on " * 40,
+    "12345 numbers, 3.14 and don't stop",
+)
+
+
+class ExportError(RuntimeError):
+    """The exported ONNX graphs are invalid or do not reproduce the torch model."""
+
+
+def _clean_mode(tokenizer: Any) -> Optional[str]:
+    modes = {"lower": "_clean_lower", "whitespace": "_clean_whitespace", "canonicalize": "_clean_canonicalize"}
+    for mode, attr in modes.items():
+        fn = getattr(_oc_tokenizer, attr, None)
+        if fn is not None and getattr(tokenizer, "clean_fn", None) is fn:
+            return mode
+    return None
+
+
+def tokenizer_settings(bundle: ClipBundle) -> dict[str, Any]:
+    """The ``tokenizer`` section of ``model.json`` for a bundle, refusing tokenizers the runtime cannot serve.
+
+    Raises:
+        ValueError: the arch uses an HF / SigLIP tokenizer, a token-reduction mask, extra special tokens or a
+            vocab other than CLIP's BPE — names the arch and the tokenizer type.
+    """
+    tok = bundle.tokenizer
+    arch = bundle.spec.arch
+    kind = type(tok).__name__
+    if not isinstance(tok, _oc_tokenizer.SimpleTokenizer):
+        raise ValueError(f"model {arch!r} uses a {kind} tokenizer; cliptuner's ONNX runtime serves only the CLIP BPE "
+                         "tokenizer (open_clip SimpleTokenizer), so this arch cannot be exported")
+    if getattr(tok, "reduction_fn", None) is not None:
+        raise ValueError(f"model {arch!r}: its {kind} uses a token reduction mask, which the runtime does not implement")
+    if len(getattr(tok, "all_special_ids", ())) != 2 or len(tok.encoder) != 49408:
+        raise ValueError(f"model {arch!r}: its {kind} has extra special tokens or a non-standard vocab "
+                         f"({len(tok.encoder)} entries); the runtime serves the plain CLIP BPE vocab only")
+    clean = _clean_mode(tok)
+    if clean is None:
+        raise ValueError(f"model {arch!r}: its {kind} uses a text cleaning function the runtime does not know "
+                         f"({getattr(tok, 'clean_fn', None)!r})")
+    return {"kind": "clip_bpe", "vocab": VOCAB_FILENAME, "context_length": int(bundle.context_length), "clean": clean}
+
+
+def model_metadata(bundle: ClipBundle, **extra: Any) -> dict[str, Any]:
+    """Everything :class:`cliptuner.runtime.OnnxClip` needs to serve the exported model without torch.
+
+    Args:
+        bundle: the model and its transforms.
+        **extra: more JSON-able keys (``parent_version``, ``report``…); they may not replace a core key.
+
+    Returns:
+        The ``model.json`` dict: ``format``, ``arch``, ``pretrained``, ``embed_dim``, ``image_size``, ``mean``,
+        ``std``, ``interpolation``, ``resize_mode``, ``tokenizer``, ``onnx``, ``created_at`` and ``extra``.
+
+    Raises:
+        ValueError: an unsupported tokenizer or image preprocessing, or an extra key that clashes or is not JSON-able.
+    """
+    tokenizer = tokenizer_settings(bundle)
+    cfg = bundle.preprocess_cfg()
+    if cfg["resize_mode"] not in SUPPORTED_RESIZE_MODES:
+        raise ValueError(f"model {bundle.spec.arch!r} uses resize_mode {cfg['resize_mode']!r}; the runtime implements "
+                         f"{list(SUPPORTED_RESIZE_MODES)}")
+    if cfg["interpolation"] not in SUPPORTED_INTERPOLATIONS:
+        raise ValueError(f"model {bundle.spec.arch!r} uses interpolation {cfg['interpolation']!r}; the runtime "
+                         f"implements {list(SUPPORTED_INTERPOLATIONS)}")
+    metadata: dict[str, Any] = {
+        "format": MODEL_FORMAT,
+        "arch": bundle.spec.arch,
+        "pretrained": bundle.spec.pretrained,
+        "force_quick_gelu": bundle.spec.force_quick_gelu,
+        "embed_dim": int(bundle.embed_dim),
+        "image_size": int(cfg["image_size"]),
+        "mean": list(cfg["mean"]),
+        "std": list(cfg["std"]),
+        "interpolation": cfg["interpolation"],
+        "resize_mode": cfg["resize_mode"],
+        "tokenizer": tokenizer,
+        "onnx": {
+            "visual": {"file": VISUAL_FILE, "input": IMAGE_INPUT, "output": OUTPUT},
+            "textual": {"file": TEXTUAL_FILE, "input": TEXT_INPUT, "output": OUTPUT},
+        },
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    clashes = sorted(set(extra) & set(metadata))
+    if clashes:
+        raise ValueError(f"metadata extra keys {clashes} would replace core keys; core keys: {sorted(metadata)}")
+    for key, value in extra.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"metadata extra {key!r} is not JSON-serialisable: {exc}") from exc
+    metadata.update(extra)
+    return metadata
+
+
+class _ImageTower(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixel_values, normalize=True)  # [batch, embed_dim]
+
+
+class _TextTower(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(input_ids, normalize=True)  # [batch, embed_dim]
+
+
+@contextlib.contextmanager
+def _export_ready(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The model in eval mode, on CPU, fp32, with the MHA fast path off; the caller's model is left as it was."""
+    model = getattr(model, "module", model)  # DDP
+    tensors = list(model.parameters()) + list(model.buffers())
+    on_cpu_fp32 = all(t.device.type == "cpu" and (not t.is_floating_point() or t.dtype == torch.float32) for t in tensors)
+    if not on_cpu_fp32:
+        model = copy.deepcopy(model).to(device="cpu", dtype=torch.float32)
+    was_training = model.training
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    model.eval()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield model
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        model.train(was_training)
+
+
+def _export_tower(module: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str, opset: int,
+                  exporter: str) -> None:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        warnings.filterwarnings("ignore", message=".*aten::index operator of advanced indexing.*")
+        warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
+        # MHA's shape assertions become trace constants; the parity check at other batch sizes proves them harmless
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"torch\.nn\.functional")
+        if exporter == "torchscript":
+            torch.onnx.export(module, (example,), str(path), input_names=[input_name], output_names=[OUTPUT],
+                              opset_version=opset, dynamo=False, do_constant_folding=True,
+                              dynamic_axes={input_name: {0: "batch"}, OUTPUT: {0: "batch"}})
+        else:
+            try:
+                import onnxscript  # noqa: F401
+            except ImportError as exc:
+                raise ImportError("exporter='dynamo' needs onnxscript: pip install onnxscript") from exc
+            batch = torch.export.Dim("batch")
+            torch.onnx.export(module, (example,), str(path), input_names=[input_name], output_names=[OUTPUT],
+                              opset_version=opset, dynamo=True, dynamic_shapes=({0: batch},), verbose=False)
+
+
+def generate_sample_images(count: int = 3, seed: int = 0) -> list[np.ndarray]:
+    """Deterministic test pictures (gradient background, rectangles and discs) of differing aspect ratios.
+
+    Returns:
+        ``count`` uint8 arrays ``[H, W, 3]``.
+    """
+    rng = np.random.default_rng(seed)
+    sizes = [(240, 320), (300, 200), (256, 256), (180, 400)]
+    images = []
+    for i in range(count):
+        h, w = sizes[i % len(sizes)]
+        yy, xx = np.mgrid[0:h, 0:w]
+        image = np.empty((h, w, 3), dtype=np.float32)
+        start, end = rng.uniform(0, 255, size=3), rng.uniform(0, 255, size=3)
+        t = (xx / max(w - 1, 1) + yy / max(h - 1, 1)) / 2
+        image[:] = start * (1 - t[..., None]) + end * t[..., None]
+        for _ in range(4):
+            colour = rng.uniform(0, 255, size=3)
+            if rng.random() < 0.5:
+                y0, x0 = rng.integers(0, h // 2), rng.integers(0, w // 2)
+                image[y0:y0 + rng.integers(h // 8, h // 2), x0:x0 + rng.integers(w // 8, w // 2)] = colour
+            else:
+                cy, cx, r = rng.integers(0, h), rng.integers(0, w), rng.integers(min(h, w) // 10, min(h, w) // 3)
+                image[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = colour
+        images.append(np.clip(image, 0, 255).astype(np.uint8))
+    return images
+
+
+def _onnx_embed(path: Path, feeds_list: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    """Run one ONNX graph on CPU on each of several feeds (one session: creating them is what costs)."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return [session.run(None, feeds)[0] for feeds in feeds_list]
+
+
+def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return (a * b).sum(axis=1)  # [batch]
+
+
+def _compare(tower: str, path: Path, input_name: str, inputs: np.ndarray, expected: np.ndarray,
+             threshold: float) -> dict[str, Any]:
+    """Run ONNX on the whole batch and on its first row alone; both must match torch row by row."""
+    full, single = _onnx_embed(path, [{input_name: inputs}, {input_name: inputs[:1]}])
+    if full.shape != expected.shape or single.shape != expected[:1].shape:
+        raise ExportError(f"{tower} tower: ONNX output shapes {full.shape} / {single.shape} differ from torch's "
+                          f"{expected.shape} / {expected[:1].shape}")
+    cosines = np.concatenate([_row_cosines(expected, full), _row_cosines(expected[:1], single)])
+    min_cosine = float(cosines.min())
+    if not min_cosine >= threshold:  # also catches NaN
+        raise ExportError(f"{tower} tower parity check failed: min cosine similarity ONNX vs torch {min_cosine:.6f} "
+                          f"< threshold {threshold} ({path.name})")
+    return {"min_cosine": min_cosine, "max_abs_diff": float(np.abs(expected - full).max()),
+            "batch_sizes": [int(inputs.shape[0]), 1]}
+
+
+def export_onnx(
+    bundle: ClipBundle,
+    out_dir: str | Path,
+    opset: int = 17,
+    check_parity: bool = True,
+    parity_threshold: float = 0.9999,
+    sample_images: Optional[Sequence[ImageSource]] = None,
+    sample_texts: Optional[Sequence[str]] = None,
+    exporter: str = "torchscript",
+) -> dict[str, Any]:
+    """Write ``visual.onnx`` and ``textual.onnx`` into ``out_dir`` and prove they match torch.
+
+    Args:
+        bundle: the model (any device/precision/mode; it is exported as an fp32 CPU eval copy and left unchanged).
+        out_dir: destination directory (created if missing).
+        opset: ONNX opset (``exporter="dynamo"`` raises it to at least 18).
+        check_parity: compare ONNX with torch on ``sample_images`` / ``sample_texts``.
+        parity_threshold: minimum per-row cosine similarity between ONNX and torch embeddings.
+        sample_images: images (any :data:`cliptuner.images.ImageSource`) for the check; deterministic generated
+            pictures by default. The check runs the whole set and its first item alone (batch 1, never the
+            traced batch of 2), so it also proves the dynamic batch axis.
+        sample_texts: texts for the check; a varied default set (empty, long, unicode…).
+        exporter: ``torchscript`` (default) or ``dynamo`` (needs onnxscript).
+
+    Returns:
+        ``{"visual": path, "textual": path, "opset", "exporter", "embed_dim", "parity"}`` where ``parity`` is
+        ``{"threshold", "visual": {"min_cosine", "max_abs_diff", "batch_sizes"}, "textual": {...}}`` or None.
+
+    Raises:
+        ValueError: an unsupported tokenizer, exporter or threshold.
+        ExportError: ``onnx.checker`` rejects a graph, or a tower misses the parity threshold (names the tower
+            and the value).
+    """
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {list(EXPORTERS)}, got {exporter!r}")
+    if not 0.0 < parity_threshold <= 1.0:
+        raise ValueError(f"parity_threshold must be in (0, 1], got {parity_threshold!r}")
+    if exporter == "dynamo" and opset < DYNAMO_MIN_OPSET:
+        logger.info("exporter='dynamo' emits opset >= %d; using %d instead of %d", DYNAMO_MIN_OPSET,
+                    DYNAMO_MIN_OPSET, opset)
+        opset = DYNAMO_MIN_OPSET
+    tok_cfg = tokenizer_settings(bundle)
+    tokenizer = ClipTokenizer(_oc_tokenizer.default_bpe(), tok_cfg["context_length"], tok_cfg["clean"])
+    cfg = bundle.preprocess_cfg()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    visual_path, textual_path = out / VISUAL_FILE, out / TEXTUAL_FILE
+
+    with _export_ready(bundle.model) as model:
+        size = cfg["image_size"]
+        example_pixels = torch.randn(TRACE_BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
+        example_ids = torch.from_numpy(tokenizer(["a photo of a dog", "two cats on a red sofa"]))
+        _export_tower(_ImageTower(model).eval(), example_pixels, visual_path, IMAGE_INPUT, opset, exporter)
+        _export_tower(_TextTower(model).eval(), example_ids, textual_path, TEXT_INPUT, opset, exporter)
+        for path in (visual_path, textual_path):
+            try:
+                onnx.checker.check_model(str(path))
+            except onnx.checker.ValidationError as exc:
+                raise ExportError(f"{path.name} fails onnx.checker: {exc}") from exc
+        logger.info("exported %s to %s (%s, opset %d)", bundle.spec.arch, out, exporter, opset)
+
+        parity = None
+        if check_parity:
+            images = list(sample_images) if sample_images is not None else generate_sample_images()
+            texts = list(sample_texts) if sample_texts is not None else list(DEFAULT_SAMPLE_TEXTS)
+            if not images or not texts:
+                raise ValueError("the parity check needs at least one sample image and one sample text")
+            pil = [decode_image(img, DEFAULT_LIMITS, name=f"parity sample #{i}") for i, img in enumerate(images)]
+            pixels = preprocess(pil, size, cfg["mean"], cfg["std"], cfg["interpolation"])  # [N, 3, H, W]
+            ids = tokenizer(texts)  # [M, context_length]
+            with torch.no_grad():
+                torch_img = model.encode_image(torch.from_numpy(pixels), normalize=True).numpy()
+                torch_txt = model.encode_text(torch.from_numpy(ids), normalize=True).numpy()
+            parity = {
+                "threshold": parity_threshold,
+                "visual": _compare("visual", visual_path, IMAGE_INPUT, pixels, torch_img, parity_threshold),
+                "textual": _compare("textual", textual_path, TEXT_INPUT, ids, torch_txt, parity_threshold),
+            }
+            logger.info("ONNX parity: visual min cosine %.7f, textual min cosine %.7f",
+                        parity["visual"]["min_cosine"], parity["textual"]["min_cosine"])
+    return {"visual": str(visual_path), "textual": str(textual_path), "opset": opset, "exporter": exporter,
+            "embed_dim": int(bundle.embed_dim), "parity": parity}
+
+
+def export_model_dir(
+    bundle: ClipBundle,
+    out_dir: str | Path,
+    *,
+    checkpoint: bool = True,
+    metadata_extra: Optional[dict[str, Any]] = None,
+    **export_kwargs: Any,
+) -> Path:
+    """Write a complete model directory: ONNX towers, ``model.json``, the BPE vocab and a checkpoint.
+
+    ``model.json`` is written last (by rename), so a directory that has it is complete. The result is what
+    :meth:`cliptuner.registry.Registry.publish` takes and what :class:`cliptuner.runtime.OnnxClip` serves.
+
+    Args:
+        bundle: the model to export.
+        out_dir: destination directory (created if missing; a temp dir that a registry then publishes).
+        checkpoint: also write ``checkpoint.pt`` (:func:`cliptuner.models.save_checkpoint`), so the version can
+            be fine-tuned further or re-exported.
+        metadata_extra: more ``model.json`` keys (``parent_version``, ``report``…).
+        **export_kwargs: passed to :func:`export_onnx` (``opset``, ``parity_threshold``, ``sample_images``…).
+
+    Returns:
+        ``out_dir`` as a ``Path``.
+
+    Raises:
+        ValueError: an unsupported tokenizer / preprocessing or bad metadata (before anything is written).
+        ExportError: the ONNX graphs fail the checker or the parity check.
+    """
+    metadata = model_metadata(bundle, **(metadata_extra or {}))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_oc_tokenizer.default_bpe(), out / VOCAB_FILENAME)
+    result = export_onnx(bundle, out, **export_kwargs)
+    metadata["opset"] = result["opset"]
+    metadata["exporter"] = result["exporter"]
+    metadata["parity"] = result["parity"]
+    metadata["checkpoint"] = CHECKPOINT_FILE if checkpoint else None
+    if checkpoint:
+        save_checkpoint(out / CHECKPOINT_FILE, bundle.model, bundle.spec)
+    tmp = out / (METADATA_FILE + ".tmp")
+    tmp.write_text(json.dumps(metadata, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, out / METADATA_FILE)
+    return out

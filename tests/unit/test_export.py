@@ -1,0 +1,182 @@
+"""torch → ONNX export: graphs, parity, metadata, model directory; ViT-B-32 end to end against torch."""
+
+import copy
+import dataclasses
+import json
+from datetime import datetime, timezone
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from open_clip.tokenizer import SimpleTokenizer
+from PIL import Image
+
+from cliptuner import export
+from cliptuner.config import ModelSpec
+from cliptuner.export import (ExportError, export_model_dir, export_onnx, generate_sample_images, model_metadata,
+                              tokenizer_settings)
+from cliptuner.models import load_model
+from cliptuner.runtime import OnnxClip
+from cliptuner.tokenizer import VOCAB_FILENAME
+
+TEXTS = ["a diagram of a red square", "", "Café &amp; crème 😀", "don't STOP " * 40, "x"]
+
+
+def batch_dim(graph_value) -> str:
+    return graph_value.type.tensor_type.shape.dim[0].dim_param
+
+
+@pytest.fixture(scope="module")
+def vit_b32(tmp_path_factory):
+    """ViT-B-32 (random init) exported once for this module, without a checkpoint (saves 600 MB of writes)."""
+    bundle = load_model(ModelSpec("ViT-B-32"))
+    model_dir = export_model_dir(bundle, tmp_path_factory.mktemp("vit_b32") / "model", checkpoint=False)
+    return bundle, model_dir
+
+
+def test_vit_b32_exports_with_dynamic_batch_and_parity(vit_b32):
+    bundle, model_dir = vit_b32
+    meta = json.loads((model_dir / "model.json").read_text())
+    assert meta["arch"] == "ViT-B-32" and meta["embed_dim"] == 512 and meta["image_size"] == 224
+    assert meta["tokenizer"]["context_length"] == 77
+    parity = meta["parity"]
+    for tower in ("visual", "textual"):
+        assert parity[tower]["min_cosine"] >= 0.9999
+        assert export.TRACE_BATCH not in parity[tower]["batch_sizes"]  # proves the dynamic axis
+    visual = onnx.load(str(model_dir / "visual.onnx"), load_external_data=False)
+    textual = onnx.load(str(model_dir / "textual.onnx"), load_external_data=False)
+    assert [i.name for i in visual.graph.input] == ["pixel_values"]
+    assert [i.name for i in textual.graph.input] == ["input_ids"]
+    assert visual.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert textual.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert [o.name for o in visual.graph.output] == [o.name for o in textual.graph.output] == ["embeddings"]
+    for graph in (visual.graph, textual.graph):
+        assert batch_dim(graph.input[0]) == batch_dim(graph.output[0]) == "batch"
+    assert not (model_dir / "checkpoint.pt").exists() and meta["checkpoint"] is None
+
+
+def test_vit_b32_runtime_matches_torch(vit_b32):
+    bundle, model_dir = vit_b32
+    arrays = generate_sample_images(4, seed=7)
+    clip = OnnxClip(model_dir, device="cpu")
+    with torch.no_grad():
+        pixels = torch.stack([bundle.preprocess_val(Image.fromarray(a)) for a in arrays])
+        torch_img = bundle.model.encode_image(pixels, normalize=True).numpy()
+        torch_ids = bundle.tokenizer(TEXTS)
+        torch_txt = bundle.model.encode_text(torch_ids, normalize=True).numpy()
+    np.testing.assert_array_equal(clip.text_feeds(TEXTS)["input_ids"], torch_ids.numpy())
+    onnx_img, onnx_txt = clip.encode_images(arrays), clip.encode_text(TEXTS)
+    assert onnx_img.shape == (4, 512) and onnx_txt.shape == (5, 512)
+    assert (onnx_img * torch_img).sum(1).min() >= 0.9999
+    assert (onnx_txt * torch_txt).sum(1).min() >= 0.9999
+
+
+def test_model_dir_contents(tiny_model_dir, tiny_bundle):
+    for name in ("visual.onnx", "textual.onnx", "model.json", VOCAB_FILENAME, "checkpoint.pt"):
+        assert (tiny_model_dir / name).is_file(), name
+    meta = json.loads((tiny_model_dir / "model.json").read_text())
+    assert meta["format"] == "cliptuner-model-v1"
+    assert meta["arch"] == "cliptuner-tiny" and meta["pretrained"] is None
+    assert meta["embed_dim"] == 128 and meta["image_size"] == 64
+    assert meta["mean"] == pytest.approx([0.48145466, 0.4578275, 0.40821073])
+    assert meta["interpolation"] == "bicubic" and meta["resize_mode"] == "shortest"
+    assert meta["tokenizer"] == {"kind": "clip_bpe", "vocab": VOCAB_FILENAME, "context_length": 32, "clean": "lower"}
+    assert meta["onnx"]["visual"] == {"file": "visual.onnx", "input": "pixel_values", "output": "embeddings"}
+    assert meta["onnx"]["textual"] == {"file": "textual.onnx", "input": "input_ids", "output": "embeddings"}
+    assert meta["checkpoint"] == "checkpoint.pt" and meta["opset"] == 17
+    created = datetime.fromisoformat(meta["created_at"])
+    assert created.tzinfo is not None and abs((datetime.now(timezone.utc) - created).total_seconds()) < 3600
+    assert "version" not in meta  # the registry adds it when publishing
+
+
+def test_checkpoint_in_model_dir_reloads_identically(tiny_model_dir, tiny_bundle):
+    reloaded = load_model(ModelSpec("cliptuner-tiny", pretrained=str(tiny_model_dir / "checkpoint.pt")))
+    ids = tiny_bundle.tokenizer(TEXTS)
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(reloaded.model.encode_text(ids), tiny_bundle.model.encode_text(ids))
+        assert torch.equal(reloaded.model.encode_image(pixels), tiny_bundle.model.encode_image(pixels))
+
+
+def test_metadata_extra_and_its_checks(tiny_bundle):
+    meta = model_metadata(tiny_bundle, parent_version="v3", report={"after": {"t2i_r1": 0.5}})
+    assert meta["parent_version"] == "v3" and meta["report"]["after"]["t2i_r1"] == 0.5
+    with pytest.raises(ValueError, match=r"\['embed_dim'\] would replace core keys"):
+        model_metadata(tiny_bundle, embed_dim=3)
+    with pytest.raises(ValueError, match="'blob' is not JSON-serialisable"):
+        model_metadata(tiny_bundle, blob=object())
+
+
+def test_non_clip_tokenizer_is_refused_before_writing(tiny_bundle, tmp_path):
+    class HFTokenizer:  # stands in for open_clip's HFTokenizer (which would need a hub download)
+        context_length = 32
+
+        def __call__(self, texts):
+            return torch.zeros(len(texts), 32, dtype=torch.long)
+
+    bundle = dataclasses.replace(tiny_bundle, tokenizer=HFTokenizer(), spec=ModelSpec("xlm-roberta-base-ViT-B-32"))
+    with pytest.raises(ValueError, match=r"'xlm-roberta-base-ViT-B-32' uses a HFTokenizer tokenizer"):
+        model_metadata(bundle)
+    with pytest.raises(ValueError, match="HFTokenizer"):
+        export_model_dir(bundle, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="HFTokenizer"):
+        export_onnx(bundle, tmp_path / "out2")
+
+
+def test_tokenizer_variants(tiny_bundle):
+    canon = dataclasses.replace(tiny_bundle, tokenizer=SimpleTokenizer(context_length=32, clean="canonicalize"))
+    assert tokenizer_settings(canon)["clean"] == "canonicalize"
+    masked = dataclasses.replace(tiny_bundle, tokenizer=SimpleTokenizer(context_length=32, reduction_mask="simple"))
+    with pytest.raises(ValueError, match="reduction mask"):
+        tokenizer_settings(masked)
+
+
+def test_parity_failure_names_the_tower(tiny_bundle, tmp_path, monkeypatch):
+    real = export._onnx_embed
+
+    def broken(path, feeds_list):
+        outs = real(path, feeds_list)
+        return [o[:, ::-1].copy() for o in outs] if path.name == "textual.onnx" else outs  # a wrong text graph
+
+    monkeypatch.setattr(export, "_onnx_embed", broken)
+    with pytest.raises(ExportError, match=r"textual tower parity check failed: min cosine similarity .* -?0\.\d+ < "
+                                          r"threshold 0\.9999"):
+        export_onnx(tiny_bundle, tmp_path, sample_images=generate_sample_images(2))
+
+
+def test_export_leaves_the_callers_model_untouched(tiny_bundle, tmp_path):
+    model = copy.deepcopy(tiny_bundle.model).train()
+    bundle = dataclasses.replace(tiny_bundle, model=model)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    result = export_onnx(bundle, tmp_path, check_parity=False)
+    assert model.training
+    assert torch.backends.mha.get_fastpath_enabled() == fastpath
+    assert result["parity"] is None
+    onnx.checker.check_model(result["visual"])
+
+
+def test_half_precision_model_exports_as_fp32_copy(tiny_bundle, tmp_path):
+    model = copy.deepcopy(tiny_bundle.model).half()
+    bundle = dataclasses.replace(tiny_bundle, model=model)
+    result = export_onnx(bundle, tmp_path, sample_texts=TEXTS, parity_threshold=0.999)
+    assert next(model.parameters()).dtype == torch.float16  # the caller's model stays fp16
+    graph = onnx.load(result["visual"]).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert result["parity"]["visual"]["min_cosine"] >= 0.999
+
+
+def test_bad_options_raise(tiny_bundle, tmp_path):
+    with pytest.raises(ValueError, match="exporter must be one of"):
+        export_onnx(tiny_bundle, tmp_path, exporter="tensorrt")
+    with pytest.raises(ValueError, match="parity_threshold"):
+        export_onnx(tiny_bundle, tmp_path, parity_threshold=1.5)
+
+
+@pytest.mark.slow
+def test_dynamo_exporter(tiny_bundle, tmp_path):
+    result = export_onnx(tiny_bundle, tmp_path, exporter="dynamo")
+    assert result["opset"] >= 18
+    assert result["parity"]["textual"]["min_cosine"] >= 0.9999
+    assert result["parity"]["visual"]["min_cosine"] >= 0.9999
