@@ -89,6 +89,21 @@ def apply_locks(model: nn.Module, cfg: TrainConfig) -> None:
         model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
 
 
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def _autocast(cfg: TrainConfig, device: torch.device):
     if device.type == "cuda" and cfg.precision == "amp":
         return torch.autocast("cuda", dtype=torch.float16)
@@ -172,6 +187,7 @@ def fit(
         result = FitResult(**state["result"])
         best_state = state.get("best_state")
         patience_left = state.get("patience_left", patience_left)
+        _set_rng_state(state["rng"])
         logger.info("resumed from %s at epoch %d", resume_from, start_epoch)
 
     samples_seen = 0
@@ -228,7 +244,7 @@ def fit(
                 eta = (total_steps - step) * (train_time / max(steps_done_now, 1))
                 event = {"event": "step", "epoch": epoch + 1, "epochs": cfg.epochs, "step": step,
                          "total_steps": total_steps, "loss": float(loss.detach()),
-                         "lr": optimizer.param_groups[-1]["lr"], "logit_scale": float(model.logit_scale.exp()),
+                         "lr": optimizer.param_groups[-1]["lr"], "logit_scale": float(model.logit_scale.detach().exp()),
                          "samples_per_s": rate, "eta_s": eta}
                 logger.info("epoch %d/%d step %d/%d loss %.4f lr %.2e logit_scale %.1f %.1f samples/s",
                             epoch + 1, cfg.epochs, step, total_steps, event["loss"], event["lr"],
@@ -267,7 +283,7 @@ def fit(
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                      "epoch": epoch + 1, "result": asdict(result), "best_state": best_state,
-                     "patience_left": patience_left, "config": asdict(cfg)}
+                     "patience_left": patience_left, "config": asdict(cfg), "rng": _rng_state()}
             tmp = Path(checkpoint_dir) / (LAST_CHECKPOINT + ".tmp")
             torch.save(state, tmp)
             tmp.replace(Path(checkpoint_dir) / LAST_CHECKPOINT)

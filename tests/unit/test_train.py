@@ -1,0 +1,144 @@
+"""The training loop: it learns, it is reproducible, it resumes, it stops early, it respects locks."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from cliptuner import synthetic
+from cliptuner.config import TrainConfig
+from cliptuner.data import make_loader
+from cliptuner.loss import ClipLoss
+from cliptuner.train import TrainingStopped, build_optimizer, build_scheduler, finetune, fit
+
+
+def _fresh(bundle):
+    """A private copy of the session's tiny model (same random init every time)."""
+    return dataclasses.replace(bundle, model=copy.deepcopy(bundle.model))
+
+
+def _loop(bundle, pairs, cfg, **kwargs):
+    loader = make_loader(pairs, bundle.preprocess_train, bundle.tokenizer, cfg.batch_size, seed=cfg.seed)
+    optimizer = build_optimizer(bundle.model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, len(loader) * cfg.epochs)
+    return fit(bundle.model, loader, ClipLoss(), optimizer, scheduler, cfg, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def small_pairs():
+    return synthetic.generate(48, domain="generic", seed=3, captions_per_image=2)
+
+
+def test_finetuning_from_random_init_beats_the_untrained_model_on_held_out_pairs(tiny_bundle):
+    pairs = synthetic.generate(1000, domain="generic", seed=0, captions_per_image=2)
+    train_pairs, held_out = pairs.split(0.2, seed=0)
+    cfg = TrainConfig(epochs=6, batch_size=64, learning_rate=1e-3, warmup_steps=20, seed=0)
+    report = finetune(_fresh(tiny_bundle), train_pairs, held_out, cfg)
+    before, after = report["before"], report["after"]
+    chance = 5 / held_out.num_images
+    # an untrained model sits near chance; a broken loss, shuffled pairs or frozen weights would stay there
+    assert before["t2i_r5"] < 4 * chance
+    assert after["t2i_r5"] >= before["t2i_r5"] + 0.15
+    assert after["t2i_r5"] >= 6 * chance
+    assert after["i2t_r5"] >= before["i2t_r5"] + 0.1
+    assert report["epoch_losses"][-1] < report["epoch_losses"][0] - 0.5
+    assert report["split"]["eval_images"] == held_out.num_images == 200
+    assert report["samples_per_s"] > 0
+
+
+def test_same_seed_gives_the_same_loss_curve(tiny_bundle, small_pairs):
+    cfg = TrainConfig(epochs=2, batch_size=16, learning_rate=5e-4, warmup_steps=2, seed=7, log_every=1)
+
+    train_pairs, held_out = small_pairs.split(0.25, seed=0)
+
+    def curve(seed):
+        seen = []
+        report = finetune(_fresh(tiny_bundle), train_pairs, held_out, dataclasses.replace(cfg, seed=seed),
+                          on_event=lambda e: seen.append(e["loss"]) if e["event"] == "step" else None)
+        assert report["epoch_losses"] and len(report["epoch_losses"]) == 2
+        return seen
+
+    first, second, other = curve(7), curve(7), curve(8)
+    assert len(first) == 8  # 72 pairs of 36 images, 16 per batch (full batches only), 2 epochs
+    assert first == second
+    assert first != other
+
+
+def test_resume_continues_exactly_where_training_stopped(tiny_bundle, small_pairs, tmp_path):
+    cfg = TrainConfig(epochs=2, batch_size=16, learning_rate=5e-4, warmup_steps=2, seed=1)
+    torch.manual_seed(0)
+    straight = _fresh(tiny_bundle)
+    _loop(straight, small_pairs, cfg)
+
+    torch.manual_seed(0)
+    interrupted = _fresh(tiny_bundle)
+    steps = []
+
+    def stop_in_second_epoch():
+        steps.append(1)
+        return len(steps) > 8  # one epoch is 6 batches
+
+    with pytest.raises(TrainingStopped):
+        _loop(interrupted, small_pairs, cfg, checkpoint_dir=tmp_path, should_stop=stop_in_second_epoch)
+    assert (tmp_path / "last.pt").is_file()
+
+    resumed = _fresh(tiny_bundle)
+    result = _loop(resumed, small_pairs, cfg, resume_from=tmp_path / "last.pt")
+    assert result.epochs_run == 2 and result.steps == 12
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_early_stopping_and_best_weights(tiny_bundle, small_pairs):
+    bundle = _fresh(tiny_bundle)
+    cfg = TrainConfig(epochs=6, batch_size=16, learning_rate=5e-4, warmup_steps=1, early_stop_patience=2)
+    snapshots, scores = [], iter([0.5, 0.3, 0.2, 0.9, 0.9, 0.9])
+
+    def eval_fn():
+        snapshots.append({k: v.clone() for k, v in bundle.model.state_dict().items()})
+        value = next(scores)
+        return {"t2i_r5": value, "mean_recall": value}
+
+    result = _loop(bundle, small_pairs, cfg, eval_fn=eval_fn)
+    assert result.stopped_early and result.epochs_run == 3
+    assert result.best_epoch == 1 and result.best_metric == 0.5
+    final = bundle.model.state_dict()
+    assert all(torch.equal(final[k], v) for k, v in snapshots[0].items())
+    assert not all(torch.equal(final[k], v) for k, v in snapshots[-1].items())
+
+
+def test_locked_image_tower_does_not_change(tiny_bundle, small_pairs):
+    bundle = _fresh(tiny_bundle)
+    cfg = TrainConfig(epochs=1, batch_size=16, learning_rate=1e-3, warmup_steps=1, lock_image=True)
+    before = copy.deepcopy(bundle.model.state_dict())
+    from cliptuner.train import apply_locks
+
+    apply_locks(bundle.model, cfg)
+    _loop(bundle, small_pairs, cfg)
+    after = bundle.model.state_dict()
+    visual = [k for k in before if k.startswith("visual.")]
+    text = [k for k in before if k.startswith(("transformer.", "token_embedding", "ln_final", "text_projection"))]
+    assert visual and text
+    assert all(torch.equal(before[k], after[k]) for k in visual)
+    assert any(not torch.equal(before[k], after[k]) for k in text)
+
+
+def test_bad_training_options_are_named():
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=1)
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp8")
+    with pytest.raises(ValueError, match="nothing to train"):
+        TrainConfig(lock_image=True, lock_text=True)
+
+
+def test_config_from_request_parameters_casts_and_rejects():
+    from cliptuner.config import from_mapping
+
+    cfg = from_mapping(TrainConfig, {"epochs": 3.0, "batch_size": 32.0, "learning_rate": 1})
+    assert cfg.epochs == 3 and isinstance(cfg.epochs, int) and isinstance(cfg.learning_rate, float)
+    with pytest.raises(ValueError, match="epochz"):
+        from_mapping(TrainConfig, {"epochz": 3})
+    with pytest.raises(ValueError, match="whole number"):
+        from_mapping(TrainConfig, {"epochs": 2.5})
