@@ -1,0 +1,837 @@
+"""Embedded vector store behind the indexer: docs and their vectors for one model version, persisted on disk.
+
+Layout::
+
+    <root>/docs.sqlite                        docs, vectors and the manifest (WAL mode)
+        docs(seq, id, text, uri, blob, tensor, tags)   one row per doc; ``seq`` keeps insertion order
+        vectors(slot, id, vec)                          float32 vectors, one slot per model version
+        meta(key, value)                                the manifest: version, dim, slot, generation
+    <root>/usearch-<slot>-<generation>.index  saved HNSW graph of the active vectors (a cache, see below)
+    <root>/.lock                              ``fcntl.flock``: one open Collection per root
+
+The manifest lives in the database, not in a separate file: the vectors live there too, so flipping the
+manifest in the same SQLite transaction that commits the last of the new vectors makes a rebuild's swap
+atomic on disk, and a crash leaves either the old or the new version, never a pointer to missing vectors.
+A rebuild writes the new vectors into a fresh slot while the old slot keeps serving; on open, rows of any
+slot but the active one (what an interrupted rebuild left) are deleted.
+
+Search is exact (``queries @ matrix.T``) below ``exact_threshold`` docs and uses a usearch HNSW index at or
+above it (``backend="auto"``), or always one of the two. The HNSW index is a cache of the vectors in the
+database: it is saved on :meth:`Collection.close` and after a rebuild under a name that carries the write
+generation, loaded on open when that name matches, and otherwise rebuilt from the vectors (a process that
+died without ``close`` pays one build on the next open, never a stale index).
+
+Thread-safety: one lock guards the in-memory state and the SQLite connection. A search takes a snapshot of
+(version, matrix, ids, HNSW index) under it and computes outside it. The matrix a snapshot holds is never
+written again (appends go past its end; replacements and deletions copy), and a rebuild builds a new matrix
+and index on the side and swaps them in, so a search compares its queries with vectors of one version only.
+Torch-free: numpy, usearch and the standard library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import json
+import logging
+import math
+import os
+import sqlite3
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "usearch", "exact")
+DB_FILE = "docs.sqlite"
+LOCK_FILE = ".lock"
+INDEX_PREFIX = "usearch-"
+INDEX_SUFFIX = ".index"
+_SQL_CHUNK = 500  # ids per `IN (...)` query, well under SQLite's variable limit
+_MIN_CAPACITY = 1024  # rows allocated for the first vectors
+_SCORE_BLOCK = 1 << 24  # query-by-doc scores computed at once by exact search (64 MiB of float32)
+_HNSW_EXTRA = 8  # candidates asked for beyond `limit`, dropped if their key no longer maps to a doc
+_CATCH_UP_ROUNDS = 3  # rebuild: rounds re-embedding concurrently changed docs before the final locked one
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS docs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    text TEXT,
+    uri TEXT,
+    blob BLOB,
+    tensor BLOB,
+    tags TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS vectors (
+    slot INTEGER NOT NULL,
+    id TEXT NOT NULL,
+    vec BLOB NOT NULL,
+    PRIMARY KEY (slot, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS vectors_by_id ON vectors (id);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+_UPSERT_DOC = (
+    "INSERT INTO docs (id, text, uri, blob, tensor, tags) VALUES (?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (id) DO UPDATE SET text = excluded.text, uri = excluded.uri, blob = excluded.blob, "
+    "tensor = excluded.tensor, tags = excluded.tags"
+)
+_DOC_COLUMNS = "seq, id, text, uri, blob, tensor, tags"
+
+
+@dataclass
+class StoredDoc:
+    """A doc as the store keeps it: its content, so that it can be re-embedded by a new model version."""
+
+    id: str
+    text: Optional[str] = None
+    uri: Optional[str] = None
+    blob: Optional[bytes] = None  # encoded image file
+    tensor: Optional[np.ndarray] = None  # H×W×3 uint8 image
+    tags: dict = field(default_factory=dict)
+
+
+# -- encoding ------------------------------------------------------------------------------------------------
+def _encode_tensor(tensor: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, tensor, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _decode_tensor(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _doc_row(doc: StoredDoc) -> tuple:
+    """The ``docs`` row of a validated doc (id, text, uri, blob, tensor, tags)."""
+    tensor = None if doc.tensor is None else _encode_tensor(doc.tensor)
+    return (doc.id, doc.text, doc.uri, None if doc.blob is None else bytes(doc.blob), tensor,
+            json.dumps(doc.tags, ensure_ascii=False))
+
+
+def _doc_from_row(row: tuple) -> StoredDoc:
+    _, doc_id, text, uri, blob, tensor, tags = row
+    return StoredDoc(id=doc_id, text=text, uri=uri, blob=None if blob is None else bytes(blob),
+                     tensor=None if tensor is None else _decode_tensor(tensor), tags=json.loads(tags))
+
+
+def _vec_bytes(vec: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vec, dtype="<f4").tobytes()
+
+
+# -- validation ----------------------------------------------------------------------------------------------
+def _check_version(version: Any) -> str:
+    if not isinstance(version, str) or not version:
+        raise ValueError(f"version must be a non-empty string, got {version!r}")
+    return version
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if isinstance(value, (float, np.floating)) and not float(value).is_integer():
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _check_doc(doc: Any) -> None:
+    if not isinstance(doc, StoredDoc):
+        raise ValueError(f"expected StoredDoc, got {type(doc).__name__}")
+    if not isinstance(doc.id, str) or not doc.id:
+        raise ValueError(f"doc id must be a non-empty string, got {doc.id!r}")
+    for name in ("text", "uri"):
+        value = getattr(doc, name)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"doc {doc.id!r}: {name} must be a string or None, got {type(value).__name__}")
+    if doc.blob is not None and not isinstance(doc.blob, (bytes, bytearray, memoryview)):
+        raise ValueError(f"doc {doc.id!r}: blob must be bytes or None, got {type(doc.blob).__name__}")
+    if doc.tensor is not None and (not isinstance(doc.tensor, np.ndarray) or doc.tensor.dtype.hasobject):
+        raise ValueError(f"doc {doc.id!r}: tensor must be a numeric numpy array or None")
+    if not isinstance(doc.tags, dict):
+        raise ValueError(f"doc {doc.id!r}: tags must be a dict, got {type(doc.tags).__name__}")
+    try:
+        json.dumps(doc.tags, allow_nan=True)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"doc {doc.id!r}: tags must be JSON-serialisable ({err})") from None
+
+
+def _normalised(vectors: Any, ids: list[str], what: str = "vectors") -> np.ndarray:
+    """``vectors`` as float32 [len(ids), D], each row L2-normalised; NaN/inf or zero rows name their doc id."""
+    try:
+        arr = np.array(vectors, dtype=np.float32)  # a copy: the caller's array is never modified
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what} must be a numeric array [N, D]: {err}") from None
+    if arr.ndim != 2 or arr.shape[0] != len(ids) or arr.shape[1] == 0:
+        raise ValueError(f"{what} have shape {tuple(arr.shape)}; expected [{len(ids)}, D] (one row per doc)")
+    finite = np.isfinite(arr).all(axis=1)
+    if not finite.all():
+        raise ValueError(f"doc {ids[int(np.argmin(finite))]!r}: vector contains NaN or inf")
+    norms = np.linalg.norm(arr, axis=1)  # [N]
+    if (norms == 0).any():
+        raise ValueError(f"doc {ids[int(np.argmin(norms))]!r}: vector is all zeros")
+    arr /= norms[:, None]
+    return arr
+
+
+def _grow(buf: Optional[np.ndarray], n: int, extra: int, dim: int, copy: bool) -> np.ndarray:
+    """A buffer with room for ``n + extra`` rows whose first ``n`` rows are ``buf``'s; ``buf`` when it fits."""
+    need = n + extra
+    if not copy and buf is not None and buf.shape[1] == dim and buf.shape[0] >= need:
+        return buf
+    old_cap = 0 if buf is None else buf.shape[0]
+    new = np.empty((max(_MIN_CAPACITY, need, 2 * old_cap if need > old_cap else old_cap), dim), np.float32)
+    if n:
+        new[:n] = buf[:n]
+    return new
+
+
+# -- search --------------------------------------------------------------------------------------------------
+def _exact_search(matrix: np.ndarray, ids: list[str], queries: np.ndarray,
+                  limit: int) -> list[list[tuple[str, float]]]:
+    """Top-``limit`` rows of ``matrix`` [N, D] by inner product with each normalised query [Q, D]."""
+    n = matrix.shape[0]
+    k = min(limit, n)
+    block = max(1, _SCORE_BLOCK // n)
+    results: list[list[tuple[str, float]]] = []
+    for start in range(0, queries.shape[0], block):
+        scores = queries[start:start + block] @ matrix.T  # [q, N]
+        if k < n:
+            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # [q, k], unordered
+        else:
+            top = np.broadcast_to(np.arange(n), scores.shape)
+        top_scores = np.take_along_axis(scores, top, axis=1)  # [q, k]
+        order = np.lexsort((top, -top_scores), axis=1)  # best first; ties by insertion order
+        top = np.take_along_axis(top, order, axis=1)
+        top_scores = np.take_along_axis(top_scores, order, axis=1)
+        for rows, row_scores in zip(top.tolist(), top_scores.tolist()):
+            results.append([(ids[r], s) for r, s in zip(rows, row_scores)])
+    return results
+
+
+def _import_usearch():
+    try:
+        from usearch.index import Index
+    except ImportError as err:  # pragma: no cover - usearch is a dependency
+        raise ImportError("the usearch backend needs usearch: pip install 'usearch>=2.12,<3'") from err
+    return Index
+
+
+class _Hnsw:
+    """A usearch HNSW index whose keys are doc serials (``docs.seq``); every call into it holds its lock."""
+
+    def __init__(self, index: Any, key_to_id: dict[int, str]) -> None:
+        self.index = index
+        self.key_to_id = key_to_id
+        self.lock = threading.Lock()
+
+    @classmethod
+    def build(cls, dim: int, keys: list[int], ids: list[str], matrix: np.ndarray) -> "_Hnsw":
+        index = _import_usearch()(ndim=dim, metric="cos", dtype="f32")
+        if keys:
+            index.add(np.asarray(keys, dtype=np.uint64), np.ascontiguousarray(matrix))
+        return cls(index, dict(zip(keys, ids)))
+
+    @classmethod
+    def load(cls, path: Path, dim: int, keys: list[int], ids: list[str]) -> Optional["_Hnsw"]:
+        """The index saved at ``path`` if it holds exactly ``keys`` in ``dim`` dims, else None."""
+        try:
+            index = _import_usearch().restore(str(path), view=False)
+        except Exception as err:  # a truncated or foreign file: rebuilt from the vectors
+            logger.warning("could not load %s (%s); rebuilding it", path, err)
+            return None
+        if index is None or index.ndim != dim or len(index) != len(keys):
+            return None
+        if keys and not np.all(index.contains(np.asarray(keys, dtype=np.uint64))):
+            return None
+        return cls(index, dict(zip(keys, ids)))
+
+    def upsert(self, keys: list[int], ids: list[str], vectors: np.ndarray) -> None:
+        keys_arr = np.asarray(keys, dtype=np.uint64)
+        with self.lock:
+            present = [k for k in keys if k in self.key_to_id]
+            if present:
+                self.index.remove(np.asarray(present, dtype=np.uint64))
+            self.index.add(keys_arr, np.ascontiguousarray(vectors))
+            self.key_to_id.update(zip(keys, ids))
+
+    def remove(self, keys: list[int]) -> None:
+        with self.lock:
+            present = [k for k in keys if k in self.key_to_id]
+            if not present:
+                return
+            self.index.remove(np.asarray(present, dtype=np.uint64))
+            for k in present:
+                del self.key_to_id[k]
+
+    def search(self, queries: np.ndarray, limit: int) -> list[list[tuple[str, float]]]:
+        with self.lock:
+            size = len(self.index)
+            if size == 0:
+                return [[] for _ in range(queries.shape[0])]
+            matches = self.index.search(queries, count=min(size, limit + _HNSW_EXTRA))
+            keys = np.asarray(matches.keys).reshape(queries.shape[0], -1)
+            distances = np.asarray(matches.distances).reshape(queries.shape[0], -1)
+            counts = np.asarray(matches.counts).reshape(-1) if hasattr(matches, "counts") else [keys.shape[1]]
+            key_to_id = self.key_to_id
+            results = []
+            for q in range(queries.shape[0]):
+                hits = []
+                for key, dist in zip(keys[q, :counts[q]].tolist(), distances[q, :counts[q]].tolist()):
+                    doc_id = key_to_id.get(key)
+                    if doc_id is not None and not math.isnan(dist):
+                        hits.append((doc_id, 1.0 - dist))
+                hits.sort(key=lambda hit: -hit[1])
+                results.append(hits[:limit])
+            return results
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+        try:
+            with self.lock:
+                self.index.save(str(tmp))
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    version: Optional[str]
+    matrix: np.ndarray  # [n, dim]; never written while a snapshot holds it
+    ids: list[str]  # row -> doc id (rows < n never change while a snapshot holds the list)
+    hnsw: Optional[_Hnsw]
+
+
+class Collection:
+    """Docs and their vectors for ONE model version, persisted under ``root``; survives restarts.
+
+    Args:
+        root: directory of the collection (created if missing). One open Collection per root at a time.
+        backend: ``"auto"`` (exact search below ``exact_threshold`` docs, usearch HNSW at or above it),
+            ``"usearch"`` (always HNSW) or ``"exact"`` (always brute force).
+        exact_threshold: doc count at which ``"auto"`` builds the HNSW index; it keeps it until the count falls
+            below half of that.
+
+    Raises:
+        ValueError: unknown backend or a threshold below 1.
+        RuntimeError: ``root`` is already open in another Collection.
+    """
+
+    def __init__(self, root: str | Path, backend: str = "auto", exact_threshold: int = 5000) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; allowed: {list(BACKENDS)}")
+        self.exact_threshold = _check_positive_int("exact_threshold", exact_threshold)
+        self.backend = backend
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()  # in-memory state and the SQLite connection
+        self._rebuild_lock = threading.Lock()  # one rebuild at a time
+        self._dirty: Optional[set[str]] = None  # ids upserted or deleted while a rebuild runs
+        self._closed = True
+        self._lock_file = open(self.root / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise RuntimeError(f"{str(self.root)!r} is already open in another Collection; close it first") from None
+        try:
+            self._db = sqlite3.connect(self.root / DB_FILE, isolation_level=None, check_same_thread=False)
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.executescript(_SCHEMA)
+                self._load()
+            except BaseException:
+                self._db.close()
+                raise
+        except BaseException:
+            self._lock_file.close()
+            raise
+        self._closed = False
+
+    # -- opening and persistence helpers -----------------------------------------------------------------
+    def _load(self) -> None:
+        meta = {k: json.loads(v) for k, v in self._db.execute("SELECT key, value FROM meta")}
+        self._version: Optional[str] = meta.get("version")
+        self._dim: Optional[int] = meta.get("dim")
+        self._slot: int = meta.get("slot", 0)
+        self._generation: int = meta.get("generation", 0)
+        with self._txn():  # vectors an interrupted rebuild left in a slot the manifest never pointed at
+            removed = self._db.execute("DELETE FROM vectors WHERE slot != ?", (self._slot,)).rowcount
+        if removed:
+            logger.info("removed %d vectors of an interrupted rebuild in %s", removed, self.root)
+        rows = self._db.execute(
+            "SELECT d.seq, d.id, v.vec FROM docs d JOIN vectors v ON v.id = d.id AND v.slot = ? ORDER BY d.seq",
+            (self._slot,)).fetchall()
+        n_docs = self._db.execute("SELECT COUNT(*) FROM docs").fetchone()[0]
+        if n_docs != len(rows):
+            logger.warning("%d docs in %s have no vector for version %r; rebuild() re-embeds them",
+                           n_docs - len(rows), self.root, self._version)
+        self._seqs: list[int] = [r[0] for r in rows]
+        self._ids: list[str] = [r[1] for r in rows]
+        self._row: dict[str, int] = {doc_id: i for i, doc_id in enumerate(self._ids)}
+        self._n = len(rows)
+        self._buf: Optional[np.ndarray] = None
+        if rows:
+            matrix = np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4").reshape(self._n, self._dim)
+            self._buf = _grow(matrix, self._n, 0, self._dim, copy=True)
+        self._hnsw: Optional[_Hnsw] = None
+        if self._want_hnsw(self._n, False):
+            path = self._index_path()
+            if path.exists():
+                self._hnsw = _Hnsw.load(path, self._dim, self._seqs, self._ids)
+            if self._hnsw is None:
+                self._hnsw = _Hnsw.build(self._dim, self._seqs, self._ids, self._buf[:self._n])
+                self._hnsw.save(path)
+        self._remove_stale_index_files()
+
+    @contextlib.contextmanager
+    def _txn(self) -> Iterator[sqlite3.Connection]:
+        """One SQLite write transaction; callers hold ``self._lock``."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _set_meta(self, **values: Any) -> None:
+        self._db.executemany(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [(k, json.dumps(v)) for k, v in values.items()])
+
+    def _index_path(self, slot: Optional[int] = None, generation: Optional[int] = None) -> Path:
+        slot = self._slot if slot is None else slot
+        generation = self._generation if generation is None else generation
+        return self.root / f"{INDEX_PREFIX}{slot}-{generation}{INDEX_SUFFIX}"
+
+    def _remove_stale_index_files(self) -> None:
+        keep = self._index_path().name if self._hnsw is not None else None
+        for path in self.root.glob(f"{INDEX_PREFIX}*{INDEX_SUFFIX}"):
+            if path.name != keep:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+    def _want_hnsw(self, n: int, have: bool) -> bool:
+        if n == 0 or self.backend == "exact":
+            return False
+        if self.backend == "usearch":
+            return True
+        return n >= self.exact_threshold or (have and n >= self.exact_threshold // 2)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"collection {str(self.root)!r} is closed")
+
+    def _fetch(self, ids: list[str]) -> dict[str, tuple[int, StoredDoc]]:
+        """id -> (seq, doc) of the stored ones among ``ids``; callers hold ``self._lock``."""
+        found = {}
+        for start in range(0, len(ids), _SQL_CHUNK):
+            chunk = ids[start:start + _SQL_CHUNK]
+            sql = f"SELECT {_DOC_COLUMNS} FROM docs WHERE id IN ({','.join('?' * len(chunk))})"
+            for row in self._db.execute(sql, chunk):
+                found[row[1]] = (row[0], _doc_from_row(row))
+        return found
+
+    # -- reading -------------------------------------------------------------------------------------------
+    @property
+    def version(self) -> Optional[str]:
+        """Model version of the stored vectors (None while empty and never set)."""
+        return self._version
+
+    @property
+    def dim(self) -> Optional[int]:
+        """Dimension of the stored vectors (None before the first upsert)."""
+        return self._dim
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __contains__(self, doc_id: object) -> bool:
+        with self._lock:
+            return doc_id in self._row
+
+    def get(self, ids: list[str]) -> list[Optional[StoredDoc]]:
+        """Stored docs by id, aligned with ``ids``; None for an unknown id."""
+        ids = list(ids)
+        with self._lock:
+            self._check_open()
+            found = self._fetch([i for i in dict.fromkeys(ids) if isinstance(i, str)])
+        return [found[i][1] if i in found else None for i in ids]
+
+    def iter_docs(self, batch_size: int = 256) -> Iterator[list[StoredDoc]]:
+        """All stored docs in insertion order, ``batch_size`` at a time (the lock is not held between batches)."""
+        batch_size = _check_positive_int("batch_size", batch_size)
+        after = 0
+        while True:
+            with self._lock:
+                self._check_open()
+                rows = self._db.execute(f"SELECT {_DOC_COLUMNS} FROM docs WHERE seq > ? ORDER BY seq LIMIT ?",
+                                        (after, batch_size)).fetchall()
+            if not rows:
+                return
+            after = rows[-1][0]
+            yield [_doc_from_row(row) for row in rows]
+
+    def stats(self) -> dict:
+        """``{"count", "version", "dim", "backend"}``; backend is the one searches use now."""
+        with self._lock:
+            active = "usearch" if self._hnsw is not None or self.backend == "usearch" else "exact"
+            return {"count": self._n, "version": self._version, "dim": self._dim, "backend": active}
+
+    def _snapshot(self) -> _Snapshot:
+        with self._lock:
+            self._check_open()
+            matrix = self._buf[:self._n] if self._buf is not None else np.zeros((0, self._dim or 0), np.float32)
+            return _Snapshot(self._version, matrix, self._ids, self._hnsw)
+
+    def search(self, queries: np.ndarray, limit: int,
+               version: Optional[str] = None) -> list[list[tuple[str, float]]]:
+        """Nearest stored docs by cosine similarity.
+
+        Args:
+            queries: [Q, D] (or one [D]) query vectors; normalised here.
+            limit: at most this many matches per query (>= 1).
+            version: the model version that made ``queries``; checked against the stored vectors' version.
+
+        Returns:
+            Per query, ``(doc id, cosine similarity)`` best first; ``[]`` per query while the collection is empty.
+
+        Raises:
+            ValueError: ``limit`` < 1, ``version`` differs from the stored version, or bad query vectors.
+        """
+        limit = _check_positive_int("limit", limit)
+        queries = np.asarray(queries)
+        if queries.ndim == 1:
+            queries = queries[None, :]
+        if queries.ndim != 2:
+            raise ValueError(f"queries have shape {tuple(queries.shape)}; expected [Q, D]")
+        snap = self._snapshot()
+        if version is not None and snap.version is not None and version != snap.version:
+            raise ValueError(f"queries are from model version {version!r} but the collection holds version "
+                             f"{snap.version!r}; encode the queries with {snap.version!r}")
+        if snap.matrix.shape[0] == 0 or queries.shape[0] == 0:
+            return [[] for _ in range(queries.shape[0])]
+        if queries.shape[1] != snap.matrix.shape[1]:
+            raise ValueError(f"queries have {queries.shape[1]} dims; the collection holds "
+                             f"{snap.matrix.shape[1]}-dim vectors (version {snap.version!r})")
+        queries = _normalised(queries, [f"query {i}" for i in range(queries.shape[0])], "queries")
+        if snap.hnsw is not None:
+            return snap.hnsw.search(queries, limit)
+        return _exact_search(snap.matrix, snap.ids, queries, limit)
+
+    # -- writing -------------------------------------------------------------------------------------------
+    def upsert(self, docs: list[StoredDoc], vectors: np.ndarray, version: str) -> None:
+        """Store docs and their vectors; an existing id has its doc and vector replaced.
+
+        All or nothing: a call that raises stores nothing.
+
+        Args:
+            docs: the docs, unique non-empty ids.
+            vectors: [N, D] float32, one row per doc (L2-normalised here).
+            version: model version that made ``vectors``; must be the collection's unless it is empty.
+
+        Raises:
+            ValueError: a bad doc or vector (names the doc id), or a version/dimension mismatch.
+        """
+        version = _check_version(version)
+        docs = list(docs)
+        seen: set[str] = set()
+        for doc in docs:
+            _check_doc(doc)
+            if doc.id in seen:
+                raise ValueError(f"doc {doc.id!r} appears more than once in one upsert")
+            seen.add(doc.id)
+        ids = [doc.id for doc in docs]
+        vecs = _normalised(vectors, ids)  # [N, D]
+        rows = [_doc_row(doc) for doc in docs]
+        with self._lock:
+            self._check_open()
+            empty = self._n == 0
+            if not empty and version != self._version:
+                raise ValueError(f"vectors are from model version {version!r} but the collection holds version "
+                                 f"{self._version!r}; rebuild() the collection for {version!r} first")
+            dim = vecs.shape[1]
+            if not empty and dim != self._dim:
+                raise ValueError(f"doc {ids[0]!r}: vector has {dim} dims; the collection holds {self._dim}-dim "
+                                 f"vectors (version {self._version!r})")
+            if not docs:
+                return
+            replace = [i for i, doc_id in enumerate(ids) if doc_id in self._row]
+            append = [i for i, doc_id in enumerate(ids) if doc_id not in self._row]
+            n = self._n
+            # Prepare the new matrix before committing: snapshots keep the old rows, appends go past them.
+            buf = _grow(self._buf, n, len(append), dim, copy=bool(replace) or self._buf is None)
+            if replace:
+                buf[[self._row[ids[i]] for i in replace]] = vecs[replace]
+            if append:
+                buf[n:n + len(append)] = vecs[append]
+            generation = self._generation + 1
+            with self._txn() as db:
+                db.executemany(_UPSERT_DOC, rows)
+                db.executemany("INSERT OR REPLACE INTO vectors (slot, id, vec) VALUES (?, ?, ?)",
+                               [(self._slot, doc_id, _vec_bytes(vec)) for doc_id, vec in zip(ids, vecs)])
+                seq_of = {}
+                new_ids = [ids[i] for i in append]
+                for start in range(0, len(new_ids), _SQL_CHUNK):
+                    chunk = new_ids[start:start + _SQL_CHUNK]
+                    seq_of.update(db.execute(
+                        f"SELECT id, seq FROM docs WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall())
+                self._set_meta(version=version, dim=dim, generation=generation)
+            # Committed: publish.
+            self._version, self._dim, self._generation = version, dim, generation
+            self._buf = buf
+            for i in append:
+                self._row[ids[i]] = len(self._ids)
+                self._ids.append(ids[i])
+                self._seqs.append(seq_of[ids[i]])
+            self._n = n + len(append)
+            if self._dirty is not None:
+                self._dirty.update(ids)
+            changed = replace + append
+            if self._hnsw is not None:
+                self._hnsw.upsert([self._seqs[self._row[ids[i]]] for i in changed], [ids[i] for i in changed],
+                                  vecs[changed])
+            elif self._want_hnsw(self._n, False):
+                self._hnsw = _Hnsw.build(dim, self._seqs, self._ids, self._buf[:self._n])
+
+    def delete(self, ids: list[str]) -> int:
+        """Remove docs by id; unknown ids are ignored.
+
+        Returns:
+            The number of docs actually removed.
+        """
+        wanted = [i for i in dict.fromkeys(ids) if isinstance(i, str)]
+        with self._lock:
+            self._check_open()
+            if self._dirty is not None:
+                self._dirty.update(wanted)
+            if not wanted:
+                return 0
+            generation = self._generation + 1
+            with self._txn() as db:
+                removed = sum(db.execute("DELETE FROM docs WHERE id = ?", (i,)).rowcount for i in wanted)
+                if removed:
+                    db.executemany("DELETE FROM vectors WHERE id = ?", [(i,) for i in wanted])
+                    self._set_meta(generation=generation)
+            if not removed:
+                return 0
+            self._generation = generation
+            gone = {i for i in wanted if i in self._row}
+            if gone:
+                keep = [r for r, doc_id in enumerate(self._ids) if doc_id not in gone]
+                removed_keys = [self._seqs[self._row[i]] for i in gone]
+                buf = _grow(None, 0, len(keep), self._dim, copy=True)
+                buf[:len(keep)] = self._buf[keep]
+                self._buf = buf
+                self._ids = [self._ids[r] for r in keep]
+                self._seqs = [self._seqs[r] for r in keep]
+                self._row = {doc_id: r for r, doc_id in enumerate(self._ids)}
+                self._n = len(keep)
+                if self._hnsw is not None:
+                    if self._want_hnsw(self._n, True):
+                        self._hnsw.remove(removed_keys)
+                    else:
+                        self._hnsw = None
+            return removed
+
+    def rebuild(self, version: str, embed: Callable[[list[StoredDoc]], np.ndarray], batch_size: int = 256) -> int:
+        """Re-embed every stored doc for a new model version and swap to it atomically.
+
+        The new vectors and index are built on the side while searches keep using the old ones; the swap
+        happens under the lock in memory and in one SQLite transaction on disk. Docs upserted or deleted while
+        the rebuild runs are re-embedded (or dropped) before the swap.
+
+        Args:
+            version: the new model version.
+            embed: maps a batch of docs to their [len(batch), D] vectors in the new version (called per batch).
+            batch_size: docs per ``embed`` call.
+
+        Returns:
+            The number of docs the new version holds.
+
+        Raises:
+            ValueError: bad arguments, or ``embed`` returned bad vectors (names the doc id). Whatever ``embed``
+                raises propagates; in every failure the collection keeps its old version and vectors.
+        """
+        version = _check_version(version)
+        batch_size = _check_positive_int("batch_size", batch_size)
+        with self._rebuild_lock:
+            with self._lock:
+                self._check_open()
+                last_seq = self._db.execute("SELECT MAX(seq) FROM docs").fetchone()[0]
+                if last_seq is None:  # empty: just take the version
+                    if version != self._version:
+                        with self._txn():
+                            self._set_meta(version=version, generation=self._generation + 1)
+                        self._version, self._generation = version, self._generation + 1
+                    return 0
+                slot = self._slot + 1
+                self._dirty = set()
+            try:
+                return self._rebuild(version, embed, batch_size, slot, last_seq)
+            except BaseException:
+                with self._lock:
+                    self._dirty = None
+                    if not self._closed:
+                        try:
+                            with self._txn() as db:
+                                db.execute("DELETE FROM vectors WHERE slot = ?", (slot,))
+                        except sqlite3.Error as err:  # the next open removes them
+                            logger.warning("could not remove the vectors of a failed rebuild: %s", err)
+                raise
+
+    def _embed(self, embed: Callable[[list[StoredDoc]], np.ndarray], docs: list[StoredDoc],
+               dim: Optional[int]) -> np.ndarray:
+        ids = [doc.id for doc in docs]
+        vecs = _normalised(embed(docs), ids, "embed() output")  # [len(docs), D]
+        if dim is not None and vecs.shape[1] != dim:
+            raise ValueError(f"embed() returned {vecs.shape[1]}-dim vectors for doc {ids[0]!r}; "
+                             f"earlier batches were {dim}-dim")
+        return vecs
+
+    def _write_slot(self, slot: int, ids: list[str], vecs: np.ndarray) -> None:
+        """Store new-version vectors in ``slot``, skipping docs deleted meanwhile; callers hold the lock."""
+        with self._txn() as db:
+            db.executemany("INSERT OR REPLACE INTO vectors (slot, id, vec) SELECT ?, id, ? FROM docs WHERE id = ?",
+                           [(slot, _vec_bytes(vec), doc_id) for doc_id, vec in zip(ids, vecs)])
+
+    def _rebuild(self, version: str, embed: Callable[[list[StoredDoc]], np.ndarray], batch_size: int, slot: int,
+                 last_seq: int) -> int:
+        new: dict[str, tuple[int, np.ndarray]] = {}  # id -> (seq, normalised new vector)
+        dim: Optional[int] = None
+
+        def embed_into_new(pairs: list[tuple[int, StoredDoc]]) -> list[str]:
+            """Embed ``(seq, doc)`` pairs into ``new`` and the new slot; returns their ids."""
+            nonlocal dim
+            for start in range(0, len(pairs), batch_size):
+                batch = pairs[start:start + batch_size]
+                vecs = self._embed(embed, [doc for _, doc in batch], dim)
+                dim = vecs.shape[1]
+                with self._lock:  # re-entrant: step 4 calls this with the lock held
+                    self._check_open()
+                    self._write_slot(slot, [doc.id for _, doc in batch], vecs)
+                for (seq, doc), vec in zip(batch, vecs):
+                    new[doc.id] = (seq, vec)
+            return [doc.id for _, doc in pairs]
+
+        # 1. Every doc stored when the rebuild started, batch by batch, without holding the lock while embedding.
+        after = 0
+        while True:
+            with self._lock:
+                self._check_open()
+                rows = self._db.execute(f"SELECT {_DOC_COLUMNS} FROM docs WHERE seq > ? AND seq <= ? "
+                                        "ORDER BY seq LIMIT ?", (after, last_seq, batch_size)).fetchall()
+            if not rows:
+                break
+            after = rows[-1][0]
+            embed_into_new([(row[0], _doc_from_row(row)) for row in rows])
+
+        def take_dirty() -> list[tuple[int, StoredDoc]]:
+            """Docs changed since they were embedded (re-embed them), dropping deleted ones from ``new``."""
+            with self._lock:
+                dirty, self._dirty = self._dirty, set()
+                current = self._fetch(sorted(dirty))
+            for doc_id in dirty - current.keys():
+                new.pop(doc_id, None)
+            return list(current.values())
+
+        # 2. Catch up with concurrent upserts/deletes, still without the lock while embedding.
+        for _ in range(_CATCH_UP_ROUNDS):
+            changed = take_dirty()
+            if not changed:
+                break
+            embed_into_new(changed)
+
+        # 3. Build the new matrix and index on the side from what is known now.
+        def ordered() -> tuple[list[int], list[str], np.ndarray]:
+            items = sorted(new.items(), key=lambda item: item[1][0])
+            seqs = [seq for _, (seq, _) in items]
+            ids = [doc_id for doc_id, _ in items]
+            if not items:  # every doc was deleted meanwhile
+                return [], [], np.zeros((0, dim or self._dim or 1), np.float32)
+            matrix = np.stack([vec for _, (_, vec) in items])  # [n, dim]
+            return seqs, ids, matrix
+
+        seqs, ids, matrix = ordered()
+        hnsw = _Hnsw.build(dim, seqs, ids, matrix) if self._want_hnsw(len(ids), self._hnsw is not None) else None
+
+        # 4. Under the lock: the last changes, then one transaction flips the manifest, then the in-memory swap.
+        with self._lock:
+            self._check_open()
+            built = {doc_id: seq for doc_id, (seq, _) in new.items()}  # what `hnsw` holds
+            touched = embed_into_new(take_dirty())
+            stored = [doc_id for (doc_id,) in self._db.execute("SELECT id FROM docs")]
+            # docs with no vector yet (none unless the database was edited by hand)
+            touched += embed_into_new(list(self._fetch([i for i in stored if i not in new]).values()))
+            seqs, ids, matrix = ordered()
+            n = len(ids)
+            if hnsw is not None and self._want_hnsw(n, True):
+                hnsw.remove([seq for doc_id, seq in built.items() if doc_id not in new or new[doc_id][0] != seq])
+                if touched:
+                    hnsw.upsert([new[i][0] for i in touched], touched, np.stack([new[i][1] for i in touched]))
+            else:
+                hnsw = _Hnsw.build(dim, seqs, ids, matrix) if self._want_hnsw(n, False) else None
+            buf = _grow(matrix, n, 0, matrix.shape[1], copy=True)
+            generation = self._generation + 1
+            with self._txn() as db:
+                db.execute("DELETE FROM vectors WHERE slot = ? AND id NOT IN (SELECT id FROM docs)", (slot,))
+                db.execute("DELETE FROM vectors WHERE slot != ?", (slot,))
+                self._set_meta(version=version, dim=matrix.shape[1], slot=slot, generation=generation)
+            self._version, self._dim, self._slot, self._generation = version, matrix.shape[1], slot, generation
+            self._buf = buf
+            self._ids, self._seqs, self._n = ids, seqs, n
+            self._row = {doc_id: r for r, doc_id in enumerate(ids)}
+            self._hnsw = hnsw
+            self._dirty = None
+            index_path = self._index_path()
+        if hnsw is not None:
+            try:
+                hnsw.save(index_path)
+            except OSError as err:  # only a cache: the next open rebuilds it
+                logger.warning("could not save %s: %s", index_path, err)
+        with self._lock:
+            if not self._closed:
+                self._remove_stale_index_files()
+        logger.info("rebuilt %s for model version %s: %d docs", self.root, version, n)
+        return n
+
+    def close(self) -> None:
+        """Save the HNSW index (if any), close the database and release ``root``. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                if self._hnsw is not None:
+                    path = self._index_path()
+                    if not path.exists():
+                        self._hnsw.save(path)
+                    self._remove_stale_index_files()
+            finally:
+                self._db.close()
+                self._lock_file.close()
+
+    def __enter__(self) -> "Collection":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Collection({str(self.root)!r}, backend={self.backend!r}, count={self._n}, "
+                f"version={self._version!r})")
+
