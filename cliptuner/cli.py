@@ -29,6 +29,14 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--accum-steps", type=int, default=d.accum_steps)
     g.add_argument("--lock-image", action="store_true", help="freeze the image tower")
     g.add_argument("--lock-text", action="store_true", help="freeze the text tower")
+    g.add_argument("--image-unlocked-groups", type=int, default=0,
+                   help="with --lock-image: keep the last N layer groups of the image tower trainable")
+    g.add_argument("--text-unlocked-layers", type=int, default=0,
+                   help="with --lock-text: keep the last N groups of the text tower trainable "
+                        "(1: projection; 2: + last block and final norm; ...)")
+    g.add_argument("--layer-decay", type=float, default=d.layer_decay,
+                   help="layer-wise lr decay factor (1.0: off)")
+    g.add_argument("--grad-checkpointing", action="store_true", help="trade compute for activation memory")
     g.add_argument("--precision", choices=["fp32", "amp", "amp_bf16"], default=d.precision)
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--seed", type=int, default=d.seed)
@@ -44,7 +52,25 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
 def _default_device() -> str:
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():
+        return f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    return "cpu"
+
+
+def _init_distributed(device: str) -> tuple[int, int]:
+    """Join the process group torchrun set up (``WORLD_SIZE`` > 1): NCCL on GPUs, gloo on CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return 1, 0
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+    return dist.get_world_size(), dist.get_rank()
 
 
 def _train_config(args: argparse.Namespace) -> Any:
@@ -54,6 +80,8 @@ def _train_config(args: argparse.Namespace) -> Any:
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, scheduler=args.scheduler,
         accum_steps=args.accum_steps, lock_image=args.lock_image, lock_text=args.lock_text,
+        image_unlocked_groups=args.image_unlocked_groups, text_unlocked_layers=args.text_unlocked_layers,
+        layer_decay=args.layer_decay, grad_checkpointing=args.grad_checkpointing,
         precision=args.precision, device=args.device or _default_device(), seed=args.seed,
         num_workers=args.num_workers, eval_every=args.eval_every, early_stop_patience=args.early_stop_patience)
 
@@ -113,16 +141,28 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     from .train import finetune, seed_everything
 
     cfg = _train_config(args)
+    world_size, rank = _init_distributed(cfg.device)
     eval_cfg = EvalConfig(eval_fraction=args.eval_fraction, split_seed=args.seed)
     train_pairs, eval_pairs = load_train_eval(args.data, args.eval_data, eval_cfg.eval_fraction, args.seed)
-    print(f"train: {len(train_pairs)} pairs / {train_pairs.num_images} images;  "
-          f"held out: {len(eval_pairs)} pairs / {eval_pairs.num_images} images", file=sys.stderr)
-    seed_everything(cfg.seed)  # random init is reproducible too
+    if rank == 0:
+        print(f"train: {len(train_pairs)} pairs / {train_pairs.num_images} images;  "
+              f"held out: {len(eval_pairs)} pairs / {eval_pairs.num_images} images"
+              + (f";  {world_size} processes" if world_size > 1 else ""), file=sys.stderr)
+    seed_everything(cfg.seed)  # random init is reproducible (and equal on every rank)
     spec = ModelSpec(arch=args.model, pretrained=args.pretrained)
     bundle = load_model(spec)
     started = time.time()
-    report = finetune(bundle, train_pairs, eval_pairs, cfg, eval_cfg, on_event=_ProgressBar(not args.quiet),
-                      checkpoint_dir=args.checkpoint_dir, resume_from=args.resume)
+    try:
+        report = finetune(bundle, train_pairs, eval_pairs, cfg, eval_cfg,
+                          on_event=_ProgressBar(not args.quiet and rank == 0),
+                          checkpoint_dir=args.checkpoint_dir, resume_from=args.resume)
+    finally:
+        if world_size > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if rank != 0:  # rank 0 alone evaluates, exports and publishes
+        return report
     out = Path(args.out)
     version = args.version or out.name
     report.update({"model_version": version, "model": {"arch": spec.arch, "pretrained": spec.pretrained},
@@ -228,6 +268,46 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+SERVE_ENV = {"port": "CLIPTUNER_PORT", "workspace": "CLIPTUNER_WORKSPACE", "model": "CLIPTUNER_MODEL",
+             "pretrained": "CLIPTUNER_PRETRAINED", "device": "CLIPTUNER_DEVICE"}
+DEFAULT_FLOW = Path(__file__).resolve().parent.parent / "flows" / "flow.yml"
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    """``cliptuner serve``: start the Flow of ``flows/flow.yml`` (gRPC gateway, tuner, encoder, indexer) and block.
+
+    Each option sets its ``CLIPTUNER_*`` variable, which the Flow YAML reads; an option left out keeps the
+    variable's value from the environment. Stops on Ctrl-C or SIGTERM.
+    """
+    import signal
+    import threading
+
+    flow_path = Path(args.flow)
+    if not flow_path.is_file():
+        raise ValueError(f"no Flow YAML at {str(flow_path)!r}; pass --flow PATH")
+    for option, name in SERVE_ENV.items():
+        value = getattr(args, option)
+        if value is not None:
+            os.environ[name] = str(value)
+    os.environ.setdefault("CLIPTUNER_PORT", "51000")
+    if not os.environ.get("CLIPTUNER_WORKSPACE"):
+        raise ValueError("no workspace: pass --workspace DIR or set CLIPTUNER_WORKSPACE")
+    os.environ["CLIPTUNER_WORKSPACE"] = str(Path(os.environ["CLIPTUNER_WORKSPACE"]).expanduser().resolve())
+    for name in SERVE_ENV.values():  # unset → empty: the Flow YAML then passes None rather than the text "$NAME"
+        os.environ.setdefault(name, "")
+    os.environ.setdefault("JINA_OPTOUT_TELEMETRY", "1")
+
+    from jina import Flow
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    flow = Flow.load_config(str(flow_path))
+    with flow:
+        print(f"cliptuner serving on grpc port {os.environ['CLIPTUNER_PORT']} (workspace "
+              f"{os.environ['CLIPTUNER_WORKSPACE']}); Ctrl-C to stop", file=sys.stderr, flush=True)
+        flow.block(stop_event=stop)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cliptuner", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log every training step line")
@@ -288,6 +368,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_demo)
+
+    p = sub.add_parser("serve", help="start the gRPC services (flows/flow.yml) and block")
+    p.add_argument("--port", type=int, default=None, help="gRPC port (CLIPTUNER_PORT; default 51000)")
+    p.add_argument("--workspace", default=None, help="models/, index/, data/, runs/ (CLIPTUNER_WORKSPACE)")
+    p.add_argument("--model", default=None, help="base model of a fresh workspace (CLIPTUNER_MODEL; default cliptuner-tiny)")
+    p.add_argument("--pretrained", default=None, help="its pretrained tag or checkpoint (CLIPTUNER_PRETRAINED)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (CLIPTUNER_DEVICE; default auto)")
+    p.add_argument("--flow", default=str(DEFAULT_FLOW), help="the Flow YAML (default: flows/flow.yml)")
+    p.set_defaults(func=run_serve)
     return parser
 
 

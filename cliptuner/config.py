@@ -79,7 +79,7 @@ class TrainConfig:
     """Options of one fine-tuning run."""
 
     epochs: int = 5  # passes over the training pairs
-    batch_size: int = 64  # pairs per optimizer step (before accumulation)
+    batch_size: int = 64  # pairs per forward pass (per process); a step sees batch_size * accum_steps * world size
     learning_rate: float = 1e-4  # peak learning rate of AdamW
     weight_decay: float = 0.1  # AdamW weight decay (not applied to gains, biases, embeddings, logit scale)
     beta1: float = 0.9  # AdamW beta1
@@ -87,10 +87,16 @@ class TrainConfig:
     eps: float = 1e-6  # AdamW epsilon
     warmup_steps: int = 10  # linear warmup length in optimizer steps
     scheduler: str = "cosine"  # learning-rate shape after warmup: cosine | constant
-    accum_steps: int = 1  # micro-batches whose gradients are accumulated per optimizer step
+    accum_steps: int = 1  # micro-batches per optimizer step; features are accumulated so the loss sees the
+    #                       negatives of the whole effective batch (batch_size * accum_steps), as OpenCLIP's accum_freq
     grad_clip_norm: Optional[float] = 1.0  # clip the global grad norm; None disables
     lock_image: bool = False  # freeze the image tower
     lock_text: bool = False  # freeze the text tower
+    image_unlocked_groups: int = 0  # with lock_image: keep the last N layer groups of the image tower trainable
+    text_unlocked_layers: int = 0  # with lock_text: keep the last N groups of the text tower trainable
+    #                                 (OpenCLIP's groups: projection, last block + final norm, blocks, embeddings)
+    layer_decay: float = 1.0  # layer-wise lr decay: layer l of L gets lr * decay**(L - l); 1.0 disables
+    grad_checkpointing: bool = False  # recompute activations in backward to save memory
     precision: str = "amp"  # fp32 | amp (fp16 autocast on CUDA) | amp_bf16; AMP falls back to fp32 on CPU
     device: str = "cpu"  # torch device string: cpu, cuda, cuda:1
     seed: int = 0  # seeds torch, numpy and the batch sampler
@@ -113,7 +119,17 @@ class TrainConfig:
         _check(self.scheduler in SCHEDULERS, f"scheduler must be one of {list(SCHEDULERS)}, got {self.scheduler!r}")
         _check(self.precision in PRECISIONS, f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         _check(self.grad_clip_norm is None or self.grad_clip_norm > 0, f"grad_clip_norm must be > 0 or None, got {self.grad_clip_norm!r}")
-        _check(not (self.lock_image and self.lock_text), "lock_image and lock_text together leave nothing to train")
+        _check(not (self.lock_image and self.lock_text and self.image_unlocked_groups == 0
+                    and self.text_unlocked_layers == 0),
+               "lock_image and lock_text together leave nothing to train")
+        for name in ("image_unlocked_groups", "text_unlocked_layers"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 0, f"{name} must be an integer >= 0, got {value!r}")
+        _check(self.image_unlocked_groups == 0 or self.lock_image,
+               "image_unlocked_groups only applies with lock_image=True")
+        _check(self.text_unlocked_layers == 0 or self.lock_text,
+               "text_unlocked_layers only applies with lock_text=True")
+        _check(0 < self.layer_decay <= 1, f"layer_decay must be in (0, 1], got {self.layer_decay!r}")
         _check(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
         _check(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers!r}")
         _check(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every!r}")

@@ -125,13 +125,22 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> ClipBundl
                     "(or give a local checkpoint path)")
             pretrained_tag = spec.pretrained
 
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        spec.arch,
-        pretrained=pretrained_tag,
-        device=device,
-        force_quick_gelu=spec.force_quick_gelu,
-        cache_dir=spec.cache_dir,
-    )
+    quiet = _DropRandomInitWarning() if pretrained_tag is None else None
+    if quiet is not None:  # random init (or weights loaded below) is intended here: no root-logger warning
+        logging.getLogger().addFilter(quiet)
+    try:
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            spec.arch,
+            pretrained=pretrained_tag,
+            device=device,
+            force_quick_gelu=spec.force_quick_gelu,
+            cache_dir=spec.cache_dir,
+        )
+    finally:
+        if quiet is not None:
+            logging.getLogger().removeFilter(quiet)
+    if checkpoint is None and pretrained_tag is None:
+        logger.info("%s initialised randomly", spec.arch)
     if checkpoint is not None:
         state_dict = checkpoint["state_dict"]
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
@@ -146,6 +155,11 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> ClipBundl
     tokenizer = open_clip.get_tokenizer(spec.arch)
     return ClipBundle(model=model, preprocess_train=preprocess_train, preprocess_val=preprocess_val,
                       tokenizer=tokenizer, spec=spec)
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
 
 
 def read_checkpoint(path: str | Path) -> dict:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -53,17 +54,64 @@ def _no_weight_decay(name: str, param: nn.Parameter) -> bool:
         or "embedding" in name or "token" in name
 
 
+_BLOCK_INDEX = re.compile(r"(?:resblocks|blocks|layers|stages)\.(\d+)\.")
+_VISUAL_STEM = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "patch_embed", "cls_token", "pos_embed",
+                "stem")
+_TEXT_STEM = ("token_embedding", "positional_embedding", "cls_emb", "embeddings")
+
+
+def layer_scales(model: nn.Module, decay: float) -> dict[str, float]:
+    """Learning-rate multiplier per parameter name for layer-wise lr decay.
+
+    Each tower is numbered on its own: its embeddings are layer 0, its ``i``-th block is layer ``i + 1`` and
+    its head (final norm, projection) is layer ``depth + 1``, which gets the full learning rate; layer ``l``
+    gets ``decay ** (depth + 1 - l)``. The logit scale keeps the full rate.
+    """
+    names = [name for name, _ in model.named_parameters()]
+
+    def tower(name: str) -> str:
+        if name.startswith("visual."):
+            return "visual"
+        return "other" if name.startswith("logit_") else "text"
+
+    depth = {"visual": 0, "text": 0}
+    for name in names:
+        match = _BLOCK_INDEX.search(name)
+        if match and tower(name) in depth:
+            depth[tower(name)] = max(depth[tower(name)], int(match.group(1)) + 1)
+    scales = {}
+    for name in names:
+        kind = tower(name)
+        if kind == "other" or decay == 1.0:
+            scales[name] = 1.0
+            continue
+        match = _BLOCK_INDEX.search(name)
+        stem = _VISUAL_STEM if kind == "visual" else _TEXT_STEM
+        if match:
+            layer = int(match.group(1)) + 1
+        elif any(part in name for part in stem):
+            layer = 0
+        else:
+            layer = depth[kind] + 1
+        scales[name] = decay ** (depth[kind] + 1 - layer)
+    return scales
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, with weight decay only on matrices."""
-    decay, no_decay = [], []
+    """AdamW over the trainable parameters: weight decay only on matrices, layer-wise lr decay if asked."""
+    model = getattr(model, "module", model)
+    scales = layer_scales(model, cfg.layer_decay)
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if _no_weight_decay(name, param) else decay).append(param)
-    if not decay and not no_decay:
+        groups.setdefault((scales[name], _no_weight_decay(name, param)), []).append(param)
+    if not groups:
         raise ValueError("the model has no trainable parameters (are both towers locked?)")
-    groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": cfg.weight_decay}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    param_groups = [{"params": params, "lr": cfg.learning_rate * scale, "lr_scale": scale,
+                     "weight_decay": 0.0 if no_decay else cfg.weight_decay}
+                    for (scale, no_decay), params in sorted(groups.items(), key=lambda item: item[0])]
+    return torch.optim.AdamW(param_groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -82,11 +130,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_st
 
 
 def apply_locks(model: nn.Module, cfg: TrainConfig) -> None:
-    """Freeze the towers the config asks to lock (OpenCLIP's own locking, whole tower)."""
+    """Freeze what the config asks to lock, with OpenCLIP's own locking.
+
+    ``lock_image`` freezes the image tower but its last ``image_unlocked_groups`` layer groups;
+    ``lock_text`` freezes the text tower but its last ``text_unlocked_layers`` transformer layers.
+    """
+    model = getattr(model, "module", model)
     if cfg.lock_image:
-        model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=False)
+        model.lock_image_tower(unlocked_groups=cfg.image_unlocked_groups, freeze_bn_stats=False)
     if cfg.lock_text:
-        model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
+        model.lock_text_tower(unlocked_layers=cfg.text_unlocked_layers, freeze_layer_norm=True)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -127,6 +182,73 @@ class FitResult:
     stopped_early: bool = False
 
 
+def _forward(model: nn.Module, images: torch.Tensor, texts: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalised features and exp(logit_scale) through the model's forward (so DDP sees the call)."""
+    out = model(image=images, text=texts)
+    if isinstance(out, dict):
+        return out["image_features"], out["text_features"], out["logit_scale"]
+    return out[0], out[1], out[2]
+
+
+def train_step(model: nn.Module, images: torch.Tensor, texts: torch.Tensor, loss_fn: ClipLoss, cfg: TrainConfig,
+               scaler: Optional[torch.amp.GradScaler] = None) -> torch.Tensor:
+    """Forward and backward of one optimizer step's batch; returns the (detached) loss.
+
+    With ``cfg.accum_steps > 1`` the batch is cut into that many micro-batches and features are accumulated
+    (OpenCLIP's ``accum_freq``): a no-grad pass embeds every micro-batch, then each micro-batch is embedded
+    again with gradient and the loss over the *whole* batch is back-propagated through it. The gradient equals
+    the one-big-batch gradient while activations are held for one micro-batch at a time. The logit scale gets
+    its gradient from the first micro-batch only, which already carries the whole of it.
+    """
+    device = images.device
+    backward = (lambda loss: scaler.scale(loss).backward()) if scaler is not None else (lambda loss: loss.backward())
+    if cfg.accum_steps == 1:
+        with _autocast(cfg, device):
+            image_features, text_features, logit_scale = _forward(model, images, texts)  # [batch, dim] x2
+            loss = loss_fn(image_features, text_features, logit_scale)
+        _check_finite(loss)
+        backward(loss)
+        return loss.detach()
+
+    image_chunks, text_chunks = images.tensor_split(cfg.accum_steps), texts.tensor_split(cfg.accum_steps)
+    with torch.no_grad(), _autocast(cfg, device):
+        cached = [_forward(model, i, t)[:2] for i, t in zip(image_chunks, text_chunks)]
+    no_sync = getattr(model, "no_sync", None)
+    for j, (image_chunk, text_chunk) in enumerate(zip(image_chunks, text_chunks)):
+        last = j == len(image_chunks) - 1
+        with (no_sync() if no_sync is not None and not last else nullcontext()), _autocast(cfg, device):
+            image_features, text_features, logit_scale = _forward(model, image_chunk, text_chunk)
+            all_image = torch.cat([c[0] for c in cached[:j]] + [image_features] + [c[0] for c in cached[j + 1:]])
+            all_text = torch.cat([c[1] for c in cached[:j]] + [text_features] + [c[1] for c in cached[j + 1:]])
+            loss = loss_fn(all_image, all_text, logit_scale if j == 0 else logit_scale.detach())
+            _check_finite(loss)
+            backward(loss)
+    return loss.detach()
+
+
+def _check_finite(loss: torch.Tensor) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()}; lower the learning rate or use precision=fp32")
+
+
+def _distributed() -> tuple[int, int]:
+    """``(world_size, rank)`` of the initialised process group, ``(1, 0)`` without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def _broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """Rank 0's decision, on every rank."""
+    world_size, _ = _distributed()
+    if world_size == 1:
+        return flag
+    tensor = torch.tensor([1 if flag else 0], device=device)
+    torch.distributed.broadcast(tensor, src=0)
+    return bool(tensor.item())
+
+
 def fit(
     model: nn.Module,
     loader: torch.utils.data.DataLoader,
@@ -142,9 +264,14 @@ def fit(
 ) -> FitResult:
     """Train ``model`` for ``cfg.epochs`` epochs of contrastive learning.
 
+    Under DDP (an initialised process group; ``model`` wrapped in ``DistributedDataParallel``; ``loss_fn``
+    built with the world size) every rank trains, and only rank 0 evaluates, emits events and writes
+    checkpoints; early-stopping decisions are broadcast from rank 0.
+
     Args:
-        model: an OpenCLIP model (``encode_image``, ``encode_text``, ``logit_scale``), already on its device.
-        loader: yields ``(images [B,3,H,W], texts [B,ctx], image_index [B])``.
+        model: an OpenCLIP model (or its DDP wrapper), already on its device.
+        loader: yields one optimizer step's batch ``(images [B,3,H,W], texts [B,ctx], image_index [B])``,
+            ``B = cfg.batch_size * cfg.accum_steps``.
         loss_fn: the contrastive loss.
         optimizer: built over the trainable parameters.
         scheduler: stepped once per optimizer step.
@@ -152,24 +279,25 @@ def fit(
         eval_fn: returns held-out metrics for the current weights; drives early stopping and best keeping.
         on_event: receives progress events (``{"event": "step" | "epoch" | "eval" | "end", ...}``).
         checkpoint_dir: where ``last.pt`` (full training state) is written after every epoch.
-        resume_from: a ``last.pt`` to continue from (model, optimizer, scheduler, epoch, history).
+        resume_from: a ``last.pt`` to continue from (model, optimizer, scheduler, epoch, history, RNG).
         should_stop: polled between steps; returning True raises :class:`TrainingStopped`.
 
     Returns:
         A :class:`FitResult`. With ``cfg.keep_best`` and an ``eval_fn``, the model ends with the weights of the
         best evaluation.
     """
-    emit = on_event or (lambda event: None)
+    world_size, rank = _distributed()
+    is_main = rank == 0
+    emit = (on_event or (lambda event: None)) if is_main else (lambda event: None)
+    inner = getattr(model, "module", model)
     device = next(model.parameters()).device
-    use_scaler = device.type == "cuda" and cfg.precision == "amp"
-    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.precision == "amp" else None
     if device.type != "cuda" and cfg.precision != "fp32":
         logger.info("precision %s needs CUDA; training in fp32 on %s", cfg.precision, device)
 
-    micro_per_epoch = len(loader)
-    if micro_per_epoch == 0:
-        raise ValueError("the training loader yields no batch: fewer distinct images than batch_size?")
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.accum_steps)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError("the training loader yields no batch: fewer distinct images than the batch size?")
     total_steps = steps_per_epoch * cfg.epochs
 
     result = FitResult()
@@ -178,7 +306,7 @@ def fit(
     patience_left = cfg.early_stop_patience
     if resume_from is not None:
         state = torch.load(resume_from, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
+        inner.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
@@ -193,62 +321,50 @@ def fit(
     samples_seen = 0
     train_time = 0.0
     step = result.steps
+    steps_at_start = step
     for epoch in range(start_epoch, cfg.epochs):
         if hasattr(loader, "batch_sampler") and hasattr(loader.batch_sampler, "set_epoch"):
             loader.batch_sampler.set_epoch(epoch)
         model.train()
         epoch_loss, epoch_batches = 0.0, 0
         epoch_start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        for micro, (images, texts, _image_index) in enumerate(loader):
+        for images, texts, _image_index in loader:
             if should_stop is not None and should_stop():
                 raise TrainingStopped(f"training stopped at epoch {epoch + 1}, step {step}")
             t0 = time.perf_counter()
             images = images.to(device, non_blocking=True)
             texts = texts.to(device, non_blocking=True)
-            with _autocast(cfg, device):
-                image_features = model.encode_image(images, normalize=True)  # [batch, dim]
-                text_features = model.encode_text(texts, normalize=True)  # [batch, dim]
-                loss = loss_fn(image_features, text_features, model.logit_scale.exp())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, step {step}; "
-                                         "lower the learning rate or use precision=fp32")
-            scaled = loss / cfg.accum_steps
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            epoch_loss += float(loss.detach())
-            epoch_batches += 1
-            samples_seen += images.shape[0]
-
-            last_micro = micro + 1 == micro_per_epoch
-            if (micro + 1) % cfg.accum_steps == 0 or last_micro:
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                if cfg.grad_clip_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(
-                        [p for p in model.parameters() if p.requires_grad], cfg.grad_clip_norm)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                clamp_logit_scale(model)
-                step += 1
+            optimizer.zero_grad(set_to_none=True)
+            loss = train_step(model, images, texts, loss_fn, cfg, scaler)
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if cfg.grad_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip_norm)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            clamp_logit_scale(inner)
+            step += 1
             train_time += time.perf_counter() - t0
+            epoch_loss += float(loss)
+            epoch_batches += 1
+            samples_seen += images.shape[0] * world_size
 
-            if step and ((micro + 1) % cfg.accum_steps == 0 or last_micro) and \
-                    (step % cfg.log_every == 0 or step == total_steps):
+            if step % cfg.log_every == 0 or step == total_steps:
                 rate = samples_seen / max(train_time, 1e-9)
-                steps_done_now = step - result.steps
-                eta = (total_steps - step) * (train_time / max(steps_done_now, 1))
+                eta = (total_steps - step) * train_time / max(step - steps_at_start, 1)
                 event = {"event": "step", "epoch": epoch + 1, "epochs": cfg.epochs, "step": step,
-                         "total_steps": total_steps, "loss": float(loss.detach()),
-                         "lr": optimizer.param_groups[-1]["lr"], "logit_scale": float(model.logit_scale.detach().exp()),
+                         "total_steps": total_steps, "loss": float(loss),
+                         "lr": optimizer.param_groups[-1]["lr"],
+                         "logit_scale": float(inner.logit_scale.detach().exp()),
                          "samples_per_s": rate, "eta_s": eta}
-                logger.info("epoch %d/%d step %d/%d loss %.4f lr %.2e logit_scale %.1f %.1f samples/s",
-                            epoch + 1, cfg.epochs, step, total_steps, event["loss"], event["lr"],
-                            event["logit_scale"], rate)
+                if is_main:
+                    logger.info("epoch %d/%d step %d/%d loss %.4f lr %.2e logit_scale %.1f %.1f samples/s",
+                                epoch + 1, cfg.epochs, step, total_steps, event["loss"], event["lr"],
+                                event["logit_scale"], rate)
                 emit(event)
 
         mean_loss = epoch_loss / max(epoch_batches, 1)
@@ -259,39 +375,43 @@ def fit(
               "seconds": time.perf_counter() - epoch_start})
 
         is_last = epoch + 1 == cfg.epochs
+        stop = False
         if eval_fn is not None and ((cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or is_last):
-            metrics = eval_fn()
+            if is_main:
+                metrics = eval_fn()
+                result.eval_history.append({"epoch": epoch + 1, **metrics})
+                value = metrics[cfg.early_stop_metric]
+                improved = result.best_metric is None or value > result.best_metric
+                emit({"event": "eval", "epoch": epoch + 1, "metrics": metrics, "improved": improved})
+                if improved:
+                    result.best_metric, result.best_epoch = value, epoch + 1
+                    patience_left = cfg.early_stop_patience
+                    if cfg.keep_best:
+                        best_state = {k: v.detach().to("cpu", copy=True) for k, v in inner.state_dict().items()}
+                elif patience_left is not None:
+                    patience_left -= 1
+                    if patience_left <= 0:
+                        logger.info("early stop after epoch %d: %s did not improve on %.4f (epoch %s)",
+                                    epoch + 1, cfg.early_stop_metric, result.best_metric, result.best_epoch)
+                        stop = True
             model.train()
-            result.eval_history.append({"epoch": epoch + 1, **metrics})
-            value = metrics[cfg.early_stop_metric]
-            improved = result.best_metric is None or value > result.best_metric
-            emit({"event": "eval", "epoch": epoch + 1, "metrics": metrics, "improved": improved})
-            if improved:
-                result.best_metric, result.best_epoch = value, epoch + 1
-                patience_left = cfg.early_stop_patience
-                if cfg.keep_best:
-                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            elif patience_left is not None:
-                patience_left -= 1
-                if patience_left <= 0:
-                    logger.info("early stop after epoch %d: %s did not improve on %.4f (epoch %s)",
-                                epoch + 1, cfg.early_stop_metric, result.best_metric, result.best_epoch)
-                    result.stopped_early = True
+            stop = _broadcast_flag(stop, device)
+            result.stopped_early = stop
 
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None and is_main:
             Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            state = {"model": inner.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                      "epoch": epoch + 1, "result": asdict(result), "best_state": best_state,
                      "patience_left": patience_left, "config": asdict(cfg), "rng": _rng_state()}
             tmp = Path(checkpoint_dir) / (LAST_CHECKPOINT + ".tmp")
             torch.save(state, tmp)
             tmp.replace(Path(checkpoint_dir) / LAST_CHECKPOINT)
-        if result.stopped_early:
+        if stop:
             break
 
     if cfg.keep_best and best_state is not None and result.best_epoch != result.epochs_run:
-        model.load_state_dict(best_state)
+        inner.load_state_dict(best_state)
         logger.info("restored the best weights (epoch %d, %s=%.4f)", result.best_epoch,
                     cfg.early_stop_metric, result.best_metric)
     result.train_seconds += train_time
@@ -327,13 +447,16 @@ def finetune(
         should_stop: polled between steps to abort.
 
     Returns:
-        The report: ``{"before", "after", "epochs", "epoch_losses", "samples_per_s", "split", ...}``.
+        The report: ``{"before", "after", "epochs", "epoch_losses", "samples_per_s", "split", ...}``. Under DDP
+        every rank trains its shard of each global batch; only rank 0 evaluates (other ranks' report has
+        empty ``before``/``after``).
     """
     from .data import make_loader
     from .evaluate import evaluate
 
     eval_cfg = eval_cfg or EvalConfig()
-    emit = on_event or (lambda event: None)
+    world_size, rank = _distributed()
+    emit = on_event if on_event is not None and rank == 0 else (lambda event: None)
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {cfg.device!r} asked for, but CUDA is not available here")
@@ -344,16 +467,23 @@ def finetune(
     def run_eval() -> dict[str, float]:
         return evaluate(bundle, eval_pairs, eval_cfg.ks, eval_cfg.batch_size)
 
-    before = run_eval()
+    before = run_eval() if rank == 0 else {}
     emit({"event": "before", "metrics": before})
-    loader = make_loader(train_pairs, bundle.preprocess_train, bundle.tokenizer, cfg.batch_size, seed=cfg.seed,
-                         shuffle=True, num_workers=cfg.num_workers)
+    loader = make_loader(train_pairs, bundle.preprocess_train, bundle.tokenizer, cfg.batch_size * cfg.accum_steps,
+                         seed=cfg.seed, shuffle=True, num_workers=cfg.num_workers, num_replicas=world_size,
+                         rank=rank)
     optimizer = build_optimizer(model, cfg)
-    total_steps = math.ceil(len(loader) / cfg.accum_steps) * cfg.epochs
-    scheduler = build_scheduler(optimizer, cfg, total_steps)
-    result = fit(model, loader, ClipLoss(), optimizer, scheduler, cfg, eval_fn=run_eval, on_event=on_event,
-                 checkpoint_dir=checkpoint_dir, resume_from=resume_from, should_stop=should_stop)
-    if cfg.keep_best and result.eval_history and result.best_epoch == result.epochs_run:
+    scheduler = build_scheduler(optimizer, cfg, len(loader) * cfg.epochs)
+    trained: nn.Module = model
+    if world_size > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index or 0] if device.type == "cuda" else None)
+    result = fit(trained, loader, ClipLoss(world_size=world_size, rank=rank), optimizer, scheduler, cfg,
+                 eval_fn=run_eval, on_event=on_event, checkpoint_dir=checkpoint_dir, resume_from=resume_from,
+                 should_stop=should_stop)
+    if rank != 0:
+        after: dict[str, float] = {}
+    elif cfg.keep_best and result.eval_history and result.best_epoch == result.epochs_run:
         after = {k: v for k, v in result.eval_history[-1].items() if k != "epoch"}
     else:
         after = run_eval()
@@ -372,4 +502,5 @@ def finetune(
         "split": {"train_pairs": len(train_pairs), "train_images": train_pairs.num_images,
                   "eval_pairs": len(eval_pairs), "eval_images": eval_pairs.num_images},
         "config": asdict(cfg),
+        "world_size": world_size,
     }
