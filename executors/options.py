@@ -1,0 +1,84 @@
+"""Options of the Executors: service settings from YAML/env, the workspace layout, and per-request parameters.
+
+Service settings reach an Executor from ``flows/flow.yml`` as ``${{ ENV.X }}``. Jina turns an empty variable into
+None and leaves an unset one as the literal text ``$X``; :func:`setting` treats both as "not set".
+
+Request parameters travel as a protobuf Struct: every number arrives as a float, and in a Flow every Executor
+receives every parameter of the request (plus a section per Executor name, already merged by Jina into the
+parameters of the Executor it names, and Jina's own ``__results__``). So each endpoint checks only the
+parameters of the endpoints it owns (:func:`request_parameters`), and ignores them where it only forwards.
+"""
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+WORKSPACE_ENV = "CLIPTUNER_WORKSPACE"
+MODELS_SUBDIR = "models"  # the model registry
+INDEX_SUBDIR = "index"  # the indexer's collection
+DATA_SUBDIR = "data"  # PAIRS files /train may name
+RUNS_SUBDIR = "runs"  # one folder per /train run: report.json, training state
+
+_UNEXPANDED = re.compile(r"^\$(\{\{\s*(ENV|env)\.)?\{?[A-Za-z_][A-Za-z0-9_]*\}?(\s*\}\})?$")
+
+
+def setting(value: Any) -> Any:
+    """A service setting, or None when it is unset: None, an empty string, or an unexpanded ``$VAR``."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        stripped = value.strip()
+        if not stripped or _UNEXPANDED.match(stripped):
+            return None
+        return stripped
+    return value
+
+
+def workspace_root(runtime_workspace: Optional[str], metas_workspace: Optional[str],
+                   init_workspace: Optional[str]) -> Optional[Path]:
+    """The workspace all three Executors share (``models/``, ``index/``, ``data/``, ``runs/`` under it).
+
+    The first set of: the workspace Jina runs the Executor with (``workspace:`` in the Flow YAML,
+    ``--workspace``), ``metas.workspace``, the ``workspace=`` the Executor was built with, ``$CLIPTUNER_WORKSPACE``.
+    Unlike ``Executor.workspace``, no per-Executor folder is appended: the registry is shared.
+    """
+    for candidate in (runtime_workspace, metas_workspace, init_workspace, os.environ.get(WORKSPACE_ENV)):
+        candidate = setting(candidate)
+        if candidate:
+            return Path(candidate).expanduser().resolve()
+    return None
+
+
+def request_parameters(parameters: Optional[Mapping[str, Any]], allowed: Iterable[str], endpoint: str) -> dict:
+    """The parameters of a request to an endpoint this Executor owns, refusing unknown names.
+
+    Jina's own keys (``__results__``) and per-Executor sections (dict values, keyed by an Executor name) are
+    left out.
+
+    Raises:
+        ValueError: a parameter this endpoint does not know (names it and the allowed ones).
+    """
+    allowed = set(allowed)
+    own = {k: v for k, v in dict(parameters or {}).items() if not k.startswith("__") and not isinstance(v, dict)}
+    unknown = sorted(set(own) - allowed)
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown} for {endpoint}; allowed: {sorted(allowed)}")
+    return own
+
+
+def int_parameter(name: str, value: Any, minimum: int = 1, maximum: Optional[int] = None) -> int:
+    """An integer request parameter (protobuf sends ``5`` as ``5.0``).
+
+    Raises:
+        ValueError: not a whole number, or outside ``[minimum, maximum]`` (names the parameter).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"parameter {name!r} must be an integer, got {value!r}")
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"parameter {name!r} must be a whole number, got {value!r}")
+    value = int(value)
+    if value < minimum or (maximum is not None and value > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"parameter {name!r} must be {bounds}, got {value}")
+    return value

@@ -1,0 +1,362 @@
+"""CLIPTuner: fine-tune the CURRENT model on the user's pairs, prove the gain, export it and publish it.
+
+Endpoints:
+
+- ``/train``: the pairs are the docs of the request (each with text and an image as tensor, blob or uri;
+  docs that share ``tags['image_id']`` are captions of one image), or a PAIRS file named by
+  ``parameters['data']`` (a CSV ``image,caption`` or a Karpathy-style JSON, relative to the data root,
+  ``<workspace>/data`` by default; paths that leave it are refused). Parameters (numbers may arrive as floats):
+
+  ============================  =====================================================================
+  ``epochs`` ``batch_size``     :class:`cliptuner.config.TrainConfig` fields (defaults from there);
+  ``learning_rate`` ``seed``    ``seed`` also seeds the held-out split
+  ``weight_decay``
+  ``warmup_steps`` ``scheduler``
+  ``accum_steps`` ``lock_image``
+  ``lock_text`` ``precision``
+  ``grad_clip_norm``
+  ``eval_every``
+  ``early_stop_patience``
+  ``early_stop_metric``
+  ``keep_best``
+  ``eval_fraction``             share of images held out when no eval data is given (default 0.2)
+  ``data``                      PAIRS file under the data root (instead of docs)
+  ``eval_data``                 held-out PAIRS file under the data root (instead of a held-out fraction)
+  ============================  =====================================================================
+
+  Any other parameter is refused by name. The model starts from the CURRENT version's ``checkpoint.pt``, so
+  successive runs continue from the last tuned version. Recall@k is measured before and after on the same
+  held-out pairs, the tuned model is exported to ONNX and published as the next version (CURRENT). The response
+  is ONE doc, not the training images: ``ClipDoc(id='train-report', model_version=<new>, tags={'report': {...}})``
+  where the report holds ``model_version``, ``parent_version``, ``before`` and ``after``
+  (``t2i_r1 t2i_r5 t2i_r10 i2t_r1 i2t_r5 i2t_r10 mean_recall``), ``epochs``, ``epoch_losses``,
+  ``samples_per_s``, ``split``, ``config`` and timings. In the Flow the encoder and the indexer then move to the
+  new version before the client gets this answer.
+
+  Training runs in a worker thread, so this Executor keeps forwarding ``/encode``, ``/search``… meanwhile. One
+  run at a time: a second ``/train`` while one runs is refused with an error. Send a request's pairs in one
+  request (``Client.post(..., request_size=len(docs))``): the client otherwise splits them into several
+  ``/train`` requests.
+- ``/status``: appends ``ClipDoc(id='status-tuner', model_version=CURRENT, tags={'training': {...}, ...})``;
+  while a run is going, ``training`` holds its phase and the last progress event (epoch, step/total_steps,
+  loss, samples/s, eta_s).
+- anything else: passes the docs on unchanged.
+
+On a fresh workspace the tuner publishes the base model (``model`` + ``pretrained``) as the first version.
+"""
+
+import asyncio
+import dataclasses
+import json
+import logging
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+from docarray import DocList
+from jina import Executor, requests
+
+from cliptuner.bootstrap import ensure_current
+from cliptuner.config import EvalConfig, ModelSpec, TrainConfig, from_mapping
+from cliptuner.content import image_source
+from cliptuner.data import PairSet, from_memory, load_karpathy, load_pairs
+from cliptuner.registry import Registry
+
+from .encoder import base_spec, resolve_models_dir
+from .options import DATA_SUBDIR, RUNS_SUBDIR, request_parameters, setting, workspace_root
+from .schemas import ClipDoc
+
+logger = logging.getLogger(__name__)
+
+TRAIN_OPTIONS = ("epochs", "batch_size", "learning_rate", "seed", "weight_decay", "warmup_steps", "scheduler",
+                 "accum_steps", "lock_image", "lock_text", "precision", "grad_clip_norm", "eval_every",
+                 "early_stop_patience", "early_stop_metric", "keep_best")
+SOURCE_OPTIONS = ("eval_fraction", "data", "eval_data")
+REPORT_ID = "train-report"
+_DEFAULT_EVAL_FRACTION = EvalConfig().eval_fraction
+
+
+class TrainingBusy(RuntimeError):
+    """A /train request arrived while another run is going."""
+
+
+@dataclasses.dataclass
+class TrainRequest:
+    """A validated /train request: what to train on and how."""
+
+    cfg: TrainConfig
+    eval_cfg: EvalConfig
+    data: Optional[Path]  # PAIRS file, or None for the request's docs
+    eval_data: Optional[Path]  # held-out PAIRS file, or None for a held-out fraction
+
+
+def _torch_device(device: Optional[str]) -> str:
+    import torch
+
+    device = setting(device) or "auto"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class CLIPTuner(Executor):
+    """Fine-tunes the CURRENT model version on pairs and publishes the tuned one.
+
+    Args:
+        model: base OpenCLIP arch or bundled config, published on a fresh registry (``$CLIPTUNER_MODEL``).
+        pretrained: its pretrained tag or local checkpoint; None for random init (``$CLIPTUNER_PRETRAINED``).
+        device: where to train: ``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:N`` (``$CLIPTUNER_DEVICE``).
+        models_dir: the registry; default ``<workspace>/models``.
+        data_root: folder that ``parameters['data']``/``['eval_data']`` are relative to; default ``<workspace>/data``.
+        runs_dir: where each run keeps its ``report.json``; default ``<workspace>/runs``.
+        bootstrap: publish the base version when the registry is empty (else wait for one).
+        bootstrap_timeout: seconds to wait for a version published by another service.
+        torch_threads: CPU threads torch may use; None leaves torch's default.
+        max_pairs: most pairs one request may carry (guards memory before anything is decoded).
+
+    Raises:
+        ValueError: no workspace, or a base model that cannot be built.
+    """
+
+    def __init__(
+        self,
+        model: Optional[str] = None,
+        pretrained: Optional[str] = None,
+        device: Optional[str] = None,
+        models_dir: Optional[str] = None,
+        data_root: Optional[str] = None,
+        runs_dir: Optional[str] = None,
+        bootstrap: bool = True,
+        bootstrap_timeout: float = 600.0,
+        torch_threads: Optional[int] = None,
+        max_pairs: int = 1_000_000,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.registry: Registry = resolve_models_dir(self, models_dir, kwargs.get("workspace"))
+        root = workspace_root(getattr(self.runtime_args, "workspace", None), getattr(self.metas, "workspace", None),
+                              kwargs.get("workspace")) or self.registry.root.parent
+        self.data_root = Path(setting(data_root) or root / DATA_SUBDIR).expanduser().resolve()
+        self.runs_dir = Path(setting(runs_dir) or root / RUNS_SUBDIR).expanduser().resolve()
+        self.data_root.mkdir(parents=True, exist_ok=True)
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.base = base_spec(model, pretrained)
+        self.device = _torch_device(device)
+        self.max_pairs = int(max_pairs)
+        if setting(torch_threads):
+            import torch
+
+            torch.set_num_threads(int(torch_threads))
+        ensure_current(self.registry, self.base if bootstrap else None, timeout=float(bootstrap_timeout))
+        self._run_lock = threading.Lock()  # one training run at a time
+        self._stop = threading.Event()
+        self._progress: dict[str, Any] = {"state": "idle"}
+        self._last_report: Optional[dict] = None
+        logger.info("CLIPTuner: CURRENT %s in %s, training on %s, data root %s", self.registry.current(),
+                    self.registry.root, self.device, self.data_root)
+
+    # -- request parsing -----------------------------------------------------------------------------------------
+    def _data_path(self, name: str, value: Any) -> Path:
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"parameter {name!r} must name a PAIRS file under the data root, got {value!r}")
+        path = Path(value).expanduser()
+        path = (path if path.is_absolute() else self.data_root / path).resolve()
+        if not path.is_relative_to(self.data_root):
+            raise ValueError(f"parameter {name!r}: {value!r} is outside the data root {str(self.data_root)!r}")
+        if not path.is_file():
+            raise ValueError(f"parameter {name!r}: no file {value!r} under the data root {str(self.data_root)!r}")
+        return path
+
+    def parse_request(self, parameters: Optional[dict]) -> TrainRequest:
+        """Validate /train parameters into configs.
+
+        Raises:
+            ValueError: an unknown parameter (named), a bad value, or a data path outside the data root.
+        """
+        params = request_parameters(parameters, TRAIN_OPTIONS + SOURCE_OPTIONS, "/train")
+        train_values = {k: v for k, v in params.items() if k in TRAIN_OPTIONS}
+        cfg = from_mapping(TrainConfig, {**train_values, "device": self.device, "log_every": 1})
+        eval_fraction = params.get("eval_fraction", _DEFAULT_EVAL_FRACTION)
+        if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, (int, float)):
+            raise ValueError(f"parameter 'eval_fraction' must be a number in (0, 1), got {eval_fraction!r}")
+        eval_cfg = EvalConfig(eval_fraction=float(eval_fraction), split_seed=cfg.seed)
+        data = self._data_path("data", params["data"]) if "data" in params else None
+        eval_data = self._data_path("eval_data", params["eval_data"]) if "eval_data" in params else None
+        return TrainRequest(cfg=cfg, eval_cfg=eval_cfg, data=data, eval_data=eval_data)
+
+    def pairs_from_docs(self, docs: DocList[ClipDoc]) -> PairSet:
+        """The request's docs as pairs (docs sharing ``tags['image_id']`` are captions of one image).
+
+        Raises:
+            ValueError: a doc without text or without an image, or a bad image field (names the doc id).
+        """
+        if len(docs) > self.max_pairs:
+            raise ValueError(f"{len(docs)} pairs in one request is over the limit of {self.max_pairs}; "
+                             "write them to a PAIRS file under the data root and pass parameters['data']")
+        images, captions, image_ids = [], [], []
+        for doc in docs:
+            name = f"doc {doc.id!r}"
+            image = image_source(name, doc.tensor, doc.blob, doc.uri)
+            if image is None or not (doc.text and doc.text.strip()):
+                raise ValueError(f"{name}: a training pair needs text and an image (blob, uri or tensor)")
+            images.append(image)
+            captions.append(doc.text)
+            image_ids.append(str(doc.tags.get("image_id", doc.id)))
+        return from_memory(images, captions, image_ids=image_ids, name="request")
+
+    def _load_file(self, path: Path, split: Optional[str]) -> PairSet:
+        if path.suffix.lower() == ".json":
+            return load_karpathy(path, split=split)
+        return load_pairs(path)
+
+    def split_pairs(self, request: TrainRequest, docs: DocList[ClipDoc]) -> tuple[PairSet, PairSet, dict]:
+        """Training and held-out pairs, and where they came from.
+
+        Raises:
+            ValueError: no pairs, both docs and a file, a bad file, or fewer training images than ``batch_size``.
+        """
+        if request.data is not None and len(docs):
+            raise ValueError(f"/train got {len(docs)} docs and parameters['data']; give the pairs one way")
+        if request.data is None and not len(docs):
+            raise ValueError("/train needs pairs: docs with text and an image, or parameters['data'] naming a "
+                             "PAIRS file under the data root")
+        source = str(request.data.relative_to(self.data_root)) if request.data is not None else "request docs"
+        if request.eval_data is not None:
+            train = self.pairs_from_docs(docs) if request.data is None else self._load_file(request.data, "train")
+            held_out = self._load_file(request.eval_data, "test")
+            held_out_from = str(request.eval_data.relative_to(self.data_root))
+        elif request.data is not None and request.data.suffix.lower() == ".json":
+            train, held_out = load_karpathy(request.data, split="train"), load_karpathy(request.data, split="test")
+            held_out_from = f"{source} (test split)"
+        else:
+            pairs = self.pairs_from_docs(docs) if request.data is None else self._load_file(request.data, None)
+            train, held_out = pairs.split(request.eval_cfg.eval_fraction, request.eval_cfg.split_seed)
+            held_out_from = f"{request.eval_cfg.eval_fraction:g} of {source} (seed {request.eval_cfg.split_seed})"
+        if train.num_images < request.cfg.batch_size:
+            raise ValueError(f"{train.num_images} training images is fewer than batch_size {request.cfg.batch_size}: "
+                             "send more pairs or lower batch_size")
+        return train, held_out, {"source": source, "held_out": held_out_from}
+
+    # -- the run, in a worker thread -----------------------------------------------------------------------------
+    def _on_event(self, event: dict) -> None:
+        kind = event.get("event")
+        update: dict[str, Any] = {"last_event": kind, "updated_at": time.time()}
+        if kind == "before":
+            update.update(phase="training", before=event["metrics"])
+        elif kind in ("step", "epoch"):
+            update.update({k: event[k] for k in ("epoch", "epochs", "step", "total_steps", "loss", "lr",
+                                                 "samples_per_s", "eta_s") if k in event})
+        elif kind == "eval":
+            update.update(phase="training", last_eval={"epoch": event["epoch"], **event["metrics"]})
+        elif kind == "end":
+            update.update(phase="evaluating")
+        elif kind == "after":
+            update.update(phase="exporting", after=event["metrics"])
+        self._progress = {**self._progress, **update}  # one reference swap: /status reads a consistent dict
+
+    def _parent_spec(self, parent: str) -> tuple[ModelSpec, str]:
+        metadata = self.registry.metadata(parent)
+        checkpoint = metadata.get("checkpoint")
+        if checkpoint and (self.registry.path(parent) / checkpoint).is_file():
+            spec = ModelSpec(arch=metadata["arch"], pretrained=str(self.registry.path(parent) / checkpoint),
+                             force_quick_gelu=bool(metadata.get("force_quick_gelu", False)))
+            return spec, f"version {parent}"
+        logger.warning("model version %s has no checkpoint; training starts from the base model %s", parent,
+                       self.base.arch)
+        return self.base, f"base model {self.base.arch} (version {parent} has no checkpoint)"
+
+    def _run(self, request: TrainRequest, docs: DocList[ClipDoc]) -> dict:
+        """Split, train, evaluate, export and publish; releases the run lock when done."""
+        run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        run_dir = self.runs_dir / run_id
+        started = time.time()
+        try:
+            self._progress = {"state": "running", "phase": "preparing", "run_id": run_id, "started_at": started}
+            train, held_out, sources = self.split_pairs(request, docs)
+            from cliptuner.export import export_model_dir
+            from cliptuner.models import load_model
+            from cliptuner.train import finetune, seed_everything
+
+            parent = self.registry.current()
+            spec, init = self._parent_spec(parent)
+            self._progress = {**self._progress, "phase": "evaluating", "parent_version": parent}
+            seed_everything(request.cfg.seed)
+            bundle = load_model(spec)
+            result = finetune(bundle, train, held_out, request.cfg, request.eval_cfg, on_event=self._on_event,
+                              should_stop=self._stop.is_set)
+            report = {"model_version": None, "parent_version": parent, "init": init, **result}
+            report["split"] = {**result["split"], **sources}
+            report["wall_seconds"] = round(time.time() - started, 3)
+            bundle.model.cpu()
+            self._progress = {**self._progress, "phase": "exporting"}
+            export_model_dir(bundle, run_dir / "model", checkpoint=True,
+                             metadata_extra={"parent_version": parent, "report": report})
+            self._progress = {**self._progress, "phase": "publishing"}
+            version = self.registry.publish(run_dir / "model", move=True)
+            report["model_version"] = version
+            report["wall_seconds"] = round(time.time() - started, 3)
+            (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            self._last_report = report
+            self._progress = {"state": "done", "run_id": run_id, "model_version": version,
+                              "finished_at": time.time(), "wall_seconds": report["wall_seconds"]}
+            logger.info("run %s published %s: t2i R@5 %.3f → %.3f", run_id, version, report["before"]["t2i_r5"],
+                        report["after"]["t2i_r5"])
+            return report
+        except BaseException as exc:
+            self._progress = {"state": "failed", "run_id": run_id, "error": f"{type(exc).__name__}: {exc}",
+                              "finished_at": time.time()}
+            shutil.rmtree(run_dir / "model", ignore_errors=True)
+            raise
+        finally:
+            self._run_lock.release()
+
+    def status(self) -> dict:
+        """CURRENT version, the training state (progress while running) and the last run's headline numbers."""
+        last = None
+        if self._last_report is not None:
+            r = self._last_report
+            last = {"model_version": r["model_version"], "parent_version": r["parent_version"],
+                    "before": r["before"], "after": r["after"], "epochs": r["epochs"]}
+        return {"executor": "CLIPTuner", "model_version": self.registry.current(), "training": dict(self._progress),
+                "last_report": last, "device": self.device, "data_root": str(self.data_root)}
+
+    def close(self) -> None:
+        """Ask a running training to stop at its next step."""
+        self._stop.set()
+        super().close()
+
+    # -- endpoints -----------------------------------------------------------------------------------------------
+    @requests(on="/train")
+    async def train(self, docs: DocList[ClipDoc], parameters: Optional[dict] = None,
+                    **kwargs: Any) -> DocList[ClipDoc]:
+        """Fine-tune on the request's pairs (or ``parameters['data']``); returns the one report doc."""
+        request = self.parse_request(parameters)
+        if not self._run_lock.acquire(blocking=False):
+            progress = self._progress
+            raise TrainingBusy(
+                f"a /train run is already going (run {progress.get('run_id')}, phase {progress.get('phase')}, "
+                f"epoch {progress.get('epoch')}/{progress.get('epochs')}); one run at a time: poll /status and "
+                "send this one when it is done")
+        try:
+            future = asyncio.get_running_loop().run_in_executor(None, self._run, request, docs)
+        except BaseException:
+            self._run_lock.release()
+            raise
+        report = await future  # _run releases the lock when it ends, even if this request is cancelled meanwhile
+        return DocList[ClipDoc]([ClipDoc(id=REPORT_ID, model_version=report["model_version"],
+                                         tags={"report": report})])
+
+    @requests(on="/status")
+    async def report_status(self, docs: DocList[ClipDoc], **kwargs: Any) -> DocList[ClipDoc]:
+        """Append the tuner's status doc."""
+        state = self.status()
+        docs.append(ClipDoc(id="status-tuner", model_version=state["model_version"], tags=state))
+        return docs
+
+    @requests
+    async def passthrough(self, docs: DocList[ClipDoc], **kwargs: Any) -> DocList[ClipDoc]:
+        """Endpoints of the encoder and the indexer: docs pass unchanged."""
+        return docs

@@ -1,0 +1,432 @@
+"""The three Executors called as plain objects: conversion, validation, model versions, persistence.
+
+A workspace gets the session's exported tiny model published as ``v1`` (no export per test); tests that need
+another version publish a copy of it under a new name (same weights, new version).
+"""
+
+import asyncio
+import base64
+import io
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+from docarray import DocList
+from PIL import Image
+
+from cliptuner import synthetic
+from cliptuner.bootstrap import BootstrapTimeout, ensure_current
+from cliptuner.config import ModelSpec
+from cliptuner.images import ImageError
+from cliptuner.registry import Registry
+from cliptuner.runtime import OnnxClip
+from executors import CLIPEncoder, CLIPIndexer, CLIPTuner, ClipDoc
+from executors.options import request_parameters, setting
+from executors.tuner import TrainingBusy
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return synthetic.generate(12, domain="domain", seed=5)
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_model_dir):
+    Registry(tmp_path / "models").publish(tiny_model_dir)  # v1
+    return tmp_path
+
+
+@pytest.fixture
+def encoder(workspace):
+    enc = CLIPEncoder(workspace=str(workspace), bootstrap=False, bootstrap_timeout=1)
+    yield enc
+    enc.close()
+
+
+@pytest.fixture
+def indexer(workspace):
+    idx = CLIPIndexer(workspace=str(workspace), bootstrap=False, bootstrap_timeout=1, watch_interval=0)
+    yield idx
+    idx.close()
+
+
+def gallery_docs(scenes) -> DocList[ClipDoc]:
+    return DocList[ClipDoc]([ClipDoc(id=f"g{i}", tensor=image, tags={"caption": scenes.captions[i]})
+                             for i, image in enumerate(scenes.images)])
+
+
+# -- options -------------------------------------------------------------------------------------------------------
+def test_unset_settings_are_none():
+    assert setting(None) is None and setting("") is None and setting("  ") is None
+    assert setting("$CLIPTUNER_PRETRAINED") is None and setting("${{ ENV.CLIPTUNER_MODEL }}") is None
+    assert setting("cliptuner-tiny") == "cliptuner-tiny" and setting(3) == 3
+
+
+def test_request_parameters_ignore_jina_keys_and_sections_but_refuse_unknown_names():
+    params = {"limit": 3.0, "__results__": {}, "tuner": {"epochs": 2.0}}
+    assert request_parameters(params, ("limit",), "/search") == {"limit": 3.0}
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['limmit'\] for /search; allowed: \['limit'\]"):
+        request_parameters({"limmit": 3}, ("limit",), "/search")
+
+
+# -- encoder -------------------------------------------------------------------------------------------------------
+def test_encoder_embeds_mixed_texts_and_images_like_the_runtime(encoder, workspace, scenes, tmp_path):
+    image = scenes.images[0]
+    path = tmp_path / "scene.png"
+    path.write_bytes(png(image))
+    data_uri = "data:image/png;base64," + base64.b64encode(png(image)).decode()
+    docs = DocList[ClipDoc]([
+        ClipDoc(id="text", text=scenes.captions[0]),
+        ClipDoc(id="tensor", tensor=image),
+        ClipDoc(id="blob", blob=png(image)),
+        ClipDoc(id="path", uri=str(path)),
+        ClipDoc(id="data-uri", uri=data_uri),
+        ClipDoc(id="pair", text="some other caption", tensor=image),
+    ])
+    out = run(encoder.encode(docs=docs, parameters={}))
+    assert [d.id for d in out] == ["text", "tensor", "blob", "path", "data-uri", "pair"]
+    clip = OnnxClip(workspace / "models" / "v1")
+    expected_text = clip.encode_text([scenes.captions[0]])[0]
+    expected_image = clip.encode_images([image])[0]
+    for doc in out:
+        assert doc.model_version == "v1"
+        assert doc.embedding.shape == (clip.embed_dim,)
+        assert np.linalg.norm(doc.embedding) == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(out[0].embedding, expected_text, atol=1e-5)
+    for doc in out[1:]:  # every image form, and the pair, is embedded by its image (PNG is lossless)
+        np.testing.assert_allclose(doc.embedding, expected_image, atol=1e-5)
+    assert out[5].text == "some other caption"  # content is kept
+
+
+def test_encoder_minibatches_many_docs(workspace, scenes):
+    enc = CLIPEncoder(workspace=str(workspace), bootstrap=False, batch_size=5)
+    try:
+        docs = DocList[ClipDoc]([ClipDoc(id=f"t{i}", text=c) for i, c in enumerate(scenes.captions)])
+        docs.extend(gallery_docs(scenes))
+        out = run(enc.encode(docs=docs))
+        embeddings = np.stack([d.embedding for d in out])
+        assert embeddings.shape == (24, 128)
+        whole = OnnxClip(workspace / "models" / "v1", batch_size=64).encode_images(scenes.images)
+        np.testing.assert_allclose(embeddings[12:], whole, atol=1e-5)
+    finally:
+        enc.close()
+
+
+@pytest.mark.parametrize("doc, message", [
+    (ClipDoc(id="empty"), r"doc 'empty': has neither text nor an image"),
+    (ClipDoc(id="broken", blob=b"\x89PNG not really"), r"doc 'broken'.*cannot decode"),
+    (ClipDoc(id="chw", tensor=np.zeros((3, 16, 16), np.uint8)), r"doc 'chw': tensor must be an H×W×3 uint8 image"),
+    (ClipDoc(id="floaty", tensor=np.zeros((16, 16, 3), np.float32)), r"doc 'floaty': tensor must be .* float32"),
+    (ClipDoc(id="web", uri="https://example.com/cat.png"), r"doc 'web': uri scheme 'https' is not supported"),
+])
+def test_encoder_names_the_bad_doc_and_keeps_serving(encoder, doc, message):
+    docs = DocList[ClipDoc]([ClipDoc(id="fine", text="a red circle"), doc])
+    with pytest.raises(ValueError, match=message):
+        run(encoder.encode(docs=docs))
+    out = run(encoder.encode(docs=DocList[ClipDoc]([ClipDoc(id="next", text="a blue square")])))
+    assert out[0].embedding is not None
+
+
+def test_undecodable_blob_is_an_image_error(encoder):
+    with pytest.raises(ImageError, match="doc 'x'"):
+        run(encoder.encode(docs=DocList[ClipDoc]([ClipDoc(id="x", blob=b"GIF89a?")])))
+
+
+def test_encoder_refuses_unknown_parameters(encoder):
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['limit'\] for /encode"):
+        run(encoder.encode(docs=DocList[ClipDoc]([ClipDoc(id="a", text="x")]), parameters={"limit": 3}))
+
+
+def test_uri_root_keeps_paths_inside(workspace, scenes, tmp_path):
+    inside = workspace / "images"
+    inside.mkdir()
+    (inside / "a.png").write_bytes(png(scenes.images[0]))
+    (tmp_path / "outside.png").write_bytes(png(scenes.images[0]))
+    enc = CLIPEncoder(workspace=str(workspace), bootstrap=False, uri_root=str(inside))
+    try:
+        out = run(enc.encode(docs=DocList[ClipDoc]([ClipDoc(id="ok", uri="a.png")])))
+        assert out[0].embedding is not None
+        with pytest.raises(ValueError, match="doc 'escape': uri .* is outside the allowed folder"):
+            run(enc.encode(docs=DocList[ClipDoc]([ClipDoc(id="escape", uri="../outside.png")])))
+    finally:
+        enc.close()
+
+
+def test_encoder_follows_current_without_restart_and_never_mixes_versions(encoder, workspace, tiny_model_dir,
+                                                                        scenes):
+    registry = Registry(workspace / "models")
+    clip = encoder.follower.clip()
+    original = clip.encode_images
+
+    def publish_midway(*args, **kwargs):  # CURRENT moves while this request is being encoded
+        if registry.current() == "v1":
+            registry.publish(tiny_model_dir, version="v2")
+        return original(*args, **kwargs)
+
+    clip.encode_images = publish_midway
+    docs = DocList[ClipDoc]([ClipDoc(id="img", tensor=scenes.images[0]), ClipDoc(id="txt", text="a star")])
+    out = run(encoder.encode(docs=docs))
+    assert registry.current() == "v2"
+    assert [d.model_version for d in out] == ["v1", "v1"]  # one request, one version
+    out = run(encoder.encode(docs=DocList[ClipDoc]([ClipDoc(id="txt", text="a star")])))
+    assert out[0].model_version == "v2"  # the next request, the new version: no restart
+
+
+def test_encoder_train_passthrough_swaps_now_and_status_reports(encoder, workspace, tiny_model_dir):
+    Registry(workspace / "models").publish(tiny_model_dir, version="v7")
+    report = DocList[ClipDoc]([ClipDoc(id="train-report", model_version="v7", tags={"report": {"x": 1}})])
+    out = run(encoder.train_done(docs=report))
+    assert out[0].tags["encoder"] == {"model_version": "v7"} and out[0].tags["report"] == {"x": 1}
+    status = run(encoder.report_status(docs=DocList[ClipDoc]()))
+    assert [d.id for d in status] == ["status-encoder"]
+    assert status[0].model_version == "v7" and status[0].tags["embed_dim"] == 128
+
+
+def test_encoder_waits_for_a_version_then_times_out_clearly(tmp_path):
+    with pytest.raises(BootstrapTimeout, match="no model version in .* after 0.3 s"):
+        CLIPEncoder(workspace=str(tmp_path), bootstrap=False, bootstrap_timeout=0.3)
+
+
+def test_encoder_without_workspace_fails_at_start(monkeypatch):
+    monkeypatch.delenv("CLIPTUNER_WORKSPACE", raising=False)
+    with pytest.raises(ValueError, match="no workspace"):
+        CLIPEncoder(bootstrap=False)
+
+
+def test_concurrent_bootstraps_publish_one_base_version(tmp_path):
+    registry = Registry(tmp_path / "models")
+    results, errors = [], []
+
+    def start():
+        try:
+            results.append(ensure_current(registry, ModelSpec("cliptuner-tiny"), timeout=120, poll=0.05))
+        except Exception as exc:  # surfaced by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert results == ["v1", "v1", "v1"]
+    assert registry.versions() == ["v1"]
+    assert registry.metadata("v1")["role"] == "base"
+    assert (registry.path("v1") / "checkpoint.pt").is_file()
+
+
+# -- indexer -------------------------------------------------------------------------------------------------------
+def test_indexer_alone_embeds_stores_and_finds_each_image_first(indexer, scenes):
+    stored = run(indexer.index(docs=gallery_docs(scenes)))
+    assert all(d.model_version == "v1" and d.embedding is not None for d in stored)
+    queries = DocList[ClipDoc]([ClipDoc(id=f"q{i}", tensor=image) for i, image in enumerate(scenes.images)])
+    out = run(indexer.search(docs=queries, parameters={"limit": 3.0}))
+    for i, query in enumerate(out):
+        assert len(query.matches) == 3 and len(query.scores) == 3
+        assert query.matches[0].id == f"g{i}" and query.scores[0] == pytest.approx(1.0, abs=1e-4)
+        assert query.scores == sorted(query.scores, reverse=True)
+        assert [m.score for m in query.matches] == query.scores
+        assert all(m.model_version == "v1" for m in query.matches) and query.model_version == "v1"
+    top = out[4].matches[0]
+    np.testing.assert_array_equal(top.tensor, scenes.images[4])  # content comes back with the match
+    assert top.tags == {"caption": scenes.captions[4]}
+
+
+def test_indexer_uses_encoder_vectors_of_its_version_and_reencodes_others(indexer, encoder, scenes):
+    encoded = run(encoder.encode_for_index(docs=gallery_docs(scenes)))
+    run(indexer.index(docs=encoded))
+    query = run(encoder.encode_for_index(docs=DocList[ClipDoc]([ClipDoc(id="q", text=scenes.captions[2])])))
+    expected = run(indexer.search(docs=query, parameters={"limit": 5}))[0]
+    foreign = DocList[ClipDoc]([ClipDoc(id="q", text=scenes.captions[2], model_version="v0-elsewhere",
+                                        embedding=np.ones(128, np.float32) / np.sqrt(128))])
+    out = run(indexer.search(docs=foreign, parameters={"limit": 5}))[0]
+    assert [m.id for m in out.matches] == [m.id for m in expected.matches]  # re-encoded with v1, not compared
+    assert out.model_version == "v1"
+    vector_only = DocList[ClipDoc]([ClipDoc(id="vq", model_version="v0-elsewhere", embedding=np.ones(128))])
+    with pytest.raises(ValueError, match="doc 'vq': has model version 'v0-elsewhere' but the index holds"):
+        run(indexer.search(docs=vector_only))
+    own = DocList[ClipDoc]([ClipDoc(id="vq", model_version="v1", embedding=query[0].embedding)])
+    assert [m.id for m in run(indexer.search(docs=own, parameters={"limit": 5}))[0].matches] == \
+        [m.id for m in expected.matches]
+
+
+@pytest.mark.parametrize("parameters, message", [
+    ({"limit": 0}, r"parameter 'limit' must be in \[1, 1000\], got 0"),
+    ({"limit": 2.5}, r"parameter 'limit' must be a whole number"),
+    ({"limit": 5, "top_k": 5}, r"unknown parameter\(s\) \['top_k'\] for /search"),
+])
+def test_search_parameters_are_checked(indexer, scenes, parameters, message):
+    run(indexer.index(docs=gallery_docs(scenes)))
+    with pytest.raises(ValueError, match=message):
+        run(indexer.search(docs=DocList[ClipDoc]([ClipDoc(id="q", text="x")]), parameters=parameters))
+
+
+def test_index_refuses_docs_it_could_not_reembed(indexer, scenes):
+    run(indexer.index(docs=gallery_docs(scenes)))
+    with pytest.raises(ValueError, match="doc 'vec': has neither text nor an image"):
+        run(indexer.index(docs=DocList[ClipDoc]([ClipDoc(id="vec", embedding=np.ones(128), model_version="v1")])))
+    with pytest.raises(ValueError, match="doc 'bad'.*tensor must be"):
+        run(indexer.index(docs=DocList[ClipDoc]([ClipDoc(id="ok", text="fine"),
+                                                 ClipDoc(id="bad", tensor=np.zeros((2, 2), np.uint8))])))
+    assert len(indexer.collection) == 12 and "ok" not in indexer.collection  # all or nothing
+
+
+def test_delete_removes_docs_from_results(indexer, scenes):
+    run(indexer.index(docs=gallery_docs(scenes)))
+    out = run(indexer.delete(docs=DocList[ClipDoc]([ClipDoc(id="g0"), ClipDoc(id="nope")])))
+    assert [d.tags["deleted"] for d in out] == [True, False]
+    hits = run(indexer.search(docs=DocList[ClipDoc]([ClipDoc(id="q", tensor=scenes.images[0])]),
+                              parameters={"limit": 12}))[0]
+    assert "g0" not in [m.id for m in hits.matches] and len(hits.matches) == 11
+    status = run(indexer.report_status(docs=DocList[ClipDoc]()))[0]
+    assert status.id == "status-indexer" and status.tags["count"] == 11 and status.model_version == "v1"
+
+
+def test_index_survives_restart(workspace, scenes):
+    first = CLIPIndexer(workspace=str(workspace), bootstrap=False, watch_interval=0)
+    run(first.index(docs=gallery_docs(scenes)))
+    query = DocList[ClipDoc]([ClipDoc(id="q", text=scenes.captions[3])])
+    before = run(first.search(docs=query, parameters={"limit": 5}))[0]
+    first.close()
+    second = CLIPIndexer(workspace=str(workspace), bootstrap=False, watch_interval=0)
+    try:
+        assert len(second.collection) == 12 and second.collection.version == "v1"
+        after = run(second.search(docs=DocList[ClipDoc]([ClipDoc(id="q", text=scenes.captions[3])]),
+                                  parameters={"limit": 5}))[0]
+        assert [m.id for m in after.matches] == [m.id for m in before.matches]
+        np.testing.assert_allclose(after.scores, before.scores, atol=1e-6)
+    finally:
+        second.close()
+
+
+def test_train_passthrough_rebuilds_the_index_with_the_new_version(indexer, workspace, tiny_model_dir, scenes):
+    run(indexer.index(docs=gallery_docs(scenes)))
+    Registry(workspace / "models").publish(tiny_model_dir, version="v2")
+    out = run(indexer.train_done(docs=DocList[ClipDoc]([ClipDoc(id="train-report", model_version="v2")])))
+    assert out[0].tags["index"]["model_version"] == "v2" and out[0].tags["index"]["count"] == 12
+    assert out[0].tags["index"]["rebuild_seconds"] >= 0
+    hits = run(indexer.search(docs=DocList[ClipDoc]([ClipDoc(id="q", tensor=scenes.images[1])])))[0]
+    assert hits.matches[0].id == "g1" and {m.model_version for m in hits.matches} == {"v2"}
+    status = run(indexer.report_status(docs=DocList[ClipDoc]()))[0].tags
+    assert status["last_rebuild"]["from_version"] == "v1" and status["rebuilding"] is None
+
+
+def test_watcher_follows_current_in_the_background(workspace, tiny_model_dir, scenes):
+    idx = CLIPIndexer(workspace=str(workspace), bootstrap=False, watch_interval=0.1)
+    try:
+        run(idx.index(docs=gallery_docs(scenes)))
+        Registry(workspace / "models").publish(tiny_model_dir, version="v3")
+        deadline = time.monotonic() + 30
+        while idx.collection.version != "v3" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert idx.collection.version == "v3" and len(idx.collection) == 12
+    finally:
+        idx.close()
+
+
+# -- tuner ---------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def tuner(workspace):
+    t = CLIPTuner(workspace=str(workspace), bootstrap=False, device="cpu")
+    yield t
+    t.close()
+
+
+def pair_docs(n_images: int, seed: int) -> DocList[ClipDoc]:
+    pairs = synthetic.generate(n_images, domain="domain", seed=seed, captions_per_image=2)
+    return DocList[ClipDoc]([
+        ClipDoc(id=f"p{i}", text=caption, tensor=pairs.images[pairs.image_index[i]],
+                tags={"image_id": pairs.image_ids[pairs.image_index[i]]})
+        for i, caption in enumerate(pairs.captions)])
+
+
+QUICK = {"epochs": 1.0, "batch_size": 8.0, "learning_rate": 1e-3, "warmup_steps": 1.0, "seed": 3.0,
+         "eval_fraction": 0.25}
+
+
+def test_train_publishes_a_version_and_returns_one_report_doc(tuner, workspace):
+    out = run(tuner.train(docs=pair_docs(24, seed=11), parameters=QUICK))
+    assert len(out) == 1 and out[0].id == "train-report" and out[0].tensor is None
+    report = out[0].tags["report"]
+    registry = Registry(workspace / "models")
+    assert out[0].model_version == report["model_version"] == registry.current() == "v2"
+    assert report["parent_version"] == "v1" and report["init"] == "version v1"
+    for side in ("before", "after"):
+        assert set(report[side]) >= {"t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10"}
+    assert report["epochs"] == 1 and len(report["epoch_losses"]) == 1 and report["samples_per_s"] > 0
+    # 24 images, captions of one image stay together: 6 held out, 18 trained on
+    assert report["split"]["eval_images"] == 6 and report["split"]["train_images"] == 18
+    assert report["split"]["train_pairs"] == 36 and report["split"]["source"] == "request docs"
+    assert report["config"]["batch_size"] == 8 and report["config"]["learning_rate"] == 1e-3
+    metadata = registry.metadata("v2")
+    assert metadata["parent_version"] == "v1" and metadata["report"]["after"] == report["after"]
+    run_reports = list((workspace / "runs").glob("*/report.json"))
+    assert len(run_reports) == 1 and json.loads(run_reports[0].read_text())["model_version"] == "v2"
+    status = run(tuner.report_status(docs=DocList[ClipDoc]()))[0].tags
+    assert status["training"]["state"] == "done" and status["last_report"]["model_version"] == "v2"
+    # the next run continues from the tuned version
+    again = run(tuner.train(docs=pair_docs(24, seed=12), parameters=QUICK))[0]
+    assert again.model_version == "v3" and again.tags["report"]["parent_version"] == "v2"
+    assert again.tags["report"]["init"] == "version v2"
+
+
+def test_train_from_a_pairs_file_under_the_data_root(tuner, workspace):
+    csv = synthetic.write_csv(workspace / "data" / "shapes", n_images=20, domain="domain", seed=4,
+                              captions_per_image=2)
+    relative = str(csv.relative_to(workspace / "data"))
+    out = run(tuner.train(docs=DocList[ClipDoc](), parameters={**QUICK, "data": relative}))
+    report = out[0].tags["report"]
+    assert report["split"]["source"] == relative and report["split"]["eval_images"] == 5
+
+
+@pytest.mark.parametrize("parameters, message", [
+    ({"epochs": 1, "learnig_rate": 0.1}, r"unknown parameter\(s\) \['learnig_rate'\] for /train"),
+    ({"epochs": 1.5}, r"epochs must be a whole number"),
+    ({"data": "../../etc/passwd"}, r"parameter 'data': '../../etc/passwd' is outside the data root"),
+    ({"data": "missing.csv"}, r"parameter 'data': no file 'missing.csv' under the data root"),
+    ({"eval_fraction": 1.5}, r"eval_fraction must be in \(0, 1\)"),
+    ({"device": "cuda"}, r"unknown parameter\(s\) \['device'\]"),
+])
+def test_train_parameters_are_checked_by_name(tuner, parameters, message):
+    with pytest.raises(ValueError, match=message):
+        run(tuner.train(docs=pair_docs(4, seed=1), parameters=parameters))
+
+
+def test_train_refuses_bad_pairs_and_too_few_images(tuner):
+    docs = pair_docs(12, seed=2)
+    docs.append(ClipDoc(id="caption-only", text="a lonely caption"))
+    with pytest.raises(ValueError, match="doc 'caption-only': a training pair needs text and an image"):
+        run(tuner.train(docs=docs, parameters=QUICK))
+    with pytest.raises(ValueError, match="training images is fewer than batch_size 64"):
+        run(tuner.train(docs=pair_docs(12, seed=2), parameters={"epochs": 1}))
+    assert run(tuner.report_status(docs=DocList[ClipDoc]()))[0].tags["training"]["state"] == "failed"
+    assert tuner._run_lock.acquire(blocking=False)  # released after a failure
+    tuner._run_lock.release()
+
+
+def test_one_training_at_a_time(tuner):
+    assert tuner._run_lock.acquire(blocking=False)  # as if a run were going
+    try:
+        with pytest.raises(TrainingBusy, match="a /train run is already going"):
+            run(tuner.train(docs=pair_docs(12, seed=2), parameters=QUICK))
+    finally:
+        tuner._run_lock.release()
+
+
+def test_passthrough_endpoints_forward_docs_unchanged(tuner, encoder, indexer):
+    docs = DocList[ClipDoc]([ClipDoc(id="a", text="x", tags={"k": 1})])
+    for executor in (tuner, encoder, indexer):
+        out = run(executor.passthrough(docs=docs))
+        assert [d.id for d in out] == ["a"] and out[0].tags == {"k": 1} and out[0].embedding is None
