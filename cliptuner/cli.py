@@ -45,6 +45,12 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--early-stop-patience", type=int, default=None)
     g.add_argument("--eval-fraction", type=float, default=0.2,
                    help="share of images held out when no --eval-data is given")
+    g.add_argument("--wiseft-alphas", type=float, nargs="*", default=[],
+                   help="WiSE-FT: report recall of (1-a)*base + a*tuned at these alphas")
+    g.add_argument("--wiseft-alpha", type=float, default=None,
+                   help="WiSE-FT: export the interpolated model at this alpha instead of the tuned one")
+    g.add_argument("--general-data", default=None,
+                   help="PAIRS of general (not tuned-for) data, evaluated in the WiSE-FT sweep")
     g.add_argument("--checkpoint-dir", default=None, help="write resumable training state here every epoch")
     g.add_argument("--resume", default=None, help="continue from a last.pt written by --checkpoint-dir")
 
@@ -82,6 +88,7 @@ def _train_config(args: argparse.Namespace) -> Any:
         accum_steps=args.accum_steps, lock_image=args.lock_image, lock_text=args.lock_text,
         image_unlocked_groups=args.image_unlocked_groups, text_unlocked_layers=args.text_unlocked_layers,
         layer_decay=args.layer_decay, grad_checkpointing=args.grad_checkpointing,
+        wiseft_alphas=tuple(args.wiseft_alphas), wiseft_alpha=args.wiseft_alpha,
         precision=args.precision, device=args.device or _default_device(), seed=args.seed,
         num_workers=args.num_workers, eval_every=args.eval_every, early_stop_patience=args.early_stop_patience)
 
@@ -101,6 +108,14 @@ def load_train_eval(data: str, eval_data: Optional[str], eval_fraction: float, s
     if data.endswith(".json"):
         return load_karpathy(data, split="train"), load_karpathy(data, split="test")
     return load_pairs(data).split(eval_fraction, seed)
+
+
+def _load_general(path: Optional[str]) -> Any:
+    if not path:
+        return None
+    from .data import load_pairs
+
+    return load_pairs(path, split="test") if path.endswith(".json") else load_pairs(path)
 
 
 class _ProgressBar:
@@ -155,7 +170,8 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     try:
         report = finetune(bundle, train_pairs, eval_pairs, cfg, eval_cfg,
                           on_event=_ProgressBar(not args.quiet and rank == 0),
-                          checkpoint_dir=args.checkpoint_dir, resume_from=args.resume)
+                          checkpoint_dir=args.checkpoint_dir, resume_from=args.resume,
+                          general_pairs=_load_general(args.general_data))
     finally:
         if world_size > 1:
             import torch.distributed as dist
@@ -171,6 +187,14 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     export_model_dir(bundle, out, checkpoint=True, metadata_extra={"version": version, "report": report})
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(format_report(report["before"], report["after"]))
+    if "wiseft" in report:
+        print("WiSE-FT (alpha: held-out t2i R@5" + (", general t2i R@5)" if "general" in
+                                                    report["wiseft"]["sweep"][0] else ")"))
+        for entry in report["wiseft"]["sweep"]:
+            line = f"  {entry['alpha']:.2f}: {100 * entry['held_out']['t2i_r5']:.1f}%"
+            if "general" in entry:
+                line += f"  {100 * entry['general']['t2i_r5']:.1f}%"
+            print(line)
     print(f"{report['epochs']} epochs, {report['samples_per_s']:.1f} samples/s; model version {version!r} in {out}")
     return report
 

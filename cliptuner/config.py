@@ -106,6 +106,8 @@ class TrainConfig:
     early_stop_metric: str = "t2i_r5"  # metric watched for early stopping and the best checkpoint
     keep_best: bool = True  # restore the best evaluated weights at the end
     log_every: int = 10  # emit a progress line every N optimizer steps
+    wiseft_alphas: Sequence[float] = ()  # WiSE-FT: also report held-out (and general) recall at these alphas
+    wiseft_alpha: Optional[float] = None  # WiSE-FT: keep (1-a)*base + a*tuned as the result; None keeps tuned
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "accum_steps"):
@@ -138,6 +140,9 @@ class TrainConfig:
         _check(self.early_stop_metric in METRIC_NAMES,
                f"early_stop_metric must be one of {list(METRIC_NAMES)}, got {self.early_stop_metric!r}")
         _check(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every!r}")
+        self.wiseft_alphas = tuple(float(a) for a in self.wiseft_alphas)
+        for alpha in self.wiseft_alphas + ((self.wiseft_alpha,) if self.wiseft_alpha is not None else ()):
+            _check(0.0 <= alpha <= 1.0, f"WiSE-FT alphas must lie in [0, 1] (0: base, 1: tuned), got {alpha!r}")
 
 
 @dataclass

@@ -27,6 +27,7 @@ from torch import nn
 
 from .config import EvalConfig, TrainConfig
 from .loss import ClipLoss, clamp_logit_scale
+from .wiseft import apply_wiseft, state_copy, wiseft_sweep
 
 logger = logging.getLogger(__name__)
 
@@ -432,8 +433,13 @@ def finetune(
     checkpoint_dir: Optional[str | Path] = None,
     resume_from: Optional[str | Path] = None,
     should_stop: Optional[Callable[[], bool]] = None,
+    general_pairs: Any = None,
 ) -> dict[str, Any]:
     """Evaluate, fine-tune and evaluate again on the same held-out pairs.
+
+    With ``cfg.wiseft_alphas`` the report also holds a WiSE-FT sweep (recall at each alpha on the held-out
+    pairs, and on ``general_pairs`` when given, to show what the base model knew and tuning kept); with
+    ``cfg.wiseft_alpha`` the model ends with those interpolated weights and ``after`` describes them.
 
     Args:
         bundle: a :class:`cliptuner.models.ClipBundle` (trained in place; moved to ``cfg.device``).
@@ -445,6 +451,7 @@ def finetune(
         checkpoint_dir: where resumable training state is written each epoch.
         resume_from: a previous ``last.pt`` to continue from.
         should_stop: polled between steps to abort.
+        general_pairs: optional pairs of the general (not tuned-for) distribution, for the WiSE-FT sweep.
 
     Returns:
         The report: ``{"before", "after", "epochs", "epoch_losses", "samples_per_s", "split", ...}``. Under DDP
@@ -469,6 +476,8 @@ def finetune(
 
     before = run_eval() if rank == 0 else {}
     emit({"event": "before", "metrics": before})
+    use_wiseft = bool(cfg.wiseft_alphas) or cfg.wiseft_alpha is not None
+    base_state = state_copy(model) if use_wiseft and rank == 0 else None
     loader = make_loader(train_pairs, bundle.preprocess_train, bundle.tokenizer, cfg.batch_size * cfg.accum_steps,
                          seed=cfg.seed, shuffle=True, num_workers=cfg.num_workers, num_replicas=world_size,
                          rank=rank)
@@ -487,6 +496,19 @@ def finetune(
         after = {k: v for k, v in result.eval_history[-1].items() if k != "epoch"}
     else:
         after = run_eval()
+    wiseft: dict[str, Any] = {}
+    if base_state is not None:
+        tuned_state = state_copy(model)
+        eval_sets = {"held_out": eval_pairs, **({"general": general_pairs} if general_pairs is not None else {})}
+        alphas = sorted(set(cfg.wiseft_alphas) | ({cfg.wiseft_alpha} if cfg.wiseft_alpha is not None else set()))
+        wiseft["sweep"] = wiseft_sweep(bundle, base_state, tuned_state, alphas, eval_sets, eval_cfg.ks,
+                                       eval_cfg.batch_size)
+        if cfg.wiseft_alpha is not None:
+            apply_wiseft(model, base_state, tuned_state, cfg.wiseft_alpha)
+            wiseft["alpha"] = cfg.wiseft_alpha
+            wiseft["tuned_after"] = after
+            after = next(e["held_out"] for e in wiseft["sweep"] if e["alpha"] == cfg.wiseft_alpha)
+        emit({"event": "wiseft", "sweep": wiseft["sweep"]})
     emit({"event": "after", "metrics": after})
     return {
         "before": before,
@@ -503,4 +525,5 @@ def finetune(
                   "eval_pairs": len(eval_pairs), "eval_images": eval_pairs.num_images},
         "config": asdict(cfg),
         "world_size": world_size,
+        **({"wiseft": wiseft} if wiseft else {}),
     }

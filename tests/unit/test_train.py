@@ -142,3 +142,28 @@ def test_config_from_request_parameters_casts_and_rejects():
         from_mapping(TrainConfig, {"epochz": 3})
     with pytest.raises(ValueError, match="whole number"):
         from_mapping(TrainConfig, {"epochs": 2.5})
+
+
+def test_wiseft_in_the_report_and_the_kept_weights(tiny_bundle, small_pairs):
+    from cliptuner.wiseft import interpolate_state, state_copy
+
+    train_pairs, held_out = small_pairs.split(0.25, seed=0)
+    general = synthetic.generate(12, domain="domain", seed=9)
+    bundle = _fresh(tiny_bundle)
+    base = state_copy(bundle.model)
+    cfg = TrainConfig(epochs=2, batch_size=16, learning_rate=1e-3, warmup_steps=1, seed=0, keep_best=False,
+                      wiseft_alphas=(0.0, 1.0), wiseft_alpha=0.5)
+    report = finetune(bundle, train_pairs, held_out, cfg, general_pairs=general)
+    sweep = {entry["alpha"]: entry for entry in report["wiseft"]["sweep"]}
+    assert sorted(sweep) == [0.0, 0.5, 1.0]
+    assert sweep[0.0]["held_out"] == report["before"]  # alpha 0 is the base model
+    assert sweep[1.0]["held_out"] == report["wiseft"]["tuned_after"]  # alpha 1 is the tuned model
+    assert report["after"] == sweep[0.5]["held_out"]
+    assert set(sweep[0.5]["general"]) >= {"t2i_r5", "i2t_r5"}
+    # the model keeps the alpha=0.5 interpolation, which differs from both ends
+    retrain = _fresh(tiny_bundle)
+    finetune(retrain, train_pairs, held_out, dataclasses.replace(cfg, wiseft_alphas=(), wiseft_alpha=None))
+    expected = interpolate_state(base, state_copy(retrain.model), 0.5)
+    for name, value in bundle.model.state_dict().items():
+        torch.testing.assert_close(value, expected[name], msg=name)
+    assert not torch.equal(bundle.model.state_dict()["visual.proj"], base["visual.proj"])
