@@ -1,0 +1,33 @@
+# One image for every cliptuner service: the whole Flow (default), or one Executor as its own microservice.
+#
+#   docker build -t cliptuner .
+#   docker run -p 51000:51000 -v $PWD/workspace:/workspace cliptuner                 # the Flow (gRPC :51000)
+#   docker run -p 51001:51001 -v $PWD/workspace:/workspace cliptuner \
+#       jina executor --uses config.yml --port 51001 --workspace /workspace            # the encoder alone
+#
+# GPU image: build with --build-arg ORT=onnxruntime-gpu and run with --gpus all.
+FROM python:3.11-slim
+
+ARG ORT=onnxruntime
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    JINA_HIDE_SURVEY=1 \
+    JINA_OPTOUT_TELEMETRY=1 \
+    CLIPTUNER_PORT=51000 \
+    CLIPTUNER_WORKSPACE=/workspace \
+    CLIPTUNER_MODEL=cliptuner-tiny \
+    CLIPTUNER_PRETRAINED= \
+    CLIPTUNER_DEVICE=auto
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY cliptuner ./cliptuner
+COPY executors ./executors
+RUN pip install . && if [ "$ORT" != "onnxruntime" ]; then pip uninstall -y onnxruntime && pip install "$ORT"; fi
+COPY flows ./flows
+COPY config.yml ./
+
+VOLUME /workspace
+EXPOSE 51000
+CMD ["cliptuner", "serve", "--flow", "flows/flow.yml"]
