@@ -294,7 +294,13 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 SERVE_ENV = {"port": "CLIPTUNER_PORT", "workspace": "CLIPTUNER_WORKSPACE", "model": "CLIPTUNER_MODEL",
              "pretrained": "CLIPTUNER_PRETRAINED", "device": "CLIPTUNER_DEVICE"}
-DEFAULT_FLOW = Path(__file__).resolve().parent.parent / "flows" / "flow.yml"
+FLOW_YAML = Path("flows") / "flow.yml"
+
+
+def _default_flow() -> Path:
+    """``flows/flow.yml`` of the source tree this package runs from, else of the current directory."""
+    beside = Path(__file__).resolve().parent.parent / FLOW_YAML
+    return beside if beside.is_file() else FLOW_YAML.resolve()
 
 
 def run_serve(args: argparse.Namespace) -> None:
@@ -306,14 +312,15 @@ def run_serve(args: argparse.Namespace) -> None:
     import signal
     import threading
 
-    flow_path = Path(args.flow)
+    flow_path = Path(args.flow) if args.flow else _default_flow()
     if not flow_path.is_file():
         raise ValueError(f"no Flow YAML at {str(flow_path)!r}; pass --flow PATH")
     for option, name in SERVE_ENV.items():
         value = getattr(args, option)
         if value is not None:
             os.environ[name] = str(value)
-    os.environ.setdefault("CLIPTUNER_PORT", "51000")
+    if not os.environ.get("CLIPTUNER_PORT"):
+        os.environ["CLIPTUNER_PORT"] = "51000"
     if not os.environ.get("CLIPTUNER_WORKSPACE"):
         raise ValueError("no workspace: pass --workspace DIR or set CLIPTUNER_WORKSPACE")
     os.environ["CLIPTUNER_WORKSPACE"] = str(Path(os.environ["CLIPTUNER_WORKSPACE"]).expanduser().resolve())
@@ -396,10 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="start the gRPC services (flows/flow.yml) and block")
     p.add_argument("--port", type=int, default=None, help="gRPC port (CLIPTUNER_PORT; default 51000)")
     p.add_argument("--workspace", default=None, help="models/, index/, data/, runs/ (CLIPTUNER_WORKSPACE)")
-    p.add_argument("--model", default=None, help="base model of a fresh workspace (CLIPTUNER_MODEL; default cliptuner-tiny)")
+    p.add_argument("--model", default=None,
+                   help="base model of a fresh workspace (CLIPTUNER_MODEL; default cliptuner-tiny)")
     p.add_argument("--pretrained", default=None, help="its pretrained tag or checkpoint (CLIPTUNER_PRETRAINED)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (CLIPTUNER_DEVICE; default auto)")
-    p.add_argument("--flow", default=str(DEFAULT_FLOW), help="the Flow YAML (default: flows/flow.yml)")
+    p.add_argument("--flow", default=None, help="the Flow YAML (default: flows/flow.yml)")
     p.set_defaults(func=run_serve)
     return parser
 

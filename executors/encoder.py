@@ -160,7 +160,8 @@ class CLIPEncoder(Executor):
 
     # -- endpoints -----------------------------------------------------------------------------------------------
     @requests(on="/encode")
-    async def encode(self, docs: DocList[ClipDoc], parameters: Optional[dict] = None, **kwargs: Any) -> DocList[ClipDoc]:
+    async def encode(self, docs: DocList[ClipDoc], parameters: Optional[dict] = None,
+                     **kwargs: Any) -> DocList[ClipDoc]:
         """Embed every doc (text, image, or pair → its image); sets ``embedding`` and ``model_version``."""
         request_parameters(parameters, (), "/encode")
         return await asyncio.to_thread(self._embed, docs, False)

@@ -13,15 +13,23 @@ Endpoints:
   ``weight_decay``
   ``warmup_steps`` ``scheduler``
   ``accum_steps`` ``lock_image``
-  ``lock_text`` ``precision``
+  ``lock_text``
+  ``image_unlocked_groups``
+  ``text_unlocked_layers``
+  ``layer_decay``
+  ``grad_checkpointing``
+  ``precision``
   ``grad_clip_norm``
   ``eval_every``
   ``early_stop_patience``
   ``early_stop_metric``
   ``keep_best``
+  ``wiseft_alphas``
+  ``wiseft_alpha``
   ``eval_fraction``             share of images held out when no eval data is given (default 0.2)
   ``data``                      PAIRS file under the data root (instead of docs)
   ``eval_data``                 held-out PAIRS file under the data root (instead of a held-out fraction)
+  ``general_data``              PAIRS file of general (off-domain) pairs the WiSE-FT sweep also reports on
   ============================  =====================================================================
 
   Any other parameter is refused by name. The model starts from the CURRENT version's ``checkpoint.pt``, so
@@ -72,9 +80,10 @@ from .schemas import ClipDoc
 logger = logging.getLogger(__name__)
 
 TRAIN_OPTIONS = ("epochs", "batch_size", "learning_rate", "seed", "weight_decay", "warmup_steps", "scheduler",
-                 "accum_steps", "lock_image", "lock_text", "precision", "grad_clip_norm", "eval_every",
-                 "early_stop_patience", "early_stop_metric", "keep_best")
-SOURCE_OPTIONS = ("eval_fraction", "data", "eval_data")
+                 "accum_steps", "lock_image", "lock_text", "image_unlocked_groups", "text_unlocked_layers",
+                 "layer_decay", "grad_checkpointing", "precision", "grad_clip_norm", "eval_every",
+                 "early_stop_patience", "early_stop_metric", "keep_best", "wiseft_alphas", "wiseft_alpha")
+SOURCE_OPTIONS = ("eval_fraction", "data", "eval_data", "general_data")
 REPORT_ID = "train-report"
 _DEFAULT_EVAL_FRACTION = EvalConfig().eval_fraction
 
@@ -91,6 +100,7 @@ class TrainRequest:
     eval_cfg: EvalConfig
     data: Optional[Path]  # PAIRS file, or None for the request's docs
     eval_data: Optional[Path]  # held-out PAIRS file, or None for a held-out fraction
+    general_data: Optional[Path] = None  # off-domain PAIRS file for the WiSE-FT sweep
 
 
 def _torch_device(device: Optional[str]) -> str:
@@ -185,7 +195,8 @@ class CLIPTuner(Executor):
         eval_cfg = EvalConfig(eval_fraction=float(eval_fraction), split_seed=cfg.seed)
         data = self._data_path("data", params["data"]) if "data" in params else None
         eval_data = self._data_path("eval_data", params["eval_data"]) if "eval_data" in params else None
-        return TrainRequest(cfg=cfg, eval_cfg=eval_cfg, data=data, eval_data=eval_data)
+        general = self._data_path("general_data", params["general_data"]) if "general_data" in params else None
+        return TrainRequest(cfg=cfg, eval_cfg=eval_cfg, data=data, eval_data=eval_data, general_data=general)
 
     def pairs_from_docs(self, docs: DocList[ClipDoc]) -> PairSet:
         """The request's docs as pairs (docs sharing ``tags['image_id']`` are captions of one image).
@@ -285,8 +296,9 @@ class CLIPTuner(Executor):
             self._progress = {**self._progress, "phase": "evaluating", "parent_version": parent}
             seed_everything(request.cfg.seed)
             bundle = load_model(spec)
+            general = None if request.general_data is None else self._load_file(request.general_data, "test")
             result = finetune(bundle, train, held_out, request.cfg, request.eval_cfg, on_event=self._on_event,
-                              should_stop=self._stop.is_set)
+                              should_stop=self._stop.is_set, general_pairs=general)
             report = {"model_version": None, "parent_version": parent, "init": init, **result}
             report["split"] = {**result["split"], **sources}
             report["wall_seconds"] = round(time.time() - started, 3)

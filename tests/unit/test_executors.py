@@ -404,6 +404,18 @@ def test_train_parameters_are_checked_by_name(tuner, parameters, message):
         run(tuner.train(docs=pair_docs(4, seed=1), parameters=parameters))
 
 
+def test_train_parameters_become_the_core_configs(tuner):
+    request = tuner.parse_request({"epochs": 3.0, "batch_size": 16.0, "learning_rate": 5e-4, "seed": 9.0,
+                                   "eval_fraction": 0.3, "layer_decay": 0.8, "wiseft_alphas": [0.5, 1.0],
+                                   "lock_image": True, "image_unlocked_groups": 1.0, "tuner": {"epochs": 3.0}})
+    cfg = request.cfg
+    assert (cfg.epochs, cfg.batch_size, cfg.seed, cfg.image_unlocked_groups) == (3, 16, 9, 1)
+    assert isinstance(cfg.epochs, int) and cfg.learning_rate == 5e-4 and cfg.layer_decay == 0.8
+    assert tuple(cfg.wiseft_alphas) == (0.5, 1.0) and cfg.device == "cpu" and cfg.lock_image
+    assert request.eval_cfg.eval_fraction == 0.3 and request.eval_cfg.split_seed == 9
+    assert request.data is None and request.eval_data is None
+
+
 def test_train_refuses_bad_pairs_and_too_few_images(tuner):
     docs = pair_docs(12, seed=2)
     docs.append(ClipDoc(id="caption-only", text="a lonely caption"))

@@ -1,0 +1,347 @@
+"""End to end over real gRPC: the Flow of flows/flow.yml, started by `cliptuner serve` on a fresh workspace.
+
+One Flow serves the whole module (the learning run is the expensive part), so the tests run in order and
+share state: index a synthetic gallery and measure caption→image recall@5; /train on other scenes of the same
+domain while /search and /encode keep being answered; measure recall@5 again (the tuned version serves every
+match); /status and /delete; bad input; then stop the Flow and start it again on the same workspace.
+
+The Flow runs in its own process (`python -m cliptuner.cli serve`), started fresh: its Executors are forked
+from a process that never ran torch, and the test process is only a gRPC client on 127.0.0.1. The Flow gets
+``OMP_NUM_THREADS=1``: on a CPU shared with other processes, torch's default of one thread per core
+oversubscribes the cores and training slows down several-fold.
+
+Sizes can be raised for a longer, stronger learning run: CLIPTUNER_IT_GALLERY (images searched),
+CLIPTUNER_IT_TRAIN_IMAGES (training scenes, two captions each), CLIPTUNER_IT_EPOCHS.
+"""
+
+import asyncio
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pytest
+from docarray import DocList
+from jina import Client, Deployment
+from jina.excepts import BadServer
+from PIL import Image
+
+from cliptuner import synthetic
+from cliptuner.registry import Registry
+from executors import CLIPEncoder
+from executors.schemas import ClipDoc
+
+ROOT = Path(__file__).resolve().parents[2]
+GALLERY = int(os.environ.get("CLIPTUNER_IT_GALLERY", "200"))
+TRAIN_IMAGES = int(os.environ.get("CLIPTUNER_IT_TRAIN_IMAGES", "600"))
+EPOCHS = int(os.environ.get("CLIPTUNER_IT_EPOCHS", "5"))
+TRAIN_PARAMETERS = {"epochs": EPOCHS, "batch_size": 32, "learning_rate": 1e-3, "warmup_steps": 10, "seed": 0,
+                    "eval_fraction": 0.2}
+START_TIMEOUT = 300.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class FlowProcess:
+    """`cliptuner serve` in a child process (its own process group), on a free port of 127.0.0.1."""
+
+    def __init__(self, workspace: Path, log_path: Path) -> None:
+        self.workspace = workspace
+        self.log_path = log_path
+        self.proc: Optional[subprocess.Popen] = None
+        self.port = 0
+
+    def start(self) -> None:
+        self.port = free_port()
+        env = {**os.environ, "CLIPTUNER_PORT": str(self.port), "CLIPTUNER_WORKSPACE": str(self.workspace),
+               "CLIPTUNER_MODEL": "cliptuner-tiny", "CLIPTUNER_PRETRAINED": "", "CLIPTUNER_DEVICE": "cpu",
+               "JINA_HIDE_SURVEY": "1", "JINA_OPTOUT_TELEMETRY": "1", "PYTHONPATH": str(ROOT),
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        log = open(self.log_path, "a")
+        self.proc = subprocess.Popen([sys.executable, "-m", "cliptuner.cli", "serve"], cwd=ROOT, env=env,
+                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"cliptuner serve exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    pass
+            except OSError:
+                time.sleep(0.5)
+                continue
+            if self.client().is_flow_ready(timeout=5):
+                return
+            time.sleep(0.5)
+        self.stop()
+        pytest.fail(f"the Flow was not ready after {START_TIMEOUT:.0f} s:\n{self.log_tail()}")
+
+    def client(self) -> Client:
+        return Client(host="127.0.0.1", port=self.port, protocol="grpc")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, 90), (signal.SIGKILL, 15)):
+            try:
+                os.killpg(self.proc.pid, sig) if sig == signal.SIGKILL else self.proc.send_signal(sig)
+                self.proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        if sig == signal.SIGKILL:  # graceful stop failed: take the Executors of this process group down too
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def post(flow: FlowProcess, on: str, docs=None, **kwargs) -> DocList[ClipDoc]:
+    return flow.client().post(on, inputs=docs, return_type=DocList[ClipDoc], **kwargs)
+
+
+async def post_async(port: int, on: str, docs=None, **kwargs) -> DocList[ClipDoc]:
+    client = Client(host="127.0.0.1", port=port, protocol="grpc", asyncio=True)
+    out = DocList[ClipDoc]()
+    async for response in client.post(on, inputs=docs, return_type=DocList[ClipDoc], **kwargs):
+        out.extend(response)
+    return out
+
+
+class ServerError:
+    """``pytest.raises``-like context: the request fails with an Executor error whose message matches."""
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = pattern
+
+    def __enter__(self) -> "ServerError":
+        self._raises = pytest.raises(BadServer)
+        self._info = self._raises.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        suppressed = self._raises.__exit__(*exc)
+        header = self._info.value.args[0]  # the response header, with the Executor's exception
+        messages = [header.status.description, *header.status.exception.args]
+        assert any(re.search(self.pattern, m) for m in messages), (self.pattern, messages)
+        return suppressed
+
+
+def by_id(docs: DocList[ClipDoc]) -> dict:
+    return {doc.id: doc for doc in docs}
+
+
+@pytest.fixture(scope="module")
+def gallery():
+    """Scenes to search (one caption each); never trained on."""
+    return synthetic.generate(GALLERY, domain="domain", seed=101)
+
+
+@pytest.fixture(scope="module")
+def train_pairs():
+    """Other scenes of the same domain, two captions each."""
+    return synthetic.generate(TRAIN_IMAGES, domain="domain", seed=202, captions_per_image=2)
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory):
+    workspace = tmp_path_factory.mktemp("flow-workspace")
+    server = FlowProcess(workspace, workspace.parent / "flow.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def state():
+    return {}
+
+
+def caption_queries(gallery) -> DocList[ClipDoc]:
+    return DocList[ClipDoc]([ClipDoc(id=f"q-{image_id}", text=gallery.captions[i])
+                             for i, image_id in enumerate(gallery.image_ids)])
+
+
+def recall_at_5(flow: FlowProcess, gallery, expect_version: str) -> float:
+    results = post(flow, "/search", caption_queries(gallery), parameters={"limit": 5}, request_size=50)
+    assert len(results) == gallery.num_images
+    hits = 0
+    for query in results:
+        assert len(query.matches) == 5 and query.scores == sorted(query.scores, reverse=True)
+        assert query.model_version == expect_version
+        assert {m.model_version for m in query.matches} == {expect_version}  # never two versions in one search
+        hits += query.id[len("q-"):] in [m.id for m in query.matches]
+    return hits / len(results)
+
+
+def test_index_then_search_with_the_base_model(flow, gallery, state):
+    docs = DocList[ClipDoc]()
+    for i, (image_id, image) in enumerate(zip(gallery.image_ids, gallery.images)):
+        content = {"tensor": image} if i % 2 else {"blob": png(image)}  # both ways a client sends images
+        docs.append(ClipDoc(id=image_id, tags={"caption": gallery.captions[i]}, **content))
+    stored = post(flow, "/index", docs, request_size=50)
+    assert len(stored) == GALLERY and {d.model_version for d in stored} == {"v1"}
+
+    encoded = post(flow, "/encode", DocList[ClipDoc]([ClipDoc(id="t", text="a red circle"),
+                                                      ClipDoc(id="i", tensor=gallery.images[0])]))
+    for doc in encoded:
+        assert doc.model_version == "v1" and abs(np.linalg.norm(doc.embedding) - 1) < 1e-4
+    indexed = by_id(stored)[gallery.image_ids[0]]  # sent as a PNG blob; responses may come back in any order
+    np.testing.assert_allclose(encoded[1].embedding, indexed.embedding, atol=1e-5)  # blob and tensor alike
+
+    top = post(flow, "/search", DocList[ClipDoc]([ClipDoc(id="q", tensor=gallery.images[3])]),
+               parameters={"limit": 3})[0]
+    assert top.matches[0].id == gallery.image_ids[3] and top.scores[0] == pytest.approx(1.0, abs=1e-4)
+    np.testing.assert_array_equal(top.matches[0].tensor, gallery.images[3])  # the stored content comes back
+    assert top.matches[0].tags == {"caption": gallery.captions[3]}
+
+    state["before"] = recall_at_5(flow, gallery, "v1")
+
+
+def test_train_while_serving_then_search_with_the_tuned_version(flow, gallery, train_pairs, state):
+    pairs = DocList[ClipDoc]([
+        ClipDoc(id=f"pair-{i}", text=caption, tensor=train_pairs.images[train_pairs.image_index[i]],
+                tags={"image_id": train_pairs.image_ids[train_pairs.image_index[i]]})
+        for i, caption in enumerate(train_pairs.captions)])
+
+    async def scenario():
+        training = asyncio.create_task(post_async(flow.port, "/train", pairs, parameters=TRAIN_PARAMETERS,
+                                                  request_size=len(pairs)))
+        progress = None
+        while not training.done():  # wait until the tuner reports optimizer steps
+            tuner = by_id(await post_async(flow.port, "/status"))["status-tuner"].tags["training"]
+            if tuner.get("state") == "running" and tuner.get("step"):
+                progress = tuner
+                break
+            await asyncio.sleep(0.5)
+        assert progress is not None, "the training finished before it could be observed"
+        # meanwhile, other clients are served by the version that serves now
+        searched = await post_async(flow.port, "/search", DocList[ClipDoc]([ClipDoc(id="s", text="a star")]),
+                                    parameters={"limit": 3})
+        encoded = await post_async(flow.port, "/encode", DocList[ClipDoc]([
+            ClipDoc(id="t", text="a blue square"), ClipDoc(id="i", tensor=gallery.images[0])]))
+        with ServerError("a /train run is already going"):
+            await post_async(flow.port, "/train", pairs[:64], parameters=TRAIN_PARAMETERS, request_size=64)
+        served_during_training = not training.done()
+        return progress, searched, encoded, served_during_training, await training
+
+    progress, searched, encoded, served_during_training, report_docs = asyncio.run(scenario())
+    assert served_during_training
+    assert progress["epochs"] == EPOCHS and progress["total_steps"] > 0 and progress["loss"] > 0
+    assert "eta_s" in progress
+    assert len(searched[0].matches) == 3 and searched[0].model_version == "v1"
+    assert [d.model_version for d in encoded] == ["v1", "v1"] and encoded[0].embedding.shape == (128,)
+
+    assert [d.id for d in report_docs] == ["train-report"]
+    report_doc = report_docs[0]
+    assert report_doc.tensor is None and report_doc.blob is None  # the training images are not echoed back
+    report = report_doc.tags["report"]
+    assert report_doc.model_version == report["model_version"] == "v2" and report["parent_version"] == "v1"
+    for side in ("before", "after"):
+        assert set(report[side]) >= {"t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10"}
+    assert len(report["epoch_losses"]) == report["epochs"] == EPOCHS
+    assert report["epoch_losses"][-1] < report["epoch_losses"][0]
+    assert report["samples_per_s"] > 0
+    assert report["split"]["train_images"] + report["split"]["eval_images"] == TRAIN_IMAGES
+    assert report_doc.tags["encoder"] == {"model_version": "v2"}
+    assert report_doc.tags["index"]["model_version"] == "v2" and report_doc.tags["index"]["count"] == GALLERY
+
+    # /train has returned: every search now runs on the tuned version, and finds more
+    state["after"] = recall_at_5(flow, gallery, "v2")
+    state["report"] = report
+    print(f"\ngallery caption→image recall@5: before {state['before']:.3f}, after {state['after']:.3f} "
+          f"({GALLERY} images); /train report t2i_r5 {report['before']['t2i_r5']:.3f} → "
+          f"{report['after']['t2i_r5']:.3f}; {report['samples_per_s']:.1f} samples/s")
+    chance = 5 / GALLERY
+    assert state["after"] >= state["before"] + 0.15, (state["before"], state["after"])
+    assert state["after"] >= 4 * chance
+
+
+def test_status_reports_versions_count_and_training(flow, state):
+    status = by_id(post(flow, "/status"))
+    assert set(status) == {"status-tuner", "status-encoder", "status-indexer"}
+    tuner, encoder, indexer = status["status-tuner"], status["status-encoder"], status["status-indexer"]
+    assert tuner.model_version == encoder.model_version == indexer.model_version == "v2"
+    assert tuner.tags["training"]["state"] == "done" and tuner.tags["training"]["model_version"] == "v2"
+    assert tuner.tags["last_report"]["after"] == state["report"]["after"]
+    assert indexer.tags["count"] == GALLERY and indexer.tags["rebuilding"] is None
+
+
+def test_delete_removes_docs_from_results(flow, gallery):
+    gone = [gallery.image_ids[0], gallery.image_ids[1]]
+    out = post(flow, "/delete", DocList[ClipDoc]([ClipDoc(id=gone[0]), ClipDoc(id=gone[1]),
+                                                  ClipDoc(id="never-indexed")]))
+    assert [d.tags["deleted"] for d in out] == [True, True, False]
+    everything = post(flow, "/search", DocList[ClipDoc]([ClipDoc(id="q", tensor=gallery.images[0])]),
+                      parameters={"limit": GALLERY})[0]
+    ids = [m.id for m in everything.matches]
+    assert len(ids) == GALLERY - 2 and not set(gone) & set(ids)
+    assert by_id(post(flow, "/status"))["status-indexer"].tags["count"] == GALLERY - 2
+
+
+@pytest.mark.parametrize("on, docs, parameters, message", [
+    ("/encode", [ClipDoc(id="ok", text="fine"), ClipDoc(id="hollow")], None,
+     "doc 'hollow': has neither text nor an image"),
+    ("/index", [ClipDoc(id="garbled", blob=b"\x89PNG\r\n\x1a\n garbage")], None, "doc 'garbled'.*cannot decode"),
+    ("/search", [ClipDoc(id="flat", tensor=np.zeros((8, 8), np.uint8))], {"limit": 3},
+     "doc 'flat': tensor must be an H×W×3 uint8 image, got shape \\(8, 8\\)"),
+    ("/search", [ClipDoc(id="q", text="a star")], {"limit": 3, "topk": 3}, "unknown parameter\\(s\\) \\['topk'\\]"),
+    ("/train", [ClipDoc(id="p", text="a star", tensor=np.zeros((8, 8, 3), np.uint8))], {"epochs": 1, "lr": 0.1},
+     "unknown parameter\\(s\\) \\['lr'\\] for /train"),
+])
+def test_bad_input_gets_a_named_error_and_the_service_goes_on(flow, gallery, on, docs, parameters, message):
+    with ServerError(message):
+        post(flow, on, DocList[ClipDoc](docs), parameters=parameters or {})
+    hits = post(flow, "/search", DocList[ClipDoc]([ClipDoc(id="q", tensor=gallery.images[5])]),
+                parameters={"limit": 1})[0]
+    assert hits.matches[0].id == gallery.image_ids[5]  # the next valid request is served, nothing was lost
+    assert by_id(post(flow, "/status"))["status-indexer"].tags["count"] == GALLERY - 2
+
+
+def test_restart_keeps_the_index_and_the_tuned_model(flow, gallery):
+    queries = caption_queries(gallery)[2:12]
+    before = post(flow, "/search", queries, parameters={"limit": 5})
+    flow.stop()
+    flow.start()
+    status = by_id(post(flow, "/status"))
+    assert {d.model_version for d in status.values()} == {"v2"}
+    assert status["status-indexer"].tags["count"] == GALLERY - 2
+    after = by_id(post(flow, "/search", caption_queries(gallery)[2:12], parameters={"limit": 5}))
+    for b in before:
+        a = after[b.id]
+        assert [m.id for m in a.matches] == [m.id for m in b.matches]
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+        assert a.model_version == "v2"
+
+
+def test_the_encoder_runs_alone_as_a_deployment(tmp_path, tiny_model_dir):
+    Registry(tmp_path / "models").publish(tiny_model_dir)
+    port = free_port()
+    with Deployment(uses=CLIPEncoder, uses_with={"bootstrap": False}, workspace=str(tmp_path), port=port,
+                    protocol="grpc"):
+        client = Client(host="127.0.0.1", port=port, protocol="grpc")
+        out = client.post("/encode", inputs=DocList[ClipDoc]([ClipDoc(id="a", text="a green triangle")]),
+                          return_type=DocList[ClipDoc])
+        assert out[0].model_version == "v1" and out[0].embedding.shape == (128,)
+        status = client.post("/status", inputs=None, return_type=DocList[ClipDoc])
+        assert [d.id for d in status] == ["status-encoder"]
+        with ServerError("doc 'x': has neither text nor an image"):
+            client.post("/encode", inputs=DocList[ClipDoc]([ClipDoc(id="x")]), return_type=DocList[ClipDoc])
