@@ -130,8 +130,14 @@ class CLIPEncoder(Executor):
         """Embed docs with one model reference.
 
         Args:
-            skip_current: leave docs without content, or already embedded by the served version, as they are
-                (``/index``, ``/search``); otherwise every doc must have content (``/encode``).
+            skip_current: leave as they are the docs that already carry an embedding of the served version, and
+                vector-only docs (an embedding, no content) for the indexer to judge (``/index``, ``/search``);
+                otherwise every doc is embedded and must have content (``/encode``).
+
+        Raises:
+            ValueError: a doc without content, or with a bad tensor/blob/uri (names the doc id), before any is
+                encoded.
+            cliptuner.images.ImageError: an image cannot be decoded (names the doc id).
         """
         clip = self.follower.clip()  # one version for the whole request
         version = clip.version

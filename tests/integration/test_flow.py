@@ -10,6 +10,10 @@ from a process that never ran torch, and the test process is only a gRPC client 
 ``OMP_NUM_THREADS=1``: on a CPU shared with other processes, torch's default of one thread per core
 oversubscribes the cores and training slows down several-fold.
 
+Requests sent while /train runs come from other asyncio clients in the same event loop: with this jina and
+grpcio, two blocking ``Client.post`` calls from two threads of one process are sent one after the other (the
+second waits for the first), which would hide whether the service answers during training.
+
 Sizes can be raised for a longer, stronger learning run: CLIPTUNER_IT_GALLERY (images searched),
 CLIPTUNER_IT_TRAIN_IMAGES (training scenes, two captions each), CLIPTUNER_IT_EPOCHS.
 """
@@ -98,17 +102,15 @@ class FlowProcess:
         return Client(host="127.0.0.1", port=self.port, protocol="grpc")
 
     def stop(self) -> None:
+        """SIGTERM (the Flow closes its Executors, which save their state); SIGKILL the group if that hangs."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        for sig, wait in ((signal.SIGTERM, 90), (signal.SIGKILL, 15)):
-            try:
-                os.killpg(self.proc.pid, sig) if sig == signal.SIGKILL else self.proc.send_signal(sig)
-                self.proc.wait(wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        if sig == signal.SIGKILL:  # graceful stop failed: take the Executors of this process group down too
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the Executors run in this process group
+            self.proc.wait(15)
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

@@ -389,6 +389,13 @@ def test_train_from_a_pairs_file_under_the_data_root(tuner, workspace):
     out = run(tuner.train(docs=DocList[ClipDoc](), parameters={**QUICK, "data": relative}))
     report = out[0].tags["report"]
     assert report["split"]["source"] == relative and report["split"]["eval_images"] == 5
+    held_out = synthetic.write_csv(workspace / "data" / "held-out", n_images=7, domain="domain", seed=6,
+                                   captions_per_image=1)
+    out = run(tuner.train(docs=pair_docs(16, seed=8),
+                          parameters={**QUICK, "eval_data": str(held_out.relative_to(workspace / "data"))}))
+    split = out[0].tags["report"]["split"]  # all request pairs train; the file's pairs are held out
+    assert (split["train_images"], split["eval_images"], split["eval_pairs"]) == (16, 7, 7)
+    assert split["held_out"] == "held-out/" + held_out.name
 
 
 @pytest.mark.parametrize("parameters, message", [
