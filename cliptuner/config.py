@@ -104,7 +104,9 @@ class TrainConfig:
     eval_every: int = 1  # evaluate every N epochs (0: only at the end)
     early_stop_patience: Optional[int] = None  # stop after N evaluations without improvement; None disables
     early_stop_metric: str = "t2i_r5"  # metric watched for early stopping and the best checkpoint
-    keep_best: bool = True  # restore the best evaluated weights at the end
+    keep_best: bool = False  # restore the weights of the best evaluation at the end
+    val_fraction: float = 0.1  # with keep_best or early stopping: share of the TRAINING images set aside to choose
+    #                            the epoch, so that the held-out split that reports before/after is never used to choose
     log_every: int = 10  # emit a progress line every N optimizer steps
     wiseft_alphas: Sequence[float] = ()  # WiSE-FT: also report held-out (and general) recall at these alphas
     wiseft_alpha: Optional[float] = None  # WiSE-FT: keep (1-a)*base + a*tuned as the result; None keeps tuned
@@ -140,6 +142,7 @@ class TrainConfig:
         _check(self.early_stop_metric in METRIC_NAMES,
                f"early_stop_metric must be one of {list(METRIC_NAMES)}, got {self.early_stop_metric!r}")
         _check(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every!r}")
+        _check(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
         self.wiseft_alphas = tuple(float(a) for a in self.wiseft_alphas)
         for alpha in self.wiseft_alphas + ((self.wiseft_alpha,) if self.wiseft_alpha is not None else ()):
             _check(0.0 <= alpha <= 1.0, f"WiSE-FT alphas must lie in [0, 1] (0: base, 1: tuned), got {alpha!r}")

@@ -444,7 +444,8 @@ def finetune(
     Args:
         bundle: a :class:`cliptuner.models.ClipBundle` (trained in place; moved to ``cfg.device``).
         train_pairs: :class:`cliptuner.data.PairSet` to train on.
-        eval_pairs: held-out :class:`~cliptuner.data.PairSet`, never trained on.
+        eval_pairs: held-out :class:`~cliptuner.data.PairSet`, never trained on and never used to choose: with
+            ``keep_best`` or early stopping, the epoch is chosen on ``cfg.val_fraction`` of the training images.
         cfg: training options.
         eval_cfg: evaluation options (k values, batch size).
         on_event: progress callback (see :func:`fit`); also receives ``{"event": "before"|"after", "metrics"}``.
@@ -471,9 +472,15 @@ def finetune(
     model = bundle.model.to(device)
     apply_locks(model, cfg)
 
-    def run_eval() -> dict[str, float]:
-        return evaluate(bundle, eval_pairs, eval_cfg.ks, eval_cfg.batch_size)
+    def run_eval(pairs: Any = eval_pairs) -> dict[str, float]:
+        return evaluate(bundle, pairs, eval_cfg.ks, eval_cfg.batch_size)
 
+    # Choosing an epoch (best weights, early stopping) on the split that reports "after" would flatter it:
+    # the choice is made on a validation part of the training images instead.
+    selecting = cfg.keep_best or cfg.early_stop_patience is not None
+    val_pairs = None
+    if selecting:
+        train_pairs, val_pairs = train_pairs.split(cfg.val_fraction, cfg.seed)
     before = run_eval() if rank == 0 else {}
     emit({"event": "before", "metrics": before})
     use_wiseft = bool(cfg.wiseft_alphas) or cfg.wiseft_alpha is not None
@@ -488,12 +495,12 @@ def finetune(
         trained = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index or 0] if device.type == "cuda" else None)
     result = fit(trained, loader, ClipLoss(world_size=world_size, rank=rank), optimizer, scheduler, cfg,
-                 eval_fn=run_eval, on_event=on_event, checkpoint_dir=checkpoint_dir, resume_from=resume_from,
-                 should_stop=should_stop)
+                 eval_fn=(lambda: run_eval(val_pairs)) if selecting else run_eval, on_event=on_event,
+                 checkpoint_dir=checkpoint_dir, resume_from=resume_from, should_stop=should_stop)
     if rank != 0:
         after: dict[str, float] = {}
-    elif cfg.keep_best and result.eval_history and result.best_epoch == result.epochs_run:
-        after = {k: v for k, v in result.eval_history[-1].items() if k != "epoch"}
+    elif not selecting and result.eval_history and result.eval_history[-1]["epoch"] == result.epochs_run:
+        after = {k: v for k, v in result.eval_history[-1].items() if k != "epoch"}  # the final weights' eval
     else:
         after = run_eval()
     wiseft: dict[str, Any] = {}
@@ -522,7 +529,9 @@ def finetune(
         "samples_per_s": result.samples_per_s,
         "train_seconds": result.train_seconds,
         "split": {"train_pairs": len(train_pairs), "train_images": train_pairs.num_images,
-                  "eval_pairs": len(eval_pairs), "eval_images": eval_pairs.num_images},
+                  "eval_pairs": len(eval_pairs), "eval_images": eval_pairs.num_images,
+                  **({"val_pairs": len(val_pairs), "val_images": val_pairs.num_images} if val_pairs else {})},
+        "history_split": "val" if selecting else "eval",
         "config": asdict(cfg),
         "world_size": world_size,
         **({"wiseft": wiseft} if wiseft else {}),

@@ -23,7 +23,8 @@ Endpoints:
   ``eval_every``
   ``early_stop_patience``
   ``early_stop_metric``
-  ``keep_best``
+  ``keep_best``                 (the epoch is chosen on ``val_fraction`` of the training images, never on the
+  ``val_fraction``              held-out pairs that report before/after)
   ``wiseft_alphas``
   ``wiseft_alpha``
   ``eval_fraction``             share of images held out when no eval data is given (default 0.2)
@@ -82,7 +83,8 @@ logger = logging.getLogger(__name__)
 TRAIN_OPTIONS = ("epochs", "batch_size", "learning_rate", "seed", "weight_decay", "warmup_steps", "scheduler",
                  "accum_steps", "lock_image", "lock_text", "image_unlocked_groups", "text_unlocked_layers",
                  "layer_decay", "grad_checkpointing", "precision", "grad_clip_norm", "eval_every",
-                 "early_stop_patience", "early_stop_metric", "keep_best", "wiseft_alphas", "wiseft_alpha")
+                 "early_stop_patience", "early_stop_metric", "keep_best", "val_fraction", "wiseft_alphas",
+                 "wiseft_alpha")
 SOURCE_OPTIONS = ("eval_fraction", "data", "eval_data", "general_data")
 REPORT_ID = "train-report"
 _DEFAULT_EVAL_FRACTION = EvalConfig().eval_fraction

@@ -92,7 +92,8 @@ def test_resume_continues_exactly_where_training_stopped(tiny_bundle, small_pair
 
 def test_early_stopping_and_best_weights(tiny_bundle, small_pairs):
     bundle = _fresh(tiny_bundle)
-    cfg = TrainConfig(epochs=6, batch_size=16, learning_rate=5e-4, warmup_steps=1, early_stop_patience=2)
+    cfg = TrainConfig(epochs=6, batch_size=16, learning_rate=5e-4, warmup_steps=1, early_stop_patience=2,
+                      keep_best=True)
     snapshots, scores = [], iter([0.5, 0.3, 0.2, 0.9, 0.9, 0.9])
 
     def eval_fn():
@@ -167,3 +168,20 @@ def test_wiseft_in_the_report_and_the_kept_weights(tiny_bundle, small_pairs):
     for name, value in bundle.model.state_dict().items():
         torch.testing.assert_close(value, expected[name], msg=name)
     assert not torch.equal(bundle.model.state_dict()["visual.proj"], base["visual.proj"])
+
+
+def test_choosing_the_epoch_never_looks_at_the_held_out_pairs(tiny_bundle, small_pairs):
+    from cliptuner.evaluate import evaluate
+
+    train_pairs, held_out = small_pairs.split(0.25, seed=0)
+    bundle = _fresh(tiny_bundle)
+    cfg = TrainConfig(epochs=3, batch_size=8, learning_rate=5e-4, warmup_steps=1, keep_best=True,
+                      early_stop_patience=2, val_fraction=0.25)
+    report = finetune(bundle, train_pairs, held_out, cfg)
+    split = report["split"]
+    assert report["history_split"] == "val"
+    assert split["val_images"] == 9 and split["train_images"] + split["val_images"] == train_pairs.num_images
+    assert split["eval_images"] == held_out.num_images
+    # "after" is the held-out evaluation of the weights the run ended with, not a validation number
+    assert report["after"] == evaluate(bundle, held_out)
+    assert all(set(entry) >= {"epoch", "t2i_r5"} for entry in report["eval_history"])
