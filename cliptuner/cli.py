@@ -100,29 +100,12 @@ def _train_config(args: argparse.Namespace) -> Any:
         keep_best=args.keep_best, val_fraction=args.val_fraction)
 
 
-def load_train_eval(data: str, eval_data: Optional[str], eval_fraction: float, seed: int) -> tuple[Any, Any]:
-    """Training and held-out pairs from the CLI's ``--data``/``--eval-data`` contract.
-
-    A Karpathy JSON trains on its train (+restval) split and evaluates on its test split unless eval data is
-    given; a CSV without eval data holds out a seeded fraction of its images.
-    """
-    from .data import load_karpathy, load_pairs
-
-    if eval_data:
-        train = load_pairs(data, split="train") if data.endswith(".json") else load_pairs(data)
-        held_out = load_pairs(eval_data, split="test") if eval_data.endswith(".json") else load_pairs(eval_data)
-        return train, held_out
-    if data.endswith(".json"):
-        return load_karpathy(data, split="train"), load_karpathy(data, split="test")
-    return load_pairs(data).split(eval_fraction, seed)
-
-
 def _load_general(path: Optional[str]) -> Any:
     if not path:
         return None
-    from .data import load_pairs
+    from .data import load_split
 
-    return load_pairs(path, split="test") if path.endswith(".json") else load_pairs(path)
+    return load_split(path, "test")
 
 
 class _ProgressBar:
@@ -157,6 +140,7 @@ class _ProgressBar:
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
     """``cliptuner train``: fine-tune, evaluate before/after, export a model version to ``--out``."""
     from .config import EvalConfig, ModelSpec
+    from .data import train_and_held_out
     from .evaluate import format_report
     from .export import export_model_dir
     from .models import load_model
@@ -165,7 +149,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     cfg = _train_config(args)
     world_size, rank = _init_distributed(cfg.device)
     eval_cfg = EvalConfig(eval_fraction=args.eval_fraction, split_seed=args.seed)
-    train_pairs, eval_pairs = load_train_eval(args.data, args.eval_data, eval_cfg.eval_fraction, args.seed)
+    train_pairs, eval_pairs = train_and_held_out(args.data, args.eval_data, eval_cfg.eval_fraction, args.seed)
     if rank == 0:
         print(f"train: {len(train_pairs)} pairs / {train_pairs.num_images} images;  "
               f"held out: {len(eval_pairs)} pairs / {eval_pairs.num_images} images"

@@ -597,3 +597,32 @@ def make_loader(pairs: PairSet, transform: Callable, tokenizer: Callable, batch_
         raise ValueError("num_replicas > 1 needs shuffle=True (sequential loading is for evaluation on one rank)")
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                        drop_last=bool(drop_last), collate_fn=collate_pairs, generator=generator)
+
+
+def load_split(path: str | os.PathLike, split: str) -> PairSet:
+    """A PAIRS file for one role: a Karpathy JSON gives its ``split`` (``train`` includes ``restval``); a CSV
+    is used whole."""
+    return load_karpathy(path, split=split) if Path(path).suffix.lower() == ".json" else load_csv(path)
+
+
+def train_and_held_out(data: PairSet | str | os.PathLike, eval_data: str | os.PathLike | None,
+                       eval_fraction: float, seed: int) -> tuple[PairSet, PairSet]:
+    """Training and held-out pairs by the contract of ``cliptuner train`` and ``/train``.
+
+    Args:
+        data: the training pairs, in memory or as a PAIRS file.
+        eval_data: held-out PAIRS (its ``test`` split for a Karpathy JSON); None to hold out part of ``data``.
+        eval_fraction: share of images held out when neither ``eval_data`` nor a Karpathy test split applies.
+        seed: seed of that split.
+
+    Returns:
+        ``(train, held_out)``: a Karpathy JSON without ``eval_data`` gives its train and test splits; otherwise a
+        seeded ``eval_fraction`` of the images (all their captions) is held out.
+    """
+    if eval_data is not None:
+        train = data if isinstance(data, PairSet) else load_split(data, "train")
+        return train, load_split(eval_data, "test")
+    if not isinstance(data, PairSet) and Path(data).suffix.lower() == ".json":
+        return load_karpathy(data, split="train"), load_karpathy(data, split="test")
+    pairs = data if isinstance(data, PairSet) else load_csv(data)
+    return pairs.split(eval_fraction, seed)

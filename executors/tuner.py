@@ -71,7 +71,7 @@ from jina import Executor, requests
 from cliptuner.bootstrap import ensure_current
 from cliptuner.config import EvalConfig, ModelSpec, TrainConfig, from_mapping
 from cliptuner.content import image_source
-from cliptuner.data import PairSet, from_memory, load_karpathy, load_pairs
+from cliptuner.data import PairSet, from_memory, load_split, train_and_held_out
 from cliptuner.registry import Registry
 
 from .encoder import base_spec, resolve_models_dir
@@ -220,11 +220,6 @@ class CLIPTuner(Executor):
             image_ids.append(str(doc.tags.get("image_id", doc.id)))
         return from_memory(images, captions, image_ids=image_ids, name="request")
 
-    def _load_file(self, path: Path, split: Optional[str]) -> PairSet:
-        if path.suffix.lower() == ".json":
-            return load_karpathy(path, split=split)
-        return load_pairs(path)
-
     def split_pairs(self, request: TrainRequest, docs: DocList[ClipDoc]) -> tuple[PairSet, PairSet, dict]:
         """Training and held-out pairs, and where they came from.
 
@@ -237,16 +232,14 @@ class CLIPTuner(Executor):
             raise ValueError("/train needs pairs: docs with text and an image, or parameters['data'] naming a "
                              "PAIRS file under the data root")
         source = str(request.data.relative_to(self.data_root)) if request.data is not None else "request docs"
+        data = self.pairs_from_docs(docs) if request.data is None else request.data
+        train, held_out = train_and_held_out(data, request.eval_data, request.eval_cfg.eval_fraction,
+                                             request.eval_cfg.split_seed)
         if request.eval_data is not None:
-            train = self.pairs_from_docs(docs) if request.data is None else self._load_file(request.data, "train")
-            held_out = self._load_file(request.eval_data, "test")
             held_out_from = str(request.eval_data.relative_to(self.data_root))
         elif request.data is not None and request.data.suffix.lower() == ".json":
-            train, held_out = load_karpathy(request.data, split="train"), load_karpathy(request.data, split="test")
             held_out_from = f"{source} (test split)"
         else:
-            pairs = self.pairs_from_docs(docs) if request.data is None else self._load_file(request.data, None)
-            train, held_out = pairs.split(request.eval_cfg.eval_fraction, request.eval_cfg.split_seed)
             held_out_from = f"{request.eval_cfg.eval_fraction:g} of {source} (seed {request.eval_cfg.split_seed})"
         if train.num_images < request.cfg.batch_size:
             raise ValueError(f"{train.num_images} training images is fewer than batch_size {request.cfg.batch_size}: "
@@ -298,7 +291,7 @@ class CLIPTuner(Executor):
             self._progress = {**self._progress, "phase": "evaluating", "parent_version": parent}
             seed_everything(request.cfg.seed)
             bundle = load_model(spec)
-            general = None if request.general_data is None else self._load_file(request.general_data, "test")
+            general = None if request.general_data is None else load_split(request.general_data, "test")
             result = finetune(bundle, train, held_out, request.cfg, request.eval_cfg, on_event=self._on_event,
                               should_stop=self._stop.is_set, general_pairs=general)
             report = {"model_version": None, "parent_version": parent, "init": init, **result}
