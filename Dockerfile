@@ -6,9 +6,16 @@
 #       jina executor --uses config.yml --port 51001 --workspace /workspace            # the encoder alone
 #
 # GPU image: build with --build-arg ORT=onnxruntime-gpu and run with --gpus all.
+#
+# Kubernetes (flows/k8s.yml) runs each Executor from its own image, as `jina executor --uses config.yml`; build
+# one per Executor, EXECUTOR naming the class that its config.yml loads:
+#   docker build --build-arg EXECUTOR=CLIPTuner   -t cliptuner-tuner .
+#   docker build --build-arg EXECUTOR=CLIPEncoder -t cliptuner-encoder .
+#   docker build --build-arg EXECUTOR=CLIPIndexer -t cliptuner-indexer .
 FROM python:3.11-slim
 
 ARG ORT=onnxruntime
+ARG EXECUTOR=CLIPEncoder
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -27,6 +34,7 @@ COPY executors ./executors
 RUN pip install . && if [ "$ORT" != "onnxruntime" ]; then pip uninstall -y onnxruntime && pip install "$ORT"; fi
 COPY flows ./flows
 COPY config.yml ./
+RUN sed -i "s/^jtype: .*/jtype: ${EXECUTOR}/" config.yml
 
 VOLUME /workspace
 EXPOSE 51000

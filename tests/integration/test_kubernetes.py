@@ -1,0 +1,51 @@
+"""`jina export kubernetes` turns flows/k8s.yml into Deployments that run the Executors from their images."""
+
+import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from executors import CLIPEncoder, CLIPIndexer, CLIPTuner
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGES = {"tuner": "cliptuner-tuner:latest", "encoder": "cliptuner-encoder:latest",
+          "indexer": "cliptuner-indexer:latest"}
+
+
+def _export(out: Path) -> None:
+    env = {**os.environ, "JINA_GATEWAY_IMAGE": "jinaai/jina:3.34.0-py311-standard", "JINA_HIDE_SURVEY": "1",
+           "JINA_OPTOUT_TELEMETRY": "1"}
+    result = subprocess.run([sys.executable, "-m", "jina", "export", "kubernetes", str(ROOT / "flows" / "k8s.yml"),
+                             str(out)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_export_writes_a_deployment_per_executor_from_its_image(tmp_path):
+    _export(tmp_path / "k8s")
+    assert sorted(p.name for p in (tmp_path / "k8s").iterdir()) == ["encoder", "gateway", "indexer", "tuner"]
+    for name, image in IMAGES.items():
+        docs = list(yaml.safe_load_all((tmp_path / "k8s" / name / f"{name}.yml").read_text()))
+        deployment = next(d for d in docs if d and d.get("kind") == "Deployment")
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        assert container["image"] == image
+        args = container["args"]
+        assert args[args.index("--uses") + 1] == "config.yml"  # what the image's config.yml loads
+        assert args[args.index("--workspace") + 1] == "/workspace"  # the shared registry
+        if name == "encoder":
+            assert deployment["spec"]["replicas"] == 2
+        if name != "tuner":  # replicas follow the version the tuner publishes
+            assert '"bootstrap": false' in args[args.index("--uses-with") + 1]
+
+
+def test_the_image_config_fits_every_executor_class():
+    # each image's config.yml is the root config.yml with its jtype set to one class (see the Dockerfile)
+    config = yaml.safe_load((ROOT / "config.yml").read_text())
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert 'sed -i "s/^jtype: .*/jtype: ${EXECUTOR}/" config.yml' in dockerfile
+    for cls in (CLIPTuner, CLIPEncoder, CLIPIndexer):
+        accepted = set(inspect.signature(cls.__init__).parameters)
+        assert set(config["with"]) <= accepted, (cls.__name__, set(config["with"]) - accepted)
+        assert cls.__name__ in dockerfile
