@@ -58,7 +58,10 @@ class ClipBundle:
 
     @property
     def embed_dim(self) -> int:
-        with torch.no_grad():
+        output_dim = getattr(self.model.visual, "output_dim", None)
+        if output_dim:
+            return int(output_dim)
+        with torch.no_grad():  # towers without an output_dim attribute: measure it
             return int(self.model.encode_text(self.tokenizer(["a"]).to(self.device)).shape[-1])
 
     @property
