@@ -160,6 +160,35 @@ def _clean(text: Any) -> str:
     return text.strip() if isinstance(text, str) else ""
 
 
+class _PairsBuilder:
+    """Collects pairs read from a file: distinct images by resolved path, captions pointing at them."""
+
+    def __init__(self) -> None:
+        self.images: list[str] = []
+        self.image_ids: list[str] = []
+        self.captions: list[str] = []
+        self.image_index: list[int] = []
+        self._index_of: dict[str, int] = {}
+
+    def image(self, resolved: str, image_id: str) -> Optional[int]:
+        """The index of the image file ``resolved``, registered on first sight; None when the file is missing."""
+        if resolved not in self._index_of:
+            if not os.path.isfile(resolved):
+                return None
+            self._index_of[resolved] = len(self.images)
+            self.images.append(resolved)
+            self.image_ids.append(image_id)
+        return self._index_of[resolved]
+
+    def add(self, image: int, captions: Sequence[str]) -> None:
+        self.captions.extend(captions)
+        self.image_index.extend([image] * len(captions))
+
+    def build(self, name: str) -> PairSet:
+        return PairSet(images=self.images, captions=self.captions, image_index=self.image_index,
+                       image_ids=self.image_ids, name=name)
+
+
 def load_csv(path: str | os.PathLike) -> PairSet:
     """Read ``image,caption`` rows; image paths are relative to the CSV's folder (absolute paths allowed).
 
@@ -174,11 +203,7 @@ def load_csv(path: str | os.PathLike) -> PairSet:
     if not path.is_file():
         raise DataError(f"{str(path)!r}: no such pairs file")
     root = path.resolve().parent
-    images: list[str] = []
-    image_ids: list[str] = []
-    captions: list[str] = []
-    image_index: list[int] = []
-    index_of: dict[str, int] = {}
+    pairs = _PairsBuilder()
     problems: list[str] = []
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
@@ -206,23 +231,19 @@ def load_csv(path: str | os.PathLike) -> PairSet:
                     problems.append(f"line {start}: empty caption for image {image!r}")
                     continue
                 resolved = os.path.normpath(Path(image) if os.path.isabs(image) else root / image)
-                if resolved not in index_of:
-                    if not os.path.isfile(resolved):
-                        problems.append(f"line {start}: image file {image!r} not found (looked at {resolved})")
-                        continue
-                    index_of[resolved] = len(images)
-                    images.append(resolved)
-                    image_ids.append(image)
-                captions.append(caption)
-                image_index.append(index_of[resolved])
+                index = pairs.image(resolved, image)
+                if index is None:
+                    problems.append(f"line {start}: image file {image!r} not found (looked at {resolved})")
+                    continue
+                pairs.add(index, [caption])
     except UnicodeDecodeError as exc:
         raise DataError(f"{str(path)!r}: not UTF-8 text ({exc})") from exc
     except csv.Error as exc:
         raise DataError(f"{str(path)!r}: line {reader.line_num}: malformed CSV ({exc})") from exc
     _raise_collected(repr(str(path)), problems)
-    if not captions:
+    if not pairs.captions:
         raise DataError(f"{str(path)!r}: no pairs after the header")
-    return PairSet(images=images, captions=captions, image_index=image_index, image_ids=image_ids, name=str(path))
+    return pairs.build(str(path))
 
 
 def load_karpathy(path: str | os.PathLike, split: Optional[str] = None,
@@ -256,11 +277,7 @@ def load_karpathy(path: str | os.PathLike, split: Optional[str] = None,
     root = Path(image_root) if image_root is not None else path.resolve().parent
     wanted = None if split is None else (set(TRAIN_SPLITS) if split == "train" else {split})
 
-    images: list[str] = []
-    image_ids: list[str] = []
-    captions: list[str] = []
-    image_index: list[int] = []
-    index_of: dict[str, int] = {}
+    pairs = _PairsBuilder()
     problems: list[str] = []
     present: set[str] = set()
     for n, entry in enumerate(entries):
@@ -287,22 +304,17 @@ def load_karpathy(path: str | os.PathLike, split: Optional[str] = None,
             continue
         relative = os.path.join(_clean(entry.get("filepath")), filename)
         resolved = os.path.normpath(root / relative)
-        if resolved not in index_of:
-            if not os.path.isfile(resolved):
-                problems.append(f"{label}: image file not found (looked at {resolved})")
-                continue
-            index_of[resolved] = len(images)
-            images.append(resolved)
-            image_ids.append(os.path.normpath(relative))
-        captions.extend(raws)
-        image_index.extend([index_of[resolved]] * len(raws))
+        index = pairs.image(resolved, os.path.normpath(relative))
+        if index is None:
+            problems.append(f"{label}: image file not found (looked at {resolved})")
+            continue
+        pairs.add(index, raws)
     _raise_collected(repr(str(path)), problems)
-    if not captions:
+    if not pairs.captions:
         if wanted is not None:
             raise DataError(f"{str(path)!r}: no images in split {split!r}; splits present: {sorted(present)}")
         raise DataError(f"{str(path)!r}: no images")
-    name = f"{path}:{split}" if split else str(path)
-    return PairSet(images=images, captions=captions, image_index=image_index, image_ids=image_ids, name=name)
+    return pairs.build(f"{path}:{split}" if split else str(path))
 
 
 def load_pairs(path: str | os.PathLike, split: Optional[str] = None) -> PairSet:

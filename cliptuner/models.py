@@ -82,11 +82,6 @@ class ClipBundle:
         }
 
 
-def list_models() -> list[str]:
-    """All model names OpenCLIP knows, the bundled configs included."""
-    return sorted(open_clip.list_models())
-
-
 def is_local_checkpoint(pretrained: Optional[str]) -> bool:
     """True when ``pretrained`` names a file on disk rather than an OpenCLIP tag."""
     return bool(pretrained) and (os.sep in pretrained or Path(pretrained).suffix != "" or Path(pretrained).is_file())
