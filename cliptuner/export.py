@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
-import os
 import shutil
 import warnings
 from datetime import datetime, timezone
@@ -31,9 +31,10 @@ import numpy as np
 import torch
 
 from .images import DEFAULT_LIMITS, ImageSource, decode_image, preprocess
+from .manifest import (CHECKPOINT_FILE, IMAGE_INPUT, INTERPOLATIONS, LINEAGE_KEYS, OUTPUT, RESIZE_MODES, TEXT_INPUT,
+                       TEXTUAL_FILE, VISUAL_FILE, VOCAB_FILE, ModelManifest, OnnxSpec, TokenizerSpec)
 from .models import ClipBundle, save_checkpoint
-from .runtime import METADATA_FILE, MODEL_FORMAT
-from .tokenizer import VOCAB_FILENAME, ClipTokenizer
+from .tokenizer import ClipTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -45,17 +46,9 @@ except ImportError as exc:  # pragma: no cover - dependency missing
     raise ImportError("ONNX export needs onnx, onnxruntime and open_clip: "
                       "pip install onnx onnxruntime open_clip_torch") from exc
 
-VISUAL_FILE = "visual.onnx"
-TEXTUAL_FILE = "textual.onnx"
-CHECKPOINT_FILE = "checkpoint.pt"
-IMAGE_INPUT = "pixel_values"
-TEXT_INPUT = "input_ids"
-OUTPUT = "embeddings"
 EXPORTERS = ("torchscript", "dynamo")
 DYNAMO_MIN_OPSET = 18  # the torch.export-based exporter writes opset 18+ (down-conversion fails on CLIP)
 TRACE_BATCH = 2  # batch size of the example inputs traced; parity runs at other sizes
-SUPPORTED_INTERPOLATIONS = ("bicubic", "bilinear", "nearest")  # what cliptuner.images.preprocess implements
-SUPPORTED_RESIZE_MODES = ("shortest",)  # resize shortest side + centre crop
 
 DEFAULT_SAMPLE_TEXTS = (
     "a photo of a cat",
@@ -80,7 +73,7 @@ def _clean_mode(tokenizer: Any) -> Optional[str]:
     return None
 
 
-def tokenizer_settings(bundle: ClipBundle) -> dict[str, Any]:
+def tokenizer_settings(bundle: ClipBundle) -> TokenizerSpec:
     """The ``tokenizer`` section of ``model.json`` for a bundle, refusing tokenizers the runtime cannot serve.
 
     Raises:
@@ -102,59 +95,58 @@ def tokenizer_settings(bundle: ClipBundle) -> dict[str, Any]:
     if clean is None:
         raise ValueError(f"model {arch!r}: its {kind} uses a text cleaning function the runtime does not know "
                          f"({getattr(tok, 'clean_fn', None)!r})")
-    return {"kind": "clip_bpe", "vocab": VOCAB_FILENAME, "context_length": int(bundle.context_length), "clean": clean}
+    return TokenizerSpec(vocab=VOCAB_FILE, context_length=int(bundle.context_length), clean=clean)
 
 
-def model_metadata(bundle: ClipBundle, **extra: Any) -> dict[str, Any]:
+def build_manifest(bundle: ClipBundle, **extra: Any) -> ModelManifest:
     """Everything :class:`cliptuner.runtime.OnnxClip` needs to serve the exported model without torch.
 
     Args:
         bundle: the model and its transforms.
-        **extra: more JSON-able keys (``parent_version``, ``report``…); they may not replace a core key.
+        **extra: more JSON-able keys: ``version``, ``parent_version`` and ``report`` set those manifest fields,
+            any other key that is not a manifest field (``role``…) is kept in ``ModelManifest.extra``.
 
     Returns:
-        The ``model.json`` dict: ``format``, ``arch``, ``pretrained``, ``embed_dim``, ``image_size``, ``mean``,
-        ``std``, ``interpolation``, ``resize_mode``, ``tokenizer``, ``onnx``, ``created_at`` and ``extra``.
+        The manifest, without the export results (``opset``, ``exporter``, ``parity``, ``checkpoint``) that
+        :func:`export_model_dir` fills in.
 
     Raises:
         ValueError: an unsupported tokenizer or image preprocessing, or an extra key that clashes or is not JSON-able.
     """
     tokenizer = tokenizer_settings(bundle)
     cfg = bundle.preprocess_cfg()
-    if cfg["resize_mode"] not in SUPPORTED_RESIZE_MODES:
+    if cfg["resize_mode"] not in RESIZE_MODES:
         raise ValueError(f"model {bundle.spec.arch!r} uses resize_mode {cfg['resize_mode']!r}; the runtime implements "
-                         f"{list(SUPPORTED_RESIZE_MODES)}")
-    if cfg["interpolation"] not in SUPPORTED_INTERPOLATIONS:
+                         f"{list(RESIZE_MODES)}")
+    if cfg["interpolation"] not in INTERPOLATIONS:
         raise ValueError(f"model {bundle.spec.arch!r} uses interpolation {cfg['interpolation']!r}; the runtime "
-                         f"implements {list(SUPPORTED_INTERPOLATIONS)}")
-    metadata: dict[str, Any] = {
-        "format": MODEL_FORMAT,
-        "arch": bundle.spec.arch,
-        "pretrained": bundle.spec.pretrained,
-        "force_quick_gelu": bundle.spec.force_quick_gelu,
-        "embed_dim": int(bundle.embed_dim),
-        "image_size": int(cfg["image_size"]),
-        "mean": list(cfg["mean"]),
-        "std": list(cfg["std"]),
-        "interpolation": cfg["interpolation"],
-        "resize_mode": cfg["resize_mode"],
-        "tokenizer": tokenizer,
-        "onnx": {
-            "visual": {"file": VISUAL_FILE, "input": IMAGE_INPUT, "output": OUTPUT},
-            "textual": {"file": TEXTUAL_FILE, "input": TEXT_INPUT, "output": OUTPUT},
-        },
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    clashes = sorted(set(extra) & set(metadata))
+                         f"implements {list(INTERPOLATIONS)}")
+    core = sorted({f.name for f in dataclasses.fields(ModelManifest)} - {"extra", *LINEAGE_KEYS})
+    clashes = sorted(set(extra) & set(core))
     if clashes:
-        raise ValueError(f"metadata extra keys {clashes} would replace core keys; core keys: {sorted(metadata)}")
+        raise ValueError(f"metadata extra keys {clashes} would replace core keys; core keys: {core}")
     for key, value in extra.items():
         try:
             json.dumps(value)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"metadata extra {key!r} is not JSON-serialisable: {exc}") from exc
-    metadata.update(extra)
-    return metadata
+    lineage = {key: extra.pop(key) for key in LINEAGE_KEYS if key in extra}
+    return ModelManifest(
+        arch=bundle.spec.arch,
+        pretrained=bundle.spec.pretrained,
+        force_quick_gelu=bundle.spec.force_quick_gelu,
+        embed_dim=int(bundle.embed_dim),
+        image_size=int(cfg["image_size"]),
+        mean=[float(v) for v in cfg["mean"]],
+        std=[float(v) for v in cfg["std"]],
+        interpolation=cfg["interpolation"],
+        resize_mode=cfg["resize_mode"],
+        tokenizer=tokenizer,
+        onnx=OnnxSpec.standard(),
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **lineage,
+        extra=copy.deepcopy(extra),
+    )
 
 
 class _ImageTower(torch.nn.Module):
@@ -314,7 +306,7 @@ def export_onnx(
                     DYNAMO_MIN_OPSET, opset)
         opset = DYNAMO_MIN_OPSET
     tok_cfg = tokenizer_settings(bundle)
-    tokenizer = ClipTokenizer(_oc_tokenizer.default_bpe(), tok_cfg["context_length"], tok_cfg["clean"])
+    tokenizer = ClipTokenizer(_oc_tokenizer.default_bpe(), tok_cfg.context_length, tok_cfg.clean)
     cfg = bundle.preprocess_cfg()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -384,18 +376,16 @@ def export_model_dir(
         ValueError: an unsupported tokenizer / preprocessing or bad metadata (before anything is written).
         ExportError: the ONNX graphs fail the checker or the parity check.
     """
-    metadata = model_metadata(bundle, **(metadata_extra or {}))
+    manifest = build_manifest(bundle, **(metadata_extra or {}))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(_oc_tokenizer.default_bpe(), out / VOCAB_FILENAME)
+    shutil.copyfile(_oc_tokenizer.default_bpe(), out / manifest.tokenizer.vocab)
     result = export_onnx(bundle, out, **export_kwargs)
-    metadata["opset"] = result["opset"]
-    metadata["exporter"] = result["exporter"]
-    metadata["parity"] = result["parity"]
-    metadata["checkpoint"] = CHECKPOINT_FILE if checkpoint else None
+    manifest.opset = result["opset"]
+    manifest.exporter = result["exporter"]
+    manifest.parity = result["parity"]
+    manifest.checkpoint = CHECKPOINT_FILE if checkpoint else None
     if checkpoint:
         save_checkpoint(out / CHECKPOINT_FILE, bundle.model, bundle.spec)
-    tmp = out / (METADATA_FILE + ".tmp")
-    tmp.write_text(json.dumps(metadata, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out / METADATA_FILE)
+    manifest.write(out)
     return out

@@ -36,15 +36,15 @@ import io
 import json
 import logging
 import math
-import os
 import sqlite3
 import threading
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
+
+from .atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -294,16 +294,9 @@ class _Hnsw:
             return results
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-        try:
+        with atomic_path(path) as tmp:
             with self.lock:
                 self.index.save(str(tmp))
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .atomic import atomic_path
 from .config import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -206,7 +207,6 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, spec: ModelSpec, *
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **extra,
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     return path

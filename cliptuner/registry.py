@@ -2,22 +2,23 @@
 
 Layout::
 
-    <root>/v1/{visual.onnx, textual.onnx, model.json, checkpoint.pt, bpe_simple_vocab_16e6.txt.gz}
+    <root>/v1/              a model directory (see cliptuner.manifest): model.json, the ONNX graphs, the vocab…
     <root>/v2/...
     <root>/CURRENT          the name of the version to serve, one line
 
-Publishing copies (or moves) a prepared model directory into ``<root>/.tmp-<uuid>``, writes the version name
-into its ``model.json``, fsyncs, and renames it to ``<root>/<version>`` — a rename is atomic, so a reader sees
-either no version or a complete one, never a half-written one. CURRENT is then replaced atomically (write a
-temp file, fsync, ``os.replace``). Publishers and ``set_current`` serialise on ``fcntl.flock`` of
-``<root>/.lock``, which works across threads, processes and replicas sharing a POSIX volume. Torch-free.
+Publishing checks the prepared model directory (:meth:`cliptuner.manifest.ModelManifest.read`), copies (or
+moves) it into ``<root>/.tmp-<uuid>``, writes the version name into its ``model.json``, fsyncs, and renames it
+to ``<root>/<version>`` — a rename is atomic, so a reader sees either no version or a complete one, never a
+half-written one. CURRENT is then replaced atomically (:func:`cliptuner.atomic.write_atomic`). Publishers and
+``set_current`` serialise on ``fcntl.flock`` of ``<root>/.lock``, which works across threads, processes and
+replicas sharing a POSIX volume. Torch-free.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
-import json
 import logging
 import os
 import re
@@ -26,13 +27,14 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from .atomic import fsync_path, write_atomic
+from .manifest import MANIFEST_FILE, ModelManifest
+
 logger = logging.getLogger(__name__)
 
-METADATA_FILE = "model.json"
 CURRENT_FILE = "CURRENT"
 LOCK_FILE = ".lock"
 TMP_PREFIX = ".tmp-"
-REQUIRED_FILES = ("model.json", "visual.onnx", "textual.onnx")  # what makes a directory servable
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _AUTO_VERSION_RE = re.compile(r"^v(\d+)$")
 _RESERVED = {CURRENT_FILE}
@@ -43,35 +45,12 @@ def _natural_key(name: str) -> list[Any]:
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part]
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path, skip: tuple[str, ...] = ()) -> None:
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
             if name not in skip:
-                _fsync_path(Path(dirpath) / name)
-        _fsync_path(Path(dirpath))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a fsynced temp file and ``os.replace``; fsync the directory."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_path(path.parent)
+                fsync_path(Path(dirpath) / name)
+        fsync_path(Path(dirpath))
 
 
 class Registry:
@@ -91,7 +70,7 @@ class Registry:
         found = []
         for entry in self.root.iterdir():
             if (_VERSION_RE.match(entry.name) and entry.name not in _RESERVED and entry.is_dir()
-                    and (entry / METADATA_FILE).is_file()):
+                    and (entry / MANIFEST_FILE).is_file()):
                 found.append(entry.name)
         return sorted(found, key=_natural_key)
 
@@ -116,13 +95,21 @@ class Registry:
         """
         if isinstance(version, str) and _VERSION_RE.match(version) and version not in _RESERVED:
             candidate = self.root / version
-            if candidate.is_dir() and (candidate / METADATA_FILE).is_file():
+            if candidate.is_dir() and (candidate / MANIFEST_FILE).is_file():
                 return candidate
         raise ValueError(f"unknown model version {version!r} in {str(self.root)!r}; known: {self.versions()}")
 
+    def manifest(self, version: str) -> ModelManifest:
+        """The checked manifest of a published version.
+
+        Raises:
+            ValueError: the version is not published, or its directory is no longer a valid model directory.
+        """
+        return ModelManifest.read(self.path(version))
+
     def metadata(self, version: str) -> dict[str, Any]:
-        """``model.json`` of a published version."""
-        return json.loads((self.path(version) / METADATA_FILE).read_text(encoding="utf-8"))
+        """``model.json`` of a published version, as a dict."""
+        return self.manifest(version).to_dict()
 
     # -- writing -------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -146,8 +133,8 @@ class Registry:
         """Publish a prepared model directory as a new version and (by default) point CURRENT at it.
 
         Args:
-            src_dir: a directory with at least ``model.json``, ``visual.onnx`` and ``textual.onnx``
-                (:func:`cliptuner.export.export_model_dir` writes one).
+            src_dir: a model directory that :meth:`ModelManifest.read <cliptuner.manifest.ModelManifest.read>`
+                accepts (:func:`cliptuner.export.export_model_dir` writes one).
             version: the name to publish under; default the next of ``v1``, ``v2``, …
             make_current: replace CURRENT with the new version.
             move: move ``src_dir`` instead of copying it (a rename when on the same filesystem).
@@ -156,12 +143,11 @@ class Registry:
             The version name.
 
         Raises:
-            ValueError: ``src_dir`` lacks a required file, or the version name is invalid or already published.
+            ValueError: ``src_dir`` is not a valid model directory (no or a bad ``model.json``, a missing file), or
+                the version name is invalid or already published.
         """
         src = Path(src_dir)
-        missing = [name for name in REQUIRED_FILES if not (src / name).is_file()]
-        if missing:
-            raise ValueError(f"{str(src)!r} is not a model directory: missing {missing}")
+        manifest = ModelManifest.read(src)
         if version is not None:
             self._check_new_name(version)
         tmp = self.root / f"{TMP_PREFIX}{uuid.uuid4().hex}"
@@ -170,18 +156,15 @@ class Registry:
         else:
             shutil.copytree(src, tmp)
         try:
-            _fsync_tree(tmp, skip=(METADATA_FILE,))
+            _fsync_tree(tmp, skip=(MANIFEST_FILE,))
             with self._lock():
                 name = version if version is not None else self._next_version()
                 self._check_new_name(name)
-                metadata_path = tmp / METADATA_FILE
-                metadata = json.loads(metadata_path.read_text(encoding="utf-8"))
-                metadata["version"] = name
-                _write_atomic(metadata_path, json.dumps(metadata, indent=2, ensure_ascii=False) + "\n")
+                dataclasses.replace(manifest, version=name).write(tmp)
                 os.rename(tmp, self.root / name)
-                _fsync_path(self.root)
+                fsync_path(self.root)
                 if make_current:
-                    _write_atomic(self.root / CURRENT_FILE, name + "\n")
+                    write_atomic(self.root / CURRENT_FILE, name + "\n")
         except BaseException:
             if tmp.exists():
                 if move:
@@ -200,7 +183,7 @@ class Registry:
         """
         with self._lock():
             self.path(version)
-            _write_atomic(self.root / CURRENT_FILE, version + "\n")
+            write_atomic(self.root / CURRENT_FILE, version + "\n")
         logger.info("CURRENT of %s is now %s", self.root, version)
 
     def _check_new_name(self, name: str) -> None:

@@ -1,15 +1,14 @@
 """Serve an exported model with onnxruntime only: no torch, no open_clip.
 
-:class:`OnnxClip` reads a model directory written by :func:`cliptuner.export.export_model_dir` (``model.json``,
-``visual.onnx``, ``textual.onnx`` and the BPE vocab), decodes and preprocesses images with
-:mod:`cliptuner.images`, tokenizes with :class:`cliptuner.tokenizer.ClipTokenizer`, and runs the two sessions
-in minibatches. This module must stay importable without torch: it imports nothing from ``cliptuner.models``,
+:class:`OnnxClip` reads a model directory written by :func:`cliptuner.export.export_model_dir` (its
+:class:`~cliptuner.manifest.ModelManifest`, the two ONNX graphs and the BPE vocab), decodes and preprocesses
+images with :mod:`cliptuner.images`, tokenizes with :class:`cliptuner.tokenizer.ClipTokenizer`, and runs the two
+sessions in minibatches. This module must stay importable without torch: it imports nothing from ``cliptuner.models``,
 ``cliptuner.export`` or ``cliptuner.data``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -17,6 +16,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from .images import DEFAULT_LIMITS, ImageError, ImageLimits, ImageSource, decode_image, preprocess
+from .manifest import ModelManifest
 from .tokenizer import ClipTokenizer
 
 logger = logging.getLogger(__name__)
@@ -26,39 +26,10 @@ try:
 except ImportError as exc:  # pragma: no cover - dependency missing
     raise ImportError("serving needs onnxruntime: pip install onnxruntime (or onnxruntime-gpu for CUDA)") from exc
 
-MODEL_FORMAT = "cliptuner-model-v1"
-METADATA_FILE = "model.json"
 DEVICES = ("auto", "cpu", "cuda")
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
 _ORT_ERROR = 3  # session log severity: errors only (hides ORT's provider fallback warnings)
-
-
-def read_metadata(model_dir: str | Path) -> dict[str, Any]:
-    """Read and check ``model.json`` of a model directory.
-
-    Raises:
-        ValueError: no ``model.json``, unreadable JSON, an unknown format or a missing key.
-    """
-    path = Path(model_dir) / METADATA_FILE
-    if not path.is_file():
-        raise ValueError(f"{str(Path(model_dir))!r} is not a model directory: no {METADATA_FILE}")
-    try:
-        metadata = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read {str(path)!r}: {exc}") from exc
-    if metadata.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{str(path)!r} has format {metadata.get('format')!r}; expected {MODEL_FORMAT!r}")
-    required = ("embed_dim", "image_size", "mean", "std", "interpolation", "tokenizer", "onnx")
-    missing = [key for key in required if key not in metadata]
-    if missing:
-        raise ValueError(f"{str(path)!r} lacks {missing}")
-    if metadata["tokenizer"].get("kind") != "clip_bpe":
-        raise ValueError(f"{str(path)!r}: tokenizer kind {metadata['tokenizer'].get('kind')!r} is not supported; "
-                         "known: ['clip_bpe']")
-    if metadata.get("resize_mode", "shortest") != "shortest":
-        raise ValueError(f"{str(path)!r}: resize_mode {metadata['resize_mode']!r} is not supported; known: ['shortest']")
-    return metadata
 
 
 def _parse_device(device: str) -> tuple[str, int]:
@@ -88,8 +59,13 @@ class OnnxClip:
         batch_size: items per ``session.run``.
         limits: image size limits checked before decoding.
 
+    Attributes:
+        manifest: the directory's checked :class:`~cliptuner.manifest.ModelManifest` (read-only: the sessions and
+            the tokenizer were built from it).
+
     Raises:
-        ValueError: a bad model directory, device or batch size.
+        ValueError: a bad model directory (see :meth:`ModelManifest.read <cliptuner.manifest.ModelManifest.read>`),
+            device or batch size.
         RuntimeError: ``device="cuda"`` but onnxruntime cannot run on CUDA here.
     """
 
@@ -107,23 +83,18 @@ class OnnxClip:
         if intra_op_threads is not None and (not isinstance(intra_op_threads, int) or intra_op_threads < 1):
             raise ValueError(f"intra_op_threads must be an integer >= 1 or None, got {intra_op_threads!r}")
         self.model_dir = Path(model_dir)
-        self._metadata = read_metadata(self.model_dir)
+        self.manifest = ModelManifest.read(self.model_dir)
         self.batch_size = batch_size
         self.limits = limits
-        tok = self._metadata["tokenizer"]
-        self.tokenizer = ClipTokenizer(self.model_dir / tok["vocab"], int(tok["context_length"]),
-                                       tok.get("clean", "lower"))
-        onnx_cfg = self._metadata["onnx"]
-        self._visual_input = onnx_cfg["visual"]["input"]
-        self._text_input = onnx_cfg["textual"]["input"]
-        self._visual = self._session(self.model_dir / onnx_cfg["visual"]["file"], kind, device_id, intra_op_threads)
-        self._textual = self._session(self.model_dir / onnx_cfg["textual"]["file"], kind, device_id, intra_op_threads)
-        logger.info("serving %s (%s) on %s", self.version, self._metadata.get("arch"), self.providers)
+        tok = self.manifest.tokenizer
+        self.tokenizer = ClipTokenizer(self.model_dir / tok.vocab, tok.context_length, tok.clean)
+        graphs = self.manifest.onnx
+        self._visual = self._session(self.model_dir / graphs.visual.file, kind, device_id, intra_op_threads)
+        self._textual = self._session(self.model_dir / graphs.textual.file, kind, device_id, intra_op_threads)
+        logger.info("serving %s (%s) on %s", self.version, self.manifest.arch, self.providers)
 
     @staticmethod
     def _session(path: Path, kind: str, device_id: int, threads: Optional[int]) -> "ort.InferenceSession":
-        if not path.is_file():
-            raise ValueError(f"model file {str(path)!r} does not exist")
         options = ort.SessionOptions()
         options.log_severity_level = _ORT_ERROR
         if threads is not None:
@@ -153,17 +124,17 @@ class OnnxClip:
 
     @property
     def metadata(self) -> dict[str, Any]:
-        """A copy of ``model.json``."""
-        return json.loads(json.dumps(self._metadata))
+        """A copy of ``model.json`` (``self.manifest`` is the parsed form)."""
+        return self.manifest.to_dict()
 
     @property
     def version(self) -> str:
         """The registry version (``model.json`` ``version``), else the directory name."""
-        return str(self._metadata.get("version") or self.model_dir.resolve().name)
+        return str(self.manifest.version or self.model_dir.resolve().name)
 
     @property
     def embed_dim(self) -> int:
-        return int(self._metadata["embed_dim"])
+        return self.manifest.embed_dim
 
     @property
     def providers(self) -> list[str]:
@@ -172,7 +143,7 @@ class OnnxClip:
 
     def text_feeds(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """Tokenized texts keyed by the textual graph's input name: ``{"input_ids": int64 [batch, context]}``."""
-        return {self._text_input: self.tokenizer(list(texts))}
+        return {self.manifest.onnx.textual.input: self.tokenizer(list(texts))}
 
     def image_feeds(self, images: Sequence[ImageSource], names: Optional[Sequence[str]] = None,
                     offset: int = 0) -> dict[str, np.ndarray]:
@@ -198,9 +169,9 @@ class OnnxClip:
                 decoded.append(decode_image(image, self.limits))
             except ImageError as exc:
                 raise ImageError(f"item #{offset + i}: {exc}") from exc
-        m = self._metadata
-        pixels = preprocess(decoded, int(m["image_size"]), m["mean"], m["std"], m["interpolation"])
-        return {self._visual_input: pixels}
+        m = self.manifest
+        pixels = preprocess(decoded, m.image_size, m.mean, m.std, m.interpolation)
+        return {m.onnx.visual.input: pixels}
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         """Embed texts.

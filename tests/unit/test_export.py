@@ -14,8 +14,9 @@ from PIL import Image
 
 from cliptuner import export
 from cliptuner.config import ModelSpec
-from cliptuner.export import (ExportError, export_model_dir, export_onnx, generate_sample_images, model_metadata,
+from cliptuner.export import (ExportError, build_manifest, export_model_dir, export_onnx, generate_sample_images,
                               tokenizer_settings)
+from cliptuner.manifest import ModelManifest
 from cliptuner.models import load_model
 from cliptuner.runtime import OnnxClip
 from cliptuner.tokenizer import VOCAB_FILENAME
@@ -88,6 +89,7 @@ def test_model_dir_contents(tiny_model_dir, tiny_bundle):
     created = datetime.fromisoformat(meta["created_at"])
     assert created.tzinfo is not None and abs((datetime.now(timezone.utc) - created).total_seconds()) < 3600
     assert "version" not in meta  # the registry adds it when publishing
+    assert ModelManifest.read(tiny_model_dir).to_dict() == meta  # what the exporter wrote is a valid manifest
 
 
 def test_checkpoint_in_model_dir_reloads_identically(tiny_model_dir, tiny_bundle):
@@ -100,12 +102,15 @@ def test_checkpoint_in_model_dir_reloads_identically(tiny_model_dir, tiny_bundle
 
 
 def test_metadata_extra_and_its_checks(tiny_bundle):
-    meta = model_metadata(tiny_bundle, parent_version="v3", report={"after": {"t2i_r1": 0.5}})
-    assert meta["parent_version"] == "v3" and meta["report"]["after"]["t2i_r1"] == 0.5
+    manifest = build_manifest(tiny_bundle, parent_version="v3", report={"after": {"t2i_r1": 0.5}}, role="base")
+    assert manifest.parent_version == "v3" and manifest.report["after"]["t2i_r1"] == 0.5
+    assert manifest.extra == {"role": "base"} and manifest.to_dict()["role"] == "base"
     with pytest.raises(ValueError, match=r"\['embed_dim'\] would replace core keys"):
-        model_metadata(tiny_bundle, embed_dim=3)
+        build_manifest(tiny_bundle, embed_dim=3)
+    with pytest.raises(ValueError, match=r"\['opset'\] would replace core keys"):
+        build_manifest(tiny_bundle, opset=11)  # export results are the exporter's to set
     with pytest.raises(ValueError, match="'blob' is not JSON-serialisable"):
-        model_metadata(tiny_bundle, blob=object())
+        build_manifest(tiny_bundle, blob=object())
 
 
 def test_non_clip_tokenizer_is_refused_before_writing(tiny_bundle, tmp_path):
@@ -117,7 +122,7 @@ def test_non_clip_tokenizer_is_refused_before_writing(tiny_bundle, tmp_path):
 
     bundle = dataclasses.replace(tiny_bundle, tokenizer=HFTokenizer(), spec=ModelSpec("xlm-roberta-base-ViT-B-32"))
     with pytest.raises(ValueError, match=r"'xlm-roberta-base-ViT-B-32' uses a HFTokenizer tokenizer"):
-        model_metadata(bundle)
+        build_manifest(bundle)
     with pytest.raises(ValueError, match="HFTokenizer"):
         export_model_dir(bundle, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -127,7 +132,7 @@ def test_non_clip_tokenizer_is_refused_before_writing(tiny_bundle, tmp_path):
 
 def test_tokenizer_variants(tiny_bundle):
     canon = dataclasses.replace(tiny_bundle, tokenizer=SimpleTokenizer(context_length=32, clean="canonicalize"))
-    assert tokenizer_settings(canon)["clean"] == "canonicalize"
+    assert tokenizer_settings(canon).clean == "canonicalize"
     masked = dataclasses.replace(tiny_bundle, tokenizer=SimpleTokenizer(context_length=32, reduction_mask="simple"))
     with pytest.raises(ValueError, match="reduction mask"):
         tokenizer_settings(masked)

@@ -8,16 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from cliptuner.registry import REQUIRED_FILES, Registry
+from cliptuner.manifest import (CHECKPOINT_FILE, REQUIRED_FILES, TEXTUAL_FILE, VISUAL_FILE, VOCAB_FILE,
+                                ModelManifest, OnnxSpec, TokenizerSpec)
+from cliptuner.registry import Registry
 
 
 def make_model_dir(path: Path, payload_bytes: int = 16, arch: str = "fake") -> Path:
-    """A directory shaped like an exported model (its contents are not a real model)."""
+    """A directory shaped like an exported model: a valid manifest, files whose contents are not a real model."""
     path.mkdir(parents=True)
-    (path / "model.json").write_text(json.dumps({"format": "cliptuner-model-v1", "arch": arch}))
-    (path / "visual.onnx").write_bytes(b"v" * payload_bytes)
-    (path / "textual.onnx").write_bytes(b"t" * payload_bytes)
-    (path / "checkpoint.pt").write_bytes(b"c" * payload_bytes)
+    ModelManifest(arch=arch, embed_dim=8, image_size=16, mean=[0.5] * 3, std=[0.5] * 3, interpolation="bicubic",
+                  tokenizer=TokenizerSpec(context_length=8), onnx=OnnxSpec.standard(),
+                  checkpoint=CHECKPOINT_FILE).write(path)
+    (path / VISUAL_FILE).write_bytes(b"v" * payload_bytes)
+    (path / TEXTUAL_FILE).write_bytes(b"t" * payload_bytes)
+    (path / VOCAB_FILE).write_bytes(b"b" * payload_bytes)
+    (path / CHECKPOINT_FILE).write_bytes(b"c" * payload_bytes)
     return path
 
 
@@ -34,7 +39,7 @@ def test_publish_increments_and_current_follows(tmp_path):
     assert (reg.root / "CURRENT").read_text().strip() == "v2"
     assert reg.metadata("v1")["version"] == "v1"
     assert reg.metadata("v2")["version"] == "v2"
-    assert reg.metadata("v2")["arch"] == "fake"
+    assert reg.metadata("v2")["arch"] == "fake" and reg.manifest("v2").version == "v2"
     for name in REQUIRED_FILES + ("checkpoint.pt",):
         assert (reg.path("v2") / name).is_file()
     assert (src / "model.json").is_file() and "version" not in json.loads((src / "model.json").read_text())  # copied
@@ -116,18 +121,36 @@ def test_incomplete_source_is_refused(tmp_path):
     assert reg.versions() == [] and reg.current() is None
 
 
-def test_failed_publish_leaves_nothing_behind(tmp_path):
+def test_invalid_manifest_is_refused_before_copying(tmp_path):
     reg = Registry(tmp_path / "models")
     reg.publish(make_model_dir(tmp_path / "good"))
     bad = make_model_dir(tmp_path / "bad")
     (bad / "model.json").write_text("{not json")
-    with pytest.raises(json.JSONDecodeError):
+    with pytest.raises(ValueError, match=r"cannot read .*model.json"):
         reg.publish(bad)
     assert reg.versions() == ["v1"] and reg.current() == "v1"
     assert not list(reg.root.glob(".tmp-*"))
-    with pytest.raises(json.JSONDecodeError):
+    with pytest.raises(ValueError, match=r"cannot read .*model.json"):
         reg.publish(bad, move=True)
-    assert (bad / "model.json").is_file()  # a failed move gives the directory back
+    assert (bad / "model.json").is_file()  # a refused move leaves the directory where it was
+    (bad / "model.json").write_text(json.dumps({"format": "cliptuner-model-v0", "arch": "fake"}))
+    with pytest.raises(ValueError, match="format 'cliptuner-model-v0'"):
+        reg.publish(bad)
+    assert reg.versions() == ["v1"] and not list(reg.root.glob(".tmp-*"))
+
+
+def test_failed_move_gives_the_directory_back(tmp_path, monkeypatch):
+    reg = Registry(tmp_path / "models")
+    src = make_model_dir(tmp_path / "src")
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("cliptuner.registry.os.rename", fail)  # after the copy/move, before the version exists
+    with pytest.raises(OSError, match="disk full"):
+        reg.publish(src, move=True)
+    assert all((src / name).is_file() for name in REQUIRED_FILES)
+    assert reg.versions() == [] and reg.current() is None
     assert not list(reg.root.glob(".tmp-*"))
 
 

@@ -17,7 +17,8 @@ from cliptuner import runtime
 from cliptuner.export import generate_sample_images
 from cliptuner.images import ImageError, ImageLimits
 from cliptuner.registry import Registry
-from cliptuner.runtime import OnnxClip, read_metadata
+from cliptuner.manifest import ModelManifest
+from cliptuner.runtime import OnnxClip
 
 TEXTS = ["a photo of a cat", "", "A RED square!!", "emoji 😀 &amp; café", "long " * 60]
 
@@ -67,6 +68,7 @@ def test_properties(clip, tiny_model_dir):
     assert meta["arch"] == "cliptuner-tiny" and meta["tokenizer"]["context_length"] == 32
     meta["embed_dim"] = 1
     assert clip.embed_dim == 128 and clip.metadata["embed_dim"] == 128  # a copy
+    assert clip.manifest == ModelManifest.read(tiny_model_dir) and clip.manifest.to_dict() == clip.metadata
     assert clip.text_feeds(["a"])["input_ids"].shape == (1, 32)
     assert clip.image_feeds([np.zeros((10, 20, 3), np.uint8)])["pixel_values"].shape == (1, 3, 64, 64)
 
@@ -148,7 +150,11 @@ def test_bad_arguments_raise(tiny_model_dir, tmp_path):
     meta["format"] = "something-else"
     (broken / "model.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="format 'something-else'"):
-        read_metadata(broken)
+        OnnxClip(broken)
+    (broken / "model.json").write_text(ModelManifest.read(tiny_model_dir).to_json())
+    (broken / "textual.onnx").unlink()
+    with pytest.raises(ValueError, match=r"is not a model directory: missing \['textual.onnx'\]"):
+        OnnxClip(broken)
 
 
 def test_version_comes_from_the_registry(tiny_model_dir, tmp_path):
