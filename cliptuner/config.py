@@ -1,7 +1,9 @@
 """Configuration dataclasses for the cliptuner core.
 
-Each dataclass validates itself in ``__post_init__`` and raises a ``ValueError`` that names the bad
-value and what is allowed, so a mistake surfaces where it is made rather than deep inside training.
+User-facing options are declared with :func:`cliptuner.options.option` (default, help, where reachable); the
+CLI flags, the ``/train`` parameter names and config files derive from those fields. Each dataclass validates
+itself in ``__post_init__`` and raises a ``ValueError`` that names the bad value and what is allowed, so a
+mistake surfaces where it is made rather than deep inside training.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
+
+from .options import cast_value, option
 
 PRECISIONS = ("fp32", "amp", "amp_bf16")
 SCHEDULERS = ("cosine", "constant")
@@ -23,8 +27,8 @@ def _check(condition: bool, message: str) -> None:
 def from_mapping(cls: type, values: Mapping[str, Any]) -> Any:
     """Build a config dataclass from a mapping, rejecting unknown keys by name.
 
-    Values that arrive as floats for integer fields (protobuf Structs carry every number as a float)
-    are cast when they are whole numbers.
+    Values are cast to the field's annotated type (:func:`cliptuner.options.cast_value`): whole floats for
+    integer fields (protobuf Structs carry every number as a float), ints for float fields, lists for sequences.
 
     Args:
         cls: the dataclass type to build.
@@ -36,25 +40,11 @@ def from_mapping(cls: type, values: Mapping[str, Any]) -> Any:
     Raises:
         ValueError: on an unknown key or a value of the wrong type.
     """
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} option(s) {unknown}; known: {sorted(fields)}")
-    kwargs = {}
-    for name, value in values.items():
-        kind = fields[name].type if isinstance(fields[name].type, str) else getattr(fields[name].type, "__name__", "")
-        if kind.startswith("int") or kind.startswith("Optional[int"):
-            if isinstance(value, float):
-                if not value.is_integer():
-                    raise ValueError(f"{name} must be a whole number, got {value!r}")
-                value = int(value)
-        if kind.startswith("float") or kind.startswith("Optional[float"):
-            if isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-        if kind.startswith("bool") and not isinstance(value, bool):
-            raise ValueError(f"{name} must be true or false, got {value!r}")
-        kwargs[name] = value
-    return cls(**kwargs)
+    return cls(**{name: cast_value(cls, name, value) for name, value in values.items()})
 
 
 @dataclass
@@ -76,40 +66,64 @@ class ModelSpec:
 
 @dataclass
 class TrainConfig:
-    """Options of one fine-tuning run."""
+    """Options of one fine-tuning run.
 
-    epochs: int = 5  # passes over the training pairs
-    batch_size: int = 64  # pairs per forward pass (per process); a step sees batch_size * accum_steps * world size
-    learning_rate: float = 1e-4  # peak learning rate of AdamW
-    weight_decay: float = 0.1  # AdamW weight decay (not applied to gains, biases, embeddings, logit scale)
-    beta1: float = 0.9  # AdamW beta1
-    beta2: float = 0.98  # AdamW beta2 (CLIP's choice, steadier than 0.999 with large batches)
-    eps: float = 1e-6  # AdamW epsilon
-    warmup_steps: int = 10  # linear warmup length in optimizer steps
-    scheduler: str = "cosine"  # learning-rate shape after warmup: cosine | constant
-    accum_steps: int = 1  # micro-batches per optimizer step; features are accumulated so the loss sees the
-    #                       negatives of the whole effective batch (batch_size * accum_steps), as OpenCLIP's accum_freq
-    grad_clip_norm: Optional[float] = 1.0  # clip the global grad norm; None disables
-    lock_image: bool = False  # freeze the image tower
-    lock_text: bool = False  # freeze the text tower
-    image_unlocked_groups: int = 0  # with lock_image: keep the last N layer groups of the image tower trainable
-    text_unlocked_layers: int = 0  # with lock_text: keep the last N groups of the text tower trainable
-    #                                 (OpenCLIP's groups: projection, last block + final norm, blocks, embeddings)
-    layer_decay: float = 1.0  # layer-wise lr decay: layer l of L gets lr * decay**(L - l); 1.0 disables
-    grad_checkpointing: bool = False  # recompute activations in backward to save memory
-    precision: str = "amp"  # fp32 | amp (fp16 autocast on CUDA) | amp_bf16; AMP falls back to fp32 on CPU
-    device: str = "cpu"  # torch device string: cpu, cuda, cuda:1
-    seed: int = 0  # seeds torch, numpy and the batch sampler
-    num_workers: int = 0  # DataLoader worker processes
-    eval_every: int = 1  # evaluate every N epochs (0: only at the end)
-    early_stop_patience: Optional[int] = None  # stop after N evaluations without improvement; None disables
-    early_stop_metric: str = "t2i_r5"  # metric watched for early stopping and the best checkpoint
-    keep_best: bool = False  # restore the weights of the best evaluation at the end
-    val_fraction: float = 0.1  # with keep_best or early stopping: share of the TRAINING images set aside to choose
-    #                            the epoch, so that the held-out split that reports before/after is never used to choose
-    log_every: int = 10  # emit a progress line every N optimizer steps
-    wiseft_alphas: Sequence[float] = ()  # WiSE-FT: also report held-out (and general) recall at these alphas
-    wiseft_alpha: Optional[float] = None  # WiSE-FT: keep (1-a)*base + a*tuned as the result; None keeps tuned
+    Each option is declared once, here: its help text and where it is reachable (``cli``: a ``cliptuner train``
+    flag, ``request``: a ``/train`` parameter) live in the field's metadata (:func:`cliptuner.options.option`),
+    from which the CLI flags, the ``/train`` parameter names and config files are derived.
+    """
+
+    epochs: int = option(5, "passes over the training pairs")
+    batch_size: int = option(64, "pairs per forward pass (per process); an optimizer step sees "
+                                 "batch_size * accum_steps * world size pairs")
+    learning_rate: float = option(1e-4, "peak learning rate of AdamW", flags=("--lr", "--learning-rate"))
+    weight_decay: float = option(0.1, "AdamW weight decay, as OpenCLIP applies it: every weight matrix is "
+                                      "decayed (token and positional embeddings included), gains, biases, norms "
+                                      "and the logit scale are not")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.98, "AdamW beta2 (CLIP's choice, steadier than 0.999 with large batches)")
+    eps: float = option(1e-6, "AdamW epsilon")
+    warmup_steps: int = option(10, "linear warmup length in optimizer steps")
+    scheduler: str = option("cosine", "learning-rate shape after warmup", choices=SCHEDULERS)
+    accum_steps: int = option(1, "micro-batches per optimizer step; features are accumulated so that the loss "
+                                 "sees the negatives of the whole effective batch (batch_size * accum_steps), "
+                                 "as OpenCLIP's accum_freq")
+    grad_clip_norm: Optional[float] = option(1.0, "clip the global gradient norm to this; none disables")
+    lock_image: bool = option(False, "freeze the image tower")
+    lock_text: bool = option(False, "freeze the text tower")
+    image_unlocked_groups: int = option(0, "with lock_image: keep the last N layer groups of the image tower "
+                                           "trainable")
+    text_unlocked_layers: int = option(0, "with lock_text: keep the last N groups of the text tower trainable "
+                                          "(OpenCLIP's groups, from the top: projection; last block + final "
+                                          "norm; earlier blocks; embeddings)")
+    layer_decay: float = option(1.0, "layer-wise lr decay: layer l of L gets lr * decay**(L - l); 1.0 disables")
+    grad_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    precision: str = option("amp", "fp32, amp (fp16 autocast on CUDA) or amp_bf16; AMP falls back to fp32 on CPU",
+                            choices=PRECISIONS)
+    device: str = option("cpu", "torch device string: cpu, cuda, cuda:1", cli=False, request=False)
+    #   cli=False: the CLI's --device defaults to CUDA when there is one (and to the LOCAL_RANK GPU under
+    #   torchrun); request=False: the tuner trains where its service was placed.
+    seed: int = option(0, "seeds torch, numpy, the batch sampler and the held-out split")
+    num_workers: int = option(0, "DataLoader worker processes", flags=("--workers", "--num-workers"),
+                              request=False)
+    #   request=False: worker processes are forked on the serving host; how many is the operator's choice
+    #   (like the tuner's device and torch_threads), not a client's.
+    eval_every: int = option(1, "evaluate every N epochs (0: only at the end)")
+    early_stop_patience: Optional[int] = option(None, "stop after N evaluations without improvement (chosen on "
+                                                      "val_fraction of the training images); none disables")
+    early_stop_metric: str = option("t2i_r5", "metric watched for early stopping and the best checkpoint",
+                                    choices=METRIC_NAMES)
+    keep_best: bool = option(False, "restore the weights of the best evaluation at the end (chosen on "
+                                    "val_fraction of the training images)")
+    val_fraction: float = option(0.1, "with keep_best or early stopping: share of the TRAINING images set aside "
+                                      "to choose the epoch, so that the held-out split that reports before/after "
+                                      "is never used to choose")
+    log_every: int = option(10, "emit a progress line every N optimizer steps", cli=False, request=False)
+    #   cli=False and request=False: the CLI's progress bar and the tuner's /status choose it.
+    wiseft_alphas: Sequence[float] = option((), "WiSE-FT: also report held-out (and general) recall of "
+                                                "(1-a)*base + a*tuned at these alphas")
+    wiseft_alpha: Optional[float] = option(None, "WiSE-FT: keep (1-a)*base + a*tuned as the result (exported); "
+                                                 "none keeps the tuned weights")
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "accum_steps"):
@@ -119,6 +133,7 @@ class TrainConfig:
         _check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate!r}")
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"betas must be in [0, 1), got {(self.beta1, self.beta2)}")
+        _check(self.eps > 0, f"eps must be > 0, got {self.eps!r}")
         _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
         _check(self.scheduler in SCHEDULERS, f"scheduler must be one of {list(SCHEDULERS)}, got {self.scheduler!r}")
         _check(self.precision in PRECISIONS, f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
@@ -154,8 +169,9 @@ class EvalConfig:
 
     ks: Sequence[int] = field(default_factory=lambda: (1, 5, 10))  # recall@k cut-offs
     batch_size: int = 128  # images or texts per forward pass
-    eval_fraction: float = 0.2  # share of images held out when no eval data is given
-    split_seed: int = 0  # seed of the held-out split (same seed → same split)
+    eval_fraction: float = option(0.2, "share of the images held out (with all their captions) when no eval data "
+                                       "is given")
+    split_seed: int = 0  # seed of the held-out split (same seed → same split); the CLI and /train pass ``seed``
 
     def __post_init__(self) -> None:
         self.ks = tuple(int(k) for k in self.ks)
