@@ -1,13 +1,18 @@
 """What to embed for one item (a doc of the service, a stored doc): its image if it has one, else its text.
 
-An item carries text, or an image given as a ``tensor`` (``H×W×3`` uint8), a ``blob`` (an encoded image file)
-or a ``uri`` (a local path, ``file://`` path, or ``data:`` URI), or both text and image (a pair). A pair is
+An item carries text, or an image given as a ``tensor`` (``H×W×3`` uint8: the array rule of
+:func:`cliptuner.images.check_array_image`), a ``blob`` (an encoded image file) or a ``uri`` (a local path,
+``file://`` path, or ``data:`` URI, base64 or percent-encoded), or both text and image (a pair). A pair is
 embedded by its image: in a gallery the image is what a caption searches for, and a query pair is an image
 query that carries its caption. Send the text as its own item to embed the text.
 
 :func:`image_source` checks an item's image fields cheaply (shape and type, path containment) and returns
 something :func:`cliptuner.images.decode_image` takes; decoding happens later, one minibatch at a time, with
 the size limits of :mod:`cliptuner.images`. :func:`embed_items` embeds a mixed list with one model. Torch-free.
+
+Local paths: with a ``uri_root``, a relative path is taken from it and every path is resolved (``..`` and
+symlinks followed) before it must lie under the resolved root, so neither ``..`` nor a symlink placed inside the
+root can reach a file outside it; the resolved path is what gets read.
 """
 
 from __future__ import annotations
@@ -18,11 +23,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, unquote_to_bytes, urlparse
 
 import numpy as np
 
-from .images import DEFAULT_LIMITS, ImageLimits, ImageSource
+from .images import DEFAULT_LIMITS, ImageLimits, ImageSource, check_array_image
 
 _MAX_URI_CHARS = 4 * DEFAULT_LIMITS.max_bytes // 3 + 1024  # a data: URI of the largest accepted file
 
@@ -42,27 +47,36 @@ def _data_uri(uri: str, name: str, limits: ImageLimits) -> bytes:
         raise ValueError(f"{name}: malformed data URI (no ',')")
     if len(payload) > 4 * limits.max_bytes // 3 + 4:
         raise ValueError(f"{name}: data URI is over the limit of {limits.max_bytes} bytes")
-    if header.endswith(";base64"):
+    if header.lower().endswith(";base64"):
         try:
-            return base64.b64decode(payload, validate=True)
+            data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise ValueError(f"{name}: data URI is not valid base64 ({exc})") from None
-    return unquote(payload).encode("latin-1", errors="replace")
+    else:
+        data = unquote_to_bytes(payload)  # percent-encoded bytes, not text
+    if not data:
+        raise ValueError(f"{name}: data URI holds no data")
+    if len(data) > limits.max_bytes:
+        raise ValueError(f"{name}: data URI holds {len(data)} bytes, over the limit of {limits.max_bytes}")
+    return data
 
 
 def _local_path(uri: str, name: str, uri_root: Optional[Path]) -> Path:
-    if uri.startswith("file://"):
-        path = Path(unquote(urlparse(uri).path))
+    parsed = urlparse(uri)
+    if parsed.scheme.lower() == "file":
+        if parsed.netloc not in ("", "localhost"):  # file://images/a.png would silently read /a.png
+            raise ValueError(f"{name}: file URI {uri!r} names host {parsed.netloc!r}; write file:///absolute/path")
+        path = Path(unquote(parsed.path))
     else:
-        scheme = urlparse(uri).scheme
+        scheme = parsed.scheme
         if scheme and len(scheme) > 1:  # not a Windows drive letter
             raise ValueError(f"{name}: uri scheme {scheme!r} is not supported; give a local path, a file:// path or "
                              "a data: URI (or send the image as blob or tensor)")
         path = Path(uri).expanduser()
     if uri_root is not None:
-        resolved = (uri_root / path).resolve() if not path.is_absolute() else path.resolve()
+        resolved = (uri_root / path).resolve()  # an absolute path replaces the root; symlinks and .. followed
         if not resolved.is_relative_to(uri_root):
-            raise ValueError(f"{name}: uri {uri!r} is outside the allowed folder {str(uri_root)!r}")
+            raise ValueError(f"{name}: uri {uri!r} is outside the allowed folder")  # the folder is not disclosed
         return resolved
     return path
 
@@ -76,27 +90,19 @@ def image_source(name: str, tensor: Any = None, blob: Optional[bytes] = None, ur
 
     Args:
         name: how errors name the item (``"doc 'abc'"``).
-        tensor: an ``H×W×3`` uint8 array.
+        tensor: an ``H×W×3`` uint8 array (:func:`cliptuner.images.check_array_image`).
         blob: an encoded image file (PNG, JPEG…).
         uri: a local path, a ``file://`` URI or a ``data:`` URI.
         uri_root: when set, local paths must lie under it (relative ones are taken from it).
-        limits: size limits (the pixel count of a tensor, the byte size of a data URI).
+        limits: size limits (the sides and pixel count of a tensor, the byte size of a data URI).
 
     Raises:
-        ValueError: a tensor of the wrong shape or type, an empty blob, an unsupported or malformed URI, or a path
-            outside ``uri_root`` — the message starts with ``name``.
+        cliptuner.images.ImageError: a tensor that breaks the array rule (a ``ValueError``).
+        ValueError: an empty blob, an unsupported or malformed URI, or a path outside ``uri_root``.
+        Every message starts with ``name``.
     """
     if tensor is not None:
-        array = np.asarray(tensor)
-        if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
-            raise ValueError(f"{name}: tensor must be an H×W×3 uint8 image, got shape {tuple(array.shape)} "
-                             f"dtype {array.dtype}")
-        if min(array.shape[0], array.shape[1]) < limits.min_side:
-            raise ValueError(f"{name}: tensor of shape {tuple(array.shape)} has an empty side")
-        if array.shape[0] * array.shape[1] > limits.max_pixels:
-            raise ValueError(f"{name}: tensor of {array.shape[0]}x{array.shape[1]} pixels is over the limit of "
-                             f"{limits.max_pixels}")
-        return array
+        return check_array_image(tensor, limits, f"{name}: tensor")
     if blob is not None:
         if len(blob) == 0:
             raise ValueError(f"{name}: blob is empty")

@@ -94,7 +94,8 @@ class ModelFollower:
             True when the served version changed.
 
         Raises:
-            ValueError: ``strict`` and CURRENT's version cannot be loaded.
+            ValueError: ``strict`` (or nothing is served yet) and CURRENT's version cannot be loaded (a bad
+                directory; a corrupt ONNX file raises onnxruntime's own error instead).
             RuntimeError: ``strict`` and the registry has no CURRENT.
         """
         with self._load_lock:
@@ -109,7 +110,7 @@ class ModelFollower:
                 return False
             try:
                 clip = self.open(version)
-            except (ValueError, OSError, RuntimeError) as exc:
+            except Exception as exc:  # onnxruntime's own errors (InvalidProtobuf, Fail) derive from Exception only
                 self.last_error = f"cannot load model version {version!r}: {exc}"
                 self._signature = signature  # do not retry on every request; the next CURRENT change retries
                 if strict or self._clip is None:

@@ -1,9 +1,16 @@
 """Image decoding with limits, and CLIP preprocessing in numpy/PIL (no torch).
 
-Images arrive as a file path, encoded bytes, a PIL image or an ``H×W×3`` uint8 array. Every decode is
-guarded before pixels are allocated: a file larger than ``max_bytes`` or a header that announces more than
-``max_pixels`` is refused with an :class:`ImageError` that names the item, so a decompression bomb cannot take
-a process down.
+Images arrive as a file path, encoded bytes, a PIL image or an array. Every decode is guarded before pixels
+are allocated: a file larger than ``max_bytes`` or a header that announces more than ``max_pixels`` is refused
+with an :class:`ImageError` that names the item, so a decompression bomb cannot take a process down.
+
+The one rule for array images (a ``tensor`` of a request, an array handed to the library), checked by
+:func:`check_array_image` wherever an array enters: an RGB image of shape ``H×W×3`` and dtype ``uint8``, each
+side at least ``min_side`` and ``H*W`` at most ``max_pixels``. Nothing else is converted silently: a grayscale
+``H×W`` array, an ``H×W×4`` RGBA array, a ``3×H×W`` (channels-first) array or floats (whose range — [0, 1] or
+[0, 255] — and NaN/inf cannot be guessed safely) are refused with an error that names the item, the shape, the
+dtype and this rule; convert them first (``np.stack([g] * 3, -1)``, ``rgba[..., :3]``,
+``np.round(x * 255).astype(np.uint8)``), or send the encoded file instead.
 
 :func:`preprocess` reproduces OpenCLIP's evaluation transform (resize the shortest side with bicubic
 filtering, centre crop, scale to [0, 1], normalise by mean/std) so the ONNX runtime sees what torch saw.
@@ -49,6 +56,55 @@ class ImageLimits:
 
 DEFAULT_LIMITS = ImageLimits()
 
+ARRAY_IMAGE_RULE = "an H×W×3 uint8 image"  # RGB, height × width × 3 channels of 0–255
+
+
+def _array_hint(array: np.ndarray) -> str:
+    """How to turn a refused array into an accepted one, for the common cases."""
+    if array.ndim == 2:
+        return "; a grayscale image: stack it to 3 channels"
+    if array.ndim == 3 and array.shape[2] == 4:
+        return "; an RGBA image: drop the alpha channel (array[..., :3])"
+    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[2] not in (1, 3):
+        return "; channels first: transpose it to H×W×3"
+    if np.issubdtype(array.dtype, np.floating):
+        return "; floats: scale to 0–255 and convert to uint8"
+    return ""
+
+
+def check_array_image(array: Any, limits: ImageLimits = DEFAULT_LIMITS, name: str = "array") -> np.ndarray:
+    """The one check of an array image (see the module docstring): ``H×W×3`` uint8 within ``limits``.
+
+    Cheap (shape and dtype only, no pixel is read), so it runs when a request arrives as well as before decoding.
+
+    Args:
+        array: the candidate image (anything ``np.asarray`` takes).
+        limits: the side and pixel-count limits.
+        name: how errors name it, e.g. ``"doc 'abc': tensor"``.
+
+    Returns:
+        The array as an ``np.ndarray`` (not copied when it already is one).
+
+    Raises:
+        ImageError: not an array, wrong rank or channel count, a dtype other than uint8, a side under
+            ``limits.min_side``, or more than ``limits.max_pixels`` pixels; the message names the item, its
+            shape and dtype, and the rule.
+    """
+    try:
+        array = np.asarray(array)
+    except (TypeError, ValueError) as exc:
+        raise ImageError(f"{name} must be {ARRAY_IMAGE_RULE}, got something that is not an array ({exc})") from None
+    got = f"got shape {tuple(array.shape)} dtype {array.dtype}"
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise ImageError(f"{name} must be {ARRAY_IMAGE_RULE}, {got}{_array_hint(array)}")
+    height, width = int(array.shape[0]), int(array.shape[1])
+    if min(height, width) < limits.min_side:
+        raise ImageError(f"{name} must be {ARRAY_IMAGE_RULE} with sides of at least {limits.min_side} pixels, {got}")
+    if height * width > limits.max_pixels:
+        raise ImageError(f"{name}: {height}x{width} = {height * width} pixels is over the limit of "
+                         f"{limits.max_pixels} ({got})")
+    return array
+
 
 def _describe(source: Any) -> str:
     if isinstance(source, (str, os.PathLike)):
@@ -64,7 +120,7 @@ def decode_image(source: ImageSource, limits: ImageLimits = DEFAULT_LIMITS, name
     """Decode one image into an RGB PIL image, refusing anything over ``limits``.
 
     Args:
-        source: a path, encoded bytes, an ``H×W×3`` (or ``H×W``) uint8 array, or a PIL image.
+        source: a path, encoded bytes, an ``H×W×3`` uint8 array (:func:`check_array_image`), or a PIL image.
         limits: size limits checked before decoding.
         name: how to name the item in errors (a row, a doc id); defaults to a description of ``source``.
 
@@ -79,7 +135,8 @@ def decode_image(source: ImageSource, limits: ImageLimits = DEFAULT_LIMITS, name
         _check_size(source.width, source.height, limits, label)
         return source.convert("RGB")
     if isinstance(source, np.ndarray):
-        return _from_array(source, limits, label)
+        array = check_array_image(source, limits, f"image {label}: array")
+        return Image.fromarray(np.ascontiguousarray(array))  # H×W×3 uint8 is RGB
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if len(data) > limits.max_bytes:
@@ -122,20 +179,6 @@ def _open(buffer: io.BytesIO, limits: ImageLimits, label: str) -> Image.Image:
     except Exception as exc:  # PIL raises many types for corrupt data
         raise ImageError(f"image {label}: cannot decode ({type(exc).__name__}: {exc})") from exc
     return image.convert("RGB")
-
-
-def _from_array(array: np.ndarray, limits: ImageLimits, label: str) -> Image.Image:
-    if array.ndim == 2:
-        array = np.stack([array] * 3, axis=-1)
-    if array.ndim != 3 or array.shape[-1] not in (3, 4):
-        raise ImageError(f"image {label}: array must be H×W×3 (or H×W×4, H×W), got shape {tuple(array.shape)}")
-    _check_size(int(array.shape[1]), int(array.shape[0]), limits, label)
-    if array.dtype != np.uint8:
-        if np.issubdtype(array.dtype, np.floating) and array.size and 0.0 <= float(array.min()) and float(array.max()) <= 1.0:
-            array = np.round(array * 255.0).astype(np.uint8)
-        else:
-            raise ImageError(f"image {label}: array dtype must be uint8 (or float in [0, 1]), got {array.dtype}")
-    return Image.fromarray(np.ascontiguousarray(array[..., :3]), mode="RGB")
 
 
 def resize_and_crop(image: Image.Image, size: int, interpolation: str = "bicubic") -> Image.Image:

@@ -33,55 +33,14 @@ from docarray import DocList
 from jina import Executor, requests
 
 from cliptuner.bootstrap import ensure_current
-from cliptuner.config import ModelSpec
-from cliptuner.content import Item, embed_items, make_item
+from cliptuner.content import Item, embed_items
 from cliptuner.follow import ModelFollower
-from cliptuner.registry import Registry
 
-from .options import MODELS_SUBDIR, request_parameters, setting, workspace_root
+from .content import doc_item, has_content
+from .options import base_spec, request_parameters, resolve_workspace, setting
 from .schemas import ClipDoc
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_ARCH = "cliptuner-tiny"
-
-
-def doc_item(doc: ClipDoc, uri_root: Optional[str] = None) -> Item:
-    """What to embed for a doc (its image, else its text).
-
-    Raises:
-        ValueError: no content, or a bad tensor/blob/uri (names the doc id).
-    """
-    return make_item(f"doc {doc.id!r}", text=doc.text, tensor=doc.tensor, blob=doc.blob, uri=doc.uri,
-                     uri_root=uri_root)
-
-
-def has_content(doc: ClipDoc) -> bool:
-    """True when the doc has text or an image field to embed."""
-    return bool(doc.text and doc.text.strip()) or doc.tensor is not None or doc.blob is not None or bool(doc.uri)
-
-
-def resolve_models_dir(executor: Executor, models_dir: Optional[str], init_workspace: Optional[str]) -> Registry:
-    """The registry an Executor follows: ``models_dir``, else ``<workspace>/models``.
-
-    Raises:
-        ValueError: neither is set.
-    """
-    explicit = setting(models_dir)
-    if explicit:
-        return Registry(explicit)
-    root = workspace_root(getattr(executor.runtime_args, "workspace", None), getattr(executor.metas, "workspace", None),
-                          init_workspace)
-    if root is None:
-        raise ValueError(f"{type(executor).__name__}: no workspace; set CLIPTUNER_WORKSPACE, pass --workspace / "
-                         "workspace=..., or give models_dir")
-    return Registry(root / MODELS_SUBDIR)
-
-
-def base_spec(model: Optional[str], pretrained: Optional[str]) -> ModelSpec:
-    """The base model of a fresh registry: ``model`` (default ``cliptuner-tiny``) and ``pretrained`` (None: random)."""
-    return ModelSpec(arch=setting(model) or DEFAULT_ARCH, pretrained=setting(pretrained))
-
 
 class CLIPEncoder(Executor):
     """Embeds texts and images with the CURRENT model version of the registry, following it as it moves.
@@ -116,7 +75,7 @@ class CLIPEncoder(Executor):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.registry = resolve_models_dir(self, models_dir, kwargs.get("workspace"))
+        self.registry = resolve_workspace(self, models_dir, kwargs.get("workspace")).registry
         spec = base_spec(model, pretrained) if bootstrap else None
         ensure_current(self.registry, spec, timeout=float(bootstrap_timeout))
         self.uri_root = setting(uri_root)

@@ -43,8 +43,8 @@ from cliptuner.follow import ModelFollower
 from cliptuner.index import Collection, StoredDoc
 from cliptuner.runtime import OnnxClip
 
-from .encoder import base_spec, doc_item, has_content, resolve_models_dir
-from .options import INDEX_SUBDIR, int_parameter, request_parameters, setting, workspace_root
+from .content import doc_item, has_content
+from .options import INDEX_SUBDIR, base_spec, int_parameter, request_parameters, resolve_workspace, setting
 from .schemas import ClipDoc, MatchDoc
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,8 @@ class CLIPIndexer(Executor):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.registry = resolve_models_dir(self, models_dir, kwargs.get("workspace"))
+        workspace = resolve_workspace(self, models_dir, kwargs.get("workspace"))
+        self.registry = workspace.registry
         self.default_limit = int_parameter("default_limit", default_limit)
         self.max_limit = int_parameter("max_limit", max_limit, minimum=self.default_limit)
         self.rebuild_batch_size = int_parameter("rebuild_batch_size", rebuild_batch_size)
@@ -115,7 +116,7 @@ class CLIPIndexer(Executor):
                        timeout=float(bootstrap_timeout))
         self.follower = ModelFollower(self.registry, device=setting(device) or "auto",
                                       intra_op_threads=setting(intra_op_threads), batch_size=int(batch_size))
-        self.collection = Collection(self._index_dir(index_dir, kwargs.get("workspace")), backend=backend,
+        self.collection = Collection(self._index_dir(index_dir, workspace.root), backend=backend,
                                      exact_threshold=exact_threshold)
         self._clips: dict[str, OnnxClip] = {}  # the index's version and, during a rebuild, the new one
         self._clips_lock = threading.Lock()
@@ -134,12 +135,10 @@ class CLIPIndexer(Executor):
         logger.info("CLIPIndexer: %d docs of version %s in %s (CURRENT %s)", len(self.collection),
                     self.collection.version, self.collection.root, self.registry.current())
 
-    def _index_dir(self, index_dir: Optional[str], init_workspace: Optional[str]) -> Path:
+    def _index_dir(self, index_dir: Optional[str], root: Optional[Path]) -> Path:
         explicit = setting(index_dir)
         if explicit:
             return Path(explicit).expanduser()
-        root = workspace_root(getattr(self.runtime_args, "workspace", None), getattr(self.metas, "workspace", None),
-                              init_workspace)
         if root is None:
             raise ValueError("CLIPIndexer: no workspace; set CLIPTUNER_WORKSPACE, pass --workspace / workspace=..., "
                              "or give index_dir")

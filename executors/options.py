@@ -1,5 +1,8 @@
 """Options of the Executors: service settings from YAML/env, the workspace layout, and per-request parameters.
 
+Every Executor resolves its workspace once, in ``__init__``, with :func:`resolve_workspace` (the shared root and
+the model registry in it), and builds the base model of a fresh registry with :func:`base_spec`.
+
 Service settings reach an Executor from ``flows/flow.yml`` as ``${{ ENV.X }}``. Jina turns an empty variable into
 None and leaves an unset one as the literal text ``$X``; :func:`setting` treats both as "not set".
 
@@ -11,14 +14,21 @@ parameters of the endpoints it owns (:func:`request_parameters`), and ignores th
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
+
+from jina import Executor
+
+from cliptuner.config import ModelSpec
+from cliptuner.registry import Registry
 
 WORKSPACE_ENV = "CLIPTUNER_WORKSPACE"
 MODELS_SUBDIR = "models"  # the model registry
 INDEX_SUBDIR = "index"  # the indexer's collection
 DATA_SUBDIR = "data"  # PAIRS files /train may name
 RUNS_SUBDIR = "runs"  # one folder per /train run: report.json, training state
+DEFAULT_ARCH = "cliptuner-tiny"  # base model of a fresh registry when ``model`` is not set
 
 _UNEXPANDED = re.compile(r"^\$(\{\{\s*(ENV|env)\.)?\{?[A-Za-z_][A-Za-z0-9_]*\}?(\s*\}\})?$")
 
@@ -48,6 +58,42 @@ def workspace_root(runtime_workspace: Optional[str], metas_workspace: Optional[s
         if candidate:
             return Path(candidate).expanduser().resolve()
     return None
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Where an Executor keeps its state, resolved once when it starts."""
+
+    root: Optional[Path]  # the shared workspace; None when none is set (every path is then given explicitly)
+    registry: Registry  # the model registry the Executor follows
+
+
+def resolve_workspace(executor: Executor, models_dir: Optional[str], init_workspace: Optional[str]) -> Workspace:
+    """The workspace of an Executor (see :func:`workspace_root`) and its registry: ``models_dir``, else
+    ``<workspace>/models``.
+
+    Args:
+        executor: the Executor being built (its ``runtime_args.workspace`` and ``metas.workspace`` are read).
+        models_dir: the ``models_dir`` setting.
+        init_workspace: the ``workspace=`` the Executor was built with.
+
+    Raises:
+        ValueError: neither a workspace nor ``models_dir`` is set (names the Executor).
+    """
+    root = workspace_root(getattr(executor.runtime_args, "workspace", None), getattr(executor.metas, "workspace", None),
+                          init_workspace)
+    explicit = setting(models_dir)
+    if explicit:
+        return Workspace(root=root, registry=Registry(explicit))
+    if root is None:
+        raise ValueError(f"{type(executor).__name__}: no workspace; set CLIPTUNER_WORKSPACE, pass --workspace / "
+                         "workspace=..., or give models_dir")
+    return Workspace(root=root, registry=Registry(root / MODELS_SUBDIR))
+
+
+def base_spec(model: Optional[str], pretrained: Optional[str]) -> ModelSpec:
+    """The base model of a fresh registry: ``model`` (default ``cliptuner-tiny``) and ``pretrained`` (None: random)."""
+    return ModelSpec(arch=setting(model) or DEFAULT_ARCH, pretrained=setting(pretrained))
 
 
 def request_parameters(parameters: Optional[Mapping[str, Any]], allowed: Iterable[str], endpoint: str) -> dict:

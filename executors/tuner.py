@@ -7,31 +7,15 @@ Endpoints:
   ``parameters['data']`` (a CSV ``image,caption`` or a Karpathy-style JSON, relative to the data root,
   ``<workspace>/data`` by default; paths that leave it are refused). Parameters (numbers may arrive as floats):
 
-  ============================  =====================================================================
-  ``epochs`` ``batch_size``     :class:`cliptuner.config.TrainConfig` fields (defaults from there);
-  ``learning_rate`` ``seed``    ``seed`` also seeds the held-out split
-  ``weight_decay``
-  ``warmup_steps`` ``scheduler``
-  ``accum_steps`` ``lock_image``
-  ``lock_text``
-  ``image_unlocked_groups``
-  ``text_unlocked_layers``
-  ``layer_decay``
-  ``grad_checkpointing``
-  ``precision``
-  ``grad_clip_norm``
-  ``eval_every``
-  ``early_stop_patience``
-  ``early_stop_metric``
-  ``keep_best``                 (the epoch is chosen on ``val_fraction`` of the training images, never on the
-  ``val_fraction``              held-out pairs that report before/after)
-  ``wiseft_alphas``
-  ``wiseft_alpha``
-  ``eval_fraction``             share of images held out when no eval data is given (default 0.2)
-  ``data``                      PAIRS file under the data root (instead of docs)
-  ``eval_data``                 held-out PAIRS file under the data root (instead of a held-out fraction)
-  ``general_data``              PAIRS file of general (off-domain) pairs the WiSE-FT sweep also reports on
-  ============================  =====================================================================
+  - the training options, by field name, with defaults and help from :class:`cliptuner.config.TrainConfig`:
+    every field declared ``request`` there (``TRAIN_OPTIONS``: ``epochs``, ``learning_rate``, ``batch_size``,
+    ``beta1``, ``keep_best``, ``wiseft_alpha`` …; not ``device``, ``num_workers``, ``log_every``, which the
+    service sets). ``seed`` also seeds the held-out split;
+  - ``eval_fraction`` (:class:`cliptuner.config.EvalConfig`): share of images held out when no eval data is given;
+  - the sources (``SOURCE_OPTIONS``), files under the data root: ``data`` (PAIRS, instead of docs),
+    ``eval_data`` (held-out PAIRS, instead of a held-out fraction), ``general_data`` (off-domain PAIRS the
+    WiSE-FT sweep also reports on), ``config`` (a YAML or JSON mapping of the option names above to values;
+    parameters given with the request override it).
 
   Any other parameter is refused by name. The model starts from the CURRENT version's ``checkpoint.pt``, so
   successive runs continue from the last tuned version. Recall@k is measured before and after on the same
@@ -72,22 +56,18 @@ from cliptuner.bootstrap import ensure_current
 from cliptuner.config import EvalConfig, ModelSpec, TrainConfig, from_mapping
 from cliptuner.content import image_source
 from cliptuner.data import PairSet, from_memory, load_split, train_and_held_out
+from cliptuner.options import read_options_file, request_names
 from cliptuner.registry import Registry
 
-from .encoder import base_spec, resolve_models_dir
-from .options import DATA_SUBDIR, RUNS_SUBDIR, request_parameters, setting, workspace_root
+from .options import DATA_SUBDIR, RUNS_SUBDIR, base_spec, request_parameters, resolve_workspace, setting
 from .schemas import ClipDoc
 
 logger = logging.getLogger(__name__)
 
-TRAIN_OPTIONS = ("epochs", "batch_size", "learning_rate", "seed", "weight_decay", "warmup_steps", "scheduler",
-                 "accum_steps", "lock_image", "lock_text", "image_unlocked_groups", "text_unlocked_layers",
-                 "layer_decay", "grad_checkpointing", "precision", "grad_clip_norm", "eval_every",
-                 "early_stop_patience", "early_stop_metric", "keep_best", "val_fraction", "wiseft_alphas",
-                 "wiseft_alpha")
-SOURCE_OPTIONS = ("eval_fraction", "data", "eval_data", "general_data")
+TRAIN_OPTIONS = request_names(TrainConfig)  # the TrainConfig fields a request may set
+EVAL_OPTIONS = request_names(EvalConfig)  # eval_fraction
+SOURCE_OPTIONS = ("data", "eval_data", "general_data", "config")  # files under the data root
 REPORT_ID = "train-report"
-_DEFAULT_EVAL_FRACTION = EvalConfig().eval_fraction
 
 
 class TrainingBusy(RuntimeError):
@@ -148,9 +128,9 @@ class CLIPTuner(Executor):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.registry: Registry = resolve_models_dir(self, models_dir, kwargs.get("workspace"))
-        root = workspace_root(getattr(self.runtime_args, "workspace", None), getattr(self.metas, "workspace", None),
-                              kwargs.get("workspace")) or self.registry.root.parent
+        workspace = resolve_workspace(self, models_dir, kwargs.get("workspace"))
+        self.registry: Registry = workspace.registry
+        root = workspace.root or self.registry.root.parent
         self.data_root = Path(setting(data_root) or root / DATA_SUBDIR).expanduser().resolve()
         self.runs_dir = Path(setting(runs_dir) or root / RUNS_SUBDIR).expanduser().resolve()
         self.data_root.mkdir(parents=True, exist_ok=True)
@@ -185,16 +165,22 @@ class CLIPTuner(Executor):
     def parse_request(self, parameters: Optional[dict]) -> TrainRequest:
         """Validate /train parameters into configs.
 
+        ``parameters['config']`` names a YAML/JSON file of option values under the data root; the request's own
+        parameters override it.
+
         Raises:
-            ValueError: an unknown parameter (named), a bad value, or a data path outside the data root.
+            ValueError: an unknown parameter or config-file option (named), a bad value, or a data path outside
+                the data root.
         """
-        params = request_parameters(parameters, TRAIN_OPTIONS + SOURCE_OPTIONS, "/train")
+        params = request_parameters(parameters, TRAIN_OPTIONS + EVAL_OPTIONS + SOURCE_OPTIONS, "/train")
+        if "config" in params:
+            name = params.pop("config")
+            params = {**read_options_file(self._data_path("config", name), TRAIN_OPTIONS + EVAL_OPTIONS,
+                                          label=str(name)), **params}
         train_values = {k: v for k, v in params.items() if k in TRAIN_OPTIONS}
         cfg = from_mapping(TrainConfig, {**train_values, "device": self.device, "log_every": 1})
-        eval_fraction = params.get("eval_fraction", _DEFAULT_EVAL_FRACTION)
-        if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, (int, float)):
-            raise ValueError(f"parameter 'eval_fraction' must be a number in (0, 1), got {eval_fraction!r}")
-        eval_cfg = EvalConfig(eval_fraction=float(eval_fraction), split_seed=cfg.seed)
+        eval_values = {k: v for k, v in params.items() if k in EVAL_OPTIONS}
+        eval_cfg = from_mapping(EvalConfig, {**eval_values, "split_seed": cfg.seed})
         data = self._data_path("data", params["data"]) if "data" in params else None
         eval_data = self._data_path("eval_data", params["eval_data"]) if "eval_data" in params else None
         general = self._data_path("general_data", params["general_data"]) if "general_data" in params else None
@@ -264,11 +250,10 @@ class CLIPTuner(Executor):
         self._progress = {**self._progress, **update}  # one reference swap: /status reads a consistent dict
 
     def _parent_spec(self, parent: str) -> tuple[ModelSpec, str]:
-        metadata = self.registry.metadata(parent)
-        checkpoint = metadata.get("checkpoint")
-        if checkpoint and (self.registry.path(parent) / checkpoint).is_file():
-            spec = ModelSpec(arch=metadata["arch"], pretrained=str(self.registry.path(parent) / checkpoint),
-                             force_quick_gelu=bool(metadata.get("force_quick_gelu", False)))
+        manifest = self.registry.manifest(parent)
+        checkpoint = manifest.checkpoint_path(self.registry.path(parent))
+        if checkpoint is not None:
+            spec = ModelSpec(arch=manifest.arch, pretrained=str(checkpoint), force_quick_gelu=manifest.force_quick_gelu)
             return spec, f"version {parent}"
         logger.warning("model version %s has no checkpoint; training starts from the base model %s", parent,
                        self.base.arch)
