@@ -16,49 +16,29 @@ logger = logging.getLogger("cliptuner")
 
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
-    from .config import TrainConfig
+    from .config import EvalConfig, TrainConfig
+    from .options import add_arguments
 
-    d = TrainConfig()
-    g = parser.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
-    g.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float, default=d.learning_rate)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    g.add_argument("--scheduler", choices=["cosine", "constant"], default=d.scheduler)
-    g.add_argument("--accum-steps", type=int, default=d.accum_steps)
-    g.add_argument("--lock-image", action="store_true", help="freeze the image tower")
-    g.add_argument("--lock-text", action="store_true", help="freeze the text tower")
-    g.add_argument("--image-unlocked-groups", type=int, default=0,
-                   help="with --lock-image: keep the last N layer groups of the image tower trainable")
-    g.add_argument("--text-unlocked-layers", type=int, default=0,
-                   help="with --lock-text: keep the last N groups of the text tower trainable "
-                        "(1: projection; 2: + last block and final norm; ...)")
-    g.add_argument("--layer-decay", type=float, default=d.layer_decay,
-                   help="layer-wise lr decay factor (1.0: off)")
-    g.add_argument("--grad-checkpointing", action="store_true", help="trade compute for activation memory")
-    g.add_argument("--precision", choices=["fp32", "amp", "amp_bf16"], default=d.precision)
-    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--workers", dest="num_workers", type=int, default=d.num_workers)
-    g.add_argument("--eval-every", type=int, default=d.eval_every)
-    g.add_argument("--early-stop-patience", type=int, default=None,
-                   help="stop after N evaluations without improvement (chosen on a validation part of the training "
-                        "images, --val-fraction)")
-    g.add_argument("--keep-best", action="store_true",
-                   help="end with the weights of the best epoch (chosen on the validation part)")
-    g.add_argument("--val-fraction", type=float, default=d.val_fraction,
-                   help="share of training images set aside to choose the epoch (with --keep-best/early stopping)")
-    g.add_argument("--eval-fraction", type=float, default=0.2,
-                   help="share of images held out when no --eval-data is given")
-    g.add_argument("--wiseft-alphas", type=float, nargs="*", default=[],
-                   help="WiSE-FT: report recall of (1-a)*base + a*tuned at these alphas")
-    g.add_argument("--wiseft-alpha", type=float, default=None,
-                   help="WiSE-FT: export the interpolated model at this alpha instead of the tuned one")
+    g = parser.add_argument_group("training", "options of TrainConfig and EvalConfig (cliptuner/config.py); "
+                                              "they override the values of --config")
+    add_arguments(g, TrainConfig)
+    add_arguments(g, EvalConfig)
+    g.add_argument("--device", default=None,
+                   help="torch device (default: cuda if available — the LOCAL_RANK GPU under torchrun — else cpu)")
     g.add_argument("--general-data", default=None,
-                   help="PAIRS of general (not tuned-for) data, evaluated in the WiSE-FT sweep")
-    g.add_argument("--checkpoint-dir", default=None, help="write resumable training state here every epoch")
-    g.add_argument("--resume", default=None, help="continue from a last.pt written by --checkpoint-dir")
+                   help="PAIRS of general (not tuned-for) data, evaluated in the WiSE-FT sweep (default: none)")
+    g.add_argument("--checkpoint-dir", default=None,
+                   help="write resumable training state here every epoch (default: none)")
+    g.add_argument("--resume", default=None, help="continue from a last.pt written by --checkpoint-dir "
+                                                  "(default: start from --model/--pretrained)")
+
+
+def _config_file_options() -> tuple[str, ...]:
+    """The option names a ``cliptuner train --config`` file may set: the flags' fields, and ``device``."""
+    from .config import EvalConfig, TrainConfig
+    from .options import cli_names
+
+    return cli_names(TrainConfig) + cli_names(EvalConfig) + ("device",)
 
 
 def _default_device() -> str:
@@ -85,19 +65,25 @@ def _init_distributed(device: str) -> tuple[int, int]:
     return dist.get_world_size(), dist.get_rank()
 
 
-def _train_config(args: argparse.Namespace) -> Any:
-    from .config import TrainConfig
+def _train_configs(args: argparse.Namespace) -> tuple[Any, Any]:
+    """TrainConfig and EvalConfig of ``cliptuner train``: field defaults, then the ``--config`` file, then flags.
 
-    return TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, scheduler=args.scheduler,
-        accum_steps=args.accum_steps, lock_image=args.lock_image, lock_text=args.lock_text,
-        image_unlocked_groups=args.image_unlocked_groups, text_unlocked_layers=args.text_unlocked_layers,
-        layer_decay=args.layer_decay, grad_checkpointing=args.grad_checkpointing,
-        wiseft_alphas=tuple(args.wiseft_alphas), wiseft_alpha=args.wiseft_alpha,
-        precision=args.precision, device=args.device or _default_device(), seed=args.seed,
-        num_workers=args.num_workers, eval_every=args.eval_every, early_stop_patience=args.early_stop_patience,
-        keep_best=args.keep_best, val_fraction=args.val_fraction)
+    Raises:
+        ValueError: a bad or unknown option in the file, or a bad value (named).
+    """
+    from .config import EvalConfig, TrainConfig, from_mapping
+    from .options import cli_names, given_options, read_options_file
+
+    values = read_options_file(args.config, _config_file_options()) if args.config else {}
+    values = {**values, **given_options(args, TrainConfig), **given_options(args, EvalConfig)}
+    if args.device:
+        values["device"] = args.device
+    device = values.pop("device", None) or _default_device()
+    eval_names = set(cli_names(EvalConfig))  # eval_fraction; EvalConfig's batch_size is not TrainConfig's
+    eval_values = {k: v for k, v in values.items() if k in eval_names}
+    cfg = from_mapping(TrainConfig, {**{k: v for k, v in values.items() if k not in eval_names}, "device": device})
+    eval_cfg = from_mapping(EvalConfig, {**eval_values, "split_seed": cfg.seed})
+    return cfg, eval_cfg
 
 
 def _load_general(path: Optional[str]) -> Any:
@@ -139,17 +125,17 @@ class _ProgressBar:
 
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
     """``cliptuner train``: fine-tune, evaluate before/after, export a model version to ``--out``."""
-    from .config import EvalConfig, ModelSpec
+    from .config import ModelSpec
     from .data import train_and_held_out
     from .evaluate import format_report
     from .export import export_model_dir
     from .models import load_model
     from .train import finetune, seed_everything
 
-    cfg = _train_config(args)
+    cfg, eval_cfg = _train_configs(args)
     world_size, rank = _init_distributed(cfg.device)
-    eval_cfg = EvalConfig(eval_fraction=args.eval_fraction, split_seed=args.seed)
-    train_pairs, eval_pairs = train_and_held_out(args.data, args.eval_data, eval_cfg.eval_fraction, args.seed)
+    train_pairs, eval_pairs = train_and_held_out(args.data, args.eval_data, eval_cfg.eval_fraction,
+                                                 eval_cfg.split_seed)
     if rank == 0:
         print(f"train: {len(train_pairs)} pairs / {train_pairs.num_images} images;  "
               f"held out: {len(eval_pairs)} pairs / {eval_pairs.num_images} images"
@@ -177,7 +163,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     bundle.model.cpu()
     export_model_dir(bundle, out, checkpoint=True, metadata_extra={"version": version, "report": report})
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    print(format_report(report["before"], report["after"]))
+    print(format_report(report["before"], report["after"], report.get("trivial", ())))
     if "wiseft" in report:
         print("WiSE-FT (alpha: held-out t2i R@5" + (", general t2i R@5)" if "general" in
                                                     report["wiseft"]["sweep"][0] else ")"))
@@ -193,14 +179,14 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
 def run_eval(args: argparse.Namespace) -> dict[str, float]:
     """``cliptuner eval``: recall@k of an exported model directory on a PAIRS file (ONNX, no torch)."""
     from .data import load_pairs
-    from .evaluate import evaluate_onnx, format_report
+    from .evaluate import evaluate_onnx, format_report, trivial_cutoffs
     from .runtime import OnnxClip
 
     split = args.split if args.data.endswith(".json") else None
     pairs = load_pairs(args.data, split=split)
     clip = OnnxClip(args.model_dir, device=args.device)
     metrics = evaluate_onnx(clip, pairs)
-    print(format_report(metrics))
+    print(format_report(metrics, trivial=trivial_cutoffs(pairs.num_images, len(pairs), (1, 5, 10)), label="recall"))
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2))
     return metrics
@@ -336,13 +322,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune a model on PAIRS and export it")
-    p.add_argument("--data", required=True, help="PAIRS: CSV (image,caption) or Karpathy-style JSON")
+    p.add_argument("--data", required=True, help="PAIRS: CSV (image,caption) or Karpathy-style JSON (required)")
     p.add_argument("--eval-data", default=None, help="held-out PAIRS (default: a seeded fraction of --data)")
-    p.add_argument("--model", default="cliptuner-tiny", help="OpenCLIP arch or bundled config")
-    p.add_argument("--pretrained", default=None, help="OpenCLIP tag (e.g. openai) or local checkpoint path")
-    p.add_argument("--out", required=True, help="directory for the tuned model version")
+    p.add_argument("--model", default="cliptuner-tiny", help="OpenCLIP arch or bundled config (default: %(default)s)")
+    p.add_argument("--pretrained", default=None,
+                   help="OpenCLIP tag (e.g. openai) or local checkpoint path (default: none, random init)")
+    p.add_argument("--out", required=True, help="directory for the tuned model version (required)")
     p.add_argument("--version", default=None, help="model version name (default: the --out folder name)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="YAML or JSON mapping of training option names (TrainConfig/EvalConfig fields, e.g. "
+                        "learning_rate: 1e-5) to values; flags given here override it (default: none)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
     _add_train_options(p)
     p.set_defaults(func=run_train)
 
@@ -383,9 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="offline end-to-end run on synthetic data")
     p.add_argument("--model", default="cliptuner-tiny")
     p.add_argument("--n-images", type=int, default=600)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=32)  # the best cell of benchmarks/RESULTS.md
-    p.add_argument("--lr", dest="learning_rate", type=float, default=3e-4)
+    p.add_argument("--epochs", type=int, default=10)  # epochs, batch and lr: the winner of benchmarks/RESULTS.md,
+    p.add_argument("--batch-size", type=int, default=32)  # chosen on validation data disjoint from the demo's
+    p.add_argument("--lr", dest="learning_rate", type=float, default=6e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None)
     p.add_argument("--quiet", action="store_true")

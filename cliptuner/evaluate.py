@@ -4,7 +4,11 @@
 * image→text recall@k: an image hits when any of its captions is among the k captions most similar to it.
 
 Ties count against the model (a negative scoring exactly as high as the positive ranks above it), so a
-collapsed model whose embeddings are all equal scores zero instead of a perfect recall.
+collapsed model whose embeddings are all equal scores zero instead of a perfect recall. Non-finite embeddings
+(a broken model) are refused with an error rather than scored: every comparison with NaN is false, so nothing
+would outrank the positive and recall would read 100 %. A cut-off ``k`` at least as large as the number of
+candidates gives recall 1.0 by construction; :func:`trivial_cutoffs` names such metrics so reports flag them
+(CLIP_benchmark refuses them outright).
 
 :func:`retrieval_metrics` works on plain arrays, so the same numbers come out of the torch model
 (:func:`embed_with_torch`) and of an exported ONNX model (:func:`embed_with_onnx`).
@@ -30,10 +34,32 @@ METRIC_KEYS = ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10")
 
 
 def _hits(scores: np.ndarray, positive: np.ndarray, ks: Sequence[int]) -> dict[int, np.ndarray]:
-    """For each query row, whether a positive is within the top k (ties against the positive)."""
+    """For each query row, whether a positive is within the top k (ties and NaN scores against the positive)."""
     best_positive = np.where(positive, scores, -np.inf).max(axis=1, keepdims=True)  # [queries, 1]
-    outranking = ((scores >= best_positive) & ~positive).sum(axis=1)  # negatives at or above the best positive
-    return {k: outranking < k for k in ks}
+    scorable = np.isfinite(best_positive[:, 0])  # a NaN positive is a miss, never a hit
+    outranking = (((scores >= best_positive) | np.isnan(scores)) & ~positive).sum(axis=1)  # negatives at or above it
+    return {k: (outranking < k) & scorable for k in ks}
+
+
+def check_finite(embeddings: np.ndarray, what: str) -> None:
+    """Refuse embeddings that hold NaN or inf, naming how many rows do.
+
+    Raises:
+        ValueError: some rows are not finite (the model is broken: it would otherwise score a perfect recall).
+    """
+    bad = ~np.isfinite(embeddings).all(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise ValueError(f"{int(bad.sum())} of {len(embeddings)} {what} embeddings are not finite (NaN or inf; "
+                         f"first rows {rows[:5].tolist()}): the model is broken, its recall cannot be measured")
+
+
+def trivial_cutoffs(num_images: int, num_texts: int, ks: Sequence[int]) -> list[str]:
+    """Metrics whose recall is 1.0 by construction: ``k`` at least the number of candidates.
+
+    Text→image ranks ``num_images`` candidates, image→text ``num_texts``.
+    """
+    return [f"t2i_r{k}" for k in ks if k >= num_images] + [f"i2t_r{k}" for k in ks if k >= num_texts]
 
 
 def retrieval_metrics(
@@ -54,6 +80,9 @@ def retrieval_metrics(
 
     Returns:
         ``{"t2i_r1": ..., "i2t_r1": ..., ..., "mean_recall": ...}`` with values in [0, 1].
+
+    Raises:
+        ValueError: mismatched sizes, an empty set, or non-finite embeddings (see :func:`check_finite`).
     """
     image_index = np.asarray(image_index, dtype=np.int64)
     num_images, num_texts = len(image_embeddings), len(text_embeddings)
@@ -65,6 +94,12 @@ def retrieval_metrics(
         raise ValueError(f"image_index must lie in [0, {num_images}), got [{image_index.min()}, {image_index.max()}]")
     image_embeddings = np.asarray(image_embeddings, dtype=np.float32)
     text_embeddings = np.asarray(text_embeddings, dtype=np.float32)
+    check_finite(image_embeddings, "image")
+    check_finite(text_embeddings, "text")
+    trivial = trivial_cutoffs(num_images, num_texts, ks)
+    if trivial:
+        logger.warning("recall %s is 1.0 by construction: %d images and %d texts are no more than k candidates",
+                       trivial, num_images, num_texts)
 
     t2i = {k: [] for k in ks}
     for start in range(0, num_texts, chunk):
@@ -140,13 +175,22 @@ def evaluate_onnx(clip: "OnnxClip", pairs: "PairSet", ks: Sequence[int] = (1, 5,
     return retrieval_metrics(image_emb, text_emb, pairs.image_index, ks)
 
 
-def format_report(before: dict[str, float], after: dict[str, float] | None = None) -> str:
-    """A small before/after table of recall@k, in percent."""
+def format_report(before: dict[str, float], after: dict[str, float] | None = None,
+                  trivial: Sequence[str] = (), label: str = "before") -> str:
+    """A small table of recall@k in percent: one column (``label``), or before/after/change.
+
+    Metrics named in ``trivial`` (see :func:`trivial_cutoffs`) are marked, and a note under the table says why.
+    """
     keys = [k for k in METRIC_KEYS if k in before] + (["mean_recall"] if "mean_recall" in before else [])
-    lines = [f"{'metric':<12}{'before':>9}" + (f"{'after':>9}{'change':>9}" if after else "")]
+    lines = [f"{'metric':<12}{label:>9}" + (f"{'after':>9}{'change':>9}" if after else "")]
     for key in keys:
         line = f"{key:<12}{100 * before[key]:>8.1f}%"
         if after:
             line += f"{100 * after[key]:>8.1f}%{100 * (after[key] - before[key]):>+8.1f}"
+        if key in trivial or (key == "mean_recall" and trivial):
+            line += "  *"
         lines.append(line)
+    if trivial:
+        lines.append(f"* trivial: {', '.join(trivial)} rank no more than k candidates, so they are 1.0 by "
+                     "construction (mean_recall includes them); use a larger held-out set")
     return "\n".join(lines)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .atomic import atomic_path
 from .config import EvalConfig, TrainConfig
 from .loss import ClipLoss, clamp_logit_scale
 from .wiseft import apply_wiseft, state_copy, wiseft_sweep
@@ -36,6 +37,9 @@ EventCallback = Callable[[Event], None]
 EvalFn = Callable[[], dict[str, float]]
 
 LAST_CHECKPOINT = "last.pt"
+MAX_SKIPPED_IN_A_ROW = 25  # AMP: consecutive overflowed (skipped) steps before training gives up
+# Options that may differ between a run and its resume: they do not change what is trained.
+RESUME_MAY_DIFFER = frozenset({"device", "log_every"})
 
 
 class TrainingStopped(RuntimeError):
@@ -50,9 +54,10 @@ def seed_everything(seed: int) -> None:
 
 
 def _no_weight_decay(name: str, param: nn.Parameter) -> bool:
-    # OpenCLIP's rule: no decay on gains, biases, norms, embeddings and the logit scale.
-    return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name \
-        or "embedding" in name or "token" in name
+    # OpenCLIP's rule (open_clip_train/main.py `exclude`): no decay on gains, biases, norms and the logit scale.
+    # Matrices are decayed, the token and positional embeddings included, exactly as OpenCLIP trains them, so a
+    # run here and the same run under OpenCLIP's own loop optimise the same objective.
+    return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
 
 
 _BLOCK_INDEX = re.compile(r"(?:resblocks|blocks|layers|stages)\.(\d+)\.")
@@ -181,6 +186,7 @@ class FitResult:
     samples_per_s: float = 0.0
     train_seconds: float = 0.0
     stopped_early: bool = False
+    skipped_steps: int = 0  # AMP steps the gradient scaler skipped because their gradients overflowed
 
 
 def _forward(model: nn.Module, images: torch.Tensor, texts: torch.Tensor
@@ -199,8 +205,16 @@ def train_step(model: nn.Module, images: torch.Tensor, texts: torch.Tensor, loss
     With ``cfg.accum_steps > 1`` the batch is cut into that many micro-batches and features are accumulated
     (OpenCLIP's ``accum_freq``): a no-grad pass embeds every micro-batch, then each micro-batch is embedded
     again with gradient and the loss over the *whole* batch is back-propagated through it. The gradient equals
-    the one-big-batch gradient while activations are held for one micro-batch at a time. The logit scale gets
-    its gradient from the first micro-batch only, which already carries the whole of it.
+    the one-big-batch gradient while activations are held for one micro-batch at a time.
+
+    The logit scale takes part in every micro-batch's loss, but each of those losses carries its whole gradient,
+    so it is kept (not detached) in exactly one of them: the last. Under DDP the last micro-batch is the
+    synchronising one (the others run under ``no_sync``), so every trainable parameter, the logit scale included,
+    is used in the backward whose gradients DDP averages; a parameter used only in a ``no_sync`` micro-batch would
+    never be reduced, and DDP would refuse the next step ("Expected to have finished reduction").
+
+    Without a ``scaler`` a non-finite loss raises :class:`FloatingPointError`. With one (fp16 AMP) it is left to
+    the scaler, which skips the optimizer step whose gradients overflowed and lowers its scale, as OpenCLIP does.
     """
     device = images.device
     backward = (lambda loss: scaler.scale(loss).backward()) if scaler is not None else (lambda loss: loss.backward())
@@ -208,7 +222,8 @@ def train_step(model: nn.Module, images: torch.Tensor, texts: torch.Tensor, loss
         with _autocast(cfg, device):
             image_features, text_features, logit_scale = _forward(model, images, texts)  # [batch, dim] x2
             loss = loss_fn(image_features, text_features, logit_scale)
-        _check_finite(loss)
+        if scaler is None:
+            _check_finite(loss)
         backward(loss)
         return loss.detach()
 
@@ -222,8 +237,9 @@ def train_step(model: nn.Module, images: torch.Tensor, texts: torch.Tensor, loss
             image_features, text_features, logit_scale = _forward(model, image_chunk, text_chunk)
             all_image = torch.cat([c[0] for c in cached[:j]] + [image_features] + [c[0] for c in cached[j + 1:]])
             all_text = torch.cat([c[1] for c in cached[:j]] + [text_features] + [c[1] for c in cached[j + 1:]])
-            loss = loss_fn(all_image, all_text, logit_scale if j == 0 else logit_scale.detach())
-            _check_finite(loss)
+            loss = loss_fn(all_image, all_text, logit_scale if last else logit_scale.detach())
+            if scaler is None:
+                _check_finite(loss)
             backward(loss)
     return loss.detach()
 
@@ -231,6 +247,48 @@ def train_step(model: nn.Module, images: torch.Tensor, texts: torch.Tensor, loss
 def _check_finite(loss: torch.Tensor) -> None:
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss is {loss.item()}; lower the learning rate or use precision=fp32")
+
+
+def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, path: str | Path) -> None:
+    """Refuse to resume a checkpoint written with other training options (it would not continue that run)."""
+    current = asdict(cfg)
+    differing = sorted(name for name in set(saved) | set(current)
+                       if name not in RESUME_MAY_DIFFER and _comparable(saved.get(name)) != _comparable(current.get(name)))
+    if differing:
+        details = ", ".join(f"{name}: {saved.get(name)!r} in the checkpoint, {current.get(name)!r} now"
+                            for name in differing)
+        raise ValueError(f"cannot resume from {str(path)!r}: it was written with other training options ({details}); "
+                         "resume with the options of that run, or start a new one")
+
+
+def _comparable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def _seed_loader_epoch(loader: Any, seed: int, epoch: int) -> None:
+    """Key the loader's randomness to ``(seed, epoch)``: the batch order and the worker seeds.
+
+    A DataLoader draws its workers' base seed from its generator at every new iterator, so without this a
+    resumed run (a fresh generator) would give epoch ``k`` the worker seeds of epoch 0, and with
+    ``num_workers > 0`` its augmentations would differ from the uninterrupted run's.
+    """
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    if hasattr(batch_sampler, "set_epoch"):
+        batch_sampler.set_epoch(epoch)
+    generator = getattr(loader, "generator", None)
+    if generator is not None:
+        generator.manual_seed((seed * 1_000_003 + epoch) % (2**63))
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler]) -> bool:
+    """Step the optimizer (through the scaler under AMP); False when the scaler skipped the step."""
+    if scaler is None:
+        optimizer.step()
+        return True
+    scale = scaler.get_scale()
+    scaler.step(optimizer)  # skipped when the unscaled gradients hold inf/NaN
+    scaler.update()  # ... and then the scale is lowered
+    return scaler.get_scale() >= scale
 
 
 def _distributed() -> tuple[int, int]:
@@ -262,6 +320,7 @@ def fit(
     checkpoint_dir: Optional[str | Path] = None,
     resume_from: Optional[str | Path] = None,
     should_stop: Optional[Callable[[], bool]] = None,
+    scaler: Optional[torch.amp.GradScaler] = None,
 ) -> FitResult:
     """Train ``model`` for ``cfg.epochs`` epochs of contrastive learning.
 
@@ -280,8 +339,13 @@ def fit(
         eval_fn: returns held-out metrics for the current weights; drives early stopping and best keeping.
         on_event: receives progress events (``{"event": "step" | "epoch" | "eval" | "end", ...}``).
         checkpoint_dir: where ``last.pt`` (full training state) is written after every epoch.
-        resume_from: a ``last.pt`` to continue from (model, optimizer, scheduler, epoch, history, RNG).
+        resume_from: a ``last.pt`` to continue from (model, optimizer, scheduler, scaler, epoch, history, RNG);
+            written with the same options (``cfg`` may differ only in ``device`` and ``log_every``). A run that had
+            stopped early stays stopped.
         should_stop: polled between steps; returning True raises :class:`TrainingStopped`.
+        scaler: the gradient scaler; default: one for fp16 AMP on CUDA, else none. Under a scaler a step whose
+            gradients overflow is skipped (the weights, optimizer and schedule stay where they were), as OpenCLIP
+            does; ``MAX_SKIPPED_IN_A_ROW`` skips in a row stop training with :class:`FloatingPointError`.
 
     Returns:
         A :class:`FitResult`. With ``cfg.keep_best`` and an ``eval_fn``, the model ends with the weights of the
@@ -292,7 +356,8 @@ def fit(
     emit = (on_event or (lambda event: None)) if is_main else (lambda event: None)
     inner = getattr(model, "module", model)
     device = next(model.parameters()).device
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.precision == "amp" else None
+    if scaler is None and device.type == "cuda" and cfg.precision == "amp":
+        scaler = torch.amp.GradScaler("cuda")
     if device.type != "cuda" and cfg.precision != "fp32":
         logger.info("precision %s needs CUDA; training in fp32 on %s", cfg.precision, device)
 
@@ -307,6 +372,7 @@ def fit(
     patience_left = cfg.early_stop_patience
     if resume_from is not None:
         state = torch.load(resume_from, map_location="cpu", weights_only=False)
+        _check_resumable(state.get("config", {}), cfg, resume_from)
         inner.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -323,9 +389,10 @@ def fit(
     train_time = 0.0
     step = result.steps
     steps_at_start = step
-    for epoch in range(start_epoch, cfg.epochs):
-        if hasattr(loader, "batch_sampler") and hasattr(loader.batch_sampler, "set_epoch"):
-            loader.batch_sampler.set_epoch(epoch)
+    skipped_in_a_row = 0
+    first_epoch = cfg.epochs if result.stopped_early else start_epoch  # an early-stopped run stays stopped
+    for epoch in range(first_epoch, cfg.epochs):
+        _seed_loader_epoch(loader, cfg.seed, epoch)
         model.train()
         epoch_loss, epoch_batches = 0.0, 0
         epoch_start = time.perf_counter()
@@ -341,17 +408,24 @@ def fit(
                 scaler.unscale_(optimizer)
             if cfg.grad_clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
+            if _optimizer_step(optimizer, scaler):
+                scheduler.step()  # the schedule counts the steps that were taken
+                clamp_logit_scale(inner)
+                skipped_in_a_row = 0
             else:
-                optimizer.step()
-            scheduler.step()
-            clamp_logit_scale(inner)
+                result.skipped_steps += 1
+                skipped_in_a_row += 1
+                logger.info("step %d skipped: gradients overflowed under AMP (loss scale now %g)", step + 1,
+                            scaler.get_scale())
+                if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                    raise FloatingPointError(
+                        f"{skipped_in_a_row} steps in a row overflowed under fp16 AMP (last loss {float(loss)}); "
+                        "lower the learning rate or use precision=amp_bf16 or fp32")
             step += 1
             train_time += time.perf_counter() - t0
-            epoch_loss += float(loss)
-            epoch_batches += 1
+            if math.isfinite(float(loss)):
+                epoch_loss += float(loss)
+                epoch_batches += 1
             samples_seen += images.shape[0] * world_size
 
             if step % cfg.log_every == 0 or step == total_steps:
@@ -405,9 +479,8 @@ def fit(
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                      "epoch": epoch + 1, "result": asdict(result), "best_state": best_state,
                      "patience_left": patience_left, "config": asdict(cfg), "rng": _rng_state()}
-            tmp = Path(checkpoint_dir) / (LAST_CHECKPOINT + ".tmp")
-            torch.save(state, tmp)
-            tmp.replace(Path(checkpoint_dir) / LAST_CHECKPOINT)
+            with atomic_path(Path(checkpoint_dir) / LAST_CHECKPOINT) as tmp:
+                torch.save(state, tmp)
         if stop:
             break
 
@@ -419,7 +492,8 @@ def fit(
     result.samples_per_s = samples_seen / train_time if train_time > 0 else 0.0
     model.eval()
     emit({"event": "end", "epochs_run": result.epochs_run, "steps": result.steps,
-          "samples_per_s": result.samples_per_s, "stopped_early": result.stopped_early})
+          "samples_per_s": result.samples_per_s, "stopped_early": result.stopped_early,
+          "skipped_steps": result.skipped_steps})
     return result
 
 
@@ -455,12 +529,16 @@ def finetune(
         general_pairs: optional pairs of the general (not tuned-for) distribution, for the WiSE-FT sweep.
 
     Returns:
-        The report: ``{"before", "after", "epochs", "epoch_losses", "samples_per_s", "split", ...}``. Under DDP
+        The report: ``{"before", "after", "epochs", "epoch_losses", "samples_per_s", "split", ...}``.
+        ``eval_history`` holds the per-epoch evaluations: on the validation part when an epoch is chosen
+        (``keep_best``/early stopping; then ``best_epoch`` names it), else on the held-out pairs, as a curve that
+        chooses nothing (and no ``best_epoch`` is reported). ``trivial`` lists the cut-offs whose recall is 1.0
+        by construction on the held-out pairs (``k`` at least the number of candidates). Under DDP
         every rank trains its shard of each global batch; only rank 0 evaluates (other ranks' report has
         empty ``before``/``after``).
     """
     from .data import make_loader
-    from .evaluate import evaluate
+    from .evaluate import evaluate, trivial_cutoffs
 
     eval_cfg = eval_cfg or EvalConfig()
     world_size, rank = _distributed()
@@ -524,8 +602,10 @@ def finetune(
         "steps": result.steps,
         "epoch_losses": result.epoch_losses,
         "eval_history": result.eval_history,
-        "best_epoch": result.best_epoch,
+        **({"best_epoch": result.best_epoch} if selecting else {}),
         "stopped_early": result.stopped_early,
+        "skipped_steps": result.skipped_steps,
+        "trivial": trivial_cutoffs(eval_pairs.num_images, len(eval_pairs), eval_cfg.ks),
         "samples_per_s": result.samples_per_s,
         "train_seconds": result.train_seconds,
         "split": {"train_pairs": len(train_pairs), "train_images": train_pairs.num_images,

@@ -175,14 +175,16 @@ def wiseft_sweep(
     return sweep
 
 
-def best_alpha(sweep: Sequence[Mapping[str, Any]], set_name: str = "held_out", metric: str = "t2i_r5") -> float:
+def best_alpha(sweep: Sequence[Mapping[str, Any]], set_name: str, metric: str = "t2i_r5") -> float:
     """The alpha of ``sweep`` with the highest ``metric`` on ``set_name``.
 
     Ties go to the smallest alpha: the model closest to the base, which keeps the most of what it knew.
+    There is no default set: choose on a validation set, never on the split whose recall you report (that
+    number would then be flattered by the choice).
 
     Args:
         sweep: the output of :func:`wiseft_sweep`.
-        set_name: which evaluation set decides.
+        set_name: which evaluation set decides (a validation set).
         metric: which metric decides (``t2i_r5``, ``mean_recall``, ...).
 
     Returns:

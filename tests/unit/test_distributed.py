@@ -34,7 +34,7 @@ def _train(bundle, pairs, cfg, world_size=1, rank=0):
     return losses
 
 
-def _ddp_worker(rank, world_size, init_file, state_path, out_path):
+def _ddp_worker(rank, world_size, init_file, state_path, out_path, accum_steps):
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                                          world_size=world_size)
@@ -45,7 +45,7 @@ def _ddp_worker(rank, world_size, init_file, state_path, out_path):
         bundle = load_model(ModelSpec("cliptuner-tiny"))
         bundle.model.load_state_dict(torch.load(state_path))
         pairs = synthetic.generate(32, domain="generic", seed=11)
-        cfg = dataclasses.replace(CFG, batch_size=GLOBAL_BATCH // world_size)
+        cfg = dataclasses.replace(CFG, batch_size=GLOBAL_BATCH // world_size // accum_steps, accum_steps=accum_steps)
         losses = _train(bundle, pairs, cfg, world_size, rank)
         if rank == 0:
             torch.save({"losses": losses, "state": bundle.model.state_dict()}, out_path)
@@ -53,17 +53,20 @@ def _ddp_worker(rank, world_size, init_file, state_path, out_path):
         torch.distributed.destroy_process_group()
 
 
-def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tiny_bundle, tmp_path):
+@pytest.mark.parametrize("accum_steps", [1, 2])
+def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tiny_bundle, tmp_path, accum_steps):
+    """Two gloo ranks (with feature accumulation too) train exactly like one process on the same global batch."""
     state_path = tmp_path / "init.pt"
     torch.save(tiny_bundle.model.state_dict(), state_path)
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(state_path), str(tmp_path / "ddp.pt")),
-             nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(state_path), str(tmp_path / "ddp.pt"),
+                                accum_steps), nprocs=2, join=True)
     ddp = torch.load(tmp_path / "ddp.pt")
 
     single = dataclasses.replace(tiny_bundle, model=copy.deepcopy(tiny_bundle.model))
-    losses = _train(single, synthetic.generate(32, domain="generic", seed=11), CFG)
+    cfg = dataclasses.replace(CFG, batch_size=GLOBAL_BATCH // accum_steps, accum_steps=accum_steps)
+    losses = _train(single, synthetic.generate(32, domain="generic", seed=11), cfg)
 
-    assert len(losses) == len(ddp["losses"]) == 4  # 32 images / 16 per global batch, 2 epochs
+    assert len(losses) == len(ddp["losses"]) == 4  # 32 images / 16 per global batch, 2 epochs: 4 optimizer steps
     assert ddp["losses"] == pytest.approx(losses, rel=1e-5, abs=1e-6)
     initial = tiny_bundle.model.state_dict()
     changed = 0
@@ -71,6 +74,7 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tiny_bundl
         torch.testing.assert_close(ddp["state"][name], value, rtol=1e-4, atol=1e-5, msg=name)
         changed += not torch.equal(value, initial[name])
     assert changed > 10  # the comparison is between trained weights, not two copies of the start
+    assert not torch.equal(single.model.logit_scale, initial["logit_scale"])  # the temperature trained too
 
 
 def test_feature_accumulation_gives_the_loss_and_gradient_of_one_big_batch(tiny_bundle):
@@ -139,7 +143,7 @@ def test_layer_wise_lr_decay_scales_deeper_layers_down(tiny_bundle):
     assert set(layer_scales(tiny_bundle.model, 1.0).values()) == {1.0}
 
 
-def test_torchrun_runs_the_cli_with_two_cpu_processes(tmp_path):
+def test_torchrun_runs_the_cli_with_two_cpu_processes_and_feature_accumulation(tmp_path):
     import subprocess
     import sys
 
@@ -147,13 +151,13 @@ def test_torchrun_runs_the_cli_with_two_cpu_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "cliptuner.cli", "train", "--data", str(csv), "--epochs", "1", "--batch-size", "8",
-         "--out", str(tmp_path / "m"), "--quiet", "--device", "cpu"],
+         "-m", "cliptuner.cli", "train", "--data", str(csv), "--epochs", "2", "--batch-size", "4",
+         "--accum-steps", "2", "--out", str(tmp_path / "m"), "--quiet", "--device", "cpu"],
         capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     import json
 
     report = json.loads((tmp_path / "m" / "report.json").read_text())
     assert report["world_size"] == 2
-    assert report["steps"] == 2  # 32 training images, 8 per rank x 2 ranks per step
+    assert report["steps"] == 4  # 32 training images, 4 x 2 micro-batches per rank x 2 ranks per step, 2 epochs
     assert set(report["after"]) >= {"t2i_r5", "i2t_r5"}

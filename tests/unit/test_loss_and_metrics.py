@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cliptuner.evaluate import format_report, retrieval_metrics
+from cliptuner.evaluate import _hits, format_report, retrieval_metrics, trivial_cutoffs
 from cliptuner.loss import MAX_LOGIT_SCALE, ClipLoss, clamp_logit_scale
 
 
@@ -120,3 +120,59 @@ def test_format_report_shows_change():
     after = {k: v + 0.25 for k, v in before.items()}
     text = format_report(before, after)
     assert "t2i_r5" in text and "+25.0" in text
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("tower", ["image", "text"])
+def test_non_finite_embeddings_are_refused_not_scored(bad, tower):
+    images, texts = _onehot(12, 16), _onehot(12, 16)
+    (images if tower == "image" else texts)[[3, 7]] = bad
+    with pytest.raises(ValueError, match=rf"2 of 12 {tower} embeddings are not finite.*\[3, 7\].*broken"):
+        retrieval_metrics(images, texts, np.arange(12))
+
+
+def test_nan_scores_count_as_misses():
+    scores = np.array([[np.nan, np.nan, np.nan],  # everything NaN: the positive cannot be ranked
+                       [np.nan, 0.5, 0.1],  # a NaN negative counts as ranking above the positive
+                       [0.9, 0.1, 0.2]])  # one negative above the positive
+    positive = np.eye(3, dtype=bool)
+    hits = _hits(scores, positive, ks=(1, 2, 3))
+    assert hits[1].tolist() == [False, False, False]
+    assert hits[2].tolist() == hits[3].tolist() == [False, True, True]
+    assert not any(h.any() for h in _hits(np.full((4, 4), np.nan), np.eye(4, dtype=bool), (1, 10)).values())
+
+
+def test_cutoffs_at_least_the_candidate_count_are_flagged():
+    assert trivial_cutoffs(num_images=8, num_texts=16, ks=(1, 5, 10)) == ["t2i_r10"]
+    assert trivial_cutoffs(num_images=5, num_texts=5, ks=(1, 5, 10)) == ["t2i_r5", "t2i_r10", "i2t_r5", "i2t_r10"]
+    assert trivial_cutoffs(num_images=100, num_texts=200, ks=(1, 5, 10)) == []
+    m = retrieval_metrics(_onehot(8, 8)[::-1].copy(), _onehot(8, 8), np.arange(8))  # every caption ranks last
+    assert m["t2i_r1"] == 0.0 and m["t2i_r10"] == 1.0  # trivially 1.0: that is why the report flags it
+    text = format_report(m, trivial=["t2i_r10"], label="recall")
+    flagged = [line for line in text.splitlines() if line.endswith("*")]
+    assert [line.split()[0] for line in flagged] == ["t2i_r10", "mean_recall"]
+    assert "trivial: t2i_r10" in text and text.splitlines()[0].split() == ["metric", "recall"]
+    assert "*" not in format_report(m)
+
+
+def test_a_broken_onnx_model_is_refused_by_eval_instead_of_scoring_perfect_recall(tiny_model_dir, tmp_path):
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from cliptuner import synthetic
+    from cliptuner.evaluate import evaluate_onnx
+    from cliptuner.runtime import OnnxClip
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    graph = onnx.load(str(broken / "visual.onnx"))
+    weight = next(t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2)
+    weight.CopyFrom(numpy_helper.from_array(np.full(numpy_helper.to_array(weight).shape, np.nan, np.float32),
+                                            weight.name))
+    onnx.save(graph, str(broken / "visual.onnx"))
+    pairs = synthetic.generate(20, domain="generic", seed=1)
+    assert evaluate_onnx(OnnxClip(tiny_model_dir), pairs)["t2i_r5"] < 1.0  # the intact model is scored
+    with pytest.raises(ValueError, match="20 of 20 image embeddings are not finite"):
+        evaluate_onnx(OnnxClip(broken), pairs)

@@ -170,18 +170,145 @@ def test_wiseft_in_the_report_and_the_kept_weights(tiny_bundle, small_pairs):
     assert not torch.equal(bundle.model.state_dict()["visual.proj"], base["visual.proj"])
 
 
-def test_choosing_the_epoch_never_looks_at_the_held_out_pairs(tiny_bundle, small_pairs):
-    from cliptuner.evaluate import evaluate
+def test_choosing_the_epoch_never_looks_at_the_held_out_pairs(tiny_bundle, small_pairs, monkeypatch):
+    """Validation and held-out pairs disagree on the best epoch: the validation part must decide."""
+    import cliptuner.evaluate as evaluate_module
 
     train_pairs, held_out = small_pairs.split(0.25, seed=0)
     bundle = _fresh(tiny_bundle)
+    real_evaluate = evaluate_module.evaluate
+    # per-epoch recall each set would report: held-out peaks at epoch 1, validation at epoch 2
+    scripted = {"held_out": iter([0.1, 0.9, 0.2, 0.3, 0.25]), "val": iter([0.3, 0.8, 0.4])}
+    snapshots = []
+
+    def scripted_evaluate(bundle_, pairs, ks=(1, 5, 10), batch_size=128):
+        metrics = real_evaluate(bundle_, pairs, ks, batch_size)  # the real pass still runs on the real pairs
+        role = "held_out" if pairs is held_out else "val"
+        if role == "val":
+            snapshots.append({k: v.clone() for k, v in bundle.model.state_dict().items()})
+        value = next(scripted[role])
+        return {**metrics, "t2i_r5": value, "mean_recall": value}
+
+    monkeypatch.setattr(evaluate_module, "evaluate", scripted_evaluate)
     cfg = TrainConfig(epochs=3, batch_size=8, learning_rate=5e-4, warmup_steps=1, keep_best=True,
-                      early_stop_patience=2, val_fraction=0.25)
+                      val_fraction=0.25)
     report = finetune(bundle, train_pairs, held_out, cfg)
+
+    assert report["best_epoch"] == 2  # choosing on held-out would have said 1
+    assert [entry["t2i_r5"] for entry in report["eval_history"]] == [0.3, 0.8, 0.4]
+    final = bundle.model.state_dict()
+    assert all(torch.equal(final[k], v) for k, v in snapshots[1].items())  # epoch 2's weights were kept
+    assert not all(torch.equal(final[k], v) for k, v in snapshots[2].items())
     split = report["split"]
-    assert report["history_split"] == "val"
     assert split["val_images"] == 9 and split["train_images"] + split["val_images"] == train_pairs.num_images
     assert split["eval_images"] == held_out.num_images
-    # "after" is the held-out evaluation of the weights the run ended with, not a validation number
-    assert report["after"] == evaluate(bundle, held_out)
-    assert all(set(entry) >= {"epoch", "t2i_r5"} for entry in report["eval_history"])
+    assert report["before"]["t2i_r5"] == 0.1 and report["after"]["t2i_r5"] == 0.9  # held-out: before, then after
+
+
+def test_without_a_choice_no_best_epoch_is_reported(tiny_bundle, small_pairs):
+    train_pairs, held_out = small_pairs.split(0.25, seed=0)
+    cfg = TrainConfig(epochs=2, batch_size=8, learning_rate=5e-4, warmup_steps=1)
+    report = finetune(_fresh(tiny_bundle), train_pairs, held_out, cfg)
+    assert "best_epoch" not in report  # the per-epoch curve is on held-out pairs: it must not pick anything
+    assert len(report["eval_history"]) == 2 and report["history_split"] == "eval"
+    assert report["trivial"] == ["t2i_r10", "i2t_r10"] or held_out.num_images > 10
+
+
+def test_resume_with_loader_workers_is_exact(tiny_bundle, small_pairs, tmp_path):
+    cfg = TrainConfig(epochs=3, batch_size=16, learning_rate=5e-4, warmup_steps=2, seed=4, num_workers=2)
+
+    def run(**kwargs):
+        bundle = _fresh(tiny_bundle)
+        loader = make_loader(small_pairs, bundle.preprocess_train, bundle.tokenizer, cfg.batch_size, seed=cfg.seed,
+                             num_workers=cfg.num_workers)
+        optimizer = build_optimizer(bundle.model, cfg)
+        scheduler = build_scheduler(optimizer, cfg, len(loader) * cfg.epochs)
+        torch.manual_seed(0)
+        return bundle, fit(bundle.model, loader, ClipLoss(), optimizer, scheduler, cfg, **kwargs)
+
+    straight, _ = run()
+    calls = []
+    with pytest.raises(TrainingStopped):  # stop in the third epoch, after two epochs' checkpoints
+        run(checkpoint_dir=tmp_path, should_stop=lambda: calls.append(1) or len(calls) > 14)
+    resumed, result = run(resume_from=tmp_path / "last.pt")
+    assert result.epochs_run == 3
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_refuses_other_options_and_an_early_stopped_run_stays_stopped(tiny_bundle, small_pairs, tmp_path):
+    cfg = TrainConfig(epochs=6, batch_size=16, learning_rate=5e-4, warmup_steps=1, early_stop_patience=1)
+    scores = iter([0.5, 0.4])
+    bundle = _fresh(tiny_bundle)
+    first = _loop(bundle, small_pairs, cfg, eval_fn=lambda: {"t2i_r5": next(scores)}, checkpoint_dir=tmp_path)
+    assert first.stopped_early and first.epochs_run == 2
+
+    with pytest.raises(ValueError, match=r"other training options \(learning_rate: 0.0005 in the checkpoint, 0.001 now"):
+        _loop(_fresh(tiny_bundle), small_pairs, dataclasses.replace(cfg, learning_rate=1e-3),
+              resume_from=tmp_path / "last.pt")
+
+    resumed = _fresh(tiny_bundle)
+    result = _loop(resumed, small_pairs, dataclasses.replace(cfg, log_every=3),  # log_every may differ
+                   eval_fn=lambda: pytest.fail("a stopped run must not train or evaluate again"),
+                   resume_from=tmp_path / "last.pt")
+    assert result.stopped_early and result.epochs_run == 2 and result.steps == first.steps
+    for (name, a), b in zip(bundle.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+class _OverflowOnce(ClipLoss):
+    """The contrastive loss, made infinite on the calls listed (an fp16 overflow, forced on CPU)."""
+
+    def __init__(self, overflow_calls):
+        super().__init__()
+        self.calls, self.overflow_calls = 0, set(overflow_calls)
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        loss = super().forward(*args, **kwargs)
+        return loss * float("inf") if self.calls in self.overflow_calls else loss
+
+
+def test_a_gradient_scaler_skips_an_overflowed_step_without_moving_weights_or_schedule(tiny_bundle, small_pairs):
+    cfg = TrainConfig(epochs=1, batch_size=16, learning_rate=5e-4, warmup_steps=4, log_every=1)
+    bundle = _fresh(tiny_bundle)
+    loader = make_loader(small_pairs, bundle.preprocess_val, bundle.tokenizer, cfg.batch_size, seed=cfg.seed)
+    optimizer = build_optimizer(bundle.model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, len(loader) * cfg.epochs)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    states, lrs = [], []
+
+    def record(event):
+        if event["event"] == "step":
+            states.append({k: v.clone() for k, v in bundle.model.state_dict().items()})
+            lrs.append(event["lr"])
+
+    result = fit(bundle.model, loader, _OverflowOnce({2}), optimizer, scheduler, cfg, on_event=record, scaler=scaler)
+    assert result.steps == 6 and result.skipped_steps == 1  # training went on after the overflow
+    assert all(torch.equal(states[1][k], v) for k, v in states[0].items())  # step 2 changed nothing
+    assert not all(torch.equal(states[2][k], v) for k, v in states[1].items())  # step 3 trained again
+    assert lrs[1] == lrs[0] and lrs[2] != lrs[1]  # the schedule did not advance on the skipped step
+    assert scheduler.last_epoch == 5  # 6 steps, 5 taken
+    assert scaler.get_scale() == 2.0**9
+    assert all(torch.isfinite(p).all() for p in bundle.model.parameters())
+    assert all(loss == loss and abs(loss) != float("inf") for loss in result.epoch_losses)
+
+
+def test_without_a_scaler_a_non_finite_loss_stops_training_and_so_do_endless_overflows(tiny_bundle, small_pairs):
+    cfg = TrainConfig(epochs=1, batch_size=16, learning_rate=5e-4, warmup_steps=1)
+    with pytest.raises(FloatingPointError, match="loss is inf"):
+        bundle = _fresh(tiny_bundle)
+        loader = make_loader(small_pairs, bundle.preprocess_val, bundle.tokenizer, cfg.batch_size, seed=0)
+        optimizer = build_optimizer(bundle.model, cfg)
+        fit(bundle.model, loader, _OverflowOnce({1}), optimizer, build_scheduler(optimizer, cfg, 6), cfg)
+
+    from cliptuner import train as train_module
+
+    bundle = _fresh(tiny_bundle)
+    loader = make_loader(small_pairs, bundle.preprocess_val, bundle.tokenizer, cfg.batch_size, seed=0)
+    optimizer = build_optimizer(bundle.model, cfg)
+    with pytest.raises(FloatingPointError, match="3 steps in a row overflowed"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(train_module, "MAX_SKIPPED_IN_A_ROW", 3)
+            fit(bundle.model, loader, _OverflowOnce({1, 2, 3, 4, 5, 6}), optimizer,
+                build_scheduler(optimizer, cfg, 6), cfg, scaler=torch.amp.GradScaler("cpu"))

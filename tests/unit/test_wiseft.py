@@ -145,16 +145,18 @@ def test_sweep_restores_the_tuned_weights_when_an_evaluation_fails(bundle, state
 
 def test_best_alpha_picks_the_highest_metric_and_breaks_ties_toward_the_base():
     def entry(alpha, held, general):
-        return {"alpha": alpha, "held_out": {"t2i_r5": held, "mean_recall": held / 2},
+        return {"alpha": alpha, "val": {"t2i_r5": held, "mean_recall": held / 2},
                 "general": {"t2i_r5": general, "mean_recall": general / 2}}
 
     sweep = [entry(0.0, 0.2, 0.6), entry(0.5, 0.7, 0.5), entry(0.75, 0.7, 0.4), entry(1.0, 0.65, 0.3)]
-    assert best_alpha(sweep) == 0.5
+    assert best_alpha(sweep, "val") == 0.5
     assert best_alpha(sweep, set_name="general") == 0.0
-    assert best_alpha(sweep, metric="mean_recall") == 0.5
-    with pytest.raises(ValueError, match="unknown eval set 'domain'.*general.*held_out"):
+    assert best_alpha(sweep, "val", metric="mean_recall") == 0.5
+    with pytest.raises(TypeError):
+        best_alpha(sweep)  # no default set: the caller names the validation set that chooses
+    with pytest.raises(ValueError, match="unknown eval set 'domain'.*general.*val"):
         best_alpha(sweep, set_name="domain")
     with pytest.raises(ValueError, match="unknown metric 'r99'"):
-        best_alpha(sweep, metric="r99")
+        best_alpha(sweep, "val", metric="r99")
     with pytest.raises(ValueError, match="empty"):
-        best_alpha([])
+        best_alpha([], "val")
