@@ -29,3 +29,28 @@ def tiny_model_dir(tiny_bundle, tmp_path_factory) -> Path:
     from cliptuner.export import export_model_dir
 
     return export_model_dir(tiny_bundle, tmp_path_factory.mktemp("tiny_model") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir_v2(tiny_bundle, tmp_path_factory) -> Path:
+    """A second exported model: ``tiny_bundle`` with every parameter perturbed (seeded), so that it embeds the
+    same inputs differently (cosine with ``tiny_model_dir``'s embeddings well below 0.99).
+
+    Publish it where a test needs a new model version: a version with the same weights would hide whether
+    anything was re-embedded.
+    """
+    import copy
+    import dataclasses
+
+    import torch
+
+    from cliptuner.export import export_model_dir
+
+    model = copy.deepcopy(tiny_bundle.model)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for param in model.parameters():
+            spread = float(param.std()) if param.numel() > 1 else 0.0
+            param.add_(torch.randn(param.shape, generator=generator) * 0.3 * (spread or 0.02))
+    bundle = dataclasses.replace(tiny_bundle, model=model)
+    return export_model_dir(bundle, tmp_path_factory.mktemp("tiny_model_v2") / "model")

@@ -2,11 +2,17 @@
 
 One Flow serves the whole module (the learning run is the expensive part), so the tests run in order and
 share state: index a synthetic gallery and measure caption→image recall@5; /train on other scenes of the same
-domain while /search and /encode keep being answered; measure recall@5 again (the tuned version serves every
-match); /status and /delete; bad input; then stop the Flow and start it again on the same workspace.
+domain while /search and /encode keep being answered; measure recall@5 again; /status and /delete; bad input;
+then stop the Flow and start it again on the same workspace.
+
+Which model made the vectors is checked by value, not by the ``model_version`` labels: every score a search
+returns must equal the cosine of that version's embeddings of the query and of the matched doc's stored content,
+computed here with :class:`cliptuner.runtime.OnnxClip` from the version's directory in the registry. An index
+that kept the old vectors after /train fails that, whatever it labels its matches.
 
 The Flow runs in its own process (`python -m cliptuner.cli serve`), started fresh: its Executors are forked
-from a process that never ran torch, and the test process is only a gRPC client on 127.0.0.1. The Flow gets
+from a process that never ran torch. The test process is a gRPC client on 127.0.0.1 that also reads the
+published model versions (ONNX Runtime only) to compute the expected scores. The Flow gets
 ``OMP_NUM_THREADS=1``: on a CPU shared with other processes, torch's default of one thread per core
 oversubscribes the cores and training slows down several-fold.
 
@@ -39,6 +45,7 @@ from PIL import Image
 
 from cliptuner import synthetic
 from cliptuner.registry import Registry
+from cliptuner.runtime import OnnxClip
 from executors import CLIPEncoder
 from executors.schemas import ClipDoc
 
@@ -182,15 +189,44 @@ def caption_queries(gallery) -> DocList[ClipDoc]:
                              for i, image_id in enumerate(gallery.image_ids)])
 
 
-def recall_at_5(flow: FlowProcess, gallery, expect_version: str) -> float:
-    results = post(flow, "/search", caption_queries(gallery), parameters={"limit": 5}, request_size=50)
+def offline_clip(flow: FlowProcess, version: str) -> OnnxClip:
+    """The published ``version``, loaded in the test process."""
+    return OnnxClip(Registry(flow.workspace / "models").path(version), device="cpu", intra_op_threads=1)
+
+
+def offline_gallery(flow: FlowProcess, gallery, version: str) -> dict[str, np.ndarray]:
+    """``version``'s embedding of every gallery image, by doc id (PNG blobs decode to the same pixels)."""
+    return dict(zip(gallery.image_ids, offline_clip(flow, version).encode_images(gallery.images)))
+
+
+def expected_scores(flow: FlowProcess, gallery, version: str, results: DocList[ClipDoc],
+                    texts: dict[str, str]) -> list[np.ndarray]:
+    """Per query doc of ``results``: cosine of ``version``'s embeddings of its text and of each match's image."""
+    images = offline_gallery(flow, gallery, version)
+    queries = dict(zip(texts, offline_clip(flow, version).encode_text(list(texts.values()))))
+    return [np.array([queries[query.id] @ images[m.id] for m in query.matches]) for query in results]
+
+
+def assert_scored_by(flow: FlowProcess, gallery, version: str, results: DocList[ClipDoc],
+                     texts: dict[str, str]) -> list[np.ndarray]:
+    """Every score equals ``version``'s offline cosine: query and stored vectors were both made by ``version``."""
+    expected = expected_scores(flow, gallery, version, results, texts)
+    for query, scores in zip(results, expected):
+        assert query.model_version == version
+        np.testing.assert_allclose(query.scores, scores, atol=1e-4, err_msg=f"query {query.id}")
+    return expected
+
+
+def recall_at_5(flow: FlowProcess, gallery, version: str) -> float:
+    """Caption→image recall@5 over the gallery; every score must be ``version``'s (never two versions)."""
+    queries = caption_queries(gallery)
+    results = post(flow, "/search", queries, parameters={"limit": 5}, request_size=50)
     assert len(results) == gallery.num_images
     hits = 0
     for query in results:
         assert len(query.matches) == 5 and query.scores == sorted(query.scores, reverse=True)
-        assert query.model_version == expect_version
-        assert {m.model_version for m in query.matches} == {expect_version}  # never two versions in one search
         hits += query.id[len("q-"):] in [m.id for m in query.matches]
+    assert_scored_by(flow, gallery, version, results, {q.id: q.text for q in queries})
     return hits / len(results)
 
 
@@ -249,8 +285,12 @@ def test_train_while_serving_then_search_with_the_tuned_version(flow, gallery, t
     assert served_during_training
     assert progress["epochs"] == EPOCHS and progress["total_steps"] > 0 and progress["loss"] > 0
     assert "eta_s" in progress
-    assert len(searched[0].matches) == 3 and searched[0].model_version == "v1"
+    assert len(searched[0].matches) == 3
+    assert_scored_by(flow, gallery, "v1", searched, {"s": "a star"})
     assert [d.model_version for d in encoded] == ["v1", "v1"] and encoded[0].embedding.shape == (128,)
+    v1 = offline_clip(flow, "v1")
+    np.testing.assert_allclose(encoded[0].embedding, v1.encode_text(["a blue square"])[0], atol=1e-5)
+    np.testing.assert_allclose(encoded[1].embedding, v1.encode_images([gallery.images[0]])[0], atol=1e-5)
 
     assert [d.id for d in report_docs] == ["train-report"]
     report_doc = report_docs[0]
@@ -266,8 +306,13 @@ def test_train_while_serving_then_search_with_the_tuned_version(flow, gallery, t
     assert report_doc.tags["encoder"] == {"model_version": "v2"}
     assert report_doc.tags["index"]["model_version"] == "v2" and report_doc.tags["index"]["count"] == GALLERY
 
-    # /train has returned: every search now runs on the tuned version, and finds more
+    # /train has returned: every search now runs on the tuned version's vectors, and finds more
     state["after"] = recall_at_5(flow, gallery, "v2")
+    old, new = offline_gallery(flow, gallery, "v1"), offline_gallery(flow, gallery, "v2")
+    assert min(float(old[i] @ new[i]) for i in gallery.image_ids) < 0.99  # so v1's vectors would not pass
+    own = post(flow, "/search", DocList[ClipDoc]([ClipDoc(id="q", tensor=gallery.images[7])]),
+               parameters={"limit": 1})[0]  # a stored doc's own content finds itself at cosine 1
+    assert own.matches[0].id == gallery.image_ids[7] and own.scores[0] == pytest.approx(1.0, abs=1e-4)
     state["report"] = report
     print(f"\ngallery caption→image recall@5: before {state['before']:.3f}, after {state['after']:.3f} "
           f"({GALLERY} images); /train report t2i_r5 {report['before']['t2i_r5']:.3f} → "
@@ -320,18 +365,20 @@ def test_bad_input_gets_a_named_error_and_the_service_goes_on(flow, gallery, on,
 
 def test_restart_keeps_the_index_and_the_tuned_model(flow, gallery):
     queries = caption_queries(gallery)[2:12]
+    texts = {q.id: q.text for q in queries}
     before = post(flow, "/search", queries, parameters={"limit": 5})
     flow.stop()
     flow.start()
     status = by_id(post(flow, "/status"))
     assert {d.model_version for d in status.values()} == {"v2"}
     assert status["status-indexer"].tags["count"] == GALLERY - 2
-    after = by_id(post(flow, "/search", caption_queries(gallery)[2:12], parameters={"limit": 5}))
+    after = post(flow, "/search", caption_queries(gallery)[2:12], parameters={"limit": 5})
+    assert_scored_by(flow, gallery, "v2", after, texts)  # the tuned vectors were kept, not re-made by v1
+    after = by_id(after)
     for b in before:
         a = after[b.id]
         assert [m.id for m in a.matches] == [m.id for m in b.matches]
         np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
-        assert a.model_version == "v2"
 
 
 def test_the_encoder_runs_alone_as_a_deployment(tmp_path, tiny_model_dir):

@@ -1,7 +1,8 @@
 """The three Executors called as plain objects: conversion, validation, model versions, persistence.
 
 A workspace gets the session's exported tiny model published as ``v1`` (no export per test); tests that need
-another version publish a copy of it under a new name (same weights, new version).
+another version publish ``tiny_model_dir_v2`` (other weights), so that a vector can only match the new version's
+embedding if it really was made by the new model.
 """
 
 import asyncio
@@ -65,6 +66,34 @@ def indexer(workspace):
 def gallery_docs(scenes) -> DocList[ClipDoc]:
     return DocList[ClipDoc]([ClipDoc(id=f"g{i}", tensor=image, tags={"caption": scenes.captions[i]})
                              for i, image in enumerate(scenes.images)])
+
+
+def stored_vectors(collection) -> dict[str, np.ndarray]:
+    """The vectors a search compares queries with, by doc id: scoring the basis vector e_j gives column j."""
+    basis = np.eye(collection.dim, dtype=np.float32)  # [D, D]
+    columns = collection.search(basis, limit=len(collection), version=collection.version)
+    vectors: dict[str, np.ndarray] = {}
+    for j, hits in enumerate(columns):
+        for doc_id, score in hits:
+            vectors.setdefault(doc_id, np.zeros(collection.dim, np.float32))[j] = score
+    return vectors
+
+
+def assert_gallery_embedded_by(collection, scenes, model_dir, not_by_dir) -> None:
+    """The collection holds ``model_dir``'s embedding of every gallery image, and not ``not_by_dir``'s."""
+    stored = stored_vectors(collection)
+    ids = [f"g{i}" for i in range(len(scenes.images))]
+    assert sorted(stored) == sorted(ids)
+    matrix = np.stack([stored[doc_id] for doc_id in ids])  # [N, D]
+    np.testing.assert_allclose(matrix, OnnxClip(model_dir).encode_images(scenes.images), atol=1e-5)
+    old = OnnxClip(not_by_dir).encode_images(scenes.images)
+    assert (matrix * old).sum(1).max() < 0.99
+
+
+def test_the_second_version_embeds_differently(tiny_model_dir, tiny_model_dir_v2, scenes):
+    v1, v2 = OnnxClip(tiny_model_dir), OnnxClip(tiny_model_dir_v2)
+    assert (v1.encode_images(scenes.images) * v2.encode_images(scenes.images)).sum(1).max() < 0.99
+    assert (v1.encode_text(scenes.captions) * v2.encode_text(scenes.captions)).sum(1).max() < 0.99
 
 
 # -- options -------------------------------------------------------------------------------------------------------
@@ -164,7 +193,7 @@ def test_uri_root_keeps_paths_inside(workspace, scenes, tmp_path):
         enc.close()
 
 
-def test_encoder_follows_current_without_restart_and_never_mixes_versions(encoder, workspace, tiny_model_dir,
+def test_encoder_follows_current_without_restart_and_never_mixes_versions(encoder, workspace, tiny_model_dir_v2,
                                                                         scenes):
     registry = Registry(workspace / "models")
     clip = encoder.follower.clip()
@@ -172,23 +201,29 @@ def test_encoder_follows_current_without_restart_and_never_mixes_versions(encode
 
     def publish_midway(*args, **kwargs):  # CURRENT moves while this request is being encoded
         if registry.current() == "v1":
-            registry.publish(tiny_model_dir, version="v2")
+            registry.publish(tiny_model_dir_v2, version="v2")
         return original(*args, **kwargs)
 
     clip.encode_images = publish_midway
     docs = DocList[ClipDoc]([ClipDoc(id="img", tensor=scenes.images[0]), ClipDoc(id="txt", text="a star")])
     out = run(encoder.encode(docs=docs))
     assert registry.current() == "v2"
+    v1, v2 = OnnxClip(workspace / "models" / "v1"), OnnxClip(workspace / "models" / "v2")
     assert [d.model_version for d in out] == ["v1", "v1"]  # one request, one version
+    np.testing.assert_allclose(out[0].embedding, v1.encode_images([scenes.images[0]])[0], atol=1e-5)
+    np.testing.assert_allclose(out[1].embedding, v1.encode_text(["a star"])[0], atol=1e-5)
     out = run(encoder.encode(docs=DocList[ClipDoc]([ClipDoc(id="txt", text="a star")])))
     assert out[0].model_version == "v2"  # the next request, the new version: no restart
+    np.testing.assert_allclose(out[0].embedding, v2.encode_text(["a star"])[0], atol=1e-5)
 
 
-def test_encoder_train_passthrough_swaps_now_and_status_reports(encoder, workspace, tiny_model_dir):
-    Registry(workspace / "models").publish(tiny_model_dir, version="v7")
+def test_encoder_train_passthrough_swaps_now_and_status_reports(encoder, workspace, tiny_model_dir_v2):
+    Registry(workspace / "models").publish(tiny_model_dir_v2, version="v7")
     report = DocList[ClipDoc]([ClipDoc(id="train-report", model_version="v7", tags={"report": {"x": 1}})])
     out = run(encoder.train_done(docs=report))
     assert out[0].tags["encoder"] == {"model_version": "v7"} and out[0].tags["report"] == {"x": 1}
+    encoded = run(encoder.encode(docs=DocList[ClipDoc]([ClipDoc(id="txt", text="a star")])))[0]
+    np.testing.assert_allclose(encoded.embedding, OnnxClip(tiny_model_dir_v2).encode_text(["a star"])[0], atol=1e-5)
     status = run(encoder.report_status(docs=DocList[ClipDoc]()))
     assert [d.id for d in status] == ["status-encoder"]
     assert status[0].model_version == "v7" and status[0].tags["embed_dim"] == 128
@@ -311,27 +346,33 @@ def test_index_survives_restart(workspace, scenes):
         second.close()
 
 
-def test_train_passthrough_rebuilds_the_index_with_the_new_version(indexer, workspace, tiny_model_dir, scenes):
+def test_train_passthrough_rebuilds_the_index_with_the_new_version(indexer, workspace, tiny_model_dir_v2, scenes):
     run(indexer.index(docs=gallery_docs(scenes)))
-    Registry(workspace / "models").publish(tiny_model_dir, version="v2")
+    models = workspace / "models"
+    assert_gallery_embedded_by(indexer.collection, scenes, models / "v1", not_by_dir=tiny_model_dir_v2)
+    Registry(models).publish(tiny_model_dir_v2, version="v2")
     out = run(indexer.train_done(docs=DocList[ClipDoc]([ClipDoc(id="train-report", model_version="v2")])))
     assert out[0].tags["index"]["model_version"] == "v2" and out[0].tags["index"]["count"] == 12
     assert out[0].tags["index"]["rebuild_seconds"] >= 0
+    assert_gallery_embedded_by(indexer.collection, scenes, models / "v2", not_by_dir=models / "v1")
     hits = run(indexer.search(docs=DocList[ClipDoc]([ClipDoc(id="q", tensor=scenes.images[1])])))[0]
-    assert hits.matches[0].id == "g1" and {m.model_version for m in hits.matches} == {"v2"}
+    assert hits.matches[0].id == "g1" and hits.scores[0] == pytest.approx(1.0, abs=1e-4)
+    assert hits.model_version == "v2"
     status = run(indexer.report_status(docs=DocList[ClipDoc]()))[0].tags
     assert status["last_rebuild"]["from_version"] == "v1" and status["rebuilding"] is None
 
 
-def test_watcher_follows_current_in_the_background(workspace, tiny_model_dir, scenes):
+def test_watcher_follows_current_in_the_background(workspace, tiny_model_dir_v2, scenes):
     idx = CLIPIndexer(workspace=str(workspace), bootstrap=False, watch_interval=0.1)
     try:
         run(idx.index(docs=gallery_docs(scenes)))
-        Registry(workspace / "models").publish(tiny_model_dir, version="v3")
+        Registry(workspace / "models").publish(tiny_model_dir_v2, version="v3")
         deadline = time.monotonic() + 30
         while idx.collection.version != "v3" and time.monotonic() < deadline:
             time.sleep(0.1)
         assert idx.collection.version == "v3" and len(idx.collection) == 12
+        assert_gallery_embedded_by(idx.collection, scenes, workspace / "models" / "v3",
+                                   not_by_dir=workspace / "models" / "v1")
     finally:
         idx.close()
 
