@@ -11,6 +11,12 @@ Sources: a CSV (``image,caption``, paths relative to the CSV), a Karpathy-style 
 in-memory lists. Loaders check the rows and that image files exist, and raise :class:`DataError` naming the file
 and the row; images are decoded only when a batch needs them, with the limits of :mod:`cliptuner.images`.
 
+A service reading a PAIRS file a client named gives the loaders ``resolve_image`` (an :data:`ImageResolver`,
+e.g. :meth:`cliptuner.access.UriPolicy.local_path`): every image path is passed through it BEFORE the file is
+looked at, so a row naming a path outside the allowed folders is refused with the same message whether or not
+the file exists, and the resolved path it returns is what gets read. Without it (``cliptuner train``, a local
+user reading their own files) image paths are taken as written.
+
 This module imports torch lazily (inside :class:`PairDataset`, :func:`collate_pairs` and :func:`make_loader`),
 so that :mod:`cliptuner.synthetic` and other torch-free code can build :class:`PairSet` objects. For the same
 reason :class:`PairDataset` and :class:`UniqueImageBatchSampler` implement torch's map-style dataset and batch
@@ -39,6 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
+ImageResolver = Callable[[str, str], "str | os.PathLike"]  # (joined path, label) → path to read; raises ValueError
 MAX_REPORTED_ERRORS = 10  # problems listed in one DataError before "… and N more"
 TRAIN_SPLITS = ("train", "restval")  # Karpathy splits that ``split="train"`` selects (COCO custom)
 
@@ -163,12 +170,25 @@ def _clean(text: Any) -> str:
 class _PairsBuilder:
     """Collects pairs read from a file: distinct images by resolved path, captions pointing at them."""
 
-    def __init__(self) -> None:
+    def __init__(self, resolve_image: Optional[ImageResolver] = None) -> None:
+        self.resolve_image = resolve_image
         self.images: list[str] = []
         self.image_ids: list[str] = []
         self.captions: list[str] = []
         self.image_index: list[int] = []
         self._index_of: dict[str, int] = {}
+
+    def where(self, resolved: str) -> str:
+        """Where a missing file was looked for, for the message: only without a resolver (a local user's files)."""
+        return "" if self.resolve_image is not None else f" (looked at {resolved})"
+
+    def allowed(self, joined: str, label: str) -> str:
+        """The path to read for ``joined``: through ``resolve_image`` when set.
+
+        Raises:
+            ValueError: ``resolve_image`` refuses it (the message names ``label``).
+        """
+        return joined if self.resolve_image is None else os.fspath(self.resolve_image(joined, label))
 
     def image(self, resolved: str, image_id: str) -> Optional[int]:
         """The index of the image file ``resolved``, registered on first sight; None when the file is missing."""
@@ -189,21 +209,26 @@ class _PairsBuilder:
                        image_ids=self.image_ids, name=name)
 
 
-def load_csv(path: str | os.PathLike) -> PairSet:
+def load_csv(path: str | os.PathLike, resolve_image: Optional[ImageResolver] = None) -> PairSet:
     """Read ``image,caption`` rows; image paths are relative to the CSV's folder (absolute paths allowed).
 
     Rows naming the same image path are captions of one image. Extra columns are ignored, blank lines skipped.
     Image files must exist; they are decoded later, when a batch needs them.
 
+    Args:
+        path: the CSV.
+        resolve_image: checks each image path before the file is looked at (see the module docstring).
+
     Raises:
         DataError: unreadable file, missing ``image``/``caption`` columns, no rows, or bad rows (each named by
-            its 1-based line number: empty image, empty caption, missing image file).
+            its 1-based line number: empty image, empty caption, a path ``resolve_image`` refuses, missing image
+            file).
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{str(path)!r}: no such pairs file")
     root = path.resolve().parent
-    pairs = _PairsBuilder()
+    pairs = _PairsBuilder(resolve_image)
     problems: list[str] = []
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
@@ -231,9 +256,14 @@ def load_csv(path: str | os.PathLike) -> PairSet:
                     problems.append(f"line {start}: empty caption for image {image!r}")
                     continue
                 resolved = os.path.normpath(Path(image) if os.path.isabs(image) else root / image)
+                try:
+                    resolved = pairs.allowed(resolved, f"line {start}: image {image!r}")
+                except ValueError as exc:
+                    problems.append(str(exc))
+                    continue
                 index = pairs.image(resolved, image)
                 if index is None:
-                    problems.append(f"line {start}: image file {image!r} not found (looked at {resolved})")
+                    problems.append(f"line {start}: image file {image!r} not found{pairs.where(resolved)}")
                     continue
                 pairs.add(index, [caption])
     except UnicodeDecodeError as exc:
@@ -247,7 +277,8 @@ def load_csv(path: str | os.PathLike) -> PairSet:
 
 
 def load_karpathy(path: str | os.PathLike, split: Optional[str] = None,
-                  image_root: Optional[str | os.PathLike] = None) -> PairSet:
+                  image_root: Optional[str | os.PathLike] = None,
+                  resolve_image: Optional[ImageResolver] = None) -> PairSet:
     """Read a Karpathy-style JSON (``dataset_flickr8k.json``, ``dataset_flickr30k.json``, ``dataset_coco.json``).
 
     Each entry of ``images`` has ``filename``, optionally ``filepath`` (COCO: ``train2014``/``val2014``), a
@@ -258,10 +289,12 @@ def load_karpathy(path: str | os.PathLike, split: Optional[str] = None,
         path: the JSON file.
         split: keep entries of this split only; ``"train"`` also keeps ``"restval"``; None keeps all.
         image_root: folder the image paths are relative to (default: the JSON's folder).
+        resolve_image: checks each image path before the file is looked at (see the module docstring).
 
     Raises:
         DataError: unreadable JSON, wrong layout, no entry of ``split`` (the message lists the splits present),
-            or bad entries (named by index and filename: no filename, no sentences, empty caption, missing file).
+            or bad entries (named by index and filename: no filename, no sentences, empty caption, a path
+            ``resolve_image`` refuses, missing file).
     """
     path = Path(path)
     if not path.is_file():
@@ -277,7 +310,7 @@ def load_karpathy(path: str | os.PathLike, split: Optional[str] = None,
     root = Path(image_root) if image_root is not None else path.resolve().parent
     wanted = None if split is None else (set(TRAIN_SPLITS) if split == "train" else {split})
 
-    pairs = _PairsBuilder()
+    pairs = _PairsBuilder(resolve_image)
     problems: list[str] = []
     present: set[str] = set()
     for n, entry in enumerate(entries):
@@ -304,9 +337,14 @@ def load_karpathy(path: str | os.PathLike, split: Optional[str] = None,
             continue
         relative = os.path.join(_clean(entry.get("filepath")), filename)
         resolved = os.path.normpath(root / relative)
+        try:
+            resolved = pairs.allowed(resolved, label)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
         index = pairs.image(resolved, os.path.normpath(relative))
         if index is None:
-            problems.append(f"{label}: image file not found (looked at {resolved})")
+            problems.append(f"{label}: image file not found{pairs.where(resolved)}")
             continue
         pairs.add(index, raws)
     _raise_collected(repr(str(path)), problems)
@@ -317,7 +355,8 @@ def load_karpathy(path: str | os.PathLike, split: Optional[str] = None,
     return pairs.build(f"{path}:{split}" if split else str(path))
 
 
-def load_pairs(path: str | os.PathLike, split: Optional[str] = None) -> PairSet:
+def load_pairs(path: str | os.PathLike, split: Optional[str] = None,
+               resolve_image: Optional[ImageResolver] = None) -> PairSet:
     """Load a PAIRS file by its suffix: ``.csv`` (:func:`load_csv`) or ``.json`` (:func:`load_karpathy`).
 
     Raises:
@@ -327,9 +366,9 @@ def load_pairs(path: str | os.PathLike, split: Optional[str] = None) -> PairSet:
     if suffix == ".csv":
         if split is not None:
             raise DataError(f"{str(path)!r}: a CSV has no split; pass split=None (got {split!r})")
-        return load_csv(path)
+        return load_csv(path, resolve_image)
     if suffix == ".json":
-        return load_karpathy(path, split=split)
+        return load_karpathy(path, split=split, resolve_image=resolve_image)
     raise DataError(f"{str(path)!r}: unknown pairs format {suffix or '(no suffix)'!r}; "
                     "give a .csv (image,caption) or a Karpathy-style .json")
 
@@ -611,14 +650,17 @@ def make_loader(pairs: PairSet, transform: Callable, tokenizer: Callable, batch_
                                        drop_last=bool(drop_last), collate_fn=collate_pairs, generator=generator)
 
 
-def load_split(path: str | os.PathLike, split: str) -> PairSet:
+def load_split(path: str | os.PathLike, split: str, resolve_image: Optional[ImageResolver] = None) -> PairSet:
     """A PAIRS file for one role: a Karpathy JSON gives its ``split`` (``train`` includes ``restval``); a CSV
-    is used whole."""
-    return load_karpathy(path, split=split) if Path(path).suffix.lower() == ".json" else load_csv(path)
+    is used whole. ``resolve_image``: see the module docstring."""
+    if Path(path).suffix.lower() == ".json":
+        return load_karpathy(path, split=split, resolve_image=resolve_image)
+    return load_csv(path, resolve_image)
 
 
 def train_and_held_out(data: PairSet | str | os.PathLike, eval_data: str | os.PathLike | None,
-                       eval_fraction: float, seed: int) -> tuple[PairSet, PairSet]:
+                       eval_fraction: float, seed: int,
+                       resolve_image: Optional[ImageResolver] = None) -> tuple[PairSet, PairSet]:
     """Training and held-out pairs by the contract of ``cliptuner train`` and ``/train``.
 
     Args:
@@ -626,15 +668,17 @@ def train_and_held_out(data: PairSet | str | os.PathLike, eval_data: str | os.Pa
         eval_data: held-out PAIRS (its ``test`` split for a Karpathy JSON); None to hold out part of ``data``.
         eval_fraction: share of images held out when neither ``eval_data`` nor a Karpathy test split applies.
         seed: seed of that split.
+        resolve_image: checks each image path of the PAIRS files read (see the module docstring).
 
     Returns:
         ``(train, held_out)``: a Karpathy JSON without ``eval_data`` gives its train and test splits; otherwise a
         seeded ``eval_fraction`` of the images (all their captions) is held out.
     """
     if eval_data is not None:
-        train = data if isinstance(data, PairSet) else load_split(data, "train")
-        return train, load_split(eval_data, "test")
+        train = data if isinstance(data, PairSet) else load_split(data, "train", resolve_image)
+        return train, load_split(eval_data, "test", resolve_image)
     if not isinstance(data, PairSet) and Path(data).suffix.lower() == ".json":
-        return load_karpathy(data, split="train"), load_karpathy(data, split="test")
-    pairs = data if isinstance(data, PairSet) else load_csv(data)
+        return (load_karpathy(data, split="train", resolve_image=resolve_image),
+                load_karpathy(data, split="test", resolve_image=resolve_image))
+    pairs = data if isinstance(data, PairSet) else load_csv(data, resolve_image)
     return pairs.split(eval_fraction, seed)

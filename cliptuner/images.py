@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,6 +166,9 @@ def _check_size(width: int, height: int, limits: ImageLimits, label: str) -> Non
         raise ImageError(f"image {label}: {width}x{height} is smaller than {limits.min_side} pixels on a side")
 
 
+_BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
 def _open(buffer: io.BytesIO, limits: ImageLimits, label: str) -> Image.Image:
     try:
         with warnings.catch_warnings():
@@ -177,7 +181,8 @@ def _open(buffer: io.BytesIO, limits: ImageLimits, label: str) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"image {label}: refused as a decompression bomb ({exc})") from exc
     except Exception as exc:  # PIL raises many types for corrupt data
-        raise ImageError(f"image {label}: cannot decode ({type(exc).__name__}: {exc})") from exc
+        reason = _BUFFER_REPR.sub("", str(exc)).strip()  # "cannot identify image file <_io.BytesIO object at 0x…>"
+        raise ImageError(f"image {label}: cannot decode ({type(exc).__name__}: {reason})") from exc
     return image.convert("RGB")
 
 

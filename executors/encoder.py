@@ -2,10 +2,10 @@
 
 Endpoints:
 
-- ``/encode``: every doc gets ``embedding`` and ``model_version``. Takes no parameters.
-- ``/index``, ``/search``: the same for docs that have content, so that the indexer downstream receives
-  vectors; a doc without content but with an embedding (a vector query) passes unchanged. Parameters belong
-  to the indexer and are not checked here.
+- ``/encode``: every doc gets ``embedding`` and ``model_version``. Takes no parameters. At most ``max_docs`` docs.
+- ``/index``, ``/search``: the same for docs that have content (overwriting any ``embedding``/``model_version``
+  a client sent), so that the indexer downstream receives vectors made here; a doc without content but with an
+  embedding (a vector query) passes unchanged. Parameters belong to the indexer and are not checked here.
 - ``/train`` (after the tuner published a version): swap to CURRENT now, so that once ``/train`` returns, every
   request is encoded by the tuned version; adds ``tags['encoder'] = {'model_version': ...}`` to the report.
 - ``/status``: appends ``ClipDoc(id='status-encoder', model_version=..., tags={...})`` to the docs.
@@ -14,7 +14,14 @@ Endpoints:
 A doc that carries both text and an image (a pair) is embedded by its image: in a gallery the image is what a
 caption searches for, and a query pair is an image query that carries its caption. Send the text as its own
 doc to embed the text. An image is taken from ``tensor`` (H×W×3 uint8), else ``blob`` (an encoded file),
-else ``uri`` (a local path or a ``data:`` URI).
+else ``uri``: a ``data:`` URI, a local path or ``file://`` URI under the image roots (``uri_roots``, default
+``<workspace>/data``; symlinks resolved before the check), or an ``http(s)`` URL of an allow-listed host
+(``allowed_hosts``, default none). Any other uri is refused with one message that names the doc, whether or not
+the path exists (:class:`cliptuner.access.UriPolicy`).
+
+Request limits (:class:`cliptuner.limits.RequestLimits`), checked before anything is decoded or tokenized:
+``max_docs`` docs per request (1024), ``max_text_chars`` characters per text (10,000), ``max_blob_bytes`` per
+image (32 MiB) and ``max_request_bytes`` summed over the blobs, tensors and uris of a request (256 MiB).
 
 Model versions: each request takes one model reference (after a one-``stat`` check of ``models/CURRENT``)
 and encodes all its docs with it, so no request is ever half old, half new; a new version is loaded and
@@ -35,9 +42,10 @@ from jina import Executor, requests
 from cliptuner.bootstrap import ensure_current
 from cliptuner.content import Item, embed_items
 from cliptuner.follow import ModelFollower
+from cliptuner.limits import RequestLimits
 
-from .content import doc_item, has_content
-from .options import base_spec, request_parameters, resolve_workspace, setting
+from .content import check_request, doc_item, has_content
+from .options import base_spec, request_parameters, resolve_workspace, setting, uri_policy
 from .schemas import ClipDoc
 
 logger = logging.getLogger(__name__)
@@ -54,10 +62,18 @@ class CLIPEncoder(Executor):
         bootstrap_timeout: seconds to wait for a version published by another service.
         batch_size: items per ONNX Runtime call.
         intra_op_threads: ONNX Runtime threads per call; None lets it decide.
-        uri_root: when set, ``uri`` paths must lie under it (relative ones are taken from it).
+        uri_roots: folders that ``uri`` paths must lie under (a list or an ``os.pathsep``-separated string,
+            relative ones from the workspace); relative uris are taken from the first; unset:
+            ``$CLIPTUNER_URI_ROOTS``, else ``<workspace>/data``.
+        allowed_hosts: http(s) hosts (``host`` or ``host:port``) that ``uri``s may name (a list or a
+            comma-separated string); unset: ``$CLIPTUNER_ALLOWED_HOSTS``, else none.
+        max_docs: most docs in one request.
+        max_text_chars: most characters in one doc's text.
+        max_blob_bytes: most bytes of one encoded image (blob, data: URI, http(s) body).
+        max_request_bytes: most bytes of blobs, tensors and uris in one request.
 
     Raises:
-        ValueError: no workspace and no ``models_dir``, or a bad model spec / device.
+        ValueError: no workspace and no ``models_dir``, a bad model spec / device, or a bad uri or limit setting.
         cliptuner.bootstrap.BootstrapTimeout: no model version appeared in time.
     """
 
@@ -71,40 +87,52 @@ class CLIPEncoder(Executor):
         bootstrap_timeout: float = 600.0,
         batch_size: int = 32,
         intra_op_threads: Optional[int] = None,
-        uri_root: Optional[str] = None,
+        uri_roots: Optional[Any] = None,
+        allowed_hosts: Optional[Any] = None,
+        max_docs: int = RequestLimits.max_docs,
+        max_text_chars: int = RequestLimits.max_text_chars,
+        max_blob_bytes: int = RequestLimits.max_blob_bytes,
+        max_request_bytes: int = RequestLimits.max_request_bytes,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.registry = resolve_workspace(self, models_dir, kwargs.get("workspace")).registry
+        workspace = resolve_workspace(self, models_dir, kwargs.get("workspace"))
+        self.registry = workspace.registry
+        self.policy = uri_policy(workspace, uri_roots, allowed_hosts)
+        self.limits = RequestLimits(max_docs=max_docs, max_text_chars=max_text_chars, max_blob_bytes=max_blob_bytes,
+                                    max_request_bytes=max_request_bytes)
         spec = base_spec(model, pretrained) if bootstrap else None
         ensure_current(self.registry, spec, timeout=float(bootstrap_timeout))
-        self.uri_root = setting(uri_root)
         self.follower = ModelFollower(self.registry, device=setting(device) or "auto",
                                       intra_op_threads=setting(intra_op_threads), batch_size=int(batch_size))
         clip = self.follower.clip()
         logger.info("CLIPEncoder serving %s from %s on %s", clip.version, self.registry.root, clip.providers)
 
     # -- the work, in worker threads ---------------------------------------------------------------------------
-    def _embed(self, docs: DocList[ClipDoc], skip_current: bool) -> DocList[ClipDoc]:
+    def _embed(self, docs: DocList[ClipDoc], pass_vector_queries: bool) -> DocList[ClipDoc]:
         """Embed docs with one model reference.
 
+        Every doc with content is embedded here, and its ``embedding``/``model_version`` overwritten, whatever a
+        client sent in them: the indexer behind this encoder in the Flow trusts the vectors it receives
+        (``trust_client_vectors``) because of that.
+
         Args:
-            skip_current: leave as they are the docs that already carry an embedding of the served version, and
-                vector-only docs (an embedding, no content) for the indexer to judge (``/index``, ``/search``);
-                otherwise every doc is embedded and must have content (``/encode``).
+            pass_vector_queries: leave as they are vector-only docs (an embedding, no content) for the indexer to
+                judge (``/index``, ``/search``); otherwise every doc must have content (``/encode``).
 
         Raises:
-            ValueError: a doc without content, or with a bad tensor/blob/uri (names the doc id), before any is
-                encoded.
+            ValueError: a request over the limits, a doc without content, or with a bad or refused
+                tensor/blob/uri (names the doc id), before any is encoded.
             cliptuner.images.ImageError: an image cannot be decoded (names the doc id).
         """
+        check_request(docs, self.limits)
         clip = self.follower.clip()  # one version for the whole request
         version = clip.version
         todo: list[tuple[ClipDoc, Item]] = []
         for doc in docs:
-            if skip_current and doc.embedding is not None and (doc.model_version == version or not has_content(doc)):
-                continue  # embedded by this version already, or a vector-only query: the indexer judges it
-            todo.append((doc, doc_item(doc, self.uri_root)))  # check every doc before encoding any
+            if pass_vector_queries and doc.embedding is not None and not has_content(doc):
+                continue  # a vector-only query: the indexer judges it
+            todo.append((doc, doc_item(doc, self.policy, self.limits)))  # check every doc before encoding any
         if todo:
             vectors = embed_items(clip, [item for _, item in todo])  # [len(todo), embed_dim]
             for (doc, _), vector in zip(todo, vectors):

@@ -1,7 +1,8 @@
 """Options of the Executors: service settings from YAML/env, the workspace layout, and per-request parameters.
 
 Every Executor resolves its workspace once, in ``__init__``, with :func:`resolve_workspace` (the shared root and
-the model registry in it), and builds the base model of a fresh registry with :func:`base_spec`.
+the model registry in it), builds the base model of a fresh registry with :func:`base_spec`, and the one uri
+policy of the service (which client ``uri``s may be read) with :func:`uri_policy`.
 
 Service settings reach an Executor from ``flows/flow.yml`` as ``${{ ENV.X }}``. Jina turns an empty variable into
 None and leaves an unset one as the literal text ``$X``; :func:`setting` treats both as "not set".
@@ -20,10 +21,13 @@ from typing import Any, Iterable, Mapping, Optional
 
 from jina import Executor
 
+from cliptuner.access import UriPolicy
 from cliptuner.config import ModelSpec
 from cliptuner.registry import Registry
 
 WORKSPACE_ENV = "CLIPTUNER_WORKSPACE"
+URI_ROOTS_ENV = "CLIPTUNER_URI_ROOTS"  # folders client uris may name, os.pathsep-separated
+ALLOWED_HOSTS_ENV = "CLIPTUNER_ALLOWED_HOSTS"  # http(s) hosts client uris may name, comma-separated
 MODELS_SUBDIR = "models"  # the model registry
 INDEX_SUBDIR = "index"  # the indexer's collection
 DATA_SUBDIR = "data"  # PAIRS files /train may name
@@ -89,6 +93,41 @@ def resolve_workspace(executor: Executor, models_dir: Optional[str], init_worksp
         raise ValueError(f"{type(executor).__name__}: no workspace; set CLIPTUNER_WORKSPACE, pass --workspace / "
                          "workspace=..., or give models_dir")
     return Workspace(root=root, registry=Registry(root / MODELS_SUBDIR))
+
+
+def _list_setting(name: str, value: Any, env: str, separator: str) -> list[str]:
+    """A list setting: a list, or a string split at ``separator``; when unset, the variable ``env``; else []."""
+    value = setting(value)
+    if value is None:
+        value = setting(os.environ.get(env))
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = value.split(separator)
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a list or a {separator!r}-separated string, got {value!r}")
+    return [str(item).strip() for item in value if setting(item) is not None]
+
+
+def uri_policy(workspace: Workspace, uri_roots: Any = None, allowed_hosts: Any = None) -> UriPolicy:
+    """The one rule for client ``uri``s, the same in every Executor (see :class:`cliptuner.access.UriPolicy`).
+
+    Args:
+        workspace: the Executor's workspace (:func:`resolve_workspace`).
+        uri_roots: folders local paths and ``file://`` URIs must lie under (a list, or an ``os.pathsep``-separated
+            string; relative ones are taken from the workspace); unset: ``$CLIPTUNER_URI_ROOTS``, else
+            ``<workspace>/data`` (beside the registry when only ``models_dir`` is set).
+        allowed_hosts: http(s) hosts that may be fetched, ``host`` or ``host:port`` (a list or a comma-separated
+            string); unset: ``$CLIPTUNER_ALLOWED_HOSTS``, else none (no http(s)).
+
+    Raises:
+        ValueError: a malformed setting (names it).
+    """
+    base = workspace.root or workspace.registry.root.expanduser().resolve().parent
+    roots = _list_setting("uri_roots", uri_roots, URI_ROOTS_ENV, os.pathsep)
+    hosts = _list_setting("allowed_hosts", allowed_hosts, ALLOWED_HOSTS_ENV, ",")
+    folders = [base / Path(root).expanduser() for root in roots] or [base / DATA_SUBDIR]
+    return UriPolicy(roots=tuple(folders), allowed_hosts=tuple(hosts))
 
 
 def base_spec(model: Optional[str], pretrained: Optional[str]) -> ModelSpec:
