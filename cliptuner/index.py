@@ -2,18 +2,25 @@
 
 Layout::
 
-    <root>/docs.sqlite                        docs, vectors and the manifest (WAL mode)
+    <root>/docs.sqlite                        docs, vectors and the manifest (WAL mode, ``synchronous=FULL``)
         docs(seq, id, text, uri, blob, tensor, tags)   one row per doc; ``seq`` keeps insertion order
         vectors(slot, id, vec)                          float32 vectors, one slot per model version
-        meta(key, value)                                the manifest: version, dim, slot, generation
+        meta(key, value)                                the manifest: version, dim, slot, generation, and
+                                                        ``rebuild`` ({slot, version}) while a rebuild is unfinished
     <root>/usearch-<slot>-<generation>.index  saved HNSW graph of the active vectors (a cache, see below)
     <root>/.lock                              ``fcntl.flock``: one open Collection per root
+
+Durability: every write (upsert, delete, a rebuild's batch, the swap) is one SQLite transaction, committed
+with ``synchronous=FULL`` before the call returns, so what a call acknowledged survives ``kill -9`` and power
+loss. The in-memory matrix and the HNSW index are derived from those rows on open.
 
 The manifest lives in the database, not in a separate file: the vectors live there too, so flipping the
 manifest in the same SQLite transaction that commits the last of the new vectors makes a rebuild's swap
 atomic on disk, and a crash leaves either the old or the new version, never a pointer to missing vectors.
-A rebuild writes the new vectors into a fresh slot while the old slot keeps serving; on open, rows of any
-slot but the active one (what an interrupted rebuild left) are deleted.
+A rebuild writes the new vectors into a fresh slot, in batches, while the old slot keeps serving; an
+interrupted rebuild (a crash, ``kill -9``, a failing ``embed``) leaves its slot and its ``rebuild`` record,
+invisible to searches, and the next rebuild for the same version resumes from them (see :class:`_Rebuild`).
+On open, rows of any other slot are deleted.
 
 Search is exact (``queries @ matrix.T``) below ``exact_threshold`` docs and uses a usearch HNSW index at or
 above it (``backend="auto"``), or always one of the two. The HNSW index is a cache of the vectors in the
@@ -57,6 +64,10 @@ _SQL_CHUNK = 500  # ids per `IN (...)` query, well under SQLite's variable limit
 _MIN_CAPACITY = 1024  # rows allocated for the first vectors
 _SCORE_BLOCK = 1 << 24  # query-by-doc scores computed at once by exact search (64 MiB of float32)
 _HNSW_EXTRA = 8  # candidates asked for beyond `limit`, dropped if their key no longer maps to a doc
+# usearch inserts a batch on all cores by default; inserting concurrently into a small graph leaves it poorly
+# linked (measured with usearch 2.26: ~0.5-1% of 1,000 stored vectors not found as their own nearest neighbour,
+# none with one thread), so batches below this many rows are inserted on one thread (a 1,000-row batch: ~0.1 s).
+_HNSW_PARALLEL_ADD = 10_000
 _CATCH_UP_ROUNDS = 3  # rebuild: rounds re-embedding concurrently changed docs before the final locked one
 
 _SCHEMA = """
@@ -84,6 +95,8 @@ _UPSERT_DOC = (
     "tensor = excluded.tensor, tags = excluded.tags"
 )
 _DOC_COLUMNS = "seq, id, text, uri, blob, tensor, tags"
+_DOC_COLUMNS_NO_CONTENT = "seq, id, text, uri, NULL, NULL, tags"  # the same row shape, without the image bytes
+_REBUILD_KEY = "rebuild"  # meta key naming the slot and version of an unfinished rebuild
 
 
 @dataclass
@@ -225,6 +238,11 @@ def _import_usearch():
     return Index
 
 
+def _add_threads(rows: int) -> int:
+    """Threads for inserting ``rows`` vectors into an HNSW index: one for small batches, else all (0)."""
+    return 1 if rows < _HNSW_PARALLEL_ADD else 0
+
+
 class _Hnsw:
     """A usearch HNSW index whose keys are doc serials (``docs.seq``); every call into it holds its lock."""
 
@@ -237,7 +255,7 @@ class _Hnsw:
     def build(cls, dim: int, keys: list[int], ids: list[str], matrix: np.ndarray) -> "_Hnsw":
         index = _import_usearch()(ndim=dim, metric="cos", dtype="f32")
         if keys:
-            index.add(np.asarray(keys, dtype=np.uint64), np.ascontiguousarray(matrix))
+            index.add(np.asarray(keys, dtype=np.uint64), np.ascontiguousarray(matrix), threads=_add_threads(len(keys)))
         return cls(index, dict(zip(keys, ids)))
 
     @classmethod
@@ -260,7 +278,7 @@ class _Hnsw:
             present = [k for k in keys if k in self.key_to_id]
             if present:
                 self.index.remove(np.asarray(present, dtype=np.uint64))
-            self.index.add(keys_arr, np.ascontiguousarray(vectors))
+            self.index.add(keys_arr, np.ascontiguousarray(vectors), threads=_add_threads(len(keys)))
             self.key_to_id.update(zip(keys, ids))
 
     def remove(self, keys: list[int]) -> None:
@@ -305,6 +323,190 @@ class _Snapshot:
     matrix: np.ndarray  # [n, dim]; never written while a snapshot holds it
     ids: list[str]  # row -> doc id (rows < n never change while a snapshot holds the list)
     hnsw: Optional[_Hnsw]
+
+
+class _Rebuild:
+    """One rebuild of a :class:`Collection` for a new model version; resumable after a crash.
+
+    On disk: the new vectors go to their own ``slot`` of the ``vectors`` table, committed batch by batch, and
+    ``meta['rebuild'] = {"slot", "version"}`` names that slot until the swap. The manifest keeps pointing at
+    the old slot, so searches and a reopened collection see only the old version. A rebuild for the same
+    version that finds this record (after a crash, ``kill -9`` or a failing ``embed``) keeps the vectors
+    already in the slot and embeds only the other docs; a rebuild for another version discards them.
+
+    A vector in the slot is always its doc's current content embedded: a write to the collection deletes the
+    doc's vectors outside the active slot in the same transaction, and a batch is not written for a doc that
+    changed while the batch was embedded (the change marks it dirty, and it is embedded again). The swap, which
+    drops the other slots, points the manifest at the new one and removes the record, is one transaction.
+
+    Runs in the caller's thread; the collection's lock guards what it shares with writers and searches.
+    """
+
+    def __init__(self, col: "Collection", version: str, embed: Callable[[list[StoredDoc]], np.ndarray],
+                 batch_size: int, slot: int, last_seq: int, done: dict[str, tuple[int, np.ndarray]]) -> None:
+        self.col = col
+        self.version = version
+        self.embed = embed
+        self.batch_size = batch_size
+        self.slot = slot
+        self.last_seq = last_seq  # docs up to this serial are embedded in order; later ones come as dirty
+        self.new = done  # id -> (seq, normalised new vector)
+        self.dim: Optional[int] = next(iter(done.values()))[1].shape[0] if done else None
+        self.embedded = 0  # docs embedded by this run (resumed ones are not)
+
+    @classmethod
+    def start(cls, col: "Collection", version: str, embed: Callable[[list[StoredDoc]], np.ndarray],
+              batch_size: int, last_seq: int) -> "_Rebuild":
+        """Register the rebuild (or take over the unfinished one of ``version``) and start tracking writes.
+
+        The caller holds ``col._lock``, so no write slips between reading the done vectors and tracking.
+        """
+        pending = col._pending
+        done: dict[str, tuple[int, np.ndarray]] = {}
+        if pending is not None and pending.get("version") == version:
+            slot = int(pending["slot"])
+            rows = col._db.execute("SELECT d.seq, d.id, v.vec FROM vectors v JOIN docs d ON d.id = v.id "
+                                   "WHERE v.slot = ?", (slot,)).fetchall()
+            done = {doc_id: (seq, np.frombuffer(vec, dtype="<f4").astype(np.float32)) for seq, doc_id, vec in rows}
+            if len({vec.shape[0] for _, vec in done.values()}) > 1:  # not written by this code: start over
+                done = {}
+            logger.info("resuming the rebuild of %s for model version %s: %d docs already embedded", col.root,
+                        version, len(done))
+        else:
+            slot = col._slot + 1
+            with col._txn() as db:
+                db.execute("DELETE FROM vectors WHERE slot != ?", (col._slot,))
+                col._set_meta(**{_REBUILD_KEY: {"slot": slot, "version": version}})
+            col._pending = {"slot": slot, "version": version}
+        col._dirty = set()
+        return cls(col, version, embed, batch_size, slot, last_seq, done)
+
+    def run(self) -> int:
+        """Embed what is not done, catch up with concurrent writes, then swap; returns the new doc count."""
+        self._embed_stored()
+        for _ in range(_CATCH_UP_ROUNDS):  # without the lock while embedding
+            changed = self._take_dirty()
+            if not changed:
+                break
+            self._embed_into_new(changed)
+        seqs, ids, matrix = self._ordered()
+        col = self.col
+        hnsw = _Hnsw.build(self.dim, seqs, ids, matrix) if col._want_hnsw(len(ids), col._hnsw is not None) else None
+        n = self._swap(hnsw)
+        logger.info("rebuilt %s for model version %s: %d docs (%d embedded by this run)", col.root, self.version, n,
+                    self.embedded)
+        return n
+
+    def _embed_stored(self) -> None:
+        """Every doc stored when the rebuild started and not yet in the slot, in batches, without the lock."""
+        col = self.col
+        after = 0
+        while True:
+            with col._lock:
+                col._check_open()
+                rows = col._db.execute(
+                    f"SELECT {_DOC_COLUMNS} FROM docs d WHERE seq > ? AND seq <= ? AND NOT EXISTS "
+                    "(SELECT 1 FROM vectors v WHERE v.slot = ? AND v.id = d.id) ORDER BY seq LIMIT ?",
+                    (after, self.last_seq, self.slot, self.batch_size)).fetchall()
+            if not rows:
+                return
+            after = rows[-1][0]
+            self._embed_into_new([(row[0], _doc_from_row(row)) for row in rows])
+
+    def _embed_into_new(self, pairs: list[tuple[int, StoredDoc]]) -> list[str]:
+        """Embed ``(seq, doc)`` pairs into ``self.new`` and the slot; returns their ids.
+
+        Takes the collection's lock only to write (re-entrant: :meth:`_swap` calls this with it held).
+        """
+        col = self.col
+        for start in range(0, len(pairs), self.batch_size):
+            batch = pairs[start:start + self.batch_size]
+            docs = [doc for _, doc in batch]
+            ids = [doc.id for doc in docs]
+            vecs = _normalised(self.embed(docs), ids, "embed() output")  # [len(batch), D]
+            if self.dim is not None and vecs.shape[1] != self.dim:
+                raise ValueError(f"embed() returned {vecs.shape[1]}-dim vectors for doc {ids[0]!r}; "
+                                 f"earlier batches were {self.dim}-dim")
+            self.dim = vecs.shape[1]
+            self.embedded += len(batch)
+            with col._lock:
+                col._check_open()
+                # a doc written since it was read is dirty: its vector here is stale, and it is embedded again
+                fresh = [(doc_id, vec) for doc_id, vec in zip(ids, vecs) if doc_id not in col._dirty]
+                with col._txn() as db:  # docs deleted meanwhile are skipped
+                    db.executemany("INSERT OR REPLACE INTO vectors (slot, id, vec) SELECT ?, id, ? FROM docs "
+                                   "WHERE id = ?", [(self.slot, _vec_bytes(vec), doc_id) for doc_id, vec in fresh])
+            for (seq, doc), vec in zip(batch, vecs):
+                self.new[doc.id] = (seq, vec)
+        return [doc.id for _, doc in pairs]
+
+    def _take_dirty(self) -> list[tuple[int, StoredDoc]]:
+        """Docs written since they were embedded (to embed again); deleted ones leave ``self.new``."""
+        col = self.col
+        with col._lock:
+            dirty, col._dirty = col._dirty, set()
+            current = col._fetch(sorted(dirty))
+        for doc_id in dirty - current.keys():
+            self.new.pop(doc_id, None)
+        return list(current.values())
+
+    def _ordered(self) -> tuple[list[int], list[str], np.ndarray]:
+        """Serials, ids and the [n, dim] matrix of ``self.new``, in insertion order."""
+        items = sorted(self.new.items(), key=lambda item: item[1][0])
+        if not items:  # every doc was deleted meanwhile
+            return [], [], np.zeros((0, self.dim or self.col._dim or 1), np.float32)
+        seqs = [seq for _, (seq, _) in items]
+        ids = [doc_id for doc_id, _ in items]
+        return seqs, ids, np.stack([vec for _, (_, vec) in items])
+
+    def _swap(self, hnsw: Optional[_Hnsw]) -> int:
+        """Under the lock: the last changes, then one transaction flips the manifest, then the in-memory swap.
+
+        ``hnsw`` was built from ``self.new`` as it was before this call; it is patched, or rebuilt, here.
+        """
+        col = self.col
+        with col._lock:
+            col._check_open()
+            built = {doc_id: seq for doc_id, (seq, _) in self.new.items()}  # what `hnsw` holds
+            touched = self._embed_into_new(self._take_dirty())
+            stored = [doc_id for (doc_id,) in col._db.execute("SELECT id FROM docs")]
+            # docs with no vector yet (none unless the database was edited by hand)
+            touched += self._embed_into_new(list(col._fetch([i for i in stored if i not in self.new]).values()))
+            seqs, ids, matrix = self._ordered()
+            n = len(ids)
+            if hnsw is not None and col._want_hnsw(n, True):
+                hnsw.remove([seq for doc_id, seq in built.items()
+                             if doc_id not in self.new or self.new[doc_id][0] != seq])
+                if touched:
+                    hnsw.upsert([self.new[i][0] for i in touched], touched,
+                                np.stack([self.new[i][1] for i in touched]))
+            else:
+                hnsw = _Hnsw.build(self.dim, seqs, ids, matrix) if col._want_hnsw(n, False) else None
+            dim = matrix.shape[1]
+            buf = _grow(matrix, n, 0, dim, copy=True)
+            generation = col._generation + 1
+            with col._txn() as db:
+                db.execute("DELETE FROM vectors WHERE slot = ? AND id NOT IN (SELECT id FROM docs)", (self.slot,))
+                db.execute("DELETE FROM vectors WHERE slot != ?", (self.slot,))
+                db.execute("DELETE FROM meta WHERE key = ?", (_REBUILD_KEY,))
+                col._set_meta(version=self.version, dim=dim, slot=self.slot, generation=generation)
+            col._version, col._dim, col._slot, col._generation = self.version, dim, self.slot, generation
+            col._pending = None
+            col._buf = buf
+            col._ids, col._seqs, col._n = ids, seqs, n
+            col._row = {doc_id: r for r, doc_id in enumerate(ids)}
+            col._hnsw = hnsw
+            col._dirty = None
+            index_path = col._index_path()
+        if hnsw is not None:
+            try:
+                hnsw.save(index_path)
+            except OSError as err:  # only a cache: the next open rebuilds it
+                logger.warning("could not save %s: %s", index_path, err)
+        with col._lock:
+            if not col._closed:
+                col._remove_stale_index_files()
+        return n
 
 
 class Collection:
@@ -361,10 +563,21 @@ class Collection:
         self._dim: Optional[int] = meta.get("dim")
         self._slot: int = meta.get("slot", 0)
         self._generation: int = meta.get("generation", 0)
-        with self._txn():  # vectors an interrupted rebuild left in a slot the manifest never pointed at
-            removed = self._db.execute("DELETE FROM vectors WHERE slot != ?", (self._slot,)).rowcount
+        pending = meta.get(_REBUILD_KEY)
+        # an unfinished rebuild into a slot the manifest never pointed at; kept so that it can resume
+        self._pending: Optional[dict] = pending if isinstance(pending, dict) and pending.get("slot") != self._slot \
+            else None
+        keep = self._pending["slot"] if self._pending is not None else self._slot
+        with self._txn() as db:  # vectors of any other slot: left by a rebuild with no record, never read
+            removed = db.execute("DELETE FROM vectors WHERE slot NOT IN (?, ?)", (self._slot, keep)).rowcount
+            if pending is not None and self._pending is None:
+                db.execute("DELETE FROM meta WHERE key = ?", (_REBUILD_KEY,))
         if removed:
             logger.info("removed %d vectors of an interrupted rebuild in %s", removed, self.root)
+        if self._pending is not None:
+            done = self._db.execute("SELECT COUNT(*) FROM vectors WHERE slot = ?", (keep,)).fetchone()[0]
+            logger.info("%s: an unfinished rebuild for model version %r holds %d docs; rebuild(%r) resumes it",
+                        self.root, self._pending.get("version"), done, self._pending.get("version"))
         rows = self._db.execute(
             "SELECT d.seq, d.id, v.vec FROM docs d JOIN vectors v ON v.id = d.id AND v.slot = ? ORDER BY d.seq",
             (self._slot,)).fetchall()
@@ -429,15 +642,26 @@ class Collection:
         if self._closed:
             raise RuntimeError(f"collection {str(self.root)!r} is closed")
 
-    def _fetch(self, ids: list[str]) -> dict[str, tuple[int, StoredDoc]]:
-        """id -> (seq, doc) of the stored ones among ``ids``; callers hold ``self._lock``."""
+    def _fetch(self, ids: list[str], content: bool = True) -> dict[str, tuple[int, StoredDoc]]:
+        """id -> (seq, doc) of the stored ones among ``ids`` (without blob and tensor unless ``content``);
+        callers hold ``self._lock``."""
         found = {}
+        columns = _DOC_COLUMNS if content else _DOC_COLUMNS_NO_CONTENT
         for start in range(0, len(ids), _SQL_CHUNK):
             chunk = ids[start:start + _SQL_CHUNK]
-            sql = f"SELECT {_DOC_COLUMNS} FROM docs WHERE id IN ({','.join('?' * len(chunk))})"
+            sql = f"SELECT {columns} FROM docs WHERE id IN ({','.join('?' * len(chunk))})"
             for row in self._db.execute(sql, chunk):
                 found[row[1]] = (row[0], _doc_from_row(row))
         return found
+
+    def _stored_ids(self, ids: list[str]) -> set[str]:
+        """The ids among ``ids`` that have a doc row; callers hold ``self._lock``."""
+        stored: set[str] = set()
+        for start in range(0, len(ids), _SQL_CHUNK):
+            chunk = ids[start:start + _SQL_CHUNK]
+            stored.update(i for (i,) in self._db.execute(
+                f"SELECT id FROM docs WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+        return stored
 
     # -- reading -------------------------------------------------------------------------------------------
     @property
@@ -457,12 +681,18 @@ class Collection:
         with self._lock:
             return doc_id in self._row
 
-    def get(self, ids: list[str]) -> list[Optional[StoredDoc]]:
-        """Stored docs by id, aligned with ``ids``; None for an unknown id."""
+    def get(self, ids: list[str], content: bool = True) -> list[Optional[StoredDoc]]:
+        """Stored docs by id, aligned with ``ids``; None for an unknown id.
+
+        Args:
+            ids: the doc ids.
+            content: also read ``blob`` and ``tensor`` (the image bytes); when False they come back None and
+                are never read from disk.
+        """
         ids = list(ids)
         with self._lock:
             self._check_open()
-            found = self._fetch([i for i in dict.fromkeys(ids) if isinstance(i, str)])
+            found = self._fetch([i for i in dict.fromkeys(ids) if isinstance(i, str)], content)
         return [found[i][1] if i in found else None for i in ids]
 
     def iter_docs(self, batch_size: int = 256) -> Iterator[list[StoredDoc]]:
@@ -577,6 +807,8 @@ class Collection:
                 db.executemany(_UPSERT_DOC, rows)
                 db.executemany("INSERT OR REPLACE INTO vectors (slot, id, vec) VALUES (?, ?, ?)",
                                [(self._slot, doc_id, _vec_bytes(vec)) for doc_id, vec in zip(ids, vecs)])
+                if self._pending is not None:  # new-version vectors made from the content replaced here
+                    db.executemany("DELETE FROM vectors WHERE id = ? AND slot != ?", [(i, self._slot) for i in ids])
                 seq_of = {}
                 new_ids = [ids[i] for i in append]
                 for start in range(0, len(new_ids), _SQL_CHUNK):
@@ -601,15 +833,29 @@ class Collection:
             elif self._want_hnsw(self._n, False):
                 self._hnsw = _Hnsw.build(dim, self._seqs, self._ids, self._buf[:self._n])
 
-    def delete(self, ids: list[str]) -> int:
-        """Remove docs by id; unknown ids are ignored.
+    def delete(self, ids: list[str], missing_ok: bool = True) -> int:
+        """Remove docs by id (an id given twice counts once).
+
+        Args:
+            ids: the ids to remove.
+            missing_ok: ignore ids that are not stored; when False, one unknown id makes the call remove nothing.
 
         Returns:
             The number of docs actually removed.
+
+        Raises:
+            ValueError: ``missing_ok`` is False and some ids are not stored (names them); nothing was removed.
         """
-        wanted = [i for i in dict.fromkeys(ids) if isinstance(i, str)]
+        ids = list(dict.fromkeys(ids))
+        wanted = [i for i in ids if isinstance(i, str)]
         with self._lock:
             self._check_open()
+            if not missing_ok:
+                stored = self._stored_ids(wanted)
+                unknown = [i for i in ids if i not in stored]
+                if unknown:
+                    shown = ", ".join(repr(i) for i in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
+                    raise ValueError(f"doc(s) {shown} not stored; nothing was deleted")
             if self._dirty is not None:
                 self._dirty.update(wanted)
             if not wanted:
@@ -646,7 +892,9 @@ class Collection:
 
         The new vectors and index are built on the side while searches keep using the old ones; the swap
         happens under the lock in memory and in one SQLite transaction on disk. Docs upserted or deleted while
-        the rebuild runs are re-embedded (or dropped) before the swap.
+        the rebuild runs are re-embedded (or dropped) before the swap. The new vectors are committed batch by
+        batch: after a crash, a kill or an exception, the collection serves its old version, and the next
+        ``rebuild`` for the same ``version`` embeds only the docs not done yet (see :class:`_Rebuild`).
 
         Args:
             version: the new model version.
@@ -658,7 +906,7 @@ class Collection:
 
         Raises:
             ValueError: bad arguments, or ``embed`` returned bad vectors (names the doc id). Whatever ``embed``
-                raises propagates; in every failure the collection keeps its old version and vectors.
+                raises propagates; in every failure the collection keeps serving its old version and vectors.
         """
         version = _check_version(version)
         batch_size = _check_positive_int("batch_size", batch_size)
@@ -667,140 +915,22 @@ class Collection:
                 self._check_open()
                 last_seq = self._db.execute("SELECT MAX(seq) FROM docs").fetchone()[0]
                 if last_seq is None:  # empty: just take the version
-                    if version != self._version:
-                        with self._txn():
+                    if version != self._version or self._pending is not None:
+                        with self._txn() as db:
+                            db.execute("DELETE FROM vectors WHERE slot != ?", (self._slot,))
+                            db.execute("DELETE FROM meta WHERE key = ?", (_REBUILD_KEY,))
                             self._set_meta(version=version, generation=self._generation + 1)
-                        self._version, self._generation = version, self._generation + 1
+                        self._version, self._generation, self._pending = version, self._generation + 1, None
                     return 0
-                slot = self._slot + 1
-                self._dirty = set()
+                job = _Rebuild.start(self, version, embed, batch_size, last_seq)
             try:
-                return self._rebuild(version, embed, batch_size, slot, last_seq)
+                return job.run()
             except BaseException:
                 with self._lock:
                     self._dirty = None
-                    if not self._closed:
-                        try:
-                            with self._txn() as db:
-                                db.execute("DELETE FROM vectors WHERE slot = ?", (slot,))
-                        except sqlite3.Error as err:  # the next open removes them
-                            logger.warning("could not remove the vectors of a failed rebuild: %s", err)
+                logger.warning("rebuild of %s for model version %s stopped after %d newly embedded docs; the old "
+                               "version serves, and rebuild(%r) resumes", self.root, version, job.embedded, version)
                 raise
-
-    def _embed(self, embed: Callable[[list[StoredDoc]], np.ndarray], docs: list[StoredDoc],
-               dim: Optional[int]) -> np.ndarray:
-        ids = [doc.id for doc in docs]
-        vecs = _normalised(embed(docs), ids, "embed() output")  # [len(docs), D]
-        if dim is not None and vecs.shape[1] != dim:
-            raise ValueError(f"embed() returned {vecs.shape[1]}-dim vectors for doc {ids[0]!r}; "
-                             f"earlier batches were {dim}-dim")
-        return vecs
-
-    def _write_slot(self, slot: int, ids: list[str], vecs: np.ndarray) -> None:
-        """Store new-version vectors in ``slot``, skipping docs deleted meanwhile; callers hold the lock."""
-        with self._txn() as db:
-            db.executemany("INSERT OR REPLACE INTO vectors (slot, id, vec) SELECT ?, id, ? FROM docs WHERE id = ?",
-                           [(slot, _vec_bytes(vec), doc_id) for doc_id, vec in zip(ids, vecs)])
-
-    def _rebuild(self, version: str, embed: Callable[[list[StoredDoc]], np.ndarray], batch_size: int, slot: int,
-                 last_seq: int) -> int:
-        new: dict[str, tuple[int, np.ndarray]] = {}  # id -> (seq, normalised new vector)
-        dim: Optional[int] = None
-
-        def embed_into_new(pairs: list[tuple[int, StoredDoc]]) -> list[str]:
-            """Embed ``(seq, doc)`` pairs into ``new`` and the new slot; returns their ids."""
-            nonlocal dim
-            for start in range(0, len(pairs), batch_size):
-                batch = pairs[start:start + batch_size]
-                vecs = self._embed(embed, [doc for _, doc in batch], dim)
-                dim = vecs.shape[1]
-                with self._lock:  # re-entrant: step 4 calls this with the lock held
-                    self._check_open()
-                    self._write_slot(slot, [doc.id for _, doc in batch], vecs)
-                for (seq, doc), vec in zip(batch, vecs):
-                    new[doc.id] = (seq, vec)
-            return [doc.id for _, doc in pairs]
-
-        # 1. Every doc stored when the rebuild started, batch by batch, without holding the lock while embedding.
-        after = 0
-        while True:
-            with self._lock:
-                self._check_open()
-                rows = self._db.execute(f"SELECT {_DOC_COLUMNS} FROM docs WHERE seq > ? AND seq <= ? "
-                                        "ORDER BY seq LIMIT ?", (after, last_seq, batch_size)).fetchall()
-            if not rows:
-                break
-            after = rows[-1][0]
-            embed_into_new([(row[0], _doc_from_row(row)) for row in rows])
-
-        def take_dirty() -> list[tuple[int, StoredDoc]]:
-            """Docs changed since they were embedded (re-embed them), dropping deleted ones from ``new``."""
-            with self._lock:
-                dirty, self._dirty = self._dirty, set()
-                current = self._fetch(sorted(dirty))
-            for doc_id in dirty - current.keys():
-                new.pop(doc_id, None)
-            return list(current.values())
-
-        # 2. Catch up with concurrent upserts/deletes, still without the lock while embedding.
-        for _ in range(_CATCH_UP_ROUNDS):
-            changed = take_dirty()
-            if not changed:
-                break
-            embed_into_new(changed)
-
-        # 3. Build the new matrix and index on the side from what is known now.
-        def ordered() -> tuple[list[int], list[str], np.ndarray]:
-            items = sorted(new.items(), key=lambda item: item[1][0])
-            seqs = [seq for _, (seq, _) in items]
-            ids = [doc_id for doc_id, _ in items]
-            if not items:  # every doc was deleted meanwhile
-                return [], [], np.zeros((0, dim or self._dim or 1), np.float32)
-            matrix = np.stack([vec for _, (_, vec) in items])  # [n, dim]
-            return seqs, ids, matrix
-
-        seqs, ids, matrix = ordered()
-        hnsw = _Hnsw.build(dim, seqs, ids, matrix) if self._want_hnsw(len(ids), self._hnsw is not None) else None
-
-        # 4. Under the lock: the last changes, then one transaction flips the manifest, then the in-memory swap.
-        with self._lock:
-            self._check_open()
-            built = {doc_id: seq for doc_id, (seq, _) in new.items()}  # what `hnsw` holds
-            touched = embed_into_new(take_dirty())
-            stored = [doc_id for (doc_id,) in self._db.execute("SELECT id FROM docs")]
-            # docs with no vector yet (none unless the database was edited by hand)
-            touched += embed_into_new(list(self._fetch([i for i in stored if i not in new]).values()))
-            seqs, ids, matrix = ordered()
-            n = len(ids)
-            if hnsw is not None and self._want_hnsw(n, True):
-                hnsw.remove([seq for doc_id, seq in built.items() if doc_id not in new or new[doc_id][0] != seq])
-                if touched:
-                    hnsw.upsert([new[i][0] for i in touched], touched, np.stack([new[i][1] for i in touched]))
-            else:
-                hnsw = _Hnsw.build(dim, seqs, ids, matrix) if self._want_hnsw(n, False) else None
-            buf = _grow(matrix, n, 0, matrix.shape[1], copy=True)
-            generation = self._generation + 1
-            with self._txn() as db:
-                db.execute("DELETE FROM vectors WHERE slot = ? AND id NOT IN (SELECT id FROM docs)", (slot,))
-                db.execute("DELETE FROM vectors WHERE slot != ?", (slot,))
-                self._set_meta(version=version, dim=matrix.shape[1], slot=slot, generation=generation)
-            self._version, self._dim, self._slot, self._generation = version, matrix.shape[1], slot, generation
-            self._buf = buf
-            self._ids, self._seqs, self._n = ids, seqs, n
-            self._row = {doc_id: r for r, doc_id in enumerate(ids)}
-            self._hnsw = hnsw
-            self._dirty = None
-            index_path = self._index_path()
-        if hnsw is not None:
-            try:
-                hnsw.save(index_path)
-            except OSError as err:  # only a cache: the next open rebuilds it
-                logger.warning("could not save %s: %s", index_path, err)
-        with self._lock:
-            if not self._closed:
-                self._remove_stale_index_files()
-        logger.info("rebuilt %s for model version %s: %d docs", self.root, version, n)
-        return n
 
     def close(self) -> None:
         """Save the HNSW index (if any), close the database and release ``root``. Idempotent."""

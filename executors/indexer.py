@@ -3,15 +3,16 @@
 Endpoints:
 
 - ``/index``: stores each doc (its text, uri, blob, tensor and tags, so that it can be re-embedded later) with
-  its vector. A doc must have content; its ``embedding`` is used when ``model_version`` is the index's version,
-  otherwise (no embedding — the indexer running alone — or another version) the indexer embeds it with its own
-  model of the index's version. An existing id is replaced. No parameters.
-- ``/search``: ``parameters={'limit': k}`` (default 10). Each query doc gets ``matches`` (stored docs with their
-  content, ``model_version`` and ``score``, best first) and ``scores``. A query embedded by another version than
-  the index's is re-encoded here with the index's version: a search never compares two versions; the query's
-  ``embedding``/``model_version`` come back as the ones used.
-- ``/delete``: removes the docs with these ids; each doc comes back with ``tags['deleted']`` (True when it was
-  stored). No parameters.
+  its vector (see "Vectors from clients"). A doc must have content. An existing id is replaced; an id given twice
+  in one request is refused (naming it) and nothing of that request is stored. The write is committed to disk
+  before the answer: an acknowledged ``/index`` survives ``kill -9``. No parameters.
+- ``/search``: ``parameters={'limit': k, 'return_content': bool}`` (defaults 10 and False). Each query doc gets
+  ``matches`` (best first: ``id``, ``text``, ``uri``, ``tags``, ``score`` and ``model_version``; the stored
+  ``blob`` and ``tensor`` only with ``return_content=True``) and ``scores``. A query is a doc with content
+  (embedded by the index's version) or a vector query (see below); the query's ``embedding``/``model_version``
+  come back as the ones used. A search never compares two versions.
+- ``/delete``: removes the docs with these ids. An id that is not stored makes the whole request fail, naming
+  it, and nothing is removed; otherwise each doc comes back with ``tags['deleted'] = True``. No parameters.
 - ``/train`` (after the tuner and the encoder): re-embeds every stored doc with the CURRENT version and swaps the
   index to it before the response goes on; adds ``tags['index'] = {model_version, count, rebuild_seconds}``.
 - ``/status``: appends ``ClipDoc(id='status-indexer', model_version=..., tags={count, rebuilding, ...})``.
@@ -21,7 +22,30 @@ Model versions: the index holds vectors of one version. When CURRENT moves (a ``
 the watcher thread noticing it within ``watch_interval`` seconds), the indexer re-embeds the stored docs with the
 new version on the side (:meth:`cliptuner.index.Collection.rebuild`); searches keep using the old version until
 the atomic swap, and docs indexed meanwhile are re-embedded before it. The collection lives under
-``<workspace>/index/<shard>`` and survives restarts.
+``<workspace>/index/<shard>`` and survives restarts. A rebuild commits the new vectors in batches: killed midway,
+the indexer restarts on the old version and the watcher resumes the rebuild with the docs not yet re-embedded.
+
+Vectors from clients: the indexer stores and compares only vectors made by the index's model version, finite
+and L2-normalised here.
+
+- A doc with content (``/index``, or a ``/search`` query) is embedded here by the index's version, whatever
+  ``embedding`` it carries, unless the operator set ``trust_client_vectors``: then an ``embedding`` whose
+  ``model_version`` is the index's version is used as it is (checked for dimension and finiteness). The Flow sets
+  it because the encoder sits before the indexer and overwrites ``embedding``/``model_version`` of every doc with
+  content on ``/index`` and ``/search``, so a vector that reaches the indexer there was made by the service; a
+  standalone indexer (a Deployment, ``jina executor``) keeps the default, off. Run with it on only behind that
+  encoder, with the indexer's own port unreachable to clients.
+- A ``/search`` doc without content but with an ``embedding`` is a vector query: its ``model_version`` must be
+  the index's version (the ``embedding``/``model_version`` that ``/encode`` returns), its dimension the index's,
+  its values finite and not all zero; it is normalised here. A doc with neither content nor ``embedding`` is
+  refused.
+
+Client ``uri``s (of docs to index and of queries) and the re-embedding of stored docs follow one
+:class:`cliptuner.access.UriPolicy` (``uri_roots``, ``allowed_hosts``; see :class:`~executors.encoder.CLIPEncoder`):
+a stored doc whose path now leads outside the image roots (replaced by a symlink) is refused when re-embedded.
+Request limits (:class:`cliptuner.limits.RequestLimits`), checked before anything is decoded: ``max_docs`` docs
+per ``/index`` or ``/search`` (1024), ``max_text_chars`` per text (10,000), ``max_blob_bytes`` per image (32 MiB),
+``max_request_bytes`` per request (256 MiB), ``max_limit`` matches per query (1000).
 
 Run it with one replica per shard: a collection directory is opened by one process at a time.
 """
@@ -30,6 +54,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -40,23 +65,26 @@ from jina import Executor, requests
 from cliptuner.bootstrap import ensure_current
 from cliptuner.content import Item, embed_items, make_item
 from cliptuner.follow import ModelFollower
+from cliptuner.access import UriPolicy
 from cliptuner.index import Collection, StoredDoc
+from cliptuner.limits import RequestLimits
 from cliptuner.runtime import OnnxClip
 
-from .content import doc_item, has_content
-from .options import INDEX_SUBDIR, base_spec, int_parameter, request_parameters, resolve_workspace, setting
+from .content import check_request, doc_item, has_content
+from .options import (INDEX_SUBDIR, base_spec, int_parameter, request_parameters, resolve_workspace, setting,
+                      uri_policy)
 from .schemas import ClipDoc, MatchDoc
 
 logger = logging.getLogger(__name__)
 
-SEARCH_PARAMETERS = ("limit",)
+SEARCH_PARAMETERS = ("limit", "return_content")
 _VERSION_RETRIES = 3  # a swap between taking the index version and using it: retry with the new one
 
 
-def stored_item(doc: StoredDoc, uri_root: Optional[str] = None) -> Item:
-    """What to embed for a stored doc (its image, else its text)."""
+def stored_item(doc: StoredDoc, policy: UriPolicy, limits: RequestLimits) -> Item:
+    """What to embed for a stored doc (its image, else its text); its ``uri`` is checked again by ``policy``."""
     return make_item(f"stored doc {doc.id!r}", text=doc.text, tensor=doc.tensor, blob=doc.blob, uri=doc.uri,
-                     uri_root=uri_root)
+                     policy=policy, limits=limits.image_limits)
 
 
 class CLIPIndexer(Executor):
@@ -75,10 +103,19 @@ class CLIPIndexer(Executor):
         batch_size: items per ONNX Runtime call.
         rebuild_batch_size: stored docs re-embedded per batch during a rebuild.
         intra_op_threads: ONNX Runtime threads per call.
-        uri_root: when set, ``uri`` paths must lie under it.
+        uri_roots: folders that ``uri`` paths must lie under; unset: ``$CLIPTUNER_URI_ROOTS``, else
+            ``<workspace>/data`` (see :func:`executors.options.uri_policy`).
+        allowed_hosts: http(s) hosts ``uri``s may name; unset: ``$CLIPTUNER_ALLOWED_HOSTS``, else none.
         default_limit: matches per query when ``limit`` is not given.
         max_limit: the largest ``limit`` accepted.
+        max_docs: most docs in one ``/index`` or ``/search`` request.
+        max_text_chars: most characters in one doc's text.
+        max_blob_bytes: most bytes of one encoded image (blob, data: URI, http(s) body).
+        max_request_bytes: most bytes of blobs, tensors and uris in one request.
         watch_interval: seconds between checks of CURRENT by the background watcher; 0 disables it.
+        trust_client_vectors: use the ``embedding`` of a doc with content when its ``model_version`` is the
+            index's, instead of embedding the content here. Only behind an encoder that embeds every doc with
+            content (the Flow); off for an indexer that clients reach directly.
 
     Raises:
         ValueError: no workspace, or bad settings.
@@ -99,10 +136,16 @@ class CLIPIndexer(Executor):
         batch_size: int = 32,
         rebuild_batch_size: int = 256,
         intra_op_threads: Optional[int] = None,
-        uri_root: Optional[str] = None,
+        uri_roots: Optional[Any] = None,
+        allowed_hosts: Optional[Any] = None,
         default_limit: int = 10,
-        max_limit: int = 1000,
+        max_limit: int = RequestLimits.max_limit,
+        max_docs: int = RequestLimits.max_docs,
+        max_text_chars: int = RequestLimits.max_text_chars,
+        max_blob_bytes: int = RequestLimits.max_blob_bytes,
+        max_request_bytes: int = RequestLimits.max_request_bytes,
         watch_interval: float = 2.0,
+        trust_client_vectors: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -111,7 +154,12 @@ class CLIPIndexer(Executor):
         self.default_limit = int_parameter("default_limit", default_limit)
         self.max_limit = int_parameter("max_limit", max_limit, minimum=self.default_limit)
         self.rebuild_batch_size = int_parameter("rebuild_batch_size", rebuild_batch_size)
-        self.uri_root = setting(uri_root)
+        if not isinstance(trust_client_vectors, bool):
+            raise ValueError(f"trust_client_vectors must be true or false, got {trust_client_vectors!r}")
+        self.trust_client_vectors = trust_client_vectors
+        self.policy = uri_policy(workspace, uri_roots, allowed_hosts)
+        self.limits = RequestLimits(max_docs=max_docs, max_text_chars=max_text_chars, max_blob_bytes=max_blob_bytes,
+                                    max_request_bytes=max_request_bytes, max_limit=self.max_limit)
         ensure_current(self.registry, base_spec(model, pretrained) if bootstrap else None,
                        timeout=float(bootstrap_timeout))
         self.follower = ModelFollower(self.registry, device=setting(device) or "auto",
@@ -181,7 +229,7 @@ class CLIPIndexer(Executor):
             started = time.monotonic()
             self._rebuilding = {"from_version": old, "to_version": target, "started_at": time.time()}
             embed: Callable[[list[StoredDoc]], np.ndarray] = \
-                lambda batch: embed_items(clip, [stored_item(doc, self.uri_root) for doc in batch])
+                lambda batch: embed_items(clip, [stored_item(doc, self.policy, self.limits) for doc in batch])
             try:
                 count = self.collection.rebuild(target, embed, batch_size=self.rebuild_batch_size)
             except Exception as exc:
@@ -221,36 +269,66 @@ class CLIPIndexer(Executor):
 
     # -- the work, in worker threads ---------------------------------------------------------------------------
     def _vectors(self, docs: DocList[ClipDoc], version: str, need_content: bool) -> np.ndarray:
-        """One vector per doc in ``version``: its embedding if made by ``version``, else embedded here.
+        """One L2-normalised vector per doc in ``version``, by the rule of "Vectors from clients" (module doc).
+
+        A doc with content is embedded here, unless ``trust_client_vectors`` is on and its ``embedding`` is of
+        ``version``; a doc without content (a vector query) gives its ``embedding``, which must be of ``version``.
 
         Raises:
-            ValueError: a doc without content (``need_content``, or one whose embedding is of another version).
+            ValueError: names the doc: no content (``need_content``), neither content nor an embedding, or an
+                embedding of the wrong dimension, not finite, all zeros, or (without content) of another version.
         """
         vectors: list[Optional[np.ndarray]] = []
         todo: list[tuple[int, Item]] = []
         for i, doc in enumerate(docs):
-            if need_content and not has_content(doc):
+            content = has_content(doc)
+            if need_content and not content:
                 raise ValueError(f"doc {doc.id!r}: has neither text nor an image (blob, uri or tensor); the indexer "
                                  "stores content so that it can re-embed it when the model changes")
-            if doc.embedding is not None and doc.model_version == version:
-                vectors.append(np.asarray(doc.embedding, dtype=np.float32).reshape(-1))
+            if not content and doc.embedding is None:
+                raise ValueError(f"doc {doc.id!r}: has neither text nor an image (blob, uri or tensor) nor an "
+                                 "embedding; nothing to search with")
+            if not content or (self.trust_client_vectors and doc.embedding is not None
+                               and doc.model_version == version):
+                vectors.append(self._client_vector(doc, version))
                 continue
-            if not has_content(doc):
-                made_by = f"model version {doc.model_version!r}" if doc.embedding is not None else "no embedding"
-                raise ValueError(f"doc {doc.id!r}: has {made_by} but the index holds version {version!r}, and no "
-                                 "text or image to encode with it")
             vectors.append(None)
-            todo.append((i, doc_item(doc, self.uri_root)))
+            todo.append((i, doc_item(doc, self.policy, self.limits)))
         if todo:
             embedded = embed_items(self._clip_for(version), [item for _, item in todo])  # [len(todo), D]
             for (i, _), vector in zip(todo, embedded):
                 vectors[i] = vector
         if not vectors:
             return np.zeros((0, self.collection.dim or 1), np.float32)
-        dims = {v.shape[0] for v in vectors}
-        if len(dims) > 1:
-            raise ValueError(f"docs have embeddings of different sizes {sorted(dims)}")
         return np.stack(vectors)  # [N, D]
+
+    def _index_dim(self, version: str) -> int:
+        """The dimension of ``version``'s vectors: the stored ones', else its model's."""
+        stats = self.collection.stats()
+        if stats["count"] and stats["version"] == version:
+            return int(stats["dim"])
+        return self._clip_for(version).embed_dim
+
+    def _client_vector(self, doc: ClipDoc, version: str) -> np.ndarray:
+        """A doc's own ``embedding`` as a unit vector of ``version``, or a ValueError naming the doc."""
+        try:
+            vector = np.asarray(doc.embedding, dtype=np.float32)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"doc {doc.id!r}: embedding must be a numeric vector ({err})") from None
+        dim = self._index_dim(version)
+        if vector.ndim != 1 or vector.shape[0] != dim:
+            raise ValueError(f"doc {doc.id!r}: embedding has shape {tuple(vector.shape)}; the index holds "
+                             f"{dim}-dimension vectors of model version {version!r}")
+        if not np.isfinite(vector).all():
+            raise ValueError(f"doc {doc.id!r}: embedding is not finite (it contains NaN or inf)")
+        norm = float(np.linalg.norm(vector.astype(np.float64)))
+        if norm == 0.0:
+            raise ValueError(f"doc {doc.id!r}: embedding is all zeros")
+        if doc.model_version != version:
+            raise ValueError(f"doc {doc.id!r}: a vector query's model_version must be the index's version {version!r}, "
+                             f"got {doc.model_version!r}; send the embedding and model_version that /encode "
+                             "returns, or send text or an image")
+        return (vector / norm).astype(np.float32)
 
     def _with_index_version(self, work: Callable[[str], Any]) -> Any:
         """Run ``work(version)`` with the index's version, again if a swap happened in between."""
@@ -265,12 +343,15 @@ class CLIPIndexer(Executor):
         raise AssertionError("unreachable")
 
     def _index(self, docs: DocList[ClipDoc]) -> DocList[ClipDoc]:
-        seen: set[str] = set()
+        check_request(docs, self.limits)
+        counts = Counter(doc.id for doc in docs)
+        repeated = [f"{doc_id!r} ({n} times)" for doc_id, n in counts.items() if n > 1]
+        if repeated:
+            shown = ", ".join(repeated[:10]) + (", ..." if len(repeated) > 10 else "")
+            raise ValueError(f"doc ids given more than once in one /index request: {shown}; nothing was stored "
+                             "(send each id once)")
         for doc in docs:
-            if doc.id in seen:
-                raise ValueError(f"doc {doc.id!r} appears more than once in one /index request")
-            seen.add(doc.id)
-            doc_item(doc, self.uri_root)  # check content before embedding anything
+            doc_item(doc, self.policy, self.limits)  # check content before embedding anything
         stored = [StoredDoc(id=doc.id, text=doc.text, uri=doc.uri, blob=doc.blob,
                             tensor=None if doc.tensor is None else np.asarray(doc.tensor), tags=dict(doc.tags))
                   for doc in docs]
@@ -286,7 +367,8 @@ class CLIPIndexer(Executor):
             self._with_index_version(upsert)
         return docs
 
-    def _search(self, docs: DocList[ClipDoc], limit: int) -> DocList[ClipDoc]:
+    def _search(self, docs: DocList[ClipDoc], limit: int, return_content: bool = False) -> DocList[ClipDoc]:
+        check_request(docs, self.limits)
         def search(version: str) -> tuple[str, np.ndarray, list]:
             vectors = self._vectors(docs, version, need_content=False)
             return version, vectors, self.collection.search(vectors, limit, version=version)
@@ -295,7 +377,7 @@ class CLIPIndexer(Executor):
             return docs
         version, vectors, hits = self._with_index_version(search)
         wanted = list(dict.fromkeys(doc_id for row in hits for doc_id, _ in row))
-        stored = dict(zip(wanted, self.collection.get(wanted)))
+        stored = dict(zip(wanted, self.collection.get(wanted, content=return_content)))  # image bytes if asked
         for doc, vector, row in zip(docs, vectors, hits):
             matches, scores = [], []
             for doc_id, score in row:
@@ -312,11 +394,9 @@ class CLIPIndexer(Executor):
         return docs
 
     def _delete(self, docs: DocList[ClipDoc]) -> DocList[ClipDoc]:
-        ids = [doc.id for doc in docs]
-        present = {doc_id for doc_id, found in zip(ids, self.collection.get(ids)) if found is not None}
-        self.collection.delete(ids)
+        self.collection.delete([doc.id for doc in docs], missing_ok=False)  # an unknown id: nothing is removed
         for doc in docs:
-            doc.tags["deleted"] = doc.id in present
+            doc.tags["deleted"] = True
         return docs
 
     def status(self) -> dict:
@@ -341,12 +421,15 @@ class CLIPIndexer(Executor):
         """Top-``limit`` stored docs per query by cosine similarity, as ``matches`` and ``scores``."""
         params = request_parameters(parameters, SEARCH_PARAMETERS, "/search")
         limit = int_parameter("limit", params.get("limit", self.default_limit), maximum=self.max_limit)
-        return await asyncio.to_thread(self._search, docs, limit)
+        return_content = params.get("return_content", False)
+        if not isinstance(return_content, bool):  # protobuf carries a bool as a bool: anything else is a mistake
+            raise ValueError(f"parameter 'return_content' must be true or false, got {return_content!r}")
+        return await asyncio.to_thread(self._search, docs, limit, return_content)
 
     @requests(on="/delete")
     async def delete(self, docs: DocList[ClipDoc], parameters: Optional[dict] = None,
                      **kwargs: Any) -> DocList[ClipDoc]:
-        """Remove stored docs by id; ``tags['deleted']`` says whether each was stored."""
+        """Remove stored docs by id, all or none: an id that is not stored fails the request (naming it)."""
         request_parameters(parameters, (), "/delete")
         return await asyncio.to_thread(self._delete, docs)
 

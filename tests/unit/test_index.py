@@ -240,16 +240,21 @@ def test_failing_embed_leaves_state_unchanged(tmp_path, backend):
 
     with pytest.raises(RuntimeError, match="model crashed"):
         col.rebuild("v2", embed, batch_size=20)
-    with pytest.raises(ValueError, match="d0"):  # NaN vectors from the new model: rejected, nothing changes
+    # NaN vectors from the new model: rejected (the first doc not done yet is named), nothing changes
+    with pytest.raises(ValueError, match="'d40'.*NaN"):
         col.rebuild("v2", lambda docs: np.full((len(docs), DIM), np.nan, np.float32), batch_size=20)
     assert (col.version, len(col)) == ("v1", 100)
     assert col.search(queries, limit=5) == before
+    with pytest.raises(ValueError, match="'v2'.*'v1'"):  # the new vectors are not searchable
+        col.search(queries, limit=5, version="v2")
     col.close()
     with Collection(tmp_path / "col", backend=backend) as col:
         assert (col.version, len(col)) == ("v1", 100)
         assert [[i for i, _ in r] for r in col.search(queries, limit=5)] == [[i for i, _ in r] for r in before]
     db = sqlite3.connect(tmp_path / "col" / "docs.sqlite")
-    assert db.execute("SELECT COUNT(*), COUNT(DISTINCT slot) FROM vectors").fetchone() == (100, 1)
+    # the old version's 100 vectors, and the 40 new ones of the unfinished rebuild, kept for it to resume
+    assert db.execute("SELECT slot, COUNT(*) FROM vectors GROUP BY slot ORDER BY slot").fetchall() == [(0, 100),
+                                                                                                      (1, 40)]
     db.close()
 
 
@@ -269,6 +274,139 @@ def test_reopen_after_crash_mid_rebuild_sees_old_state(tmp_path):
     db = sqlite3.connect(tmp_path / "col" / "docs.sqlite")
     assert db.execute("SELECT COUNT(*) FROM vectors WHERE slot = 1").fetchone() == (0,)
     db.close()
+
+
+def _new_model(docs: list[StoredDoc]) -> np.ndarray:
+    """A 'new model version': a doc's vector is a function of its text alone."""
+    return np.stack([_random(1, seed=5000 + int(d.text.split()[-1]))[0] for d in docs])
+
+
+def _die(col: Collection) -> None:
+    """What ``kill -9`` leaves: the database and the lock are released, nothing is saved or cleaned up."""
+    col._db.close()
+    col._lock_file.close()
+    col._closed = True
+
+
+def _assert_embedded_by_new_model(col: Collection, texts: dict[str, int]) -> None:
+    """Every doc's stored vector is ``_new_model`` of its current text (a search with it finds it at cosine 1)."""
+    assert len(col) == len(texts)
+    ids = sorted(texts)
+    expected = _new_model([StoredDoc(id=i, text=f"text {texts[i]}") for i in ids])
+    for doc_id, top in zip(ids, col.search(expected, limit=1, version="v2")):
+        assert top[0] == (doc_id, pytest.approx(1.0, abs=1e-5))
+
+
+@pytest.mark.parametrize("backend", ["exact", "usearch"])
+def test_rebuild_resumes_after_a_crash_and_embeds_only_the_rest(tmp_path, backend):
+    vecs, queries = _random(100, seed=40), _random(4, seed=41)
+    col = Collection(tmp_path / "col", backend=backend)
+    col.upsert(_docs(100), vecs, "v1")
+    before = col.search(queries, limit=5, version="v1")
+    calls = []
+
+    def crashing(docs):
+        calls.append(len(docs))
+        if len(calls) == 4:  # three batches of ten committed to the new slot
+            raise RuntimeError("killed")
+        return _new_model(docs)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        col.rebuild("v2", crashing, batch_size=10)
+    _die(col)
+
+    col = Collection(tmp_path / "col", backend=backend)
+    try:
+        assert (col.version, len(col)) == ("v1", 100)  # the old version serves, nothing half-written shows
+        assert col.search(queries, limit=5, version="v1") == before
+        # the old version keeps taking writes before the rebuild resumes
+        col.upsert([StoredDoc(id="d5", text="text 555"), StoredDoc(id="late", text="text 777")],
+                   _random(2, seed=42), "v1")
+        col.delete(["d6", "d50"])
+        embedded = []
+
+        def counting(docs):
+            embedded.extend(d.id for d in docs)
+            return _new_model(docs)
+
+        assert col.rebuild("v2", counting, batch_size=10) == 99  # 100 + late - d6 - d50
+        # d0..d29 were done (minus d5, rewritten since, and d6, deleted); d50 is gone
+        assert sorted(embedded) == sorted(["d5", "late"] + [f"d{i}" for i in range(30, 100) if i != 50])
+        assert (col.version, col.dim) == ("v2", DIM)
+        texts = {f"d{i}": i for i in range(100) if i not in (6, 50)} | {"d5": 555, "late": 777}
+        _assert_embedded_by_new_model(col, texts)
+    finally:
+        col.close()
+    with Collection(tmp_path / "col", backend=backend) as col:
+        _assert_embedded_by_new_model(col, texts)
+    db = sqlite3.connect(tmp_path / "col" / "docs.sqlite")
+    assert db.execute("SELECT COUNT(*), COUNT(DISTINCT slot) FROM vectors").fetchone() == (99, 1)
+    assert db.execute("SELECT COUNT(*) FROM meta WHERE key = 'rebuild'").fetchone() == (0,)
+    db.close()
+
+
+def test_a_doc_changed_while_its_batch_was_embedded_is_embedded_again_after_a_crash(tmp_path):
+    col = Collection(tmp_path / "col", backend="exact")
+    col.upsert(_docs(40), _random(40, seed=43), "v1")
+    calls = []
+
+    def crashing(docs):
+        calls.append([d.id for d in docs])
+        if len(calls) == 2:  # d10..d19 are being embedded from their old text when d12 is rewritten
+            col.upsert([StoredDoc(id="d12", text="text 1212")], _random(1, seed=44), "v1")
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return _new_model(docs)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        col.rebuild("v2", crashing, batch_size=10)
+    _die(col)
+    with Collection(tmp_path / "col", backend="exact") as col:
+        embedded = []
+        col.rebuild("v2", lambda docs: embedded.extend(d.id for d in docs) or _new_model(docs), batch_size=10)
+        assert sorted(embedded) == sorted(["d12"] + [f"d{i}" for i in range(20, 40)])
+        _assert_embedded_by_new_model(col, {f"d{i}": i for i in range(40)} | {"d12": 1212})
+
+
+def test_a_rebuild_for_another_version_discards_the_unfinished_one(tmp_path):
+    col = Collection(tmp_path / "col", backend="exact")
+    col.upsert(_docs(30), _random(30, seed=45), "v1")
+
+    def crashing(docs):
+        if docs[0].id == "d10":
+            raise RuntimeError("killed")
+        return _random(len(docs), seed=46)  # vectors the other version must not inherit
+
+    with pytest.raises(RuntimeError, match="killed"):
+        col.rebuild("v1b", crashing, batch_size=10)
+    _die(col)
+    with Collection(tmp_path / "col", backend="exact") as col:
+        embedded = []
+        col.rebuild("v2", lambda docs: embedded.extend(d.id for d in docs) or _new_model(docs), batch_size=10)
+        assert sorted(embedded) == sorted(f"d{i}" for i in range(30))
+        _assert_embedded_by_new_model(col, {f"d{i}": i for i in range(30)})
+
+
+def test_get_without_content_leaves_out_the_image_bytes(tmp_path):
+    tensor = np.zeros((4, 4, 3), np.uint8)
+    with Collection(tmp_path / "col") as col:
+        col.upsert([StoredDoc(id="x", text="a cat", uri="cat.png", blob=b"\x89PNG", tensor=tensor, tags={"k": 1})],
+                   _random(1, seed=47), "v1")
+        light, missing = col.get(["x", "nope"], content=False)
+        full = col.get(["x"])[0]
+    assert missing is None
+    assert light == StoredDoc(id="x", text="a cat", uri="cat.png", tags={"k": 1})
+    assert full.blob == b"\x89PNG" and np.array_equal(full.tensor, tensor)
+
+
+def test_delete_of_unknown_ids_can_be_refused_and_then_removes_nothing(filled):
+    col, _, vecs = filled
+    before = col.search(vecs[:3], limit=5)
+    with pytest.raises(ValueError, match=r"doc\(s\) 'nope', 'gone' not stored; nothing was deleted"):
+        col.delete(["d1", "nope", "d2", "gone", "nope"], missing_ok=False)
+    assert len(col) == 300 and "d1" in col and col.search(vecs[:3], limit=5) == before
+    assert col.delete(["d1", "d2", "d1"], missing_ok=False) == 2
+    assert len(col) == 298 and "d1" not in col
 
 
 def test_writes_during_rebuild_are_re_embedded(tmp_path):
