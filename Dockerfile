@@ -5,6 +5,11 @@
 #   docker run -p 51001:51001 -v $PWD/workspace:/workspace cliptuner \
 #       jina executor --uses config.yml --port 51001 --workspace /workspace            # the encoder alone
 #
+# The service runs as the unprivileged user `cliptuner` (uid 10001), which owns /workspace; a bind-mounted host
+# folder must be writable by it (`sudo chown -R 10001 workspace`). Inside the container the gateway listens on
+# every interface (CLIPTUNER_HOST=0.0.0.0) and the Flow's Executors on 127.0.0.1: what is reachable from
+# outside is what `-p` publishes.
+#
 # GPU image: build with --build-arg ORT=onnxruntime-gpu and run with --gpus all.
 #
 # Kubernetes (flows/k8s.yml) runs each Executor from its own image, as `jina executor --uses config.yml`; build
@@ -21,6 +26,7 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     JINA_HIDE_SURVEY=1 \
     JINA_OPTOUT_TELEMETRY=1 \
+    CLIPTUNER_HOST=0.0.0.0 \
     CLIPTUNER_PORT=51000 \
     CLIPTUNER_WORKSPACE=/workspace \
     CLIPTUNER_MODEL=cliptuner-tiny \
@@ -36,6 +42,10 @@ COPY flows ./flows
 COPY config.yml ./
 RUN sed -i "s/^jtype: .*/jtype: ${EXECUTOR}/" config.yml
 
+# the code in /app stays root's (read-only to the service); the service writes only the workspace and its home
+RUN useradd --create-home --uid 10001 --user-group cliptuner && mkdir -p /workspace \
+    && chown cliptuner:cliptuner /workspace
+USER cliptuner
 VOLUME /workspace
 EXPOSE 51000
 CMD ["cliptuner", "serve", "--flow", "flows/flow.yml"]

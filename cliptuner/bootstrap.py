@@ -7,6 +7,10 @@ process to do so. Publishers serialise on ``fcntl.flock`` of ``<registry>/.boots
 re-checks ``CURRENT`` before building, so the base is built once. Waiters poll ``CURRENT`` and give up after
 ``timeout`` seconds with an error that says what they waited for.
 
+A service that may publish (``spec`` given) first removes what crashed publishers left in the registry
+(:meth:`~cliptuner.registry.Registry.clean_temps`); the base is built in a registry temp directory, so a crash
+while building leaves nothing that the next start does not clean.
+
 torch, open_clip and the exporter are imported only when a base version is actually built, so a torch-free
 encoder that finds ``CURRENT`` already set never loads them.
 """
@@ -18,17 +22,15 @@ import fcntl
 import logging
 import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Iterator, Optional
 
 from .config import ModelSpec
-from .registry import Registry
+from .registry import TEMP_GRACE_SECONDS, Registry, temp_name
 
 logger = logging.getLogger(__name__)
 
 BOOTSTRAP_LOCK = ".bootstrap.lock"
-BUILD_PREFIX = ".bootstrap-"  # a dot name: Registry.versions() never lists it
 BASE_SEED = 0  # random init of a base version is reproducible
 
 
@@ -80,7 +82,7 @@ def publish_base(registry: Registry, spec: ModelSpec) -> str:
 
     seed_everything(BASE_SEED)
     bundle = load_model(spec)
-    build_dir = registry.root / f"{BUILD_PREFIX}{uuid.uuid4().hex}"
+    build_dir = registry.root / temp_name()  # never listed; cleaned at the next start if this process dies
     try:
         export_model_dir(bundle, build_dir, checkpoint=True,
                          metadata_extra={"parent_version": None, "role": "base", "report": None})
@@ -111,7 +113,7 @@ def wait_for_current(registry: Registry, timeout: float, poll: float = 0.5) -> s
 
 
 def ensure_current(registry: Registry | str | Path, spec: Optional[ModelSpec], timeout: float = 600.0,
-                   poll: float = 0.5) -> str:
+                   poll: float = 0.5, temp_grace: float = TEMP_GRACE_SECONDS) -> str:
     """The CURRENT version, publishing the base version first when the registry has none.
 
     Args:
@@ -119,6 +121,8 @@ def ensure_current(registry: Registry | str | Path, spec: Optional[ModelSpec], t
         spec: the base model to publish on a fresh registry; None only waits for someone else to publish.
         timeout: seconds to wait for another publisher (or, with ``spec`` None, for any version).
         poll: seconds between checks while waiting.
+        temp_grace: with ``spec``, temp entries of crashed publishers are removed first
+            (:meth:`Registry.clean_temps <cliptuner.registry.Registry.clean_temps>`); this is its grace period.
 
     Returns:
         The version CURRENT names.
@@ -128,6 +132,8 @@ def ensure_current(registry: Registry | str | Path, spec: Optional[ModelSpec], t
         ValueError: ``spec`` cannot be built.
     """
     registry = registry if isinstance(registry, Registry) else Registry(registry)
+    if spec is not None:
+        registry.clean_temps(temp_grace)
     version = registry.current()
     if version is not None:
         return version

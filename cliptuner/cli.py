@@ -269,8 +269,9 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-SERVE_ENV = {"port": "CLIPTUNER_PORT", "workspace": "CLIPTUNER_WORKSPACE", "model": "CLIPTUNER_MODEL",
-             "pretrained": "CLIPTUNER_PRETRAINED", "device": "CLIPTUNER_DEVICE"}
+SERVE_ENV = {"host": "CLIPTUNER_HOST", "port": "CLIPTUNER_PORT", "workspace": "CLIPTUNER_WORKSPACE",
+             "model": "CLIPTUNER_MODEL", "pretrained": "CLIPTUNER_PRETRAINED", "device": "CLIPTUNER_DEVICE"}
+DEFAULT_HOST = "127.0.0.1"  # this machine only; a container sets CLIPTUNER_HOST=0.0.0.0 and publishes the port
 FLOW_YAML = Path("flows") / "flow.yml"
 
 
@@ -284,7 +285,9 @@ def run_serve(args: argparse.Namespace) -> None:
     """``cliptuner serve``: start the Flow of ``flows/flow.yml`` (gRPC gateway, tuner, encoder, indexer) and block.
 
     Each option sets its ``CLIPTUNER_*`` variable, which the Flow YAML reads; an option left out keeps the
-    variable's value from the environment. Stops on Ctrl-C or SIGTERM.
+    variable's value from the environment. The gateway listens on ``127.0.0.1`` unless ``--host`` or
+    ``CLIPTUNER_HOST`` says otherwise (``0.0.0.0``: every interface); the Executors of ``flows/flow.yml`` always
+    listen on ``127.0.0.1``, where only the gateway talks to them. Stops on Ctrl-C or SIGTERM.
     """
     import signal
     import threading
@@ -298,6 +301,8 @@ def run_serve(args: argparse.Namespace) -> None:
             os.environ[name] = str(value)
     if not os.environ.get("CLIPTUNER_PORT"):
         os.environ["CLIPTUNER_PORT"] = "51000"
+    if not os.environ.get("CLIPTUNER_HOST", "").strip():
+        os.environ["CLIPTUNER_HOST"] = DEFAULT_HOST
     if not os.environ.get("CLIPTUNER_WORKSPACE"):
         raise ValueError("no workspace: pass --workspace DIR or set CLIPTUNER_WORKSPACE")
     os.environ["CLIPTUNER_WORKSPACE"] = str(Path(os.environ["CLIPTUNER_WORKSPACE"]).expanduser().resolve())
@@ -311,7 +316,7 @@ def run_serve(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     flow = Flow.load_config(str(flow_path))
     with flow:
-        print(f"cliptuner serving on grpc port {os.environ['CLIPTUNER_PORT']} (workspace "
+        print(f"cliptuner serving on grpc {os.environ['CLIPTUNER_HOST']}:{os.environ['CLIPTUNER_PORT']} (workspace "
               f"{os.environ['CLIPTUNER_WORKSPACE']}); Ctrl-C to stop", file=sys.stderr, flush=True)
         flow.block(stop_event=stop)
 
@@ -382,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=run_demo)
 
     p = sub.add_parser("serve", help="start the gRPC services (flows/flow.yml) and block")
+    p.add_argument("--host", default=None,
+                   help=f"address the gateway listens on (CLIPTUNER_HOST; default {DEFAULT_HOST}: this machine only; "
+                        "0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=None, help="gRPC port (CLIPTUNER_PORT; default 51000)")
     p.add_argument("--workspace", default=None, help="models/, index/, data/, runs/ (CLIPTUNER_WORKSPACE)")
     p.add_argument("--model", default=None,

@@ -5,7 +5,11 @@ Endpoints:
 - ``/train``: the pairs are the docs of the request (each with text and an image as tensor, blob or uri;
   docs that share ``tags['image_id']`` are captions of one image), or a PAIRS file named by
   ``parameters['data']`` (a CSV ``image,caption`` or a Karpathy-style JSON, relative to the data root,
-  ``<workspace>/data`` by default; paths that leave it are refused). Parameters (numbers may arrive as floats):
+  ``<workspace>/data`` by default; paths that leave it are refused). A doc's ``uri`` and every image path inside
+  a PAIRS file must lie under the image roots (``uri_roots``, default ``<workspace>/data``, symlinks resolved;
+  http(s) only for ``allowed_hosts``), as for every endpoint (:class:`cliptuner.access.UriPolicy`). At most
+  ``max_pairs`` docs per request, ``max_text_chars`` per caption, ``max_blob_bytes`` per image and
+  ``max_request_bytes`` in all, checked before anything is decoded. Parameters (numbers may arrive as floats):
 
   - the training options, by field name, with defaults and help from :class:`cliptuner.config.TrainConfig`:
     every field declared ``request`` there (``TRAIN_OPTIONS``: ``epochs``, ``learning_rate``, ``batch_size``,
@@ -30,6 +34,12 @@ Endpoints:
   run at a time: a second ``/train`` while one runs is refused with an error. Send a request's pairs in one
   request (``Client.post(..., request_size=len(docs))``): the client otherwise splits them into several
   ``/train`` requests.
+
+  A run that fails — bad pairs, an undecodable image, a non-finite loss, a stop, any error up to and including
+  the publish — publishes nothing: CURRENT, and so what the encoder and the indexer serve, stays as it was, and
+  the run's half-written export is removed. The request raises :class:`TrainingFailed` (:class:`TrainingInputError`,
+  also a ``ValueError``, when the input was at fault) naming the run, the phase and the cause, and ``/status``
+  shows ``training: {state: failed, run_id, phase, error}``.
 - ``/status``: appends ``ClipDoc(id='status-tuner', model_version=CURRENT, tags={'training': {...}, ...})``;
   while a run is going, ``training`` holds its phase and the last progress event (epoch, step/total_steps,
   loss, samples/s, eta_s).
@@ -41,6 +51,7 @@ On a fresh workspace the tuner publishes the base model (``model`` + ``pretraine
 import asyncio
 import dataclasses
 import json
+import os
 import logging
 import shutil
 import threading
@@ -54,12 +65,15 @@ from jina import Executor, requests
 
 from cliptuner.bootstrap import ensure_current
 from cliptuner.config import EvalConfig, ModelSpec, TrainConfig, from_mapping
+from cliptuner.access import RemoteImage
 from cliptuner.content import image_source
-from cliptuner.data import PairSet, from_memory, load_split, train_and_held_out
+from cliptuner.data import DataError, PairSet, from_memory, load_split, train_and_held_out
+from cliptuner.limits import RequestLimits
 from cliptuner.options import read_options_file, request_names
 from cliptuner.registry import Registry
 
-from .options import DATA_SUBDIR, RUNS_SUBDIR, base_spec, request_parameters, resolve_workspace, setting
+from .content import check_request
+from .options import DATA_SUBDIR, RUNS_SUBDIR, base_spec, request_parameters, resolve_workspace, setting, uri_policy
 from .schemas import ClipDoc
 
 logger = logging.getLogger(__name__)
@@ -72,6 +86,27 @@ REPORT_ID = "train-report"
 
 class TrainingBusy(RuntimeError):
     """A /train request arrived while another run is going."""
+
+
+class TrainingFailed(RuntimeError):
+    """A /train run failed: nothing was published, CURRENT names what it named before.
+
+    The message names the run, the phase (``preparing``, ``loading``, ``evaluating``, ``training``,
+    ``exporting``, ``publishing``) and the cause, which is also the exception's ``__cause__``.
+
+    Attributes:
+        run_id: the run, as ``/status`` shows it.
+        phase: what the run was doing when it failed.
+    """
+
+    def __init__(self, message: str, run_id: Optional[str] = None, phase: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.phase = phase
+
+
+class TrainingInputError(TrainingFailed, ValueError):
+    """A /train run failed on its input (bad pairs, an undecodable image, too few images…)."""
 
 
 @dataclasses.dataclass
@@ -107,10 +142,16 @@ class CLIPTuner(Executor):
         bootstrap: publish the base version when the registry is empty (else wait for one).
         bootstrap_timeout: seconds to wait for a version published by another service.
         torch_threads: CPU threads torch may use; None leaves torch's default.
+        uri_roots: folders that a doc's ``uri`` and the image paths of a PAIRS file must lie under; unset:
+            ``$CLIPTUNER_URI_ROOTS``, else ``<workspace>/data`` (see :func:`executors.options.uri_policy`).
+        allowed_hosts: http(s) hosts a doc's ``uri`` may name; unset: ``$CLIPTUNER_ALLOWED_HOSTS``, else none.
         max_pairs: most pairs one request may carry (guards memory before anything is decoded).
+        max_text_chars: most characters in one caption.
+        max_blob_bytes: most bytes of one encoded image (blob, data: URI, http(s) body).
+        max_request_bytes: most bytes of blobs, tensors, uris and fetched http(s) bodies in one request.
 
     Raises:
-        ValueError: no workspace, or a base model that cannot be built.
+        ValueError: no workspace, a base model that cannot be built, or a bad uri or limit setting.
     """
 
     def __init__(
@@ -124,7 +165,12 @@ class CLIPTuner(Executor):
         bootstrap: bool = True,
         bootstrap_timeout: float = 600.0,
         torch_threads: Optional[int] = None,
-        max_pairs: int = 1_000_000,
+        uri_roots: Optional[Any] = None,
+        allowed_hosts: Optional[Any] = None,
+        max_pairs: int = RequestLimits.max_pairs,
+        max_text_chars: int = RequestLimits.max_text_chars,
+        max_blob_bytes: int = RequestLimits.max_blob_bytes,
+        max_request_bytes: int = RequestLimits.max_request_bytes,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -137,11 +183,14 @@ class CLIPTuner(Executor):
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.base = base_spec(model, pretrained)
         self.device = _torch_device(device)
-        self.max_pairs = int(max_pairs)
+        self.policy = uri_policy(workspace, uri_roots, allowed_hosts)
+        self.limits = RequestLimits(max_pairs=max_pairs, max_text_chars=max_text_chars, max_blob_bytes=max_blob_bytes,
+                                    max_request_bytes=max_request_bytes)
         if setting(torch_threads):
             import torch
 
             torch.set_num_threads(int(torch_threads))
+        self.registry.clean_temps()  # a publisher: remove what a crashed publish left behind
         ensure_current(self.registry, self.base if bootstrap else None, timeout=float(bootstrap_timeout))
         self._run_lock = threading.Lock()  # one training run at a time
         self._stop = threading.Event()
@@ -156,11 +205,22 @@ class CLIPTuner(Executor):
             raise ValueError(f"parameter {name!r} must name a PAIRS file under the data root, got {value!r}")
         path = Path(value).expanduser()
         path = (path if path.is_absolute() else self.data_root / path).resolve()
-        if not path.is_relative_to(self.data_root):
-            raise ValueError(f"parameter {name!r}: {value!r} is outside the data root {str(self.data_root)!r}")
+        if not path.is_relative_to(self.data_root):  # the client never learns where the data root is
+            raise ValueError(f"parameter {name!r}: {value!r} is outside the data root")
         if not path.is_file():
-            raise ValueError(f"parameter {name!r}: no file {value!r} under the data root {str(self.data_root)!r}")
+            raise ValueError(f"parameter {name!r}: no file {value!r} under the data root")
         return path
+
+    def _load_general(self, path: Path) -> PairSet:
+        """The off-domain pairs of the WiSE-FT sweep, their image paths under the image policy like the others."""
+        try:
+            return load_split(path, "test", resolve_image=self.policy.local_path)
+        except DataError as exc:
+            raise DataError(self._relative(str(exc))) from None
+
+    def _relative(self, message: str) -> str:
+        """``message`` with the server's data-root prefix taken out of the paths it names."""
+        return message.replace(str(self.data_root) + os.sep, "").replace(str(self.data_root), "<data root>")
 
     def parse_request(self, parameters: Optional[dict]) -> TrainRequest:
         """Validate /train parameters into configs.
@@ -189,22 +249,32 @@ class CLIPTuner(Executor):
     def pairs_from_docs(self, docs: DocList[ClipDoc]) -> PairSet:
         """The request's docs as pairs (docs sharing ``tags['image_id']`` are captions of one image).
 
+        An http(s) image is fetched here (once per image), its body counted in the request's bytes.
+
         Raises:
-            ValueError: a doc without text or without an image, or a bad image field (names the doc id).
+            ValueError: a request over the limits, a doc without text or without an image, a bad image field or a
+                uri the policy refuses (names the doc id), before anything is decoded.
         """
-        if len(docs) > self.max_pairs:
-            raise ValueError(f"{len(docs)} pairs in one request is over the limit of {self.max_pairs}; "
-                             "write them to a PAIRS file under the data root and pass parameters['data']")
+        total = check_request(docs, self.limits, "pairs", self.limits.max_pairs,
+                              "; write them to a PAIRS file under the data root and pass parameters['data']")
         images, captions, image_ids = [], [], []
         for doc in docs:
             name = f"doc {doc.id!r}"
-            image = image_source(name, doc.tensor, doc.blob, doc.uri)
+            image = image_source(name, doc.tensor, doc.blob, doc.uri, self.policy, self.limits.image_limits)
             if image is None or not (doc.text and doc.text.strip()):
                 raise ValueError(f"{name}: a training pair needs text and an image (blob, uri or tensor)")
             images.append(image)
             captions.append(doc.text)
             image_ids.append(str(doc.tags.get("image_id", doc.id)))
-        return from_memory(images, captions, image_ids=image_ids, name="request")
+        pairs = from_memory(images, captions, image_ids=image_ids, name="request")
+        fetched = []
+        for image, image_id in zip(pairs.images, pairs.image_ids):
+            if isinstance(image, RemoteImage):
+                image = image.read(f"image {image_id!r}")
+                total += len(image)
+                self.limits.check_total(total)
+            fetched.append(image)
+        return dataclasses.replace(pairs, images=fetched)
 
     def split_pairs(self, request: TrainRequest, docs: DocList[ClipDoc]) -> tuple[PairSet, PairSet, dict]:
         """Training and held-out pairs, and where they came from.
@@ -219,8 +289,11 @@ class CLIPTuner(Executor):
                              "PAIRS file under the data root")
         source = str(request.data.relative_to(self.data_root)) if request.data is not None else "request docs"
         data = self.pairs_from_docs(docs) if request.data is None else request.data
-        train, held_out = train_and_held_out(data, request.eval_data, request.eval_cfg.eval_fraction,
-                                             request.eval_cfg.split_seed)
+        try:
+            train, held_out = train_and_held_out(data, request.eval_data, request.eval_cfg.eval_fraction,
+                                                 request.eval_cfg.split_seed, resolve_image=self.policy.local_path)
+        except DataError as exc:  # names files and rows by their paths under the data root only
+            raise DataError(self._relative(str(exc))) from None
         if request.eval_data is not None:
             held_out_from = str(request.eval_data.relative_to(self.data_root))
         elif request.data is not None and request.data.suffix.lower() == ".json":
@@ -259,49 +332,98 @@ class CLIPTuner(Executor):
                        self.base.arch)
         return self.base, f"base model {self.base.arch} (version {parent} has no checkpoint)"
 
+    def _set_phase(self, phase: str) -> None:
+        self._progress = {**self._progress, "phase": phase}  # one reference swap, as in _on_event
+
+    def _train_and_export(self, request: TrainRequest, docs: DocList[ClipDoc], model_dir: Path, parent: str,
+                          started: float) -> dict:
+        """Split, train and evaluate, then export the tuned model to ``model_dir``; returns the report (no version).
+
+        Raises:
+            TrainingStopped: a stop was asked for (polled between steps, and once more after the export).
+        """
+        train, held_out, sources = self.split_pairs(request, docs)
+        from cliptuner.export import export_model_dir
+        from cliptuner.models import load_model
+        from cliptuner.train import TrainingStopped, finetune, seed_everything
+
+        self._set_phase("loading")
+        spec, init = self._parent_spec(parent)
+        seed_everything(request.cfg.seed)
+        bundle = load_model(spec)
+        general = None if request.general_data is None else self._load_general(request.general_data)
+        self._set_phase("evaluating")
+        result = finetune(bundle, train, held_out, request.cfg, request.eval_cfg, on_event=self._on_event,
+                          should_stop=self._stop.is_set, general_pairs=general)
+        report = {"model_version": None, "parent_version": parent, "init": init, **result}
+        report["split"] = {**result["split"], **sources}
+        report["wall_seconds"] = round(time.time() - started, 3)
+        bundle.model.cpu()
+        self._set_phase("exporting")
+        export_model_dir(bundle, model_dir, checkpoint=True,
+                         metadata_extra={"parent_version": parent, "report": report})
+        if self._stop.is_set():  # asked for after the last step: the tuned model is dropped, not published
+            raise TrainingStopped("a stop was asked for after training; the tuned model is not published")
+        return report
+
+    def _failure(self, run_id: str, exc: BaseException) -> TrainingFailed:
+        """Record a failed run in ``/status`` and build the error the client gets (phase and cause named)."""
+        phase = self._progress.get("phase") or "preparing"
+        cause = f"{type(exc).__name__}: {exc}"
+        self._progress = {**self._progress, "state": "failed", "phase": phase, "error": cause,
+                          "finished_at": time.time()}
+        message = (f"/train run {run_id} failed while {phase}: {cause} (nothing was published; CURRENT is still "
+                   f"{self.registry.current()})")
+        logger.error("%s", message)
+        kind = TrainingInputError if isinstance(exc, ValueError) else TrainingFailed
+        return kind(message, run_id=run_id, phase=phase)
+
     def _run(self, request: TrainRequest, docs: DocList[ClipDoc]) -> dict:
-        """Split, train, evaluate, export and publish; releases the run lock when done."""
+        """Split, train, evaluate, export and publish; releases the run lock when done.
+
+        Only a run that got through every phase, with no stop asked for, publishes. A run that fails (bad pairs,
+        an undecodable image, a non-finite loss, a stop, any error up to and including the publish) leaves CURRENT
+        and the registry as they were, removes its run directory (the half-written export), shows
+        ``state: failed`` with ``phase`` and ``error`` in ``/status``, and raises.
+
+        Raises:
+            TrainingInputError: the run failed on a ``ValueError`` (bad input): a ``TrainingFailed`` and a
+                ``ValueError``.
+            TrainingFailed: the run failed on any other error; the message names the run, the phase and the cause
+                (also its ``__cause__``).
+        """
         run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
         run_dir = self.runs_dir / run_id
         started = time.time()
         try:
-            self._progress = {"state": "running", "phase": "preparing", "run_id": run_id, "started_at": started}
-            train, held_out, sources = self.split_pairs(request, docs)
-            from cliptuner.export import export_model_dir
-            from cliptuner.models import load_model
-            from cliptuner.train import finetune, seed_everything
-
             parent = self.registry.current()
-            spec, init = self._parent_spec(parent)
-            self._progress = {**self._progress, "phase": "evaluating", "parent_version": parent}
-            seed_everything(request.cfg.seed)
-            bundle = load_model(spec)
-            general = None if request.general_data is None else load_split(request.general_data, "test")
-            result = finetune(bundle, train, held_out, request.cfg, request.eval_cfg, on_event=self._on_event,
-                              should_stop=self._stop.is_set, general_pairs=general)
-            report = {"model_version": None, "parent_version": parent, "init": init, **result}
-            report["split"] = {**result["split"], **sources}
-            report["wall_seconds"] = round(time.time() - started, 3)
-            bundle.model.cpu()
-            self._progress = {**self._progress, "phase": "exporting"}
-            export_model_dir(bundle, run_dir / "model", checkpoint=True,
-                             metadata_extra={"parent_version": parent, "report": report})
-            self._progress = {**self._progress, "phase": "publishing"}
-            version = self.registry.publish(run_dir / "model", move=True)
+            self._progress = {"state": "running", "phase": "preparing", "run_id": run_id, "started_at": started,
+                              "parent_version": parent}
+            try:
+                report = self._train_and_export(request, docs, run_dir / "model", parent, started)
+                self._set_phase("publishing")
+                version = self.registry.publish(run_dir / "model", move=True)
+            except Exception as exc:
+                failure = self._failure(run_id, exc)
+                shutil.rmtree(run_dir, ignore_errors=True)
+                raise failure from exc
+            except BaseException as exc:  # KeyboardInterrupt, SystemExit: recorded, then on their way unchanged
+                self._failure(run_id, exc)
+                shutil.rmtree(run_dir, ignore_errors=True)
+                raise
+            # published: the run has succeeded, whatever happens to its report file
             report["model_version"] = version
             report["wall_seconds"] = round(time.time() - started, 3)
-            (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            try:
+                (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            except OSError as exc:  # the report also lives in the version's model.json
+                logger.warning("run %s published %s but could not write its report.json: %s", run_id, version, exc)
             self._last_report = report
-            self._progress = {"state": "done", "run_id": run_id, "model_version": version,
+            self._progress = {"state": "done", "run_id": run_id, "model_version": version, "parent_version": parent,
                               "finished_at": time.time(), "wall_seconds": report["wall_seconds"]}
             logger.info("run %s published %s: t2i R@5 %.3f → %.3f", run_id, version, report["before"]["t2i_r5"],
                         report["after"]["t2i_r5"])
             return report
-        except BaseException as exc:
-            self._progress = {"state": "failed", "run_id": run_id, "error": f"{type(exc).__name__}: {exc}",
-                              "finished_at": time.time()}
-            shutil.rmtree(run_dir / "model", ignore_errors=True)
-            raise
         finally:
             self._run_lock.release()
 

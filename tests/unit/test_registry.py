@@ -1,16 +1,22 @@
-"""Registry: atomic publish, CURRENT pointer, version numbering, concurrency."""
+"""Registry: atomic publish, CURRENT pointer, version numbering, concurrency, leftovers of crashed publishes."""
 
+import functools
 import json
+import os
+import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from cliptuner.bootstrap import ensure_current
+from cliptuner.config import ModelSpec
 from cliptuner.manifest import (CHECKPOINT_FILE, REQUIRED_FILES, TEXTUAL_FILE, VISUAL_FILE, VOCAB_FILE,
                                 ModelManifest, OnnxSpec, TokenizerSpec)
-from cliptuner.registry import Registry
+from cliptuner.registry import Registry, temp_name
 
 
 def make_model_dir(path: Path, payload_bytes: int = 16, arch: str = "fake") -> Path:
@@ -238,3 +244,156 @@ def test_concurrent_process_publishers_get_distinct_versions(tmp_path):
     assert reg.versions() == [f"v{i}" for i in range(1, 13)]
     assert reg.current() in published
     assert not list(root.glob(".tmp-*"))
+
+
+# -- leftovers of interrupted publishes ---------------------------------------------------------------------------
+SLOW_PUBLISH = """
+import functools, shutil, sys, time
+from cliptuner.registry import Registry
+
+def copy_then_hang(src, dst, **kwargs):  # the first file lands, then the copy stalls until the process is killed
+    out = shutil.copy2(src, dst, **kwargs)
+    print("copying", flush=True)
+    time.sleep(600)
+    return out
+
+shutil.copytree = functools.partial(shutil.copytree, copy_function=copy_then_hang)
+Registry(sys.argv[1]).publish(sys.argv[2])
+"""
+
+
+def backdate(path: Path, seconds: float) -> None:
+    """Set the mtime of ``path`` and everything under it ``seconds`` into the past."""
+    when = time.time() - seconds
+    for entry in [path, *path.rglob("*")]:
+        os.utime(entry, (when, when))
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_publish_killed_mid_copy_keeps_current_and_is_cleaned_at_the_next_start(tmp_path):
+    reg = Registry(tmp_path / "models")
+    src = make_model_dir(tmp_path / "src")
+    reg.publish(src)
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_PUBLISH, str(reg.root), str(src)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "copying"
+    finally:
+        proc.kill()  # SIGKILL: no except or finally block of the publisher runs
+        proc.wait(30)
+    leftovers = list(reg.root.glob(".tmp-*"))
+    assert len(leftovers) == 1 and len(list(leftovers[0].iterdir())) == 1  # half a copy
+    assert reg.versions() == ["v1"] and reg.current() == "v1"  # never listed, CURRENT untouched
+    with pytest.raises(ValueError, match="unknown model version"):
+        reg.path(leftovers[0].name)
+    ensure_current(reg.root, None, timeout=1)  # a service that does not publish leaves it alone
+    assert leftovers[0].exists()
+    # the next start of a publisher: its owner is gone, so it goes at once, whatever its age
+    assert ensure_current(reg.root, ModelSpec("cliptuner-tiny"), timeout=1) == "v1"
+    assert not leftovers[0].exists()
+    assert reg.versions() == ["v1"] and reg.publish(src) == "v2"
+
+
+def test_a_crash_in_the_copy_step_leaves_no_temp_and_the_old_current(tmp_path, monkeypatch):
+    reg = Registry(tmp_path / "models")
+    src = make_model_dir(tmp_path / "src")
+    reg.publish(src)
+    real_copy2 = shutil.copy2
+    copied = []
+
+    def copy_one_then_fail(src_file, dst, **kwargs):
+        if copied:
+            raise OSError("disk full")
+        copied.append(real_copy2(src_file, dst, **kwargs))
+        return copied[-1]
+
+    monkeypatch.setattr("cliptuner.registry.shutil.copytree",
+                        functools.partial(shutil.copytree, copy_function=copy_one_then_fail))
+    with pytest.raises(OSError, match="disk full"):
+        reg.publish(src)
+    assert copied  # it did fail midway
+    assert reg.versions() == ["v1"] and reg.current() == "v1"
+    assert not list(reg.root.glob(".tmp-*"))
+
+
+def test_a_live_publishers_temp_is_kept_whatever_the_grace(tmp_path, monkeypatch):
+    reg = Registry(tmp_path / "models")
+    src = make_model_dir(tmp_path / "src")
+    filling, release = threading.Event(), threading.Event()
+
+    def copy_and_wait(src_file, dst, **kwargs):
+        out = shutil.copy2(src_file, dst, **kwargs)
+        filling.set()
+        release.wait(60)
+        return out
+
+    monkeypatch.setattr("cliptuner.registry.shutil.copytree",
+                        functools.partial(shutil.copytree, copy_function=copy_and_wait))
+    results = []
+    publisher = threading.Thread(target=lambda: results.append(reg.publish(src)))
+    publisher.start()
+    try:
+        assert filling.wait(60)
+        temp = next(reg.root.glob(".tmp-*"))
+        backdate(temp, 7200)
+        assert Registry(reg.root).clean_temps(grace=0) == []  # another publisher starting meanwhile
+        assert temp.exists()
+    finally:
+        release.set()
+        publisher.join(60)
+    assert results == ["v1"] and reg.versions() == ["v1"] and reg.current() == "v1"
+    assert not list(reg.root.glob(".tmp-*"))
+
+
+def test_clean_temps_removes_dead_owners_and_stale_entries_only(tmp_path):
+    reg = Registry(tmp_path / "models")
+    reg.publish(make_model_dir(tmp_path / "src"))
+    ours = temp_name()
+    assert f"-{os.getpid()}-" in ours
+    dead_owner = ours.replace(f"-{os.getpid()}-", f"-{dead_pid()}-", 1)
+    other_host = f".tmp-00000000-{os.getpid()}-{'a' * 32}"  # this pid, but on a host whose pids we cannot see
+    fresh = {
+        dead_owner: True,  # removed: its owner on this host is gone
+        other_host: False,  # kept: another host's publisher may be filling it
+        ".tmp-0123abcd": False,  # a name without an owner: by age only
+        ".CURRENT.tmp-4242-abcdef01": False,  # an interrupted write_atomic of CURRENT
+    }
+    for name in fresh:
+        if name.startswith(".tmp-"):
+            make_model_dir(reg.root / name)
+        else:
+            (reg.root / name).write_text("v9\n")
+    (reg.root / "notes").mkdir()  # not a temp entry, not a version
+    assert sorted(reg.clean_temps()) == sorted(name for name, gone in fresh.items() if gone)
+    assert all((reg.root / name).exists() != gone for name, gone in fresh.items())
+    for entry in reg.root.iterdir():  # everything an hour and a half old now, versions and CURRENT included
+        backdate(entry, 5400)
+    assert sorted(reg.clean_temps(grace=7200)) == []
+    assert sorted(reg.clean_temps()) == sorted(name for name, gone in fresh.items() if not gone)
+    assert sorted(p.name for p in reg.root.iterdir()) == [".lock", "CURRENT", "notes", "v1"]
+    assert reg.versions() == ["v1"] and reg.current() == "v1"
+    with pytest.raises(ValueError, match=r"grace must be >= 0 seconds, got -1"):
+        reg.clean_temps(grace=-1)
+
+
+def test_a_failed_current_write_unpublishes_the_new_version(tmp_path, monkeypatch):
+    reg = Registry(tmp_path / "models")
+    src = make_model_dir(tmp_path / "src")
+    reg.publish(src)
+
+    def refuse(path, data, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("cliptuner.registry.write_atomic", refuse)  # after the rename into place
+    with pytest.raises(OSError, match="disk full"):
+        reg.publish(src)
+    with pytest.raises(OSError, match="disk full"):
+        reg.publish(src, move=True)
+    assert all((src / name).is_file() for name in REQUIRED_FILES)  # the moved directory came back
+    assert reg.versions() == ["v1"] and reg.current() == "v1"
+    assert sorted(p.name for p in reg.root.iterdir()) == [".lock", "CURRENT", "v1"]
