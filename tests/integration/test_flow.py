@@ -25,137 +25,23 @@ CLIPTUNER_IT_TRAIN_IMAGES (training scenes, two captions each), CLIPTUNER_IT_EPO
 """
 
 import asyncio
-import io
 import os
-import re
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pytest
 from docarray import DocList
-from jina import Client, Deployment
-from jina.excepts import BadServer
-from PIL import Image
+from service import ExecutorProcess, FlowProcess, ServerError, by_id, png, post, post_async
 
 from cliptuner import synthetic
 from cliptuner.registry import Registry
 from cliptuner.runtime import OnnxClip
-from executors import CLIPEncoder
 from executors.schemas import ClipDoc
 
-ROOT = Path(__file__).resolve().parents[2]
 GALLERY = int(os.environ.get("CLIPTUNER_IT_GALLERY", "200"))
 TRAIN_IMAGES = int(os.environ.get("CLIPTUNER_IT_TRAIN_IMAGES", "600"))
 EPOCHS = int(os.environ.get("CLIPTUNER_IT_EPOCHS", "5"))
 TRAIN_PARAMETERS = {"epochs": EPOCHS, "batch_size": 32, "learning_rate": 1e-3, "warmup_steps": 10, "seed": 0,
                     "eval_fraction": 0.2}
-START_TIMEOUT = 300.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-class FlowProcess:
-    """`cliptuner serve` in a child process (its own process group), on a free port of 127.0.0.1."""
-
-    def __init__(self, workspace: Path, log_path: Path) -> None:
-        self.workspace = workspace
-        self.log_path = log_path
-        self.proc: Optional[subprocess.Popen] = None
-        self.port = 0
-
-    def start(self) -> None:
-        self.port = free_port()
-        env = {**os.environ, "CLIPTUNER_PORT": str(self.port), "CLIPTUNER_WORKSPACE": str(self.workspace),
-               "CLIPTUNER_MODEL": "cliptuner-tiny", "CLIPTUNER_PRETRAINED": "", "CLIPTUNER_DEVICE": "cpu",
-               "JINA_HIDE_SURVEY": "1", "JINA_OPTOUT_TELEMETRY": "1", "PYTHONPATH": str(ROOT),
-               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        log = open(self.log_path, "a")
-        self.proc = subprocess.Popen([sys.executable, "-m", "cliptuner.cli", "serve"], cwd=ROOT, env=env,
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"cliptuner serve exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    pass
-            except OSError:
-                time.sleep(0.5)
-                continue
-            if self.client().is_flow_ready(timeout=5):
-                return
-            time.sleep(0.5)
-        self.stop()
-        pytest.fail(f"the Flow was not ready after {START_TIMEOUT:.0f} s:\n{self.log_tail()}")
-
-    def client(self) -> Client:
-        return Client(host="127.0.0.1", port=self.port, protocol="grpc")
-
-    def stop(self) -> None:
-        """SIGTERM (the Flow closes its Executors, which save their state); SIGKILL the group if that hangs."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(90)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the Executors run in this process group
-            self.proc.wait(15)
-
-    def log_tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def post(flow: FlowProcess, on: str, docs=None, **kwargs) -> DocList[ClipDoc]:
-    return flow.client().post(on, inputs=docs, return_type=DocList[ClipDoc], **kwargs)
-
-
-async def post_async(port: int, on: str, docs=None, **kwargs) -> DocList[ClipDoc]:
-    client = Client(host="127.0.0.1", port=port, protocol="grpc", asyncio=True)
-    out = DocList[ClipDoc]()
-    async for response in client.post(on, inputs=docs, return_type=DocList[ClipDoc], **kwargs):
-        out.extend(response)
-    return out
-
-
-class ServerError:
-    """``pytest.raises``-like context: the request fails with an Executor error whose message matches."""
-
-    def __init__(self, pattern: str) -> None:
-        self.pattern = pattern
-
-    def __enter__(self) -> "ServerError":
-        self._raises = pytest.raises(BadServer)
-        self._info = self._raises.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        suppressed = self._raises.__exit__(*exc)
-        header = self._info.value.args[0]  # the response header, with the Executor's exception
-        messages = [header.status.description, *header.status.exception.args]
-        assert any(re.search(self.pattern, m) for m in messages), (self.pattern, messages)
-        return suppressed
-
-
-def by_id(docs: DocList[ClipDoc]) -> dict:
-    return {doc.id: doc for doc in docs}
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +132,7 @@ def test_index_then_search_with_the_base_model(flow, gallery, state):
     np.testing.assert_allclose(encoded[1].embedding, indexed.embedding, atol=1e-5)  # blob and tensor alike
 
     top = post(flow, "/search", DocList[ClipDoc]([ClipDoc(id="q", tensor=gallery.images[3])]),
-               parameters={"limit": 3})[0]
+               parameters={"limit": 3, "return_content": True})[0]
     assert top.matches[0].id == gallery.image_ids[3] and top.scores[0] == pytest.approx(1.0, abs=1e-4)
     np.testing.assert_array_equal(top.matches[0].tensor, gallery.images[3])  # the stored content comes back
     assert top.matches[0].tags == {"caption": gallery.captions[3]}
@@ -334,9 +220,8 @@ def test_status_reports_versions_count_and_training(flow, state):
 
 def test_delete_removes_docs_from_results(flow, gallery):
     gone = [gallery.image_ids[0], gallery.image_ids[1]]
-    out = post(flow, "/delete", DocList[ClipDoc]([ClipDoc(id=gone[0]), ClipDoc(id=gone[1]),
-                                                  ClipDoc(id="never-indexed")]))
-    assert [d.tags["deleted"] for d in out] == [True, True, False]
+    out = post(flow, "/delete", DocList[ClipDoc]([ClipDoc(id=gone[0]), ClipDoc(id=gone[1])]))
+    assert [d.tags["deleted"] for d in out] == [True, True]
     everything = post(flow, "/search", DocList[ClipDoc]([ClipDoc(id="q", tensor=gallery.images[0])]),
                       parameters={"limit": GALLERY})[0]
     ids = [m.id for m in everything.matches]
@@ -381,16 +266,18 @@ def test_restart_keeps_the_index_and_the_tuned_model(flow, gallery):
         np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
 
 
-def test_the_encoder_runs_alone_as_a_deployment(tmp_path, tiny_model_dir):
+def test_the_encoder_runs_alone_as_a_microservice(tmp_path, tiny_model_dir):
+    """``jina executor --uses CLIPEncoder``: the encoder as its own gRPC service on a shared workspace."""
     Registry(tmp_path / "models").publish(tiny_model_dir)
-    port = free_port()
-    with Deployment(uses=CLIPEncoder, uses_with={"bootstrap": False}, workspace=str(tmp_path), port=port,
-                    protocol="grpc"):
-        client = Client(host="127.0.0.1", port=port, protocol="grpc")
-        out = client.post("/encode", inputs=DocList[ClipDoc]([ClipDoc(id="a", text="a green triangle")]),
-                          return_type=DocList[ClipDoc])
+    encoder = ExecutorProcess("CLIPEncoder", tmp_path, tmp_path / "encoder.log", {"bootstrap": False, "device": "cpu"})
+    encoder.start()
+    try:
+        out = encoder.post("/encode", DocList[ClipDoc]([ClipDoc(id="a", text="a green triangle")]))
         assert out[0].model_version == "v1" and out[0].embedding.shape == (128,)
-        status = client.post("/status", inputs=None, return_type=DocList[ClipDoc])
-        assert [d.id for d in status] == ["status-encoder"]
+        np.testing.assert_allclose(out[0].embedding, OnnxClip(tiny_model_dir).encode_text(["a green triangle"])[0],
+                                   atol=1e-5)
+        assert [d.id for d in encoder.post("/status")] == ["status-encoder"]
         with ServerError("doc 'x': has neither text nor an image"):
-            client.post("/encode", inputs=DocList[ClipDoc]([ClipDoc(id="x")]), return_type=DocList[ClipDoc])
+            encoder.post("/encode", DocList[ClipDoc]([ClipDoc(id="x")]))
+    finally:
+        encoder.stop()

@@ -5,9 +5,7 @@ another version publish ``tiny_model_dir_v2`` (other weights), so that a vector 
 embedding if it really was made by the new model.
 """
 
-import asyncio
 import base64
-import io
 import json
 import threading
 import time
@@ -15,7 +13,6 @@ import time
 import numpy as np
 import pytest
 from docarray import DocList
-from PIL import Image
 
 from cliptuner import synthetic
 from cliptuner.bootstrap import BootstrapTimeout, ensure_current
@@ -23,44 +20,11 @@ from cliptuner.config import ModelSpec
 from cliptuner.images import ImageError
 from cliptuner.registry import Registry
 from cliptuner.runtime import OnnxClip
-from executors import CLIPEncoder, CLIPIndexer, CLIPTuner, ClipDoc
+from executors import CLIPEncoder, CLIPIndexer, ClipDoc
 from executors.options import request_parameters, setting
 from executors.tuner import TrainingBusy
 
-
-def run(coro):
-    return asyncio.run(coro)
-
-
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def scenes():
-    return synthetic.generate(12, domain="domain", seed=5)
-
-
-@pytest.fixture
-def workspace(tmp_path, tiny_model_dir):
-    Registry(tmp_path / "models").publish(tiny_model_dir)  # v1
-    return tmp_path
-
-
-@pytest.fixture
-def encoder(workspace):
-    enc = CLIPEncoder(workspace=str(workspace), bootstrap=False, bootstrap_timeout=1)
-    yield enc
-    enc.close()
-
-
-@pytest.fixture
-def indexer(workspace):
-    idx = CLIPIndexer(workspace=str(workspace), bootstrap=False, bootstrap_timeout=1, watch_interval=0)
-    yield idx
-    idx.close()
+from support import QUICK, png, run
 
 
 def gallery_docs(scenes) -> DocList[ClipDoc]:
@@ -111,9 +75,10 @@ def test_request_parameters_ignore_jina_keys_and_sections_but_refuse_unknown_nam
 
 
 # -- encoder -------------------------------------------------------------------------------------------------------
-def test_encoder_embeds_mixed_texts_and_images_like_the_runtime(encoder, workspace, scenes, tmp_path):
+def test_encoder_embeds_mixed_texts_and_images_like_the_runtime(encoder, workspace, scenes):
     image = scenes.images[0]
-    path = tmp_path / "scene.png"
+    path = workspace / "data" / "scene.png"  # under the default image root
+    path.parent.mkdir(exist_ok=True)
     path.write_bytes(png(image))
     data_uri = "data:image/png;base64," + base64.b64encode(png(image)).decode()
     docs = DocList[ClipDoc]([
@@ -158,7 +123,7 @@ def test_encoder_minibatches_many_docs(workspace, scenes):
     (ClipDoc(id="broken", blob=b"\x89PNG not really"), r"doc 'broken'.*cannot decode"),
     (ClipDoc(id="chw", tensor=np.zeros((3, 16, 16), np.uint8)), r"doc 'chw': tensor must be an H×W×3 uint8 image"),
     (ClipDoc(id="floaty", tensor=np.zeros((16, 16, 3), np.float32)), r"doc 'floaty': tensor must be .* float32"),
-    (ClipDoc(id="web", uri="https://example.com/cat.png"), r"doc 'web': uri scheme 'https' is not supported"),
+    (ClipDoc(id="web", uri="https://example.com/cat.png"), r"doc 'web': uri is not allowed"),
 ])
 def test_encoder_names_the_bad_doc_and_keeps_serving(encoder, doc, message):
     docs = DocList[ClipDoc]([ClipDoc(id="fine", text="a red circle"), doc])
@@ -178,16 +143,16 @@ def test_encoder_refuses_unknown_parameters(encoder):
         run(encoder.encode(docs=DocList[ClipDoc]([ClipDoc(id="a", text="x")]), parameters={"limit": 3}))
 
 
-def test_uri_root_keeps_paths_inside(workspace, scenes, tmp_path):
+def test_uri_roots_keep_paths_inside(workspace, scenes, tmp_path):
     inside = workspace / "images"
     inside.mkdir()
     (inside / "a.png").write_bytes(png(scenes.images[0]))
     (tmp_path / "outside.png").write_bytes(png(scenes.images[0]))
-    enc = CLIPEncoder(workspace=str(workspace), bootstrap=False, uri_root=str(inside))
+    enc = CLIPEncoder(workspace=str(workspace), bootstrap=False, uri_roots=["images"])  # relative to the workspace
     try:
         out = run(enc.encode(docs=DocList[ClipDoc]([ClipDoc(id="ok", uri="a.png")])))
         assert out[0].embedding is not None
-        with pytest.raises(ValueError, match="doc 'escape': uri .* is outside the allowed folder"):
+        with pytest.raises(ValueError, match="doc 'escape': uri is not allowed"):
             run(enc.encode(docs=DocList[ClipDoc]([ClipDoc(id="escape", uri="../outside.png")])))
     finally:
         enc.close()
@@ -275,32 +240,121 @@ def test_indexer_alone_embeds_stores_and_finds_each_image_first(indexer, scenes)
         assert [m.score for m in query.matches] == query.scores
         assert all(m.model_version == "v1" for m in query.matches) and query.model_version == "v1"
     top = out[4].matches[0]
-    np.testing.assert_array_equal(top.tensor, scenes.images[4])  # content comes back with the match
+    assert top.tensor is None and top.blob is None  # no stored image bytes unless asked for
     assert top.tags == {"caption": scenes.captions[4]}
+    asked = run(indexer.search(docs=DocList[ClipDoc]([ClipDoc(id="q", tensor=scenes.images[4])]),
+                               parameters={"limit": 2, "return_content": True}))[0]
+    assert [m.id for m in asked.matches] == [m.id for m in out[4].matches[:2]]
+    np.testing.assert_array_equal(asked.matches[0].tensor, scenes.images[4])  # the stored content comes back
+    assert asked.matches[0].tags == {"caption": scenes.captions[4]}
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    run(indexer.index(docs=DocList[ClipDoc]([ClipDoc(id="pair", text="a red star", blob=png(noise))])))
+    hit = run(indexer.search(docs=DocList[ClipDoc]([ClipDoc(id="q", tensor=noise)]),
+                             parameters={"limit": 1}))[0].matches[0]
+    assert (hit.id, hit.text, hit.blob, hit.tensor) == ("pair", "a red star", None, None)  # text, not image bytes
 
 
-def test_indexer_uses_encoder_vectors_of_its_version_and_reencodes_others(indexer, encoder, scenes):
-    encoded = run(encoder.encode_for_index(docs=gallery_docs(scenes)))
-    run(indexer.index(docs=encoded))
-    query = run(encoder.encode_for_index(docs=DocList[ClipDoc]([ClipDoc(id="q", text=scenes.captions[2])])))
-    expected = run(indexer.search(docs=query, parameters={"limit": 5}))[0]
-    foreign = DocList[ClipDoc]([ClipDoc(id="q", text=scenes.captions[2], model_version="v0-elsewhere",
-                                        embedding=np.ones(128, np.float32) / np.sqrt(128))])
-    out = run(indexer.search(docs=foreign, parameters={"limit": 5}))[0]
-    assert [m.id for m in out.matches] == [m.id for m in expected.matches]  # re-encoded with v1, not compared
-    assert out.model_version == "v1"
-    vector_only = DocList[ClipDoc]([ClipDoc(id="vq", model_version="v0-elsewhere", embedding=np.ones(128))])
-    with pytest.raises(ValueError, match="doc 'vq': has model version 'v0-elsewhere' but the index holds"):
-        run(indexer.search(docs=vector_only))
-    own = DocList[ClipDoc]([ClipDoc(id="vq", model_version="v1", embedding=query[0].embedding)])
-    assert [m.id for m in run(indexer.search(docs=own, parameters={"limit": 5}))[0].matches] == \
-        [m.id for m in expected.matches]
+def stored_matrix(collection, ids: list[str]) -> np.ndarray:
+    stored = stored_vectors(collection)
+    return np.stack([stored[doc_id] for doc_id in ids])  # [N, D]
+
+
+def forged(docs: DocList[ClipDoc], version: str = "v1") -> DocList[ClipDoc]:
+    """The docs with a client's vector (not their content's embedding) labelled ``version``."""
+    vector = np.ones(128, np.float32) / np.sqrt(128)
+    for doc in docs:
+        doc.embedding, doc.model_version = vector, version
+    return docs
+
+
+def test_a_standalone_indexer_embeds_content_itself_whatever_vector_comes_with_it(indexer, workspace, scenes):
+    run(indexer.index(docs=forged(gallery_docs(scenes))))
+    ids = [f"g{i}" for i in range(len(scenes.images))]
+    np.testing.assert_allclose(stored_matrix(indexer.collection, ids),
+                               OnnxClip(workspace / "models" / "v1").encode_images(scenes.images), atol=1e-5)
+    plain = run(indexer.search(docs=DocList[ClipDoc]([ClipDoc(id="q", text=scenes.captions[2])]),
+                               parameters={"limit": 5}))[0]
+    out = run(indexer.search(docs=forged(DocList[ClipDoc]([ClipDoc(id="q", text=scenes.captions[2])])),
+                             parameters={"limit": 5}))[0]
+    assert [m.id for m in out.matches] == [m.id for m in plain.matches]
+    np.testing.assert_allclose(out.scores, plain.scores, atol=1e-6)
+    np.testing.assert_allclose(out.embedding, plain.embedding, atol=1e-6)  # the vector used comes back
+
+
+def test_a_trusting_indexer_uses_vectors_of_its_version_and_embeds_the_others(workspace, scenes):
+    idx = CLIPIndexer(workspace=str(workspace), bootstrap=False, watch_interval=0, trust_client_vectors=True)
+    try:
+        run(idx.index(docs=gallery_docs(scenes)))
+        target = stored_vectors(idx.collection)["g3"]
+        trusted = DocList[ClipDoc]([ClipDoc(id="q", text="anything", embedding=3 * target, model_version="v1")])
+        out = run(idx.search(docs=trusted, parameters={"limit": 1}))[0]
+        assert out.matches[0].id == "g3" and out.scores[0] == pytest.approx(1.0, abs=1e-5)  # used, normalised
+        other = forged(DocList[ClipDoc]([ClipDoc(id="q", tensor=scenes.images[5])]), version="v0-elsewhere")
+        out = run(idx.search(docs=other, parameters={"limit": 1}))[0]
+        assert out.matches[0].id == "g5" and out.model_version == "v1"  # another version's vector: re-embedded
+        for embedding, message in [(np.full(128, np.nan, np.float32), "doc 'n': embedding is not finite"),
+                                   (np.ones(64, np.float32), r"doc 'n': embedding has shape \(64,\).*128"),
+                                   (np.zeros(128, np.float32), "doc 'n': embedding is all zeros")]:
+            bad = DocList[ClipDoc]([ClipDoc(id="ok", text="fine"),
+                                    ClipDoc(id="n", text="x", embedding=embedding, model_version="v1")])
+            with pytest.raises(ValueError, match=message):
+                run(idx.index(docs=bad))
+            assert len(idx.collection) == 12 and "ok" not in idx.collection
+    finally:
+        idx.close()
+    with pytest.raises(ValueError, match="trust_client_vectors must be true or false, got 'yes'"):
+        CLIPIndexer(workspace=str(workspace), bootstrap=False, watch_interval=0, trust_client_vectors="yes")
+
+
+def test_the_encoder_overwrites_client_vectors_before_a_trusting_indexer(encoder, workspace, scenes):
+    docs = forged(gallery_docs(scenes))
+    docs.append(ClipDoc(id="text", text=scenes.captions[0], embedding=np.ones(128, np.float32), model_version="v1"))
+    encoded = run(encoder.encode_for_index(docs=docs))
+    clip = OnnxClip(workspace / "models" / "v1")
+    expected = np.vstack([clip.encode_images(scenes.images), clip.encode_text([scenes.captions[0]])])
+    np.testing.assert_allclose(np.stack([d.embedding for d in encoded]), expected, atol=1e-5)
+    idx = CLIPIndexer(workspace=str(workspace), bootstrap=False, watch_interval=0, trust_client_vectors=True)
+    try:
+        run(idx.index(docs=encoded))
+        np.testing.assert_allclose(stored_matrix(idx.collection, [d.id for d in encoded]), expected, atol=1e-5)
+    finally:
+        idx.close()
+
+
+def test_vector_queries_are_checked_and_normalised(indexer, scenes):
+    run(indexer.index(docs=gallery_docs(scenes)))
+    text = run(indexer.search(docs=DocList[ClipDoc]([ClipDoc(id="q", text=scenes.captions[2])]),
+                              parameters={"limit": 5}))[0]
+    vector_query = DocList[ClipDoc]([ClipDoc(id="vq", embedding=2.5 * text.embedding, model_version="v1")])
+    out = run(indexer.search(docs=vector_query, parameters={"limit": 5}))[0]
+    assert [m.id for m in out.matches] == [m.id for m in text.matches]
+    np.testing.assert_allclose(out.scores, text.scores, atol=1e-5)
+    assert abs(float(np.linalg.norm(out.embedding)) - 1) < 1e-5
+    for doc, message in [
+        (ClipDoc(id="v", embedding=np.ones(7, np.float32), model_version="v1"),
+         r"doc 'v': embedding has shape \(7,\); the index holds 128-dimension vectors of model version 'v1'"),
+        (ClipDoc(id="v", embedding=np.full(128, np.inf, np.float32), model_version="v1"),
+         "doc 'v': embedding is not finite"),
+        (ClipDoc(id="v", embedding=np.zeros(128, np.float32), model_version="v1"), "doc 'v': embedding is all zeros"),
+        (ClipDoc(id="v", embedding=text.embedding, model_version="v0-elsewhere"),
+         "doc 'v': a vector query's model_version must be the index's version 'v1', got 'v0-elsewhere'"),
+        (ClipDoc(id="v", embedding=text.embedding), "doc 'v': a vector query's model_version .* got None"),
+        (ClipDoc(id="v"), "doc 'v': has neither text nor an image .* nor an embedding"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            run(indexer.search(docs=DocList[ClipDoc]([ClipDoc(id="ok", text="fine"), doc])))
+    again = run(indexer.search(docs=vector_query, parameters={"limit": 5}))[0]  # the service goes on
+    assert [m.id for m in again.matches] == [m.id for m in text.matches]
 
 
 @pytest.mark.parametrize("parameters, message", [
     ({"limit": 0}, r"parameter 'limit' must be in \[1, 1000\], got 0"),
     ({"limit": 2.5}, r"parameter 'limit' must be a whole number"),
     ({"limit": 5, "top_k": 5}, r"unknown parameter\(s\) \['top_k'\] for /search"),
+    ({"limit": "5"}, r"parameter 'limit' must be an integer, got '5'"),
+    ({"limit": 1001}, r"parameter 'limit' must be in \[1, 1000\], got 1001"),
+    ({"return_content": "yes"}, r"parameter 'return_content' must be true or false, got 'yes'"),
+    ({"return_content": 1.0}, r"parameter 'return_content' must be true or false, got 1.0"),
 ])
 def test_search_parameters_are_checked(indexer, scenes, parameters, message):
     run(indexer.index(docs=gallery_docs(scenes)))
@@ -318,10 +372,26 @@ def test_index_refuses_docs_it_could_not_reembed(indexer, scenes):
     assert len(indexer.collection) == 12 and "ok" not in indexer.collection  # all or nothing
 
 
-def test_delete_removes_docs_from_results(indexer, scenes):
+def test_index_refuses_repeated_ids_by_name_and_stores_nothing(indexer, scenes):
     run(indexer.index(docs=gallery_docs(scenes)))
-    out = run(indexer.delete(docs=DocList[ClipDoc]([ClipDoc(id="g0"), ClipDoc(id="nope")])))
-    assert [d.tags["deleted"] for d in out] == [True, False]
+    docs = DocList[ClipDoc]([ClipDoc(id="new", text="a"), ClipDoc(id="g1", text="b"), ClipDoc(id="g1", text="c"),
+                             ClipDoc(id="dup", text="d"), ClipDoc(id="dup", text="e"), ClipDoc(id="dup", text="f")])
+    with pytest.raises(ValueError, match=r"more than once in one /index request: 'g1' \(2 times\), 'dup' \(3 times\); "
+                                         "nothing was stored"):
+        run(indexer.index(docs=docs))
+    assert len(indexer.collection) == 12 and "new" not in indexer.collection
+    assert indexer.collection.get(["g1"])[0].text is None  # not replaced
+    run(indexer.index(docs=DocList[ClipDoc]([ClipDoc(id="new", text="a")])))  # the next valid request is served
+    assert len(indexer.collection) == 13
+
+
+def test_delete_refuses_unknown_ids_by_name_and_removes_nothing(indexer, scenes):
+    run(indexer.index(docs=gallery_docs(scenes)))
+    with pytest.raises(ValueError, match=r"doc\(s\) 'nope' not stored; nothing was deleted"):
+        run(indexer.delete(docs=DocList[ClipDoc]([ClipDoc(id="g0"), ClipDoc(id="nope")])))
+    assert len(indexer.collection) == 12 and "g0" in indexer.collection
+    out = run(indexer.delete(docs=DocList[ClipDoc]([ClipDoc(id="g0")])))
+    assert [d.tags["deleted"] for d in out] == [True]
     hits = run(indexer.search(docs=DocList[ClipDoc]([ClipDoc(id="q", tensor=scenes.images[0])]),
                               parameters={"limit": 12}))[0]
     assert "g0" not in [m.id for m in hits.matches] and len(hits.matches) == 11
@@ -362,6 +432,41 @@ def test_train_passthrough_rebuilds_the_index_with_the_new_version(indexer, work
     assert status["last_rebuild"]["from_version"] == "v1" and status["rebuilding"] is None
 
 
+def test_a_rebuild_stopped_midway_resumes_when_the_indexer_starts_again(workspace, tiny_model_dir_v2, scenes,
+                                                                       monkeypatch):
+    import executors.indexer as indexer_module
+
+    first = CLIPIndexer(workspace=str(workspace), bootstrap=False, watch_interval=0, rebuild_batch_size=4)
+    run(first.index(docs=gallery_docs(scenes)))
+    models = workspace / "models"
+    Registry(models).publish(tiny_model_dir_v2, version="v2")
+    real, batches = indexer_module.embed_items, []
+
+    def stopping(clip, items):
+        batches.append(len(items))
+        if len(batches) == 3:  # two batches of the new version committed
+            raise RuntimeError("process killed")
+        return real(clip, items)
+
+    monkeypatch.setattr(indexer_module, "embed_items", stopping)
+    with pytest.raises(RuntimeError, match="process killed"):
+        first.sync()
+    assert first.collection.version == "v1" and first.status()["last_error"].endswith("process killed")
+    first.close()
+    monkeypatch.setattr(indexer_module, "embed_items", lambda clip, items: batches.append(len(items)) or
+                        real(clip, items))
+    batches.clear()
+    second = CLIPIndexer(workspace=str(workspace), bootstrap=False, watch_interval=0, rebuild_batch_size=4)
+    try:
+        assert second.collection.version == "v1"  # the old version serves until the swap
+        assert_gallery_embedded_by(second.collection, scenes, models / "v1", not_by_dir=models / "v2")
+        assert second.sync()["count"] == 12
+        assert batches == [4]  # only the docs the stopped rebuild had not done
+        assert_gallery_embedded_by(second.collection, scenes, models / "v2", not_by_dir=models / "v1")
+    finally:
+        second.close()
+
+
 def test_watcher_follows_current_in_the_background(workspace, tiny_model_dir_v2, scenes):
     idx = CLIPIndexer(workspace=str(workspace), bootstrap=False, watch_interval=0.1)
     try:
@@ -378,13 +483,6 @@ def test_watcher_follows_current_in_the_background(workspace, tiny_model_dir_v2,
 
 
 # -- tuner ---------------------------------------------------------------------------------------------------------
-@pytest.fixture
-def tuner(workspace):
-    t = CLIPTuner(workspace=str(workspace), bootstrap=False, device="cpu")
-    yield t
-    t.close()
-
-
 def pair_docs(n_images: int, seed: int) -> DocList[ClipDoc]:
     pairs = synthetic.generate(n_images, domain="domain", seed=seed, captions_per_image=2)
     return DocList[ClipDoc]([
@@ -392,9 +490,6 @@ def pair_docs(n_images: int, seed: int) -> DocList[ClipDoc]:
                 tags={"image_id": pairs.image_ids[pairs.image_index[i]]})
         for i, caption in enumerate(pairs.captions)])
 
-
-QUICK = {"epochs": 1.0, "batch_size": 8.0, "learning_rate": 1e-3, "warmup_steps": 1.0, "seed": 3.0,
-         "eval_fraction": 0.25}
 
 
 def test_train_publishes_a_version_and_returns_one_report_doc(tuner, workspace):

@@ -2,7 +2,6 @@
 config files derive from them. Every test walks ``dataclasses.fields``, so a new field cannot be forgotten."""
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import re
