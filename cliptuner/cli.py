@@ -78,6 +78,8 @@ def _train_configs(args: argparse.Namespace) -> tuple[Any, Any]:
     values = {**values, **given_options(args, TrainConfig), **given_options(args, EvalConfig)}
     if args.device:
         values["device"] = args.device
+    if getattr(args, "events", None):  # whoever follows the --events file (the tuner's /status) sees every step
+        values["log_every"] = 1
     device = values.pop("device", None) or _default_device()
     eval_names = set(cli_names(EvalConfig))  # eval_fraction; EvalConfig's batch_size is not TrainConfig's
     eval_values = {k: v for k, v in values.items() if k in eval_names}
@@ -123,6 +125,33 @@ class _ProgressBar:
             self.bar = None
 
 
+class _EventLog:
+    """Appends every training event to a file as one JSON line, flushed at once, for a process that follows the
+    run (the tuner tails it into ``/status``). Each line also carries ``pid``: the process that trains."""
+
+    def __init__(self, path: str) -> None:
+        self.pid = os.getpid()
+        self.file = open(path, "a", encoding="utf-8")
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.file.write(json.dumps({**event, "pid": self.pid}, default=str) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _fan_out(*callbacks: Any) -> Any:
+    """One event callback that calls each of ``callbacks`` (None entries skipped) in order."""
+    active = [callback for callback in callbacks if callback is not None]
+
+    def emit(event: dict[str, Any]) -> None:
+        for callback in active:
+            callback(event)
+
+    return emit
+
+
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
     """``cliptuner train``: fine-tune, evaluate before/after, export a model version to ``--out``."""
     from .config import ModelSpec
@@ -141,15 +170,20 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
               f"held out: {len(eval_pairs)} pairs / {eval_pairs.num_images} images"
               + (f";  {world_size} processes" if world_size > 1 else ""), file=sys.stderr)
     seed_everything(cfg.seed)  # random init is reproducible (and equal on every rank)
-    spec = ModelSpec(arch=args.model, pretrained=args.pretrained)
+    spec = ModelSpec(arch=args.model, pretrained=args.pretrained, force_quick_gelu=args.force_quick_gelu)
+    events = _EventLog(args.events) if args.events and rank == 0 else None
     bundle = load_model(spec)
+    if events is not None:
+        events({"event": "loaded", "world_size": world_size, "device": cfg.device})
     started = time.time()
     try:
         report = finetune(bundle, train_pairs, eval_pairs, cfg, eval_cfg,
-                          on_event=_ProgressBar(not args.quiet and rank == 0),
+                          on_event=_fan_out(_ProgressBar(not args.quiet and rank == 0), events),
                           checkpoint_dir=args.checkpoint_dir, resume_from=args.resume,
                           general_pairs=_load_general(args.general_data))
     finally:
+        if events is not None:
+            events.close()
         if world_size > 1:
             import torch.distributed as dist
 
@@ -269,6 +303,94 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+MODELS_EPILOG = """\
+examples:
+  cliptuner models list --workspace ./ws            every version: CURRENT, parent, before -> after R@5
+  cliptuner models list --workspace ./ws --json     the same as JSON (one object per version)
+  cliptuner models promote v3 --workspace ./ws      serve v3 (its manifest and files are checked first)
+  cliptuner models rollback --workspace ./ws        serve the version CURRENT was tuned from
+  cliptuner models prune --keep 5 --workspace ./ws  delete all but the 5 newest versions (never CURRENT)
+
+A running service follows CURRENT by itself: the encoder from its next request, the indexer re-embeds its
+collection with the new version in the background (searches use the old one until the swap).
+rollback: CURRENT's parent_version while it is still published, else the version before CURRENT in natural
+order (v9 before v10).
+"""
+
+
+def _registry_of(args: argparse.Namespace) -> Any:
+    """The registry ``--models-dir`` or ``--workspace``/models names; it must exist (no empty one is made)."""
+    from .registry import Registry
+
+    if args.models_dir:
+        root = Path(args.models_dir)
+    elif args.workspace or os.environ.get("CLIPTUNER_WORKSPACE"):
+        root = Path(args.workspace or os.environ["CLIPTUNER_WORKSPACE"]) / "models"
+    else:
+        raise ValueError("no registry: pass --workspace DIR (its models/ folder), --models-dir DIR, or set "
+                         "CLIPTUNER_WORKSPACE")
+    root = root.expanduser()
+    if not root.is_dir():
+        raise ValueError(f"no model registry at {str(root)!r}")
+    return Registry(root)
+
+
+def _percent(metrics: Any, key: str) -> str:
+    value = metrics.get(key) if isinstance(metrics, dict) else None
+    return "-" if not isinstance(value, (int, float)) else f"{100 * value:.1f}"
+
+
+def format_models_table(summaries: list[dict[str, Any]]) -> str:
+    """:meth:`Registry.summaries <cliptuner.registry.Registry.summaries>` as a table, one row per version.
+
+    Recall columns read ``before -> after`` in percent; ``*`` marks CURRENT; a version that cannot be read shows
+    its error under its row.
+    """
+    header = ("", "VERSION", "CREATED", "PARENT", "ARCH", "EPOCHS", "T2I R@5 %", "I2T R@5 %", "MEAN RECALL %")
+    rows, notes = [], {}
+    for entry in summaries:
+        report = entry.get("report") or {}
+        recall = ["-" if not report else f"{_percent(report.get('before'), k)} -> {_percent(report.get('after'), k)}"
+                  for k in ("t2i_r5", "i2t_r5", "mean_recall")]
+        created = entry.get("created_at") or "-"
+        rows.append(("*" if entry.get("current") else "", entry["version"], created[:19].replace("T", " "),
+                     entry.get("parent_version") or "-", entry.get("arch") or "?",
+                     str(report.get("epochs")) if report.get("epochs") is not None else "-", *recall))
+        if entry.get("error"):
+            notes[len(rows) - 1] = f"    error: {entry['error']}"
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(header, widths)).rstrip()]
+    for i, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        if i in notes:
+            lines.append(notes[i])
+    if not rows:
+        lines.append("(no versions)")
+    return "\n".join(lines)
+
+
+def run_models(args: argparse.Namespace) -> Any:
+    """``cliptuner models list|promote|rollback|prune``: operate on the model versions of a registry."""
+    registry = _registry_of(args)
+    if args.models_command == "list":
+        summaries = registry.summaries()
+        print(json.dumps(summaries, indent=2) if args.json else format_models_table(summaries))
+        return summaries
+    if args.models_command == "promote":
+        change = registry.promote(args.version)
+        print(f"CURRENT is now {change.version}" + (f" (was {change.previous})" if change.changed
+                                                      else " (unchanged)"))
+        return change
+    if args.models_command == "rollback":
+        change = registry.rollback()
+        print(f"rolled back: CURRENT is now {change.version} (was {change.previous})")
+        return change
+    deleted = registry.prune(args.keep)
+    print(f"deleted {', '.join(deleted)}; kept {', '.join(registry.versions())}" if deleted
+          else f"nothing to delete; kept {', '.join(registry.versions())}")
+    return deleted
+
+
 SERVE_ENV = {"host": "CLIPTUNER_HOST", "port": "CLIPTUNER_PORT", "workspace": "CLIPTUNER_WORKSPACE",
              "model": "CLIPTUNER_MODEL", "pretrained": "CLIPTUNER_PRETRAINED", "device": "CLIPTUNER_DEVICE"}
 DEFAULT_HOST = "127.0.0.1"  # this machine only; a container sets CLIPTUNER_HOST=0.0.0.0 and publishes the port
@@ -338,6 +460,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="YAML or JSON mapping of training option names (TrainConfig/EvalConfig fields, e.g. "
                         "learning_rate: 1e-5) to values; flags given here override it (default: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
+    p.add_argument("--events", default=None, metavar="FILE",
+                   help="append every training event (loaded, before, step, epoch, eval, end, wiseft, after) to "
+                        "FILE as one JSON line, flushed at once, for a process that follows the run; a step "
+                        "event every optimizer step (default: none)")
+    p.add_argument("--force-quick-gelu", action="store_true",
+                   help="build the model with QuickGELU, as OpenAI-trained weights expect (default: off)")
     _add_train_options(p)
     p.set_defaults(func=run_train)
 
@@ -398,6 +526,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (CLIPTUNER_DEVICE; default auto)")
     p.add_argument("--flow", default=None, help="the Flow YAML (default: flows/flow.yml)")
     p.set_defaults(func=run_serve)
+
+    p = sub.add_parser("models", help="list, promote, roll back and prune model versions of a registry",
+                       description="Operate on the model versions of a registry (<workspace>/models).",
+                       epilog=MODELS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = argparse.ArgumentParser(add_help=False)
+    group = where.add_mutually_exclusive_group()
+    group.add_argument("--workspace", default=None,
+                       help="the service's workspace; the registry is its models/ (default: $CLIPTUNER_WORKSPACE)")
+    group.add_argument("--models-dir", default=None, help="the registry itself, instead of --workspace")
+    actions = p.add_subparsers(dest="models_command", required=True, metavar="{list,promote,rollback,prune}")
+    q = actions.add_parser("list", parents=[where], help="every version: CURRENT, created, parent, arch, the "
+                                                         "report's before -> after recall")
+    q.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    q = actions.add_parser("promote", parents=[where], help="make a published version CURRENT")
+    q.add_argument("version", help="the version to serve, e.g. v3")
+    actions.add_parser("rollback", parents=[where], help="make the version before CURRENT CURRENT: its parent while "
+                                                         "published, else the previous one in natural order")
+    q = actions.add_parser("prune", parents=[where], help="delete all but the newest K versions (never CURRENT)")
+    q.add_argument("--keep", type=int, required=True, metavar="K", help="how many of the newest versions to keep")
+    p.set_defaults(func=run_models)
     return parser
 
 

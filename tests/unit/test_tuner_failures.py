@@ -4,29 +4,47 @@ Each failure kind runs the tuner as a plain object on a workspace whose registry
 the failure: CURRENT still names ``v1``, no other version is listed, the registry holds nothing half-written, the
 run left no directory under ``runs/``, the error names the run, the phase and the cause, ``/status`` says the
 same, and the next run may start.
+
+Training runs in a child process (``cliptuner train``): a failure inside it is made by what the child is given
+(a learning rate that blows the loss up, a corrupt image) or, for the export, by running the child through a
+small script that replaces the exporter before calling the CLI.
 """
 
 import os
 import re
+import sys
 
 import pytest
 from docarray import DocList
 
-from cliptuner import export, synthetic
 from cliptuner.registry import Registry
-from cliptuner.train import TrainingStopped
 from executors import CLIPTuner, ClipDoc
-from executors.tuner import TrainingFailed, TrainingInputError
+from executors.tuner import (TrainingCancelled, TrainingFailed, TrainingInputError, TrainingProcessError,
+                             _TrainingProcess)
 
-from support import QUICK, png, run
+from support import QUICK, pair_docs, run
+
+# `cliptuner train` with an exporter that writes half a model directory and fails
+EXPORT_FAILS = """
+import sys
+from pathlib import Path
+
+import cliptuner.export
 
 
-def pair_docs(n_images: int, seed: int) -> DocList[ClipDoc]:
-    pairs = synthetic.generate(n_images, domain="domain", seed=seed, captions_per_image=2)
-    return DocList[ClipDoc]([
-        ClipDoc(id=f"p{i}", text=caption, blob=png(pairs.images[pairs.image_index[i]]),
-                tags={"image_id": pairs.image_ids[pairs.image_index[i]]})
-        for i, caption in enumerate(pairs.captions)])
+def export_half(bundle, out, **kwargs):
+    Path(out).mkdir(parents=True)
+    (Path(out) / "visual.onnx").write_bytes(b"half a graph")
+    raise RuntimeError("no space left for textual.onnx")
+
+
+cliptuner.export.export_model_dir = export_half
+from cliptuner.cli import main
+
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
 
 
 def failed_run(tuner: CLIPTuner, docs: DocList[ClipDoc], parameters: dict = QUICK) -> TrainingFailed:
@@ -41,7 +59,8 @@ def failed_run(tuner: CLIPTuner, docs: DocList[ClipDoc], parameters: dict = QUIC
     assert sorted(os.listdir(models)) == entries  # no temp dir, no half-written version
     assert list(tuner.runs_dir.iterdir()) == []  # the run's export is gone with its directory
     training = run(tuner.report_status(docs=DocList[ClipDoc]()))[0].tags["training"]
-    assert training["state"] == "failed" and training["run_id"] == error.run_id and training["phase"] == error.phase
+    state = "cancelled" if isinstance(error.__cause__, TrainingCancelled) else "failed"
+    assert training["state"] == state and training["run_id"] == error.run_id and training["phase"] == error.phase
     assert training["parent_version"] == "v1"
     assert f"/train run {error.run_id} failed while {error.phase}: " in str(error)
     assert "nothing was published; CURRENT is still v1" in str(error)
@@ -53,48 +72,50 @@ def failed_run(tuner: CLIPTuner, docs: DocList[ClipDoc], parameters: dict = QUIC
 
 
 def test_a_non_finite_loss_fails_the_run_while_training(tuner):
-    error = failed_run(tuner, pair_docs(16, seed=2), {**QUICK, "learning_rate": 1e12, "epochs": 3.0})
-    assert error.phase == "training" and isinstance(error.__cause__, FloatingPointError)
-    assert not isinstance(error, ValueError)
+    error = failed_run(tuner, pair_docs(16, seed=2, blobs=True),
+                       {**QUICK, "learning_rate": 1e12, "epochs": 3.0, "precision": "fp32"})
+    assert error.phase == "training" and isinstance(error.__cause__, TrainingProcessError)
+    assert error.__cause__.returncode == 1 and not isinstance(error, ValueError)
+    assert "the training process exited with code 1" in str(error)
     assert re.search(r"FloatingPointError: loss is (nan|inf); lower the learning rate", str(error))
 
 
 def test_an_undecodable_image_among_the_pairs_fails_the_run_and_names_it(tuner):
-    docs = pair_docs(16, seed=2)
+    docs = pair_docs(16, seed=2, blobs=True)
     broken = docs[5].tags["image_id"]
     for doc in docs:  # both captions of one image carry the same broken file
         if doc.tags["image_id"] == broken:
             doc.blob = b"\x89PNG\r\n\x1a\n but not really a PNG"
     error = failed_run(tuner, docs)
     assert isinstance(error, TrainingInputError) and isinstance(error, ValueError)  # the input was at fault
-    assert isinstance(error.__cause__, ValueError)
-    assert broken in str(error)
+    assert isinstance(error.__cause__, TrainingProcessError) and isinstance(error.__cause__, ValueError)
+    assert error.__cause__.returncode == 2  # `cliptuner train` refused its input
+    assert broken in str(error) and "cannot decode" in str(error)
+    assert str(tuner.runs_dir) not in str(error)  # no server path
 
 
 def test_too_few_images_fails_while_preparing(tuner):
-    error = failed_run(tuner, pair_docs(6, seed=2), {**QUICK, "batch_size": 64.0})
+    error = failed_run(tuner, pair_docs(6, seed=2, blobs=True), {**QUICK, "batch_size": 64.0})
     assert error.phase == "preparing" and isinstance(error, ValueError)
     assert "training images is fewer than batch_size 64" in str(error)
 
 
-def test_any_error_while_exporting_removes_the_half_written_export(tuner, monkeypatch):
-    real_export = export.export_model_dir
+def test_any_error_while_exporting_removes_the_half_written_export(tuner):
+    real_argv = tuner._train_argv
     written = []
 
-    def export_half(bundle, out, **kwargs):
-        out.mkdir(parents=True)
-        (out / "visual.onnx").write_bytes(b"half a graph")
-        written.append(out)
-        raise RuntimeError("no space left for textual.onnx")
+    def export_fails(args):
+        written.append(args[args.index("--out") + 1])
+        return [sys.executable, "-c", EXPORT_FAILS, *args]
 
-    monkeypatch.setattr("cliptuner.export.export_model_dir", export_half)
-    error = failed_run(tuner, pair_docs(16, seed=2))
-    assert written and not written[0].exists()
+    tuner._train_argv = export_fails
+    error = failed_run(tuner, pair_docs(16, seed=2, blobs=True))
+    assert written and not os.path.exists(written[0])  # the half-written model directory is gone
     assert error.phase == "exporting" and type(error) is TrainingFailed
     assert "RuntimeError: no space left for textual.onnx" in str(error)
     # nothing is stuck: the next run trains and publishes
-    monkeypatch.setattr("cliptuner.export.export_model_dir", real_export)
-    report = run(tuner.train(docs=pair_docs(16, seed=2), parameters=QUICK))[0].tags["report"]
+    tuner._train_argv = real_argv
+    report = run(tuner.train(docs=pair_docs(16, seed=2, blobs=True), parameters=QUICK))[0].tags["report"]
     assert report["model_version"] == tuner.registry.current() == "v2" and report["parent_version"] == "v1"
     assert tuner.status()["training"]["state"] == "done"
 
@@ -104,46 +125,52 @@ def test_a_failed_publish_lists_no_new_version(tuner, monkeypatch):
         raise OSError(f"cannot write {path.name}")
 
     monkeypatch.setattr("cliptuner.registry.write_atomic", refuse)  # after the version dir is renamed into place
-    error = failed_run(tuner, pair_docs(16, seed=2))
+    error = failed_run(tuner, pair_docs(16, seed=2, blobs=True))
     assert error.phase == "publishing" and "OSError: cannot write CURRENT" in str(error)
 
 
-def test_a_stop_during_training_publishes_nothing(tuner):
+def test_a_stop_during_training_ends_the_training_process_and_publishes_nothing(tuner):
     on_event = tuner._on_event
+    processes = []
 
-    def stop_after_first_step(event):
+    def stop_after_first_step(event):  # as close() does: the tuner is going away
         on_event(event)
         if event.get("event") == "step":
+            processes.append(tuner._active.process)
             tuner._stop.set()
 
     tuner._on_event = stop_after_first_step
-    error = failed_run(tuner, pair_docs(24, seed=2))
-    assert error.phase == "training" and isinstance(error.__cause__, TrainingStopped)
-    assert "TrainingStopped: training stopped at epoch 1" in str(error)
+    error = failed_run(tuner, pair_docs(24, seed=2, blobs=True), {**QUICK, "epochs": 20.0})
+    assert error.phase == "training" and isinstance(error.__cause__, TrainingCancelled)
+    assert "TrainingCancelled: the run was stopped: the tuner is closing at epoch 1/20, step 1/" in str(error)
+    assert processes[0].poll() is not None  # the training process is gone
+    with pytest.raises(ProcessLookupError):
+        os.killpg(processes[0].pid, 0)  # and so is its process group
 
 
-def test_a_stop_after_the_last_step_drops_the_tuned_model(tuner, monkeypatch):
-    real_export = export.export_model_dir
+def test_a_stop_after_the_last_step_drops_the_tuned_model(tuner):
+    on_event = tuner._on_event
 
-    def export_then_stop(*args, **kwargs):  # the stop arrives while the tuned model is being exported
-        out = real_export(*args, **kwargs)
-        tuner._stop.set()
-        return out
+    def stop_once_exported(event):  # the stop arrives after the training process wrote the tuned model
+        on_event(event)
+        if event.get("event") == "after":
+            tuner._active.process.proc.wait(timeout=300)
+            tuner._stop.set()
 
-    monkeypatch.setattr("cliptuner.export.export_model_dir", export_then_stop)
-    error = failed_run(tuner, pair_docs(16, seed=2))
-    assert error.phase == "exporting" and isinstance(error.__cause__, TrainingStopped)
-    assert "the tuned model is not published" in str(error)
+    tuner._on_event = stop_once_exported
+    error = failed_run(tuner, pair_docs(16, seed=2, blobs=True))
+    assert error.phase == "exporting" and isinstance(error.__cause__, TrainingCancelled)
+    assert "after training; the tuned model is not published" in str(error)
 
 
 def test_an_interrupt_is_recorded_and_passes_on_unchanged(tuner, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt()
 
-    monkeypatch.setattr("cliptuner.models.load_model", interrupt)
+    monkeypatch.setattr(_TrainingProcess, "start", interrupt)
     assert tuner._run_lock.acquire(blocking=False)  # as train() does before it hands the run to a worker
     with pytest.raises(KeyboardInterrupt):
-        tuner._run(tuner.parse_request(QUICK), pair_docs(16, seed=2))
+        tuner._run(tuner.parse_request(QUICK), pair_docs(16, seed=2, blobs=True))
     training = tuner.status()["training"]
     assert (training["state"], training["phase"], training["error"]) == ("failed", "loading", "KeyboardInterrupt: ")
     assert tuner.registry.current() == "v1" and tuner.registry.versions() == ["v1"]
