@@ -19,6 +19,21 @@ named for their owner, ``.tmp-<host>-<pid>-<uuid>`` (``<host>`` a short hash of 
 whose owner ran on this host is removed once that process is gone (never while it lives, however long the copy
 takes); a temp entry whose owner cannot be checked (another host's, an older name, the ``.CURRENT.tmp-*`` file
 of an interrupted :func:`~cliptuner.atomic.write_atomic`) once nothing in it changed for a grace period.
+
+Operating on versions (``cliptuner models …``, the tuner's ``/models`` endpoints):
+
+- :meth:`Registry.summaries` lists every version with its lineage and its report's headline numbers.
+- :meth:`Registry.promote` points CURRENT at a published version once its manifest and files check out.
+- :meth:`Registry.rollback` points CURRENT at the version before it, by lineage: the CURRENT version's
+  ``parent_version`` (the version it was tuned from) while that is still published, else the version just before
+  it in natural order. No history file is kept: the rule reads only what is on disk, so every process and every
+  replica agrees on it. Rolling back again walks further down the lineage (``v3`` → ``v2`` → ``v1``), never
+  back up; use promote to go forward.
+- :meth:`Registry.prune` deletes all but the newest ``keep`` versions in natural order, never CURRENT. Each
+  version is first renamed to a temp name under the lock (a reader sees the whole version or none of it), then
+  deleted; a deletion cut short leaves a temp entry that :meth:`Registry.clean_temps` removes.
+
+CURRENT changes and prunes take the same lock as publishes, so none of them sees another half done.
 """
 
 from __future__ import annotations
@@ -51,6 +66,31 @@ _ANY_TEMP_RE = re.compile(r"^\.(tmp-.+|.+\.tmp-\d+-[0-9a-f]+)$")  # publish's (a
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _AUTO_VERSION_RE = re.compile(r"^v(\d+)$")
 _RESERVED = {CURRENT_FILE}
+HEADLINE_METRICS = ("t2i_r5", "i2t_r5", "mean_recall")  # what a version summary shows of before / after
+
+
+@dataclasses.dataclass(frozen=True)
+class CurrentChange:
+    """What a promote or a rollback did to CURRENT."""
+
+    version: str  # what CURRENT names now
+    previous: Optional[str]  # what it named before (None on a registry that had no CURRENT)
+
+    @property
+    def changed(self) -> bool:
+        return self.version != self.previous
+
+
+def _headline(report: Any) -> Optional[dict[str, Any]]:
+    """The numbers of a training report a listing shows: ``epochs`` and ``before``/``after`` headline recalls."""
+    if not isinstance(report, dict):
+        return None
+    out: dict[str, Any] = {"epochs": report.get("epochs")}
+    for side in ("before", "after"):
+        metrics = report.get(side)
+        out[side] = ({k: metrics[k] for k in HEADLINE_METRICS if k in metrics} if isinstance(metrics, dict)
+                     else None)
+    return out
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -173,6 +213,32 @@ class Registry:
     def metadata(self, version: str) -> dict[str, Any]:
         """``model.json`` of a published version, as a dict."""
         return self.manifest(version).to_dict()
+
+    def summaries(self) -> list[dict[str, Any]]:
+        """One summary per published version, in natural order (as :meth:`versions`).
+
+        Each is ``{"version", "current", "created_at", "parent_version", "arch", "report"}`` where ``created_at``
+        is the export time of ``model.json`` (ISO 8601, UTC) and ``report`` is None for a version published
+        without a training report (a base version), else ``{"epochs", "before", "after"}`` with the
+        :data:`HEADLINE_METRICS` of each side. A version whose manifest or files do not check out is listed with
+        None for what could not be read and ``"error"`` saying why; a version deleted while listing is left out.
+        """
+        current = self.current()
+        out = []
+        for version in self.versions():
+            entry: dict[str, Any] = {"version": version, "current": version == current, "created_at": None,
+                                     "parent_version": None, "arch": None, "report": None}
+            try:
+                manifest = ModelManifest.read(self.root / version)
+            except ValueError as exc:
+                if not (self.root / version).is_dir():  # pruned meanwhile: not a version any more
+                    continue
+                entry["error"] = str(exc)
+            else:
+                entry.update(created_at=manifest.created_at, parent_version=manifest.parent_version,
+                             arch=manifest.arch, report=_headline(manifest.report))
+            out.append(entry)
+        return out
 
     # -- writing -------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -305,6 +371,133 @@ class Registry:
             self.path(version)
             write_atomic(self.root / CURRENT_FILE, version + "\n")
         logger.info("CURRENT of %s is now %s", self.root, version)
+
+    def promote(self, version: str) -> CurrentChange:
+        """Point CURRENT at a published version after checking that it can be served.
+
+        The version's ``model.json`` must read and check (:meth:`ModelManifest.read
+        <cliptuner.manifest.ModelManifest.read>`) and every file it names must be there and not empty. Promoting
+        the version CURRENT already names changes nothing.
+
+        Returns:
+            The version now CURRENT and the one before.
+
+        Raises:
+            ValueError: the version is not published (names the known ones), or its manifest or files do not check
+                out (names the version and the problem); CURRENT is then unchanged.
+        """
+        with self._lock():
+            previous = self.current()
+            self._check_servable(version)
+            if version != previous:
+                write_atomic(self.root / CURRENT_FILE, version + "\n")
+        logger.info("CURRENT of %s: %s (was %s)", self.root, version, previous)
+        return CurrentChange(version=version, previous=previous)
+
+    def rollback_target(self) -> str:
+        """The version :meth:`rollback` would make CURRENT (see the rule there), without changing anything.
+
+        Raises:
+            ValueError: no CURRENT, or no version before it (names CURRENT and the published versions).
+        """
+        current = self.current()
+        if current is None:
+            raise ValueError(f"nothing to roll back in {str(self.root)!r}: no CURRENT version")
+        versions = self.versions()
+        parent = None
+        with contextlib.suppress(ValueError):  # CURRENT's manifest unreadable: fall back to the natural order
+            parent = ModelManifest.read(self.root / current).parent_version
+        if parent and parent != current and parent in versions:
+            return parent
+        earlier = [v for v in versions if _natural_key(v) < _natural_key(current)]
+        if not earlier:
+            why = f"its parent version {parent!r} is no longer published and" if parent else "it has no parent and"
+            raise ValueError(f"cannot roll back from model version {current!r}: {why} no version precedes it; "
+                             f"published: {versions}")
+        return earlier[-1]
+
+    def rollback(self) -> CurrentChange:
+        """Point CURRENT at the version before it.
+
+        The rule: the CURRENT version's ``parent_version`` (the version it was tuned from) if it is still
+        published; else the newest version that precedes CURRENT in natural order (``v9`` before ``v10``). Only
+        what is on disk counts (no history is kept), so rolling back twice walks two steps down the lineage.
+        The target is checked as :meth:`promote` checks a version.
+
+        Returns:
+            The version now CURRENT and the one before.
+
+        Raises:
+            ValueError: no CURRENT, no version before it, or that version's manifest or files do not check out
+                (names it); CURRENT is then unchanged.
+        """
+        with self._lock():
+            previous = self.current()
+            target = self.rollback_target()
+            try:
+                self._check_servable(target)
+            except ValueError as exc:
+                raise ValueError(f"cannot roll back from model version {previous!r} to {target!r}: {exc}") from None
+            write_atomic(self.root / CURRENT_FILE, target + "\n")
+        logger.info("CURRENT of %s rolled back: %s (was %s)", self.root, target, previous)
+        return CurrentChange(version=target, previous=previous)
+
+    def prune(self, keep: int) -> list[str]:
+        """Delete all but the newest ``keep`` versions in natural order; CURRENT is always kept.
+
+        Under the registry lock each version to delete is renamed to a temp name, so a reader sees it whole or
+        not at all; the renamed directories are then deleted after the lock is released. A deletion cut short
+        (a crash) leaves a temp entry of this process that :meth:`clean_temps` removes later. A version some
+        process still serves from memory keeps serving; only a new load of it fails.
+
+        Args:
+            keep: how many of the newest versions to keep (>= 1); CURRENT is kept besides them when older.
+
+        Returns:
+            The versions deleted, in natural order.
+
+        Raises:
+            ValueError: ``keep`` is not an integer >= 1.
+            OSError: a rename failed; the versions renamed before it are deleted, the others left as they were.
+        """
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep must be an integer >= 1, got {keep!r}")
+        doomed: list[tuple[str, Path]] = []
+        try:
+            with self._lock():
+                current = self.current()
+                versions = self.versions()
+                for version in versions[:-keep]:
+                    if version == current:
+                        continue
+                    tmp = self.root / temp_name()
+                    os.rename(self.root / version, tmp)
+                    doomed.append((version, tmp))
+                if doomed:
+                    fsync_path(self.root)
+        finally:
+            for version, tmp in doomed:
+                try:
+                    shutil.rmtree(tmp)
+                except OSError as exc:  # clean_temps removes it once this process is gone
+                    logger.warning("pruned model version %s of %s, but could not delete %s yet: %s", version,
+                                   self.root, tmp.name, exc)
+        deleted = [version for version, _ in doomed]
+        if deleted:
+            logger.info("pruned model versions %s from %s (kept the newest %d and CURRENT %s)", deleted, self.root,
+                        keep, current)
+        return deleted
+
+    def _check_servable(self, version: str) -> None:
+        """Raise ValueError (naming the version) unless it is published and its manifest and files check out."""
+        path = self.path(version)
+        try:
+            manifest = ModelManifest.read(path)
+        except ValueError as exc:
+            raise ValueError(f"model version {version!r} cannot be served: {exc}") from None
+        empty = [name for name in manifest.files() if (path / name).stat().st_size == 0]
+        if empty:
+            raise ValueError(f"model version {version!r} cannot be served: empty files {empty}")
 
     def _check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not _VERSION_RE.match(name) or name in _RESERVED:

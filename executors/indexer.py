@@ -433,9 +433,10 @@ class CLIPIndexer(Executor):
         request_parameters(parameters, (), "/delete")
         return await asyncio.to_thread(self._delete, docs)
 
-    @requests(on="/train")
+    @requests(on=["/train", "/models/promote", "/models/rollback"])
     async def train_done(self, docs: DocList[ClipDoc], **kwargs: Any) -> DocList[ClipDoc]:
-        """After the tuner and the encoder: re-embed everything with the new version before the response goes on."""
+        """After the tuner and the encoder (a ``/train``, ``/models/promote`` or ``/models/rollback``): re-embed
+        everything with CURRENT's version before the response goes on."""
         rebuilt = await asyncio.to_thread(self.sync)
         stats = self.collection.stats()
         summary = {"model_version": stats["version"], "count": stats["count"],

@@ -397,3 +397,179 @@ def test_a_failed_current_write_unpublishes_the_new_version(tmp_path, monkeypatc
     assert all((src / name).is_file() for name in REQUIRED_FILES)  # the moved directory came back
     assert reg.versions() == ["v1"] and reg.current() == "v1"
     assert sorted(p.name for p in reg.root.iterdir()) == [".lock", "CURRENT", "v1"]
+
+
+# -- versions: summaries, promote, rollback, prune ----------------------------------------------------------------
+REPORT = {"model_version": None, "epochs": 3, "epoch_losses": [2.0, 1.5, 1.2], "samples_per_s": 50.0,
+          "before": {"t2i_r1": 0.1, "t2i_r5": 0.25, "i2t_r5": 0.3, "mean_recall": 0.3},
+          "after": {"t2i_r1": 0.3, "t2i_r5": 0.5, "i2t_r5": 0.55, "mean_recall": 0.52}}
+
+
+def publish_fake(reg: Registry, tmp_path: Path, version: str, parent: str | None = None, report: dict | None = None,
+                 make_current: bool = True, **kwargs) -> str:
+    """Publish a fake model directory with the given lineage as ``version``."""
+    src = make_model_dir(tmp_path / f"src-{version}", **kwargs)
+    manifest = ModelManifest.read(src)
+    manifest.parent_version, manifest.report = parent, report
+    manifest.created_at = f"2024-01-0{len(reg.versions()) + 1}T10:00:00+00:00"
+    manifest.write(src)
+    return reg.publish(src, version=version, make_current=make_current)
+
+
+def test_summaries_show_lineage_reports_current_and_unreadable_versions(tmp_path):
+    reg = Registry(tmp_path / "models")
+    assert reg.summaries() == []
+    publish_fake(reg, tmp_path, "v1", arch="base-arch")
+    publish_fake(reg, tmp_path, "v2", parent="v1", report=REPORT)
+    publish_fake(reg, tmp_path, "v10", parent="v2", report={"epochs": 1, "after": "not a dict"}, make_current=False)
+    publish_fake(reg, tmp_path, "v3", parent="v2")
+    reg.set_current("v2")
+    (reg.root / "v3" / "model.json").write_text("{broken")  # a version that cannot be read any more
+    summaries = reg.summaries()
+    assert [s["version"] for s in summaries] == ["v1", "v2", "v3", "v10"]
+    v1, v2, v3, v10 = summaries
+    assert v1 == {"version": "v1", "current": False, "created_at": "2024-01-01T10:00:00+00:00",
+                  "parent_version": None, "arch": "base-arch", "report": None}
+    assert v2 == {"version": "v2", "current": True, "created_at": "2024-01-02T10:00:00+00:00",
+                  "parent_version": "v1", "arch": "fake",
+                  "report": {"epochs": 3, "before": {"t2i_r5": 0.25, "i2t_r5": 0.3, "mean_recall": 0.3},
+                             "after": {"t2i_r5": 0.5, "i2t_r5": 0.55, "mean_recall": 0.52}}}
+    assert v3["current"] is False and v3["arch"] is None and v3["report"] is None
+    assert "cannot read" in v3["error"] and "v3" in v3["error"]
+    assert v10["report"] == {"epochs": 1, "before": None, "after": None} and "error" not in v10
+    (reg.root / "v10" / TEXTUAL_FILE).unlink()
+    assert "missing ['textual.onnx']" in reg.summaries()[3]["error"]
+    json.dumps(reg.summaries())  # plain JSON: the CLI prints it, the tuner sends it as tags
+
+
+def test_promote_refuses_unknown_and_broken_versions_and_keeps_current(tmp_path):
+    reg = Registry(tmp_path / "models")
+    for version in ("v1", "v2", "v3", "v4", "v5"):
+        publish_fake(reg, tmp_path, version, make_current=version == "v1")
+    with pytest.raises(ValueError, match=r"unknown model version 'v9'.*\['v1', 'v2', 'v3', 'v4', 'v5'\]"):
+        reg.promote("v9")
+    with pytest.raises(ValueError, match="unknown model version"):
+        reg.promote("../v1")
+    (reg.root / "v2" / "model.json").write_text(json.dumps({"format": "cliptuner-model-v0"}))
+    with pytest.raises(ValueError, match=r"model version 'v2' cannot be served: .*format 'cliptuner-model-v0'"):
+        reg.promote("v2")
+    (reg.root / "v3" / VISUAL_FILE).unlink()
+    with pytest.raises(ValueError, match=r"model version 'v3' cannot be served: .*missing \['visual.onnx'\]"):
+        reg.promote("v3")
+    (reg.root / "v4" / VOCAB_FILE).write_bytes(b"")
+    with pytest.raises(ValueError, match=r"model version 'v4' cannot be served: empty files \['bpe_simple"):
+        reg.promote("v4")
+    assert reg.current() == "v1"
+    change = reg.promote("v5")
+    assert (change.version, change.previous, change.changed) == ("v5", "v1", True)
+    assert Registry(reg.root).current() == "v5"
+    assert not reg.promote("v5").changed and reg.current() == "v5"
+
+
+def test_rollback_follows_the_parent_then_the_natural_order(tmp_path):
+    reg = Registry(tmp_path / "models")
+    with pytest.raises(ValueError, match="nothing to roll back .*no CURRENT version"):
+        reg.rollback()
+    publish_fake(reg, tmp_path, "v1")
+    publish_fake(reg, tmp_path, "v2", parent="v1")
+    publish_fake(reg, tmp_path, "v3", parent="v1")  # tuned from v1 again, not from v2
+    publish_fake(reg, tmp_path, "v4", parent="v3")
+    assert reg.rollback_target() == "v3" and reg.current() == "v4"  # only a look
+    change = reg.rollback()
+    assert (change.version, change.previous) == ("v3", "v4") and reg.current() == "v3"
+    assert reg.rollback().version == "v1"  # v3's parent: v2 is skipped
+    with pytest.raises(ValueError, match=r"cannot roll back from model version 'v1': it has no parent and no "
+                                         r"version precedes it; published: \['v1', 'v2', 'v3', 'v4'\]"):
+        reg.rollback()
+    assert reg.current() == "v1"
+    publish_fake(reg, tmp_path, "v10", parent="gone")  # its parent was deleted: the version before it
+    assert reg.rollback().version == "v4"
+    reg.promote("v2")
+    assert reg.rollback().version == "v1"
+
+
+def test_rollback_refuses_a_target_that_cannot_be_served(tmp_path):
+    reg = Registry(tmp_path / "models")
+    publish_fake(reg, tmp_path, "v1")
+    publish_fake(reg, tmp_path, "v2", parent="v1")
+    (reg.root / "v1" / TEXTUAL_FILE).unlink()
+    with pytest.raises(ValueError, match=r"cannot roll back from model version 'v2' to 'v1': .*missing"):
+        reg.rollback()
+    assert reg.current() == "v2"
+    publish_fake(reg, tmp_path, "v3")
+    (reg.root / "v3" / "model.json").write_text("{broken")  # CURRENT unreadable: the natural order still works
+    reg.root.joinpath("CURRENT").write_text("v3\n")
+    assert reg.rollback_target() == "v2"
+
+
+def test_prune_keeps_the_newest_and_never_current(tmp_path):
+    reg = Registry(tmp_path / "models")
+    for version in ("v1", "v2", "v3", "v4", "v5", "v10"):
+        publish_fake(reg, tmp_path, version)
+    reg.set_current("v2")
+    for bad in (0, -1, True, 1.0, "2"):
+        with pytest.raises(ValueError, match=r"keep must be an integer >= 1, got"):
+            reg.prune(bad)
+    assert reg.prune(2) == ["v1", "v3", "v4"]  # v5 and v10 are the newest two; v2 is CURRENT
+    assert reg.versions() == ["v2", "v5", "v10"] and reg.current() == "v2"
+    assert reg.prune(1) == ["v5"]
+    assert reg.prune(1) == [] and reg.versions() == ["v2", "v10"]
+    assert not [p.name for p in reg.root.iterdir() if p.name.startswith(".tmp-")]
+    assert sorted(p.name for p in reg.root.iterdir()) == [".lock", "CURRENT", "v10", "v2"]
+    assert reg.publish(make_model_dir(tmp_path / "next")) == "v11"  # numbering goes on after the newest
+
+
+def test_prune_deletes_whole_versions_only(tmp_path, monkeypatch):
+    """A reader looking while a version is being deleted sees it whole or not at all: every listed version has all
+    its files and reads, and CURRENT always names a complete version."""
+    reg = Registry(tmp_path / "models")
+    for version in ("v1", "v2", "v3", "v4"):
+        publish_fake(reg, tmp_path, version)
+        for i in range(20):  # more files: more steps of the deletion to look between
+            (reg.root / version / f"extra-{i}.bin").write_bytes(b"x")
+    reg.set_current("v1")
+    real_rmtree = shutil.rmtree
+    removed_paths, problems = [], []
+
+    def look() -> None:
+        reader = Registry(reg.root)
+        for entry in reader.summaries():
+            if "error" in entry:
+                problems.append(f"{entry['version']}: {entry['error']}")
+            elif len(list((reg.root / entry["version"]).iterdir())) != 25:
+                problems.append(f"{entry['version']}: files missing")
+        current = reader.current()
+        if current not in reader.versions():
+            problems.append(f"CURRENT {current} is not a whole version")
+
+    def rmtree_looking(path, *args, **kwargs):  # deletes file by file, a reader looking after each one
+        path = Path(path)
+        removed_paths.append(path.name)
+        for child in sorted(path.iterdir()):
+            child.unlink()
+            look()
+        real_rmtree(path, *args, **kwargs)
+        look()
+
+    monkeypatch.setattr("cliptuner.registry.shutil.rmtree", rmtree_looking)
+    assert reg.prune(1) == ["v2", "v3"]
+    assert problems == []
+    assert len(removed_paths) == 2 and all(name.startswith(".tmp-") for name in removed_paths)
+    assert reg.versions() == ["v1", "v4"]
+
+
+def test_a_prune_cut_short_leaves_only_a_temp_entry(tmp_path, monkeypatch):
+    reg = Registry(tmp_path / "models")
+    for version in ("v1", "v2", "v3"):
+        publish_fake(reg, tmp_path, version)
+
+    def fail(path, *args, **kwargs):
+        raise PermissionError(f"cannot delete {path}")
+
+    monkeypatch.setattr("cliptuner.registry.shutil.rmtree", fail)
+    assert reg.prune(1) == ["v1", "v2"]  # renamed away: no longer versions, whatever happens to their files
+    monkeypatch.undo()
+    assert reg.versions() == ["v3"] and reg.current() == "v3"
+    leftovers = [p.name for p in reg.root.iterdir() if p.name.startswith(".tmp-")]
+    assert len(leftovers) == 2 and all(str(os.getpid()) in name for name in leftovers)
+    assert reg.clean_temps() == []  # its owner (this process) lives
