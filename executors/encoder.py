@@ -155,18 +155,27 @@ class CLIPEncoder(Executor):
     @requests(on="/encode")
     async def encode(self, docs: DocList[ClipDoc], parameters: Optional[dict] = None,
                      **kwargs: Any) -> DocList[ClipDoc]:
-        """Embed every doc (text, image, or pair → its image); sets ``embedding`` and ``model_version``."""
+        """Embed every doc (text, image, or pair → its image); sets ``embedding`` and ``model_version``.
+
+        The image bytes and pixels a client sent are not sent back (``blob`` and ``tensor`` come back empty; ``id``,
+        ``text``, ``uri`` and ``tags`` stay): the answer carries what the client asked for, the vectors.
+        """
         request_parameters(parameters, (), "/encode")
-        return await asyncio.to_thread(self._embed, docs, False)
+        docs = await asyncio.to_thread(self._embed, docs, False)
+        for doc in docs:
+            doc.blob = None
+            doc.tensor = None
+        return docs
 
     @requests(on=["/index", "/search"])
     async def encode_for_index(self, docs: DocList[ClipDoc], **kwargs: Any) -> DocList[ClipDoc]:
         """Embed docs on their way to the indexer (docs with content; vector-only queries pass)."""
         return await asyncio.to_thread(self._embed, docs, True)
 
-    @requests(on="/train")
+    @requests(on=["/train", "/models/promote", "/models/rollback"])
     async def train_done(self, docs: DocList[ClipDoc], **kwargs: Any) -> DocList[ClipDoc]:
-        """After the tuner: serve the version it published before the response goes on."""
+        """After the tuner (a ``/train``, ``/models/promote`` or ``/models/rollback``): serve CURRENT before the
+        response goes on."""
         version = await asyncio.to_thread(self._swap)
         for doc in docs:
             doc.tags["encoder"] = {"model_version": version}

@@ -26,6 +26,7 @@ CLIPTUNER_IT_TRAIN_IMAGES (training scenes, two captions each), CLIPTUNER_IT_EPO
 
 import asyncio
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -138,6 +139,28 @@ def test_index_then_search_with_the_base_model(flow, gallery, state):
     assert top.matches[0].tags == {"caption": gallery.captions[3]}
 
     state["before"] = recall_at_5(flow, gallery, "v1")
+
+
+def test_encode_and_search_never_pass_through_the_tuner(flow, gallery):
+    """With the tuner's process frozen (SIGSTOP), /encode, /index, /search and /delete are still answered."""
+    tuner_pid = by_id(post(flow, "/status"))["status-tuner"].tags["pid"]
+    assert int(tuner_pid) != flow.proc.pid
+
+    async def query_path():
+        encoded = await post_async(flow.port, "/encode", DocList[ClipDoc]([ClipDoc(id="t", text="a red circle")]))
+        await post_async(flow.port, "/index", DocList[ClipDoc]([ClipDoc(id="probe", text="a probe doc")]))
+        found = await post_async(flow.port, "/search", DocList[ClipDoc]([ClipDoc(id="q", text="a probe doc")]),
+                                 parameters={"limit": 1})
+        await post_async(flow.port, "/delete", DocList[ClipDoc]([ClipDoc(id="probe")]))
+        return encoded, found
+
+    os.kill(int(tuner_pid), signal.SIGSTOP)
+    try:
+        encoded, found = asyncio.run(asyncio.wait_for(query_path(), timeout=60))
+    finally:
+        os.kill(int(tuner_pid), signal.SIGCONT)
+    assert encoded[0].embedding.shape == (128,) and found[0].matches[0].id == "probe"
+    assert by_id(post(flow, "/status"))["status-indexer"].tags["count"] == GALLERY
 
 
 def test_train_while_serving_then_search_with_the_tuned_version(flow, gallery, train_pairs, state):

@@ -24,7 +24,7 @@ from executors import CLIPEncoder, CLIPIndexer, ClipDoc
 from executors.options import request_parameters, setting
 from executors.tuner import TrainingBusy
 
-from support import QUICK, png, run
+from support import QUICK, pair_docs, png, run
 
 
 def gallery_docs(scenes) -> DocList[ClipDoc]:
@@ -101,7 +101,8 @@ def test_encoder_embeds_mixed_texts_and_images_like_the_runtime(encoder, workspa
     np.testing.assert_allclose(out[0].embedding, expected_text, atol=1e-5)
     for doc in out[1:]:  # every image form, and the pair, is embedded by its image (PNG is lossless)
         np.testing.assert_allclose(doc.embedding, expected_image, atol=1e-5)
-    assert out[5].text == "some other caption"  # content is kept
+    assert out[5].text == "some other caption" and out[3].uri == str(path)  # text and uri are kept
+    assert all(doc.blob is None and doc.tensor is None for doc in out)  # the image bytes are not sent back
 
 
 def test_encoder_minibatches_many_docs(workspace, scenes):
@@ -483,12 +484,6 @@ def test_watcher_follows_current_in_the_background(workspace, tiny_model_dir_v2,
 
 
 # -- tuner ---------------------------------------------------------------------------------------------------------
-def pair_docs(n_images: int, seed: int) -> DocList[ClipDoc]:
-    pairs = synthetic.generate(n_images, domain="domain", seed=seed, captions_per_image=2)
-    return DocList[ClipDoc]([
-        ClipDoc(id=f"p{i}", text=caption, tensor=pairs.images[pairs.image_index[i]],
-                tags={"image_id": pairs.image_ids[pairs.image_index[i]]})
-        for i, caption in enumerate(pairs.captions)])
 
 
 
@@ -580,8 +575,15 @@ def test_one_training_at_a_time(tuner):
         tuner._run_lock.release()
 
 
-def test_passthrough_endpoints_forward_docs_unchanged(tuner, encoder, indexer):
+def test_passthrough_endpoints_forward_docs_unchanged(encoder, indexer):
     docs = DocList[ClipDoc]([ClipDoc(id="a", text="x", tags={"k": 1})])
-    for executor in (tuner, encoder, indexer):
+    for executor in (encoder, indexer):
         out = run(executor.passthrough(docs=docs))
         assert [d.id for d in out] == ["a"] and out[0].tags == {"k": 1} and out[0].embedding is None
+
+
+def test_the_tuner_binds_only_its_own_endpoints(tuner):
+    """No default handler: Jina's gateway then sends the query endpoints past the tuner, never through it."""
+    bound = set(tuner.requests)
+    assert "/train" in bound and "/status" in bound
+    assert not bound & {"/encode", "/index", "/search", "/delete", "__default__"}
