@@ -69,9 +69,9 @@ Endpoints:
   files check out; ``/models/rollback`` (no parameters) makes the version before CURRENT CURRENT: its
   ``parent_version`` while still published, else the one before it in natural order
   (:meth:`~cliptuner.registry.Registry.rollback`). Both answer ``ClipDoc(id=<new CURRENT>, tags={'action',
-  'model_version', 'previous_version', 'changed'})``; the encoder serves the new CURRENT from its next request,
-  and the indexer's watcher re-embeds the index with it (searches use the old version until the swap). A /train
-  run that is going meanwhile still publishes its version as CURRENT when it ends.
+  'model_version', 'previous_version', 'changed'})``; in the Flow the answer then passes the encoder and the
+  indexer, which move to the new CURRENT (the indexer re-embedding what it stores) before it goes on, as after a
+  /train. A /train run that is going meanwhile still publishes its version as CURRENT when it ends.
 - ``/models/prune``: ``parameters={'keep': K}`` deletes all but the newest K versions, never CURRENT; answers
   ``ClipDoc(id='models-prune', tags={'deleted': [...], 'kept': [...]})``. With ``keep_versions`` set, the tuner
   prunes the same way after each publish (the report's ``pruned_versions`` names what went).
