@@ -202,6 +202,15 @@ class TrainingProcessInputError(TrainingProcessError, ValueError):
     """The training process refused its input (``cliptuner train`` exits with 2: an undecodable image…)."""
 
 
+def hide_paths(message: str, roots: dict[str, Path]) -> str:
+    """``message`` as a client may read it: a path under one of ``roots`` shown relative to it, the root itself (quoted
+    or not) by its label. Roots are taken in order, so name a folder before a folder that holds it."""
+    for label, root in roots.items():
+        root = str(root)
+        message = message.replace(repr(root), label).replace(root + os.sep, "").replace(root, label)
+    return message
+
+
 def _safe_name(text: str, limit: int = 48) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:limit].strip("._") or "image"
 
@@ -474,7 +483,7 @@ class CLIPTuner(Executor):
 
     def _relative(self, message: str) -> str:
         """``message`` with the server's data-root prefix taken out of the paths it names."""
-        return message.replace(str(self.data_root) + os.sep, "").replace(str(self.data_root), "<data root>")
+        return hide_paths(message, {"the data root": self.data_root})
 
     def parse_request(self, parameters: Optional[dict]) -> TrainRequest:
         """Validate /train parameters into configs.
@@ -669,8 +678,8 @@ class CLIPTuner(Executor):
 
     def _clean_message(self, run: _Run, message: str) -> str:
         """``message`` with the paths of the run directory, the registry and the data root taken out."""
-        message = message.replace(str(run.run_dir) + os.sep, "").replace(str(run.run_dir), "<run>")
-        return self._relative(message.replace(str(self.registry.root), "<models>"))
+        return hide_paths(message, {"the run directory": run.run_dir, "the registry": self.registry.root,
+                                    "the data root": self.data_root})
 
     def _train_and_export(self, run: _Run) -> dict:
         """Follow the training process to its end (its events into ``/status``); returns the report of the model it
@@ -938,9 +947,7 @@ class CLIPTuner(Executor):
         try:
             return await asyncio.to_thread(method, *args)
         except ValueError as exc:
-            root = str(self.registry.root)
-            raise ValueError(str(exc).replace(root + os.sep, "").replace(repr(root), "the registry")
-                             .replace(root, "the registry")) from None
+            raise ValueError(hide_paths(str(exc), {"the registry": self.registry.root})) from None
 
     @staticmethod
     def _change_doc(action: str, change: CurrentChange) -> ClipDoc:
@@ -954,10 +961,9 @@ class CLIPTuner(Executor):
         """One doc per published version (``id`` the version, ``tags`` its summary), in natural order."""
         request_parameters(parameters, (), "/models")
         summaries = await asyncio.to_thread(self.registry.summaries)
-        root = str(self.registry.root)
         for summary in summaries:  # the error of a version that cannot be read, without the server's paths
             if "error" in summary:
-                summary["error"] = summary["error"].replace(root + os.sep, "").replace(root, "the registry")
+                summary["error"] = hide_paths(summary["error"], {"the registry": self.registry.root})
         return DocList[ClipDoc]([ClipDoc(id=s["version"], model_version=s["version"], tags=s) for s in summaries])
 
     @requests(on="/models/promote")

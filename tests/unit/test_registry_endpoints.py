@@ -115,6 +115,7 @@ def test_the_indexer_watcher_follows_a_promote(workspace, registry, tuner, scene
                           r"got None"),
     ("promote_model", {"version": 3.0}, r"needs parameters\['version'\].*got 3.0"),
     ("promote_model", {"version": "v9"}, r"unknown model version 'v9' in the registry; known: \['v1', 'v2'\]"),
+    ("promote_model", {"version": "../../etc"}, r"unknown model version '\.\./\.\./etc' in the registry; known: "),
     ("promote_model", {"version": "v2", "keep": 1.0}, r"unknown parameter\(s\) \['keep'\] for /models/promote"),
     ("rollback_model", {"version": "v1"}, r"unknown parameter\(s\) \['version'\] for /models/rollback"),
     ("list_models", {"limit": 3.0}, r"unknown parameter\(s\) \['limit'\] for /models"),
