@@ -1,17 +1,27 @@
-"""`/encode` through the gRPC Flow vs the in-process ONNX runtime, on the same PNG blobs, in one run.
+"""`/encode` through the gRPC Flow vs the in-process ONNX runtime, on the same images, in one run.
 
-Starts `cliptuner serve` (flows/flow.yml) on 127.0.0.1 with a fresh workspace whose base model is ``--model``
-(random init: no download), then encodes the same ``--images`` PNG blobs ``--repeats`` times each way,
+Starts `cliptuner serve` (flows/flow.yml, or ``--flow``) on 127.0.0.1 with a fresh workspace whose base model is
+``--model`` (random init: no download), then encodes the same ``--images`` PNG blobs ``--repeats`` times each way,
 alternating, in requests of ``--batch`` docs: (a) a gRPC client through the gateway, (b) :class:`OnnxClip` on the
 model directory the Flow serves, in this process. Both sides use ``--threads`` ONNX Runtime threads (the Flow's
-encoder gets them through ``OMP_NUM_THREADS``/its setting; the in-process runtime through ``intra_op_threads``).
-Prints images/s of each, and the ratio Flow / in-process (the median over repeats).
+encoder gets them through ``OMP_NUM_THREADS``; the in-process runtime through ``intra_op_threads``). Prints
+images/s of each, and the ratio Flow / in-process (the median over repeats), for each client mode:
 
-    python benchmarks/flow_encode.py --model ViT-B-32 --images 128 --batch 32 --repeats 5
-    python benchmarks/flow_encode.py --model cliptuner-tiny --images 512 --batch 32 --repeats 5
+- ``sequential``: one ``post`` per request, each waiting for its answer (the latency-bound worst case: nothing
+  overlaps the transfer and decoding of one request with the encoding of another);
+- ``streamed``: one ``post`` of all the images with ``request_size=--batch``, Jina's usual way to send many docs:
+  the client keeps several requests in flight, so transfers overlap encoding.
 
-The topology matters: `/encode` goes gateway → encoder (the tuner binds no default handler, so the gateway never
-sends it query traffic). Timings depend on the machine and its load; the ratio is measured side by side.
+``--content`` chooses the PNGs: ``noise`` (uniform random pixels: incompressible, ~3 bytes a pixel, the worst case
+for transfer) or ``scenes`` (the synthetic scenes of :mod:`cliptuner.synthetic`: flat colours and textures that
+compress like drawings).
+
+    python benchmarks/flow_encode.py --model ViT-B-32 --images 64 --batch 32 --repeats 5
+    python benchmarks/flow_encode.py --model cliptuner-tiny --images 256 --batch 32 --repeats 5
+
+The topology matters: `/encode` goes gateway → encoder → indexer (the tuner binds no default handler, so the
+gateway never sends it query traffic; the indexer forwards the encoder's answer, which carries vectors, not image
+bytes). Timings depend on the machine and its load; the ratio is measured side by side.
 """
 
 from __future__ import annotations
@@ -41,6 +51,10 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=32, help="docs per request (and per in-process call)")
     p.add_argument("--repeats", type=int, default=5, help="alternating measurements of each side")
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads on both sides")
+    p.add_argument("--content", choices=("noise", "scenes"), default="noise", help="what the PNGs show")
+    p.add_argument("--clients", nargs="+", choices=("sequential", "streamed"), default=["sequential", "streamed"],
+                   help="client modes measured")
+    p.add_argument("--flow", default=None, help="the Flow YAML served (default: flows/flow.yml)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
 
@@ -53,11 +67,17 @@ def main(argv=None) -> dict:
     from cliptuner.runtime import OnnxClip
     from executors.schemas import ClipDoc
 
-    rng = np.random.default_rng(0)
-    blobs = [png(rng.integers(0, 255, (args.size, args.size, 3), dtype=np.uint8)) for _ in range(args.images)]
+    if args.content == "noise":
+        rng = np.random.default_rng(0)
+        arrays = [rng.integers(0, 255, (args.size, args.size, 3), dtype=np.uint8) for _ in range(args.images)]
+    else:
+        from cliptuner.synthetic import generate
+        arrays = generate(args.images, "generic", seed=0, image_size=args.size).images
+    blobs = [png(a) for a in arrays]
     workspace = Path(tempfile.mkdtemp(prefix="cliptuner-bench-")) / "ws"
     flow = FlowProcess(workspace, workspace.parent / "flow.log",
-                       env={"CLIPTUNER_MODEL": args.model, "OMP_NUM_THREADS": str(args.threads)})
+                       env={"CLIPTUNER_MODEL": args.model, "OMP_NUM_THREADS": str(args.threads)},
+                       args=["--flow", args.flow] if args.flow else [])
     t0 = time.perf_counter()
     flow.start()
     startup = time.perf_counter() - t0
@@ -67,7 +87,7 @@ def main(argv=None) -> dict:
         client = flow.client()
         batches = [blobs[i:i + args.batch] for i in range(0, len(blobs), args.batch)]
 
-        def through_flow() -> np.ndarray:
+        def sequential() -> np.ndarray:
             out = []
             for batch in batches:
                 docs = DocList[ClipDoc]([ClipDoc(id=str(i), blob=b) for i, b in enumerate(batch)])
@@ -75,14 +95,22 @@ def main(argv=None) -> dict:
                 out.extend(d.embedding for d in res)
             return np.stack(out)
 
+        def streamed() -> np.ndarray:
+            docs = DocList[ClipDoc]([ClipDoc(id=str(i), blob=b) for i, b in enumerate(blobs)])
+            res = client.post("/encode", inputs=docs, return_type=DocList[ClipDoc], request_size=args.batch)
+            by_id = {d.id: d.embedding for d in res}  # answers may arrive in another order
+            return np.stack([by_id[str(i)] for i in range(len(blobs))])
+
         def in_process() -> np.ndarray:
             return np.concatenate([clip.encode_images(batch) for batch in batches])
 
-        reference, served = in_process(), through_flow()  # warm-up, and the two must agree
-        max_diff = float(np.abs(reference - served).max())
-        times = {"flow": [], "in_process": []}
+        sides = {"in_process": in_process, **{name: {"sequential": sequential, "streamed": streamed}[name]
+                                              for name in args.clients}}
+        reference = in_process()  # warm-up, and the sides must agree
+        max_diff = max(float(np.abs(reference - fn()).max()) for name, fn in sides.items() if name != "in_process")
+        times = {name: [] for name in sides}
         for _ in range(args.repeats):
-            for name, fn in (("in_process", in_process), ("flow", through_flow)):
+            for name, fn in sides.items():
                 start = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - start)
@@ -90,18 +118,24 @@ def main(argv=None) -> dict:
         flow.stop()
 
     rates = {name: [args.images / t for t in ts] for name, ts in times.items()}
-    ratios = [f / i for f, i in zip(rates["flow"], rates["in_process"])]
     result = {
-        "model": args.model, "images": args.images, "size": args.size, "batch": args.batch, "repeats": args.repeats,
-        "threads": args.threads, "flow_images_per_s": statistics.median(rates["flow"]),
-        "in_process_images_per_s": statistics.median(rates["in_process"]), "ratio_median": statistics.median(ratios),
-        "ratios": ratios, "max_abs_diff": max_diff, "startup_s": startup,
+        "model": args.model, "content": args.content, "images": args.images, "size": args.size,
+        "mean_png_bytes": int(np.mean([len(b) for b in blobs])), "batch": args.batch, "repeats": args.repeats,
+        "threads": args.threads, "in_process_images_per_s": statistics.median(rates["in_process"]),
+        "max_abs_diff": max_diff, "startup_s": startup, "clients": {},
         "machine": f"{platform.platform()}, {os.cpu_count()} CPUs", "python": platform.python_version(),
         "command": "python benchmarks/flow_encode.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
-    print(f"{args.model}: /encode through the Flow {result['flow_images_per_s']:.1f} images/s, in-process "
-          f"{result['in_process_images_per_s']:.1f} images/s; ratio {result['ratio_median']:.2f} "
-          f"(median of {args.repeats}; each: {', '.join(f'{r:.2f}' for r in ratios)}); max |diff| {max_diff:.1e}")
+    print(f"{args.model}, {args.images} {args.content} PNGs {args.size}x{args.size} (mean "
+          f"{result['mean_png_bytes'] / 1e3:.0f} kB), requests of {args.batch}: in-process "
+          f"{result['in_process_images_per_s']:.1f} images/s; max |diff| {max_diff:.1e}")
+    for name in args.clients:
+        ratios = [f / i for f, i in zip(rates[name], rates["in_process"])]
+        result["clients"][name] = {"flow_images_per_s": statistics.median(rates[name]),
+                                   "ratio_median": statistics.median(ratios), "ratios": ratios}
+        print(f"  {name:10s} client: Flow {statistics.median(rates[name]):.1f} images/s, ratio "
+              f"{statistics.median(ratios):.2f} (median of {args.repeats}; each: "
+              f"{', '.join(f'{r:.2f}' for r in ratios)})")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result
