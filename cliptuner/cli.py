@@ -392,7 +392,9 @@ def run_models(args: argparse.Namespace) -> Any:
 
 
 SERVE_ENV = {"host": "CLIPTUNER_HOST", "port": "CLIPTUNER_PORT", "workspace": "CLIPTUNER_WORKSPACE",
-             "model": "CLIPTUNER_MODEL", "pretrained": "CLIPTUNER_PRETRAINED", "device": "CLIPTUNER_DEVICE"}
+             "model": "CLIPTUNER_MODEL", "pretrained": "CLIPTUNER_PRETRAINED", "device": "CLIPTUNER_DEVICE",
+             "metrics_port": "CLIPTUNER_METRICS_PORT"}
+METRICS_PORTS = ("GATEWAY", "TUNER", "ENCODER", "INDEXER")  # CLIPTUNER_METRICS_PORT_<name> = the port + index
 DEFAULT_HOST = "127.0.0.1"  # this machine only; a container sets CLIPTUNER_HOST=0.0.0.0 and publishes the port
 FLOW_YAML = Path("flows") / "flow.yml"
 
@@ -401,6 +403,27 @@ def _default_flow() -> Path:
     """``flows/flow.yml`` of the source tree this package runs from, else of the current directory."""
     beside = Path(__file__).resolve().parent.parent / FLOW_YAML
     return beside if beside.is_file() else FLOW_YAML.resolve()
+
+
+def _metrics_environment() -> None:
+    """From ``CLIPTUNER_METRICS_PORT`` P: ``CLIPTUNER_METRICS`` and the Prometheus port of each Flow member
+    (gateway P, tuner P+1, encoder P+2, indexer P+3); without it monitoring is off."""
+    raw = os.environ.get("CLIPTUNER_METRICS_PORT", "").strip()
+    if not raw:
+        os.environ["CLIPTUNER_METRICS"] = "false"
+        for name in METRICS_PORTS:
+            os.environ[f"CLIPTUNER_METRICS_PORT_{name}"] = ""  # unused; the Flow YAML needs a value
+        return
+    try:
+        base = int(raw)
+    except ValueError:
+        raise ValueError(f"--metrics-port / CLIPTUNER_METRICS_PORT must be a port number, got {raw!r}") from None
+    if not 1 <= base <= 65535 - len(METRICS_PORTS) + 1:
+        raise ValueError(f"--metrics-port / CLIPTUNER_METRICS_PORT must leave room for {len(METRICS_PORTS)} ports "
+                         f"below 65536, got {base}")
+    os.environ["CLIPTUNER_METRICS"] = "true"
+    for i, name in enumerate(METRICS_PORTS):
+        os.environ[f"CLIPTUNER_METRICS_PORT_{name}"] = str(base + i)
 
 
 def run_serve(args: argparse.Namespace) -> None:
@@ -428,6 +451,7 @@ def run_serve(args: argparse.Namespace) -> None:
     if not os.environ.get("CLIPTUNER_WORKSPACE"):
         raise ValueError("no workspace: pass --workspace DIR or set CLIPTUNER_WORKSPACE")
     os.environ["CLIPTUNER_WORKSPACE"] = str(Path(os.environ["CLIPTUNER_WORKSPACE"]).expanduser().resolve())
+    _metrics_environment()
     for name in SERVE_ENV.values():  # unset → empty: the Flow YAML then passes None rather than the text "$NAME"
         os.environ.setdefault(name, "")
     os.environ.setdefault("JINA_OPTOUT_TELEMETRY", "1")
@@ -525,6 +549,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=None, help="its pretrained tag or checkpoint (CLIPTUNER_PRETRAINED)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (CLIPTUNER_DEVICE; default auto)")
     p.add_argument("--flow", default=None, help="the Flow YAML (default: flows/flow.yml)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="turn on Prometheus metrics (CLIPTUNER_METRICS_PORT): the gateway serves them on this port, "
+                        "the tuner, encoder and indexer on the next three. Jina binds these endpoints to every "
+                        "interface, whatever --host says; firewall them where the machine is reachable. Default: off")
     p.set_defaults(func=run_serve)
 
     p = sub.add_parser("models", help="list, promote, roll back and prune model versions of a registry",
@@ -546,6 +574,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = actions.add_parser("prune", parents=[where], help="delete all but the newest K versions (never CURRENT)")
     q.add_argument("--keep", type=int, required=True, metavar="K", help="how many of the newest versions to keep")
     p.set_defaults(func=run_models)
+
+    from .k8s import add_k8s_parser  # cliptuner k8s: Kubernetes manifests from flows/k8s.yml
+
+    add_k8s_parser(sub)
     return parser
 
 

@@ -435,7 +435,8 @@ def fit(
                          "total_steps": total_steps, "loss": float(loss),
                          "lr": optimizer.param_groups[-1]["lr"],
                          "logit_scale": float(inner.logit_scale.detach().exp()),
-                         "samples_per_s": rate, "eta_s": eta}
+                         "samples_per_s": rate, "eta_s": eta,
+                         "step_s": train_time / max(step - steps_at_start, 1)}
                 if is_main:
                     logger.info("epoch %d/%d step %d/%d loss %.4f lr %.2e logit_scale %.1f %.1f samples/s",
                                 epoch + 1, cfg.epochs, step, total_steps, event["loss"], event["lr"],

@@ -45,6 +45,7 @@ from cliptuner.follow import ModelFollower
 from cliptuner.limits import RequestLimits
 
 from .content import check_request, doc_item, has_content
+from .metrics import Metrics
 from .options import base_spec, request_parameters, resolve_workspace, setting, uri_policy
 from .schemas import ClipDoc
 
@@ -106,10 +107,12 @@ class CLIPEncoder(Executor):
         self.follower = ModelFollower(self.registry, device=setting(device) or "auto",
                                       intra_op_threads=setting(intra_op_threads), batch_size=int(batch_size))
         clip = self.follower.clip()
+        self.metrics = Metrics(getattr(self.runtime_args, "metrics_registry", None))
+        self.metrics.model_version(clip.version)
         logger.info("CLIPEncoder serving %s from %s on %s", clip.version, self.registry.root, clip.providers)
 
     # -- the work, in worker threads ---------------------------------------------------------------------------
-    def _embed(self, docs: DocList[ClipDoc], pass_vector_queries: bool) -> DocList[ClipDoc]:
+    def _embed(self, docs: DocList[ClipDoc], pass_vector_queries: bool, endpoint: str) -> DocList[ClipDoc]:
         """Embed docs with one model reference.
 
         Every doc with content is embedded here, and its ``embedding``/``model_version`` overwritten, whatever a
@@ -134,19 +137,24 @@ class CLIPEncoder(Executor):
                 continue  # a vector-only query: the indexer judges it
             todo.append((doc, doc_item(doc, self.policy, self.limits)))  # check every doc before encoding any
         if todo:
-            vectors = embed_items(clip, [item for _, item in todo])  # [len(todo), embed_dim]
+            with self.metrics.encoding(endpoint, [doc for doc, _ in todo]):
+                vectors = embed_items(clip, [item for _, item in todo])  # [len(todo), embed_dim]
             for (doc, _), vector in zip(todo, vectors):
                 doc.embedding = vector
                 doc.model_version = version
+        self.metrics.model_version(version)
         return docs
 
     def _swap(self) -> str:
         self.follower.refresh(strict=True)
-        return self.follower.clip().version
+        version = self.follower.clip().version
+        self.metrics.model_version(version)
+        return version
 
     def status(self) -> dict:
         """What this encoder serves: model version, embedding size, providers, registry."""
         clip = self.follower.clip()
+        self.metrics.model_version(clip.version)
         return {"executor": "CLIPEncoder", "model_version": clip.version, "embed_dim": clip.embed_dim,
                 "providers": clip.providers, "registry": str(self.registry.root),
                 "last_error": self.follower.last_error}
@@ -161,16 +169,21 @@ class CLIPEncoder(Executor):
         ``text``, ``uri`` and ``tags`` stay): the answer carries what the client asked for, the vectors.
         """
         request_parameters(parameters, (), "/encode")
-        docs = await asyncio.to_thread(self._embed, docs, False)
+        docs = await asyncio.to_thread(self._embed, docs, False, "/encode")
         for doc in docs:
             doc.blob = None
             doc.tensor = None
         return docs
 
-    @requests(on=["/index", "/search"])
+    @requests(on="/index")
     async def encode_for_index(self, docs: DocList[ClipDoc], **kwargs: Any) -> DocList[ClipDoc]:
-        """Embed docs on their way to the indexer (docs with content; vector-only queries pass)."""
-        return await asyncio.to_thread(self._embed, docs, True)
+        """Embed docs on their way to the indexer (docs with content; vector-only docs pass for it to judge)."""
+        return await asyncio.to_thread(self._embed, docs, True, "/index")
+
+    @requests(on="/search")
+    async def encode_queries(self, docs: DocList[ClipDoc], **kwargs: Any) -> DocList[ClipDoc]:
+        """Embed queries on their way to the indexer (vector-only queries pass)."""
+        return await asyncio.to_thread(self._embed, docs, True, "/search")
 
     @requests(on=["/train", "/models/promote", "/models/rollback"])
     async def train_done(self, docs: DocList[ClipDoc], **kwargs: Any) -> DocList[ClipDoc]:

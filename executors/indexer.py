@@ -71,6 +71,7 @@ from cliptuner.limits import RequestLimits
 from cliptuner.runtime import OnnxClip
 
 from .content import check_request, doc_item, has_content
+from .metrics import Metrics
 from .options import (INDEX_SUBDIR, base_spec, int_parameter, request_parameters, resolve_workspace, setting,
                       uri_policy)
 from .schemas import ClipDoc, MatchDoc
@@ -174,6 +175,10 @@ class CLIPIndexer(Executor):
         self._last_error: Optional[str] = None
         if self.collection.version is None:  # a new collection takes CURRENT at once (no docs to re-embed)
             self.collection.rebuild(self.registry.current(), lambda docs: np.zeros((0, 1), np.float32))
+        self.metrics = Metrics(getattr(self.runtime_args, "metrics_registry", None))
+        self.metrics.index_size(lambda: len(self.collection))
+        self.metrics.rebuild_progress(0.0)
+        self.metrics.model_version(self.collection.version)
         self._stop = threading.Event()
         self._watcher: Optional[threading.Thread] = None
         if float(watch_interval) > 0:
@@ -228,8 +233,16 @@ class CLIPIndexer(Executor):
             clip = self._clip_for(target)
             started = time.monotonic()
             self._rebuilding = {"from_version": old, "to_version": target, "started_at": time.time()}
-            embed: Callable[[list[StoredDoc]], np.ndarray] = \
-                lambda batch: embed_items(clip, [stored_item(doc, self.policy, self.limits) for doc in batch])
+            total = max(len(self.collection), 1)
+            done = 0
+
+            def embed(batch: list[StoredDoc]) -> np.ndarray:
+                nonlocal done
+                vectors = embed_items(clip, [stored_item(doc, self.policy, self.limits) for doc in batch])
+                done += len(batch)
+                self.metrics.rebuild_progress(min(done / total, 1.0))
+                return vectors
+
             try:
                 count = self.collection.rebuild(target, embed, batch_size=self.rebuild_batch_size)
             except Exception as exc:
@@ -237,6 +250,8 @@ class CLIPIndexer(Executor):
                 raise
             finally:
                 self._rebuilding = None
+                self.metrics.rebuild_progress(0.0)
+                self.metrics.model_version(self.collection.version)
             self._last_error = None
             self._last_rebuild = {"model_version": target, "from_version": old, "count": count,
                                   "rebuild_seconds": round(time.monotonic() - started, 3)}
@@ -424,7 +439,8 @@ class CLIPIndexer(Executor):
         return_content = params.get("return_content", False)
         if not isinstance(return_content, bool):  # protobuf carries a bool as a bool: anything else is a mistake
             raise ValueError(f"parameter 'return_content' must be true or false, got {return_content!r}")
-        return await asyncio.to_thread(self._search, docs, limit, return_content)
+        with self.metrics.searching():
+            return await asyncio.to_thread(self._search, docs, limit, return_content)
 
     @requests(on="/delete")
     async def delete(self, docs: DocList[ClipDoc], parameters: Optional[dict] = None,

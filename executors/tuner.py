@@ -116,6 +116,7 @@ from cliptuner.options import cli_names, read_options_file, request_names
 from cliptuner.registry import CurrentChange, Registry
 
 from .content import check_request
+from .metrics import Metrics
 from .options import (DATA_SUBDIR, RUNS_SUBDIR, base_spec, int_parameter, request_parameters, resolve_workspace,
                       setting, uri_policy)
 from .schemas import ClipDoc
@@ -459,6 +460,8 @@ class CLIPTuner(Executor):
         self._progress: dict[str, Any] = {"state": "idle"}
         self._last_report: Optional[dict] = None
         self._active: Optional[_Run] = None  # the run going, if any
+        self.metrics = Metrics(getattr(self.runtime_args, "metrics_registry", None))
+        self.metrics.model_version(self.registry.current())
         logger.info("CLIPTuner: CURRENT %s in %s, training on %s (%d process(es) per run), data root %s",
                     self.registry.current(), self.registry.root, self.device, self.processes, self.data_root)
 
@@ -576,6 +579,7 @@ class CLIPTuner(Executor):
 
     # -- the run: prepared here, trained by a child process, published here ------------------------------------
     def _on_event(self, event: dict) -> None:
+        self.metrics.training_event(event)
         kind = event.get("event")
         update: dict[str, Any] = {"last_event": kind, "updated_at": time.time()}
         if "pid" in event:  # the process that trains (rank 0 under torchrun)
@@ -586,7 +590,7 @@ class CLIPTuner(Executor):
             update.update(phase="training", before=event["metrics"])
         elif kind in ("step", "epoch"):
             update.update({k: event[k] for k in ("epoch", "epochs", "step", "total_steps", "loss", "lr",
-                                                 "samples_per_s", "eta_s") if k in event})
+                                                 "samples_per_s", "eta_s", "step_s") if k in event})
         elif kind == "eval":
             update.update(phase="training", last_eval={"epoch": event["epoch"], **event["metrics"]})
         elif kind == "end":
@@ -725,6 +729,7 @@ class CLIPTuner(Executor):
         message = (f"/train run {run_id} failed while {phase}: {cause} (nothing was published; CURRENT is still "
                    f"{self.registry.current()})")
         (logger.info if state == "cancelled" else logger.error)("%s", message)
+        self.metrics.training_finished(state)
         kind = TrainingInputError if isinstance(exc, ValueError) else TrainingFailed
         return kind(message, run_id=run_id, phase=phase)
 
@@ -811,6 +816,8 @@ class CLIPTuner(Executor):
             except OSError as exc:  # the report also lives in the version's model.json
                 logger.warning("run %s published %s but could not write its report.json: %s", run_id, version, exc)
             self._last_report = report
+            self.metrics.training_finished("published")
+            self.metrics.model_version(version)
             self._progress = {"state": "done", "run_id": run_id, "model_version": version, "parent_version": parent,
                               "finished_at": time.time(), "wall_seconds": report["wall_seconds"]}
             logger.info("run %s published %s: t2i R@5 %.3f → %.3f", run_id, version, report["before"]["t2i_r5"],
@@ -976,6 +983,7 @@ class CLIPTuner(Executor):
             raise ValueError(f"/models/promote needs parameters['version'], a published version "
                              f"({self.registry.versions()}), got {version!r}")
         change = await self._registry_call(self.registry.promote, version.strip())
+        self.metrics.model_version(change.version)
         return DocList[ClipDoc]([self._change_doc("promote", change)])
 
     @requests(on="/models/rollback")
@@ -984,6 +992,7 @@ class CLIPTuner(Executor):
         """Make the version before CURRENT CURRENT (see :meth:`Registry.rollback`); answers one doc named for it."""
         request_parameters(parameters, (), "/models/rollback")
         change = await self._registry_call(self.registry.rollback)
+        self.metrics.model_version(change.version)
         return DocList[ClipDoc]([self._change_doc("rollback", change)])
 
     @requests(on="/models/prune")

@@ -34,6 +34,7 @@ def test_export_writes_a_deployment_per_executor_from_its_image(tmp_path):
         args = container["args"]
         assert args[args.index("--uses") + 1] == "config.yml"  # what the image's config.yml loads
         assert args[args.index("--workspace") + 1] == "/workspace"  # the shared registry
+        assert "--monitoring" in args and args[args.index("--port-monitoring") + 1] == "9090"  # Prometheus metrics
         if name == "encoder":
             assert deployment["spec"]["replicas"] == 2
         if name != "tuner":  # replicas follow the version the tuner publishes
