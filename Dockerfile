@@ -12,15 +12,18 @@
 #
 # GPU image: build with --build-arg ORT=onnxruntime-gpu and run with --gpus all.
 #
-# Kubernetes (flows/k8s.yml) runs each Executor from its own image, as `jina executor --uses config.yml`; build
-# one per Executor, EXECUTOR naming the class that its config.yml loads:
-#   docker build --build-arg EXECUTOR=CLIPTuner   -t cliptuner-tuner .
-#   docker build --build-arg EXECUTOR=CLIPEncoder -t cliptuner-encoder .
-#   docker build --build-arg EXECUTOR=CLIPIndexer -t cliptuner-indexer .
+# Kubernetes (flows/k8s.yml, `cliptuner k8s`) runs each Executor from its own image, as
+# `jina executor --uses config.yml`; build one per Executor, EXECUTOR naming the class that its config.yml loads.
+# The serving images leave out the training extra (TRAIN=0: no torch, torchvision, open_clip, onnx):
+#   docker build --build-arg EXECUTOR=CLIPTuner                 -t cliptuner-tuner .
+#   docker build --build-arg EXECUTOR=CLIPEncoder --build-arg TRAIN=0 -t cliptuner-encoder .
+#   docker build --build-arg EXECUTOR=CLIPIndexer --build-arg TRAIN=0 -t cliptuner-indexer .
 FROM python:3.11-slim
 
 ARG ORT=onnxruntime
 ARG EXECUTOR=CLIPEncoder
+# 1: with the training extra (the whole Flow, the tuner); 0: serving only (encoder, indexer)
+ARG TRAIN=1
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -37,7 +40,8 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY cliptuner ./cliptuner
 COPY executors ./executors
-RUN pip install . && if [ "$ORT" != "onnxruntime" ]; then pip uninstall -y onnxruntime && pip install "$ORT"; fi
+RUN if [ "$TRAIN" = 1 ]; then pip install ".[train]"; else pip install .; fi \
+    && if [ "$ORT" != "onnxruntime" ]; then pip uninstall -y onnxruntime && pip install "$ORT"; fi
 COPY flows ./flows
 COPY config.yml ./
 RUN sed -i "s/^jtype: .*/jtype: ${EXECUTOR}/" config.yml

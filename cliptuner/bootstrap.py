@@ -12,7 +12,9 @@ A service that may publish (``spec`` given) first removes what crashed publisher
 while building leaves nothing that the next start does not clean.
 
 torch, open_clip and the exporter are imported only when a base version is actually built, so a torch-free
-encoder that finds ``CURRENT`` already set never loads them.
+encoder that finds ``CURRENT`` already set never loads them; one that would have to build the base without the
+``train`` extra fails at once with :class:`~cliptuner.extras.MissingTrainExtra` (start the tuner first, or set
+``bootstrap: false`` and let the encoder wait for the tuner's version).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from .config import ModelSpec
+from .extras import require_train
 from .registry import TEMP_GRACE_SECONDS, Registry, temp_name
 
 logger = logging.getLogger(__name__)
@@ -75,7 +78,9 @@ def publish_base(registry: Registry, spec: ModelSpec) -> str:
 
     Raises:
         ValueError: unknown arch, pretrained tag or checkpoint file (from :func:`cliptuner.models.load_model`).
+        cliptuner.extras.MissingTrainExtra: torch/open_clip/onnx are not installed.
     """
+    require_train("building the base model version of an empty registry")
     from .export import export_model_dir
     from .models import load_model
     from .train import seed_everything

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .extras import MissingTrainExtra, require_train
+
 logger = logging.getLogger("cliptuner")
 
 
@@ -154,6 +156,7 @@ def _fan_out(*callbacks: Any) -> Any:
 
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
     """``cliptuner train``: fine-tune, evaluate before/after, export a model version to ``--out``."""
+    require_train("cliptuner train")
     from .config import ModelSpec
     from .data import train_and_held_out
     from .evaluate import format_report
@@ -228,6 +231,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, float]:
 
 def run_export(args: argparse.Namespace) -> Path:
     """``cliptuner export``: a checkpoint file → ONNX model directory."""
+    require_train("cliptuner export")
     from .config import ModelSpec
     from .export import export_model_dir
     from .models import load_model, read_checkpoint
@@ -282,6 +286,7 @@ def run_synth(args: argparse.Namespace) -> Path:
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """``cliptuner demo``: offline end to end on synthetic data — train, report, export, encode."""
+    require_train("cliptuner demo")
     from . import synthetic
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="cliptuner-demo-"))
@@ -307,6 +312,7 @@ MODELS_EPILOG = """\
 examples:
   cliptuner models list --workspace ./ws            every version: CURRENT, parent, before -> after R@5
   cliptuner models list --workspace ./ws --json     the same as JSON (one object per version)
+  cliptuner models publish out/model --workspace ./ws   a model from cliptuner train --out becomes CURRENT
   cliptuner models promote v3 --workspace ./ws      serve v3 (its manifest and files are checked first)
   cliptuner models rollback --workspace ./ws        serve the version CURRENT was tuned from
   cliptuner models prune --keep 5 --workspace ./ws  delete all but the 5 newest versions (never CURRENT)
@@ -318,8 +324,8 @@ order (v9 before v10).
 """
 
 
-def _registry_of(args: argparse.Namespace) -> Any:
-    """The registry ``--models-dir`` or ``--workspace``/models names; it must exist (no empty one is made)."""
+def _registry_of(args: argparse.Namespace, create: bool = False) -> Any:
+    """The registry ``--models-dir`` or ``--workspace``/models names; it must exist unless ``create`` (publish)."""
     from .registry import Registry
 
     if args.models_dir:
@@ -330,7 +336,7 @@ def _registry_of(args: argparse.Namespace) -> Any:
         raise ValueError("no registry: pass --workspace DIR (its models/ folder), --models-dir DIR, or set "
                          "CLIPTUNER_WORKSPACE")
     root = root.expanduser()
-    if not root.is_dir():
+    if not root.is_dir() and not create:
         raise ValueError(f"no model registry at {str(root)!r}")
     return Registry(root)
 
@@ -370,8 +376,12 @@ def format_models_table(summaries: list[dict[str, Any]]) -> str:
 
 
 def run_models(args: argparse.Namespace) -> Any:
-    """``cliptuner models list|promote|rollback|prune``: operate on the model versions of a registry."""
-    registry = _registry_of(args)
+    """``cliptuner models list|publish|promote|rollback|prune``: operate on the model versions of a registry."""
+    registry = _registry_of(args, create=args.models_command == "publish")
+    if args.models_command == "publish":
+        version = registry.publish(args.model_dir, args.version, make_current=not args.no_current)
+        print(f"published {version}" + ("" if args.no_current else f"; CURRENT is now {version}"))
+        return version
     if args.models_command == "list":
         summaries = registry.summaries()
         print(json.dumps(summaries, indent=2) if args.json else format_models_table(summaries))
@@ -563,10 +573,16 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--workspace", default=None,
                        help="the service's workspace; the registry is its models/ (default: $CLIPTUNER_WORKSPACE)")
     group.add_argument("--models-dir", default=None, help="the registry itself, instead of --workspace")
-    actions = p.add_subparsers(dest="models_command", required=True, metavar="{list,promote,rollback,prune}")
+    actions = p.add_subparsers(dest="models_command", required=True, metavar="{list,publish,promote,rollback,prune}")
     q = actions.add_parser("list", parents=[where], help="every version: CURRENT, created, parent, arch, the "
                                                          "report's before -> after recall")
     q.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    q = actions.add_parser("publish", parents=[where],
+                           help="publish an exported model directory (cliptuner train --out, cliptuner export) as "
+                                "the next version and make it CURRENT; creates the registry if needed")
+    q.add_argument("model_dir", help="the model directory (model.json and its ONNX files)")
+    q.add_argument("--version", default=None, help="its name (default: the next of v1, v2, ...)")
+    q.add_argument("--no-current", action="store_true", help="publish without making it CURRENT (promote later)")
     q = actions.add_parser("promote", parents=[where], help="make a published version CURRENT")
     q.add_argument("version", help="the version to serve, e.g. v3")
     actions.add_parser("rollback", parents=[where], help="make the version before CURRENT CURRENT: its parent while "
@@ -592,6 +608,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as exc:  # bad input: one clear line, no traceback
         print(f"cliptuner {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except MissingTrainExtra as exc:  # a serving-only install: what to install, no traceback
+        print(f"cliptuner {args.command}: error: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 

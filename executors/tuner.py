@@ -109,6 +109,7 @@ from cliptuner.bootstrap import ensure_current
 from cliptuner.config import EvalConfig, ModelSpec, TrainConfig, from_mapping
 from cliptuner.access import RemoteImage
 from cliptuner.content import image_source
+from cliptuner.extras import require_train
 from cliptuner.data import DataError, PairSet, from_memory, load_split, train_and_held_out
 from cliptuner.limits import RequestLimits
 from cliptuner.manifest import ModelManifest
@@ -436,6 +437,7 @@ class CLIPTuner(Executor):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        require_train("the tuner (CLIPTuner)")  # it builds base versions and runs `cliptuner train`
         workspace = resolve_workspace(self, models_dir, kwargs.get("workspace"))
         self.registry: Registry = workspace.registry
         root = workspace.root or self.registry.root.parent

@@ -7,7 +7,7 @@ import pytest
 from cliptuner.cli import main
 from cliptuner.registry import Registry
 
-from test_registry import REPORT, publish_fake
+from test_registry import REPORT, make_model_dir, publish_fake
 
 
 @pytest.fixture
@@ -110,5 +110,30 @@ def test_help_names_every_action_with_examples(capsys):
         main(["models", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for action in ("list", "promote", "rollback", "prune"):
+    for action in ("list", "publish", "promote", "rollback", "prune"):
         assert f"cliptuner models {action}" in out
+
+
+def test_publish_adds_the_next_version_and_makes_it_current(workspace, tmp_path, capsys):
+    src = make_model_dir(tmp_path / "trained")
+    assert models("publish", str(src), "--workspace", str(workspace)) == 0
+    assert capsys.readouterr().out.strip() == "published v4; CURRENT is now v4"
+    reg = Registry(workspace / "models")
+    assert reg.versions() == ["v1", "v2", "v3", "v4"] and reg.current() == "v4"
+    assert src.is_dir()  # copied, not moved
+    assert models("publish", str(src), "--workspace", str(workspace), "--version", "candidate", "--no-current") == 0
+    assert capsys.readouterr().out.strip() == "published candidate"
+    assert "candidate" in reg.versions() and reg.current() == "v4"
+
+
+def test_publish_creates_a_registry_and_refuses_what_is_not_a_model(tmp_path, capsys):
+    src = make_model_dir(tmp_path / "trained")
+    assert models("publish", str(src), "--workspace", str(tmp_path / "fresh")) == 0
+    assert Registry(tmp_path / "fresh" / "models").current() == "v1"
+    capsys.readouterr()
+    assert models("publish", str(tmp_path), "--workspace", str(tmp_path / "fresh")) == 2  # no model.json there
+    err = capsys.readouterr().err
+    assert err.startswith("cliptuner models: error:") and "model.json" in err
+    assert models("publish", str(src), "--workspace", str(tmp_path / "fresh"), "--version", "v1") == 2
+    assert "v1" in capsys.readouterr().err
+    assert Registry(tmp_path / "fresh" / "models").versions() == ["v1"]
