@@ -83,6 +83,7 @@ On a fresh workspace the tuner publishes the base model (``model`` + ``pretraine
 """
 
 import asyncio
+import contextlib
 import csv
 import dataclasses
 import json
@@ -137,6 +138,8 @@ INPUTS_SUBDIR = "inputs"  # the pairs as PAIRS CSVs (+ the request's images), th
 MODEL_SUBDIR = "model"  # the tuned model version, exported by the training process (--out)
 EVENTS_FILE = "events.jsonl"  # its training events, one JSON line each (--events), tailed into /status
 LOG_FILE = "train.log"  # its stdout and stderr; the end of it names the cause when it fails
+PROCESS_FILE = "process.json"  # {"pgid": ...} of its process group, for a tuner that restarts after a crash
+REPORT_FILE = "report.json"  # written when the run has published: a run directory without one is unfinished
 STOP_GRACE_S = 10.0  # seconds between SIGTERM and SIGKILL when a run's process group is stopped
 POLL_S = 0.2  # how often a run's thread reads new events and looks at the training process
 CLI_ERROR = "cliptuner train: error: "  # how `cliptuner train` names bad input, exiting with INPUT_ERROR_EXIT
@@ -289,6 +292,48 @@ def _process_cause(log: str, returncode: int) -> str:
     return f"the training process exited with code {returncode}: {detail}"
 
 
+def _group_works_in(pgid: int, run_dir: Path) -> bool:
+    """True when process ``pgid`` is alive and its working directory is ``run_dir``: the training process a run
+    started (a pid reused since by another process does not work there)."""
+    try:
+        return Path(os.readlink(f"/proc/{pgid}/cwd")) == run_dir
+    except OSError:  # gone, not ours, or no /proc (then nothing can be told, and nothing is killed)
+        return False
+
+
+def clean_unfinished_runs(runs_dir: Path, wait_s: float = STOP_GRACE_S) -> list[str]:
+    """Remove the runs a previous tuner process left unfinished, ending their training processes first.
+
+    A tuner that was killed (SIGKILL, OOM, a node lost) cannot stop its training process group, which lives in a
+    session of its own, nor remove the run directory. At the next start, every run directory without a
+    report is such a leftover: its process group, when it still runs in that directory, gets SIGKILL (nothing it
+    would produce can be published any more), and the directory is removed. One tuner per workspace.
+
+    Returns:
+        The run ids removed.
+    """
+    removed = []
+    for run_dir in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
+        if (run_dir / REPORT_FILE).exists():
+            continue
+        try:
+            pgid = int(json.loads((run_dir / PROCESS_FILE).read_text(encoding="utf-8"))["pgid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pgid = None
+        if pgid is not None and _group_works_in(pgid, run_dir.resolve()):
+            logger.warning("run %s: its training process group %d outlived the tuner that started it; killing it",
+                           run_dir.name, pgid)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+            deadline = time.monotonic() + wait_s
+            while _group_works_in(pgid, run_dir.resolve()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        logger.warning("removed unfinished run %s (left by a tuner that stopped without ending it)", run_dir.name)
+        removed.append(run_dir.name)
+    return removed
+
+
 class _TrainingProcess:
     """``cliptuner train`` as a child process in a process group of its own, its events file read as it grows.
 
@@ -316,6 +361,7 @@ class _TrainingProcess:
         with self.log_path.open("ab") as log:  # the child holds its own descriptor of it
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          cwd=self.run_dir, env=self.env, start_new_session=True)
+        (self.run_dir / PROCESS_FILE).write_text(json.dumps({"pgid": self.proc.pid}), encoding="utf-8")
         logger.info("training process %d started: %s", self.proc.pid, " ".join(self.argv))
 
     def poll(self) -> Optional[int]:
@@ -445,6 +491,7 @@ class CLIPTuner(Executor):
         self.runs_dir = Path(setting(runs_dir) or root / RUNS_SUBDIR).expanduser().resolve()
         self.data_root.mkdir(parents=True, exist_ok=True)
         self.runs_dir.mkdir(parents=True, exist_ok=True)
+        clean_unfinished_runs(self.runs_dir)
         self.base = base_spec(model, pretrained)
         self.device = str(setting(device) or "auto")
         self.policy = uri_policy(workspace, uri_roots, allowed_hosts)
@@ -808,13 +855,14 @@ class CLIPTuner(Executor):
             # published: the run has succeeded, whatever happens to its report file
             shutil.rmtree(run_dir / INPUTS_SUBDIR, ignore_errors=True)  # train.log stays, with report.json
             (run_dir / EVENTS_FILE).unlink(missing_ok=True)
+            (run_dir / PROCESS_FILE).unlink(missing_ok=True)
             pruned = self._prune_after_publish(version)
             if pruned:
                 report["pruned_versions"] = pruned
             report["model_version"] = version
             report["wall_seconds"] = round(time.time() - started, 3)
             try:
-                (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+                (run_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
             except OSError as exc:  # the report also lives in the version's model.json
                 logger.warning("run %s published %s but could not write its report.json: %s", run_id, version, exc)
             self._last_report = report

@@ -3,10 +3,13 @@
 One `cliptuner serve --metrics-port P` on a fresh workspace (cliptuner-tiny, random init) serves the whole module.
 The tests scrape the four Prometheus endpoints (gateway P, tuner P+1, encoder P+2, indexer P+3) before and after
 traffic and check that the counters moved by what was sent; then start /train runs with ``wait: False``, follow
-them through /status and the metrics, cancel one (nothing published, CURRENT unchanged) and let one publish (the
-encoder and the indexer follow it without a /train passing through them).
+them through /status and the metrics, cancel one and kill the training process of another (nothing published,
+CURRENT unchanged, serving goes on) and let one publish (the encoder and the indexer follow it without a /train
+passing through them).
 """
 
+import os
+import signal
 import socket
 import time
 import urllib.request
@@ -165,6 +168,24 @@ def test_an_async_run_reports_progress_and_cancel_publishes_nothing(served, pair
     assert registry.versions() == versions and registry.current() == "v1"
     assert value(scrape(served, "tuner"), "cliptuner_train_runs_total", outcome="cancelled") == 1
     assert by_id(post(served, "/encode", DocList[ClipDoc]([ClipDoc(id="t", text="a cat")])))["t"].model_version == "v1"
+
+
+def test_killing_the_training_process_fails_the_run_and_serving_goes_on(served, pairs):
+    answer = post(served, "/train", pairs, parameters={"wait": False, "epochs": 50, "batch_size": 16,
+                                                       "eval_fraction": 0.25, "seed": 0})
+    run_id = answer[0].tags["run_id"]
+    progress = wait_for(lambda: (lambda t: t if t.get("step") else None)(training(served)), 180,
+                        "the run's first optimizer steps")
+    os.killpg(os.getpgid(progress["pid"]), signal.SIGKILL)  # what an OOM kill does
+    failed = wait_for(lambda: (lambda t: t if t.get("state") == "failed" else None)(training(served)), 60,
+                      "the run to fail")
+    assert failed["run_id"] == run_id and "the training process was killed by signal 9 (SIGKILL)" in failed["error"]
+    registry = Registry(served.workspace / "models")
+    assert registry.current() == "v1" and registry.versions() == ["v1"]
+    assert post(served, "/encode", DocList[ClipDoc]([ClipDoc(id="t", text="a cat")]))[0].model_version == "v1"
+    found = post(served, "/search", DocList[ClipDoc]([ClipDoc(id="q", text="a cat")]), parameters={"limit": 2})[0]
+    assert len(found.matches) == 2 and found.model_version == "v1"
+    assert value(scrape(served, "tuner"), "cliptuner_train_runs_total", outcome="failed") == 1
 
 
 def test_an_async_run_publishes_and_the_encoder_and_indexer_follow(served, pairs):

@@ -6,9 +6,11 @@ imports torch, so the runs here are few and short; a run meant to be killed or c
 and ended as soon as it reports its first optimizer step.
 """
 
+import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -24,8 +26,8 @@ from cliptuner.evaluate import METRIC_KEYS
 from cliptuner.images import decode_image
 from cliptuner.registry import Registry
 from executors import ClipDoc
-from executors.tuner import (CANCEL_DOC_ID, RUN_DOC_ID, TrainingBusy, TrainingFailed, TrainingNotRunning,
-                             write_pairs_csv)
+from executors.tuner import (CANCEL_DOC_ID, PROCESS_FILE, RUN_DOC_ID, TrainingBusy, TrainingFailed,
+                             TrainingNotRunning, clean_unfinished_runs, write_pairs_csv)
 
 from support import QUICK, pair_docs, png, run
 
@@ -170,6 +172,49 @@ def test_a_killed_training_process_fails_the_run_clearly_while_the_tuner_answers
     training = training_status(tuner)
     assert training["state"] == "failed" and "killed by signal 9" in training["error"]
     assert_nothing_published(tuner)
+
+
+def test_a_tuner_that_starts_again_ends_the_training_its_killed_predecessor_left(tuner, workspace):
+    """A killed tuner cannot stop its training process group (a session of its own): the next tuner on the
+    workspace finds the unfinished run directory, kills the group still working in it, and removes it."""
+    from executors import CLIPTuner
+
+    answer = run(tuner.train(docs=pair_docs(24, seed=2), parameters={**LONG, "wait": False}))
+    run_id = answer[0].tags["run_id"]
+    progress = training_steps(tuner)
+    pgid = os.getpgid(progress["pid"])
+    run_dir = tuner.runs_dir / run_id
+    assert json.loads((run_dir / PROCESS_FILE).read_text()) == {"pgid": pgid}
+    finished = tuner.runs_dir / "r-finished"  # a published run's directory stays
+    finished.mkdir()
+    (finished / "report.json").write_text("{}")
+
+    successor = CLIPTuner(workspace=str(workspace), bootstrap=False, device="cpu")  # what a restart does
+    try:
+        assert not run_dir.exists() and finished.is_dir()
+        wait_until(lambda: process_group_gone(pgid), "the orphaned training process group to end", 30)
+        training = wait_until(lambda: (lambda t: t if t.get("state") == "failed" else None)(training_status(tuner)),
+                              "the first tuner to see its run fail", 60)
+        assert "killed by signal 9" in training["error"]
+        assert Registry(tuner.registry.root).current() == "v1"
+    finally:
+        successor.close()
+
+
+def test_clean_unfinished_runs_kills_only_a_group_working_in_the_run(tmp_path):
+    """A recorded pid that another process holds now (pid reuse) is not killed; the directory still goes."""
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], cwd=tmp_path,
+                                start_new_session=True)
+    try:
+        runs = tmp_path / "runs"
+        (runs / "r-1").mkdir(parents=True)
+        (runs / "r-1" / PROCESS_FILE).write_text(json.dumps({"pgid": stranger.pid}))  # not working in r-1
+        (runs / "r-2").mkdir()  # no process file: a run that died before its process started
+        assert clean_unfinished_runs(runs, wait_s=1) == ["r-1", "r-2"]
+        assert list(runs.iterdir()) == [] and stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()
 
 
 def test_wait_false_answers_with_a_run_id_then_publishes_and_the_encoder_follows(tuner, encoder):
