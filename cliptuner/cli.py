@@ -403,7 +403,8 @@ def run_models(args: argparse.Namespace) -> Any:
 
 SERVE_ENV = {"host": "CLIPTUNER_HOST", "port": "CLIPTUNER_PORT", "workspace": "CLIPTUNER_WORKSPACE",
              "model": "CLIPTUNER_MODEL", "pretrained": "CLIPTUNER_PRETRAINED", "device": "CLIPTUNER_DEVICE",
-             "metrics_port": "CLIPTUNER_METRICS_PORT"}
+             "metrics_port": "CLIPTUNER_METRICS_PORT", "index_backend": "CLIPTUNER_INDEX_BACKEND",
+             "milvus_uri": "CLIPTUNER_MILVUS_URI", "milvus_token": "CLIPTUNER_MILVUS_TOKEN"}
 METRICS_PORTS = ("GATEWAY", "TUNER", "ENCODER", "INDEXER")  # CLIPTUNER_METRICS_PORT_<name> = the port + index
 DEFAULT_HOST = "127.0.0.1"  # this machine only; a container sets CLIPTUNER_HOST=0.0.0.0 and publishes the port
 FLOW_YAML = Path("flows") / "flow.yml"
@@ -559,6 +560,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=None, help="its pretrained tag or checkpoint (CLIPTUNER_PRETRAINED)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (CLIPTUNER_DEVICE; default auto)")
     p.add_argument("--flow", default=None, help="the Flow YAML (default: flows/flow.yml)")
+    p.add_argument("--index-backend", default=None, choices=("auto", "exact", "usearch", "milvus"),
+                   help="the indexer's vector store (CLIPTUNER_INDEX_BACKEND; default auto: embedded in the "
+                        "workspace); milvus needs pip install \"cliptuner[milvus]\"")
+    p.add_argument("--milvus-uri", default=None,
+                   help="with --index-backend milvus: the Milvus server, e.g. http://milvus:19530 "
+                        "(CLIPTUNER_MILVUS_URI; default: Milvus Lite, a file in the workspace's index)")
+    p.add_argument("--milvus-token", default=None, help="the Milvus server's token, user:password "
+                                                        "(CLIPTUNER_MILVUS_TOKEN)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="turn on Prometheus metrics (CLIPTUNER_METRICS_PORT): the gateway serves them on this port, "
                         "the tuner, encoder and indexer on the next three. Jina binds these endpoints to every "

@@ -43,11 +43,12 @@ import io
 import json
 import logging
 import math
+import re
 import sqlite3
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 
@@ -230,6 +231,32 @@ def _exact_search(matrix: np.ndarray, ids: list[str], queries: np.ndarray,
     return results
 
 
+_TAG_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+TagValue = Union[str, int, float, bool]
+
+
+def check_where(where: Optional[dict]) -> dict[str, TagValue]:
+    """A search's tag filter, checked: ``{tag name: value}``, every pair must equal the doc's tag.
+
+    The same rule for every vector store: keys are top-level tag names (identifiers), values are strings,
+    numbers or booleans (compared as JSON values: ``1`` and ``1.0`` are equal, a string never equals a number).
+
+    Raises:
+        ValueError: not a dict, an empty one, a key that is not an identifier, or a value of another type.
+    """
+    if where is None:
+        return {}
+    if not isinstance(where, dict) or not where:
+        raise ValueError(f"a tag filter is a non-empty mapping of tag name to value, got {where!r}")
+    for key, value in where.items():
+        if not isinstance(key, str) or not _TAG_KEY.fullmatch(key):
+            raise ValueError(f"tag filter key {key!r}: must be a tag name (letters, digits and '_', not starting "
+                             "with a digit)")
+        if not isinstance(value, (str, int, float, bool)) or (isinstance(value, float) and not math.isfinite(value)):
+            raise ValueError(f"tag filter {key!r}: value {value!r} must be a string, a finite number or a boolean")
+    return dict(where)
+
+
 def _import_usearch():
     try:
         from usearch.index import Index
@@ -243,6 +270,26 @@ def _add_threads(rows: int) -> int:
     return 1 if rows < _HNSW_PARALLEL_ADD else 0
 
 
+@dataclass(frozen=True)
+class HnswSettings:
+    """The HNSW graph of the embedded store (usearch): its degree and the breadth of insertion and search.
+
+    Higher values find more of the true nearest neighbours at the cost of memory (``connectivity``), build time
+    (``expansion_add``) or query time (``expansion_search``). The defaults are the ones
+    ``benchmarks/search.py`` chose (see ``benchmarks/RESULTS.md``).
+    """
+
+    connectivity: int = 16  # links per node
+    expansion_add: int = 128  # candidates kept while inserting
+    expansion_search: int = 64  # candidates kept while searching (>= the limit asked for)
+
+    def __post_init__(self) -> None:
+        for name in ("connectivity", "expansion_add", "expansion_search"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 4096:
+                raise ValueError(f"HNSW {name} must be a whole number in [2, 4096], got {value!r}")
+
+
 class _Hnsw:
     """A usearch HNSW index whose keys are doc serials (``docs.seq``); every call into it holds its lock."""
 
@@ -252,22 +299,29 @@ class _Hnsw:
         self.lock = threading.Lock()
 
     @classmethod
-    def build(cls, dim: int, keys: list[int], ids: list[str], matrix: np.ndarray) -> "_Hnsw":
-        index = _import_usearch()(ndim=dim, metric="cos", dtype="f32")
+    def build(cls, dim: int, keys: list[int], ids: list[str], matrix: np.ndarray,
+              settings: HnswSettings = HnswSettings()) -> "_Hnsw":
+        index = _import_usearch()(ndim=dim, metric="cos", dtype="f32", connectivity=settings.connectivity,
+                                  expansion_add=settings.expansion_add, expansion_search=settings.expansion_search)
         if keys:
             index.add(np.asarray(keys, dtype=np.uint64), np.ascontiguousarray(matrix), threads=_add_threads(len(keys)))
         return cls(index, dict(zip(keys, ids)))
 
     @classmethod
-    def load(cls, path: Path, dim: int, keys: list[int], ids: list[str]) -> Optional["_Hnsw"]:
-        """The index saved at ``path`` if it holds exactly ``keys`` in ``dim`` dims, else None."""
+    def load(cls, path: Path, dim: int, keys: list[int], ids: list[str],
+             settings: HnswSettings = HnswSettings()) -> Optional["_Hnsw"]:
+        """The index saved at ``path`` if it holds exactly ``keys`` in ``dim`` dims, built with ``settings``'
+        connectivity, else None."""
         try:
             index = _import_usearch().restore(str(path), view=False)
         except Exception as err:  # a truncated or foreign file: rebuilt from the vectors
             logger.warning("could not load %s (%s); rebuilding it", path, err)
             return None
-        if index is None or index.ndim != dim or len(index) != len(keys):
+        if index is None or index.ndim != dim or len(index) != len(keys) \
+                or index.connectivity != settings.connectivity:
             return None
+        index.expansion_add = settings.expansion_add
+        index.expansion_search = settings.expansion_search
         if keys and not np.all(index.contains(np.asarray(keys, dtype=np.uint64))):
             return None
         return cls(index, dict(zip(keys, ids)))
@@ -391,7 +445,8 @@ class _Rebuild:
             self._embed_into_new(changed)
         seqs, ids, matrix = self._ordered()
         col = self.col
-        hnsw = _Hnsw.build(self.dim, seqs, ids, matrix) if col._want_hnsw(len(ids), col._hnsw is not None) else None
+        hnsw = _Hnsw.build(self.dim, seqs, ids, matrix, col.hnsw) if col._want_hnsw(len(ids), col._hnsw is not None) \
+            else None
         n = self._swap(hnsw)
         logger.info("rebuilt %s for model version %s: %d docs (%d embedded by this run)", col.root, self.version, n,
                     self.embedded)
@@ -481,7 +536,7 @@ class _Rebuild:
                     hnsw.upsert([self.new[i][0] for i in touched], touched,
                                 np.stack([self.new[i][1] for i in touched]))
             else:
-                hnsw = _Hnsw.build(self.dim, seqs, ids, matrix) if col._want_hnsw(n, False) else None
+                hnsw = _Hnsw.build(self.dim, seqs, ids, matrix, col.hnsw) if col._want_hnsw(n, False) else None
             dim = matrix.shape[1]
             buf = _grow(matrix, n, 0, dim, copy=True)
             generation = col._generation + 1
@@ -518,15 +573,19 @@ class Collection:
             ``"usearch"`` (always HNSW) or ``"exact"`` (always brute force).
         exact_threshold: doc count at which ``"auto"`` builds the HNSW index; it keeps it until the count falls
             below half of that.
+        hnsw: the HNSW graph's settings (default :class:`HnswSettings`); a saved graph built with another
+            connectivity is rebuilt on open.
 
     Raises:
         ValueError: unknown backend or a threshold below 1.
         RuntimeError: ``root`` is already open in another Collection.
     """
 
-    def __init__(self, root: str | Path, backend: str = "auto", exact_threshold: int = 5000) -> None:
+    def __init__(self, root: str | Path, backend: str = "auto", exact_threshold: int = 5000,
+                 hnsw: Optional[HnswSettings] = None) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; allowed: {list(BACKENDS)}")
+        self.hnsw = hnsw if hnsw is not None else HnswSettings()
         self.exact_threshold = _check_positive_int("exact_threshold", exact_threshold)
         self.backend = backend
         self.root = Path(root)
@@ -597,9 +656,9 @@ class Collection:
         if self._want_hnsw(self._n, False):
             path = self._index_path()
             if path.exists():
-                self._hnsw = _Hnsw.load(path, self._dim, self._seqs, self._ids)
+                self._hnsw = _Hnsw.load(path, self._dim, self._seqs, self._ids, self.hnsw)
             if self._hnsw is None:
-                self._hnsw = _Hnsw.build(self._dim, self._seqs, self._ids, self._buf[:self._n])
+                self._hnsw = _Hnsw.build(self._dim, self._seqs, self._ids, self._buf[:self._n], self.hnsw)
                 self._hnsw.save(path)
         self._remove_stale_index_files()
 
@@ -721,22 +780,26 @@ class Collection:
             matrix = self._buf[:self._n] if self._buf is not None else np.zeros((0, self._dim or 0), np.float32)
             return _Snapshot(self._version, matrix, self._ids, self._hnsw)
 
-    def search(self, queries: np.ndarray, limit: int,
-               version: Optional[str] = None) -> list[list[tuple[str, float]]]:
+    def search(self, queries: np.ndarray, limit: int, version: Optional[str] = None,
+               where: Optional[dict] = None) -> list[list[tuple[str, float]]]:
         """Nearest stored docs by cosine similarity.
 
         Args:
             queries: [Q, D] (or one [D]) query vectors; normalised here.
             limit: at most this many matches per query (>= 1).
             version: the model version that made ``queries``; checked against the stored vectors' version.
+            where: tag equality filter (:func:`check_where`): only docs whose tags match are searched, exactly
+                (a filtered search never misses a match the way an HNSW graph walk over all docs could).
 
         Returns:
             Per query, ``(doc id, cosine similarity)`` best first; ``[]`` per query while the collection is empty.
 
         Raises:
-            ValueError: ``limit`` < 1, ``version`` differs from the stored version, or bad query vectors.
+            ValueError: ``limit`` < 1, ``version`` differs from the stored version, bad query vectors, or a bad
+                filter.
         """
         limit = _check_positive_int("limit", limit)
+        where = check_where(where)
         queries = np.asarray(queries)
         if queries.ndim == 1:
             queries = queries[None, :]
@@ -752,9 +815,35 @@ class Collection:
             raise ValueError(f"queries have {queries.shape[1]} dims; the collection holds "
                              f"{snap.matrix.shape[1]}-dim vectors (version {snap.version!r})")
         queries = _normalised(queries, [f"query {i}" for i in range(queries.shape[0])], "queries")
+        if where:
+            matching = self._ids_matching(where)
+            rows = np.fromiter((doc_id in matching for doc_id in snap.ids), dtype=bool, count=len(snap.ids))
+            if not rows.any():
+                return [[] for _ in range(queries.shape[0])]
+            kept = np.flatnonzero(rows)
+            return _exact_search(snap.matrix[kept], [snap.ids[r] for r in kept.tolist()], queries, limit)
         if snap.hnsw is not None:
             return snap.hnsw.search(queries, limit)
         return _exact_search(snap.matrix, snap.ids, queries, limit)
+
+    def _ids_matching(self, where: dict[str, TagValue]) -> set[str]:
+        """Ids of the stored docs whose tags equal every pair of ``where``."""
+        clauses, params = [], []
+        for key, value in where.items():
+            # json_type tells a JSON string from a number; booleans are JSON true/false (1/0 to SQLite)
+            if isinstance(value, bool):
+                clauses.append(f"json_type(tags, '$.{key}') = ?")
+                params.append("true" if value else "false")
+            elif isinstance(value, str):
+                clauses.append(f"(json_type(tags, '$.{key}') = 'text' AND json_extract(tags, '$.{key}') = ?)")
+                params.append(value)
+            else:
+                clauses.append(f"(json_type(tags, '$.{key}') IN ('integer', 'real') "
+                               f"AND json_extract(tags, '$.{key}') = ?)")
+                params.append(value)
+        with self._lock:
+            self._check_open()
+            return {row[0] for row in self._db.execute(f"SELECT id FROM docs WHERE {' AND '.join(clauses)}", params)}
 
     # -- writing -------------------------------------------------------------------------------------------
     def upsert(self, docs: list[StoredDoc], vectors: np.ndarray, version: str) -> None:
@@ -831,7 +920,7 @@ class Collection:
                 self._hnsw.upsert([self._seqs[self._row[ids[i]]] for i in changed], [ids[i] for i in changed],
                                   vecs[changed])
             elif self._want_hnsw(self._n, False):
-                self._hnsw = _Hnsw.build(dim, self._seqs, self._ids, self._buf[:self._n])
+                self._hnsw = _Hnsw.build(dim, self._seqs, self._ids, self._buf[:self._n], self.hnsw)
 
     def delete(self, ids: list[str], missing_ok: bool = True) -> int:
         """Remove docs by id (an id given twice counts once).

@@ -48,6 +48,7 @@ completes its objects (loaded as dicts, changed, written back) into DIR:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -105,6 +106,10 @@ class K8sOptions:
         gpus_encoder: ``nvidia.com/gpu`` limit of each encoder pod (0: none).
         resources: service name -> (cpu request, memory request and limit); missing names take the defaults.
         service_monitor: also write jina's Prometheus Operator ServiceMonitors.
+        milvus_uri: the indexer keeps its vectors in this Milvus server or cluster (``backend: milvus``); None:
+            the embedded store on the shared volume.
+        milvus_token_secret: a Secret whose key ``token`` holds the Milvus token (``user:password``), given to
+            the indexer as ``CLIPTUNER_MILVUS_TOKEN``; None: no token.
     """
 
     flow: Optional[Path] = None
@@ -119,6 +124,8 @@ class K8sOptions:
     gpus_encoder: int = 0
     resources: dict[str, tuple[str, str]] = field(default_factory=dict)
     service_monitor: bool = False
+    milvus_uri: Optional[str] = None
+    milvus_token_secret: Optional[str] = None
 
     def validate(self) -> None:
         """Check every option before anything is exported.
@@ -141,6 +148,14 @@ class K8sOptions:
         if not _TAG.match(self.tag):
             raise ValueError(f"--tag {self.tag!r}: must be an image tag (letters, digits, '_', '.' and '-', at most "
                              "128 characters, not starting with '.' or '-')")
+        if self.milvus_uri is not None and not re.match(r"^(https?|tcp|grpc)://[^\s/]+(:\d+)?/?$", self.milvus_uri):
+            raise ValueError(f"--milvus-uri {self.milvus_uri!r}: must be a server address like "
+                             "http://milvus.milvus.svc:19530")
+        if self.milvus_token_secret is not None and self.milvus_uri is None:
+            raise ValueError("--milvus-token-secret needs --milvus-uri")
+        if self.milvus_token_secret is not None and not _DNS_SUBDOMAIN.match(self.milvus_token_secret):
+            raise ValueError(f"--milvus-token-secret {self.milvus_token_secret!r}: must be a Secret name (a DNS "
+                             "subdomain)")
         if self.encoder_replicas < 1:
             raise ValueError(f"--encoder-replicas {self.encoder_replicas}: must be at least 1")
         for option, gpus in (("--gpus-tuner", self.gpus_tuner), ("--gpus-encoder", self.gpus_encoder)):
@@ -269,6 +284,14 @@ def _complete_deployment(deployment: dict[str, Any], options: K8sOptions, startu
             _set_arg(args, "--replicas", str(spec["replicas"]))
             container["volumeMounts"] = [*container.get("volumeMounts", []),
                                          {"name": WORKSPACE_VOLUME, "mountPath": WORKSPACE}]
+        if name == "indexer" and is_executor and options.milvus_uri is not None:
+            uses_with = json.loads(_arg(args, "--uses-with") or "{}")
+            uses_with.update(backend="milvus", milvus_uri=options.milvus_uri)
+            _set_arg(args, "--uses-with", json.dumps(uses_with))
+            if options.milvus_token_secret is not None:
+                container["env"] = [*container.get("env", []), {
+                    "name": "CLIPTUNER_MILVUS_TOKEN",
+                    "valueFrom": {"secretKeyRef": {"name": options.milvus_token_secret, "key": "token"}}}]
         if pod_type == "GATEWAY":  # jina's image has no user 10001, hence no home; jina writes ~/.cache/jina
             container["env"] = [*container.get("env", []), {"name": "HOME", "value": "/tmp"}]
         container["securityContext"] = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
@@ -458,6 +481,7 @@ examples:
   cliptuner k8s --out k8s/
   cliptuner k8s --out k8s/ --image-prefix registry.example.com/ml/cliptuner- --tag 0.1.0 \\
       --storage-class nfs-client --gpus-tuner 1 --gpus-encoder 1 --encoder-replicas 4
+  cliptuner k8s --out k8s/ --milvus-uri http://milvus.milvus.svc:19530 --milvus-token-secret milvus-token
   kubectl apply -k k8s/
 
 Build and push one image per Executor first (see the Dockerfile):
@@ -505,6 +529,12 @@ def add_k8s_parser(sub: Any) -> argparse.ArgumentParser:
         p.add_argument(f"--{name}-cpu", default=cpu, help=f"cpu request of the {name} (default: {cpu}; no limit)")
         p.add_argument(f"--{name}-memory", default=memory,
                        help=f"memory request and limit of the {name} (default: {memory})")
+    p.add_argument("--milvus-uri", default=None,
+                   help="keep the index's vectors in this Milvus server or cluster, e.g. "
+                        "http://milvus.milvus.svc:19530 (default: the embedded store on the shared volume)")
+    p.add_argument("--milvus-token-secret", default=None, metavar="SECRET",
+                   help="a Secret whose key 'token' holds the Milvus token (user:password), passed to the indexer "
+                        "as CLIPTUNER_MILVUS_TOKEN")
     p.add_argument("--service-monitor", action="store_true",
                    help="also write jina's Prometheus Operator ServiceMonitors (servicemonitors.yml; needs that "
                         "operator's CRDs; the pod annotations work without)")
@@ -519,7 +549,7 @@ def options_from_args(args: argparse.Namespace) -> K8sOptions:
         tag=args.tag, encoder_replicas=args.encoder_replicas, storage=args.storage, storage_class=args.storage_class,
         pvc_name=args.pvc_name, gpus_tuner=args.gpus_tuner, gpus_encoder=args.gpus_encoder,
         resources={name: (getattr(args, f"{name}_cpu"), getattr(args, f"{name}_memory")) for name in DEFAULT_RESOURCES},
-        service_monitor=args.service_monitor)
+        service_monitor=args.service_monitor, milvus_uri=args.milvus_uri, milvus_token_secret=args.milvus_token_secret)
 
 
 def run_k8s(args: argparse.Namespace) -> list[Path]:

@@ -139,13 +139,14 @@ def request_parameters(parameters: Optional[Mapping[str, Any]], allowed: Iterabl
     """The parameters of a request to an endpoint this Executor owns, refusing unknown names.
 
     Jina's own keys (``__results__``) and per-Executor sections (dict values, keyed by an Executor name) are
-    left out.
+    left out, unless the endpoint takes a dict parameter of that name (``/search``'s ``filter``).
 
     Raises:
         ValueError: a parameter this endpoint does not know (names it and the allowed ones).
     """
     allowed = set(allowed)
-    own = {k: v for k, v in dict(parameters or {}).items() if not k.startswith("__") and not isinstance(v, dict)}
+    own = {k: v for k, v in dict(parameters or {}).items()
+           if not k.startswith("__") and (k in allowed or not isinstance(v, dict))}
     unknown = sorted(set(own) - allowed)
     if unknown:
         raise ValueError(f"unknown parameter(s) {unknown} for {endpoint}; allowed: {sorted(allowed)}")

@@ -311,7 +311,31 @@ def test_service_monitors_only_when_asked(generated, exported):
         assert "monitoring" in {p["name"] for p in services[monitor["metadata"]["name"]]["spec"]["ports"]}
 
 
+def test_the_indexer_connects_to_milvus_when_asked(generated, exported):
+    _, files = generated
+    default = containers(objects(files, "Deployment")["indexer"])[0]
+    uses_with = json.loads(default["args"][default["args"].index("--uses-with") + 1])
+    assert "backend" not in uses_with and "milvus_uri" not in uses_with  # the embedded store by default
+    assert all(e["name"] != "CLIPTUNER_MILVUS_TOKEN" for e in default.get("env", []))
+
+    options = k8s.K8sOptions(milvus_uri="http://milvus.milvus.svc:19530", milvus_token_secret="milvus-token")
+    options.validate()
+    deployments = objects(k8s.build_manifests(json.loads(json.dumps(exported)), options), "Deployment")
+    indexer = containers(deployments["indexer"])[0]
+    validate(deployments["indexer"])
+    uses_with = json.loads(indexer["args"][indexer["args"].index("--uses-with") + 1])
+    assert uses_with["backend"] == "milvus" and uses_with["milvus_uri"] == "http://milvus.milvus.svc:19530"
+    assert uses_with["bootstrap"] is False and uses_with["trust_client_vectors"] is True  # the rest is kept
+    assert {"name": "CLIPTUNER_MILVUS_TOKEN", "valueFrom": {"secretKeyRef": {"name": "milvus-token", "key": "token"}}} \
+        in indexer["env"]
+    for name in ("tuner", "encoder"):  # only the indexer talks to the vector store
+        args = containers(deployments[name])[0]["args"]
+        assert "milvus" not in args[args.index("--uses-with") + 1]
+
+
 @pytest.mark.parametrize("option, value, message", [
+    ("milvus_uri", "milvus:19530", "--milvus-uri 'milvus:19530'"),
+    ("milvus_token_secret", "milvus-token", "--milvus-token-secret needs --milvus-uri"),
     ("encoder_replicas", 0, "--encoder-replicas 0"),
     ("gpus_tuner", -1, "--gpus-tuner -1"),
     ("namespace", "Cliptuner", "--namespace 'Cliptuner'"),

@@ -255,6 +255,24 @@ def test_indexer_alone_embeds_stores_and_finds_each_image_first(indexer, scenes)
     assert (hit.id, hit.text, hit.blob, hit.tensor) == ("pair", "a red star", None, None)  # text, not image bytes
 
 
+def test_search_filter_keeps_the_docs_whose_tags_match(indexer, scenes):
+    docs = gallery_docs(scenes)
+    for i, doc in enumerate(docs):
+        doc.tags.update(half="even" if i % 2 == 0 else "odd", year=2020 + i % 3, seen=i < 4)
+    run(indexer.index(docs=docs))
+    query = DocList[ClipDoc]([ClipDoc(id="q", tensor=scenes.images[1])])
+    everything = run(indexer.search(docs=query, parameters={"limit": len(docs)}))[0]
+    odd = run(indexer.search(docs=query, parameters={"limit": len(docs), "filter": {"tags.half": "odd"}}))[0]
+    assert [m.id for m in odd.matches] == [m.id for m in everything.matches if int(m.id[1:]) % 2 == 1]
+    assert odd.matches[0].id == "g1" and all(m.tags["half"] == "odd" for m in odd.matches)
+    # numbers arrive as floats through protobuf; several keys must all match
+    both = run(indexer.search(docs=query, parameters={"limit": 3, "filter": {"tags.year": 2021.0, "tags.seen": True}}))
+    expected = [m.id for m in everything.matches if (int(m.id[1:]) % 3, int(m.id[1:]) < 4) == (1, True)][:3]
+    assert [m.id for m in both[0].matches] == expected and expected
+    none = run(indexer.search(docs=query, parameters={"filter": {"tags.half": "neither"}}))[0]
+    assert none.matches == [] and none.scores == []
+
+
 def stored_matrix(collection, ids: list[str]) -> np.ndarray:
     stored = stored_vectors(collection)
     return np.stack([stored[doc_id] for doc_id in ids])  # [N, D]
@@ -356,6 +374,11 @@ def test_vector_queries_are_checked_and_normalised(indexer, scenes):
     ({"limit": 1001}, r"parameter 'limit' must be in \[1, 1000\], got 1001"),
     ({"return_content": "yes"}, r"parameter 'return_content' must be true or false, got 'yes'"),
     ({"return_content": 1.0}, r"parameter 'return_content' must be true or false, got 1.0"),
+    ({"filter": {"category": "shoes"}}, r"parameter 'filter': key 'category' must name a tag, like 'tags.category'"),
+    ({"filter": {}}, r"parameter 'filter' must be a non-empty mapping"),
+    ({"filter": "tags.category == 'shoes'"}, r"parameter 'filter' must be a non-empty mapping"),
+    ({"filter": {"tags.a b": 1}}, r"tag filter key 'a b': must be a tag name"),
+    ({"filter": {"tags.kind": ["a", "b"]}}, r"tag filter 'kind': value \['a', 'b'\] must be a string"),
 ])
 def test_search_parameters_are_checked(indexer, scenes, parameters, message):
     run(indexer.index(docs=gallery_docs(scenes)))

@@ -1,0 +1,88 @@
+"""The vector stores behind the indexer: one interface, two backends, chosen by name.
+
+* ``auto`` / ``usearch`` / ``exact``: :class:`cliptuner.index.Collection`, embedded in the indexer's process
+  (SQLite on the workspace, exact search or a usearch HNSW graph). No server; one process per collection.
+* ``milvus``: :class:`cliptuner.milvus_store.MilvusCollection`, a Milvus server or cluster by URI
+  (``http://host:19530``), or Milvus Lite (a local file, in-process) when no URI is given. One Milvus collection
+  per model version behind an alias; needs ``pip install "cliptuner[milvus]"``.
+
+Both keep the content of every doc (text, uri, tags, image bytes) so that a new model version can re-embed it,
+hold the vectors of one model version at a time, and swap versions atomically after a rebuild; the behaviour
+suite ``tests/unit/test_vector_stores.py`` runs against both.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Protocol
+
+import numpy as np
+
+from .index import BACKENDS as EMBEDDED_BACKENDS
+from .index import Collection, HnswSettings, StoredDoc
+
+BACKENDS = (*EMBEDDED_BACKENDS, "milvus")
+
+
+class VectorStore(Protocol):
+    """What the indexer needs of a vector store (:class:`~cliptuner.index.Collection` documents each method)."""
+
+    root: Path
+
+    @property
+    def version(self) -> Optional[str]: ...
+
+    @property
+    def dim(self) -> Optional[int]: ...
+
+    def __len__(self) -> int: ...
+
+    def __contains__(self, doc_id: object) -> bool: ...
+
+    def get(self, ids: list[str], content: bool = True) -> list[Optional[StoredDoc]]: ...
+
+    def iter_docs(self, batch_size: int = 256) -> Iterator[list[StoredDoc]]: ...
+
+    def stats(self) -> dict: ...
+
+    def search(self, queries: np.ndarray, limit: int, version: Optional[str] = None,
+               where: Optional[dict] = None) -> list[list[tuple[str, float]]]: ...
+
+    def upsert(self, docs: list[StoredDoc], vectors: np.ndarray, version: str) -> None: ...
+
+    def delete(self, ids: list[str], missing_ok: bool = True) -> int: ...
+
+    def rebuild(self, version: str, embed: Callable[[list[StoredDoc]], np.ndarray], batch_size: int = 256) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def open_store(root: str | Path, backend: str = "auto", *, exact_threshold: int = 5000,
+               hnsw: Optional[HnswSettings] = None, milvus_uri: Optional[str] = None,
+               milvus_token: Optional[str] = None) -> VectorStore:
+    """Open the vector store of ``root`` with the named backend.
+
+    Args:
+        root: the store's folder (its files, or for Milvus its content store and, without a URI, the Lite file).
+        backend: one of :data:`BACKENDS`.
+        exact_threshold: embedded ``auto`` backend: doc count from which it searches an HNSW graph.
+        hnsw: embedded backends: the HNSW graph's settings (default :class:`~cliptuner.index.HnswSettings`).
+        milvus_uri: ``milvus``: the server's URI; None or empty: Milvus Lite at ``<root>/milvus.db``.
+        milvus_token: ``milvus``: the server's token (``user:password``), if it asks for one.
+
+    Raises:
+        ValueError: an unknown backend (names the allowed ones), or Milvus options with another backend.
+        ImportError: ``milvus`` without the milvus extra installed (says what to install).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown vector store backend {backend!r}; allowed: {list(BACKENDS)}")
+    if backend == "milvus":
+        from .milvus_store import MilvusCollection
+
+        return MilvusCollection(root, uri=milvus_uri or None, token=milvus_token or None)
+    if milvus_uri or milvus_token:
+        raise ValueError(f"milvus_uri / milvus_token are settings of the 'milvus' backend, not of {backend!r}")
+    return Collection(root, backend=backend, exact_threshold=exact_threshold, hnsw=hnsw)
+
+
+__all__ = ["BACKENDS", "VectorStore", "open_store"]
