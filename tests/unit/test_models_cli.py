@@ -7,7 +7,7 @@ import pytest
 from cliptuner.cli import main
 from cliptuner.registry import Registry
 
-from test_registry import REPORT, make_model_dir, publish_fake
+from fake_models import REPORT, make_model_dir, publish_fake
 
 
 @pytest.fixture
