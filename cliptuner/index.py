@@ -231,6 +231,56 @@ def _exact_search(matrix: np.ndarray, ids: list[str], queries: np.ndarray,
     return results
 
 
+def check_upsert(docs: list[StoredDoc], vectors: np.ndarray, version: str,
+                 check: Optional[Callable[[StoredDoc], None]] = None) -> tuple[str, list[StoredDoc], np.ndarray]:
+    """The arguments of an upsert, checked the same way by every vector store, before anything is written.
+
+    Args:
+        docs: the docs; ids unique and non-empty.
+        vectors: [N, D], one row per doc.
+        version: the model version that made them.
+        check: a store's own check of each doc (its size limits), after the common one.
+
+    Returns:
+        ``(version, docs, vectors)``: the version, the docs as a list, and the vectors L2-normalised float32.
+
+    Raises:
+        ValueError: a bad doc, a repeated id or a bad vector (names the doc id), or a bad version.
+    """
+    version = _check_version(version)
+    docs = list(docs)
+    seen: set[str] = set()
+    for doc in docs:
+        _check_doc(doc)
+        if check is not None:
+            check(doc)
+        if doc.id in seen:
+            raise ValueError(f"doc {doc.id!r} appears more than once in one upsert")
+        seen.add(doc.id)
+    return version, docs, _normalised(vectors, [doc.id for doc in docs])  # [N, D]
+
+
+def check_queries(queries: np.ndarray) -> np.ndarray:
+    """Query vectors as [Q, D] (one [D] vector becomes [1, D]); not yet normalised.
+
+    Raises:
+        ValueError: any other shape.
+    """
+    queries = np.asarray(queries)
+    if queries.ndim == 1:
+        queries = queries[None, :]
+    if queries.ndim != 2:
+        raise ValueError(f"queries have shape {tuple(queries.shape)}; expected [Q, D]")
+    return queries
+
+
+def check_query_version(version: Optional[str], held: Optional[str]) -> None:
+    """Refuse queries made by another model version than the one the store holds (None: not checked)."""
+    if version is not None and held is not None and version != held:
+        raise ValueError(f"queries are from model version {version!r} but the collection holds version {held!r}; "
+                         f"encode the queries with {held!r}")
+
+
 _TAG_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 TagValue = Union[str, int, float, bool]
 
@@ -800,15 +850,9 @@ class Collection:
         """
         limit = _check_positive_int("limit", limit)
         where = check_where(where)
-        queries = np.asarray(queries)
-        if queries.ndim == 1:
-            queries = queries[None, :]
-        if queries.ndim != 2:
-            raise ValueError(f"queries have shape {tuple(queries.shape)}; expected [Q, D]")
+        queries = check_queries(queries)
         snap = self._snapshot()
-        if version is not None and snap.version is not None and version != snap.version:
-            raise ValueError(f"queries are from model version {version!r} but the collection holds version "
-                             f"{snap.version!r}; encode the queries with {snap.version!r}")
+        check_query_version(version, snap.version)
         if snap.matrix.shape[0] == 0 or queries.shape[0] == 0:
             return [[] for _ in range(queries.shape[0])]
         if queries.shape[1] != snap.matrix.shape[1]:
@@ -859,16 +903,8 @@ class Collection:
         Raises:
             ValueError: a bad doc or vector (names the doc id), or a version/dimension mismatch.
         """
-        version = _check_version(version)
-        docs = list(docs)
-        seen: set[str] = set()
-        for doc in docs:
-            _check_doc(doc)
-            if doc.id in seen:
-                raise ValueError(f"doc {doc.id!r} appears more than once in one upsert")
-            seen.add(doc.id)
+        version, docs, vecs = check_upsert(docs, vectors, version)  # vecs: [N, D]
         ids = [doc.id for doc in docs]
-        vecs = _normalised(vectors, ids)  # [N, D]
         rows = [_doc_row(doc) for doc in docs]
         with self._lock:
             self._check_open()

@@ -74,7 +74,8 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional
 import numpy as np
 
 from .atomic import atomic_path, fsync_path
-from .index import StoredDoc, TagValue, _check_doc, _check_positive_int, _check_version, _normalised, check_where
+from .index import (StoredDoc, TagValue, _check_positive_int, _check_version, _normalised, check_queries,
+                    check_query_version, check_upsert, check_where)
 
 logger = logging.getLogger(__name__)
 
@@ -782,11 +783,7 @@ class MilvusCollection:
         """
         limit = _check_positive_int("limit", limit)
         where = check_where(where)
-        queries = np.asarray(queries)
-        if queries.ndim == 1:
-            queries = queries[None, :]
-        if queries.ndim != 2:
-            raise ValueError(f"queries have shape {tuple(queries.shape)}; expected [Q, D]")
+        queries = check_queries(queries)
         for _ in range(_SEARCH_RETRIES):
             with self._swap_cv:
                 self._check_open()
@@ -794,9 +791,7 @@ class MilvusCollection:
                     self._swap_cv.wait()
                 gen = self._swap_gen
                 live = self._live
-            if version is not None and live is not None and version != live.version:
-                raise ValueError(f"queries are from model version {version!r} but the collection holds version "
-                                 f"{live.version!r}; encode the queries with {live.version!r}")
+            check_query_version(version, None if live is None else live.version)
             if live is None or not self._docs or queries.shape[0] == 0:
                 return [[] for _ in range(queries.shape[0])]
             if queries.shape[1] != live.dim:
@@ -856,17 +851,8 @@ class MilvusCollection:
         Raises:
             ValueError: a bad doc or vector (names the doc id), or a version/dimension mismatch.
         """
-        version = _check_version(version)
-        docs = list(docs)
-        seen: set[str] = set()
-        for doc in docs:
-            _check_doc(doc)
-            _check_milvus_doc(doc)
-            if doc.id in seen:
-                raise ValueError(f"doc {doc.id!r} appears more than once in one upsert")
-            seen.add(doc.id)
+        version, docs, vecs = check_upsert(docs, vectors, version, _check_milvus_doc)  # vecs: [N, D]
         ids = [doc.id for doc in docs]
-        vecs = _normalised(vectors, ids)  # [N, D]
         dim = vecs.shape[1]
         if dim > MAX_DIM:
             raise ValueError(f"doc {ids[0]!r}: vector has {dim} dims; Milvus holds at most {MAX_DIM}")

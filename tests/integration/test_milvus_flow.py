@@ -5,7 +5,6 @@ process, on a file in the workspace) indexes, searches with and without a tag fi
 """
 
 import numpy as np
-import pytest
 from docarray import DocList
 from service import FlowProcess, by_id, png, post
 

@@ -14,8 +14,7 @@ import pytest
 
 from cliptuner.bootstrap import ensure_current
 from cliptuner.config import ModelSpec
-from cliptuner.manifest import (CHECKPOINT_FILE, REQUIRED_FILES, TEXTUAL_FILE, VISUAL_FILE, VOCAB_FILE,
-                                ModelManifest, OnnxSpec, TokenizerSpec)
+from cliptuner.manifest import REQUIRED_FILES, TEXTUAL_FILE, VISUAL_FILE, VOCAB_FILE
 from cliptuner.registry import Registry, temp_name
 
 from fake_models import REPORT, make_model_dir, publish_fake
