@@ -7,28 +7,13 @@ import pytest
 
 from cliptuner.index import Collection, StoredDoc
 
+from vector_support import brute as _brute, random_vectors, text_docs as _docs, unit as _unit
+
 DIM = 32
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
 def _random(n: int, seed: int, dim: int = DIM) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
-
-
-def _docs(n: int, prefix: str = "d") -> list[StoredDoc]:
-    return [StoredDoc(id=f"{prefix}{i}", text=f"text {i}") for i in range(n)]
-
-
-def _brute(matrix: np.ndarray, ids: list[str], queries: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
-    scores = _unit(queries) @ _unit(matrix).T
-    out = []
-    for row in scores:
-        order = np.argsort(-row, kind="stable")[:k]
-        out.append([(ids[i], float(row[i])) for i in order])
-    return out
+    return random_vectors(n, seed, dim)
 
 
 @pytest.fixture
