@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import statistics
+import shutil
 import sys
 import tempfile
 import time
@@ -116,6 +117,7 @@ def main(argv=None) -> dict:
                 times[name].append(time.perf_counter() - start)
     finally:
         flow.stop()
+    shutil.rmtree(workspace.parent, ignore_errors=True)  # kept when the run failed: flow.log is there
 
     rates = {name: [args.images / t for t in ts] for name, ts in times.items()}
     result = {
