@@ -404,16 +404,30 @@ def run_models(args: argparse.Namespace) -> Any:
 SERVE_ENV = {"host": "CLIPTUNER_HOST", "port": "CLIPTUNER_PORT", "workspace": "CLIPTUNER_WORKSPACE",
              "model": "CLIPTUNER_MODEL", "pretrained": "CLIPTUNER_PRETRAINED", "device": "CLIPTUNER_DEVICE",
              "metrics_port": "CLIPTUNER_METRICS_PORT", "index_backend": "CLIPTUNER_INDEX_BACKEND",
-             "milvus_uri": "CLIPTUNER_MILVUS_URI", "milvus_token": "CLIPTUNER_MILVUS_TOKEN"}
+             "milvus_uri": "CLIPTUNER_MILVUS_URI", "milvus_token": "CLIPTUNER_MILVUS_TOKEN",
+             "index_shards": "CLIPTUNER_INDEX_SHARDS"}
 METRICS_PORTS = ("GATEWAY", "TUNER", "ENCODER", "INDEXER")  # CLIPTUNER_METRICS_PORT_<name> = the port + index
 DEFAULT_HOST = "127.0.0.1"  # this machine only; a container sets CLIPTUNER_HOST=0.0.0.0 and publishes the port
 FLOW_YAML = Path("flows") / "flow.yml"
+SHARDS_FLOW_YAML = Path("flows") / "shards.yml"
 
 
-def _default_flow() -> Path:
-    """``flows/flow.yml`` of the source tree this package runs from, else of the current directory."""
-    beside = Path(__file__).resolve().parent.parent / FLOW_YAML
-    return beside if beside.is_file() else FLOW_YAML.resolve()
+def _default_flow(name: Path = FLOW_YAML) -> Path:
+    """``flows/flow.yml`` (or ``name``) of the source tree this package runs from, else of the current directory."""
+    beside = Path(__file__).resolve().parent.parent / name
+    return beside if beside.is_file() else name.resolve()
+
+
+def _index_shards() -> int:
+    """``CLIPTUNER_INDEX_SHARDS`` as a count (1 when unset)."""
+    raw = os.environ.get("CLIPTUNER_INDEX_SHARDS", "").strip() or "1"
+    try:
+        shards = int(raw)
+    except ValueError:
+        shards = 0
+    if not 1 <= shards <= 64:
+        raise ValueError(f"--index-shards / CLIPTUNER_INDEX_SHARDS must be a whole number in [1, 64], got {raw!r}")
+    return shards
 
 
 def _metrics_environment() -> None:
@@ -437,6 +451,34 @@ def _metrics_environment() -> None:
         os.environ[f"CLIPTUNER_METRICS_PORT_{name}"] = str(base + i)
 
 
+def _wait_until_answering(host: str, port: int, timeout: float = 120.0) -> None:
+    """Send ``/status`` through the started Flow until every Executor answers it.
+
+    Jina calls a Flow ready when each of its processes is up; a sharded indexer's head may still be reconnecting
+    to a shard it tried before the shard listened, and would fail the first requests. ``serve`` announces itself
+    only once a request has gone all the way through.
+
+    Raises:
+        RuntimeError: no full answer within ``timeout`` seconds (the last error is named).
+    """
+    from docarray import DocList
+    from jina import Client
+
+    from executors.schemas import ClipDoc
+
+    client = Client(host="127.0.0.1" if host in ("0.0.0.0", "::", "") else host, port=port, protocol="grpc")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.post("/status", return_type=DocList[ClipDoc])
+            return
+        except Exception as exc:  # BadServer while a shard is unreachable, a connection error before that
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Flow started but did not answer /status within {timeout:.0f} s: {exc}") \
+                    from None
+            time.sleep(0.5)
+
+
 def run_serve(args: argparse.Namespace) -> None:
     """``cliptuner serve``: start the Flow of ``flows/flow.yml`` (gRPC gateway, tuner, encoder, indexer) and block.
 
@@ -448,13 +490,15 @@ def run_serve(args: argparse.Namespace) -> None:
     import signal
     import threading
 
-    flow_path = Path(args.flow) if args.flow else _default_flow()
-    if not flow_path.is_file():
-        raise ValueError(f"no Flow YAML at {str(flow_path)!r}; pass --flow PATH")
     for option, name in SERVE_ENV.items():
         value = getattr(args, option)
         if value is not None:
             os.environ[name] = str(value)
+    shards = _index_shards()
+    os.environ["CLIPTUNER_INDEX_SHARDS"] = str(shards)
+    flow_path = Path(args.flow) if args.flow else _default_flow(SHARDS_FLOW_YAML if shards > 1 else FLOW_YAML)
+    if not flow_path.is_file():
+        raise ValueError(f"no Flow YAML at {str(flow_path)!r}; pass --flow PATH")
     if not os.environ.get("CLIPTUNER_PORT"):
         os.environ["CLIPTUNER_PORT"] = "51000"
     if not os.environ.get("CLIPTUNER_HOST", "").strip():
@@ -473,6 +517,7 @@ def run_serve(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     flow = Flow.load_config(str(flow_path))
     with flow:
+        _wait_until_answering(os.environ["CLIPTUNER_HOST"], int(os.environ["CLIPTUNER_PORT"]))
         print(f"cliptuner serving on grpc {os.environ['CLIPTUNER_HOST']}:{os.environ['CLIPTUNER_PORT']} (workspace "
               f"{os.environ['CLIPTUNER_WORKSPACE']}); Ctrl-C to stop", file=sys.stderr, flush=True)
         flow.block(stop_event=stop)
@@ -568,6 +613,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(CLIPTUNER_MILVUS_URI; default: Milvus Lite, a file in the workspace's index)")
     p.add_argument("--milvus-token", default=None, help="the Milvus server's token, user:password "
                                                         "(CLIPTUNER_MILVUS_TOKEN)")
+    p.add_argument("--index-shards", type=int, default=None, metavar="N",
+                   help="split the index into N shards, each its own process and collection (CLIPTUNER_INDEX_SHARDS; "
+                        "default 1). N > 1 serves flows/shards.yml unless --flow says otherwise; embedded "
+                        "backends only")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="turn on Prometheus metrics (CLIPTUNER_METRICS_PORT): the gateway serves them on this port, "
                         "the tuner, encoder and indexer on the next three. Jina binds these endpoints to every "

@@ -596,6 +596,8 @@ class _Rebuild:
                 db.execute("DELETE FROM vectors WHERE slot != ?", (self.slot,))
                 db.execute("DELETE FROM meta WHERE key = ?", (_REBUILD_KEY,))
                 col._set_meta(version=self.version, dim=dim, slot=self.slot, generation=generation)
+            if col.keep_previous and col._version not in (None, self.version):
+                col._previous = col._snapshot()  # read-only from here on: writes go to the new matrix and graph
             col._version, col._dim, col._slot, col._generation = self.version, dim, self.slot, generation
             col._pending = None
             col._buf = buf
@@ -626,6 +628,11 @@ class Collection:
             below half of that.
         hnsw: the HNSW graph's settings (default :class:`HnswSettings`); a saved graph built with another
             connectivity is rebuilt on open.
+        keep_previous: after a rebuild, keep the old version's vectors in memory, searchable with
+            ``search(version=<old version>)``, until :meth:`drop_previous` or the next rebuild. A sharded index
+            needs this while its shards swap one after another (:mod:`cliptuner.shards`). The previous version is
+            a read-only view of the moment of the swap: docs written later are not in it (a deleted doc's id can
+            still come back from it), and it is not persisted.
 
     Raises:
         ValueError: unknown backend or a threshold below 1.
@@ -633,9 +640,13 @@ class Collection:
     """
 
     def __init__(self, root: str | Path, backend: str = "auto", exact_threshold: int = 5000,
-                 hnsw: Optional[HnswSettings] = None) -> None:
+                 hnsw: Optional[HnswSettings] = None, keep_previous: bool = False) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; allowed: {list(BACKENDS)}")
+        if not isinstance(keep_previous, bool):
+            raise ValueError(f"keep_previous must be true or false, got {keep_previous!r}")
+        self.keep_previous = keep_previous
+        self._previous: Optional[_Snapshot] = None  # the version before the last rebuild (keep_previous)
         self.hnsw = hnsw if hnsw is not None else HnswSettings()
         self.exact_threshold = _check_positive_int("exact_threshold", exact_threshold)
         self.backend = backend
@@ -780,6 +791,18 @@ class Collection:
         return self._version
 
     @property
+    def previous_version(self) -> Optional[str]:
+        """The version before the last rebuild while it is kept (``keep_previous``), else None."""
+        previous = self._previous
+        return None if previous is None else previous.version
+
+    def drop_previous(self) -> bool:
+        """Free the previous version's vectors (searches already holding them finish); True if one was kept."""
+        with self._lock:
+            dropped, self._previous = self._previous is not None, None
+        return dropped
+
+    @property
     def dim(self) -> Optional[int]:
         """Dimension of the stored vectors (None before the first upsert)."""
         return self._dim
@@ -820,14 +843,23 @@ class Collection:
             yield [_doc_from_row(row) for row in rows]
 
     def stats(self) -> dict:
-        """``{"count", "version", "dim", "backend"}``; backend is the one searches use now."""
+        """``{"count", "version", "dim", "backend"}`` (and ``previous_version`` with ``keep_previous``); backend is
+        the one searches use now."""
         with self._lock:
             active = "usearch" if self._hnsw is not None or self.backend == "usearch" else "exact"
-            return {"count": self._n, "version": self._version, "dim": self._dim, "backend": active}
+            stats = {"count": self._n, "version": self._version, "dim": self._dim, "backend": active}
+            if self.keep_previous:
+                stats["previous_version"] = self.previous_version
+            return stats
 
-    def _snapshot(self) -> _Snapshot:
+    def _snapshot(self, version: Optional[str] = None) -> _Snapshot:
+        """What searches of ``version`` read: the previous version's vectors when it names that, else the live ones."""
         with self._lock:
             self._check_open()
+            previous = self._previous
+            if version is not None and previous is not None and version == previous.version \
+                    and version != self._version:
+                return previous
             matrix = self._buf[:self._n] if self._buf is not None else np.zeros((0, self._dim or 0), np.float32)
             return _Snapshot(self._version, matrix, self._ids, self._hnsw)
 
@@ -838,7 +870,8 @@ class Collection:
         Args:
             queries: [Q, D] (or one [D]) query vectors; normalised here.
             limit: at most this many matches per query (>= 1).
-            version: the model version that made ``queries``; checked against the stored vectors' version.
+            version: the model version that made ``queries``; checked against the stored vectors' version (or
+                the previous version, while ``keep_previous`` keeps one).
             where: tag equality filter (:func:`check_where`): only docs whose tags match are searched, exactly
                 (a filtered search never misses a match the way an HNSW graph walk over all docs could).
 
@@ -852,7 +885,7 @@ class Collection:
         limit = _check_positive_int("limit", limit)
         where = check_where(where)
         queries = check_queries(queries)
-        snap = self._snapshot()
+        snap = self._snapshot(version)
         check_query_version(version, snap.version)
         if snap.matrix.shape[0] == 0 or queries.shape[0] == 0:
             return [[] for _ in range(queries.shape[0])]
@@ -1064,6 +1097,7 @@ class Collection:
             if self._closed:
                 return
             self._closed = True
+            self._previous = None
             try:
                 if self._hnsw is not None:
                     path = self._index_path()

@@ -700,6 +700,11 @@ class MilvusCollection:
         return None if live is None else live.dim
 
     @property
+    def previous_version(self) -> Optional[str]:
+        """Always None: the alias moves to the new version's collection and the old one is dropped."""
+        return None
+
+    @property
     def collection_name(self) -> Optional[str]:
         """Name of the live Milvus collection (the one the alias ``name`` names)."""
         live = self._live

@@ -7,6 +7,7 @@ This package is the ``py_modules`` entry of ``config.yml`` and ``flows/flow.yml`
 from .encoder import CLIPEncoder
 from .indexer import CLIPIndexer
 from .schemas import ClipDoc, MatchDoc
+from .shards import ShardMerger
 from .tuner import CLIPTuner
 
-__all__ = ["CLIPTuner", "CLIPEncoder", "CLIPIndexer", "ClipDoc", "MatchDoc"]
+__all__ = ["CLIPTuner", "CLIPEncoder", "CLIPIndexer", "ShardMerger", "ClipDoc", "MatchDoc"]

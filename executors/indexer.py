@@ -50,6 +50,12 @@ per ``/index`` or ``/search`` (1024), ``max_text_chars`` per text (10,000), ``ma
 ``max_request_bytes`` per request (256 MiB), ``max_limit`` matches per query (1000).
 
 Run it with one replica per shard: a collection directory is opened by one process at a time.
+
+Shards (flows/shards.yml, ``cliptuner serve --index-shards N``): with Jina ``shards: N`` each shard keeps the docs
+whose id hashes to it (:func:`cliptuner.shards.shard_of`) in ``<workspace>/index/<shard>``, answers with a trailer
+doc, and keeps its previous version searchable after a swap until every shard has swapped; the
+:class:`executors.shards.ShardMerger` after the shards puts their answers together (see :mod:`executors.shards`).
+Shards need the embedded backend: Milvus shards a collection itself, so run one indexer in front of it.
 """
 
 import asyncio
@@ -70,6 +76,7 @@ from cliptuner.content import Item, embed_items, make_item
 from cliptuner.follow import ModelFollower
 from cliptuner.access import UriPolicy
 from cliptuner.index import HnswSettings, StoredDoc, check_where
+from cliptuner.shards import check_shards, record_version, shard_of, versions_served
 from cliptuner.stores import open_store
 from cliptuner.limits import RequestLimits
 from cliptuner.runtime import OnnxClip
@@ -79,6 +86,7 @@ from .metrics import Metrics
 from .options import (INDEX_SUBDIR, base_spec, int_parameter, request_parameters, resolve_workspace, setting,
                       uri_policy)
 from .schemas import ClipDoc, MatchDoc
+from .shards import STATUS_ID, trailer
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +94,9 @@ SEARCH_PARAMETERS = ("limit", "return_content", "filter")
 MILVUS_TOKEN_ENV = "CLIPTUNER_MILVUS_TOKEN"
 TAG_PREFIX = "tags."  # a filter names tags as the docs carry them: {'tags.category': 'shoes'}
 _VERSION_RETRIES = 3  # a swap between taking the index version and using it: retry with the new one
+# a shard frees its previous version this long after it has seen every shard serve its version: a search that
+# reached a shard still on the old version just before its swap has long been answered by then
+PREVIOUS_GRACE_S = 10.0
 
 
 def stored_item(doc: StoredDoc, policy: UriPolicy, limits: RequestLimits) -> Item:
@@ -193,6 +204,12 @@ class CLIPIndexer(Executor):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        shards = getattr(self.runtime_args, "shards", None)
+        self.shard, self.shards = check_shards(getattr(self.runtime_args, "shard_id", 0), shards) \
+            if isinstance(shards, int) and shards > 1 else (0, 1)
+        if self.shards > 1 and setting(backend) == "milvus":
+            raise ValueError(f"CLIPIndexer: {self.shards} shards need the embedded backend (auto, usearch or exact); "
+                             "Milvus shards a collection itself: run one indexer in front of it")
         workspace = resolve_workspace(self, models_dir, kwargs.get("workspace"))
         self.registry = workspace.registry
         self.default_limit = int_parameter("default_limit", default_limit)
@@ -215,7 +232,9 @@ class CLIPIndexer(Executor):
                                                        int_parameter("hnsw_expansion_search", hnsw_expansion_search,
                                                                      2)),
                                      milvus_uri=setting(milvus_uri),
-                                     milvus_token=setting(milvus_token) or os.environ.get(MILVUS_TOKEN_ENV) or None)
+                                     milvus_token=setting(milvus_token) or os.environ.get(MILVUS_TOKEN_ENV) or None,
+                                     keep_previous=self.shards > 1)
+        self._all_swapped_since: Optional[float] = None  # shards: since when every shard serves our version
         self._clips: dict[str, OnnxClip] = {}  # the index's version and, during a rebuild, the new one
         self._clips_lock = threading.Lock()
         self._sync_lock = threading.Lock()  # one rebuild at a time
@@ -224,6 +243,7 @@ class CLIPIndexer(Executor):
         self._last_error: Optional[str] = None
         if self.collection.version is None:  # a new collection takes CURRENT at once (no docs to re-embed)
             self.collection.rebuild(self.registry.current(), lambda docs: np.zeros((0, 1), np.float32))
+        self._record_version()
         self.metrics = Metrics(getattr(self.runtime_args, "metrics_registry", None))
         self.metrics.index_size(lambda: len(self.collection))
         self.metrics.rebuild_progress(0.0)
@@ -244,8 +264,56 @@ class CLIPIndexer(Executor):
         if root is None:
             raise ValueError("CLIPIndexer: no workspace; set CLIPTUNER_WORKSPACE, pass --workspace / workspace=..., "
                              "or give index_dir")
-        shard = getattr(self.runtime_args, "shard_id", None)
-        return root / INDEX_SUBDIR / str(shard if isinstance(shard, int) and shard >= 0 else 0)
+        return root / INDEX_SUBDIR / str(self.shard)
+
+    # -- shards ------------------------------------------------------------------------------------------------
+    def _record_version(self) -> None:
+        """Shards: tell the others (a file beside the shards' collections) which version this shard serves."""
+        if self.shards > 1:
+            record_version(self.collection.root.parent, self.shard, self.collection.version)
+
+    def _maybe_drop_previous(self) -> None:
+        """Shards: free the previous version once every shard has served this one for ``PREVIOUS_GRACE_S``."""
+        if self.shards == 1 or self.collection.previous_version is None:
+            return
+        served = versions_served(self.collection.root.parent, self.shards)
+        if any(version != self.collection.version for version in served):
+            self._all_swapped_since = None
+            return
+        now = time.monotonic()
+        if self._all_swapped_since is None:
+            self._all_swapped_since = now
+        elif now - self._all_swapped_since >= PREVIOUS_GRACE_S and self.collection.drop_previous():
+            self._all_swapped_since = None
+            self._forget_clips()
+            logger.info("shard %d: every shard serves version %s; its previous version is freed", self.shard,
+                        self.collection.version)
+
+    def _mine(self, docs: DocList[ClipDoc]) -> list[int]:
+        """Positions of the docs this shard owns (all of them without shards)."""
+        if self.shards == 1:
+            return list(range(len(docs)))
+        return [i for i, doc in enumerate(docs) if shard_of(doc.id, self.shards) == self.shard]
+
+    async def _answer(self, work: Callable[[], Any]) -> DocList[ClipDoc]:
+        """Run an endpoint's ``work()`` (which returns ``(docs, trailer tags)``) and answer with it.
+
+        Without shards the docs are the answer and errors propagate. A shard appends its trailer and answers a
+        failure with the trailer alone, carrying the error, since Jina's head would pass a failed shard's
+        request on as a success (see :mod:`executors.shards`).
+        """
+        if self.shards == 1:
+            docs, _ = await work()
+            return docs
+        try:
+            docs, tags = await work()
+        except Exception as exc:
+            logger.warning("shard %d: %s", self.shard, exc)
+            return DocList[ClipDoc]([trailer(self.shard, self.shards, self.collection.version,
+                                             self.collection.previous_version, error=str(exc))])
+        docs.append(trailer(self.shard, self.shards, self.collection.version, self.collection.previous_version,
+                            **tags))
+        return docs
 
     # -- model versions --------------------------------------------------------------------------------------
     def _clip_for(self, version: str) -> OnnxClip:
@@ -258,7 +326,7 @@ class CLIPIndexer(Executor):
             return clip
 
     def _forget_clips(self) -> None:
-        keep = {self.collection.version, self.registry.current()}
+        keep = {self.collection.version, self.collection.previous_version, self.registry.current()}
         with self._clips_lock:
             for version in [v for v in self._clips if v not in keep]:
                 del self._clips[version]
@@ -301,6 +369,7 @@ class CLIPIndexer(Executor):
                 self._rebuilding = None
                 self.metrics.rebuild_progress(0.0)
                 self.metrics.model_version(self.collection.version)
+                self._record_version()
             self._last_error = None
             self._last_rebuild = {"model_version": target, "from_version": old, "count": count,
                                   "rebuild_seconds": round(time.monotonic() - started, 3)}
@@ -320,6 +389,10 @@ class CLIPIndexer(Executor):
                 except Exception:  # kept in _last_error and /status; retried when CURRENT moves again
                     logger.exception("could not move the index to model version %s", current)
                     failed_for = current
+            try:
+                self._maybe_drop_previous()
+            except Exception:
+                logger.exception("shard %d: could not check the other shards' versions", self.shard)
             if self._stop.wait(interval):
                 return
 
@@ -406,7 +479,8 @@ class CLIPIndexer(Executor):
                 raise
         raise AssertionError("unreachable")
 
-    def _index(self, docs: DocList[ClipDoc]) -> DocList[ClipDoc]:
+    def _index(self, docs: DocList[ClipDoc], mine: list[int]) -> DocList[ClipDoc]:
+        """Check every doc of the request, then store the ones at positions ``mine`` (this shard's); returns those."""
         check_request(docs, self.limits)
         counts = Counter(doc.id for doc in docs)
         repeated = [f"{doc_id!r} ({n} times)" for doc_id, n in counts.items() if n > 1]
@@ -416,6 +490,8 @@ class CLIPIndexer(Executor):
                              "(send each id once)")
         for doc in docs:
             doc_item(doc, self.policy, self.limits)  # check content before embedding anything
+        if len(mine) != len(docs):
+            docs = DocList[ClipDoc]([docs[i] for i in mine])
         stored = [StoredDoc(id=doc.id, text=doc.text, uri=doc.uri, blob=doc.blob,
                             tensor=None if doc.tensor is None else np.asarray(doc.tensor), tags=dict(doc.tags))
                   for doc in docs]
@@ -431,6 +507,17 @@ class CLIPIndexer(Executor):
             self._with_index_version(upsert)
         return docs
 
+    def _match_docs(self, hits: list[list[tuple[str, float]]], version: str,
+                    return_content: bool) -> list[list[MatchDoc]]:
+        """The stored docs behind ``(id, score)`` rows, as matches scored by ``version``."""
+        wanted = list(dict.fromkeys(doc_id for row in hits for doc_id, _ in row))
+        stored = dict(zip(wanted, self.collection.get(wanted, content=return_content)))  # image bytes if asked
+        return [[MatchDoc(id=found.id, text=found.text, uri=found.uri, blob=found.blob, tensor=found.tensor,
+                          model_version=version, score=float(score), tags=found.tags)
+                 for found, score in ((stored.get(doc_id), score) for doc_id, score in row)
+                 if found is not None]  # None: deleted between the search and the fetch
+                for row in hits]
+
     def _search(self, docs: DocList[ClipDoc], limit: int, return_content: bool = False,
                 where: Optional[dict] = None) -> DocList[ClipDoc]:
         check_request(docs, self.limits)
@@ -442,83 +529,132 @@ class CLIPIndexer(Executor):
         if not len(docs):
             return docs
         version, vectors, hits = self._with_index_version(search)
-        wanted = list(dict.fromkeys(doc_id for row in hits for doc_id, _ in row))
-        stored = dict(zip(wanted, self.collection.get(wanted, content=return_content)))  # image bytes if asked
-        for doc, vector, row in zip(docs, vectors, hits):
-            matches, scores = [], []
-            for doc_id, score in row:
-                found = stored.get(doc_id)
-                if found is None:  # deleted between the search and the fetch
-                    continue
-                matches.append(MatchDoc(id=found.id, text=found.text, uri=found.uri, blob=found.blob,
-                                        tensor=found.tensor, model_version=version, score=float(score),
-                                        tags=found.tags))
-                scores.append(float(score))
+        for doc, vector, matches in zip(docs, vectors, self._match_docs(hits, version, return_content)):
             doc.embedding, doc.model_version = vector, version
             doc.matches = DocList[MatchDoc](matches)
-            doc.scores = scores
+            doc.scores = [m.score for m in matches]
         return docs
 
-    def _delete(self, docs: DocList[ClipDoc]) -> DocList[ClipDoc]:
+    def _search_shard(self, docs: DocList[ClipDoc], limit: int, return_content: bool,
+                      where: Optional[dict]) -> tuple[DocList[ClipDoc], dict]:
+        """A shard's search: every query in the version it serves and in the previous one it keeps, if any.
+
+        Each match carries its ``model_version``; a query's ``embedding``/``model_version`` are those of the
+        served version. Returns the docs and the trailer's tags (the versions answered, the limit).
+        """
+        check_request(docs, self.limits)
+        self._maybe_drop_previous()
+        serving = self.collection.version
+        versions = [v for v in dict.fromkeys((serving, self.collection.previous_version)) if v is not None]
+        answered, first_error = [], None
+        matches: list[list[MatchDoc]] = [[] for _ in docs]
+        query_vectors: Optional[tuple[str, np.ndarray]] = None  # the first answered version's: the served one's
+        for version in versions:
+            try:  # a vector query of one version cannot be searched in the other: that version is not answered
+                vectors = self._vectors(docs, version, need_content=False)
+                hits = self.collection.search(vectors, limit, version=version, where=where) if len(docs) else []
+            except ValueError as exc:
+                first_error = first_error or exc
+                continue
+            answered.append(version)
+            if query_vectors is None:
+                query_vectors = (version, vectors)
+            for row, found in zip(matches, self._match_docs(hits, version, return_content)):
+                row.extend(found)
+        if query_vectors is None:
+            raise first_error or ValueError("the index holds no model version yet")
+        version, vectors = query_vectors
+        for doc, vector, found in zip(docs, vectors, matches):
+            doc.embedding, doc.model_version = vector, version
+            doc.matches = DocList[MatchDoc](found)
+            doc.scores = [m.score for m in found]
+        return docs, {"answered": answered, "limit": limit}
+
+    def _delete(self, docs: DocList[ClipDoc], mine: list[int]) -> DocList[ClipDoc]:
+        """Remove the docs at positions ``mine`` (this shard's), all or none; returns them, tagged ``deleted``."""
+        if len(mine) != len(docs):
+            docs = DocList[ClipDoc]([docs[i] for i in mine])
         self.collection.delete([doc.id for doc in docs], missing_ok=False)  # an unknown id: nothing is removed
         for doc in docs:
             doc.tags["deleted"] = True
         return docs
 
     def status(self) -> dict:
-        """What this indexer holds: version, count, dimension, backend, rebuild state, CURRENT."""
+        """What this indexer holds: version, count, dimension, backend, rebuild state, CURRENT (and its shard)."""
         stats = self.collection.stats()
-        return {"executor": "CLIPIndexer", "model_version": stats["version"], "count": stats["count"],
-                "dim": stats["dim"], "backend": stats["backend"], "registry_current": self.registry.current(),
-                "rebuilding": self._rebuilding, "last_rebuild": self._last_rebuild, "last_error": self._last_error,
-                "index_dir": str(self.collection.root)}
+        state = {"executor": "CLIPIndexer", "model_version": stats["version"], "count": stats["count"],
+                 "dim": stats["dim"], "backend": stats["backend"], "registry_current": self.registry.current(),
+                 "rebuilding": self._rebuilding, "last_rebuild": self._last_rebuild, "last_error": self._last_error,
+                 "index_dir": str(self.collection.root)}
+        if self.shards > 1:
+            state.update(shard=self.shard, shards=self.shards, previous_version=stats.get("previous_version"))
+        return state
 
     # -- endpoints -----------------------------------------------------------------------------------------------
     @requests(on="/index")
     async def index(self, docs: DocList[ClipDoc], parameters: Optional[dict] = None,
                     **kwargs: Any) -> DocList[ClipDoc]:
         """Store docs with their vectors (embedding them here when they lack a vector of the index's version)."""
-        request_parameters(parameters, (), "/index")
-        return await asyncio.to_thread(self._index, docs)
+        async def work() -> tuple[DocList[ClipDoc], dict]:
+            request_parameters(parameters, (), "/index")
+            mine = self._mine(docs)
+            return await asyncio.to_thread(self._index, docs, mine), {"positions": mine}
+
+        return await self._answer(work)
 
     @requests(on="/search")
     async def search(self, docs: DocList[ClipDoc], parameters: Optional[dict] = None,
                      **kwargs: Any) -> DocList[ClipDoc]:
         """Top-``limit`` stored docs per query by cosine similarity, as ``matches`` and ``scores``."""
-        params = request_parameters(parameters, SEARCH_PARAMETERS, "/search")
-        limit = int_parameter("limit", params.get("limit", self.default_limit), maximum=self.max_limit)
-        return_content = params.get("return_content", False)
-        if not isinstance(return_content, bool):  # protobuf carries a bool as a bool: anything else is a mistake
-            raise ValueError(f"parameter 'return_content' must be true or false, got {return_content!r}")
-        where = search_filter(params.get("filter"))
-        with self.metrics.searching():
-            return await asyncio.to_thread(self._search, docs, limit, return_content, where)
+        async def work() -> tuple[DocList[ClipDoc], dict]:
+            params = request_parameters(parameters, SEARCH_PARAMETERS, "/search")
+            limit = int_parameter("limit", params.get("limit", self.default_limit), maximum=self.max_limit)
+            return_content = params.get("return_content", False)
+            if not isinstance(return_content, bool):  # protobuf carries a bool as a bool: anything else is a mistake
+                raise ValueError(f"parameter 'return_content' must be true or false, got {return_content!r}")
+            where = search_filter(params.get("filter"))
+            with self.metrics.searching():
+                if self.shards > 1:
+                    return await asyncio.to_thread(self._search_shard, docs, limit, return_content, where)
+                return await asyncio.to_thread(self._search, docs, limit, return_content, where), {}
+
+        return await self._answer(work)
 
     @requests(on="/delete")
     async def delete(self, docs: DocList[ClipDoc], parameters: Optional[dict] = None,
                      **kwargs: Any) -> DocList[ClipDoc]:
         """Remove stored docs by id, all or none: an id that is not stored fails the request (naming it)."""
-        request_parameters(parameters, (), "/delete")
-        return await asyncio.to_thread(self._delete, docs)
+        async def work() -> tuple[DocList[ClipDoc], dict]:
+            request_parameters(parameters, (), "/delete")
+            mine = self._mine(docs)
+            return await asyncio.to_thread(self._delete, docs, mine), {"positions": mine}
+
+        return await self._answer(work)
 
     @requests(on=["/train", "/models/promote", "/models/rollback"])
     async def train_done(self, docs: DocList[ClipDoc], **kwargs: Any) -> DocList[ClipDoc]:
         """After the tuner and the encoder (a ``/train``, ``/models/promote`` or ``/models/rollback``): re-embed
         everything with CURRENT's version before the response goes on."""
-        rebuilt = await asyncio.to_thread(self.sync)
-        stats = self.collection.stats()
-        summary = {"model_version": stats["version"], "count": stats["count"],
-                   "rebuild_seconds": None if rebuilt is None else rebuilt["rebuild_seconds"]}
-        for doc in docs:
-            doc.tags["index"] = summary
-        return docs
+        async def work() -> tuple[DocList[ClipDoc], dict]:
+            rebuilt = await asyncio.to_thread(self.sync)
+            stats = self.collection.stats()
+            summary = {"model_version": stats["version"], "count": stats["count"],
+                       "rebuild_seconds": None if rebuilt is None else rebuilt["rebuild_seconds"]}
+            for doc in docs:
+                doc.tags["index"] = summary
+            return docs, {}
+
+        return await self._answer(work)
 
     @requests(on="/status")
     async def report_status(self, docs: DocList[ClipDoc], **kwargs: Any) -> DocList[ClipDoc]:
         """Append this indexer's status doc."""
-        state = await asyncio.to_thread(self.status)
-        docs.append(ClipDoc(id="status-indexer", model_version=state["model_version"], tags=state))
-        return docs
+        async def work() -> tuple[DocList[ClipDoc], dict]:
+            state = await asyncio.to_thread(self.status)
+            docs.append(ClipDoc(id=STATUS_ID, model_version=state["model_version"], tags=state))
+            return docs, {}
+
+        return await self._answer(work)
 
     @requests
     async def passthrough(self, docs: DocList[ClipDoc], **kwargs: Any) -> DocList[ClipDoc]:

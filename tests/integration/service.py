@@ -23,6 +23,7 @@ from executors.schemas import ClipDoc
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 300.0
+SERVING = b"cliptuner serving on"  # what `cliptuner serve` prints once the Flow answers
 
 
 def free_port() -> int:
@@ -62,6 +63,7 @@ class FlowProcess:
                "JINA_HIDE_SURVEY": "1", "JINA_OPTOUT_TELEMETRY": "1", "PYTHONPATH": str(ROOT),
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **self.env}
         log = open(self.log_path, "a")
+        offset = log.tell()
         self.proc = subprocess.Popen([sys.executable, "-m", "cliptuner.cli", "serve", *self.args], cwd=ROOT,
                                      env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
@@ -75,11 +77,17 @@ class FlowProcess:
             except OSError:
                 time.sleep(0.5)
                 continue
-            if self.client().is_flow_ready(timeout=5):
+            if self.client().is_flow_ready(timeout=5) and self._says_serving(offset):
                 return
             time.sleep(0.5)
         self.stop()
         pytest.fail(f"the Flow was not ready after {START_TIMEOUT:.0f} s:\n{self.log_tail()}")
+
+    def _says_serving(self, offset: int) -> bool:
+        """`cliptuner serve` printed, after ``offset`` of the log, that a /status passed through every Executor."""
+        with open(self.log_path, "rb") as log:
+            log.seek(offset)
+            return SERVING in log.read()
 
     def client(self) -> Client:
         return Client(host="127.0.0.1", port=self.port, protocol="grpc")

@@ -105,14 +105,16 @@ def test_serve_listens_on_loopback_only_by_default(workspace):
     assert all(address == ipaddress.ip_address("127.0.0.1") for address in executors), executors
 
 
-@pytest.mark.parametrize("args, env", [
-    (["--host", "0.0.0.0"], {}),
-    ([], {"CLIPTUNER_HOST": "0.0.0.0"}),
-], ids=["--host", "CLIPTUNER_HOST"])
-def test_serve_opens_the_gateway_alone_to_every_interface_when_told(workspace, args, env):
+@pytest.mark.parametrize("args, env, executors_at_least", [
+    (["--host", "0.0.0.0"], {}, 3),
+    ([], {"CLIPTUNER_HOST": "0.0.0.0"}, 3),
+    (["--host", "0.0.0.0", "--index-shards", "2"], {}, 6),  # + the indexer's head, its second shard, the merger
+], ids=["--host", "CLIPTUNER_HOST", "sharded"])
+def test_serve_opens_the_gateway_alone_to_every_interface_when_told(workspace, args, env, executors_at_least):
     with Serve(workspace, args, env) as serve:
         gateway, executors = gateway_and_executors(serve)
     assert len(gateway) == 1 and gateway[0].is_unspecified  # 0.0.0.0, or :: (gRPC's dual-stack bind)
+    assert len(executors) >= executors_at_least, executors
     assert all(address == ipaddress.ip_address("127.0.0.1") for address in executors), executors
 
 
