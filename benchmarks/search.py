@@ -14,13 +14,15 @@ Stores measured (``--stores``):
 - ``exact``: :class:`cliptuner.index.Collection` with ``backend="exact"`` (the baseline: its queries/s is the
   denominator of every ratio);
 - ``hnsw``: the same collection with ``backend="usearch"`` and the chosen :class:`HnswSettings`;
+- ``hnsw-f16``, ``hnsw-i8``, ``exact-f16``, ``exact-i8``: those two holding the vectors as float16 or int8
+  (``Collection(dtype=...)``), with the same settings;
 - ``milvus``: :class:`cliptuner.milvus_store.MilvusCollection` on Milvus Lite (a local file, in-process).
 
     python benchmarks/search.py                       # 100k × 512, choose on seed 0, report on seed 1
     python benchmarks/search.py --n 20000 --queries 200 --grid-connectivity 16 --grid-expansion 64 128  # quick
 
-Memory: bytes per million vectors of the float32 vectors the collection holds in RAM and of usearch's graph
-(``Index.memory_usage``), and the process's peak RSS.
+Memory: megabytes per million vectors that each embedded store holds in RAM (``Collection.memory_bytes``: the
+matrix, or the HNSW graph with its vectors and links, which then is the only copy), and the process's peak RSS.
 """
 
 from __future__ import annotations
@@ -88,8 +90,12 @@ def measure(store, queries: np.ndarray, truth: np.ndarray, warmup: int = 20) -> 
             "p50_ms": 1000 * float(np.median(latencies)), "p99_ms": 1000 * float(np.percentile(latencies, 99))}
 
 
-def hnsw_store(root: Path, settings: HnswSettings) -> Collection:
-    return Collection(root, backend="usearch", hnsw=settings)
+EMBEDDED = {"exact": ("exact", "f32"), "exact-f16": ("exact", "f16"), "exact-i8": ("exact", "i8"),
+            "hnsw": ("usearch", "f32"), "hnsw-f16": ("usearch", "f16"), "hnsw-i8": ("usearch", "i8")}
+
+
+def hnsw_store(root: Path, settings: HnswSettings, dtype: str = "f32") -> Collection:
+    return Collection(root, backend="usearch", hnsw=settings, dtype=dtype)
 
 
 def choose(args: argparse.Namespace, work: Path) -> tuple[HnswSettings, list[dict]]:
@@ -121,16 +127,12 @@ def choose(args: argparse.Namespace, work: Path) -> tuple[HnswSettings, list[dic
 def report(args: argparse.Namespace, work: Path, settings: HnswSettings) -> dict:
     gallery, queries, truth = data(args, args.report_seed)
     out: dict = {}
-    with Collection(work / "exact", backend="exact") as exact:  # the baseline, whatever --stores says
-        build = fill(exact, gallery)
-        out["exact"] = {**measure(exact, queries, truth), "fill_s": build,
-                        "vector_bytes_per_million": 4 * args.dim * 1_000_000}
-    if "hnsw" in args.stores:
-        with hnsw_store(work / "hnsw", settings) as store:
+    for name in ["exact"] + [s for s in args.stores if s in EMBEDDED and s != "exact"]:  # exact: the baseline
+        backend, dtype = EMBEDDED[name]
+        with Collection(work / name, backend=backend, hnsw=settings, dtype=dtype) as store:
             build = fill(store, gallery)
-            out["hnsw"] = {**measure(store, queries, truth), "fill_s": build,
-                           "vector_bytes_per_million": 4 * args.dim * 1_000_000,
-                           "graph_bytes_per_million": store._hnsw.index.memory_usage * 1_000_000 // args.n}
+            out[name] = {**measure(store, queries, truth), "fill_s": build,
+                         "mb_per_million": store.memory_bytes() / args.n}  # bytes per vector = MB per million
     if "milvus" in args.stores:
         from cliptuner.milvus_store import MilvusCollection
 
@@ -160,7 +162,8 @@ def main(argv=None) -> dict:
     p.add_argument("--settings", type=int, nargs=2, metavar=("CONNECTIVITY", "EXPANSION_SEARCH"), default=None,
                    help="skip the grid and report with these HNSW settings (the ones an earlier run chose on "
                         "--choose-seed)")
-    p.add_argument("--stores", nargs="+", default=["exact", "hnsw", "milvus"], choices=("exact", "hnsw", "milvus"))
+    p.add_argument("--stores", nargs="+", default=["exact", "hnsw", "hnsw-f16", "hnsw-i8", "milvus"],
+                   choices=(*EMBEDDED, "milvus"))
     p.add_argument("--threads", type=int, default=2, help="BLAS threads of the exact search")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -186,11 +189,12 @@ def main(argv=None) -> dict:
     print(f"{args.n} x {args.dim} ({args.clusters} clusters), {args.queries} queries, report seed "
           f"{args.report_seed}; HNSW chosen on seed {args.choose_seed}: connectivity {settings.connectivity}, "
           f"expansion_search {settings.expansion_search}")
-    print("| store | recall@10 | queries/s | × exact | p50 ms | p99 ms | fill s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| store | recall@10 | queries/s | × exact | p50 ms | p99 ms | fill s | MB per million vectors |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, row in results.items():
+        memory = f"{row['mb_per_million']:.0f}" if "mb_per_million" in row else "–"
         print(f"| {name} | {row['recall_at_10']:.3f} | {row['qps']:.0f} | {row['qps_ratio']:.1f} | "
-              f"{row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['fill_s']:.1f} |")
+              f"{row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['fill_s']:.1f} | {memory} |")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
     return result

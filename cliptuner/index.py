@@ -57,6 +57,12 @@ from .atomic import atomic_path
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "usearch", "exact")
+# how the vectors are held in memory: float32, float16 (half the memory), int8 (a quarter; each unit vector's
+# components scaled by 127 and rounded). SQLite keeps float32 whatever this says, so a change takes effect on open.
+DTYPES = ("f32", "f16", "i8")
+_NUMPY_DTYPES = {"f32": np.float32, "f16": np.float16, "i8": np.int8}
+_I8_SCALE = 127.0
+_SCORE_ROWS = 1 << 16  # rows of an f16/i8 matrix widened to float32 at a time by exact search
 DB_FILE = "docs.sqlite"
 LOCK_FILE = ".lock"
 INDEX_PREFIX = "usearch-"
@@ -196,28 +202,59 @@ def _normalised(vectors: Any, ids: list[str], what: str = "vectors") -> np.ndarr
     return arr
 
 
-def _grow(buf: Optional[np.ndarray], n: int, extra: int, dim: int, copy: bool) -> np.ndarray:
-    """A buffer with room for ``n + extra`` rows whose first ``n`` rows are ``buf``'s; ``buf`` when it fits."""
+def _to_dtype(vectors: np.ndarray, dtype: str) -> np.ndarray:
+    """Unit float32 vectors as ``dtype`` holds them (see :data:`DTYPES`)."""
+    if dtype == "f32":
+        return vectors
+    if dtype == "f16":
+        return vectors.astype(np.float16)
+    return np.clip(np.rint(vectors * _I8_SCALE), -_I8_SCALE, _I8_SCALE).astype(np.int8)
+
+
+def _as_f32(block: np.ndarray) -> np.ndarray:
+    """Rows of a matrix held as float32, float16 or int8, as float32 (unit length up to rounding)."""
+    if block.dtype == np.float32:
+        return block
+    if block.dtype == np.int8:
+        return block.astype(np.float32) * np.float32(1.0 / _I8_SCALE)
+    return block.astype(np.float32)
+
+
+def _grow(buf: Optional[np.ndarray], n: int, extra: int, dim: int, copy: bool, dtype: str = "f32") -> np.ndarray:
+    """A ``dtype`` buffer with room for ``n + extra`` rows whose first ``n`` rows are ``buf``'s (float32 rows are
+    converted); ``buf`` itself when it fits."""
+    kind = _NUMPY_DTYPES[dtype]
     need = n + extra
-    if not copy and buf is not None and buf.shape[1] == dim and buf.shape[0] >= need:
+    if not copy and buf is not None and buf.shape[1] == dim and buf.shape[0] >= need and buf.dtype == kind:
         return buf
     old_cap = 0 if buf is None else buf.shape[0]
-    new = np.empty((max(_MIN_CAPACITY, need, 2 * old_cap if need > old_cap else old_cap), dim), np.float32)
+    new = np.empty((max(_MIN_CAPACITY, need, 2 * old_cap if need > old_cap else old_cap), dim), kind)
     if n:
-        new[:n] = buf[:n]
+        new[:n] = buf[:n] if buf.dtype == kind else _to_dtype(_as_f32(buf[:n]), dtype)
     return new
+
+
+def _scores(queries: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """``queries @ matrix.T`` [q, N] in float32; an f16/i8 matrix is widened ``_SCORE_ROWS`` rows at a time."""
+    if matrix.dtype == np.float32:
+        return queries @ matrix.T
+    out = np.empty((queries.shape[0], matrix.shape[0]), np.float32)
+    for start in range(0, matrix.shape[0], _SCORE_ROWS):
+        out[:, start:start + _SCORE_ROWS] = queries @ _as_f32(matrix[start:start + _SCORE_ROWS]).T
+    return out
 
 
 # -- search --------------------------------------------------------------------------------------------------
 def _exact_search(matrix: np.ndarray, ids: list[str], queries: np.ndarray,
                   limit: int) -> list[list[tuple[str, float]]]:
-    """Top-``limit`` rows of ``matrix`` [N, D] by inner product with each normalised query [Q, D]."""
+    """Top-``limit`` rows of ``matrix`` [N, D] (float32, float16 or int8) by inner product with each normalised
+    query [Q, D]."""
     n = matrix.shape[0]
     k = min(limit, n)
     block = max(1, _SCORE_BLOCK // n)
     results: list[list[tuple[str, float]]] = []
     for start in range(0, queries.shape[0], block):
-        scores = queries[start:start + block] @ matrix.T  # [q, N]
+        scores = _scores(queries[start:start + block], matrix)  # [q, N]
         if k < n:
             top = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # [q, k], unordered
         else:
@@ -351,18 +388,19 @@ class _Hnsw:
 
     @classmethod
     def build(cls, dim: int, keys: list[int], ids: list[str], matrix: np.ndarray,
-              settings: HnswSettings = HnswSettings()) -> "_Hnsw":
-        index = _import_usearch()(ndim=dim, metric="cos", dtype="f32", connectivity=settings.connectivity,
+              settings: HnswSettings = HnswSettings(), dtype: str = "f32") -> "_Hnsw":
+        index = _import_usearch()(ndim=dim, metric="cos", dtype=dtype, connectivity=settings.connectivity,
                                   expansion_add=settings.expansion_add, expansion_search=settings.expansion_search)
         if keys:
-            index.add(np.asarray(keys, dtype=np.uint64), np.ascontiguousarray(matrix), threads=_add_threads(len(keys)))
+            index.add(np.asarray(keys, dtype=np.uint64), np.ascontiguousarray(_as_f32(matrix[:len(keys)])),
+                      threads=_add_threads(len(keys)))
         return cls(index, dict(zip(keys, ids)))
 
     @classmethod
     def load(cls, path: Path, dim: int, keys: list[int], ids: list[str],
              settings: HnswSettings = HnswSettings()) -> Optional["_Hnsw"]:
         """The index saved at ``path`` if it holds exactly ``keys`` in ``dim`` dims, built with ``settings``'
-        connectivity, else None."""
+        connectivity, else None. (The file's name says in which dtype it holds them.)"""
         try:
             index = _import_usearch().restore(str(path), view=False)
         except Exception as err:  # a truncated or foreign file: rebuilt from the vectors
@@ -385,6 +423,16 @@ class _Hnsw:
                 self.index.remove(np.asarray(present, dtype=np.uint64))
             self.index.add(keys_arr, np.ascontiguousarray(vectors), threads=_add_threads(len(keys)))
             self.key_to_id.update(zip(keys, ids))
+
+    def vectors(self, keys: list[int]) -> tuple[list[str], np.ndarray]:
+        """The doc ids and float32 [n, dim] vectors (in the graph's precision) of those of ``keys`` it still holds."""
+        with self.lock:
+            present = [k for k in keys if k in self.key_to_id]
+            ids = [self.key_to_id[k] for k in present]
+            if not present:
+                return ids, np.zeros((0, self.index.ndim), np.float32)
+            got = self.index.get(np.asarray(present, dtype=np.uint64), dtype=np.float32)
+        return ids, np.asarray(got, dtype=np.float32).reshape(len(present), -1)
 
     def remove(self, keys: list[int]) -> None:
         with self.lock:
@@ -425,8 +473,11 @@ class _Hnsw:
 @dataclass(frozen=True)
 class _Snapshot:
     version: Optional[str]
-    matrix: np.ndarray  # [n, dim]; never written while a snapshot holds it
+    n: int  # rows
+    dim: Optional[int]
+    matrix: Optional[np.ndarray]  # [n, dim]; never written while a snapshot holds it; None while `hnsw` holds them
     ids: list[str]  # row -> doc id (rows < n never change while a snapshot holds the list)
+    seqs: list[int]  # row -> doc serial, the HNSW key
     hnsw: Optional[_Hnsw]
 
 
@@ -496,8 +547,8 @@ class _Rebuild:
             self._embed_into_new(changed)
         seqs, ids, matrix = self._ordered()
         col = self.col
-        hnsw = _Hnsw.build(self.dim, seqs, ids, matrix, col.hnsw) if col._want_hnsw(len(ids), col._hnsw is not None) \
-            else None
+        hnsw = _Hnsw.build(self.dim, seqs, ids, matrix, col.hnsw, col.dtype) \
+            if col._want_hnsw(len(ids), col._hnsw is not None) else None
         n = self._swap(hnsw)
         logger.info("rebuilt %s for model version %s: %d docs (%d embedded by this run)", col.root, self.version, n,
                     self.embedded)
@@ -587,9 +638,10 @@ class _Rebuild:
                     hnsw.upsert([self.new[i][0] for i in touched], touched,
                                 np.stack([self.new[i][1] for i in touched]))
             else:
-                hnsw = _Hnsw.build(self.dim, seqs, ids, matrix, col.hnsw) if col._want_hnsw(n, False) else None
+                hnsw = _Hnsw.build(self.dim, seqs, ids, matrix, col.hnsw, col.dtype) if col._want_hnsw(n, False) \
+                    else None
             dim = matrix.shape[1]
-            buf = _grow(matrix, n, 0, dim, copy=True)
+            buf = None if hnsw is not None else _grow(matrix, n, 0, dim, copy=True, dtype=col.dtype)  # held once
             generation = col._generation + 1
             with col._txn() as db:
                 db.execute("DELETE FROM vectors WHERE slot = ? AND id NOT IN (SELECT id FROM docs)", (self.slot,))
@@ -628,6 +680,9 @@ class Collection:
             below half of that.
         hnsw: the HNSW graph's settings (default :class:`HnswSettings`); a saved graph built with another
             connectivity is rebuilt on open.
+        dtype: how the vectors are held in memory (:data:`DTYPES`): ``"f32"``, ``"f16"`` (half the memory) or
+            ``"i8"`` (a quarter); scores are then that precise (``benchmarks/search.py`` measures the recall). On
+            disk they stay float32.
         keep_previous: after a rebuild, keep the old version's vectors in memory, searchable with
             ``search(version=<old version>)``, until :meth:`drop_previous` or the next rebuild. A sharded index
             needs this while its shards swap one after another (:mod:`cliptuner.shards`). The previous version is
@@ -640,9 +695,12 @@ class Collection:
     """
 
     def __init__(self, root: str | Path, backend: str = "auto", exact_threshold: int = 5000,
-                 hnsw: Optional[HnswSettings] = None, keep_previous: bool = False) -> None:
+                 hnsw: Optional[HnswSettings] = None, keep_previous: bool = False, dtype: str = "f32") -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; allowed: {list(BACKENDS)}")
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown vector dtype {dtype!r}; allowed: {list(DTYPES)}")
+        self.dtype = dtype
         if not isinstance(keep_previous, bool):
             raise ValueError(f"keep_previous must be true or false, got {keep_previous!r}")
         self.keep_previous = keep_previous
@@ -710,18 +768,18 @@ class Collection:
         self._ids: list[str] = [r[1] for r in rows]
         self._row: dict[str, int] = {doc_id: i for i, doc_id in enumerate(self._ids)}
         self._n = len(rows)
-        self._buf: Optional[np.ndarray] = None
-        if rows:
-            matrix = np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4").reshape(self._n, self._dim)
-            self._buf = _grow(matrix, self._n, 0, self._dim, copy=True)
+        self._buf: Optional[np.ndarray] = None  # the vectors, unless the HNSW graph holds them
+        matrix = np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4").reshape(self._n, self._dim or 0)
         self._hnsw: Optional[_Hnsw] = None
         if self._want_hnsw(self._n, False):
             path = self._index_path()
             if path.exists():
                 self._hnsw = _Hnsw.load(path, self._dim, self._seqs, self._ids, self.hnsw)
             if self._hnsw is None:
-                self._hnsw = _Hnsw.build(self._dim, self._seqs, self._ids, self._buf[:self._n], self.hnsw)
+                self._hnsw = _Hnsw.build(self._dim, self._seqs, self._ids, matrix, self.hnsw, self.dtype)
                 self._hnsw.save(path)
+        elif rows:
+            self._buf = _grow(matrix, self._n, 0, self._dim, copy=True, dtype=self.dtype)
         self._remove_stale_index_files()
 
     @contextlib.contextmanager
@@ -743,7 +801,7 @@ class Collection:
     def _index_path(self, slot: Optional[int] = None, generation: Optional[int] = None) -> Path:
         slot = self._slot if slot is None else slot
         generation = self._generation if generation is None else generation
-        return self.root / f"{INDEX_PREFIX}{slot}-{generation}{INDEX_SUFFIX}"
+        return self.root / f"{INDEX_PREFIX}{slot}-{generation}-{self.dtype}{INDEX_SUFFIX}"
 
     def _remove_stale_index_files(self) -> None:
         keep = self._index_path().name if self._hnsw is not None else None
@@ -852,6 +910,16 @@ class Collection:
                 stats["previous_version"] = self.previous_version
             return stats
 
+    def memory_bytes(self) -> int:
+        """Bytes the vectors take in memory now: the matrix (its allocated rows), or the HNSW graph (its vectors
+        and links), which holds them itself: one or the other, never both. A previous version kept for a sharded
+        search comes on top."""
+        with self._lock:
+            if self._hnsw is not None:
+                with self._hnsw.lock:
+                    return int(self._hnsw.index.serialized_length)
+            return 0 if self._buf is None else int(self._buf.nbytes)
+
     def _snapshot(self, version: Optional[str] = None) -> _Snapshot:
         """What searches of ``version`` read: the previous version's vectors when it names that, else the live ones."""
         with self._lock:
@@ -860,8 +928,8 @@ class Collection:
             if version is not None and previous is not None and version == previous.version \
                     and version != self._version:
                 return previous
-            matrix = self._buf[:self._n] if self._buf is not None else np.zeros((0, self._dim or 0), np.float32)
-            return _Snapshot(self._version, matrix, self._ids, self._hnsw)
+            matrix = self._buf[:self._n] if self._buf is not None else None
+            return _Snapshot(self._version, self._n, self._dim, matrix, self._ids, self._seqs, self._hnsw)
 
     def search(self, queries: np.ndarray, limit: int, version: Optional[str] = None,
                where: Optional[dict] = None) -> list[list[tuple[str, float]]]:
@@ -887,22 +955,25 @@ class Collection:
         queries = check_queries(queries)
         snap = self._snapshot(version)
         check_query_version(version, snap.version)
-        if snap.matrix.shape[0] == 0 or queries.shape[0] == 0:
+        if snap.n == 0 or queries.shape[0] == 0:
             return [[] for _ in range(queries.shape[0])]
-        if queries.shape[1] != snap.matrix.shape[1]:
+        if queries.shape[1] != snap.dim:
             raise ValueError(f"queries have {queries.shape[1]} dims; the collection holds "
-                             f"{snap.matrix.shape[1]}-dim vectors (version {snap.version!r})")
+                             f"{snap.dim}-dim vectors (version {snap.version!r})")
         queries = _normalised(queries, [f"query {i}" for i in range(queries.shape[0])], "queries")
         if where:
             matching = self._ids_matching(where)
-            rows = np.fromiter((doc_id in matching for doc_id in snap.ids), dtype=bool, count=len(snap.ids))
-            if not rows.any():
+            kept = [r for r, doc_id in enumerate(snap.ids[:snap.n]) if doc_id in matching]
+            if snap.matrix is not None:
+                ids, vectors = [snap.ids[r] for r in kept], snap.matrix[kept]
+            else:  # the graph holds the vectors: take those of the matching docs out of it
+                ids, vectors = snap.hnsw.vectors([snap.seqs[r] for r in kept])
+            if not ids:
                 return [[] for _ in range(queries.shape[0])]
-            kept = np.flatnonzero(rows)
-            return _exact_search(snap.matrix[kept], [snap.ids[r] for r in kept.tolist()], queries, limit)
+            return _exact_search(vectors, ids, queries, limit)
         if snap.hnsw is not None:
             return snap.hnsw.search(queries, limit)
-        return _exact_search(snap.matrix, snap.ids, queries, limit)
+        return _exact_search(snap.matrix, snap.ids[:snap.n], queries, limit)
 
     def _ids_matching(self, where: dict[str, TagValue]) -> set[str]:
         """Ids of the stored docs whose tags equal every pair of ``where``."""
@@ -955,12 +1026,15 @@ class Collection:
             replace = [i for i, doc_id in enumerate(ids) if doc_id in self._row]
             append = [i for i, doc_id in enumerate(ids) if doc_id not in self._row]
             n = self._n
-            # Prepare the new matrix before committing: snapshots keep the old rows, appends go past them.
-            buf = _grow(self._buf, n, len(append), dim, copy=bool(replace) or self._buf is None)
-            if replace:
-                buf[[self._row[ids[i]] for i in replace]] = vecs[replace]
-            if append:
-                buf[n:n + len(append)] = vecs[append]
+            buf = None  # while the HNSW graph holds the vectors, there is no matrix
+            if self._hnsw is None:
+                # Prepare the new matrix before committing: snapshots keep the old rows, appends go past them.
+                buf = _grow(self._buf, n, len(append), dim, copy=bool(replace) or self._buf is None, dtype=self.dtype)
+                held = _to_dtype(vecs, self.dtype)
+                if replace:
+                    buf[[self._row[ids[i]] for i in replace]] = held[replace]
+                if append:
+                    buf[n:n + len(append)] = held[append]
             generation = self._generation + 1
             with self._txn() as db:
                 db.executemany(_UPSERT_DOC, rows)
@@ -989,8 +1063,9 @@ class Collection:
             if self._hnsw is not None:
                 self._hnsw.upsert([self._seqs[self._row[ids[i]]] for i in changed], [ids[i] for i in changed],
                                   vecs[changed])
-            elif self._want_hnsw(self._n, False):
-                self._hnsw = _Hnsw.build(dim, self._seqs, self._ids, self._buf[:self._n], self.hnsw)
+            elif self._want_hnsw(self._n, False):  # the graph takes the vectors over from the matrix
+                self._hnsw = _Hnsw.build(dim, self._seqs, self._ids, self._buf[:self._n], self.hnsw, self.dtype)
+                self._buf = None
 
     def delete(self, ids: list[str], missing_ok: bool = True) -> int:
         """Remove docs by id (an id given twice counts once).
@@ -1032,18 +1107,21 @@ class Collection:
             if gone:
                 keep = [r for r, doc_id in enumerate(self._ids) if doc_id not in gone]
                 removed_keys = [self._seqs[self._row[i]] for i in gone]
-                buf = _grow(None, 0, len(keep), self._dim, copy=True)
-                buf[:len(keep)] = self._buf[keep]
-                self._buf = buf
+                if self._hnsw is None:
+                    buf = _grow(None, 0, len(keep), self._dim, copy=True, dtype=self.dtype)
+                    buf[:len(keep)] = self._buf[keep]
+                    self._buf = buf
+                elif self._want_hnsw(len(keep), True):
+                    self._hnsw.remove(removed_keys)
+                else:  # few enough for exact search again: the vectors go back from the graph into a matrix
+                    _, vectors = self._hnsw.vectors([self._seqs[r] for r in keep])
+                    buf = _grow(None, 0, len(keep), self._dim, copy=True, dtype=self.dtype)
+                    buf[:len(keep)] = _to_dtype(vectors, self.dtype)
+                    self._buf, self._hnsw = buf, None
                 self._ids = [self._ids[r] for r in keep]
                 self._seqs = [self._seqs[r] for r in keep]
                 self._row = {doc_id: r for r, doc_id in enumerate(self._ids)}
                 self._n = len(keep)
-                if self._hnsw is not None:
-                    if self._want_hnsw(self._n, True):
-                        self._hnsw.remove(removed_keys)
-                    else:
-                        self._hnsw = None
             return removed
 
     def rebuild(self, version: str, embed: Callable[[list[StoredDoc]], np.ndarray], batch_size: int = 256) -> int:

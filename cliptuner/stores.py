@@ -62,7 +62,7 @@ class VectorStore(Protocol):
 
 def open_store(root: str | Path, backend: str = "auto", *, exact_threshold: int = 5000,
                hnsw: Optional[HnswSettings] = None, milvus_uri: Optional[str] = None,
-               milvus_token: Optional[str] = None, keep_previous: bool = False) -> VectorStore:
+               milvus_token: Optional[str] = None, keep_previous: bool = False, dtype: str = "f32") -> VectorStore:
     """Open the vector store of ``root`` with the named backend.
 
     Args:
@@ -73,6 +73,8 @@ def open_store(root: str | Path, backend: str = "auto", *, exact_threshold: int 
         milvus_uri: ``milvus``: the server's URI; None or empty: Milvus Lite at ``<root>/milvus.db``.
         milvus_token: ``milvus``: the server's token (``user:password``), if it asks for one.
         keep_previous: embedded backends: keep the version before a rebuild searchable (a sharded index).
+        dtype: embedded backends: how the vectors are held in memory, ``f32``, ``f16`` or ``i8``
+            (:data:`cliptuner.index.DTYPES`).
 
     Raises:
         ValueError: an unknown backend (names the allowed ones), or Milvus options with another backend.
@@ -83,13 +85,16 @@ def open_store(root: str | Path, backend: str = "auto", *, exact_threshold: int 
     if backend == "milvus":
         from .milvus_store import MilvusCollection
 
+        if dtype != "f32":
+            raise ValueError(f"vector dtype {dtype!r} is a setting of the embedded backends; Milvus holds float32")
         if keep_previous:
             raise ValueError("keep_previous is a setting of the embedded backends (a sharded index); Milvus swaps "
                              "its versions with an alias and shards a collection itself")
         return MilvusCollection(root, uri=milvus_uri or None, token=milvus_token or None)
     if milvus_uri or milvus_token:
         raise ValueError(f"milvus_uri / milvus_token are settings of the 'milvus' backend, not of {backend!r}")
-    return Collection(root, backend=backend, exact_threshold=exact_threshold, hnsw=hnsw, keep_previous=keep_previous)
+    return Collection(root, backend=backend, exact_threshold=exact_threshold, hnsw=hnsw, keep_previous=keep_previous,
+                      dtype=dtype)
 
 
 __all__ = ["BACKENDS", "VectorStore", "open_store"]

@@ -144,6 +144,9 @@ class CLIPIndexer(Executor):
         hnsw_connectivity, hnsw_expansion_add, hnsw_expansion_search: the embedded backend's HNSW graph
             (:class:`cliptuner.index.HnswSettings`; on 100k clustered 512-d vectors the defaults reach recall@10
             0.994 at 10x the exact search's queries/s, and fall short on harder data: ``benchmarks/RESULTS.md``).
+        vector_dtype: the embedded backends: how the vectors are held in memory, ``f32``, ``f16`` (half the
+            memory) or ``i8`` (a quarter), at that precision (recall in ``benchmarks/RESULTS.md``); on disk they stay
+            float32, so a change takes effect at the next start.
         milvus_uri: ``milvus``: the server's URI (``http://host:19530``); unset: Milvus Lite in the index folder.
         milvus_token: ``milvus``: the server's token, if it asks for one; unset: ``$CLIPTUNER_MILVUS_TOKEN``
             (a Kubernetes Secret reaches the indexer that way, see ``cliptuner k8s --milvus-token-secret``).
@@ -184,6 +187,7 @@ class CLIPIndexer(Executor):
         hnsw_connectivity: int = HnswSettings.connectivity,
         hnsw_expansion_add: int = HnswSettings.expansion_add,
         hnsw_expansion_search: int = HnswSettings.expansion_search,
+        vector_dtype: str = "f32",
         milvus_uri: Optional[str] = None,
         milvus_token: Optional[str] = None,
         bootstrap: bool = True,
@@ -233,7 +237,7 @@ class CLIPIndexer(Executor):
                                                                      2)),
                                      milvus_uri=setting(milvus_uri),
                                      milvus_token=setting(milvus_token) or os.environ.get(MILVUS_TOKEN_ENV) or None,
-                                     keep_previous=self.shards > 1)
+                                     keep_previous=self.shards > 1, dtype=setting(vector_dtype) or "f32")
         self._all_swapped_since: Optional[float] = None  # shards: since when every shard serves our version
         self._clips: dict[str, OnnxClip] = {}  # the index's version and, during a rebuild, the new one
         self._clips_lock = threading.Lock()
@@ -311,8 +315,10 @@ class CLIPIndexer(Executor):
             logger.warning("shard %d: %s", self.shard, exc)
             return DocList[ClipDoc]([trailer(self.shard, self.shards, self.collection.version,
                                              self.collection.previous_version, error=str(exc))])
-        docs.append(trailer(self.shard, self.shards, self.collection.version, self.collection.previous_version,
-                            **tags))
+        # what the work saw (a search says which versions it searched in), else what the shard holds now
+        version = tags.pop("serving", self.collection.version)
+        previous = tags.pop("previous", self.collection.previous_version)
+        docs.append(trailer(self.shard, self.shards, version, previous, **tags))
         return docs
 
     # -- model versions --------------------------------------------------------------------------------------
@@ -540,12 +546,14 @@ class CLIPIndexer(Executor):
         """A shard's search: every query in the version it serves and in the previous one it keeps, if any.
 
         Each match carries its ``model_version``; a query's ``embedding``/``model_version`` are those of the
-        served version. Returns the docs and the trailer's tags (the versions answered, the limit).
+        served version. Returns the docs and the trailer's tags: the versions answered, the limit, and the served
+        and previous versions as this search read them (a swap may land while it runs).
         """
         check_request(docs, self.limits)
         self._maybe_drop_previous()
-        serving = self.collection.version
-        versions = [v for v in dict.fromkeys((serving, self.collection.previous_version)) if v is not None]
+        # read once: a swap during this search must not make the trailer claim a version the search did not use
+        serving, previous = self.collection.version, self.collection.previous_version
+        versions = [v for v in dict.fromkeys((serving, previous)) if v is not None]
         answered, first_error = [], None
         matches: list[list[MatchDoc]] = [[] for _ in docs]
         query_vectors: Optional[tuple[str, np.ndarray]] = None  # the first answered version's: the served one's
@@ -568,7 +576,7 @@ class CLIPIndexer(Executor):
             doc.embedding, doc.model_version = vector, version
             doc.matches = DocList[MatchDoc](found)
             doc.scores = [m.score for m in found]
-        return docs, {"answered": answered, "limit": limit}
+        return docs, {"answered": answered, "limit": limit, "serving": serving, "previous": previous}
 
     def _delete(self, docs: DocList[ClipDoc], mine: list[int]) -> DocList[ClipDoc]:
         """Remove the docs at positions ``mine`` (this shard's), all or none; returns them, tagged ``deleted``."""

@@ -56,6 +56,33 @@ def test_usearch_backend_recall_and_scores(tmp_path):
         np.testing.assert_allclose(scores, [float(cos[i] @ q) for i, _ in g], atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["exact", "usearch"])
+@pytest.mark.parametrize("dtype, atol", [("f16", 2e-3), ("i8", 2e-2)])
+def test_f16_and_i8_vectors_find_the_same_neighbours_in_less_memory(tmp_path, backend, dtype, atol):
+    vecs, ids = _random(300, seed=2, dim=256), [f"d{i}" for i in range(300)]
+    queries = _unit(vecs[:40] + 0.3 * _random(40, seed=3, dim=256))  # each near one stored vector
+    want = _brute(vecs, ids, queries, 5)
+    sizes = {}
+    for kind in ("f32", dtype):
+        with Collection(tmp_path / kind, backend=backend, dtype=kind) as col:
+            col.upsert([StoredDoc(id=i, tags={"k": 1}) for i in ids], vecs, "v1")
+            got = col.search(queries, limit=5)
+            sizes[kind] = col.memory_bytes()
+            # held once: the graph holds the vectors when there is one, else the matrix does
+            assert (col._buf is None) == (backend == "usearch") and (col._hnsw is None) == (backend == "exact")
+            filtered = col.search(queries[:3], limit=2, where={"k": 1})  # exact, from the graph's vectors too
+        assert [g[0][0] for g in got] == [w[0][0] for w in want]
+        for g, w in zip(got, want):
+            np.testing.assert_allclose([s for _, s in g[:1]], [s for _, s in w[:1]], atol=atol)
+        assert [f[0][0] for f in filtered] == [w[0][0] for w in want[:3]]
+    assert sizes[dtype] < sizes["f32"] * (0.6 if dtype == "f16" else 0.9)
+    # SQLite keeps float32: the same collection opened as f32 scores at full precision again
+    with Collection(tmp_path / dtype, backend=backend) as col:
+        np.testing.assert_allclose(col.search(vecs[:1], limit=1)[0][0][1], 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"unknown vector dtype 'f64'; allowed: \['f32', 'f16', 'i8'\]"):
+        Collection(tmp_path / "bad", dtype="f64")
+
+
 def test_auto_backend_switches_to_hnsw_at_threshold(tmp_path):
     vecs = _random(60, seed=4)
     with Collection(tmp_path / "col", backend="auto", exact_threshold=50) as col:
@@ -136,7 +163,7 @@ def test_usearch_index_rebuilt_when_saved_file_is_stale(tmp_path):
     col._db.close()  # the process dies without close(): nothing saves the index of the last upsert
     col._lock_file.close()
     col._closed = True
-    (tmp_path / "col" / "usearch-0-2.index").write_bytes(stale)  # even a file under the expected name is checked
+    (tmp_path / "col" / "usearch-0-2-f32.index").write_bytes(stale)  # even a file under the expected name is checked
     with Collection(tmp_path / "col", backend="usearch") as col:
         assert len(col) == 80
         assert col.search(vecs[70], limit=1)[0][0][0] == "d70"

@@ -167,13 +167,26 @@ def test_two_shards_swap_one_after_the_other_and_never_mix_versions(workspace, t
 
         registry = Registry(workspace / "models")
         registry.set_current(registry.publish(tiny_model_dir_v2, make_current=False))
-        shards[0].sync()  # shard 0 swaps; shard 1 has not yet
-        assert shards[0].collection.previous_version == "v1" and shards[1].collection.version == "v1"
+        shards[1].sync()  # shard 1 swaps; shard 0 has not yet
+        assert shards[1].collection.previous_version == "v1" and shards[0].collection.version == "v1"
         during = merged_search()
         assert during.model_version == "v1" and [m.id for m in during.matches] == [m.id for m in before.matches]
         assert during.scores == pytest.approx(before.scores, abs=1e-5)
 
-        shards[1].sync()
+        # shard 0 swaps while a search runs on it, after the search read its version: the search still answers
+        # in v1 (kept), and its trailer says so, not the v2 the shard holds by the time it answers
+        search_v1 = shards[0].collection.search
+
+        def swap_first(*args, **kwargs):
+            shards[0].collection.search = search_v1
+            shards[0].sync()
+            return search_v1(*args, **kwargs)
+
+        shards[0].collection.search = swap_first
+        raced = merged_search()
+        assert shards[0].collection.search is search_v1 and shards[0].collection.version == "v2"
+        assert raced.model_version == "v1" and [m.id for m in raced.matches] == [m.id for m in before.matches]
+
         after = merged_search()
         assert after.model_version == "v2" and {m.model_version for m in after.matches} == {"v2"}
         assert not np.allclose(after.embedding, before.embedding, atol=1e-3)

@@ -1,7 +1,8 @@
 """One behaviour suite for the indexer's vector stores, run against each backend, plus Milvus-specific tests.
 
 ``make_store(root)`` opens the backend under test at ``root``: ``"embedded"`` is
-:class:`cliptuner.index.Collection` (exact search), ``"milvus"`` is :class:`cliptuner.milvus_store.MilvusCollection`
+:class:`cliptuner.index.Collection` (exact search), ``"embedded-hnsw"`` the same with a usearch HNSW graph from
+the first doc (the graph then holds the vectors: no matrix beside it), ``"milvus"`` is :class:`cliptuner.milvus_store.MilvusCollection`
 on Milvus Lite (a local file, no server). Vectors are small (8-16 dims) and docs few, so that the file runs fast.
 """
 
@@ -20,7 +21,8 @@ from cliptuner.milvus_store import MilvusCollection, where_expr
 from vector_support import brute as _brute, random_vectors, text_docs as _docs, unit as _unit
 
 DIM = 16
-BACKENDS = ["embedded", "milvus"]
+BACKENDS = ["embedded", "embedded-hnsw", "milvus"]
+EMBEDDED = {"embedded": "exact", "embedded-hnsw": "usearch"}  # the Collection backend of each
 
 
 def _random(n: int, seed: int, dim: int = DIM) -> np.ndarray:
@@ -54,12 +56,13 @@ def backend(request) -> str:
 
 
 @pytest.fixture
-def make_store(backend):
-    """Opens the backend under test at a root; everything it opened is closed after the test."""
+def make_store(backend, tmp_path):
+    """Opens the backend under test at a root; everything it opened is closed after the test (before tmp_path,
+    where the stores save on close, is removed)."""
     opened = []
 
     def make(root):
-        store = Collection(root, backend="exact") if backend == "embedded" else MilvusCollection(root)
+        store = Collection(root, backend=EMBEDDED[backend]) if backend in EMBEDDED else MilvusCollection(root)
         opened.append(store)
         return store
 
@@ -101,7 +104,7 @@ def test_upsert_replaces_an_existing_id(filled, backend):
     _assert_hits(store.search(queries, limit=5), _brute(updated, [f"d{i}" for i in range(40)], queries, 5))
     stats = store.stats()
     assert {k: stats[k] for k in ("count", "version", "dim")} == {"count": 40, "version": "v1", "dim": DIM}
-    assert stats["backend"] == ("exact" if backend == "embedded" else "milvus")
+    assert stats["backend"] == EMBEDDED.get(backend, "milvus")
     # a replaced doc keeps its place in insertion order
     assert [d.id for batch in store.iter_docs(batch_size=16) for d in batch] == [f"d{i}" for i in range(40)]
 
