@@ -74,8 +74,8 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional
 import numpy as np
 
 from .atomic import atomic_path, fsync_path
-from .index import (StoredDoc, TagValue, _check_positive_int, _check_version, _normalised, check_queries,
-                    check_query_version, check_upsert, check_where)
+from .vectors import (StoredDoc, TagValue, check_positive_int, check_queries, check_query_version, check_upsert,
+                      check_version, check_where, normalised)
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def _content_name(doc_id: str, chash: str) -> str:
 
 
 def _check_milvus_doc(doc: StoredDoc) -> None:
-    """What Milvus's fields add to :func:`cliptuner.index._check_doc`: byte limits and strict JSON tags."""
+    """What Milvus's fields add to :func:`cliptuner.vectors.check_doc`: byte limits and strict JSON tags."""
     size = len(doc.id.encode("utf-8"))
     if size > MAX_ID_BYTES:
         raise ValueError(f"doc {doc.id[:80]!r}...: id is {size} bytes in UTF-8; Milvus ids hold at most "
@@ -331,7 +331,7 @@ class _Rebuild:
             if not docs:
                 continue
             batch_ids = [doc.id for doc in docs]
-            vecs = _normalised(self.embed(docs), batch_ids, "embed() output")  # [len(docs), D]
+            vecs = normalised(self.embed(docs), batch_ids, "embed() output")  # [len(docs), D]
             if self.dim is not None and vecs.shape[1] != self.dim:
                 raise ValueError(f"embed() returned {vecs.shape[1]}-dim vectors for doc {batch_ids[0]!r}; earlier "
                                  f"batches were {self.dim}-dim")
@@ -413,11 +413,11 @@ class MilvusCollection:
                              f"Lite), got {uri!r}")
         self.name = name
         self.index = index.upper()
-        self.hnsw_m = _check_positive_int("hnsw_m", hnsw_m)
-        self.ef_construction = _check_positive_int("ef_construction", ef_construction)
-        self.ef_search = _check_positive_int("ef_search", ef_search)
+        self.hnsw_m = check_positive_int("hnsw_m", hnsw_m)
+        self.ef_construction = check_positive_int("ef_construction", ef_construction)
+        self.ef_search = check_positive_int("ef_search", ef_search)
         self.timeout = timeout
-        self.flush_rows = _check_positive_int("flush_rows", flush_rows)
+        self.flush_rows = check_positive_int("flush_rows", flush_rows)
         self._unflushed: dict[str, int] = {}  # Milvus Lite: rows written per collection since its last flush
         self.root = Path(root)
         self.lite = uri is None
@@ -733,7 +733,7 @@ class MilvusCollection:
     def iter_docs(self, batch_size: int = 256) -> Iterator[list[StoredDoc]]:
         """All stored docs with their content in insertion order, ``batch_size`` at a time (the lock is not held
         between batches; docs added meanwhile come at the end, deleted ones are skipped)."""
-        batch_size = _check_positive_int("batch_size", batch_size)
+        batch_size = check_positive_int("batch_size", batch_size)
         after = 0
         order: list[tuple[int, str]] = []
         pos = 0
@@ -786,7 +786,7 @@ class MilvusCollection:
             ValueError: ``limit`` < 1, ``version`` differs from the live version, bad query vectors, or a bad
                 ``where``.
         """
-        limit = _check_positive_int("limit", limit)
+        limit = check_positive_int("limit", limit)
         where = check_where(where)
         queries = check_queries(queries)
         for _ in range(_SEARCH_RETRIES):
@@ -802,7 +802,7 @@ class MilvusCollection:
             if queries.shape[1] != live.dim:
                 raise ValueError(f"queries have {queries.shape[1]} dims; the collection holds {live.dim}-dim "
                                  f"vectors (version {live.version!r})")
-            normed = _normalised(queries, [f"query {i}" for i in range(queries.shape[0])], "queries")
+            normed = normalised(queries, [f"query {i}" for i in range(queries.shape[0])], "queries")
             try:
                 results = self._search_live(normed, limit, where)
             except self._MilvusException:
@@ -967,8 +967,8 @@ class MilvusCollection:
             ValueError: bad arguments, or ``embed`` returned bad vectors (names the doc id). Whatever ``embed``
                 raises propagates; in every failure the store keeps serving its old version.
         """
-        version = _check_version(version)
-        batch_size = _check_positive_int("batch_size", batch_size)
+        version = check_version(version)
+        batch_size = check_positive_int("batch_size", batch_size)
         with self._rebuild_lock:
             with self._lock:
                 self._check_open()

@@ -160,7 +160,7 @@ def test_usearch_index_rebuilt_when_saved_file_is_stale(tmp_path):
     stale = next((tmp_path / "col").glob("usearch-*.index")).read_bytes()
     col = Collection(tmp_path / "col", backend="usearch")
     col.upsert(_docs(80)[60:], vecs[60:], "v1")
-    col._db.close()  # the process dies without close(): nothing saves the index of the last upsert
+    col._table.close()  # the process dies without close(): nothing saves the index of the last upsert
     col._lock_file.close()
     col._closed = True
     (tmp_path / "col" / "usearch-0-2-f32.index").write_bytes(stale)  # even a file under the expected name is checked
@@ -295,7 +295,7 @@ def _new_model(docs: list[StoredDoc]) -> np.ndarray:
 
 def _die(col: Collection) -> None:
     """What ``kill -9`` leaves: the database and the lock are released, nothing is saved or cleaned up."""
-    col._db.close()
+    col._table.close()
     col._lock_file.close()
     col._closed = True
 
