@@ -1,6 +1,7 @@
+"""What only the embedded store does: its HNSW graph and dtypes, its SQLite file across crashes and resumed
+rebuilds. The behaviour it shares with the Milvus store is tested on both in test_vector_stores.py."""
+
 import sqlite3
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -27,17 +28,6 @@ def filled(tmp_path):
 
 
 # -- search ----------------------------------------------------------------------------------------------------
-def test_exact_search_matches_brute_force(filled):
-    col, docs, vecs = filled
-    queries = _random(20, seed=1)
-    got = col.search(queries, limit=10, version="v1")
-    want = _brute(vecs, [d.id for d in docs], queries, 10)
-    for g, w in zip(got, want):
-        assert [i for i, _ in g] == [i for i, _ in w]
-        np.testing.assert_allclose([s for _, s in g], [s for _, s in w], atol=1e-5)
-    assert col.stats() == {"count": 300, "version": "v1", "dim": DIM, "backend": "exact"}
-
-
 def test_usearch_backend_recall_and_scores(tmp_path):
     vecs, ids = _random(400, seed=2), [f"d{i}" for i in range(400)]
     queries = _random(50, seed=3)
@@ -105,53 +95,7 @@ def test_limit_larger_than_collection_and_empty_collection(tmp_path):
         assert [len(r) for r in col.search(_random(2, seed=7), limit=10)] == [3, 3]
 
 
-@pytest.mark.parametrize("backend", ["exact", "usearch"])
-def test_replace_existing_id(tmp_path, backend):
-    vecs = _random(50, seed=8)
-    with Collection(tmp_path / "col", backend=backend) as col:
-        col.upsert(_docs(50), vecs, "v1")
-        target = _random(1, seed=9)
-        col.upsert([StoredDoc(id="d7", text="replaced")], target, "v1")
-        assert len(col) == 50
-        assert col.get(["d7"])[0].text == "replaced"
-        top = col.search(target, limit=1)[0][0]
-        assert top[0] == "d7" and top[1] == pytest.approx(1.0, abs=1e-5)
-        assert all(i != "d7" for i, _ in col.search(vecs[7], limit=50)[0][:1])
-
-
-@pytest.mark.parametrize("backend", ["exact", "usearch"])
-def test_delete_removes_from_results_and_count(tmp_path, backend):
-    vecs = _random(50, seed=10)
-    with Collection(tmp_path / "col", backend=backend) as col:
-        col.upsert(_docs(50), vecs, "v1")
-        assert col.delete(["d3", "d4", "nope", "d3"]) == 2
-        assert len(col) == 48 and "d3" not in col and "d5" in col
-        assert col.get(["d3", "d5"])[0] is None
-        hits = col.search(vecs[3:5], limit=50)
-        assert all(len(h) == 48 and {"d3", "d4"}.isdisjoint(i for i, _ in h) for h in hits)
-        assert col.delete(["d3"]) == 0
-        assert col.search(vecs[10], limit=1)[0][0][0] == "d10"
-
-
 # -- persistence -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["exact", "usearch"])
-def test_persistence_across_reopen(tmp_path, backend):
-    vecs, queries = _random(120, seed=11), _random(5, seed=12)
-    col = Collection(tmp_path / "col", backend=backend)
-    col.upsert(_docs(120), vecs, "v1")
-    col.delete(["d0"])
-    before = col.search(queries, limit=5)
-    col.close()
-    if backend == "usearch":
-        assert len(list((tmp_path / "col").glob("usearch-*.index"))) == 1
-    with Collection(tmp_path / "col", backend=backend) as col:
-        assert (len(col), col.version, col.dim) == (119, "v1", DIM)
-        after = col.search(queries, limit=5)
-    for b, a in zip(before, after):
-        assert [i for i, _ in b] == [i for i, _ in a]
-        np.testing.assert_allclose([s for _, s in b], [s for _, s in a], atol=1e-5)
-
-
 def test_usearch_index_rebuilt_when_saved_file_is_stale(tmp_path):
     vecs = _random(80, seed=13)
     col = Collection(tmp_path / "col", backend="usearch")
@@ -175,35 +119,7 @@ def test_second_open_of_same_root_is_refused(tmp_path):
             Collection(tmp_path / "col")
 
 
-def test_doc_content_round_trips(tmp_path):
-    tensor = np.random.default_rng(0).integers(0, 256, (5, 4, 3), dtype=np.uint8)
-    doc = StoredDoc(id="x", text="a cat", uri="file:///cat.png", blob=b"\x89PNG\x00\x01", tensor=tensor,
-                    tags={"split": "train", "n": 3, "nested": {"a": [1, 2.5, None]}})
-    with Collection(tmp_path / "col") as col:
-        col.upsert([doc, StoredDoc(id="y")], _random(2, seed=14), "v1")
-    with Collection(tmp_path / "col") as col:
-        got, plain, missing = col.get(["x", "y", "z"])
-        batches = list(col.iter_docs(batch_size=1))
-    assert missing is None
-    assert (got.id, got.text, got.uri, got.blob, got.tags) == (doc.id, doc.text, doc.uri, doc.blob, doc.tags)
-    assert got.tensor.dtype == np.uint8 and np.array_equal(got.tensor, tensor)
-    assert plain == StoredDoc(id="y")
-    assert [[d.id for d in b] for b in batches] == [["x"], ["y"]]
-
-
 # -- versions --------------------------------------------------------------------------------------------------
-def test_version_mismatch_on_upsert_and_search(filled):
-    col, _, vecs = filled
-    with pytest.raises(ValueError, match=r"'v2'.*'v1'"):
-        col.upsert([StoredDoc(id="new")], _random(1, seed=15), "v2")
-    with pytest.raises(ValueError, match=r"'v2'.*'v1'"):
-        col.search(vecs[:1], limit=3, version="v2")
-    assert len(col) == 300 and "new" not in col
-    assert col.delete([f"d{i}" for i in range(300)]) == 300
-    col.upsert([StoredDoc(id="new")], _random(1, seed=16, dim=8), "v2")  # empty again: takes the new version
-    assert (col.version, col.dim, len(col)) == ("v2", 8, 1)
-
-
 def _embed_reversed(docs: list[StoredDoc]) -> np.ndarray:
     """A 'new model': vector of doc d<i> is the old vector of d<299-i>, in 16 dims."""
     return np.stack([_random(300, seed=0)[299 - int(d.id[1:]), :16] for d in docs])
@@ -226,14 +142,6 @@ def test_rebuild_swaps_version_and_vectors(filled, tmp_path):
     db = sqlite3.connect(tmp_path / "col" / "docs.sqlite")
     assert db.execute("SELECT COUNT(*), COUNT(DISTINCT slot) FROM vectors").fetchone() == (300, 1)
     db.close()
-
-
-def test_rebuild_of_empty_collection_sets_version(tmp_path):
-    with Collection(tmp_path / "col") as col:
-        assert col.rebuild("v3", lambda docs: pytest.fail("nothing to embed")) == 0
-        assert col.version == "v3"
-    with Collection(tmp_path / "col") as col:
-        assert col.version == "v3"
 
 
 @pytest.mark.parametrize("backend", ["exact", "usearch"])
@@ -399,135 +307,7 @@ def test_a_rebuild_for_another_version_discards_the_unfinished_one(tmp_path):
         _assert_embedded_by_new_model(col, {f"d{i}": i for i in range(30)})
 
 
-def test_get_without_content_leaves_out_the_image_bytes(tmp_path):
-    tensor = np.zeros((4, 4, 3), np.uint8)
-    with Collection(tmp_path / "col") as col:
-        col.upsert([StoredDoc(id="x", text="a cat", uri="cat.png", blob=b"\x89PNG", tensor=tensor, tags={"k": 1})],
-                   _random(1, seed=47), "v1")
-        light, missing = col.get(["x", "nope"], content=False)
-        full = col.get(["x"])[0]
-    assert missing is None
-    assert light == StoredDoc(id="x", text="a cat", uri="cat.png", tags={"k": 1})
-    assert full.blob == b"\x89PNG" and np.array_equal(full.tensor, tensor)
-
-
-def test_delete_of_unknown_ids_can_be_refused_and_then_removes_nothing(filled):
-    col, _, vecs = filled
-    before = col.search(vecs[:3], limit=5)
-    with pytest.raises(ValueError, match=r"doc\(s\) 'nope', 'gone' not stored; nothing was deleted"):
-        col.delete(["d1", "nope", "d2", "gone", "nope"], missing_ok=False)
-    assert len(col) == 300 and "d1" in col and col.search(vecs[:3], limit=5) == before
-    assert col.delete(["d1", "d2", "d1"], missing_ok=False) == 2
-    assert len(col) == 298 and "d1" not in col
-
-
-def test_writes_during_rebuild_are_re_embedded(tmp_path):
-    def new_model(docs):  # the new version embeds a doc from its text
-        return np.stack([_random(1, seed=1000 + int(d.text.split()[-1]))[0] for d in docs])
-
-    with Collection(tmp_path / "col", backend="usearch") as col:
-        col.upsert(_docs(40), _random(40, seed=22), "v1")
-        seen = []
-
-        def embed(docs):
-            if not seen:  # mid-rebuild: the old version still serves writes
-                col.upsert([StoredDoc(id="late", text="text 77"), StoredDoc(id="d39", text="text 55")],
-                           _random(2, seed=23), "v1")
-                col.delete(["d0"])
-            seen.append([d.id for d in docs])
-            return new_model(docs)
-
-        assert col.rebuild("v2", embed, batch_size=10) == 40
-        assert "d0" not in col and "late" in col
-        for doc_id, text_n in [("late", 77), ("d39", 55), ("d5", 5)]:
-            top = col.search(_random(1, seed=1000 + text_n), limit=1, version="v2")[0][0]
-            assert top == (doc_id, pytest.approx(1.0, abs=1e-4))
-
-
-def test_concurrent_searches_during_rebuild_see_one_version(tmp_path):
-    # old vectors map the query to doc A, then f199, f198, ...; new vectors to doc B, then f0, f1, ...
-    q = np.zeros(DIM, np.float32)
-    q[0] = 1.0
-    rest = _unit(_random(200, seed=24)[:, 1:])
-    cos = np.linspace(-0.9, 0.9, 200, dtype=np.float32)[:, None]  # filler i's similarity to q (old version)
-    ids = ["A", "B"] + [f"f{i}" for i in range(200)]
-    old = np.vstack([q, -q, np.hstack([cos, np.sqrt(1 - cos**2) * rest])])
-    new = np.vstack([-q, q, np.hstack([-cos, np.sqrt(1 - cos**2) * rest])])
-    expected = {}
-    for name, mat in (("v1", old), ("v2", new)):
-        expected[name] = [(i, round(s, 4)) for i, s in _brute(mat, ids, q[None], 5)[0]]
-    col = Collection(tmp_path / "col", backend="exact")
-    col.upsert([StoredDoc(id=i) for i in ids], old, "v1")
-    row = {doc_id: r for r, doc_id in enumerate(ids)}
-
-    def embed(docs):
-        time.sleep(0.01)
-        return new[[row[d.id] for d in docs]]
-
-    results, errors = [], []
-    stop = threading.Event()
-
-    def searcher():
-        while not stop.is_set():
-            try:
-                for version in ("v1", "v2", None):
-                    try:
-                        hits = col.search(q, limit=5, version=version)[0]
-                    except ValueError:
-                        assert version is not None  # a query of the other version: refused, never mixed
-                        continue
-                    results.append((version, [(i, round(s, 4)) for i, s in hits]))
-            except Exception as err:  # noqa: BLE001 - reported below
-                errors.append(err)
-
-    threads = [threading.Thread(target=searcher) for _ in range(3)]
-    for t in threads:
-        t.start()
-    col.rebuild("v2", embed, batch_size=16)
-    time.sleep(0.05)
-    stop.set()
-    for t in threads:
-        t.join()
-    assert not errors
-    seen = {tuple(hits) for _, hits in results}
-    assert seen <= {tuple(expected["v1"]), tuple(expected["v2"])}
-    assert seen == {tuple(expected["v1"]), tuple(expected["v2"])}  # searches ran before and after the swap
-    for version, hits in results:
-        if version is not None:
-            assert hits == expected[version]
-    assert col.search(q, limit=1)[0][0][0] == "B"
-    col.close()
-
-
 # -- bad inputs ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("docs, vectors, match", [
-    (lambda: [StoredDoc(id="n1")], lambda: _random(1, seed=30, dim=DIM + 1), r"'n1'.*33 dims"),
-    (lambda: [StoredDoc(id="n1"), StoredDoc(id="n2")],
-     lambda: np.vstack([_random(1, seed=31), np.full((1, DIM), np.nan)]), r"'n2'.*NaN"),
-    (lambda: [StoredDoc(id="n1"), StoredDoc(id="n1")], lambda: _random(2, seed=32), r"'n1'.*more than once"),
-    (lambda: [StoredDoc(id="n1"), StoredDoc(id="n2")], lambda: _random(3, seed=33), r"shape \(3, 32\).*\[2, D\]"),
-    (lambda: [StoredDoc(id="")], lambda: _random(1, seed=34), "non-empty"),
-    (lambda: [StoredDoc(id="n1"), StoredDoc(id="d5", text="changed")],
-     lambda: np.vstack([_random(1, seed=35), np.zeros((1, DIM))]), r"'d5'.*zeros"),
-    (lambda: [StoredDoc(id="n1", tags={"bad": object()})], lambda: _random(1, seed=36), r"'n1'.*JSON"),
-])
-def test_bad_upserts_raise_and_store_nothing(filled, docs, vectors, match):
-    col, _, vecs = filled
-    before = col.search(vecs[:3], limit=5)
-    with pytest.raises(ValueError, match=match):
-        col.upsert(docs(), vectors(), "v1")
-    assert len(col) == 300 and "n1" not in col and col.get(["n1"]) == [None]
-    assert col.get(["d5"])[0].text == "text 5"
-    assert col.search(vecs[:3], limit=5) == before
-
-
-@pytest.mark.parametrize("limit", [0, -1, 2.5])
-def test_bad_limit_raises(filled, limit):
-    col, _, vecs = filled
-    with pytest.raises(ValueError, match="limit"):
-        col.search(vecs[:1], limit=limit)
-
-
 def test_bad_query_dim_and_unknown_backend(filled, tmp_path):
     col, _, _ = filled
     with pytest.raises(ValueError, match="3 dims"):
