@@ -198,7 +198,10 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     report.update({"model_version": version, "model": {"arch": spec.arch, "pretrained": spec.pretrained},
                    "wall_seconds": time.time() - started})
     bundle.model.cpu()
-    export_model_dir(bundle, out, checkpoint=True, metadata_extra={"version": version, "report": report})
+    export_model_dir(bundle, out, checkpoint=True, precision=cfg.export_precision,
+                     metadata_extra={"version": version, "report": report})
+    if cfg.export_precision != "fp32":
+        report["exported"] = _exported_recall(out, eval_pairs, cfg.export_precision, report["after"])
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(format_report(report["before"], report["after"], report.get("trivial", ())))
     if "wiseft" in report:
@@ -211,6 +214,28 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
             print(line)
     print(f"{report['epochs']} epochs, {report['samples_per_s']:.1f} samples/s; model version {version!r} in {out}")
     return report
+
+
+def _exported_recall(out: Path, eval_pairs: Any, precision: str, after: dict[str, float]) -> dict[str, Any]:
+    """Held-out recall of the exported graphs of another precision than the trained weights, beside the fp32
+    ``after``; written into the export's ``model.json`` report too (an fp16 export is measured where CUDA is)."""
+    from .evaluate import evaluate_onnx
+    from .manifest import ModelManifest
+    from .runtime import OnnxClip
+
+    try:
+        metrics = evaluate_onnx(OnnxClip(out, device="auto"), eval_pairs)
+    except RuntimeError as exc:  # an fp16 export where onnxruntime has no CUDA
+        result: dict[str, Any] = {"precision": precision, "measured": False, "reason": str(exc)}
+    else:
+        result = {"precision": precision, "measured": True, "after": metrics,
+                  "drop": {k: round(after[k] - metrics[k], 6) for k in metrics if k in after}}
+        print(f"{precision} export: held-out t2i R@5 {100 * metrics['t2i_r5']:.1f}% "
+              f"(fp32 {100 * after['t2i_r5']:.1f}%)", file=sys.stderr)
+    manifest = ModelManifest.read(out)
+    manifest.report = {**(manifest.report or {}), "exported": result}
+    manifest.write(out)
+    return result
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, float]:
@@ -240,9 +265,9 @@ def run_export(args: argparse.Namespace) -> Path:
     if not arch:
         raise SystemExit(f"{args.checkpoint} does not record its arch; pass --model")
     bundle = load_model(ModelSpec(arch=arch, pretrained=args.checkpoint))
-    out = export_model_dir(bundle, Path(args.out), checkpoint=args.with_checkpoint,
+    out = export_model_dir(bundle, Path(args.out), checkpoint=args.with_checkpoint, precision=args.precision,
                            metadata_extra={"version": args.version or Path(args.out).name})
-    print(f"exported {arch} to {out}")
+    print(f"exported {arch} ({args.precision}) to {out}")
     return out
 
 
@@ -563,6 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="arch (default: the one recorded in the checkpoint)")
     p.add_argument("--version", default=None)
     p.add_argument("--with-checkpoint", action="store_true", help="copy the weights into the directory too")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"),
+                   help="of the ONNX graphs: fp32; int8 (dynamic quantization, for CPU serving); fp16 (for CUDA "
+                        "serving; its parity check runs only where onnxruntime has CUDA)")
     p.set_defaults(func=run_export)
 
     p = sub.add_parser("encode", help="embed texts and images with an exported model")

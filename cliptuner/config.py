@@ -15,6 +15,7 @@ from typing import Any, Mapping, Optional, Sequence
 from .options import cast_value, option
 
 PRECISIONS = ("fp32", "amp", "amp_bf16")
+EXPORT_PRECISIONS = ("fp32", "fp16", "int8")  # cliptuner.manifest.PRECISIONS (config stays free of the manifest)
 SCHEDULERS = ("cosine", "constant")
 METRIC_NAMES = ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "mean_recall")
 
@@ -124,6 +125,9 @@ class TrainConfig:
                                                 "(1-a)*base + a*tuned at these alphas")
     wiseft_alpha: Optional[float] = option(None, "WiSE-FT: keep (1-a)*base + a*tuned as the result (exported); "
                                                  "none keeps the tuned weights")
+    export_precision: str = option("fp32", "precision of the exported ONNX model: fp32; int8 (dynamic "
+                                           "quantization, for CPU serving: its held-out recall is reported next to "
+                                           "fp32's); fp16 (for CUDA serving)", choices=EXPORT_PRECISIONS)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "accum_steps"):
@@ -137,6 +141,8 @@ class TrainConfig:
         _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
         _check(self.scheduler in SCHEDULERS, f"scheduler must be one of {list(SCHEDULERS)}, got {self.scheduler!r}")
         _check(self.precision in PRECISIONS, f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        _check(self.export_precision in EXPORT_PRECISIONS,
+               f"export_precision must be one of {list(EXPORT_PRECISIONS)}, got {self.export_precision!r}")
         _check(self.grad_clip_norm is None or self.grad_clip_norm > 0, f"grad_clip_norm must be > 0 or None, got {self.grad_clip_norm!r}")
         _check(not (self.lock_image and self.lock_text and self.image_unlocked_groups == 0
                     and self.text_unlocked_layers == 0),

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from .images import DEFAULT_LIMITS, ImageSource, decode_image, preprocess
-from .manifest import (CHECKPOINT_FILE, IMAGE_INPUT, INTERPOLATIONS, LINEAGE_KEYS, OUTPUT, RESIZE_MODES, TEXT_INPUT,
-                       TEXTUAL_FILE, VISUAL_FILE, VOCAB_FILE, ModelManifest, OnnxSpec, TokenizerSpec)
+from .manifest import (CHECKPOINT_FILE, IMAGE_INPUT, INTERPOLATIONS, LINEAGE_KEYS, OUTPUT, PRECISIONS, RESIZE_MODES,
+                       TEXT_INPUT, TEXTUAL_FILE, VISUAL_FILE, VOCAB_FILE, ModelManifest, OnnxSpec, TokenizerSpec)
 from .models import ClipBundle, save_checkpoint
 from .tokenizer import ClipTokenizer
 
@@ -49,6 +49,9 @@ except ImportError as exc:  # pragma: no cover - dependency missing
 EXPORTERS = ("torchscript", "dynamo")
 DYNAMO_MIN_OPSET = 18  # the torch.export-based exporter writes opset 18+ (down-conversion fails on CLIP)
 TRACE_BATCH = 2  # batch size of the example inputs traced; parity runs at other sizes
+# the least per-row cosine with torch's fp32 embeddings that each precision's graphs must reach
+PARITY_THRESHOLDS = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.99}
+CUDA_PROVIDER = "CUDAExecutionProvider"
 
 DEFAULT_SAMPLE_TEXTS = (
     "a photo of a cat",
@@ -236,10 +239,41 @@ def generate_sample_images(count: int = 3, seed: int = 0) -> list[np.ndarray]:
     return images
 
 
-def _onnx_embed(path: Path, feeds_list: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
-    """Run one ONNX graph on CPU on each of several feeds (one session: creating them is what costs)."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def _onnx_embed(path: Path, feeds_list: list[dict[str, np.ndarray]], cuda: bool = False) -> list[np.ndarray]:
+    """Run one ONNX graph on each of several feeds (one session: creating them is what costs), on CPU or, with
+    ``cuda``, on the CUDA provider only."""
+    providers = [CUDA_PROVIDER] if cuda else ["CPUExecutionProvider"]
+    session = ort.InferenceSession(str(path), providers=providers)
     return [session.run(None, feeds)[0] for feeds in feeds_list]
+
+
+def _cuda_usable() -> bool:
+    """Whether onnxruntime can run a graph on CUDA here (an fp16 graph is checked there: ORT's CPU provider does
+    not run the float16 graphs of CLIP towers)."""
+    return CUDA_PROVIDER in ort.get_available_providers()
+
+
+def convert_precision(path: Path, precision: str) -> None:
+    """Rewrite the fp32 graph at ``path`` in ``precision``, in place.
+
+    ``int8``: ONNX Runtime's dynamic quantization (int8 weights, activations quantized per batch at run time), for
+    CPU serving. ``fp16``: float16 weights and arithmetic with float32 inputs and outputs, for CUDA serving.
+    """
+    tmp = path.with_name(f".{path.name}.{precision}")
+    try:
+        if precision == "int8":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8)
+        elif precision == "fp16":
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+
+            onnx.save(convert_float_to_float16(onnx.load(str(path)), keep_io_types=True), str(tmp))
+        else:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -249,9 +283,9 @@ def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _compare(tower: str, path: Path, input_name: str, inputs: np.ndarray, expected: np.ndarray,
-             threshold: float) -> dict[str, Any]:
+             threshold: float, cuda: bool = False) -> dict[str, Any]:
     """Run ONNX on the whole batch and on its first row alone; both must match torch row by row."""
-    full, single = _onnx_embed(path, [{input_name: inputs}, {input_name: inputs[:1]}])
+    full, single = _onnx_embed(path, [{input_name: inputs}, {input_name: inputs[:1]}], cuda)
     if full.shape != expected.shape or single.shape != expected[:1].shape:
         raise ExportError(f"{tower} tower: ONNX output shapes {full.shape} / {single.shape} differ from torch's "
                           f"{expected.shape} / {expected[:1].shape}")
@@ -273,6 +307,7 @@ def export_onnx(
     sample_images: Optional[Sequence[ImageSource]] = None,
     sample_texts: Optional[Sequence[str]] = None,
     exporter: str = "torchscript",
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Write ``visual.onnx`` and ``textual.onnx`` into ``out_dir`` and prove they match torch.
 
@@ -281,16 +316,22 @@ def export_onnx(
         out_dir: destination directory (created if missing).
         opset: ONNX opset (``exporter="dynamo"`` raises it to at least 18).
         check_parity: compare ONNX with torch on ``sample_images`` / ``sample_texts``.
-        parity_threshold: minimum per-row cosine similarity between ONNX and torch embeddings.
+        parity_threshold: minimum per-row cosine similarity between the fp32 ONNX graphs and torch.
         sample_images: images (any :data:`cliptuner.images.ImageSource`) for the check; deterministic generated
             pictures by default. The check runs the whole set and its first item alone (batch 1, never the
             traced batch of 2), so it also proves the dynamic batch axis.
         sample_texts: texts for the check; a varied default set (empty, long, unicode…).
         exporter: ``torchscript`` (default) or ``dynamo`` (needs onnxscript).
+        precision: ``fp32``; ``int8`` (dynamic quantization, for CPU serving) or ``fp16`` (for CUDA serving):
+            the graphs are exported in fp32, checked, then converted (:func:`convert_precision`) and checked again
+            against torch with :data:`PARITY_THRESHOLDS` of that precision. An fp16 graph can only be checked
+            where onnxruntime runs CUDA; elsewhere its check is recorded as not run.
 
     Returns:
-        ``{"visual": path, "textual": path, "opset", "exporter", "embed_dim", "parity"}`` where ``parity`` is
-        ``{"threshold", "visual": {"min_cosine", "max_abs_diff", "batch_sizes"}, "textual": {...}}`` or None.
+        ``{"visual": path, "textual": path, "opset", "exporter", "embed_dim", "precision", "parity"}`` where
+        ``parity`` is ``{"threshold", "visual": {"min_cosine", "max_abs_diff", "batch_sizes"}, "textual": {...}}``
+        or None; for int8 and fp16 it is the converted graphs', with the fp32 graphs' under ``"fp32"`` (an fp16
+        check that could not run: ``{"precision": "fp16", "checked": False, "reason": ...}``).
 
     Raises:
         ValueError: an unsupported tokenizer, exporter or threshold.
@@ -299,6 +340,8 @@ def export_onnx(
     """
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {list(EXPORTERS)}, got {exporter!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     if not 0.0 < parity_threshold <= 1.0:
         raise ValueError(f"parity_threshold must be in (0, 1], got {parity_threshold!r}")
     if exporter == "dynamo" and opset < DYNAMO_MIN_OPSET:
@@ -344,8 +387,26 @@ def export_onnx(
             }
             logger.info("ONNX parity: visual min cosine %.7f, textual min cosine %.7f",
                         parity["visual"]["min_cosine"], parity["textual"]["min_cosine"])
+        if precision != "fp32":
+            for path in (visual_path, textual_path):
+                convert_precision(path, precision)
+            if check_parity:
+                parity = {"precision": precision, "fp32": parity}
+                if precision == "fp16" and not _cuda_usable():
+                    parity.update(checked=False, reason="fp16 graphs run on CUDA and onnxruntime has no CUDA "
+                                                        "provider here; check them where it has")
+                else:
+                    threshold = PARITY_THRESHOLDS[precision]
+                    cuda = precision == "fp16"
+                    parity.update(checked=True, threshold=threshold, device="cuda" if cuda else "cpu",
+                                  visual=_compare("visual", visual_path, IMAGE_INPUT, pixels, torch_img, threshold,
+                                                  cuda),
+                                  textual=_compare("textual", textual_path, TEXT_INPUT, ids, torch_txt, threshold,
+                                                   cuda))
+                    logger.info("%s ONNX parity: visual min cosine %.5f, textual min cosine %.5f", precision,
+                                parity["visual"]["min_cosine"], parity["textual"]["min_cosine"])
     return {"visual": str(visual_path), "textual": str(textual_path), "opset": opset, "exporter": exporter,
-            "embed_dim": int(bundle.embed_dim), "parity": parity}
+            "embed_dim": int(bundle.embed_dim), "precision": precision, "parity": parity}
 
 
 def export_model_dir(
@@ -383,6 +444,7 @@ def export_model_dir(
     result = export_onnx(bundle, out, **export_kwargs)
     manifest.opset = result["opset"]
     manifest.exporter = result["exporter"]
+    manifest.precision = result["precision"]
     manifest.parity = result["parity"]
     manifest.checkpoint = CHECKPOINT_FILE if checkpoint else None
     if checkpoint:

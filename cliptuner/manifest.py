@@ -38,6 +38,7 @@ TEXT_INPUT = "input_ids"
 OUTPUT = "embeddings"
 REQUIRED_FILES = (MANIFEST_FILE, VISUAL_FILE, TEXTUAL_FILE, VOCAB_FILE)  # what makes a directory servable
 TOKENIZER_KINDS = ("clip_bpe",)  # what cliptuner.tokenizer.ClipTokenizer implements
+PRECISIONS = ("fp32", "fp16", "int8")  # of the ONNX graphs: as exported, float16 (CUDA), int8 dynamic (CPU)
 RESIZE_MODES = ("shortest",)  # resize the shortest side + centre crop (cliptuner.images.preprocess)
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")  # what cliptuner.images.preprocess implements
 LINEAGE_KEYS = ("version", "parent_version", "report")  # set by whoever exports / publishes; in model.json once set
@@ -153,6 +154,7 @@ class ModelManifest(_Section):
     created_at: Optional[str] = None  # ISO 8601, UTC
     opset: Optional[int] = None
     exporter: Optional[str] = None
+    precision: str = PRECISIONS[0]  # of the graphs' weights (a model.json without it: fp32)
     parity: Optional[dict[str, Any]] = None  # cliptuner.export.export_onnx's parity result
     checkpoint: Optional[str] = None  # CHECKPOINT_FILE when the directory carries the torch weights
     version: Optional[str] = None  # set by Registry.publish
@@ -233,6 +235,7 @@ class ModelManifest(_Section):
                              f"known: {list(TOKENIZER_KINDS)}")
         _check_choice(source, "tokenizer.clean", self.tokenizer.clean, CLEAN_MODES)
         _check_choice(source, "resize_mode", self.resize_mode, RESIZE_MODES)
+        _check_choice(source, "precision", self.precision, PRECISIONS)
         _check_choice(source, "interpolation", self.interpolation, INTERPOLATIONS)
         for key, value in (("embed_dim", self.embed_dim), ("image_size", self.image_size),
                            ("tokenizer.context_length", self.tokenizer.context_length)):

@@ -66,7 +66,8 @@ class OnnxClip:
     Raises:
         ValueError: a bad model directory (see :meth:`ModelManifest.read <cliptuner.manifest.ModelManifest.read>`),
             device or batch size.
-        RuntimeError: ``device="cuda"`` but onnxruntime cannot run on CUDA here.
+        RuntimeError: ``device="cuda"`` but onnxruntime cannot run on CUDA here, or an fp16 export (model.json's
+            ``precision``) where CUDA is not usable.
     """
 
     def __init__(
@@ -89,12 +90,15 @@ class OnnxClip:
         tok = self.manifest.tokenizer
         self.tokenizer = ClipTokenizer(self.model_dir / tok.vocab, tok.context_length, tok.clean)
         graphs = self.manifest.onnx
-        self._visual = self._session(self.model_dir / graphs.visual.file, kind, device_id, intra_op_threads)
-        self._textual = self._session(self.model_dir / graphs.textual.file, kind, device_id, intra_op_threads)
+        precision = self.manifest.precision
+        self._visual = self._session(self.model_dir / graphs.visual.file, kind, device_id, intra_op_threads, precision)
+        self._textual = self._session(self.model_dir / graphs.textual.file, kind, device_id, intra_op_threads,
+                                      precision)
         logger.info("serving %s (%s) on %s", self.version, self.manifest.arch, self.providers)
 
     @staticmethod
-    def _session(path: Path, kind: str, device_id: int, threads: Optional[int]) -> "ort.InferenceSession":
+    def _session(path: Path, kind: str, device_id: int, threads: Optional[int],
+                 precision: str = "fp32") -> "ort.InferenceSession":
         options = ort.SessionOptions()
         options.log_severity_level = _ORT_ERROR
         if threads is not None:
@@ -120,6 +124,10 @@ class OnnxClip:
         elif kind == "cuda":
             raise RuntimeError(f"device='cuda' requested but onnxruntime has no {CUDA_PROVIDER} (available: {available}); "
                                "install onnxruntime-gpu on a machine with a CUDA GPU, or use device='cpu'")
+        if precision == "fp16":  # ORT's CPU provider does not run float16 CLIP graphs (it can crash the process)
+            raise RuntimeError(f"{path.parent.name} is an fp16 export, for CUDA serving, and onnxruntime cannot run "
+                               "CUDA here; serve an fp32 or int8 export of it on the CPU (cliptuner export "
+                               "--precision int8)")
         return ort.InferenceSession(str(path), sess_options=options, providers=[CPU_PROVIDER])
 
     @property

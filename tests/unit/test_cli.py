@@ -78,6 +78,26 @@ def test_karpathy_json_trains_on_its_train_split(tmp_path):
     assert split == {"train_images": 30, "train_pairs": 60, "eval_images": 10, "eval_pairs": 20}
 
 
+def test_an_int8_export_reports_its_held_out_recall_beside_fp32(trained, tmp_path):
+    csv, out = trained
+    assert main(["export", "--checkpoint", str(out / "checkpoint.pt"), "--out", str(tmp_path / "int8"),
+                 "--precision", "int8"]) == 0
+    assert json.loads((tmp_path / "int8" / "model.json").read_text())["precision"] == "int8"
+    # /train and `cliptuner train` take it as export_precision: the report then holds both recalls
+    data = synthetic.write_csv(tmp_path / "data", n_images=40, domain="domain", seed=6, captions_per_image=2)
+    tuned = tmp_path / "tuned"
+    assert main(["train", "--data", str(data), "--epochs", "1", "--batch-size", "8", "--out", str(tuned), "--quiet",
+                 "--device", "cpu", "--export-precision", "int8"]) == 0
+    report = json.loads((tuned / "report.json").read_text())
+    exported = report["exported"]
+    assert exported["precision"] == "int8" and exported["measured"] is True
+    for key in METRIC_KEYS:
+        assert 0.0 <= exported["after"][key] <= 1.0
+        assert exported["drop"][key] == pytest.approx(report["after"][key] - exported["after"][key], abs=1e-6)
+    meta = json.loads((tuned / "model.json").read_text())
+    assert meta["precision"] == "int8" and meta["report"]["exported"] == exported
+
+
 def test_bad_rows_give_an_error_naming_the_row(tmp_path, capsys):
     (tmp_path / "a.png").write_bytes(b"")
     (tmp_path / "pairs.csv").write_text("image,caption\na.png,a red circle\nmissing.png,a blue square\n")

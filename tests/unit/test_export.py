@@ -172,7 +172,56 @@ def test_half_precision_model_exports_as_fp32_copy(tiny_bundle, tmp_path):
     assert result["parity"]["visual"]["min_cosine"] >= 0.999
 
 
+def test_int8_export_serves_on_cpu_close_to_fp32_and_smaller(tiny_bundle, tiny_model_dir, tmp_path):
+    out = export_model_dir(tiny_bundle, tmp_path / "int8", checkpoint=False, precision="int8", sample_texts=TEXTS)
+    manifest = ModelManifest.read(out)
+    assert manifest.precision == "int8" and ModelManifest.read(tiny_model_dir).precision == "fp32"
+    parity = manifest.parity
+    assert parity["precision"] == "int8" and parity["checked"] and parity["threshold"] == 0.99
+    assert parity["fp32"]["visual"]["min_cosine"] >= 0.9999  # checked before the conversion too
+    assert 0.99 <= parity["visual"]["min_cosine"] < 1.0 and 0.99 <= parity["textual"]["min_cosine"] < 1.0
+    ops = {node.op_type for node in onnx.load(str(out / "textual.onnx")).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} & ops  # the weights are int8
+    for name in ("visual.onnx", "textual.onnx"):
+        assert (out / name).stat().st_size < 0.6 * (tiny_model_dir / name).stat().st_size
+    fp32, int8 = OnnxClip(tiny_model_dir, device="cpu"), OnnxClip(out, device="cpu")
+    images = generate_sample_images(4, seed=5)
+    for a, b in ((fp32.encode_images(images), int8.encode_images(images)),
+                 (fp32.encode_text(TEXTS), int8.encode_text(TEXTS))):
+        cosines = (a * b).sum(axis=1)
+        assert cosines.min() >= 0.99 and not np.allclose(a, b, atol=1e-6)
+
+
+def test_fp16_export_is_marked_and_refused_on_a_cpu_only_runtime(tiny_bundle, tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "_cuda_usable", lambda: False)  # as on this CPU-only install
+    out = export_model_dir(tiny_bundle, tmp_path / "fp16", checkpoint=False, precision="fp16", sample_texts=TEXTS)
+    manifest = ModelManifest.read(out)
+    assert manifest.precision == "fp16"
+    assert manifest.parity["checked"] is False and "CUDA" in manifest.parity["reason"]
+    assert manifest.parity["fp32"]["textual"]["min_cosine"] >= 0.9999
+    initializers = onnx.load(str(out / "visual.onnx")).graph.initializer
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in initializers)
+    graph = onnx.load(str(out / "visual.onnx")).graph  # inputs and outputs stay float32
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
+        with pytest.raises(RuntimeError, match=r"fp16 export, for CUDA serving.*--precision int8"):
+            OnnxClip(out, device="auto")
+
+
+@pytest.mark.gpu
+def test_fp16_export_parity_on_cuda(tiny_bundle, tmp_path):
+    out = export_model_dir(tiny_bundle, tmp_path / "fp16", checkpoint=False, precision="fp16", sample_texts=TEXTS)
+    parity = ModelManifest.read(out).parity
+    assert parity["checked"] and parity["device"] == "cuda"
+    assert parity["visual"]["min_cosine"] >= 0.999 and parity["textual"]["min_cosine"] >= 0.999
+    clip = OnnxClip(out, device="cuda")
+    assert clip.encode_text(["a red square"]).shape == (1, tiny_bundle.embed_dim)
+
+
 def test_bad_options_raise(tiny_bundle, tmp_path):
+    with pytest.raises(ValueError, match=r"precision must be one of \['fp32', 'fp16', 'int8'\], got 'int4'"):
+        export_onnx(tiny_bundle, tmp_path, precision="int4")
     with pytest.raises(ValueError, match="exporter must be one of"):
         export_onnx(tiny_bundle, tmp_path, exporter="tensorrt")
     with pytest.raises(ValueError, match="parity_threshold"):
