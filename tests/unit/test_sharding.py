@@ -201,3 +201,15 @@ def test_two_shards_swap_one_after_the_other_and_never_mix_versions(workspace, t
     finally:
         for s in shards:
             s.close()
+
+
+@pytest.mark.parametrize("value", ["0", "65", "two"])
+def test_serve_refuses_a_bad_shard_count_before_starting_anything(tmp_path, capsys, monkeypatch, value):
+    from cliptuner.cli import SERVE_ENV, main
+
+    for name in SERVE_ENV.values():  # serve sets them in this process; restored after the test
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CLIPTUNER_INDEX_SHARDS", value)
+    assert main(["serve", "--workspace", str(tmp_path)]) == 2
+    assert f"--index-shards / CLIPTUNER_INDEX_SHARDS must be a whole number in [1, 64], got '{value}'" \
+        in capsys.readouterr().err
