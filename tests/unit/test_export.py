@@ -141,8 +141,8 @@ def test_tokenizer_variants(tiny_bundle):
 def test_parity_failure_names_the_tower(tiny_bundle, tmp_path, monkeypatch):
     real = export._onnx_embed
 
-    def broken(path, feeds_list):
-        outs = real(path, feeds_list)
+    def broken(path, feeds_list, cuda=False):
+        outs = real(path, feeds_list, cuda)
         return [o[:, ::-1].copy() for o in outs] if path.name == "textual.onnx" else outs  # a wrong text graph
 
     monkeypatch.setattr(export, "_onnx_embed", broken)
@@ -172,10 +172,18 @@ def test_half_precision_model_exports_as_fp32_copy(tiny_bundle, tmp_path):
     assert result["parity"]["visual"]["min_cosine"] >= 0.999
 
 
-def test_int8_export_serves_on_cpu_close_to_fp32_and_smaller(tiny_bundle, tiny_model_dir, tmp_path):
-    out = export_model_dir(tiny_bundle, tmp_path / "int8", checkpoint=False, precision="int8", sample_texts=TEXTS)
+@pytest.fixture(scope="module")
+def seeded_tiny():
+    """A tiny random-init bundle whose weights do not depend on the test order (int8 error depends on them)."""
+    torch.manual_seed(0)
+    return load_model(ModelSpec("cliptuner-tiny"))
+
+
+def test_int8_export_serves_on_cpu_close_to_fp32_and_smaller(seeded_tiny, tmp_path):
+    fp32_dir = export_model_dir(seeded_tiny, tmp_path / "fp32", checkpoint=False, sample_texts=TEXTS)
+    out = export_model_dir(seeded_tiny, tmp_path / "int8", checkpoint=False, precision="int8", sample_texts=TEXTS)
     manifest = ModelManifest.read(out)
-    assert manifest.precision == "int8" and ModelManifest.read(tiny_model_dir).precision == "fp32"
+    assert manifest.precision == "int8" and ModelManifest.read(fp32_dir).precision == "fp32"
     parity = manifest.parity
     assert parity["precision"] == "int8" and parity["checked"] and parity["threshold"] == 0.99
     assert parity["fp32"]["visual"]["min_cosine"] >= 0.9999  # checked before the conversion too
@@ -183,13 +191,20 @@ def test_int8_export_serves_on_cpu_close_to_fp32_and_smaller(tiny_bundle, tiny_m
     ops = {node.op_type for node in onnx.load(str(out / "textual.onnx")).graph.node}
     assert {"DynamicQuantizeLinear", "MatMulInteger"} & ops  # the weights are int8
     for name in ("visual.onnx", "textual.onnx"):
-        assert (out / name).stat().st_size < 0.6 * (tiny_model_dir / name).stat().st_size
-    fp32, int8 = OnnxClip(tiny_model_dir, device="cpu"), OnnxClip(out, device="cpu")
+        assert (out / name).stat().st_size < 0.6 * (fp32_dir / name).stat().st_size
+    fp32, int8 = OnnxClip(fp32_dir, device="cpu"), OnnxClip(out, device="cpu")
     images = generate_sample_images(4, seed=5)
     for a, b in ((fp32.encode_images(images), int8.encode_images(images)),
                  (fp32.encode_text(TEXTS), int8.encode_text(TEXTS))):
         cosines = (a * b).sum(axis=1)
         assert cosines.min() >= 0.99 and not np.allclose(a, b, atol=1e-6)
+
+
+def test_int8_graphs_that_miss_their_threshold_are_refused_by_tower(seeded_tiny, tmp_path, monkeypatch):
+    monkeypatch.setitem(export.PARITY_THRESHOLDS, "int8", 0.999999)  # no int8 graph agrees that closely
+    with pytest.raises(ExportError, match=r"visual tower parity check failed: min cosine similarity ONNX vs torch "
+                                          r"0\.9\d+ < threshold 0\.999999"):
+        export_onnx(seeded_tiny, tmp_path, precision="int8", sample_texts=TEXTS)
 
 
 def test_fp16_export_is_marked_and_refused_on_a_cpu_only_runtime(tiny_bundle, tmp_path, monkeypatch):
