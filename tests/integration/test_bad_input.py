@@ -147,6 +147,10 @@ CASES = [
     Case("train-negative-epochs", "/train", lambda w: [doc("p", text="a star", tensor=RGB)], r"epochs",
          {"epochs": -1}),
     Case("train-data-outside", "/train", lambda w: [], r"outside the data root|not allowed", {"data": "../../x.csv"}),
+    Case("train-unknown-precision", "/train", lambda w: [doc("p", text="a star", tensor=RGB)],
+         r"export_precision must be one of \['fp32', 'fp16', 'int8'\], got 'int4'", {"export_precision": "int4"}),
+    Case("train-ill-typed-precision", "/train", lambda w: [doc("p", text="a star", tensor=RGB)], r"export_precision must be a string, got 8",
+         {"export_precision": 8}),
     # oversized requests
     Case("too-many-docs", "/encode", lambda w: [doc(f"n{i}", text="x") for i in range(5000)], r"(docs|limit)"),
 ]

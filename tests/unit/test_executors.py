@@ -559,6 +559,8 @@ def test_train_from_a_pairs_file_under_the_data_root(tuner, workspace):
     ({"data": "missing.csv"}, r"parameter 'data': no file 'missing.csv' under the data root"),
     ({"eval_fraction": 1.5}, r"eval_fraction must be in \(0, 1\)"),
     ({"device": "cuda"}, r"unknown parameter\(s\) \['device'\]"),
+    ({"export_precision": "int4"}, r"export_precision must be one of \['fp32', 'fp16', 'int8'\], got 'int4'"),
+    ({"export_precision": 8.0}, r"export_precision must be a string, got 8"),
 ])
 def test_train_parameters_are_checked_by_name(tuner, parameters, message):
     with pytest.raises(ValueError, match=message):

@@ -1,6 +1,7 @@
 """Sharding: doc ownership, the version a merged search uses, a collection's previous version, and two indexer
 shards with their merger, in this process, through a swap that reaches one shard before the other."""
 
+import json
 import os
 import subprocess
 import sys
@@ -24,8 +25,8 @@ IDS = [f"doc-{i}" for i in range(2000)] + ["ünïcode", "", "a" * 300]
 # -- ownership ---------------------------------------------------------------------------------------------------
 def test_shard_of_is_stable_across_processes_and_balanced():
     here = [shard_of(i, 4) for i in IDS]
-    code = "import json,sys; from cliptuner.shards import shard_of; print(json.dumps([shard_of(i, 4) for i in json.load(sys.stdin)]))"
-    import json
+    code = ("import json, sys; from cliptuner.shards import shard_of; "
+            "print(json.dumps([shard_of(i, 4) for i in json.load(sys.stdin)]))")
     for seed in ("0", "12345"):
         out = subprocess.run([sys.executable, "-c", code], input=json.dumps(IDS), capture_output=True, text=True,
                              check=True, env={**os.environ, "PYTHONHASHSEED": seed}).stdout
