@@ -60,7 +60,7 @@ def one_store(backend: str, blobs: list[bytes], args: argparse.Namespace) -> dic
             for start in range(0, len(blobs), 256):
                 docs = DocList[ClipDoc]([ClipDoc(id=f"d{i}", blob=blob)
                                          for i, blob in enumerate(blobs[start:start + 256], start)])
-                indexer._index(docs)
+                indexer._index(docs, list(range(len(docs))))
             registry = Registry(work / "models")
             registry.publish(registry.path("v1"))  # v2: the same weights, so both sides do the same work
             clip = OnnxClip(registry.path("v2"), device="cpu", intra_op_threads=args.threads)

@@ -1,0 +1,580 @@
+"""Run every benchmark, judge each figure against its target, write RESULTS.md and PNG charts from scratch.
+
+Each part is one script of this folder, run in a child process of its own (``python -m benchmarks.<script> ARGS
+--json FILE``), so that its threads, memory and failures stay its own; its stdout (the tables it prints) goes into
+RESULTS.md under its command. Every figure judged here is a ratio against a baseline that the same script measured
+in the same run, side by side; the targets table says which. A part that fails is reported as failed with the end
+of its output, and the other parts still run; the exit status is then 1.
+
+Parts (``--only``/``--skip`` take these names):
+
+========================  ==============================================================================
+``encode_speed``          ONNX vs torch eager encoding of the same inputs (ViT-B-32), and the fraction of the
+                          matmul peak measured in the same run
+``train_step``            the project's training step vs a bare OpenCLIP loop on the same batch
+``precision``             int8 vs fp32 ONNX graphs (speed, agreement), and a fine-tuning run whose held-out
+                          recall is reported for the base, the tuned fp32 and the tuned int8 model
+``flow_encode_vit``       ``/encode`` through the gRPC Flow vs the in-process runtime, ViT-B-32
+``flow_encode_tiny``      the same with ``cliptuner-tiny``
+``concurrent``            16 concurrent single-image clients vs one client sending batches of 32
+``search``                HNSW (f32/f16/i8) vs exact search at 100k × 512
+``flow_search``           ``/search`` through the Flow on a 100k index: p50/p99 and recall@10
+``rebuild``               re-embedding the index after a new version vs in-process encoding
+``train_load``            search latency while a ``/train`` runs vs idle; peak memory of each process
+``seed_table``            recall@5 before vs after tuning public CLIP models on Flickr/COCO (runs only where
+                          the weights are cached and the data sets are on disk)
+========================  ==============================================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One benchmark script and the arguments of a full and of a quick run."""
+
+    name: str  # what --only/--skip and the results use
+    script: str  # benchmarks/<script>.py (a dotted name: that module, wherever it is on the path)
+    title: str  # its RESULTS.md heading
+    full: tuple[str, ...]
+    quick: tuple[str, ...]
+    about: str  # what it measures against what, for RESULTS.md
+
+
+PARTS: tuple[Part, ...] = (
+    Part("encode_speed", "encode_speed", "ONNX Runtime vs torch eager encoding",
+         full=(), quick=("--quick",),
+         about="The same weights (ViT-B-32, random init) and the same pre-made inputs through the project's ONNX "
+               "towers and through the torch model in eager mode, alternating; and the fp32 matmul peak of this "
+               "machine measured in the same run, against which the achieved GFLOP/s is set."),
+    Part("train_step", "train_step", "Training step vs a bare OpenCLIP loop",
+         full=(), quick=("--quick",),
+         about="One optimizer step of the project's training code vs a bare OpenCLIP loop (model + ClipLoss + "
+               "AdamW) on the same batch, same model and threads, alternating."),
+    Part("precision", "precision", "int8 vs fp32 ONNX graphs, and what fine-tuning gains",
+         full=(),
+         quick=("--model", "cliptuner-tiny", "--images", "32", "--texts", "32", "--repeats", "1", "--n-images",
+                "60", "--epochs", "1"),
+         about="Speed and agreement of the int8 graphs (ONNX Runtime dynamic quantization) against the fp32 export "
+               "of the same weights; then `cliptuner-tiny` fine-tuned on the synthetic domain data with the "
+               "demo's settings (chosen on other data by `sweep.py`, see CHOICES.md) and exported in int8: its "
+               "held-out recall before training (the base), after (fp32) and of the int8 graphs, on held-out "
+               "images that chose nothing."),
+    Part("flow_encode_vit", "flow_encode", "`/encode` through the Flow vs in-process, ViT-B-32",
+         full=("--model", "ViT-B-32", "--images", "64", "--batch", "32", "--repeats", "3", "--content", "noise"),
+         quick=("--model", "cliptuner-tiny", "--images", "32", "--batch", "16", "--repeats", "1"),
+         about="`cliptuner serve` on 127.0.0.1 vs `OnnxClip` in the benchmark's process on the same model "
+               "directory and the same PNG blobs (random pixels, 256×256), alternating; a sequential client (one "
+               "request at a time) and a streamed one (one `post`, `request_size` 32)."),
+    Part("flow_encode_tiny", "flow_encode", "`/encode` through the Flow vs in-process, cliptuner-tiny",
+         full=("--model", "cliptuner-tiny", "--images", "256", "--batch", "32", "--repeats", "3", "--content",
+               "noise"),
+         quick=(),
+         about="As above with the 8 M-parameter `cliptuner-tiny`, where transport and decoding weigh most."),
+    Part("concurrent", "concurrent", "16 concurrent single-image clients vs one batching client",
+         full=(), quick=("--quick",),
+         about="The same PNG images through the Flow, sent by 16 concurrent clients one image per request, and by "
+               "one client in requests of 32, alternating; with the encoder's request batching on and off."),
+    Part("search", "search", "Vector search at 100k × 512",
+         full=("--spread", "2.0", "--settings", "16", "64", "--stores", "exact", "hnsw", "hnsw-f16", "hnsw-i8"),
+         quick=("--n", "4000", "--dim", "128", "--queries", "100", "--clusters", "100", "--spread", "2.0",
+                "--settings", "16", "64", "--stores", "exact", "hnsw"),
+         about="Clustered unit vectors, one query per call; the HNSW settings (M 16, ef 64, the indexer's "
+               "defaults) were chosen by `search.py` on data seed 0 (CHOICES.md); this run reports on seed 1, "
+               "which chose nothing. Exact search (numpy, the embedded store below 5k docs) is the baseline."),
+    Part("flow_search", "flow_search", "`/search` through the Flow on a 100k index",
+         full=(), quick=("--model", "cliptuner-tiny", "--n", "3000", "--queries", "30"),
+         about="The indexer's collection holds 100k docs (clustered 512-d vectors) before the Flow starts; "
+               "queries go one at a time through gateway → encoder → indexer, as vectors (recall@10 checked "
+               "against exact top-10) and as texts (embedded by the encoder first); the same collection searched "
+               "in-process is the baseline."),
+    Part("rebuild", "rebuild", "Re-embedding the index after `/train`",
+         full=("--docs", "1000"), quick=("--docs", "48", "--size", "64", "--stores", "embedded"),
+         about="A `CLIPIndexer`'s stored PNGs re-embedded for a new version (what follows a `/train`) vs "
+               "`OnnxClip.encode_images` of the same PNGs in the same process."),
+    Part("train_load", "train_load", "Serving while a `/train` runs; memory of each process",
+         full=(), quick=("--quick",),
+         about="`/search` latency through the Flow, one query at a time, while idle and while a `/train` child "
+               "process trains; the peak resident memory of the gateway, each Executor and the training process."),
+    Part("seed_table", "seed_table", "Public CLIP models on Flickr8k/30k and COCO (the seed table)",
+         full=(), quick=(),
+         about="Recall@5 before and after fine-tuning ViT-B-32 (openai), ViT-B-16-plus-240 and ViT-B-32-quickgelu "
+               "(laion400m_e32) on the Karpathy test splits, same split before and after. It runs only where the "
+               "weights are in the Hugging Face cache and the data sets on disk; rows it cannot run say why."),
+)
+PART_NAMES = tuple(part.name for part in PARTS)
+
+
+# -- targets ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One row of the targets table: a figure read from a part's results, and the rule it must meet.
+
+    ``read`` returns the figure (or None when the part did not measure it) and ``show`` its text; ``meets`` is None
+    for figures that are reported without a target.
+    """
+
+    measure: str
+    baseline: str
+    goal: str
+    part: str
+    read: Callable[[dict], Optional[float]]
+    show: Callable[[dict], str]
+    meets: Optional[Callable[[dict], bool]] = None
+    missing: str = ""  # why the figure can be absent (shown when it is)
+
+
+def _get(result: dict, *keys, default=None):
+    for key in keys:
+        if not isinstance(result, dict) or key not in result:
+            return default
+        result = result[key]
+    return result
+
+
+def _flow_modes(r: dict) -> str:
+    clients = _get(r, "clients", default={})
+    return ", ".join(f"{mode} {clients[mode]['ratio_median']:.2f}×" for mode in clients)
+
+
+def _best_mode(r: dict) -> Optional[float]:
+    ratios = [c["ratio_median"] for c in _get(r, "clients", default={}).values()]
+    return max(ratios) if ratios else None
+
+
+def _hnsw(r: dict) -> dict:
+    return _get(r, "report", "hnsw", default={}) or {}
+
+
+def _r5_drop(r: dict) -> Optional[float]:
+    drop = _get(r, "recall", "drop")
+    return None if drop is None else max(drop["t2i_r5"], drop["i2t_r5"])
+
+
+def _gain(r: dict) -> Optional[float]:
+    before, after = _get(r, "recall", "before"), _get(r, "recall", "after_fp32")
+    if before is None or after is None:
+        return None
+    return min(after["t2i_r5"] - before["t2i_r5"], after["i2t_r5"] - before["i2t_r5"])
+
+
+def _rebuild_ratio(r: dict, store: str) -> Optional[float]:
+    for row in _get(r, "rows", default=[]):
+        if row["store"] == store:
+            return row["ratio"]
+    return None
+
+
+def _fmt(value: Optional[float], spec: str = ".2f", suffix: str = "×") -> str:
+    return "–" if value is None else f"{value:{spec}}{suffix}"
+
+
+TARGETS: tuple[Target, ...] = (
+    Target("ONNX image encode, ViT-B-32 fp32", "torch eager, same weights and inputs", "≥ 1.9×", "encode_speed",
+           read=lambda r: _get(r, "image", "ratio"), show=lambda r: _fmt(_get(r, "image", "ratio")),
+           meets=lambda r: r["image"]["ratio"] >= 1.9),
+    Target("ONNX text encode, ViT-B-32 fp32", "torch eager, same weights and inputs", "≥ 1.9×", "encode_speed",
+           read=lambda r: _get(r, "text", "ratio"), show=lambda r: _fmt(_get(r, "text", "ratio")),
+           meets=lambda r: r["text"]["ratio"] >= 1.9),
+    Target("ONNX image encode: fraction of the fp32 FLOP limit", "matmul peak, same run", "≥ 0.8", "encode_speed",
+           read=lambda r: _get(r, "image", "onnx_fraction_of_peak"),
+           show=lambda r: _fmt(_get(r, "image", "onnx_fraction_of_peak"), suffix=""),
+           meets=lambda r: r["image"]["onnx_fraction_of_peak"] >= 0.8),
+    Target("ONNX text encode: fraction of the fp32 FLOP limit", "matmul peak, same run", "≥ 0.8", "encode_speed",
+           read=lambda r: _get(r, "text", "onnx_fraction_of_peak"),
+           show=lambda r: _fmt(_get(r, "text", "onnx_fraction_of_peak"), suffix=""),
+           meets=lambda r: r["text"]["onnx_fraction_of_peak"] >= 0.8),
+    Target("int8 ONNX image encode", "fp32 ONNX, same weights", "≥ 1.8×", "precision",
+           read=lambda r: _get(r, "speed", "image", "ratio"), show=lambda r: _fmt(_get(r, "speed", "image", "ratio")),
+           meets=lambda r: r["speed"]["image"]["ratio"] >= 1.8),
+    Target("int8: recall@5 drop on the domain benchmark (worse of t2i, i2t)", "the tuned fp32 model, same split",
+           "≤ 0.01", "precision", read=_r5_drop, show=lambda r: _fmt(_r5_drop(r), "+.3f", ""),
+           meets=lambda r: _r5_drop(r) <= 0.01, missing="the fine-tuning part did not run"),
+    Target("fp16 ONNX parity", "fp32", "reported (GPU speed where a GPU is available)", "precision",
+           read=lambda r: _get(r, "fp16", "min_cosine"), show=lambda r: _fmt(_get(r, "fp16", "min_cosine"), ".4f", ""),
+           missing="fp16 graphs run on the CUDA provider only and this run had no CUDA device"),
+    Target("`/encode` through the Flow, PNG blobs, ViT-B-32", "in-process runtime, same blobs", "≥ 0.9×",
+           "flow_encode_vit", read=_best_mode, show=_flow_modes, meets=lambda r: _best_mode(r) >= 0.9),
+    Target("`/encode` through the Flow, PNG blobs, cliptuner-tiny", "in-process runtime, same blobs", "≥ 0.7×",
+           "flow_encode_tiny", read=_best_mode, show=_flow_modes, meets=lambda r: _best_mode(r) >= 0.7),
+    Target("16 concurrent single-image clients", "one client, batches of 32", "≥ 0.8×", "concurrent",
+           read=lambda r: r.get("ratio"),
+           show=lambda r: f"{_fmt(r.get('ratio'))} (batching off: {_fmt(r.get('unbatched_ratio'))})",
+           meets=lambda r: r["ratio"] >= 0.8),
+    Target("training step", "bare OpenCLIP loop (model + ClipLoss + AdamW), same batch", "≥ 0.95×", "train_step",
+           read=lambda r: r.get("ratio"), show=lambda r: _fmt(r.get("ratio")), meets=lambda r: r["ratio"] >= 0.95),
+    Target("search 100k × 512, top-10 (HNSW)", "exact numpy", "recall@10 ≥ 0.95 at ≥ 10× QPS", "search",
+           read=lambda r: _hnsw(r).get("recall_at_10"),
+           show=lambda r: f"recall@10 {_hnsw(r)['recall_at_10']:.3f} at {_hnsw(r)['qps_ratio']:.1f}×",
+           meets=lambda r: _hnsw(r)["recall_at_10"] >= 0.95 and _hnsw(r)["qps_ratio"] >= 10),
+    Target("`/search` through the Flow, 100k docs: p50 / p99", "the same collection in-process",
+           "reported", "flow_search", read=lambda r: _get(r, "flow_vector", "p50_ms"),
+           show=lambda r: (f"vector query {r['flow_vector']['p50_ms']:.1f} / {r['flow_vector']['p99_ms']:.1f} ms, "
+                           f"text query {r['flow_text']['p50_ms']:.1f} / {r['flow_text']['p99_ms']:.1f} ms "
+                           f"(in-process {r['in_process']['p50_ms']:.2f} / {r['in_process']['p99_ms']:.2f} ms); "
+                           f"recall@10 {r['recall_at_10']:.3f}")),
+    Target("index rebuild after `/train` (embedded store)", "in-process encode of the same content", "≥ 0.9×",
+           "rebuild", read=lambda r: _rebuild_ratio(r, "embedded"),
+           show=lambda r: "; ".join(f"{row['store']} {row['ratio']:.2f}×" for row in r.get("rows", [])),
+           meets=lambda r: _rebuild_ratio(r, "embedded") >= 0.9),
+    Target("search p50 during `/train`", "idle p50", "≤ 3×", "train_load", read=lambda r: r.get("ratio"),
+           show=lambda r: (f"{r['ratio']:.2f}× ({r['training']['p50_ms']:.1f} vs {r['idle']['p50_ms']:.1f} ms)"),
+           meets=lambda r: r["ratio"] <= 3.0),
+    Target("fine-tuning gain, offline domain benchmark (worse of t2i, i2t R@5)",
+           "base model, same split (settings chosen on validation only)", "tuned − base ≥ +0.20", "precision",
+           read=_gain, show=lambda r: _fmt(_gain(r), "+.3f", ""), meets=lambda r: _gain(r) >= 0.20,
+           missing="the fine-tuning part did not run"),
+    Target("peak memory of each Executor process", "–", "reported", "train_load",
+           read=lambda r: (max(r["memory_mb"].values()) if r.get("memory_mb") else None),
+           show=lambda r: ", ".join(f"{name} {mb:.0f} MB" for name, mb in r["memory_mb"].items())),
+)
+
+
+def judge(target: Target, results: dict) -> tuple[str, str]:
+    """(the measured text, the verdict) of one target: ``met``, ``short``, ``reported`` or why it is absent."""
+    outcome = results.get(target.part)
+    if outcome is None:
+        return "–", "not run"
+    if outcome.get("error"):
+        return "–", "failed (see its section)"
+    r = outcome["result"]
+    try:
+        value = target.read(r)
+    except (KeyError, TypeError):
+        value = None
+    if value is None:
+        return "–", f"not measured: {target.missing}" if target.missing else "not measured"
+    shown = target.show(r)
+    if target.meets is None:
+        return shown, "reported"
+    return shown, "**met**" if target.meets(r) else "**short**"
+
+
+# -- running ---------------------------------------------------------------------------------------------------
+def run_part(part: Part, quick: bool, work: Path, timeout: float) -> dict:
+    """Run one part in a child process; ``{"argv", "result", "stdout", "wall_s"}`` or with ``error``."""
+    argv = list(part.quick if quick else part.full)
+    out = work / f"{part.name}.json"
+    module = part.script if "." in part.script else f"benchmarks.{part.script}"
+    command = [sys.executable, "-m", module, *argv, "--json", str(out)]
+    env = {**os.environ, "JINA_HIDE_SURVEY": "1", "JINA_OPTOUT_TELEMETRY": "1", "PYTHONUNBUFFERED": "1"}
+    print(f"[benchmarks] {part.name}: python benchmarks/{part.script}.py {shlex.join(argv)}", file=sys.stderr,
+          flush=True)
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=timeout)
+        output, code = proc.stdout, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        output, code = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) \
+            else (exc.stdout or ""), f"timeout after {timeout:.0f} s"
+    wall = time.perf_counter() - started
+    outcome = {"argv": argv, "wall_s": wall, "command": f"python benchmarks/{part.script}.py {shlex.join(argv)}"}
+    if code != 0 or not out.exists():
+        outcome["error"] = f"exit {code}" if code != 0 else "no results written"
+        outcome["output_tail"] = output[-4000:]
+        print(f"[benchmarks] {part.name} FAILED ({outcome['error']}):\n{output[-2000:]}", file=sys.stderr,
+              flush=True)
+        return outcome
+    outcome["result"] = json.loads(out.read_text())
+    outcome["stdout"] = tables_only(output)
+    print(f"[benchmarks] {part.name}: done in {wall:.0f} s", file=sys.stderr, flush=True)
+    return outcome
+
+
+def tables_only(output: str) -> str:
+    """What a script printed, without the logs of the Flow and libraries mixed into its output."""
+    keep = []
+    for line in output.splitlines():
+        stripped = line.strip()
+        if not stripped:
+            continue
+        noisy = any(mark in line for mark in ("INFO", "WARNI", "DEBUG", "ERROR", "───", "━", "Traceback",
+                                              "UserWarning", "warnings.warn", "🔗", "🔒", "🌐", "⠋", "⠙"))
+        if not noisy:
+            keep.append(line.rstrip())
+    return "\n".join(keep)
+
+
+# -- the machine -----------------------------------------------------------------------------------------------
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory_gb = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory_gb = int(line.split()[1]) / 2 ** 20
+    except OSError:
+        pass
+    versions = {}
+    for name, module in (("torch", "torch"), ("open_clip", "open_clip"), ("onnxruntime", "onnxruntime"),
+                         ("onnx", "onnx"), ("jina", "jina"), ("docarray", "docarray"), ("numpy", "numpy"),
+                         ("usearch", "usearch"), ("grpcio", "grpc")):
+        try:
+            versions[name] = __import__(module).__version__
+        except Exception:  # noqa: BLE001 - absent or broken: say so
+            versions[name] = "not installed"
+    cuda = "no"
+    try:
+        import onnxruntime
+        if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            cuda = "ONNX Runtime CUDA provider available"
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = f"{commit}{' (with uncommitted changes)' if dirty else ''}" if commit else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return {"platform": platform.platform(), "cpu": cpu or "not reported", "cores": os.cpu_count(),
+            "memory_gb": memory_gb, "cuda": cuda, "python": platform.python_version(), "versions": versions,
+            "commit": commit}
+
+
+# -- RESULTS.md ------------------------------------------------------------------------------------------------
+def render(results: dict, info: dict, charts: list[str], quick: bool, command: str, wall_s: float) -> str:
+    """RESULTS.md from the outcomes of the parts (``results[name]``)."""
+    m = info
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Written by `{command}` on {m['date']} in {wall_s / 60:.1f} min. Every figure below comes from this run; "
+        "each ratio is against a baseline measured in the same run, side by side, named in the table. "
+        "Nothing here is edited by hand: rerun the command to regenerate it (CHOICES.md records how the settings "
+        "these runs use were chosen, on other data).",
+        "",
+    ]
+    if quick:
+        lines += ["**Quick mode**: every part at CI size (tiny models, few items). These numbers check that the "
+                  "benchmarks run; they say nothing about speed. Run `python -m benchmarks` for the real figures.",
+                  ""]
+    gb = f", {m['memory_gb']:.0f} GiB RAM" if m.get("memory_gb") else ""
+    lines += [
+        f"- Machine: {m['platform']}; CPU {m['cpu']}, {m['cores']} cores{gb}; CUDA: {m['cuda']}.",
+        "- Versions: Python " + m["python"] + ", " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".",
+        f"- Code: commit {m['commit']}.",
+        "- Threads: each part pins its ONNX Runtime / torch / BLAS threads (2 unless its command says otherwise); "
+        "the parts run one after another, each in a process of its own.",
+        "",
+        "## Targets",
+        "",
+        "| measure | baseline (same run) | target | measured | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for target in TARGETS:
+        shown, verdict = judge(target, results)
+        lines.append(f"| {target.measure} | {target.baseline} | {target.goal} | {shown} | {verdict} |")
+    lines.append("")
+    for chart in charts:
+        lines += [f"![{Path(chart).stem}]({chart})", ""]
+    for part in PARTS:
+        outcome = results.get(part.name)
+        if outcome is None:
+            continue
+        lines += [f"## {part.title} (`{part.name}`)", "", part.about, "", "```bash", outcome["command"], "```", ""]
+        if outcome.get("error"):
+            lines += [f"**Failed** ({outcome['error']}) after {outcome['wall_s']:.0f} s. The end of its output:", "",
+                      "```", outcome.get("output_tail", "").strip()[-3000:], "```", ""]
+            continue
+        lines += [outcome["stdout"], "", f"Wall time {outcome['wall_s']:.0f} s.", ""]
+        for note in notes(part.name, outcome["result"]):
+            lines.append(f"- {note}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def notes(name: str, r: dict) -> list[str]:
+    """What a part's own results explain (profiles, causes of a shortfall), as bullet points."""
+    out: list[str] = []
+    for key in ("notes", "explanation"):
+        value = r.get(key)
+        if isinstance(value, str) and value:
+            out.append(value)
+        elif isinstance(value, list):
+            out.extend(str(v) for v in value)
+    profile = r.get("profile")
+    if isinstance(profile, dict):
+        for label, ops in profile.items():
+            if isinstance(ops, dict) and ops:
+                top = sorted(ops.items(), key=lambda kv: -kv[1])[:6]
+                out.append(f"Profile, {label}: " + ", ".join(f"{op} {share:.0%}" for op, share in top) + ".")
+            elif isinstance(ops, str):
+                out.append(f"Profile, {label}: {ops}")
+    return out
+
+
+# -- charts ----------------------------------------------------------------------------------------------------
+def draw_charts(results: dict, folder: Path) -> list[Path]:
+    """PNG charts of what ran; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+
+    # 1. every "× baseline" figure against its target
+    rows = []
+    for target in TARGETS:
+        outcome = results.get(target.part)
+        simple = re.fullmatch(r"([≥≤]) ([0-9.]+)×", target.goal)  # charted: a plain "≥ 1.9×" kind of target
+        if not outcome or outcome.get("error") or target.meets is None or not simple:
+            continue
+        try:
+            value = target.read(outcome["result"])
+        except (KeyError, TypeError):
+            value = None
+        if value is None:
+            continue
+        rows.append((target.measure.replace("`", ""), value, float(simple.group(2)), target.meets(outcome["result"])))
+    if rows:
+        fig, ax = plt.subplots(figsize=(9, 0.55 * len(rows) + 1.4))
+        names = [row[0] for row in rows]
+        ys = range(len(rows))
+        ax.barh(list(ys), [row[1] for row in rows], color=["#2b8a3e" if row[3] else "#c92a2a" for row in rows])
+        for y, row in zip(ys, rows):
+            ax.plot([row[2], row[2]], [y - 0.4, y + 0.4], color="black", linewidth=2)
+            ax.text(row[1], y, f" {row[1]:.2f}×", va="center", fontsize=8)
+        ax.set_yticks(list(ys), names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("ratio to the baseline measured in the same run (black tick: target)")
+        ax.set_title("Speed ratios vs targets (green: met, red: short)")
+        fig.tight_layout()
+        paths.append(folder / "ratios.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
+    # 2. search: recall@10 vs queries/s ratio per store
+    search = results.get("search", {}).get("result")
+    if search:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for store, row in search["report"].items():
+            ax.scatter(row["qps_ratio"], row["recall_at_10"], s=40)
+            ax.annotate(store, (row["qps_ratio"], row["recall_at_10"]), fontsize=8, xytext=(4, 4),
+                        textcoords="offset points")
+        ax.axhline(0.95, color="grey", linestyle="--", linewidth=1)
+        ax.axvline(10, color="grey", linestyle="--", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("queries/s ÷ exact search (log)")
+        ax.set_ylabel("recall@10")
+        ax.set_title(f"Search, {search['n']:,} × {search['dim']} (dashed: targets)")
+        fig.tight_layout()
+        paths.append(folder / "search.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
+    # 3. held-out recall: base, tuned fp32, tuned int8
+    recall = _get(results.get("precision", {}), "result", "recall")
+    if recall:
+        keys = ["t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10"]
+        fig, ax = plt.subplots(figsize=(8, 4))
+        width = 0.27
+        for i, (label, key) in enumerate((("base", "before"), ("tuned fp32", "after_fp32"),
+                                          ("tuned int8", "after_int8"))):
+            ax.bar([x + (i - 1) * width for x in range(len(keys))], [100 * recall[key][k] for k in keys], width,
+                   label=label)
+        ax.set_xticks(range(len(keys)), keys)
+        ax.set_ylabel("held-out recall (%)")
+        ax.set_title("Fine-tuning on the synthetic domain data: held-out recall")
+        ax.legend()
+        fig.tight_layout()
+        paths.append(folder / "recall.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
+    # 4. latency: search idle vs during /train, and through the Flow
+    load = _get(results.get("train_load", {}), "result")
+    flow = _get(results.get("flow_search", {}), "result")
+    bars = []
+    if load and "idle" in load:
+        bars += [("search, idle", load["idle"]), ("search, during /train", load["training"])]
+    if flow and "flow_vector" in flow:
+        bars += [(f"Flow vector query, {flow['n']:,} docs", flow["flow_vector"]),
+                 (f"Flow text query, {flow['n']:,} docs", flow["flow_text"])]
+    if bars:
+        fig, ax = plt.subplots(figsize=(8, 0.6 * len(bars) + 1.4))
+        ys = range(len(bars))
+        ax.barh([y - 0.2 for y in ys], [b[1]["p50_ms"] for b in bars], 0.4, label="p50")
+        ax.barh([y + 0.2 for y in ys], [b[1]["p99_ms"] for b in bars], 0.4, label="p99")
+        ax.set_yticks(list(ys), [b[0] for b in bars], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("latency (ms)")
+        ax.set_title("/search latency through the gRPC Flow")
+        ax.legend()
+        fig.tight_layout()
+        paths.append(folder / "latency.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+# -- main ------------------------------------------------------------------------------------------------------
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="every part at CI size: checks the machinery, not speed")
+    p.add_argument("--only", nargs="+", choices=PART_NAMES, default=None, help="run only these parts")
+    p.add_argument("--skip", nargs="+", choices=PART_NAMES, default=[], help="leave these parts out")
+    p.add_argument("--out", default=str(HERE / "RESULTS.md"),
+                   help="the report; its charts go to a charts/ folder beside it, the raw results to results.json")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds each part may run (default: 1200, or 600 with --quick)")
+    args = p.parse_args(argv)
+    names = [n for n in (args.only or PART_NAMES) if n not in args.skip]
+    # quick: a part without quick arguments runs only when its full run has none either (flow_encode_tiny's
+    # quick run is flow_encode_vit's)
+    parts = [part for part in PARTS if part.name in names and (not args.quick or part.quick or part.full == ())]
+    out = Path(args.out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    timeout = args.timeout or (600.0 if args.quick else 1200.0)
+    command = "python -m benchmarks" + (" " + shlex.join(argv if argv is not None else sys.argv[1:])
+                                        if (argv if argv is not None else sys.argv[1:]) else "")
+    info = machine()
+    info["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    started = time.perf_counter()
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="cliptuner-benchmarks-") as tmp:
+        for part in parts:
+            results[part.name] = run_part(part, args.quick, Path(tmp), timeout)
+    wall = time.perf_counter() - started
+    charts_dir = out.parent / "charts"
+    for old in charts_dir.glob("*.png") if charts_dir.exists() else []:
+        old.unlink()  # from scratch: a chart of a part that did not run this time must not stay
+    charts = draw_charts(results, charts_dir)
+    out.write_text(render(results, info, [str(c.relative_to(out.parent)) for c in charts], args.quick, command,
+                          wall), encoding="utf-8")
+    (out.parent / "results.json").write_text(json.dumps({"machine": info, "command": command, "quick": args.quick,
+                                                         "wall_s": wall, "parts": results}, indent=2, default=str))
+    failed = [name for name, outcome in results.items() if outcome.get("error")]
+    print(f"[benchmarks] wrote {out} and {len(charts)} chart(s) in {wall / 60:.1f} min"
+          + (f"; failed: {', '.join(failed)}" if failed else ""), file=sys.stderr)
+    return 1 if failed else 0
