@@ -9,22 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
+from support import png_is_drawn
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import harness  # noqa: E402
-
-
-def non_blank_png(path: Path) -> bool:
-    """A PNG of a real chart: a reasonable size and more than a few colours' worth of variation."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        pixels = np.asarray(image.convert("L"), dtype=np.float32)
-    return image.width >= 400 and image.height >= 200 and float(pixels.std()) > 10.0
 
 
 def test_quick_run_writes_results_json_and_charts_from_scratch(tmp_path):
@@ -51,7 +42,7 @@ def test_quick_run_writes_results_json_and_charts_from_scratch(tmp_path):
     charts = sorted(p.name for p in (out.parent / "charts").iterdir())
     assert charts == ["latency.png", "search.png"]  # the stale file is gone; ratios/recall had nothing to show
     for name in charts:
-        assert non_blank_png(out.parent / "charts" / name), name
+        assert png_is_drawn(out.parent / "charts" / name), name
         assert f"charts/{name}" in text
 
 
