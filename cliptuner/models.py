@@ -88,6 +88,57 @@ def is_local_checkpoint(pretrained: Optional[str]) -> bool:
     return bool(pretrained) and (os.sep in pretrained or Path(pretrained).suffix != "" or Path(pretrained).is_file())
 
 
+def cached_pretrained_file(arch: str, tag: str, cache_dir: Optional[str] = None) -> Optional[str]:
+    """The file OpenCLIP would load for ``arch`` + pretrained ``tag``, if it is already on disk; never downloads.
+
+    Follows OpenCLIP's own resolution (``open_clip.pretrained.download_pretrained``): a tag with a Hugging Face
+    hub entry (``org/repo/`` or ``org/repo/file``) is looked up in the HF cache (``cache_dir``, else
+    ``HF_HOME``/``HF_HUB_CACHE``) with ``huggingface_hub.try_to_load_from_cache``, the ``.safetensors``
+    alternative first as OpenCLIP tries it; a tag with only a URL is looked up in ``cache_dir`` or
+    ``~/.cache/clip``. No network is used.
+
+    Args:
+        arch: OpenCLIP model name (``ViT-B-32``).
+        tag: its pretrained tag (``openai``).
+        cache_dir: the ``cache_dir`` that :func:`load_model` would pass to OpenCLIP (``ModelSpec.cache_dir``).
+
+    Returns:
+        The path of the cached weights, or None when they are not on disk.
+
+    Raises:
+        ValueError: ``tag`` is not a pretrained tag of ``arch`` (the message lists the known ones).
+    """
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    if not cfg:
+        raise ValueError(f"unknown pretrained tag {tag!r} for {arch!r}; "
+                         f"known: {sorted(open_clip.list_pretrained_tags_by_model(arch))}")
+    if cfg.get("file"):
+        return cfg["file"] if os.path.isfile(cfg["file"]) else None
+    hub = cfg.get("hf_hub") or ""
+    if hub and open_clip.pretrained.has_hf_hub():
+        from huggingface_hub import try_to_load_from_cache
+        from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+        repo_id, filename = os.path.split(hub)
+        filename = filename or HF_WEIGHTS_NAME
+        if filename == HF_WEIGHTS_NAME:
+            names = [HF_SAFE_WEIGHTS_NAME, filename]
+        elif filename.endswith((".bin", ".pth")):
+            names = [filename[:-4] + ".safetensors", filename]
+        else:
+            names = [filename]
+        for name in names:
+            found = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir)
+            if isinstance(found, str) and os.path.isfile(found):
+                return found
+        return None
+    url = cfg.get("url") or ""
+    if url:
+        path = os.path.join(cache_dir or os.path.expanduser("~/.cache/clip"), os.path.basename(url))
+        return path if os.path.isfile(path) else None
+    return None
+
+
 def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> ClipBundle:
     """Build the model, transforms and tokenizer named by ``spec``.
 
