@@ -153,6 +153,31 @@ def request_parameters(parameters: Optional[Mapping[str, Any]], allowed: Iterabl
     return own
 
 
+def int_setting(name: str, value: Any, env: str, default: Optional[int], minimum: int = 1,
+                maximum: Optional[int] = None) -> Optional[int]:
+    """An integer service setting: ``value``; when unset (see :func:`setting`), the variable ``env``; else
+    ``default``.
+
+    Raises:
+        ValueError: not a whole number, or outside ``[minimum, maximum]`` (names the setting and the variable).
+    """
+    value = setting(value)
+    source = name
+    if value is None:
+        value, source = setting(os.environ.get(env)), env
+    if value is None:
+        return default
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            raise ValueError(f"{source} must be an integer, got {value!r}") from None
+    try:
+        return int_parameter(name, value, minimum, maximum)
+    except ValueError as exc:
+        raise ValueError(f"{exc}" if source == name else f"{exc} (from {env})") from None
+
+
 def int_parameter(name: str, value: Any, minimum: int = 1, maximum: Optional[int] = None) -> int:
     """An integer request parameter (protobuf sends ``5`` as ``5.0``).
 

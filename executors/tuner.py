@@ -39,7 +39,9 @@ Endpoints:
   PAIRS CSVs, the request's images as files, the options as a ``--config`` JSON) and trains in a child process
   of its own process group, through the same code as the CLI: ``python -m cliptuner.cli train --data ...
   --eval-data ... --pretrained <CURRENT's checkpoint.pt> --out <run>/model --events <run>/events.jsonl``, under
-  ``python -m torch.distributed.run --standalone --nproc_per_node N`` with ``processes`` = N > 1. The tuner
+  ``python -m torch.distributed.run --standalone --nproc_per_node N`` with ``processes`` = N > 1, at a lower CPU
+  priority than serving (``train_niceness``, default +10) with ``torch_threads`` threads each (default: one CPU
+  left to serving), so that searches stay fast while it trains (``benchmarks/train_load.py``). The tuner
   follows the child's events file into ``/status`` and, when the child has exported the tuned model, publishes
   it (the tuner alone writes the registry). This process never imports torch for a run, and a crash or an OOM
   kill of training leaves it serving. One run at a time: a second ``/train`` while one runs is refused with an
@@ -119,8 +121,8 @@ from cliptuner.registry import CurrentChange, Registry
 
 from .content import check_request
 from .metrics import Metrics
-from .options import (DATA_SUBDIR, RUNS_SUBDIR, base_spec, int_parameter, request_parameters, resolve_workspace,
-                      setting, uri_policy)
+from .options import (DATA_SUBDIR, RUNS_SUBDIR, base_spec, int_parameter, int_setting, request_parameters,
+                      resolve_workspace, setting, uri_policy)
 from .schemas import ClipDoc
 
 logger = logging.getLogger(__name__)
@@ -142,6 +144,11 @@ PROCESS_FILE = "process.json"  # {"pgid": ...} of its process group, for a tuner
 REPORT_FILE = "report.json"  # written when the run has published: a run directory without one is unfinished
 STOP_GRACE_S = 10.0  # seconds between SIGTERM and SIGKILL when a run's process group is stopped
 POLL_S = 0.2  # how often a run's thread reads new events and looks at the training process
+TORCH_THREADS_ENV = "CLIPTUNER_TORCH_THREADS"  # torch_threads, when the setting is not given
+TRAIN_NICENESS_ENV = "CLIPTUNER_TRAIN_NICENESS"  # train_niceness, when the setting is not given
+DEFAULT_TRAIN_NICENESS = 10  # added to the tuner's nice value for its training processes: serving comes first
+MAX_NICENESS = 19  # the lowest CPU priority Linux has
+NICE = shutil.which("nice")  # runs the training command at a lower priority, inherited by all its threads
 CLI_ERROR = "cliptuner train: error: "  # how `cliptuner train` names bad input, exiting with INPUT_ERROR_EXIT
 INPUT_ERROR_EXIT = 2
 
@@ -292,6 +299,21 @@ def _process_cause(log: str, returncode: int) -> str:
     return f"the training process exited with code {returncode}: {detail}"
 
 
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask: a container's cpuset, ``taskset``), else all of them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_torch_threads(processes: int, cpus: Optional[int] = None) -> int:
+    """Threads for each of ``processes`` training processes that leave one CPU to serving: ``(cpus - 1) //
+    processes``, at least 1."""
+    cpus = cpu_count() if cpus is None else cpus
+    return max(1, (cpus - 1) // processes)
+
+
 def _group_works_in(pgid: int, run_dir: Path) -> bool:
     """True when process ``pgid`` is alive and its working directory is ``run_dir``: the training process a run
     started (a pid reused since by another process does not work there)."""
@@ -340,12 +362,17 @@ class _TrainingProcess:
     It writes its output to ``train.log`` and its events to ``events.jsonl`` in the run directory;
     :meth:`read_events` hands each complete new line to a callback. :meth:`stop` ends the whole group (torchrun
     and its workers, DataLoader workers): SIGTERM, then SIGKILL after a grace period.
+
+    With ``niceness`` > 0 the command runs under ``nice -n NICENESS``, so the process starts (and every thread and
+    process it makes inherits) a nice value that much above this one's (19 at most); without a ``nice`` program,
+    the priority is set on the child right after it started, before it creates any thread.
     """
 
-    def __init__(self, argv: list[str], env: dict[str, str], run_dir: Path) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], run_dir: Path, niceness: int = 0) -> None:
         self.argv = argv
         self.env = env
         self.run_dir = run_dir
+        self.niceness = niceness
         self.events_path = run_dir / EVENTS_FILE
         self.log_path = run_dir / LOG_FILE
         self.proc: Optional[subprocess.Popen] = None
@@ -358,11 +385,17 @@ class _TrainingProcess:
         return None if self.proc is None else self.proc.pid
 
     def start(self) -> None:
+        argv = [NICE, "-n", str(self.niceness), *self.argv] if self.niceness and NICE else self.argv
         with self.log_path.open("ab") as log:  # the child holds its own descriptor of it
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          cwd=self.run_dir, env=self.env, start_new_session=True)
+        if self.niceness and not NICE:  # Popen returned once the child ran exec: it is one fresh thread
+            target = min(MAX_NICENESS, os.getpriority(os.PRIO_PROCESS, 0) + self.niceness)
+            with contextlib.suppress(ProcessLookupError):
+                os.setpriority(os.PRIO_PROCESS, self.proc.pid, target)
         (self.run_dir / PROCESS_FILE).write_text(json.dumps({"pgid": self.proc.pid}), encoding="utf-8")
-        logger.info("training process %d started: %s", self.proc.pid, " ".join(self.argv))
+        logger.info("training process %d started (niceness +%d): %s", self.proc.pid, self.niceness,
+                    " ".join(self.argv))
 
     def poll(self) -> Optional[int]:
         """Its exit status, or None while it runs."""
@@ -443,8 +476,13 @@ class CLIPTuner(Executor):
             its training process's ``train.log``); default ``<workspace>/runs``.
         bootstrap: publish the base version when the registry is empty (else wait for one).
         bootstrap_timeout: seconds to wait for a version published by another service.
-        torch_threads: CPU threads torch may use in each training process (its ``OMP_NUM_THREADS``); None leaves
-            the environment's.
+        torch_threads: CPU threads torch may use in each training process (its ``OMP_NUM_THREADS``); unset:
+            ``$CLIPTUNER_TORCH_THREADS``, else ``(CPUs - 1) // processes``, at least 1
+            (:func:`default_torch_threads`): one CPU is left to the encoder and the indexer.
+        train_niceness: added to the tuner's nice value for its training processes (0 to 19; 0: the same CPU
+            priority as serving); unset: ``$CLIPTUNER_TRAIN_NICENESS``, else 10. When training and serving share
+            CPUs, the kernel then runs the encoder's and the indexer's work first, and training takes what is
+            left.
         processes: training processes per run: 1 runs ``python -m cliptuner.cli train``; N > 1 runs it under
             ``python -m torch.distributed.run --standalone --nproc_per_node N`` (DDP: NCCL on GPUs, gloo on CPU).
         uri_roots: folders that a doc's ``uri`` and the image paths of a PAIRS file must lie under; unset:
@@ -472,6 +510,7 @@ class CLIPTuner(Executor):
         bootstrap: bool = True,
         bootstrap_timeout: float = 600.0,
         torch_threads: Optional[int] = None,
+        train_niceness: Optional[int] = None,
         uri_roots: Optional[Any] = None,
         allowed_hosts: Optional[Any] = None,
         max_pairs: int = RequestLimits.max_pairs,
@@ -499,9 +538,12 @@ class CLIPTuner(Executor):
                                     max_request_bytes=max_request_bytes)
         keep_versions = setting(keep_versions)
         self.keep_versions = None if keep_versions is None else int_parameter("keep_versions", keep_versions)
-        self.torch_threads = None if not setting(torch_threads) else int_parameter("torch_threads", torch_threads)
         processes = setting(processes)
         self.processes = int_parameter("processes", 1 if processes is None else processes)
+        self.torch_threads = int_setting("torch_threads", torch_threads, TORCH_THREADS_ENV,
+                                         default_torch_threads(self.processes))
+        self.train_niceness = int_setting("train_niceness", train_niceness, TRAIN_NICENESS_ENV,
+                                          DEFAULT_TRAIN_NICENESS, minimum=0, maximum=MAX_NICENESS)
         self.registry.clean_temps()  # a publisher: remove what a crashed publish left behind
         ensure_current(self.registry, self.base if bootstrap else None, timeout=float(bootstrap_timeout))
         self._run_lock = threading.Lock()  # one training run at a time
@@ -511,8 +553,9 @@ class CLIPTuner(Executor):
         self._active: Optional[_Run] = None  # the run going, if any
         self.metrics = Metrics(getattr(self.runtime_args, "metrics_registry", None))
         self.metrics.model_version(self.registry.current())
-        logger.info("CLIPTuner: CURRENT %s in %s, training on %s (%d process(es) per run), data root %s",
-                    self.registry.current(), self.registry.root, self.device, self.processes, self.data_root)
+        logger.info("CLIPTuner: CURRENT %s in %s, training on %s (%d process(es) per run, %d torch thread(s) each, "
+                    "niceness +%d), data root %s", self.registry.current(), self.registry.root, self.device,
+                    self.processes, self.torch_threads, self.train_niceness, self.data_root)
 
     # -- request parsing -----------------------------------------------------------------------------------------
     def _data_path(self, name: str, value: Any) -> Path:
@@ -674,8 +717,7 @@ class CLIPTuner(Executor):
         source_root = str(Path(cliptuner.__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join([source_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         env["PYTHONUNBUFFERED"] = "1"
-        if self.torch_threads is not None:
-            env["OMP_NUM_THREADS"] = str(self.torch_threads)
+        env["OMP_NUM_THREADS"] = str(self.torch_threads)
         return env
 
     def _write_inputs(self, run: _Run, request: TrainRequest, spec: ModelSpec, train: PairSet,
@@ -713,7 +755,7 @@ class CLIPTuner(Executor):
         if self._stop_asked(run):
             raise self._stopped(run, "before training")
         self._set_phase("loading")
-        run.process = _TrainingProcess(self._train_argv(args), self._train_env(), run.run_dir)
+        run.process = _TrainingProcess(self._train_argv(args), self._train_env(), run.run_dir, self.train_niceness)
         run.process.start()
         self._progress = {**self._progress, "pid": run.process.pid}
 
@@ -932,6 +974,7 @@ class CLIPTuner(Executor):
         return {"executor": "CLIPTuner", "pid": os.getpid(), "model_version": self.registry.current(),
                 "training": dict(self._progress),
                 "last_report": last, "device": self.device, "processes": self.processes,
+                "torch_threads": self.torch_threads, "train_niceness": self.train_niceness,
                 "data_root": str(self.data_root)}
 
     def close(self) -> None:
