@@ -89,7 +89,7 @@ PARTS: tuple[Part, ...] = (
                "noise"),
          quick=(),
          about="As above with the 8 M-parameter `cliptuner-tiny`, where transport and decoding weigh most."),
-    Part("concurrent", "concurrent", "16 concurrent single-image clients vs one batching client",
+    Part("concurrent", "clients", "16 concurrent single-image clients vs one batching client",
          full=(), quick=("--quick",),
          about="The same PNG images through the Flow, sent by 16 concurrent clients one image per request, and by "
                "one client in requests of 32, alternating; with the encoder's request batching on and off."),

@@ -28,17 +28,28 @@ and encodes all its docs with it, so no request is ever half old, half new; a ne
 swapped in without a restart. On a fresh workspace the base version is published first (see
 :func:`cliptuner.bootstrap.ensure_current`), or waited for when ``bootstrap`` is off.
 
+Dynamic batching (``batch_wait_ms`` > 0, the default): a request of fewer than ``batch_size`` items (texts and
+local or inline images) is checked and its images decoded in its own thread, then submitted with its model
+reference to a :class:`cliptuner.batching.MicroBatcher`, which merges the submissions that arrive within
+``batch_wait_ms`` of the oldest and use the same model reference into one model run of at most ``batch_size``
+items. A request is still embedded entirely by the version it took, and a bad doc still fails only its own
+request, with the same message. Larger requests, and requests with ``http(s)`` images, are embedded on their own
+as with ``batch_wait_ms=0`` (batching off). ``/status`` reports the settings and counters under
+``tags['batching']``; the metric ``cliptuner_encode_batch_items`` counts items per model run.
+
 Bad input raises inside the endpoint with the doc id and the problem (neither text nor image, an undecodable
 blob, a tensor that is not H×W×3 uint8); the service stays up for the next request.
 """
 
 import asyncio
 import logging
+import math
 from typing import Any, Optional
 
 from docarray import DocList
 from jina import Executor, requests
 
+from cliptuner.batching import MAX_WAIT_MS, MicroBatcher, decode_items
 from cliptuner.bootstrap import ensure_current
 from cliptuner.content import Item, embed_items
 from cliptuner.follow import ModelFollower
@@ -51,6 +62,29 @@ from .schemas import ClipDoc
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_BATCH_WAIT_MS = 2.0  # see benchmarks/clients.py: enough to gather a batch under load, unnoticed alone
+
+
+def batch_wait(value: Any) -> float:
+    """``batch_wait_ms`` as milliseconds: a number (or numeric text, from the environment) in [0, 1000]; unset
+    (None, empty, an unexpanded ``$VAR``) gives the default.
+
+    Raises:
+        ValueError: not a number, or out of range (names the value).
+    """
+    value = setting(value)
+    if value is None:
+        return DEFAULT_BATCH_WAIT_MS
+    try:
+        wait = float(value)
+    except (TypeError, ValueError):
+        wait = math.nan
+    if isinstance(value, bool) or not (math.isfinite(wait) and 0 <= wait <= MAX_WAIT_MS):
+        raise ValueError(f"batch_wait_ms must be a number of milliseconds in [0, {MAX_WAIT_MS:g}] (0: no batching), "
+                         f"got {value!r}")
+    return wait
+
+
 class CLIPEncoder(Executor):
     """Embeds texts and images with the CURRENT model version of the registry, following it as it moves.
 
@@ -61,7 +95,9 @@ class CLIPEncoder(Executor):
         models_dir: the registry; default ``<workspace>/models``.
         bootstrap: publish the base version when the registry is empty (else only wait for one).
         bootstrap_timeout: seconds to wait for a version published by another service.
-        batch_size: items per ONNX Runtime call.
+        batch_size: items per ONNX Runtime call, and most items in one batched run.
+        batch_wait_ms: how long a small request may wait for others to share its model run, in milliseconds
+            (default 2; 0 turns dynamic batching off; unset: the default). ``$CLIPTUNER_BATCH_WAIT_MS`` in the Flows.
         intra_op_threads: ONNX Runtime threads per call; None lets it decide.
         uri_roots: folders that ``uri`` paths must lie under (a list or an ``os.pathsep``-separated string,
             relative ones from the workspace); relative uris are taken from the first; unset:
@@ -74,7 +110,8 @@ class CLIPEncoder(Executor):
         max_request_bytes: most bytes of blobs, tensors and uris in one request.
 
     Raises:
-        ValueError: no workspace and no ``models_dir``, a bad model spec / device, or a bad uri or limit setting.
+        ValueError: no workspace and no ``models_dir``, a bad model spec / device, a bad uri or limit setting, or a
+            bad ``batch_wait_ms``.
         cliptuner.bootstrap.BootstrapTimeout: no model version appeared in time.
     """
 
@@ -87,6 +124,7 @@ class CLIPEncoder(Executor):
         bootstrap: bool = True,
         bootstrap_timeout: float = 600.0,
         batch_size: int = 32,
+        batch_wait_ms: Optional[float] = DEFAULT_BATCH_WAIT_MS,
         intra_op_threads: Optional[int] = None,
         uri_roots: Optional[Any] = None,
         allowed_hosts: Optional[Any] = None,
@@ -97,6 +135,7 @@ class CLIPEncoder(Executor):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.batch_wait_ms = batch_wait(batch_wait_ms)
         workspace = resolve_workspace(self, models_dir, kwargs.get("workspace"))
         self.registry = workspace.registry
         self.policy = uri_policy(workspace, uri_roots, allowed_hosts)
@@ -109,41 +148,101 @@ class CLIPEncoder(Executor):
         clip = self.follower.clip()
         self.metrics = Metrics(getattr(self.runtime_args, "metrics_registry", None))
         self.metrics.model_version(clip.version)
-        logger.info("CLIPEncoder serving %s from %s on %s", clip.version, self.registry.root, clip.providers)
+        self.batch_size = int(batch_size)
+        self.batcher = (MicroBatcher(self.batch_size, self.batch_wait_ms, on_run=self._model_run)
+                        if self.batch_wait_ms > 0 else None)
+        logger.info("CLIPEncoder serving %s from %s on %s (batch_wait_ms=%g)", clip.version, self.registry.root,
+                    clip.providers, self.batch_wait_ms)
 
     # -- the work, in worker threads ---------------------------------------------------------------------------
-    def _embed(self, docs: DocList[ClipDoc], pass_vector_queries: bool, endpoint: str) -> DocList[ClipDoc]:
-        """Embed docs with one model reference.
+    def _check_docs(self, docs: DocList[ClipDoc], pass_vector_queries: bool) -> tuple[Any, list[ClipDoc], list[Item]]:
+        """Check a request, take its one model reference, and the items of the docs to embed.
 
-        Every doc with content is embedded here, and its ``embedding``/``model_version`` overwritten, whatever a
-        client sent in them: the indexer behind this encoder in the Flow trusts the vectors it receives
+        Every doc with content is embedded, and its ``embedding``/``model_version`` overwritten, whatever a client
+        sent in them: the indexer behind this encoder in the Flow trusts the vectors it receives
         (``trust_client_vectors``) because of that.
 
         Args:
             pass_vector_queries: leave as they are vector-only docs (an embedding, no content) for the indexer to
                 judge (``/index``, ``/search``); otherwise every doc must have content (``/encode``).
 
+        Returns:
+            The model reference (one version for the whole request), the docs to embed and their items.
+
         Raises:
             ValueError: a request over the limits, a doc without content, or with a bad or refused
                 tensor/blob/uri (names the doc id), before any is encoded.
-            cliptuner.images.ImageError: an image cannot be decoded (names the doc id).
         """
         check_request(docs, self.limits)
         clip = self.follower.clip()  # one version for the whole request
-        version = clip.version
-        todo: list[tuple[ClipDoc, Item]] = []
+        todo: list[ClipDoc] = []
+        items: list[Item] = []
         for doc in docs:
             if pass_vector_queries and doc.embedding is not None and not has_content(doc):
                 continue  # a vector-only query: the indexer judges it
-            todo.append((doc, doc_item(doc, self.policy, self.limits)))  # check every doc before encoding any
+            items.append(doc_item(doc, self.policy, self.limits))  # check every doc before encoding any
+            todo.append(doc)
+        return clip, todo, items
+
+    def _embed_now(self, clip: Any, todo: list[ClipDoc], items: list[Item], endpoint: str) -> None:
+        """Embed a request's items in this thread, on their own (no batching)."""
         if todo:
-            with self.metrics.encoding(endpoint, [doc for doc, _ in todo]):
-                vectors = embed_items(clip, [item for _, item in todo])  # [len(todo), embed_dim]
-            for (doc, _), vector in zip(todo, vectors):
-                doc.embedding = vector
-                doc.model_version = version
-        self.metrics.model_version(version)
+            with self.metrics.encoding(endpoint, todo):
+                vectors = embed_items(clip, items)  # [len(todo), embed_dim]
+            self._model_run(len(items), 1)
+            self._apply(clip, todo, vectors)
+        self.metrics.model_version(clip.version)
+
+    def _apply(self, clip: Any, todo: list[ClipDoc], vectors: Any) -> None:
+        for doc, vector in zip(todo, vectors):
+            doc.embedding = vector
+            doc.model_version = clip.version
+
+    def _embed(self, docs: DocList[ClipDoc], pass_vector_queries: bool, endpoint: str) -> DocList[ClipDoc]:
+        """Embed docs with one model reference, in this thread (see :meth:`_check_docs`).
+
+        Raises:
+            ValueError: see :meth:`_check_docs`.
+            cliptuner.images.ImageError: an image cannot be decoded (names the doc id).
+        """
+        clip, todo, items = self._check_docs(docs, pass_vector_queries)
+        self._embed_now(clip, todo, items, endpoint)
         return docs
+
+    def _prepare_batched(self, docs: DocList[ClipDoc], pass_vector_queries: bool,
+                         endpoint: str) -> Optional[tuple[Any, list[ClipDoc], list[Item]]]:
+        """Check a request and decode its images for the batcher; a request the batcher does not take (large, or
+        with http(s) images) is embedded here instead, and None returned.
+
+        Raises:
+            ValueError, cliptuner.images.ImageError: as :meth:`_embed`, before anything is submitted.
+        """
+        clip, todo, items = self._check_docs(docs, pass_vector_queries)
+        if not todo or not self.batcher.accepts(items):
+            self._embed_now(clip, todo, items, endpoint)
+            return None
+        return clip, todo, decode_items(clip, items)
+
+    async def _encode(self, docs: DocList[ClipDoc], pass_vector_queries: bool, endpoint: str) -> DocList[ClipDoc]:
+        """Embed docs (see :meth:`_embed`), through the batcher when batching is on: the request waits for its
+        rows without holding a thread, so many small requests can wait together."""
+        if self.batcher is None:
+            return await asyncio.to_thread(self._embed, docs, pass_vector_queries, endpoint)
+        prepared = await asyncio.to_thread(self._prepare_batched, docs, pass_vector_queries, endpoint)
+        if prepared is None:
+            return docs
+        clip, todo, items = prepared
+        with self.metrics.encoding(endpoint, todo):
+            vectors = await asyncio.wrap_future(self.batcher.submit(clip, items))  # [len(todo), embed_dim]
+        self._apply(clip, todo, vectors)
+        self.metrics.model_version(clip.version)
+        return docs
+
+    def _model_run(self, items: int, submissions: int) -> None:
+        """Count a model run's items (ONNX Runtime runs at most ``batch_size`` at a time)."""
+        full, rest = divmod(items, self.batch_size)
+        for size in [self.batch_size] * full + ([rest] if rest else []):
+            self.metrics.encode_batch(size)
 
     def _swap(self) -> str:
         self.follower.refresh(strict=True)
@@ -152,12 +251,24 @@ class CLIPEncoder(Executor):
         return version
 
     def status(self) -> dict:
-        """What this encoder serves: model version, embedding size, providers, registry."""
+        """What this encoder serves: model version, embedding size, providers, registry, and ``batching``: its
+        settings (``batch_wait_ms``, 0 when off; ``batch_size``) and, when on, the batcher's counters
+        (:meth:`cliptuner.batching.MicroBatcher.stats`: ``runs``, ``items``, ``largest_run``, ``merged_runs`` …;
+        requests embedded on their own are not counted there)."""
         clip = self.follower.clip()
         self.metrics.model_version(clip.version)
+        batching = {"batch_wait_ms": self.batch_wait_ms, "batch_size": self.batch_size}
+        if self.batcher is not None:
+            batching.update(self.batcher.stats())
         return {"executor": "CLIPEncoder", "model_version": clip.version, "embed_dim": clip.embed_dim,
                 "providers": clip.providers, "registry": str(self.registry.root),
-                "last_error": self.follower.last_error}
+                "last_error": self.follower.last_error, "batching": batching}
+
+    def close(self) -> None:
+        """Embed what the batcher holds, stop it, then close the Executor."""
+        if self.batcher is not None:
+            self.batcher.close()
+        super().close()
 
     # -- endpoints -----------------------------------------------------------------------------------------------
     @requests(on="/encode")
@@ -169,7 +280,7 @@ class CLIPEncoder(Executor):
         ``text``, ``uri`` and ``tags`` stay): the answer carries what the client asked for, the vectors.
         """
         request_parameters(parameters, (), "/encode")
-        docs = await asyncio.to_thread(self._embed, docs, False, "/encode")
+        docs = await self._encode(docs, False, "/encode")
         for doc in docs:
             doc.blob = None
             doc.tensor = None
@@ -178,12 +289,12 @@ class CLIPEncoder(Executor):
     @requests(on="/index")
     async def encode_for_index(self, docs: DocList[ClipDoc], **kwargs: Any) -> DocList[ClipDoc]:
         """Embed docs on their way to the indexer (docs with content; vector-only docs pass for it to judge)."""
-        return await asyncio.to_thread(self._embed, docs, True, "/index")
+        return await self._encode(docs, True, "/index")
 
     @requests(on="/search")
     async def encode_queries(self, docs: DocList[ClipDoc], **kwargs: Any) -> DocList[ClipDoc]:
         """Embed queries on their way to the indexer (vector-only queries pass)."""
-        return await asyncio.to_thread(self._embed, docs, True, "/search")
+        return await self._encode(docs, True, "/search")
 
     @requests(on=["/train", "/models/promote", "/models/rollback"])
     async def train_done(self, docs: DocList[ClipDoc], **kwargs: Any) -> DocList[ClipDoc]:

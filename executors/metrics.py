@@ -10,6 +10,8 @@ metric                                     type       what
 ========================================  =========  ==========================================================
 ``cliptuner_encode_seconds``               histogram  time to embed one request's docs, by ``endpoint``
 ``cliptuner_encoded_items_total``          counter    items embedded, by ``modality`` (text, image, pair)
+``cliptuner_encode_batch_items``           histogram  items per ONNX Runtime run of the encoder (requests merged
+                                                      by dynamic batching count together)
 ``cliptuner_search_seconds``               histogram  time to answer one ``/search`` request
 ``cliptuner_index_docs``                   gauge      docs the index holds
 ``cliptuner_rebuild_progress``             gauge      fraction of the stored docs re-embedded by the running
@@ -39,6 +41,7 @@ from .schemas import ClipDoc
 
 # request latencies of an encoder/indexer: from a few ms (one text) to a minute (a big batch of images on a CPU)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # items per model run (batch_size caps it: 32 by default)
 
 
 def modality(doc: ClipDoc) -> str:
@@ -92,6 +95,11 @@ class Metrics:
             counts[kind] = counts.get(kind, 0) + 1
         for kind, n in counts.items():
             counter.labels(kind).inc(n)
+
+    def encode_batch(self, items: int) -> None:
+        """Count one model run of the encoder and its items (several requests when batched together)."""
+        self._get(Histogram, "cliptuner_encode_batch_items", "Items per ONNX Runtime run of the encoder",
+                  buckets=_BATCH_BUCKETS).observe(items)
 
     @contextmanager
     def searching(self) -> Iterator[None]:
