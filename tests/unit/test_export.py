@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
@@ -188,6 +189,8 @@ def test_int8_export_serves_on_cpu_close_to_fp32_and_smaller(seeded_tiny, tmp_pa
     assert parity["precision"] == "int8" and parity["checked"] and parity["threshold"] == 0.99
     assert parity["fp32"]["visual"]["min_cosine"] >= 0.9999  # checked before the conversion too
     assert 0.99 <= parity["visual"]["min_cosine"] < 1.0 and 0.99 <= parity["textual"]["min_cosine"] < 1.0
+    # 8-bit weights saturated ORT's AVX2 u8×s8 kernels: this image tower then agreed to 0.992 only
+    assert parity["visual"]["min_cosine"] >= 0.999
     ops = {node.op_type for node in onnx.load(str(out / "textual.onnx")).graph.node}
     assert {"DynamicQuantizeLinear", "MatMulInteger"} & ops  # the weights are int8
     for name in ("visual.onnx", "textual.onnx"):
@@ -198,6 +201,24 @@ def test_int8_export_serves_on_cpu_close_to_fp32_and_smaller(seeded_tiny, tmp_pa
                  (fp32.encode_text(TEXTS), int8.encode_text(TEXTS))):
         cosines = (a * b).sum(axis=1)
         assert cosines.min() >= 0.99 and not np.allclose(a, b, atol=1e-6)
+
+
+def test_int8_graphs_quantize_matmuls_and_embedding_with_7_bit_weights_and_keep_the_patch_conv(seeded_tiny,
+                                                                                                   tmp_path):
+    result = export_onnx(seeded_tiny, tmp_path, check_parity=False, precision="int8")
+    visual, textual = onnx.load(result["visual"]), onnx.load(result["textual"])
+    for model in (visual, textual):
+        onnx.checker.check_model(model)
+        assert batch_dim(model.graph.input[0]) == "batch" and batch_dim(model.graph.output[0]) == "batch"
+        assert "MatMulInteger" in {node.op_type for node in model.graph.node}
+        weights = [numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+        assert weights and all(np.abs(w.astype(np.int32)).max() <= 64 for w in weights)  # 2 × 255 × 64 < 2 ** 15
+    visual_ops = {node.op_type for node in visual.graph.node}
+    assert "Conv" in visual_ops and "ConvInteger" not in visual_ops  # ConvInteger is slower than the fp32 Conv
+    # every weight matrix, the attention out-projections (Gemm in the fp32 graph) and the token embedding included
+    largest_fp32 = max(numpy_helper.to_array(t).nbytes for t in textual.graph.initializer
+                       if t.data_type == onnx.TensorProto.FLOAT)
+    assert largest_fp32 <= seeded_tiny.model.positional_embedding.numel() * 4  # the positional embedding
 
 
 def test_int8_graphs_that_miss_their_threshold_are_refused_by_tower(seeded_tiny, tmp_path, monkeypatch):
