@@ -276,13 +276,15 @@ class CLIPEncoder(Executor):
                      **kwargs: Any) -> DocList[ClipDoc]:
         """Embed every doc (text, image, or pair → its image); sets ``embedding`` and ``model_version``.
 
-        The image bytes and pixels a client sent are not sent back (``blob`` and ``tensor`` come back empty; ``id``,
-        ``text``, ``uri`` and ``tags`` stay): the answer carries what the client asked for, the vectors.
+        The image bytes and pixels a client sent are not sent back (``blob``, ``bytes_`` and ``tensor`` come back
+        empty; ``id``, ``text``, ``uri``, ``url`` and ``tags`` stay): the answer carries what the client asked for,
+        the vectors.
         """
         request_parameters(parameters, (), "/encode")
         docs = await self._encode(docs, False, "/encode")
         for doc in docs:
             doc.blob = None
+            doc.bytes_ = None
             doc.tensor = None
         return docs
 

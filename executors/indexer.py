@@ -81,7 +81,7 @@ from cliptuner.stores import open_store
 from cliptuner.limits import RequestLimits
 from cliptuner.runtime import OnnxClip
 
-from .content import check_request, doc_item, has_content
+from .content import check_request, doc_blob, doc_item, doc_uri, has_content
 from .metrics import Metrics
 from .options import (INDEX_SUBDIR, base_spec, int_parameter, request_parameters, resolve_workspace, setting,
                       uri_policy)
@@ -499,7 +499,7 @@ class CLIPIndexer(Executor):
             doc_item(doc, self.policy, self.limits)  # check content before embedding anything
         if len(mine) != len(docs):
             docs = DocList[ClipDoc]([docs[i] for i in mine])
-        stored = [StoredDoc(id=doc.id, text=doc.text, uri=doc.uri, blob=doc.blob,
+        stored = [StoredDoc(id=doc.id, text=doc.text, uri=doc_uri(doc), blob=doc_blob(doc),  # url, bytes_ too
                             tensor=None if doc.tensor is None else np.asarray(doc.tensor), tags=dict(doc.tags))
                   for doc in docs]
 

@@ -46,7 +46,7 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # items per model run (batc
 
 def modality(doc: ClipDoc) -> str:
     """``"pair"`` (text and an image: embedded by its image), ``"image"`` or ``"text"``."""
-    image = doc.tensor is not None or doc.blob is not None or bool(doc.uri)
+    image = doc.tensor is not None or doc.blob is not None or doc.bytes_ is not None or bool(doc.uri or doc.url)
     if image:
         return "pair" if doc.text else "image"
     return "text"

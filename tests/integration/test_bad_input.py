@@ -22,6 +22,7 @@ from PIL import Image
 from service import FlowProcess, ServerError, by_id, png, post, serve_gallery
 
 from cliptuner import synthetic
+from cliptuner.limits import RequestLimits
 from cliptuner.registry import Registry
 from executors.schemas import ClipDoc
 
@@ -70,6 +71,7 @@ def _symlink_out(workspace: Path) -> str:
 
 
 REFUSED_URI = r"doc 'u': uri is not allowed"
+REFUSED_URL = r"doc 'u' \(url\): uri is not allowed"
 RGB = np.zeros((8, 8, 3), np.uint8)
 
 CASES = [
@@ -112,6 +114,18 @@ CASES = [
          REFUSED_URI, {"epochs": 1, "batch_size": 2}),
     Case("bad-data-uri", "/encode", lambda w: [doc("d", uri="data:image/png;base64,@@@not-base64@@@")],
          r"doc 'd'.*data URI"),
+    # docarray's standard names (ImageDoc/TextDoc `url`, `bytes_`): the same rules as `uri` and `blob`
+    Case("url-outside", "/encode", lambda w: [doc("u", url=str(_outside_file(w)))], REFUSED_URL),
+    Case("url-symlink-out", "/index", lambda w: [doc("u", url=_symlink_out(w))], REFUSED_URL),
+    Case("url-http-not-allowed", "/search", lambda w: [doc("u", url="http://example.invalid/cat.png")], REFUSED_URL),
+    Case("uri-url-disagree", "/index", lambda w: [doc("d", uri="cat.png", url="dog.png")],
+         r"doc 'd': uri and url differ .*executors\.schemas\.ClipDoc"),
+    Case("blob-bytes-disagree", "/encode", lambda w: [doc("d", blob=png(RGB), bytes_=png(RGB + 1))],
+         r"doc 'd': blob and bytes_ differ"),
+    Case("corrupt-bytes_", "/index", lambda w: [doc("b", bytes_=b"this is not an image")],
+         r"doc 'b' \(bytes_\).*cannot decode"),
+    Case("oversized-bytes_", "/encode", lambda w: [doc("b", bytes_=bytes(RequestLimits.max_blob_bytes + 1))],
+         rf"doc 'b' \(bytes_\): blob is {RequestLimits.max_blob_bytes + 1} bytes, over the limit"),
     # /index, /delete, /search specifics
     Case("duplicate-ids", "/index", lambda w: [doc("dup", text="one"), doc("dup", text="two")], r"dup"),
     Case("delete-unknown", "/delete", lambda w: [doc("never-stored")], r"never-stored"),

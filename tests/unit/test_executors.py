@@ -612,3 +612,16 @@ def test_the_tuner_binds_only_its_own_endpoints(tuner):
     bound = set(tuner.requests)
     assert "/train" in bound and "/status" in bound
     assert not bound & {"/encode", "/index", "/search", "/delete", "__default__"}
+
+
+def test_train_pairs_read_docarrays_standard_fields(tuner, workspace):
+    """ImageDoc-style pairs: ``bytes_`` read as ``blob``, ``url`` as ``uri`` (under the data root), by the same rules."""
+    scenes = synthetic.generate(2, "domain", seed=4, image_size=32)
+    (workspace / "data").mkdir(exist_ok=True)
+    (workspace / "data" / "b.png").write_bytes(png(scenes.images[1]))
+    docs = DocList[ClipDoc]([ClipDoc(id="a", text=scenes.captions[0], bytes_=png(scenes.images[0])),
+                             ClipDoc(id="b", text=scenes.captions[1], url="b.png")])
+    pairs = tuner.pairs_from_docs(docs)
+    assert len(pairs) == 2 and pairs.num_images == 2
+    with pytest.raises(ValueError, match="uri is not allowed"):
+        tuner.pairs_from_docs(DocList[ClipDoc]([ClipDoc(id="c", text="x", url="/etc/passwd")]))
