@@ -43,6 +43,17 @@ def _config_file_options() -> tuple[str, ...]:
     return cli_names(TrainConfig) + cli_names(EvalConfig) + ("device",)
 
 
+def _serving_device(value: str) -> str:
+    """argparse type of ``--device`` where ONNX Runtime runs (encode, eval): the one syntax ``serve`` takes."""
+    from .runtime import _parse_device
+
+    try:
+        _parse_device(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
 def _default_device() -> str:
     import torch
 
@@ -203,6 +214,11 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     if cfg.export_precision != "fp32":
         report["exported"] = _exported_recall(out, eval_pairs, cfg.export_precision, report["after"])
     (out / "report.json").write_text(json.dumps(report, indent=2))
+    if args.plots:
+        from .plots import write_report_plots
+
+        for path in write_report_plots(report, out / "plots"):
+            print(f"plot: {path}", file=sys.stderr)
     print(format_report(report["before"], report["after"], report.get("trivial", ())))
     if "wiseft" in report:
         print("WiSE-FT (alpha: held-out t2i R@5" + (", general t2i R@5)" if "general" in
@@ -310,27 +326,32 @@ def run_synth(args: argparse.Namespace) -> Path:
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    """``cliptuner demo``: offline end to end on synthetic data — train, report, export, encode."""
+    """``cliptuner demo``: the whole service offline, a pretrained base tuned on a domain (:mod:`cliptuner.demo`)."""
     require_train("cliptuner demo")
-    from . import synthetic
+    import dataclasses
 
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="cliptuner-demo-"))
-    data = synthetic.write_csv(workdir / "data", n_images=args.n_images, domain="domain", seed=args.seed,
-                               image_size=64, captions_per_image=2)
-    print(f"synthetic 'domain' pairs written to {data}", file=sys.stderr)
-    parser = build_parser()
-    train_args = parser.parse_args([
-        "train", "--data", str(data), "--model", args.model, "--epochs", str(args.epochs),
-        "--batch-size", str(args.batch_size), "--lr", str(args.learning_rate), "--seed", str(args.seed),
-        "--out", str(workdir / "model"), "--warmup-steps", "20"] + (["--quiet"] if args.quiet else []))
-    report = run_train(train_args)
-    from .runtime import OnnxClip
+    from .demo import DemoSettings, run_demo as demo
 
-    clip = OnnxClip(workdir / "model")
-    vectors = clip.encode_text(["a large teal star on the left"])
-    print(f"ONNX runtime ({', '.join(clip.providers)}) encodes text to a {vectors.shape[1]}-d unit vector; "
-          f"everything is in {workdir}")
-    return report
+    settings = DemoSettings.quick() if args.quick else DemoSettings()
+    overrides = {name: getattr(args, name) for name in ("n_images", "epochs", "batch_size", "learning_rate", "seed")
+                 if getattr(args, name) is not None}
+    settings = dataclasses.replace(settings, **overrides)
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="cliptuner-demo-"))
+    return demo(settings, workdir, cache=Path(args.cache_dir) if args.cache_dir else None,
+                say=lambda line: print(f"[demo] {line}", file=sys.stderr, flush=True), quiet=args.quiet,
+                torch_threads=args.torch_threads)
+
+
+def run_pretrain_base(args: argparse.Namespace) -> Path:
+    """``cliptuner pretrain-base``: the demo's base model, trained once on generic scenes and cached."""
+    require_train("cliptuner pretrain-base")
+    from .demo import BaseSettings, DemoSettings, pretrain_base
+
+    settings = DemoSettings.quick().base if args.quick else BaseSettings()
+    path = pretrain_base(settings, cache=Path(args.cache_dir) if args.cache_dir else None, force=args.force,
+                         quiet=args.quiet, say=lambda line: print(line, file=sys.stderr, flush=True))
+    print(path)
+    return path
 
 
 MODELS_EPILOG = """\
@@ -430,7 +451,8 @@ SERVE_ENV = {"host": "CLIPTUNER_HOST", "port": "CLIPTUNER_PORT", "workspace": "C
              "model": "CLIPTUNER_MODEL", "pretrained": "CLIPTUNER_PRETRAINED", "device": "CLIPTUNER_DEVICE",
              "metrics_port": "CLIPTUNER_METRICS_PORT", "index_backend": "CLIPTUNER_INDEX_BACKEND",
              "milvus_uri": "CLIPTUNER_MILVUS_URI", "milvus_token": "CLIPTUNER_MILVUS_TOKEN",
-             "index_shards": "CLIPTUNER_INDEX_SHARDS"}
+             "index_shards": "CLIPTUNER_INDEX_SHARDS", "batch_wait_ms": "CLIPTUNER_BATCH_WAIT_MS",
+             "http_port": "CLIPTUNER_HTTP_PORT"}
 METRICS_PORTS = ("GATEWAY", "TUNER", "ENCODER", "INDEXER")  # CLIPTUNER_METRICS_PORT_<name> = the port + index
 DEFAULT_HOST = "127.0.0.1"  # this machine only; a container sets CLIPTUNER_HOST=0.0.0.0 and publishes the port
 FLOW_YAML = Path("flows") / "flow.yml"
@@ -474,6 +496,20 @@ def _metrics_environment() -> None:
     os.environ["CLIPTUNER_METRICS"] = "true"
     for i, name in enumerate(METRICS_PORTS):
         os.environ[f"CLIPTUNER_METRICS_PORT_{name}"] = str(base + i)
+
+
+def _optional_port(name: str, option: str) -> Optional[int]:
+    """The port in environment variable ``name`` (set from ``option``), or None when it is unset or empty."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        port = int(raw)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{option} / {name} must be a port number in [1, 65535], got {raw!r}")
+    return port
 
 
 def _wait_until_answering(host: str, port: int, timeout: float = 120.0) -> None:
@@ -532,6 +568,9 @@ def run_serve(args: argparse.Namespace) -> None:
         raise ValueError("no workspace: pass --workspace DIR or set CLIPTUNER_WORKSPACE")
     os.environ["CLIPTUNER_WORKSPACE"] = str(Path(os.environ["CLIPTUNER_WORKSPACE"]).expanduser().resolve())
     _metrics_environment()
+    http_port = _optional_port("CLIPTUNER_HTTP_PORT", "--http-port")
+    if http_port is not None and str(http_port) == os.environ["CLIPTUNER_PORT"].strip():
+        raise ValueError(f"--http-port / CLIPTUNER_HTTP_PORT must differ from the gRPC port, got {http_port} for both")
     for name in SERVE_ENV.values():  # unset → empty: the Flow YAML then passes None rather than the text "$NAME"
         os.environ.setdefault(name, "")
     os.environ.setdefault("JINA_OPTOUT_TELEMETRY", "1")
@@ -541,15 +580,51 @@ def run_serve(args: argparse.Namespace) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     flow = Flow.load_config(str(flow_path))
+    host, port = os.environ["CLIPTUNER_HOST"], int(os.environ["CLIPTUNER_PORT"])
     with flow:
-        _wait_until_answering(os.environ["CLIPTUNER_HOST"], int(os.environ["CLIPTUNER_PORT"]))
-        print(f"cliptuner serving on grpc {os.environ['CLIPTUNER_HOST']}:{os.environ['CLIPTUNER_PORT']} (workspace "
-              f"{os.environ['CLIPTUNER_WORKSPACE']}); Ctrl-C to stop", file=sys.stderr, flush=True)
-        flow.block(stop_event=stop)
+        _wait_until_answering(host, port)
+        http = None
+        if http_port is not None:  # the JSON API and the search page, in this process, in front of the gRPC gateway
+            from .page import HttpFront
+
+            http = HttpFront(host, http_port, grpc_port=port, workspace=Path(os.environ["CLIPTUNER_WORKSPACE"]))
+            http.start()
+        also = f", http {host}:{http_port} (search page and JSON API)" if http is not None else ""
+        print(f"cliptuner serving on grpc {host}:{port}{also} (workspace {os.environ['CLIPTUNER_WORKSPACE']}); "
+              "Ctrl-C to stop", file=sys.stderr, flush=True)
+        try:
+            flow.block(stop_event=stop)
+        finally:
+            if http is not None:
+                http.stop()
+
+
+DESCRIPTION = ("Fine-tune CLIP on your own image-text pairs, measure recall@k before and after,\n"
+               "export ONNX, and serve it as gRPC microservices.")
+EXAMPLES = """\
+examples:
+  cliptuner demo                                   the whole service offline, with plots (start here)
+  cliptuner train --data pairs.csv --model ViT-B-32 --pretrained openai --epochs 5 --out runs/v1
+  cliptuner eval --data test.csv --model-dir runs/v1
+  cliptuner encode --model-dir runs/v1 --text "a red dress" --image shoe.jpg
+  cliptuner serve --workspace ./ws                 gRPC on 127.0.0.1:51000 (tuner, encoder, indexer)
+  cliptuner COMMAND --help                         every option of a command, with its default
+"""
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cliptuner")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cliptuner", description=__doc__)
+    parser = argparse.ArgumentParser(prog="cliptuner", description=DESCRIPTION, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"cliptuner {_package_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every training step line")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -560,7 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=None,
                    help="OpenCLIP tag (e.g. openai) or local checkpoint path (default: none, random init)")
     p.add_argument("--out", required=True, help="directory for the tuned model version (required)")
-    p.add_argument("--version", default=None, help="model version name (default: the --out folder name)")
+    p.add_argument("--model-version", dest="version", default=None,
+                   help="model version name (default: the --out folder name)")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="YAML or JSON mapping of training option names (TrainConfig/EvalConfig fields, e.g. "
                         "learning_rate: 1e-5) to values; flags given here override it (default: none)")
@@ -571,56 +647,98 @@ def build_parser() -> argparse.ArgumentParser:
                         "event every optimizer step (default: none)")
     p.add_argument("--force-quick-gelu", action="store_true",
                    help="build the model with QuickGELU, as OpenAI-trained weights expect (default: off)")
+    p.add_argument("--no-plots", dest="plots", action="store_false",
+                   help="do not draw OUT/plots/training.png (loss and recall per epoch) and OUT/plots/recall.png "
+                        "(held-out recall before vs after) (default: drawn)")
     _add_train_options(p)
     p.set_defaults(func=run_train)
 
-    p = sub.add_parser("eval", help="recall@k of an exported model on PAIRS")
-    p.add_argument("--data", required=True)
-    p.add_argument("--model-dir", required=True)
+    p = sub.add_parser("eval", help="recall@k of an exported model on PAIRS",
+                       epilog="example:\n  cliptuner eval --data test.csv --model-dir runs/v1 --json metrics.json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="PAIRS to evaluate: CSV (image,caption) or Karpathy-style JSON "
+                                                 "(required)")
+    p.add_argument("--model-dir", required=True, help="an exported model directory, e.g. cliptuner train's --out "
+                                                      "(required)")
     p.add_argument("--split", default="test", help="split of a Karpathy JSON to evaluate (default: test)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--json", default=None, help="also write the metrics to this file")
+    p.add_argument("--device", default="auto", type=_serving_device, metavar="DEVICE",
+                   help="auto, cpu, cuda or cuda:N, where ONNX Runtime runs (default: auto)")
+    p.add_argument("--json", default=None, help="also write the metrics to this file (default: none)")
     p.set_defaults(func=run_eval)
 
-    p = sub.add_parser("export", help="export a checkpoint to an ONNX model directory")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", required=True)
+    p = sub.add_parser("export", help="export a checkpoint to an ONNX model directory",
+                       epilog="example:\n  cliptuner export --checkpoint runs/v1/checkpoint.pt --out runs/v1-int8 "
+                              "--precision int8",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by cliptuner train (required)")
+    p.add_argument("--out", required=True, help="the model directory to write (required)")
     p.add_argument("--model", default=None, help="arch (default: the one recorded in the checkpoint)")
-    p.add_argument("--version", default=None)
-    p.add_argument("--with-checkpoint", action="store_true", help="copy the weights into the directory too")
+    p.add_argument("--model-version", dest="version", default=None,
+                   help="model version name recorded in model.json (default: the --out folder name)")
+    p.add_argument("--with-checkpoint", action="store_true",
+                   help="copy the weights into the directory too (default: off)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"),
                    help="of the ONNX graphs: fp32; int8 (dynamic quantization, for CPU serving); fp16 (for CUDA "
                         "serving; its parity check runs only where onnxruntime has CUDA)")
     p.set_defaults(func=run_export)
 
-    p = sub.add_parser("encode", help="embed texts and images with an exported model")
-    p.add_argument("--model-dir", required=True)
-    p.add_argument("--text", nargs="*", default=[])
-    p.add_argument("--image", nargs="*", default=[])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--out", default=None, help="write a .npy instead of JSON lines")
+    p = sub.add_parser("encode", help="embed texts and images with an exported model",
+                       epilog="example:\n  cliptuner encode --model-dir runs/v1 --text \"a red dress\" "
+                              "--image shoe.jpg",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", required=True, help="an exported model directory (required)")
+    p.add_argument("--text", nargs="*", default=[], metavar="TEXT", help="texts to embed")
+    p.add_argument("--image", nargs="*", default=[], metavar="FILE", help="image files to embed")
+    p.add_argument("--device", default="auto", type=_serving_device, metavar="DEVICE",
+                   help="auto, cpu, cuda or cuda:N, where ONNX Runtime runs (default: auto)")
+    p.add_argument("--out", default=None, help="write a .npy instead of JSON lines (default: JSON lines on stdout)")
     p.set_defaults(func=run_encode)
 
-    p = sub.add_parser("synth", help="write a synthetic captioned-scenes data set")
-    p.add_argument("--out", required=True)
-    p.add_argument("--domain", default="domain")
-    p.add_argument("--n-images", type=int, default=500)
-    p.add_argument("--captions-per-image", type=int, default=2)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--format", choices=["csv", "karpathy"], default="csv")
+    p = sub.add_parser("synth", help="write a synthetic captioned-scenes data set",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="folder to write the images and the PAIRS file into (required)")
+    p.add_argument("--domain", default="domain", choices=("generic", "domain"),  # synthetic.DOMAINS
+                   help="the scene distribution: everyday shapes, or the demo's domain")
+    p.add_argument("--n-images", type=int, default=500, help="scenes drawn")
+    p.add_argument("--captions-per-image", type=int, default=2, help="captions per scene")
+    p.add_argument("--image-size", type=int, default=64, help="side of the square images, in pixels")
+    p.add_argument("--seed", type=int, default=0, help="the draw's seed")
+    p.add_argument("--format", choices=["csv", "karpathy"], default="csv",
+                   help="pairs.csv (image,caption) or a Karpathy-style dataset.json")
     p.set_defaults(func=run_synth)
 
-    p = sub.add_parser("demo", help="offline end-to-end run on synthetic data")
-    p.add_argument("--model", default="cliptuner-tiny")
-    p.add_argument("--n-images", type=int, default=600)
-    p.add_argument("--epochs", type=int, default=10)  # epochs, batch and lr: the winner of benchmarks/RESULTS.md,
-    p.add_argument("--batch-size", type=int, default=32)  # chosen on validation data disjoint from the demo's
-    p.add_argument("--lr", dest="learning_rate", type=float, default=6e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", default=None)
-    p.add_argument("--quiet", action="store_true")
+    p = sub.add_parser(
+        "demo", help="the whole service offline: a pretrained base tuned on a domain through the gRPC Flow",
+        description="Starts `cliptuner serve` on 127.0.0.1 with a base model pretrained on generic synthetic scenes "
+                    "(cached after the first run), indexes a held-out gallery of domain scenes, measures recall "
+                    "through /encode and searches through /search, tunes through /train, and measures and "
+                    "searches again; prints the before/after table and the top matches, and draws plots.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--workdir", default=None, help="where the workspace, plots and demo.json go (default: a new "
+                                                    "temporary folder)")
+    p.add_argument("--quick", action="store_true", help="a minute-sized run of every step (its recall says little)")
+    p.add_argument("--cache-dir", default=None,
+                   help="where the base model is cached (default: $CLIPTUNER_CACHE or ~/.cache/cliptuner)")
+    # the tuning settings: the ones benchmarks/sweep.py chose on validation scenes disjoint from the demo's
+    p.add_argument("--n-images", type=int, default=None, help="domain images (default: 600; --quick 60)")
+    p.add_argument("--epochs", type=int, default=None, help="tuning epochs (default: 10; --quick 2)")
+    p.add_argument("--batch-size", type=int, default=None, help="tuning batch size (default: 32; --quick 16)")
+    p.add_argument("--lr", dest="learning_rate", type=float, default=None, help="tuning learning rate (default: 6e-4)")
+    p.add_argument("--seed", type=int, default=None, help="data and training seed (default: 0)")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch threads of the tuning process (default: every CPU: the demo sends no queries while "
+                        "it tunes)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar while the base pretrains")
     p.set_defaults(func=run_demo)
+
+    p = sub.add_parser("pretrain-base", help="train and cache the demo's base model (generic synthetic scenes)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--cache-dir", default=None,
+                   help="where it is cached (default: $CLIPTUNER_CACHE or ~/.cache/cliptuner)")
+    p.add_argument("--quick", action="store_true", help="the quick demo's small base")
+    p.add_argument("--force", action="store_true", help="train it again even if it is cached")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_pretrain_base)
 
     p = sub.add_parser("serve", help="start the gRPC services (flows/flow.yml) and block")
     p.add_argument("--host", default=None,
@@ -645,10 +763,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split the index into N shards, each its own process and collection (CLIPTUNER_INDEX_SHARDS; "
                         "default 1). N > 1 serves flows/shards.yml unless --flow says otherwise; embedded "
                         "backends only")
+    p.add_argument("--batch-wait-ms", type=float, default=None, metavar="MS",
+                   help="how long the encoder lets a small request wait for others to share one model run "
+                        "(CLIPTUNER_BATCH_WAIT_MS; default 2; 0 turns dynamic batching off)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="turn on Prometheus metrics (CLIPTUNER_METRICS_PORT): the gateway serves them on this port, "
                         "the tuner, encoder and indexer on the next three. Jina binds these endpoints to every "
                         "interface, whatever --host says; firewall them where the machine is reachable. Default: off")
+    p.add_argument("--http-port", type=int, default=None, metavar="P",
+                   help="also serve HTTP on this port of the same host (CLIPTUNER_HTTP_PORT): the search page at / "
+                        "and a JSON API, POST /post {\"execEndpoint\": \"/search\", \"data\": [...], "
+                        "\"parameters\": {...}}, forwarded to the gRPC gateway (cliptuner/page.py). Default: off")
     p.set_defaults(func=run_serve)
 
     p = sub.add_parser("models", help="list, promote, roll back and prune model versions of a registry",
@@ -667,7 +792,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="publish an exported model directory (cliptuner train --out, cliptuner export) as "
                                 "the next version and make it CURRENT; creates the registry if needed")
     q.add_argument("model_dir", help="the model directory (model.json and its ONNX files)")
-    q.add_argument("--version", default=None, help="its name (default: the next of v1, v2, ...)")
+    q.add_argument("--model-version", dest="version", default=None,
+                   help="its name (default: the next of v1, v2, ...)")
     q.add_argument("--no-current", action="store_true", help="publish without making it CURRENT (promote later)")
     q = actions.add_parser("promote", parents=[where], help="make a published version CURRENT")
     q.add_argument("version", help="the version to serve, e.g. v3")

@@ -10,6 +10,7 @@ matplotlib) never needs it.
 - :func:`match_grid`: for a few text queries, the top matches before and after, each with its score; the image
   the caption was written for is framed.
 - :func:`write_report_plots`: the first two from a report into a folder.
+- :func:`is_drawn`: whether a PNG is a drawn chart (size, not one flat colour).
 """
 
 from __future__ import annotations
@@ -200,3 +201,14 @@ def write_report_plots(report: dict, folder: str | Path, prefix: str = "") -> li
     except Exception as exc:  # noqa: BLE001 - a plot must not fail the run it describes
         logger.warning("could not draw the plots in %s: %s", folder, exc)
     return written
+
+
+def is_drawn(path: str | Path, min_size: tuple[int, int] = (300, 200), min_std: float = 8.0) -> bool:
+    """Whether a PNG looks like a drawn chart: at least ``min_size`` pixels and not one flat colour."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        if image.width < min_size[0] or image.height < min_size[1]:
+            return False
+        pixels = np.asarray(image.convert("L"), dtype=np.float32)
+    return float(pixels.std()) >= min_std

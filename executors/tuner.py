@@ -119,7 +119,7 @@ from cliptuner.manifest import ModelManifest
 from cliptuner.options import cli_names, read_options_file, request_names
 from cliptuner.registry import CurrentChange, Registry
 
-from .content import check_request
+from .content import check_request, doc_blob, doc_uri
 from .metrics import Metrics
 from .options import (DATA_SUBDIR, RUNS_SUBDIR, base_spec, int_parameter, int_setting, request_parameters,
                       resolve_workspace, setting, uri_policy)
@@ -624,7 +624,7 @@ class CLIPTuner(Executor):
         images, captions, image_ids = [], [], []
         for doc in docs:
             name = f"doc {doc.id!r}"
-            image = image_source(name, doc.tensor, doc.blob, doc.uri, self.policy, self.limits.image_limits)
+            image = image_source(name, doc.tensor, doc_blob(doc), doc_uri(doc), self.policy, self.limits.image_limits)
             if image is None or not (doc.text and doc.text.strip()):
                 raise ValueError(f"{name}: a training pair needs text and an image (blob, uri or tensor)")
             images.append(image)
@@ -970,7 +970,9 @@ class CLIPTuner(Executor):
         if self._last_report is not None:
             r = self._last_report
             last = {"model_version": r["model_version"], "parent_version": r["parent_version"],
-                    "before": r["before"], "after": r["after"], "epochs": r["epochs"]}
+                    "before": r["before"], "after": r["after"], "epochs": r["epochs"],
+                    **{key: r[key] for key in ("epoch_losses", "eval_history", "history_split", "best_epoch",
+                                               "split", "samples_per_s", "train_seconds") if key in r}}
         return {"executor": "CLIPTuner", "pid": os.getpid(), "model_version": self.registry.current(),
                 "training": dict(self._progress),
                 "last_report": last, "device": self.device, "processes": self.processes,

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
-from service import ROOT, FlowProcess
+from service import ROOT, FlowProcess, free_port
 
 LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp
 
@@ -99,8 +99,10 @@ def gateway_and_executors(serve: Serve) -> tuple[list, list]:
 
 
 def test_serve_listens_on_loopback_only_by_default(workspace):
-    with Serve(workspace, [], {}) as serve:
+    http_port = free_port()
+    with Serve(workspace, ["--http-port", str(http_port)], {}) as serve:  # the search page and JSON API too
         gateway, executors = gateway_and_executors(serve)
+        assert (ipaddress.ip_address("127.0.0.1"), http_port) in serve.listening()
     assert gateway == [ipaddress.ip_address("127.0.0.1")]
     assert all(address == ipaddress.ip_address("127.0.0.1") for address in executors), executors
 

@@ -35,12 +35,3 @@ def pair_docs(n_images: int, seed: int, blobs: bool = False) -> DocList[ClipDoc]
                 **({"blob": png(pairs.images[pairs.image_index[i]])} if blobs
                    else {"tensor": pairs.images[pairs.image_index[i]]}))
         for i, caption in enumerate(pairs.captions)])
-
-
-def png_is_drawn(path, min_size=(300, 200), min_std=8.0) -> bool:
-    """Whether a PNG looks like a drawn chart: at least ``min_size`` pixels and not one flat colour."""
-    with Image.open(path) as image:
-        if image.width < min_size[0] or image.height < min_size[1]:
-            return False
-        pixels = np.asarray(image.convert("L"), dtype=np.float32)
-    return float(pixels.std()) >= min_std

@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import png_is_drawn
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import harness  # noqa: E402
+from cliptuner.plots import is_drawn  # noqa: E402
 
 
 def test_quick_run_writes_results_json_and_charts_from_scratch(tmp_path):
@@ -42,7 +42,7 @@ def test_quick_run_writes_results_json_and_charts_from_scratch(tmp_path):
     charts = sorted(p.name for p in (out.parent / "charts").iterdir())
     assert charts == ["latency.png", "search.png"]  # the stale file is gone; ratios/recall had nothing to show
     for name in charts:
-        assert png_is_drawn(out.parent / "charts" / name), name
+        assert is_drawn(out.parent / "charts" / name), name
         assert f"charts/{name}" in text
 
 

@@ -10,6 +10,7 @@ import pytest
 from cliptuner import synthetic
 from cliptuner.cli import main
 from cliptuner.evaluate import METRIC_KEYS
+from cliptuner.plots import is_drawn
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,8 @@ def test_train_writes_a_model_version_and_report(trained):
     assert report["split"]["eval_images"] == 12 and report["split"]["train_images"] == 48
     meta = json.loads((out / "model.json").read_text())
     assert meta["arch"] == "cliptuner-tiny" and meta["version"] == "model-a"
+    for plot in ("training.png", "recall.png"):  # drawn from the report, beside it
+        assert is_drawn(out / "plots" / plot), plot
 
 
 def test_eval_of_exported_model_matches_the_training_report(trained, tmp_path, capsys):
@@ -113,3 +116,42 @@ def test_console_entry_point_runs():
     assert result.returncode == 0
     for command in ("train", "eval", "export", "encode"):
         assert command in result.stdout
+
+
+def test_help_is_plain_text_with_examples_and_every_option_explained(capsys):
+    from cliptuner.cli import build_parser
+
+    parser = build_parser()
+    top = parser.format_help()
+    assert "``" not in top and "examples:" in top and "cliptuner demo" in top
+    subparsers = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"cliptuner {name} {action.option_strings[0]} has no help text"
+
+
+def test_version_names_the_package_and_model_versions_have_their_own_flag(capsys):
+    from importlib.metadata import version
+
+    from cliptuner.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"cliptuner {version('cliptuner')}"
+    args = build_parser().parse_args(["train", "--data", "p.csv", "--out", "o", "--model-version", "v7"])
+    assert args.version == "v7"
+    args = build_parser().parse_args(["export", "--checkpoint", "c.pt", "--out", "o", "--model-version", "v8"])
+    assert args.version == "v8"
+
+
+@pytest.mark.parametrize("command", [["encode", "--model-dir", "m"], ["eval", "--data", "p.csv", "--model-dir", "m"]])
+def test_one_device_syntax_everywhere(command, capsys):
+    from cliptuner.cli import build_parser
+
+    parser = build_parser()
+    for device in ("auto", "cpu", "cuda", "cuda:1"):  # what serve takes
+        assert parser.parse_args(command + ["--device", device]).device == device
+    with pytest.raises(SystemExit):
+        parser.parse_args(command + ["--device", "gpu"])
+    assert "device must be one of ['auto', 'cpu', 'cuda'] or 'cuda:N', got 'gpu'" in capsys.readouterr().err

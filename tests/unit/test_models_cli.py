@@ -121,7 +121,8 @@ def test_publish_adds_the_next_version_and_makes_it_current(workspace, tmp_path,
     reg = Registry(workspace / "models")
     assert reg.versions() == ["v1", "v2", "v3", "v4"] and reg.current() == "v4"
     assert src.is_dir()  # copied, not moved
-    assert models("publish", str(src), "--workspace", str(workspace), "--version", "candidate", "--no-current") == 0
+    assert models("publish", str(src), "--workspace", str(workspace), "--model-version", "candidate",
+                  "--no-current") == 0
     assert capsys.readouterr().out.strip() == "published candidate"
     assert "candidate" in reg.versions() and reg.current() == "v4"
 
@@ -134,6 +135,6 @@ def test_publish_creates_a_registry_and_refuses_what_is_not_a_model(tmp_path, ca
     assert models("publish", str(tmp_path), "--workspace", str(tmp_path / "fresh")) == 2  # no model.json there
     err = capsys.readouterr().err
     assert err.startswith("cliptuner models: error:") and "model.json" in err
-    assert models("publish", str(src), "--workspace", str(tmp_path / "fresh"), "--version", "v1") == 2
+    assert models("publish", str(src), "--workspace", str(tmp_path / "fresh"), "--model-version", "v1") == 2
     assert "v1" in capsys.readouterr().err
     assert Registry(tmp_path / "fresh" / "models").versions() == ["v1"]

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 from PIL import Image
-from support import png_is_drawn
 
 from cliptuner import plots, synthetic
+from cliptuner.plots import is_drawn
 
 REPORT = {
     "epoch_losses": [2.1, 1.7, 1.2, 0.9],
@@ -21,12 +21,12 @@ def test_report_plots_are_drawn(tmp_path):
     written = plots.write_report_plots(REPORT, tmp_path / "plots")
     assert [p.name for p in written] == ["training.png", "recall.png"]
     for path in written:
-        assert png_is_drawn(path), path
+        assert is_drawn(path), path
 
 
 def test_a_report_without_recall_gets_only_the_curves(tmp_path):
     written = plots.write_report_plots({"epoch_losses": [1.0, 0.5]}, tmp_path)
-    assert [p.name for p in written] == ["training.png"] and png_is_drawn(written[0])
+    assert [p.name for p in written] == ["training.png"] and is_drawn(written[0])
 
 
 def test_a_plot_that_cannot_be_drawn_does_not_fail_the_run(tmp_path, caplog):
@@ -55,7 +55,7 @@ def test_match_grid_shows_each_query_row_with_its_images(tmp_path):
             for q in range(2)]
     one = plots.match_grid(rows[:1], tmp_path / "one.png", title="top-3")
     two = plots.match_grid(rows, tmp_path / "two.png", title="top-3")
-    assert png_is_drawn(one) and png_is_drawn(two)
+    assert is_drawn(one) and is_drawn(two)
     with Image.open(one) as a, Image.open(two) as b:
         assert b.height > 1.5 * a.height and b.width == a.width  # a row per query, 3 + 3 columns each
         pixels = np.asarray(b.convert("RGB"))

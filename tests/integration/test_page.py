@@ -1,0 +1,165 @@
+"""The search page and the JSON API of `cliptuner serve --http-port`: real HTTP on 127.0.0.1, and the page in a
+headless Chromium driven by Playwright (Debian's `chromium` package; `.ci/run` installs it)."""
+
+import base64
+import json
+import shutil
+import urllib.error
+import urllib.request
+
+import pytest
+
+from cliptuner import synthetic
+from service import FlowProcess, free_port
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[dev]' installs playwright")
+
+N_IMAGES = 12
+LIMIT = 5  # one of the page's choices
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    workspace = tmp_path_factory.mktemp("page")
+    pairs = synthetic.write_csv(workspace / "data", n_images=N_IMAGES, domain="domain", image_size=32)
+    flow = FlowProcess(workspace, workspace / "serve.log", args=["--http-port", str(free_port())])
+    flow.start()
+    flow.http = f"http://127.0.0.1:{flow.args[1]}"
+    flow.images = sorted((workspace / "data" / "images").glob("*.png"))
+    flow.pairs = pairs
+    try:
+        yield flow
+    finally:
+        flow.stop()
+
+
+def call(served, body, content_type="application/json", origin=None):
+    """POST /post; (status, parsed JSON answer)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(served.http + "/post", data=data, method="POST",
+                                     headers={"Content-Type": content_type, **({"Origin": origin} if origin else {})})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def get(served, path):
+    try:
+        with urllib.request.urlopen(served.http + path, timeout=30) as response:
+            return response.status, response.headers.get("Content-Type"), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("Content-Type"), exc.read()
+
+
+def test_json_api_indexes_and_searches_by_text_and_base64_image(served):
+    # the README's curl examples, sent with urllib
+    docs = [{"id": path.name, "uri": f"images/{path.name}"} for path in served.images]
+    status, answer = call(served, {"execEndpoint": "/index", "data": docs})
+    assert status == 200, answer
+    assert [d["id"] for d in answer["data"]] == [d["id"] for d in docs]
+
+    status, answer = call(served, {"execEndpoint": "/search", "data": [{"text": "a large teal star"}],
+                                   "parameters": {"limit": LIMIT}})
+    assert status == 200, answer
+    query = answer["data"][0]
+    assert query["model_version"] == "v1" and len(query["matches"]) == LIMIT
+    assert query["scores"] == sorted(query["scores"], reverse=True)
+    assert {m["id"] for m in query["matches"]} <= {d["id"] for d in docs}
+    assert all(m["model_version"] == "v1" for m in query["matches"])
+
+    target = served.images[3]
+    blob = base64.b64encode(target.read_bytes()).decode()
+    status, answer = call(served, {"exec_endpoint": "/search", "data": [{"blob": blob}], "parameters": {"limit": 2}})
+    assert status == 200, answer
+    best = answer["data"][0]["matches"][0]
+    assert best["id"] == target.name and best["score"] == pytest.approx(1.0, abs=1e-4)  # the image finds itself
+
+
+def test_json_api_reports_errors_as_text(served):
+    status, answer = call(served, {"execEndpoint": "/search", "data": [{"uri": "/etc/passwd"}]})
+    assert status == 422 and "not allowed" in answer["error"]
+    status, answer = call(served, {"execEndpoint": "/train", "parameters": {"data": "no-such.csv", "wait": False}})
+    assert status == 422 and "no-such.csv" in answer["error"]
+    status, answer = call(served, b"{not json")
+    assert status == 400 and "not JSON" in answer["error"]
+    status, answer = call(served, {"execEndpoint": "/search", "data": [{"blob": "%%%"}]})
+    assert status == 400 and "base64" in answer["error"]
+    status, answer = call(served, {"execEndpoint": "/search", "data": [{"text": "x", "colour": 1}]})
+    assert status == 400 and "colour" in answer["error"]
+    # what a cross-site page could send: a simple (no preflight) request, or one from another origin
+    status, answer = call(served, {"execEndpoint": "/status"}, content_type="text/plain")
+    assert status == 415
+    status, answer = call(served, {"execEndpoint": "/status"}, origin="http://evil.example")
+    assert status == 403
+
+
+def test_image_route_serves_only_images_under_the_roots(served):
+    status, kind, body = get(served, "/image?uri=images/" + served.images[0].name)
+    assert status == 200 and kind == "image/png" and body == served.images[0].read_bytes()
+    for uri, expected in (("/etc/passwd", 403), ("../serve.log", 403), ("http://127.0.0.1/x.png", 403),
+                          ("pairs.csv", 404), ("images/missing.png", 404)):
+        status, _, body = get(served, "/image?uri=" + urllib.request.quote(uri))
+        assert status == expected, (uri, body)
+
+
+def test_page_searches_tunes_and_compares(served, tmp_path):
+    status, kind, body = get(served, "/")
+    assert status == 200 and kind.startswith("text/html") and b"<script" in body
+    assert b"http://" not in body and b"https://" not in body  # no external assets
+    chromium = shutil.which("chromium")
+    assert chromium, "the page test needs Debian's chromium package (.ci/run installs it)"
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(served.http + "/")
+            expect = playwright_api.expect
+            expect(page.locator("#version")).to_have_text("v1")
+
+            page.select_option("#limit", str(LIMIT))
+            page.fill("#query", "a small magenta cross")
+            page.click("#search")
+            cards = page.locator("#results .card")
+            expect(cards).to_have_count(LIMIT)
+            expect(page.locator("#results .card .version").first).to_have_text("v1")
+            scores = [float(s) for s in page.locator("#results .card .score").all_text_contents()]
+            assert scores == sorted(scores, reverse=True)
+            # every card shows its gallery image, loaded through /image
+            page.wait_for_function("[...document.querySelectorAll('#results .card img')]"
+                                   ".every(i => i.complete && i.naturalWidth > 0)")
+
+            # an image query: the image finds itself first
+            page.set_input_files("#file", str(served.images[5]))
+            expect(page.locator("#results .card .id").first).to_have_text(served.images[5].name)
+            expect(page.locator("#results-caption")).to_contain_text(served.images[5].name)
+
+            # an error from the service, shown as text
+            page.fill("#pairs", "no-such.csv")
+            page.click("#tune")
+            expect(page.locator("#error")).to_contain_text("no-such.csv")
+
+            # a tuning run: progress, then done and v2; the results before stay pinned next to the results after
+            page.fill("#query", "a small magenta cross")
+            page.click("#search")
+            expect(cards).to_have_count(LIMIT)
+            page.fill("#pairs", served.pairs.name)
+            page.fill("#epochs", "1")
+            page.fill("#lr", "0.0001")
+            page.fill("#batch", "8")
+            page.click("#tune")
+            expect(page.locator("#pinned .card")).to_have_count(LIMIT)
+            expect(page.locator("#pinned-caption")).to_contain_text("model v1")
+            expect(page.locator("#progress")).to_contain_text("state done", timeout=180_000)
+            expect(page.locator("#progress")).to_contain_text("published v2")
+            expect(page.locator("#tune-result")).to_contain_text("v1 → v2")
+            expect(page.locator("#version")).to_have_text("v2")
+            expect(page.locator("#results-caption")).to_contain_text("model v2", timeout=60_000)
+            expect(page.locator("#results .card .version").first).to_have_text("v2")
+            expect(page.locator("#pinned .card .version").first).to_have_text("v1")
+            assert not errors, errors
+        finally:
+            browser.close()
