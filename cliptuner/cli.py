@@ -332,6 +332,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
     from .demo import DemoSettings, run_demo as demo
 
+    import signal
+
+    # SIGTERM ends the demo like Ctrl-C: the service it started is stopped on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     settings = DemoSettings.quick() if args.quick else DemoSettings()
     overrides = {name: getattr(args, name) for name in ("n_images", "epochs", "batch_size", "learning_rate", "seed")
                  if getattr(args, name) is not None}
