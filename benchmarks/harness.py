@@ -66,7 +66,7 @@ PARTS: tuple[Part, ...] = (
                "towers and through the torch model in eager mode, alternating; and the fp32 matmul peak of this "
                "machine measured in the same run, against which the achieved GFLOP/s is set."),
     Part("train_step", "train_step", "Training step vs a bare OpenCLIP loop",
-         full=(), quick=("--quick",),
+         full=("--batch", "16", "--repeats", "3"), quick=("--quick",),
          about="One optimizer step of the project's training code vs a bare OpenCLIP loop (model + ClipLoss + "
                "AdamW) on the same batch, same model and threads, alternating."),
     Part("precision", "precision", "int8 vs fp32 ONNX graphs, and what fine-tuning gains",
