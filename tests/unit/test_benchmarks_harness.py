@@ -115,3 +115,25 @@ def test_fine_tuning_gain_is_the_worse_direction():
               "after_int8": {"t2i_r5": 0.79, "i2t_r5": 0.20}, "drop": {"t2i_r5": 0.01, "i2t_r5": 0.0}}
     shown, verdict = harness.judge(gain, {"precision": _outcome({"recall": recall})})
     assert shown == "+0.160" and verdict == "**short**"  # t2i gained 0.75 but i2t only 0.16
+
+
+def test_a_report_is_written_again_from_its_raw_results(monkeypatch, tmp_path):
+    _fake_part(monkeypatch, tmp_path, "one", "import json, sys\n"
+               "json.dump({'image': {'ratio': 1.5}}, open(sys.argv[sys.argv.index('--json') + 1], 'w'))\n"
+               "print('| a | table |')\n")
+    first = tmp_path / "first" / "RESULTS.md"
+    assert harness.main(["--out", str(first)]) == 0
+    again = tmp_path / "again" / "RESULTS.md"
+    assert harness.main(["--from-json", str(first.parent / "results.json"), "--out", str(again)]) == 0
+    assert again.read_text() == first.read_text()
+    raw = json.loads((again.parent / "results.json").read_text())
+    assert raw["parts"]["one"]["result"] == {"image": {"ratio": 1.5}}
+
+
+def test_a_short_figure_says_what_limits_it():
+    results = {"precision": {"result": {"speed": {"image": {"ratio": 1.6}}}, "command": "python x.py",
+                             "stdout": "| t |", "wall_s": 1.0}}
+    text = harness.render(results, {"date": "d", "platform": "p", "cpu": "c", "cores": 2, "cuda": "no",
+                                    "python": "3.11", "versions": {}, "commit": "x"}, [], False, "cmd", 1.0)
+    assert "| int8 ONNX image encode |" in text and "**short**" in text
+    assert "- **int8 ONNX image encode**: Dynamic quantization" in text
