@@ -331,7 +331,8 @@ def tables_only(output: str) -> str:
         stripped = line.strip()
         if not stripped:
             continue
-        noisy = any(mark in line for mark in ("INFO", "WARNI", "DEBUG", "ERROR", "───", "━", "Traceback",
+        noisy = any(mark in line for mark in ("INFO", "WARNI", "DEBUG", "ERROR", "USDT:", "───", "━",
+                                              "Traceback",
                                               "UserWarning", "warnings.warn", "🔗", "🔒", "🌐", "⠋", "⠙"))
         if not noisy:
             keep.append(line.rstrip())
@@ -434,30 +435,21 @@ def render(results: dict, info: dict, charts: list[str], quick: bool, command: s
             lines += [f"**Failed** ({outcome['error']}) after {outcome['wall_s']:.0f} s. The end of its output:", "",
                       "```", outcome.get("output_tail", "").strip()[-3000:], "```", ""]
             continue
-        lines += [outcome["stdout"], "", f"Wall time {outcome['wall_s']:.0f} s.", ""]
-        for note in notes(part.name, outcome["result"]):
+        lines += [tables_only(outcome["stdout"]), "", f"Wall time {outcome['wall_s']:.0f} s.", ""]
+        for note in notes(outcome["result"], outcome["stdout"]):
             lines.append(f"- {note}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
 
-def notes(name: str, r: dict) -> list[str]:
-    """What a part's own results explain (profiles, causes of a shortfall), as bullet points."""
+def notes(r: dict, printed: str) -> list[str]:
+    """A part's own notes (``notes``/``explanation`` in its results) that its printed output does not hold yet."""
     out: list[str] = []
     for key in ("notes", "explanation"):
         value = r.get(key)
-        if isinstance(value, str) and value:
-            out.append(value)
-        elif isinstance(value, list):
-            out.extend(str(v) for v in value)
-    profile = r.get("profile")
-    if isinstance(profile, dict):
-        for label, ops in profile.items():
-            if isinstance(ops, dict) and ops:
-                top = sorted(ops.items(), key=lambda kv: -kv[1])[:6]
-                out.append(f"Profile, {label}: " + ", ".join(f"{op} {share:.0%}" for op, share in top) + ".")
-            elif isinstance(ops, str):
-                out.append(f"Profile, {label}: {ops}")
+        for note in ([value] if isinstance(value, str) else value if isinstance(value, list) else []):
+            if note and str(note) not in printed:
+                out.append(str(note))
     return out
 
 
@@ -596,9 +588,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     info["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     started = time.perf_counter()
     results: dict[str, dict] = {}
+    partial = out.parent / "results.json"
     with tempfile.TemporaryDirectory(prefix="cliptuner-benchmarks-") as tmp:
         for part in parts:
             results[part.name] = run_part(part, args.quick, Path(tmp), timeout)
+            partial.write_text(json.dumps({"machine": info, "command": command, "quick": args.quick,  # kept if
+                                           "wall_s": time.perf_counter() - started, "parts": results},  # a later
+                                          indent=2, default=str))  # step fails: --from-json writes the report
     wall = time.perf_counter() - started
     charts = write_report(out, {"machine": info, "command": command, "quick": args.quick, "wall_s": wall,
                                 "parts": results})
