@@ -46,8 +46,9 @@ class HnswSettings:
 
     Higher values find more of the true nearest neighbours at the cost of memory (``connectivity``), build time
     (``expansion_add``) or query time (``expansion_search``). The defaults are the ones ``benchmarks/search.py``
-    chose on 100k clustered 512-d vectors (recall@10 0.994 and 0.987 at 10.2x and 10.9x exact search in two runs
-    on other data of the same kind; on much noisier data no tried setting reached 0.95: ``benchmarks/RESULTS.md``).
+    chose on 100k clustered 512-d vectors (``benchmarks/CHOICES.md``; on much noisier data no tried setting reached
+    recall@10 0.95); on other data of the same kind they reach recall@10 0.995 at 11.1x exact search
+    (``python -m benchmarks``, ``benchmarks/RESULTS.md``).
     """
 
     connectivity: int = 16  # links per node

@@ -143,8 +143,8 @@ class CLIPIndexer(Executor):
             ``$CLIPTUNER_INDEX_BACKEND`` in flows/flow.yml).
         hnsw_connectivity, hnsw_expansion_add, hnsw_expansion_search: the embedded backend's HNSW graph
             (:class:`cliptuner.index.HnswSettings`; on 100k clustered 512-d vectors the defaults reach recall@10
-            0.987-0.994 at 10.2-10.9x the exact search's queries/s, and fall short on harder data:
-            ``benchmarks/RESULTS.md``).
+            0.995 at 11.1x the exact search's queries/s, ``benchmarks/RESULTS.md``, and fall short on harder data,
+            ``benchmarks/CHOICES.md``).
         vector_dtype: the embedded backends: how the vectors are held in memory, ``f32``, ``f16`` (half the
             memory) or ``i8`` (a quarter), at that precision (recall in ``benchmarks/RESULTS.md``); on disk they stay
             float32, so a change takes effect at the next start.
