@@ -454,6 +454,15 @@ def notes(r: dict, printed: str) -> list[str]:
 
 
 # -- charts ----------------------------------------------------------------------------------------------------
+def save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def draw_charts(results: dict, folder: Path) -> list[Path]:
     """PNG charts of what ran; returns their paths."""
     import matplotlib
@@ -490,10 +499,7 @@ def draw_charts(results: dict, folder: Path) -> list[Path]:
         ax.invert_yaxis()
         ax.set_xlabel("ratio to the baseline measured in the same run (black tick: target)")
         ax.set_title("Speed ratios vs targets (green: met, red: short)")
-        fig.tight_layout()
-        paths.append(folder / "ratios.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(save(fig, folder / "ratios.png"))
 
     # 2. search: recall@10 vs queries/s ratio per store
     search = results.get("search", {}).get("result")
@@ -509,10 +515,7 @@ def draw_charts(results: dict, folder: Path) -> list[Path]:
         ax.set_xlabel("queries/s ÷ exact search (log)")
         ax.set_ylabel("recall@10")
         ax.set_title(f"Search, {search['n']:,} × {search['dim']} (dashed: targets)")
-        fig.tight_layout()
-        paths.append(folder / "search.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(save(fig, folder / "search.png"))
 
     # 3. held-out recall: base, tuned fp32, tuned int8
     recall = _get(results.get("precision", {}), "result", "recall")
@@ -528,10 +531,7 @@ def draw_charts(results: dict, folder: Path) -> list[Path]:
         ax.set_ylabel("held-out recall (%)")
         ax.set_title("Fine-tuning on the synthetic domain data: held-out recall")
         ax.legend()
-        fig.tight_layout()
-        paths.append(folder / "recall.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(save(fig, folder / "recall.png"))
 
     # 4. latency: search idle vs during /train, and through the Flow
     load = _get(results.get("train_load", {}), "result")
@@ -552,10 +552,7 @@ def draw_charts(results: dict, folder: Path) -> list[Path]:
         ax.set_xlabel("latency (ms)")
         ax.set_title("/search latency through the gRPC Flow")
         ax.legend()
-        fig.tight_layout()
-        paths.append(folder / "latency.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(save(fig, folder / "latency.png"))
     return paths
 
 

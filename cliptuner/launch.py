@@ -27,6 +27,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def stop_group(proc: Optional[subprocess.Popen], grace: float) -> None:
+    """Stop a child started with ``start_new_session=True`` and everything in its process group: SIGTERM, up to
+    ``grace`` seconds, then SIGKILL to the group (which outlives its leader when a child was orphaned)."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(15)
+
+
 class ServeProcess:
     """``cliptuner serve ARGS`` on 127.0.0.1 and a free port, its output in ``log_path``.
 
@@ -84,20 +102,7 @@ class ServeProcess:
 
     def stop(self, grace: float = 60.0) -> None:
         """SIGTERM (the Executors close and save), then SIGKILL whatever is left of its process group."""
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(15)
+        stop_group(self.proc, grace)
         self.proc = None
 
     def __enter__(self) -> "ServeProcess":

@@ -19,6 +19,7 @@ from jina import Client
 from jina.excepts import BadServer
 from PIL import Image
 
+from cliptuner.launch import stop_group
 from executors.schemas import ClipDoc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -99,23 +100,6 @@ class FlowProcess:
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def stop_group(proc: Optional[subprocess.Popen], grace: float) -> None:
-    """Stop a child started with ``start_new_session=True`` and everything in its process group."""
-    if proc is None:
-        return
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the group outlives its leader when a child was orphaned
-    except ProcessLookupError:
-        pass
-    proc.wait(15)
 
 
 class ExecutorProcess:
