@@ -150,6 +150,10 @@ class DomainData:
     captions: list[str]  # held-out captions
     caption_image: list[int]  # for each caption, its image in the gallery
 
+    def described_by(self, caption: str) -> set[str]:
+        """The ids of the gallery images ``caption`` was written for."""
+        return {self.gallery_ids[self.caption_image[i]] for i, c in enumerate(self.captions) if c == caption}
+
 
 def write_domain(data_root: Path, settings: DemoSettings) -> DomainData:
     """Draw the domain scenes, cut them by image, write the training part as a PAIRS file and the gallery."""
@@ -361,7 +365,7 @@ def draw(result: dict, data: DomainData, folder: Path, say: Say) -> list[Path]:
                                          "images)", labels=("pretrained base", "tuned")))
         rows = []
         for q, before, after in zip(result["queries"], result["top_before"], result["top_after"]):
-            truth = {data.gallery_ids[data.caption_image[i]] for i, c in enumerate(data.captions) if c == q}
+            truth = data.described_by(q)
             rows.append(QueryMatches(q, *[[Match(data.gallery_images[index[gid]], score, gid in truth)
                                            for gid, score, _ in hits if gid in index] for hits in (before, after)]))
         written.append(match_grid(rows, folder / "matches.png", labels=("pretrained base", "tuned"),
@@ -379,13 +383,11 @@ def print_summary(result: dict, data: DomainData, out=None) -> None:
     print(f"\nHeld-out gallery: {result['gallery_images']} images, {result['gallery_captions']} captions, never "
           f"trained on; embeddings from /encode ({result['base_version']} → {result['tuned_version']})", file=out)
     print(format_report(result["before"], result["after"]), file=out)
-    truth_of = {}
-    for i, caption in enumerate(data.captions):
-        truth_of.setdefault(caption, set()).add(data.gallery_ids[data.caption_image[i]])
     for q, before, after in zip(result["queries"], result["top_before"], result["top_after"]):
+        truth = data.described_by(q)
         print(f"\nquery: {q!r}", file=out)
         for label, hits in (("pretrained base", before), ("tuned", after)):
-            shown = ", ".join(f"{gid}{'*' if gid in truth_of.get(q, set()) else ''} {score:.3f}"
+            shown = ", ".join(f"{gid}{'*' if gid in truth else ''} {score:.3f}"
                               for gid, score, _ in hits)
             print(f"  {label:16s} {shown}", file=out)
     print("\n(* the image the caption describes)", file=out)

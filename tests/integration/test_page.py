@@ -2,6 +2,7 @@
 headless Chromium driven by Playwright (Debian's `chromium` package; `.ci/run` installs it)."""
 
 import base64
+import http.client
 import json
 import shutil
 import urllib.error
@@ -93,6 +94,28 @@ def test_json_api_reports_errors_as_text(served):
     assert status == 415
     status, answer = call(served, {"execEndpoint": "/status"}, origin="http://evil.example")
     assert status == 403
+    # values of the wrong type or shape, each refused by name
+    for body, expected in (({"execEndpoint": "/search", "data": [{"text": {"a": 1}}]}, "'text' must be a string"),
+                           ({"execEndpoint": "/search", "data": "a red circle"}, "'data' must be a list"),
+                           ({"execEndpoint": "/search", "data": [{"text": "x"}], "parameters": [5]},
+                            "'parameters' must be an object"),
+                           ({"data": [{"text": "x"}]}, "'execEndpoint' must name an endpoint"),
+                           ({"execEndpoint": "/search", "data": [{"embedding": ["x"]}]}, "list of numbers")):
+        status, answer = call(served, body)
+        assert status == 400 and expected in answer["error"], (body, answer)
+    # a body over the limit is refused from its Content-Length, before it is read
+    connection = http.client.HTTPConnection("127.0.0.1", int(served.http.rsplit(":", 1)[1]), timeout=30)
+    connection.putrequest("POST", "/post")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", str(10 ** 10))
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 413 and "over the limit" in json.loads(response.read())["error"]
+    connection.close()
+    # and the service still answers
+    status, answer = call(served, {"execEndpoint": "/search", "data": [{"text": "a red circle"}],
+                                   "parameters": {"limit": 2}})
+    assert status == 200 and len(answer["data"][0]["matches"]) == 2
 
 
 def test_image_route_serves_only_images_under_the_roots(served):
