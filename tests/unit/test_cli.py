@@ -155,3 +155,21 @@ def test_one_device_syntax_everywhere(command, capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(command + ["--device", "gpu"])
     assert "device must be one of ['auto', 'cpu', 'cuda'] or 'cuda:N', got 'gpu'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--http-port", "0"], {}, "--http-port / CLIPTUNER_HTTP_PORT must be a port number in [1, 65535], got '0'"),
+    (["--http-port", "51000", "--port", "51000"], {}, "must differ from the gRPC port, got 51000 for both"),
+    ([], {"CLIPTUNER_HTTP_PORT": "abc"}, "must be a port number in [1, 65535], got 'abc'"),
+])
+def test_a_bad_http_port_is_refused_by_name_before_anything_starts(args, env, message, tmp_path, monkeypatch, capsys):
+    from cliptuner.cli import METRICS_PORTS, SERVE_ENV
+
+    written = [*SERVE_ENV.values(), "CLIPTUNER_METRICS", *(f"CLIPTUNER_METRICS_PORT_{n}" for n in METRICS_PORTS)]
+    for name in written:  # serve writes its settings into the environment: restored after the test
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["serve", "--workspace", str(tmp_path), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "models").exists()  # nothing was started
