@@ -75,21 +75,36 @@ QUICK = {"model": "cliptuner-tiny", "images": 64, "repeats": 2}
 
 
 def parse(argv: Optional[list[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help=f"quick sizes: {QUICK} (each can still be set by its option)")
-    p.add_argument("--model", default=None, help=f"base model of the served workspace, random init (full: "
-                                                 f"{FULL['model']}; quick: {QUICK['model']})")
-    p.add_argument("--images", type=int, default=None, help=f"PNGs encoded per repeat and way (full: "
-                                                            f"{FULL['images']}; quick: {QUICK['images']})")
-    p.add_argument("--repeats", type=int, default=None, help=f"alternating measurements of each way (full: "
-                                                             f"{FULL['repeats']}; quick: {QUICK['repeats']})")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help=f"quick sizes: {QUICK} (each can still be set by its option)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"base model of the served workspace, random init (full: {FULL['model']}; quick: {QUICK['model']})",
+    )
+    p.add_argument(
+        "--images",
+        type=int,
+        default=None,
+        help=f"PNGs encoded per repeat and way (full: {FULL['images']}; quick: {QUICK['images']})",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help=f"alternating measurements of each way (full: {FULL['repeats']}; quick: {QUICK['repeats']})",
+    )
     p.add_argument("--clients", type=int, default=16, help="concurrent single-image clients")
     p.add_argument("--batch", type=int, default=32, help="docs per request of the batching client")
     p.add_argument("--size", type=int, default=224, help="side of the square test images, in pixels")
-    p.add_argument("--wait-ms", type=float, default=None,
-                   help="Flow A's CLIPTUNER_BATCH_WAIT_MS (default: unset, the encoder's default)")
+    p.add_argument(
+        "--wait-ms",
+        type=float,
+        default=None,
+        help="Flow A's CLIPTUNER_BATCH_WAIT_MS (default: unset, the encoder's default)",
+    )
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads of the Flows (OMP_NUM_THREADS)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
@@ -123,8 +138,7 @@ class Sides:
         from executors.schemas import ClipDoc
 
         out = []
-        async for response in client.post("/encode", inputs=docs, return_type=DocList[ClipDoc],
-                                          request_size=len(docs)):
+        async for response in client.post("/encode", inputs=docs, return_type=DocList[ClipDoc], request_size=len(docs)):
             out.extend(response)
         return out
 
@@ -158,8 +172,9 @@ class Sides:
             client = self._client(port)
             out = []
             for start in range(0, len(self.blobs), self.batch):
-                docs = DocList[ClipDoc]([ClipDoc(id=str(start + j), blob=b)
-                                         for j, b in enumerate(self.blobs[start:start + self.batch])])
+                docs = DocList[ClipDoc](
+                    [ClipDoc(id=str(start + j), blob=b) for j, b in enumerate(self.blobs[start : start + self.batch])]
+                )
                 answer = {d.id: d.embedding for d in await self._post(client, docs)}
                 out.extend(answer[str(start + j)] for j in range(len(docs)))
             return np.stack(out)
@@ -181,16 +196,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
     import onnxruntime
     from service import FlowProcess, png
 
-    from cliptuner.bootstrap import ensure_current
     from cliptuner.config import ModelSpec
-    from cliptuner.registry import Registry
-    from cliptuner.synthetic import generate
+    from cliptuner.model.registry import Registry
+    from cliptuner.serve.bootstrap import ensure_current
+    from cliptuner.train.synthetic import generate
 
     blobs = [png(image) for image in generate(args.images, "generic", seed=0, image_size=args.size).images]
     base = Path(tempfile.mkdtemp(prefix="cliptuner-bench-concurrent-"))
     env = {"CLIPTUNER_MODEL": args.model, "OMP_NUM_THREADS": str(args.threads)}
-    batched = FlowProcess(base / "batched", base / "batched.log",
-                          env={**env, "CLIPTUNER_BATCH_WAIT_MS": "" if args.wait_ms is None else str(args.wait_ms)})
+    batched = FlowProcess(
+        base / "batched",
+        base / "batched.log",
+        env={**env, "CLIPTUNER_BATCH_WAIT_MS": "" if args.wait_ms is None else str(args.wait_ms)},
+    )
     unbatched = FlowProcess(base / "unbatched", base / "unbatched.log", env={**env, "CLIPTUNER_BATCH_WAIT_MS": "0"})
     failed = True
     try:
@@ -202,9 +220,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 started_flow.result()
         startup = time.perf_counter() - t0
         sides = Sides(blobs, args.clients, args.batch)
-        ways = {"single_clients": lambda: sides.single_clients(batched.port),
-                "batched_client": lambda: sides.batched_client(batched.port),
-                "unbatched_single_clients": lambda: sides.single_clients(unbatched.port)}
+        ways = {
+            "single_clients": lambda: sides.single_clients(batched.port),
+            "batched_client": lambda: sides.batched_client(batched.port),
+            "unbatched_single_clients": lambda: sides.single_clients(unbatched.port),
+        }
         outputs = {name: fn() for name, fn in ways.items()}  # warm-up, and the ways must agree
         max_diff = max(float(np.abs(outputs["batched_client"] - out).max()) for out in outputs.values())
         times: dict[str, list[float]] = {name: [] for name in ways}
@@ -228,34 +248,49 @@ def main(argv: Optional[list[str]] = None) -> dict:
     unbatched_ratios = [c / b for c, b in zip(rates["unbatched_single_clients"], rates["batched_client"])]
     runs = batching.get("runs") or 0
     result = {
-        "model": args.model, "clients": args.clients, "batch": args.batch, "images": args.images, "size": args.size,
-        "repeats": args.repeats, "batch_wait_ms": args.wait_ms,
+        "model": args.model,
+        "clients": args.clients,
+        "batch": args.batch,
+        "images": args.images,
+        "size": args.size,
+        "repeats": args.repeats,
+        "batch_wait_ms": args.wait_ms,
         "single_clients_per_s": statistics.median(rates["single_clients"]),
         "batched_client_per_s": statistics.median(rates["batched_client"]),
         "unbatched_single_clients_per_s": statistics.median(rates["unbatched_single_clients"]),
-        "ratio": statistics.median(ratios), "ratios": ratios,
-        "unbatched_ratio": statistics.median(unbatched_ratios), "unbatched_ratios": unbatched_ratios,
+        "ratio": statistics.median(ratios),
+        "ratios": ratios,
+        "unbatched_ratio": statistics.median(unbatched_ratios),
+        "unbatched_ratios": unbatched_ratios,
         "batching": {**batching, "mean_run_items": batching.get("items", 0) / runs if runs else None},
-        "max_abs_diff": max_diff, "startup_s": round(startup, 1),
-        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs", "python": platform.python_version(),
+        "max_abs_diff": max_diff,
+        "startup_s": round(startup, 1),
+        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs",
+        "python": platform.python_version(),
         "versions": {"jina": jina.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
-        "threads": args.threads, "wall_s": round(time.perf_counter() - started, 1),
+        "threads": args.threads,
+        "wall_s": round(time.perf_counter() - started, 1),
         "command": "python benchmarks/clients.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     wait = "encoder default" if args.wait_ms is None else f"{args.wait_ms:g} ms"
-    print(f"{args.model}, {args.images} PNGs {args.size}x{args.size}, {args.clients} single-image clients vs one "
-          f"client sending {args.batch} per request; batch wait {wait} (Flow A), 0 (Flow B); {args.threads} threads; "
-          f"max |diff| {max_diff:.1e}\n")
+    print(
+        f"{args.model}, {args.images} PNGs {args.size}x{args.size}, {args.clients} single-image clients vs one "
+        f"client sending {args.batch} per request; batch wait {wait} (Flow A), 0 (Flow B); {args.threads} threads; "
+        f"max |diff| {max_diff:.1e}\n"
+    )
     print("| way | images/s (median) | ÷ batched client, per repeat |\n|---|---|---|")
     print(f"| one client, requests of {args.batch} | {result['batched_client_per_s']:.1f} | 1 |")
-    for name, label, rs in (("single_clients", f"{args.clients} clients, 1 image each, batching on", ratios),
-                            ("unbatched_single_clients", f"{args.clients} clients, 1 image each, batching off",
-                             unbatched_ratios)):
+    for name, label, rs in (
+        ("single_clients", f"{args.clients} clients, 1 image each, batching on", ratios),
+        ("unbatched_single_clients", f"{args.clients} clients, 1 image each, batching off", unbatched_ratios),
+    ):
         print(f"| {label} | {result[name + '_per_s']:.1f} | {', '.join(f'{r:.2f}' for r in rs)} |")
     mean_items = result["batching"]["mean_run_items"]
-    print(f"\nratio (a)/(b): **{result['ratio']:.2f}** (batching off: {result['unbatched_ratio']:.2f}); Flow A's "
-          f"batcher: {runs} runs, {'-' if mean_items is None else f'{mean_items:.1f}'} items per run on average, "
-          f"largest {batching.get('largest_run')}")
+    print(
+        f"\nratio (a)/(b): **{result['ratio']:.2f}** (batching off: {result['unbatched_ratio']:.2f}); Flow A's "
+        f"batcher: {runs} runs, {'-' if mean_items is None else f'{mean_items:.1f}'} items per run on average, "
+        f"largest {batching.get('largest_run')}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result

@@ -1,10 +1,10 @@
 """ONNX Runtime encoding vs torch eager encoding of the same weights and inputs, and both against the fp32 FLOP limit.
 
 ``--model`` (ViT-B-32 by default) is built with a seeded random init (speed does not depend on the weights) and
-exported once with the project's exporter (:func:`cliptuner.export.export_model_dir`). Both sides then embed the
+exported once with the project's exporter (:func:`cliptuner.train.export.export_model_dir`). Both sides then embed the
 same inputs on ``--threads`` threads:
 
-- ``onnx``: the ONNX Runtime sessions of :class:`cliptuner.runtime.OnnxClip` (``session.run`` with the feeds);
+- ``onnx``: the ONNX Runtime sessions of :class:`cliptuner.model.runtime.OnnxClip` (``session.run`` with the feeds);
 - ``torch``: the same model's ``encode_image`` / ``encode_text`` (``normalize=True``, as the graphs) in eager mode
   under ``torch.inference_mode()``, with torch's default settings (its fused attention fast path included).
 
@@ -58,8 +58,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
     import numpy as np
@@ -84,8 +85,9 @@ def _rows_agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return float((a * b).sum(axis=1).min()), float(np.abs(a - b).max())
 
 
-def _alternate(sides: dict[str, Callable[[], object]], items: int, repeats: int,
-               gemm: Optional["_Gemm"] = None) -> tuple[dict[str, float], list[float]]:
+def _alternate(
+    sides: dict[str, Callable[[], object]], items: int, repeats: int, gemm: Optional[_Gemm] = None
+) -> tuple[dict[str, float], list[float]]:
     """Median items/s of each side, the sides run in turn and their order reversed every repeat.
 
     With ``gemm``, every repeat also measures the matmul peak (``gemm.best()``), so that the peak and the sides see
@@ -118,9 +120,12 @@ class _Gemm:
         rng = np.random.default_rng(0)
         a = rng.standard_normal((size, size), dtype=np.float32)
         b = rng.standard_normal((size, size), dtype=np.float32)
-        graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
-                                  [helper.make_tensor_value_info(n, TensorProto.FLOAT, [size, size]) for n in "ab"],
-                                  [helper.make_tensor_value_info("c", TensorProto.FLOAT, [size, size])])
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["a", "b"], ["c"])],
+            "gemm",
+            [helper.make_tensor_value_info(n, TensorProto.FLOAT, [size, size]) for n in "ab"],
+            [helper.make_tensor_value_info("c", TensorProto.FLOAT, [size, size])],
+        )
         path = work / "gemm.onnx"
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
         options = ort.SessionOptions()
@@ -130,7 +135,7 @@ class _Gemm:
         self.runs = {"torch": lambda: torch.mm(ta, tb), "onnxruntime": lambda: session.run(None, {"a": a, "b": b})}
         if with_numpy:
             self.runs["numpy"] = lambda: a @ b
-        self.flop = 2.0 * size ** 3
+        self.flop = 2.0 * size**3
         self.repeats = repeats
         self.overall = {name: 0.0 for name in self.runs}  # best GFLOP/s of each library over every call
         for fn in self.runs.values():
@@ -233,10 +238,10 @@ class _Towers:
         import torch
 
         from cliptuner.config import ModelSpec
-        from cliptuner.export import export_model_dir
-        from cliptuner.models import load_model
-        from cliptuner.runtime import OnnxClip
-        from cliptuner.synthetic import generate
+        from cliptuner.model.runtime import OnnxClip
+        from cliptuner.train.export import export_model_dir
+        from cliptuner.train.models import load_model
+        from cliptuner.train.synthetic import generate
 
         torch.manual_seed(args.seed)
         self.bundle = load_model(ModelSpec(args.model))
@@ -246,16 +251,20 @@ class _Towers:
         data = generate(args.batch, "generic", seed=args.seed, image_size=2 * m.image_size)
         self.scenes = data.images  # H×W×3 uint8, twice the model's input size
         self.captions = data.captions
-        self.feeds = {"image": self.clip.image_feeds(self.scenes),  # {"pixel_values": [batch, 3, H, W]}
-                      "text": self.clip.text_feeds(self.captions)}  # {"input_ids": [batch, context]}
+        self.feeds = {
+            "image": self.clip.image_feeds(self.scenes),  # {"pixel_values": [batch, 3, H, W]}
+            "text": self.clip.text_feeds(self.captions),
+        }  # {"input_ids": [batch, context]}
         # OnnxClip runs each tower's session on the feeds; the model row times exactly that call
         self.sessions = {"image": self.clip._visual, "text": self.clip._textual}
         self.graphs = {"image": self.model_dir / m.onnx.visual.file, "text": self.model_dir / m.onnx.textual.file}
         model = self.bundle.model.eval()
         pixels = torch.from_numpy(self.feeds["image"][m.onnx.visual.input])
         ids = torch.from_numpy(self.feeds["text"][m.onnx.textual.input])
-        self.torch_calls = {"image": lambda: model.encode_image(pixels, normalize=True),  # [batch, embed_dim]
-                            "text": lambda: model.encode_text(ids, normalize=True)}
+        self.torch_calls = {
+            "image": lambda: model.encode_image(pixels, normalize=True),  # [batch, embed_dim]
+            "text": lambda: model.encode_text(ids, normalize=True),
+        }
 
     def onnx_model(self, tower: str) -> np.ndarray:
         return self.sessions[tower].run(None, self.feeds[tower])[0]
@@ -292,26 +301,51 @@ def measure(args: argparse.Namespace, towers: _Towers, gemm: _Gemm) -> dict:
     for tower in TOWERS:
         onnx_out, torch_out = towers.onnx_model(tower), towers.torch_model(tower)  # warm-up, and agreement
         min_cosine, max_abs_diff = _rows_agreement(onnx_out, torch_out)
-        rates, peaks = _alternate({"onnx": lambda: towers.onnx_model(tower),
-                                   "torch": lambda: towers.torch_model(tower)}, args.batch, args.repeats, gemm)
+        rates, peaks = _alternate(
+            {
+                "onnx": lambda tower=tower: towers.onnx_model(tower),
+                "torch": lambda tower=tower: towers.torch_model(tower),
+            },
+            args.batch,
+            args.repeats,
+            gemm,
+        )
         all_peaks += peaks
         peak = statistics.median(peaks)
         gflop = count_gflop(towers.torch_calls[tower], args.batch)
         onnx_gflops, torch_gflops = gflop * rates["onnx"], gflop * rates["torch"]
-        out[tower] = {"onnx_per_s": rates["onnx"], "torch_per_s": rates["torch"],
-                      "ratio": rates["onnx"] / rates["torch"], "gflop_per_item": gflop,
-                      "onnx_gflops": onnx_gflops, "torch_gflops": torch_gflops, "peak_gflops": peak,
-                      "onnx_fraction_of_peak": onnx_gflops / peak, "torch_fraction_of_peak": torch_gflops / peak,
-                      "ratio_ceiling": peak / torch_gflops, "min_cosine": min_cosine, "max_abs_diff": max_abs_diff}
+        out[tower] = {
+            "onnx_per_s": rates["onnx"],
+            "torch_per_s": rates["torch"],
+            "ratio": rates["onnx"] / rates["torch"],
+            "gflop_per_item": gflop,
+            "onnx_gflops": onnx_gflops,
+            "torch_gflops": torch_gflops,
+            "peak_gflops": peak,
+            "onnx_fraction_of_peak": onnx_gflops / peak,
+            "torch_fraction_of_peak": torch_gflops / peak,
+            "ratio_ceiling": peak / torch_gflops,
+            "min_cosine": min_cosine,
+            "max_abs_diff": max_abs_diff,
+        }
     out["matmul_peak_gflops"] = statistics.median(all_peaks)
     if args.end_to_end:
         out["end_to_end"] = {}
         for tower in TOWERS:
             towers.onnx_end_to_end(tower), towers.torch_end_to_end(tower)  # warm-up
-            rates, _ = _alternate({"onnx": lambda: towers.onnx_end_to_end(tower),
-                                   "torch": lambda: towers.torch_end_to_end(tower)}, args.batch, args.repeats)
-            out["end_to_end"][tower] = {"onnx_per_s": rates["onnx"], "torch_per_s": rates["torch"],
-                                        "ratio": rates["onnx"] / rates["torch"]}
+            rates, _ = _alternate(
+                {
+                    "onnx": lambda tower=tower: towers.onnx_end_to_end(tower),
+                    "torch": lambda tower=tower: towers.torch_end_to_end(tower),
+                },
+                args.batch,
+                args.repeats,
+            )
+            out["end_to_end"][tower] = {
+                "onnx_per_s": rates["onnx"],
+                "torch_per_s": rates["torch"],
+                "ratio": rates["onnx"] / rates["torch"],
+            }
     return out
 
 
@@ -321,47 +355,69 @@ def diagnose(result: dict, target_ratio: float, target_fraction: float) -> list[
     for tower in TOWERS:
         row = result[tower]
         if row["ratio"] < target_ratio and row["ratio_ceiling"] < target_ratio:
-            notes.append(f"{tower}: ONNX ÷ torch cannot reach {target_ratio:g} on this machine: torch eager already "
-                         f"runs at {row['torch_fraction_of_peak']:.0%} of the matmul peak, so ONNX at the peak "
-                         f"itself would be {row['ratio_ceiling']:.2f}× torch")
+            notes.append(
+                f"{tower}: ONNX ÷ torch cannot reach {target_ratio:g} on this machine: torch eager already "
+                f"runs at {row['torch_fraction_of_peak']:.0%} of the matmul peak, so ONNX at the peak "
+                f"itself would be {row['ratio_ceiling']:.2f}× torch"
+            )
         elif row["ratio"] < target_ratio:
-            notes.append(f"{tower}: ONNX ÷ torch {row['ratio']:.2f} while ONNX at the peak would give "
-                         f"{row['ratio_ceiling']:.2f}: ONNX's own efficiency ({row['onnx_fraction_of_peak']:.0%} of "
-                         "the peak) is what limits it")
+            notes.append(
+                f"{tower}: ONNX ÷ torch {row['ratio']:.2f} while ONNX at the peak would give "
+                f"{row['ratio_ceiling']:.2f}: ONNX's own efficiency ({row['onnx_fraction_of_peak']:.0%} of "
+                "the peak) is what limits it"
+            )
         prof = result.get("profile", {}).get(tower)
         if row["onnx_fraction_of_peak"] < target_fraction and prof:
             others = [o["op"] for o in prof["onnx"]["ops"] if not any(m in o["op"] for m in MATMUL_MARKS)]
             share = prof["onnx"]["matmul_share"]
-            notes.append(f"{tower}: ONNX at {row['onnx_fraction_of_peak']:.0%} of the peak; matrix products take "
-                         f"{share:.0%} of its node time (so they run at about "
-                         f"{row['onnx_fraction_of_peak'] / max(share, 1e-9):.0%} of the peak themselves), the rest "
-                         f"({', '.join(others)}) adds no counted FLOPs: fusing it (attention, layer norm, bias and "
-                         "activation into the products) is what could raise the fraction")
+            notes.append(
+                f"{tower}: ONNX at {row['onnx_fraction_of_peak']:.0%} of the peak; matrix products take "
+                f"{share:.0%} of its node time (so they run at about "
+                f"{row['onnx_fraction_of_peak'] / max(share, 1e-9):.0%} of the peak themselves), the rest "
+                f"({', '.join(others)}) adds no counted FLOPs: fusing it (attention, layer norm, bias and "
+                "activation into the products) is what could raise the fraction"
+            )
     return notes
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--model", default="ViT-B-32", help="OpenCLIP arch or bundled config (random init)")
     p.add_argument("--batch", type=int, default=32, help="items per encode call")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per side and tower (alternating)")
     p.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads")
     p.add_argument("--gemm-size", type=int, default=2048, help="side of the square matrices of the peak GEMM")
-    p.add_argument("--gemm-repeats", type=int, default=3,
-                   help="GEMMs per library after each repeat (the best counts)")
-    p.add_argument("--end-to-end", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time from images/strings (preprocessing and tokenizing inside the timed region)")
-    p.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
-                   help="profile both sides per tower: auto = when a target is missed")
+    p.add_argument("--gemm-repeats", type=int, default=3, help="GEMMs per library after each repeat (the best counts)")
+    p.add_argument(
+        "--end-to-end",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time from images/strings (preprocessing and tokenizing inside the timed region)",
+    )
+    p.add_argument(
+        "--profile",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="profile both sides per tower: auto = when a target is missed",
+    )
     p.add_argument("--target-ratio", type=float, default=1.9, help="ONNX ÷ torch target (for --profile auto)")
-    p.add_argument("--target-fraction", type=float, default=0.8,
-                   help="target fraction of the matmul peak for ONNX (for --profile auto)")
+    p.add_argument(
+        "--target-fraction",
+        type=float,
+        default=0.8,
+        help="target fraction of the matmul peak for ONNX (for --profile auto)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the result here")
-    p.add_argument("--quick", action="store_true",
-                   help="quick sizes: " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in QUICK.items())
-                        + " (options given explicitly win)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="quick sizes: "
+        + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in QUICK.items())
+        + " (options given explicitly win)",
+    )
     args, _ = p.parse_known_args(argv)
     if args.quick:
         p.set_defaults(**QUICK)
@@ -384,21 +440,36 @@ def main(argv=None) -> dict:
         towers = _Towers(args, work)
         gemm = _Gemm(args.gemm_size, args.gemm_repeats, args.threads, work, with_numpy=numpy_pinned)
         result = measure(args, towers, gemm)
-        missed = any(result[t]["ratio"] < args.target_ratio or result[t]["onnx_fraction_of_peak"] < args.target_fraction
-                     for t in TOWERS)
+        missed = any(
+            result[t]["ratio"] < args.target_ratio or result[t]["onnx_fraction_of_peak"] < args.target_fraction
+            for t in TOWERS
+        )
         if args.profile == "always" or (args.profile == "auto" and missed):
-            result["profile"] = {t: {"onnx": profile_onnx(towers.graphs[t], towers.feeds[t], args.threads, work),
-                                     "torch": profile_torch(towers.torch_calls[t])} for t in TOWERS}
+            result["profile"] = {
+                t: {
+                    "onnx": profile_onnx(towers.graphs[t], towers.feeds[t], args.threads, work),
+                    "torch": profile_torch(towers.torch_calls[t]),
+                }
+                for t in TOWERS
+            }
     result["notes"] = diagnose(result, args.target_ratio, args.target_fraction)
-    result.update(matmul={**gemm.overall, "size": args.gemm_size}, model=args.model,
-                  batch=args.batch, repeats=args.repeats, threads=args.threads,
-                  flop_convention="2 FLOPs per multiply-accumulate; matmuls and convolutions (FlopCounterMode)",
-                  timed_region="model: one session.run / encode_* call on pre-made tensors; end_to_end: from "
-                               "uint8 images and strings, preprocessing and tokenizing included",
-                  wall_s=time.perf_counter() - started,
-                  machine=f"{platform.platform()}, {os.cpu_count()} CPUs", python=platform.python_version(),
-                  torch=torch.__version__, onnxruntime=onnxruntime.__version__, numpy=np.__version__,
-                  command="python benchmarks/encode_speed.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    result.update(
+        matmul={**gemm.overall, "size": args.gemm_size},
+        model=args.model,
+        batch=args.batch,
+        repeats=args.repeats,
+        threads=args.threads,
+        flop_convention="2 FLOPs per multiply-accumulate; matmuls and convolutions (FlopCounterMode)",
+        timed_region="model: one session.run / encode_* call on pre-made tensors; end_to_end: from "
+        "uint8 images and strings, preprocessing and tokenizing included",
+        wall_s=time.perf_counter() - started,
+        machine=f"{platform.platform()}, {os.cpu_count()} CPUs",
+        python=platform.python_version(),
+        torch=torch.__version__,
+        onnxruntime=onnxruntime.__version__,
+        numpy=np.__version__,
+        command="python benchmarks/encode_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    )
     _print(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
@@ -408,24 +479,32 @@ def main(argv=None) -> dict:
 def _print(result: dict) -> None:
     m = result["matmul"]
     libraries = ", ".join(f"{name} {m[name]:.0f}" for name in ("torch", "numpy", "onnxruntime") if name in m)
-    print(f"{result['model']}, batches of {result['batch']}, {result['threads']} threads, median of "
-          f"{result['repeats']}; fp32 GEMM peak {result['matmul_peak_gflops']:.0f} GFLOP/s (median between repeats; "
-          f"best of the run, {m['size']}²: {libraries})")
-    print("| tower | timed | ONNX items/s | torch items/s | ONNX ÷ torch | GFLOP/item | ONNX GFLOP/s (of peak) | "
-          "torch GFLOP/s (of peak) | ceiling ÷ torch | min cosine |")
+    print(
+        f"{result['model']}, batches of {result['batch']}, {result['threads']} threads, median of "
+        f"{result['repeats']}; fp32 GEMM peak {result['matmul_peak_gflops']:.0f} GFLOP/s (median between repeats; "
+        f"best of the run, {m['size']}²: {libraries})"
+    )
+    print(
+        "| tower | timed | ONNX items/s | torch items/s | ONNX ÷ torch | GFLOP/item | ONNX GFLOP/s (of peak) | "
+        "torch GFLOP/s (of peak) | ceiling ÷ torch | min cosine |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for tower in TOWERS:
         r = result[tower]
-        print(f"| {tower} | model | {r['onnx_per_s']:.1f} | {r['torch_per_s']:.1f} | {r['ratio']:.2f} | "
-              f"{r['gflop_per_item']:.3f} | {r['onnx_gflops']:.0f} ({100 * r['onnx_fraction_of_peak']:.0f}%) | "
-              f"{r['torch_gflops']:.0f} ({100 * r['torch_fraction_of_peak']:.0f}%) | {r['ratio_ceiling']:.2f} | "
-              f"{r['min_cosine']:.6f} |")
+        print(
+            f"| {tower} | model | {r['onnx_per_s']:.1f} | {r['torch_per_s']:.1f} | {r['ratio']:.2f} | "
+            f"{r['gflop_per_item']:.3f} | {r['onnx_gflops']:.0f} ({100 * r['onnx_fraction_of_peak']:.0f}%) | "
+            f"{r['torch_gflops']:.0f} ({100 * r['torch_fraction_of_peak']:.0f}%) | {r['ratio_ceiling']:.2f} | "
+            f"{r['min_cosine']:.6f} |"
+        )
     for tower, r in result.get("end_to_end", {}).items():
         print(f"| {tower} | end-to-end | {r['onnx_per_s']:.1f} | {r['torch_per_s']:.1f} | {r['ratio']:.2f} | | | | | |")
     for tower, sides in result.get("profile", {}).items():
         for side, prof in sides.items():
-            print(f"profile {tower} {side} (matrix products {100 * prof['matmul_share']:.0f}%): "
-                  + ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in prof["ops"]))
+            print(
+                f"profile {tower} {side} (matrix products {100 * prof['matmul_share']:.0f}%): "
+                + ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in prof["ops"])
+            )
     for note in result["notes"]:
         print(f"note: {note}")
 

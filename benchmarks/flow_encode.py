@@ -13,7 +13,7 @@ images/s of each, and the ratio Flow / in-process (the median over repeats), for
   the client keeps several requests in flight, so transfers overlap encoding.
 
 ``--content`` chooses the PNGs: ``noise`` (uniform random pixels: incompressible, ~3 bytes a pixel, the worst case
-for transfer) or ``scenes`` (the synthetic scenes of :mod:`cliptuner.synthetic`: flat colours and textures that
+for transfer) or ``scenes`` (the synthetic scenes of :mod:`cliptuner.train.synthetic`: flat colours and textures that
 compress like drawings).
 
     python benchmarks/flow_encode.py --model ViT-B-32 --images 64 --batch 32 --repeats 5
@@ -30,8 +30,8 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -44,8 +44,9 @@ sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--model", default="cliptuner-tiny", help="base model of the served workspace (random init)")
     p.add_argument("--images", type=int, default=128, help="PNG blobs encoded per repeat")
     p.add_argument("--size", type=int, default=256, help="side of the square test images, in pixels")
@@ -53,8 +54,13 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=5, help="alternating measurements of each side")
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads on both sides")
     p.add_argument("--content", choices=("noise", "scenes"), default="noise", help="what the PNGs show")
-    p.add_argument("--clients", nargs="+", choices=("sequential", "streamed"), default=["sequential", "streamed"],
-                   help="client modes measured")
+    p.add_argument(
+        "--clients",
+        nargs="+",
+        choices=("sequential", "streamed"),
+        default=["sequential", "streamed"],
+        help="client modes measured",
+    )
     p.add_argument("--flow", default=None, help="the Flow YAML served (default: flows/flow.yml)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
@@ -64,21 +70,25 @@ def main(argv=None) -> dict:
     from docarray import DocList
     from service import FlowProcess, png
 
-    from cliptuner.registry import Registry
-    from cliptuner.runtime import OnnxClip
+    from cliptuner.model.registry import Registry
+    from cliptuner.model.runtime import OnnxClip
     from executors.schemas import ClipDoc
 
     if args.content == "noise":
         rng = np.random.default_rng(0)
         arrays = [rng.integers(0, 255, (args.size, args.size, 3), dtype=np.uint8) for _ in range(args.images)]
     else:
-        from cliptuner.synthetic import generate
+        from cliptuner.train.synthetic import generate
+
         arrays = generate(args.images, "generic", seed=0, image_size=args.size).images
     blobs = [png(a) for a in arrays]
     workspace = Path(tempfile.mkdtemp(prefix="cliptuner-bench-")) / "ws"
-    flow = FlowProcess(workspace, workspace.parent / "flow.log",
-                       env={"CLIPTUNER_MODEL": args.model, "OMP_NUM_THREADS": str(args.threads)},
-                       args=["--flow", args.flow] if args.flow else [])
+    flow = FlowProcess(
+        workspace,
+        workspace.parent / "flow.log",
+        env={"CLIPTUNER_MODEL": args.model, "OMP_NUM_THREADS": str(args.threads)},
+        args=["--flow", args.flow] if args.flow else [],
+    )
     t0 = time.perf_counter()
     flow.start()
     startup = time.perf_counter() - t0
@@ -86,7 +96,7 @@ def main(argv=None) -> dict:
         registry = Registry(workspace / "models")
         clip = OnnxClip(registry.current_path(), device="cpu", intra_op_threads=args.threads)
         client = flow.client()
-        batches = [blobs[i:i + args.batch] for i in range(0, len(blobs), args.batch)]
+        batches = [blobs[i : i + args.batch] for i in range(0, len(blobs), args.batch)]
 
         def sequential() -> np.ndarray:
             out = []
@@ -105,8 +115,10 @@ def main(argv=None) -> dict:
         def in_process() -> np.ndarray:
             return np.concatenate([clip.encode_images(batch) for batch in batches])
 
-        sides = {"in_process": in_process, **{name: {"sequential": sequential, "streamed": streamed}[name]
-                                              for name in args.clients}}
+        sides = {
+            "in_process": in_process,
+            **{name: {"sequential": sequential, "streamed": streamed}[name] for name in args.clients},
+        }
         reference = in_process()  # warm-up, and the sides must agree
         max_diff = max(float(np.abs(reference - fn()).max()) for name, fn in sides.items() if name != "in_process")
         times = {name: [] for name in sides}
@@ -121,23 +133,39 @@ def main(argv=None) -> dict:
 
     rates = {name: [args.images / t for t in ts] for name, ts in times.items()}
     result = {
-        "model": args.model, "content": args.content, "images": args.images, "size": args.size,
-        "mean_png_bytes": int(np.mean([len(b) for b in blobs])), "batch": args.batch, "repeats": args.repeats,
-        "threads": args.threads, "in_process_images_per_s": statistics.median(rates["in_process"]),
-        "max_abs_diff": max_diff, "startup_s": startup, "clients": {},
-        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs", "python": platform.python_version(),
+        "model": args.model,
+        "content": args.content,
+        "images": args.images,
+        "size": args.size,
+        "mean_png_bytes": int(np.mean([len(b) for b in blobs])),
+        "batch": args.batch,
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "in_process_images_per_s": statistics.median(rates["in_process"]),
+        "max_abs_diff": max_diff,
+        "startup_s": startup,
+        "clients": {},
+        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs",
+        "python": platform.python_version(),
         "command": "python benchmarks/flow_encode.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
-    print(f"{args.model}, {args.images} {args.content} PNGs {args.size}x{args.size} (mean "
-          f"{result['mean_png_bytes'] / 1e3:.0f} kB), requests of {args.batch}: in-process "
-          f"{result['in_process_images_per_s']:.1f} images/s; max |diff| {max_diff:.1e}")
+    print(
+        f"{args.model}, {args.images} {args.content} PNGs {args.size}x{args.size} (mean "
+        f"{result['mean_png_bytes'] / 1e3:.0f} kB), requests of {args.batch}: in-process "
+        f"{result['in_process_images_per_s']:.1f} images/s; max |diff| {max_diff:.1e}"
+    )
     for name in args.clients:
         ratios = [f / i for f, i in zip(rates[name], rates["in_process"])]
-        result["clients"][name] = {"flow_images_per_s": statistics.median(rates[name]),
-                                   "ratio_median": statistics.median(ratios), "ratios": ratios}
-        print(f"  {name:10s} client: Flow {statistics.median(rates[name]):.1f} images/s, ratio "
-              f"{statistics.median(ratios):.2f} (median of {args.repeats}; each: "
-              f"{', '.join(f'{r:.2f}' for r in ratios)})")
+        result["clients"][name] = {
+            "flow_images_per_s": statistics.median(rates[name]),
+            "ratio_median": statistics.median(ratios),
+            "ratios": ratios,
+        }
+        print(
+            f"  {name:10s} client: Flow {statistics.median(rates[name]):.1f} images/s, ratio "
+            f"{statistics.median(ratios):.2f} (median of {args.repeats}; each: "
+            f"{', '.join(f'{r:.2f}' for r in ratios)})"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result

@@ -6,7 +6,7 @@ is ``--model`` (random init: no download), before the Flow starts; the indexer t
 docs in the model's version, as if they had been indexed, without encoding ``--n`` texts first. Then, one query at
 a time, ``--queries`` times each, alternating:
 
-- ``in-process``: :meth:`cliptuner.index.Collection.search` on that collection in this process (before the Flow
+- ``in-process``: :meth:`cliptuner.index.embedded.Collection.search` on that collection in this process (before the Flow
   opens it), the baseline: the search alone;
 - ``flow, vector query``: a ``/search`` doc that carries the query vector and the model version (what ``/encode``
   returns) through gateway → encoder → indexer: the search plus the service's path;
@@ -59,13 +59,17 @@ def latencies(fn, queries, warmup: int = 10) -> tuple[list[float], list]:
 
 
 def summary(times: list[float]) -> dict:
-    return {"p50_ms": 1000 * float(np.median(times)), "p99_ms": 1000 * float(np.percentile(times, 99)),
-            "queries_per_s": len(times) / sum(times)}
+    return {
+        "p50_ms": 1000 * float(np.median(times)),
+        "p99_ms": 1000 * float(np.percentile(times, 99)),
+        "queries_per_s": len(times) / sum(times),
+    }
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--model", default="ViT-B-32", help="base model of the served workspace (random init)")
     p.add_argument("--n", type=int, default=100_000, help="docs in the index")
     p.add_argument("--queries", type=int, default=300, help="queries of each kind")
@@ -83,11 +87,11 @@ def main(argv=None) -> dict:
     from service import FlowProcess
 
     from benchmarks.search import clustered
-    from cliptuner.bootstrap import ensure_current
     from cliptuner.config import ModelSpec
-    from cliptuner.index import Collection, StoredDoc
-    from cliptuner.manifest import ModelManifest
-    from cliptuner.registry import Registry
+    from cliptuner.index.embedded import Collection, StoredDoc
+    from cliptuner.model.manifest import ModelManifest
+    from cliptuner.model.registry import Registry
+    from cliptuner.serve.bootstrap import ensure_current
     from executors.schemas import ClipDoc
 
     started = time.perf_counter()
@@ -97,7 +101,7 @@ def main(argv=None) -> dict:
     version = ensure_current(registry, ModelSpec(args.model))
     dim = ModelManifest.read(registry.path(version)).embed_dim
     both = clustered(args.n + args.queries, dim, args.clusters, args.spread, args.seed)
-    gallery, queries = both[:args.n], both[args.n:]
+    gallery, queries = both[: args.n], both[args.n :]
     truth = np.argsort(-(queries @ gallery.T), axis=1)[:, :K]
 
     fill_started = time.perf_counter()
@@ -105,15 +109,20 @@ def main(argv=None) -> dict:
         store.rebuild(version, lambda docs: np.zeros((0, 1), np.float32))
         for start in range(0, args.n, 20_000):
             rows = range(start, min(start + 20_000, args.n))
-            store.upsert([StoredDoc(id=str(i), text=f"gallery item {i}") for i in rows],
-                         gallery[start:start + len(rows)], version)
+            store.upsert(
+                [StoredDoc(id=str(i), text=f"gallery item {i}") for i in rows],
+                gallery[start : start + len(rows)],
+                version,
+            )
         fill_s = time.perf_counter() - fill_started
         backend = store.stats()["backend"]
-        in_process, local = latencies(lambda q: [doc_id for doc_id, _ in store.search(q, K, version=version)[0]],
-                                      queries)
+        in_process, local = latencies(
+            lambda q: [doc_id for doc_id, _ in store.search(q, K, version=version)[0]], queries
+        )
 
-    flow = FlowProcess(workspace, work / "flow.log", env={"CLIPTUNER_MODEL": args.model,
-                                                          "OMP_NUM_THREADS": str(args.threads)})
+    flow = FlowProcess(
+        workspace, work / "flow.log", env={"CLIPTUNER_MODEL": args.model, "OMP_NUM_THREADS": str(args.threads)}
+    )
     t0 = time.perf_counter()
     flow.start()
     startup = time.perf_counter() - t0
@@ -121,23 +130,32 @@ def main(argv=None) -> dict:
         client = flow.client()
 
         def vector_query(q: np.ndarray) -> list[str]:
-            res = client.post("/search", inputs=DocList[ClipDoc]([ClipDoc(id="q", embedding=q,
-                                                                          model_version=version)]),
-                              parameters={"limit": K}, return_type=DocList[ClipDoc])
+            res = client.post(
+                "/search",
+                inputs=DocList[ClipDoc]([ClipDoc(id="q", embedding=q, model_version=version)]),
+                parameters={"limit": K},
+                return_type=DocList[ClipDoc],
+            )
             return [m.id for m in res[0].matches]
 
         def text_query(i: int) -> int:
-            res = client.post("/search", inputs=DocList[ClipDoc]([ClipDoc(id="q", text=f"gallery item {i}")]),
-                              parameters={"limit": K}, return_type=DocList[ClipDoc])
+            res = client.post(
+                "/search",
+                inputs=DocList[ClipDoc]([ClipDoc(id="q", text=f"gallery item {i}")]),
+                parameters={"limit": K},
+                return_type=DocList[ClipDoc],
+            )
             return len(res[0].matches)
 
         flow_vector, answers = latencies(vector_query, queries)
         flow_text, counts = latencies(text_query, list(range(args.queries)))
     finally:
         flow.stop()
+
     def recall(found_lists) -> float:
-        return sum(len({int(i) for i in found} & set(t.tolist())) for found, t in zip(found_lists, truth)) \
-            / (K * args.queries)
+        return sum(len({int(i) for i in found} & set(t.tolist())) for found, t in zip(found_lists, truth)) / (
+            K * args.queries
+        )
 
     if min(counts) != K:
         raise SystemExit(f"a text query got {min(counts)} matches, expected {K}: see {work / 'flow.log'}")
@@ -145,22 +163,40 @@ def main(argv=None) -> dict:
 
     import onnxruntime
 
-    result = {"model": args.model, "n": args.n, "dim": dim, "queries": args.queries, "spread": args.spread,
-              "seed": args.seed, "backend": backend, "fill_s": fill_s, "startup_s": startup,
-              "recall_at_10": recall(answers), "in_process_recall_at_10": recall(local),
-              "in_process": summary(in_process),
-              "flow_vector": summary(flow_vector), "flow_text": summary(flow_text), "threads": args.threads,
-              "wall_s": time.perf_counter() - started,
-              "machine": f"{platform.platform()}, {os.cpu_count()} CPUs", "python": platform.python_version(),
-              "onnxruntime": onnxruntime.__version__,
-              "command": "python benchmarks/flow_search.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    print(f"{args.n} docs × {dim} ({args.model}, {backend}), {args.queries} queries of each kind, top-{K}; "
-          f"recall@10 through the Flow {result['recall_at_10']:.3f} "
-          f"(in-process {result['in_process_recall_at_10']:.3f})")
+    result = {
+        "model": args.model,
+        "n": args.n,
+        "dim": dim,
+        "queries": args.queries,
+        "spread": args.spread,
+        "seed": args.seed,
+        "backend": backend,
+        "fill_s": fill_s,
+        "startup_s": startup,
+        "recall_at_10": recall(answers),
+        "in_process_recall_at_10": recall(local),
+        "in_process": summary(in_process),
+        "flow_vector": summary(flow_vector),
+        "flow_text": summary(flow_text),
+        "threads": args.threads,
+        "wall_s": time.perf_counter() - started,
+        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs",
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "command": "python benchmarks/flow_search.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
+    print(
+        f"{args.n} docs × {dim} ({args.model}, {backend}), {args.queries} queries of each kind, top-{K}; "
+        f"recall@10 through the Flow {result['recall_at_10']:.3f} "
+        f"(in-process {result['in_process_recall_at_10']:.3f})"
+    )
     print("| path | p50 ms | p99 ms | queries/s |")
     print("|---|---:|---:|---:|")
-    for key, name in (("in_process", "in-process search"), ("flow_vector", "Flow, vector query"),
-                      ("flow_text", "Flow, text query")):
+    for key, name in (
+        ("in_process", "in-process search"),
+        ("flow_vector", "Flow, vector query"),
+        ("flow_text", "Flow, text query"),
+    ):
         row = result[key]
         print(f"| {name} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['queries_per_s']:.0f} |")
     if args.json:

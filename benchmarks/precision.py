@@ -1,7 +1,7 @@
 """int8 (and fp16) ONNX graphs vs the fp32 export of the same weights, in one run: speed, agreement, recall.
 
 1. Speed and agreement: ``--model`` (ViT-B-32 by default, random init: speed does not depend on the weights) is
-   exported once in fp32; a copy is converted to int8 (:func:`cliptuner.export.convert_precision`: ONNX Runtime's
+   exported once in fp32; a copy is converted to int8 (:func:`cliptuner.train.export.convert_precision`: ONNX Runtime's
    dynamic quantization of the weight matrices and the token embedding, 7-bit per-channel weights, patch Conv left
    in fp32). Both encode the same ``--images`` images (synthetic scenes) and ``--texts`` captions in
    batches of ``--batch`` on ``--threads`` ONNX Runtime threads, alternating, ``--repeats`` times; the ratio is
@@ -30,19 +30,18 @@ import tempfile
 import time
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
 def speed(args: argparse.Namespace, work: Path) -> dict:
-    from cliptuner.config import ModelSpec
-    from cliptuner.export import convert_precision, export_model_dir
-    from cliptuner.models import load_model
-    from cliptuner.runtime import OnnxClip
-    from cliptuner.synthetic import generate
-
     import torch
+
+    from cliptuner.config import ModelSpec
+    from cliptuner.model.runtime import OnnxClip
+    from cliptuner.train.export import convert_precision, export_model_dir
+    from cliptuner.train.models import load_model
+    from cliptuner.train.synthetic import generate
 
     torch.manual_seed(args.seed)  # the int8 error depends on the (random) weights
     fp32_dir = export_model_dir(load_model(ModelSpec(args.model)), work / "fp32", checkpoint=False)
@@ -50,11 +49,13 @@ def speed(args: argparse.Namespace, work: Path) -> dict:
     shutil.copytree(fp32_dir, int8_dir)
     for name in ("visual.onnx", "textual.onnx"):
         convert_precision(int8_dir / name, "int8")
-    clips = {name: OnnxClip(path, device="cpu", intra_op_threads=args.threads, batch_size=args.batch)
-             for name, path in (("fp32", fp32_dir), ("int8", int8_dir))}
+    clips = {
+        name: OnnxClip(path, device="cpu", intra_op_threads=args.threads, batch_size=args.batch)
+        for name, path in (("fp32", fp32_dir), ("int8", int8_dir))
+    }
     size = clips["fp32"].manifest.image_size
     data = generate(max(args.images, args.texts), "generic", seed=0, image_size=size)
-    images, texts = data.images[:args.images], data.captions[:args.texts]
+    images, texts = data.images[: args.images], data.captions[: args.texts]
     out = {}
     for kind, items, encode in (("image", images, "encode_images"), ("text", texts, "encode_text")):
         embeddings = {name: getattr(clip, encode)(items) for name, clip in clips.items()}  # warm-up, and agreement
@@ -66,35 +67,69 @@ def speed(args: argparse.Namespace, work: Path) -> dict:
                 getattr(clip, encode)(items)
                 rates[name].append(len(items) / (time.perf_counter() - started))
         medians = {name: statistics.median(r) for name, r in rates.items()}
-        out[kind] = {"fp32_per_s": medians["fp32"], "int8_per_s": medians["int8"],
-                     "ratio": medians["int8"] / medians["fp32"], "min_cosine": float(cosines.min()),
-                     "mean_cosine": float(cosines.mean())}
-    out["bytes"] = {name: sum((path / f).stat().st_size for f in ("visual.onnx", "textual.onnx"))
-                    for name, path in (("fp32", fp32_dir), ("int8", int8_dir))}
+        out[kind] = {
+            "fp32_per_s": medians["fp32"],
+            "int8_per_s": medians["int8"],
+            "ratio": medians["int8"] / medians["fp32"],
+            "min_cosine": float(cosines.min()),
+            "mean_cosine": float(cosines.mean()),
+        }
+    out["bytes"] = {
+        name: sum((path / f).stat().st_size for f in ("visual.onnx", "textual.onnx"))
+        for name, path in (("fp32", fp32_dir), ("int8", int8_dir))
+    }
     return out
 
 
 def recall(args: argparse.Namespace, work: Path) -> dict:
-    from cliptuner import synthetic
     from cliptuner.cli import main
+    from cliptuner.train import synthetic
 
-    data = synthetic.write_csv(work / "data", n_images=args.n_images, domain="domain", seed=args.seed,
-                               captions_per_image=2)
+    data = synthetic.write_csv(
+        work / "data", n_images=args.n_images, domain="domain", seed=args.seed, captions_per_image=2
+    )
     out = work / "tuned-int8"
-    code = main(["train", "--data", str(data), "--model", "cliptuner-tiny", "--epochs", str(args.epochs),
-                 "--batch-size", "32", "--lr", "6e-4", "--warmup-steps", "20", "--seed", str(args.seed),
-                 "--out", str(out), "--quiet",
-                 "--device", "cpu", "--export-precision", "int8"])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--model",
+            "cliptuner-tiny",
+            "--epochs",
+            str(args.epochs),
+            "--batch-size",
+            "32",
+            "--lr",
+            "6e-4",
+            "--warmup-steps",
+            "20",
+            "--seed",
+            str(args.seed),
+            "--out",
+            str(out),
+            "--quiet",
+            "--device",
+            "cpu",
+            "--export-precision",
+            "int8",
+        ]
+    )
     if code != 0:
         raise SystemExit(f"cliptuner train exited with {code}")
     report = json.loads((out / "report.json").read_text())
-    return {"before": report["before"], "after_fp32": report["after"], "after_int8": report["exported"]["after"],
-            "drop": report["exported"]["drop"]}
+    return {
+        "before": report["before"],
+        "after_fp32": report["after"],
+        "after_int8": report["exported"]["after"],
+        "drop": report["exported"]["drop"],
+    }
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--model", default="ViT-B-32")
     p.add_argument("--images", type=int, default=128)
     p.add_argument("--texts", type=int, default=256)
@@ -118,17 +153,25 @@ def main(argv=None) -> dict:
         result = {"speed": speed(args, Path(tmp))}
         if args.recall:
             result["recall"] = recall(args, Path(tmp))
-    result.update(model=args.model, batch=args.batch, threads=args.threads, wall_s=time.perf_counter() - started,
-                  machine=f"{platform.platform()}, {os.cpu_count()} CPUs", python=platform.python_version(),
-                  onnxruntime=onnxruntime.__version__,
-                  command="python benchmarks/precision.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    result.update(
+        model=args.model,
+        batch=args.batch,
+        threads=args.threads,
+        wall_s=time.perf_counter() - started,
+        machine=f"{platform.platform()}, {os.cpu_count()} CPUs",
+        python=platform.python_version(),
+        onnxruntime=onnxruntime.__version__,
+        command="python benchmarks/precision.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    )
     print(f"{args.model}, batches of {args.batch}, {args.threads} threads")
     print("| tower | fp32 items/s | int8 items/s | int8 ÷ fp32 | min cosine int8 vs fp32 | mean cosine |")
     print("|---|---:|---:|---:|---:|---:|")
     for kind in ("image", "text"):
         row = result["speed"][kind]
-        print(f"| {kind} | {row['fp32_per_s']:.1f} | {row['int8_per_s']:.1f} | {row['ratio']:.2f} | "
-              f"{row['min_cosine']:.4f} | {row['mean_cosine']:.5f} |")
+        print(
+            f"| {kind} | {row['fp32_per_s']:.1f} | {row['int8_per_s']:.1f} | {row['ratio']:.2f} | "
+            f"{row['min_cosine']:.4f} | {row['mean_cosine']:.5f} |"
+        )
     sizes = result["speed"]["bytes"]
     print(f"graphs: fp32 {sizes['fp32'] / 1e6:.0f} MB, int8 {sizes['int8'] / 1e6:.0f} MB")
     if args.recall:
@@ -136,8 +179,10 @@ def main(argv=None) -> dict:
         print("| held-out recall | base | tuned fp32 | tuned int8 | fp32 − int8 |")
         print("|---|---:|---:|---:|---:|")
         for key in ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10"):
-            print(f"| {key} | {100 * r['before'][key]:.1f}% | {100 * r['after_fp32'][key]:.1f}% | "
-                  f"{100 * r['after_int8'][key]:.1f}% | {100 * r['drop'][key]:+.1f} pts |")
+            print(
+                f"| {key} | {100 * r['before'][key]:.1f}% | {100 * r['after_fp32'][key]:.1f}% | "
+                f"{100 * r['after_int8'][key]:.1f}% | {100 * r['drop'][key]:+.1f} pts |"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result

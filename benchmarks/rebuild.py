@@ -47,24 +47,32 @@ def one_store(backend: str, blobs: list[bytes], args: argparse.Namespace) -> dic
     """Index ``blobs`` with ``backend``, publish v2, time the rebuild and the in-process baseline."""
     from docarray import DocList
 
-    from cliptuner.registry import Registry
-    from cliptuner.runtime import OnnxClip
+    from cliptuner.model.registry import Registry
+    from cliptuner.model.runtime import OnnxClip
     from executors import ClipDoc, CLIPIndexer
 
     work = Path(tempfile.mkdtemp(prefix="cliptuner-rebuild-bench-"))
     try:
-        indexer = CLIPIndexer(workspace=str(work), model=args.model, device="cpu", intra_op_threads=args.threads,
-                              batch_size=args.batch, rebuild_batch_size=args.batch, watch_interval=0,
-                              backend="milvus" if backend == "milvus" else "exact")
+        indexer = CLIPIndexer(
+            workspace=str(work),
+            model=args.model,
+            device="cpu",
+            intra_op_threads=args.threads,
+            batch_size=args.batch,
+            rebuild_batch_size=args.batch,
+            watch_interval=0,
+            backend="milvus" if backend == "milvus" else "exact",
+        )
         try:
             for start in range(0, len(blobs), 256):
-                docs = DocList[ClipDoc]([ClipDoc(id=f"d{i}", blob=blob)
-                                         for i, blob in enumerate(blobs[start:start + 256], start)])
+                docs = DocList[ClipDoc](
+                    [ClipDoc(id=f"d{i}", blob=blob) for i, blob in enumerate(blobs[start : start + 256], start)]
+                )
                 indexer._index(docs, list(range(len(docs))))
             registry = Registry(work / "models")
             registry.publish(registry.path("v1"))  # v2: the same weights, so both sides do the same work
             clip = OnnxClip(registry.path("v2"), device="cpu", intra_op_threads=args.threads)
-            batches = [blobs[i:i + args.batch] for i in range(0, len(blobs), args.batch)]
+            batches = [blobs[i : i + args.batch] for i in range(0, len(blobs), args.batch)]
 
             def baseline() -> float:
                 started = time.perf_counter()
@@ -85,13 +93,20 @@ def one_store(backend: str, blobs: list[bytes], args: argparse.Namespace) -> dic
     finally:
         shutil.rmtree(work, ignore_errors=True)
     in_process = len(blobs) / statistics.mean([before, after])
-    return {"store": backend, "rebuild_docs_per_s": len(blobs) / rebuild, "in_process_images_per_s": in_process,
-            "ratio": (len(blobs) / rebuild) / in_process, "rebuild_s": rebuild, "baseline_s": [before, after]}
+    return {
+        "store": backend,
+        "rebuild_docs_per_s": len(blobs) / rebuild,
+        "in_process_images_per_s": in_process,
+        "ratio": (len(blobs) / rebuild) / in_process,
+        "rebuild_s": rebuild,
+        "baseline_s": [before, after],
+    }
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--docs", type=int, default=2000, help="stored images")
     p.add_argument("--size", type=int, default=224, help="side of the images, in pixels")
     p.add_argument("--model", default="cliptuner-tiny", help="base model (random init)")
@@ -103,21 +118,32 @@ def main(argv=None) -> dict:
     os.environ.setdefault("JINA_HIDE_SURVEY", "1")
     os.environ.setdefault("JINA_OPTOUT_TELEMETRY", "1")
 
-    from cliptuner.synthetic import generate
+    from cliptuner.train.synthetic import generate
 
     blobs = [png(image) for image in generate(args.docs, "generic", seed=5, image_size=args.size).images]
     rows = [one_store(store, blobs, args) for store in args.stores]
-    result = {"docs": args.docs, "size": args.size, "model": args.model, "batch": args.batch,
-              "threads": args.threads, "rows": rows, "machine": f"{platform.platform()}, {os.cpu_count()} CPUs",
-              "python": platform.python_version(),
-              "command": "python benchmarks/rebuild.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    print(f"{args.docs} PNG scenes {args.size}x{args.size}, {args.model}, batches of {args.batch}, "
-          f"{args.threads} ORT threads")
+    result = {
+        "docs": args.docs,
+        "size": args.size,
+        "model": args.model,
+        "batch": args.batch,
+        "threads": args.threads,
+        "rows": rows,
+        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs",
+        "python": platform.python_version(),
+        "command": "python benchmarks/rebuild.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
+    print(
+        f"{args.docs} PNG scenes {args.size}x{args.size}, {args.model}, batches of {args.batch}, "
+        f"{args.threads} ORT threads"
+    )
     print("| store | rebuild docs/s | in-process images/s | ratio |")
     print("|---|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['store']} | {row['rebuild_docs_per_s']:.1f} | {row['in_process_images_per_s']:.1f} | "
-              f"{row['ratio']:.2f} |")
+        print(
+            f"| {row['store']} | {row['rebuild_docs_per_s']:.1f} | {row['in_process_images_per_s']:.1f} | "
+            f"{row['ratio']:.2f} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result

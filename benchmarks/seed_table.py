@@ -5,10 +5,10 @@ For every ``--models`` entry (``ARCH:PRETRAINED``; default ViT-B-32 ``openai``, 
 MS-COCO, Karpathy splits) the script, in one run and on the same pairs:
 
 1. evaluates the pretrained weights on the Karpathy ``test`` split (the baseline: "before"; CLIP_benchmark's
-   protocol, :mod:`cliptuner.evaluate`: 1k Flickr test images, 5k COCO test images, the first
+   protocol, :mod:`cliptuner.train.evaluate`: 1k Flickr test images, 5k COCO test images, the first
    ``--test-captions`` (5) captions of each image; text→image R@k: a caption's own image in the top k;
    image→text R@k: any of the image's captions in the top k);
-2. fine-tunes them on ``train`` (+ ``restval`` for COCO) with :func:`cliptuner.train.finetune` (AdamW,
+2. fine-tunes them on ``train`` (+ ``restval`` for COCO) with :func:`cliptuner.train.loop.finetune` (AdamW,
    ``--lr`` 1e-5 — a small rate for an already trained CLIP — ``--warmup-steps`` linear warm-up then cosine,
    ``--epochs``, ``--batch-size`` pairs with no two captions of one image in a batch, weight decay 0.1, AMP on
    CUDA). ``--keep-best``/``--early-stop-patience`` choose the epoch on ``--val-fraction`` of the TRAINING
@@ -24,7 +24,7 @@ Flickr30k and MSCOCO numbers differ from e32's by at most 0.3 points (open_clip'
 ``docs/openclip_retrieval_results.csv``).
 
 Weights: a pretrained tag is used only when its file is already in the Hugging Face cache (``HF_HOME`` /
-``HF_HUB_CACHE``, or ``--cache-dir``), checked with :func:`cliptuner.models.cached_pretrained_file`; the model
+``HF_HUB_CACHE``, or ``--cache-dir``), checked with :func:`cliptuner.train.models.cached_pretrained_file`; the model
 is then built with the hub in offline mode. ``PRETRAINED`` may also be a local checkpoint path, or empty for a
 random init. Data: ``--datasets NAME=KARPATHY_JSON[:IMAGE_ROOT]`` (image paths are
 ``IMAGE_ROOT/filepath/filename``; IMAGE_ROOT defaults to the JSON's folder), or the defaults under
@@ -66,9 +66,10 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -82,12 +83,14 @@ DATA_LAYOUT = {
     "flickr30k": ("dataset_flickr30k.json", "flickr30k-images"),
     "coco": ("dataset_coco.json", "."),
 }
-REFERENCE_SOURCE = ("LAION-AI/CLIP_benchmark benchmark/benchmark.csv (last changed in commit 16c2d84, "
-                    "2022-12-21: 'update flickr8k results'), columns image_retrieval_recall@5 (t2i) and "
-                    "text_retrieval_recall@5 (i2t) of the zeroshot_retrieval rows on flickr8k, flickr30k and "
-                    "mscoco_captions (Karpathy test splits); rounded to 4 decimals. mlfoundations/open_clip "
-                    "docs/openclip_retrieval_results.csv gives the same Flickr30k/MSCOCO numbers to within 0.2 "
-                    "points.")
+REFERENCE_SOURCE = (
+    "LAION-AI/CLIP_benchmark benchmark/benchmark.csv (last changed in commit 16c2d84, "
+    "2022-12-21: 'update flickr8k results'), columns image_retrieval_recall@5 (t2i) and "
+    "text_retrieval_recall@5 (i2t) of the zeroshot_retrieval rows on flickr8k, flickr30k and "
+    "mscoco_captions (Karpathy test splits); rounded to 4 decimals. mlfoundations/open_clip "
+    "docs/openclip_retrieval_results.csv gives the same Flickr30k/MSCOCO numbers to within 0.2 "
+    "points."
+)
 # Published zero-shot recall@5 (t2i, i2t) on the Karpathy test splits: (arch, tag, data set) -> values. Source:
 # REFERENCE_SOURCE. Only these 9 rows were looked up; any other combination prints "not published".
 REFERENCE_R5: dict[tuple[str, str, str], dict[str, float]] = {
@@ -136,7 +139,7 @@ class DatasetEntry:
             raise argparse.ArgumentTypeError(f"expected NAME=KARPATHY_JSON[:IMAGE_ROOT], got {text!r}")
         cut = rest.lower().find(".json:")
         if cut >= 0:
-            return cls(name.strip(), rest[:cut + 5], rest[cut + 6:] or None)
+            return cls(name.strip(), rest[: cut + 5], rest[cut + 6 :] or None)
         return cls(name.strip(), rest)
 
 
@@ -150,7 +153,7 @@ def model_problem(entry: ModelEntry, cache_dir: Optional[str]) -> Optional[str]:
     """Why ``entry`` cannot be built here without a download, or None when it can."""
     import open_clip
 
-    from cliptuner.models import cached_pretrained_file, is_local_checkpoint
+    from cliptuner.train.models import cached_pretrained_file, is_local_checkpoint
 
     if entry.arch not in set(open_clip.list_models()):
         return f"unknown OpenCLIP model {entry.arch!r}"
@@ -166,9 +169,11 @@ def model_problem(entry: ModelEntry, cache_dir: Optional[str]) -> Optional[str]:
     if found is None:
         cfg = open_clip.get_pretrained_cfg(entry.arch, entry.pretrained)
         where = cfg.get("hf_hub") or cfg.get("url") or "?"
-        return (f"weights of {entry.arch} {entry.pretrained} ({where}) are not in the Hugging Face cache"
-                f"{f' {cache_dir!r}' if cache_dir else ''}; fetch them once where the hub is reachable "
-                f"(open_clip.create_model({entry.arch!r}, pretrained={entry.pretrained!r}))")
+        return (
+            f"weights of {entry.arch} {entry.pretrained} ({where}) are not in the Hugging Face cache"
+            f"{f' {cache_dir!r}' if cache_dir else ''}; fetch them once where the hub is reachable "
+            f"(open_clip.create_model({entry.arch!r}, pretrained={entry.pretrained!r}))"
+        )
     return None
 
 
@@ -183,13 +188,18 @@ def dataset_problem(entry: DatasetEntry) -> Optional[str]:
 
 def first_captions(pairs: Any, n: int) -> Any:
     """``pairs`` with at most the first ``n`` captions of each image (CLIP_benchmark's 5 per image)."""
-    from cliptuner.data import PairSet
+    from cliptuner.train.data import PairSet
 
     keep = sorted(p for i in range(pairs.num_images) for p in pairs.captions_of(i)[:n])
     if len(keep) == len(pairs):
         return pairs
-    return PairSet(images=pairs.images, captions=[pairs.captions[p] for p in keep],
-                   image_index=[pairs.image_index[p] for p in keep], image_ids=pairs.image_ids, name=pairs.name)
+    return PairSet(
+        images=pairs.images,
+        captions=[pairs.captions[p] for p in keep],
+        image_index=[pairs.image_index[p] for p in keep],
+        image_ids=pairs.image_ids,
+        name=pairs.name,
+    )
 
 
 def load_dataset(entry: DatasetEntry, test_captions: int, max_train_images: int, seed: int) -> dict[str, Any]:
@@ -197,11 +207,11 @@ def load_dataset(entry: DatasetEntry, test_captions: int, max_train_images: int,
     size of ``val``.
 
     Raises:
-        cliptuner.data.DataError: the JSON or its rows are unusable (the message names the row).
+        cliptuner.train.data.DataError: the JSON or its rows are unusable (the message names the row).
     """
     import numpy as np
 
-    from cliptuner.data import DataError, load_karpathy
+    from cliptuner.train.data import DataError, load_karpathy
 
     path = Path(entry.json_path).expanduser()
     root = Path(entry.image_root).expanduser() if entry.image_root is not None else None
@@ -239,28 +249,39 @@ def build_model(entry: ModelEntry, cache_dir: Optional[str], seed: int) -> Any:
     import open_clip
 
     from cliptuner.config import ModelSpec
-    from cliptuner.models import is_local_checkpoint, load_model
-    from cliptuner.train import seed_everything
+    from cliptuner.train.loop import seed_everything
+    from cliptuner.train.models import is_local_checkpoint, load_model
 
     quick_gelu = False
     if entry.pretrained and not is_local_checkpoint(entry.pretrained):
         quick_gelu = bool(open_clip.get_pretrained_cfg(entry.arch, entry.pretrained).get("quick_gelu"))
     seed_everything(seed)  # the same init for a random-init entry on every data set
     with hub_offline():
-        return load_model(ModelSpec(entry.arch, pretrained=entry.pretrained or None, cache_dir=cache_dir,
-                                    force_quick_gelu=quick_gelu))
+        return load_model(
+            ModelSpec(entry.arch, pretrained=entry.pretrained or None, cache_dir=cache_dir, force_quick_gelu=quick_gelu)
+        )
 
 
 def run_row(entry: ModelEntry, data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate on test, fine-tune on train, evaluate on the same test split; the row's measured fields."""
     from cliptuner.config import EvalConfig, TrainConfig
-    from cliptuner.train import finetune
+    from cliptuner.train.loop import finetune
 
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
-                      weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, precision=args.precision,
-                      device=args.device, seed=args.seed, num_workers=args.workers, keep_best=args.keep_best,
-                      early_stop_patience=args.early_stop_patience, val_fraction=args.val_fraction,
-                      log_every=args.log_every)
+    cfg = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        precision=args.precision,
+        device=args.device,
+        seed=args.seed,
+        num_workers=args.workers,
+        keep_best=args.keep_best,
+        early_stop_patience=args.early_stop_patience,
+        val_fraction=args.val_fraction,
+        log_every=args.log_every,
+    )
     started = time.perf_counter()
     bundle = build_model(entry, args.cache_dir, args.seed)
     try:
@@ -271,10 +292,16 @@ def run_row(entry: ModelEntry, data: dict[str, Any], args: argparse.Namespace) -
     test = data["test"]
     if report["split"]["eval_images"] != test.num_images or report["split"]["eval_pairs"] != len(test):
         raise RuntimeError(f"evaluated {report['split']} instead of the {test.num_images} test images")
-    return {"before": report["before"], "after": report["after"], "epochs": report["epochs"],
-            "epoch_losses": report["epoch_losses"], "samples_per_s": report["samples_per_s"],
-            "trained_images": report["split"]["train_images"], "seconds": time.perf_counter() - started,
-            **({"best_epoch": report["best_epoch"]} if "best_epoch" in report else {})}
+    return {
+        "before": report["before"],
+        "after": report["after"],
+        "epochs": report["epochs"],
+        "epoch_losses": report["epoch_losses"],
+        "samples_per_s": report["samples_per_s"],
+        "trained_images": report["split"]["train_images"],
+        "seconds": time.perf_counter() - started,
+        **({"best_epoch": report["best_epoch"]} if "best_epoch" in report else {}),
+    }
 
 
 def _free_device_memory() -> None:
@@ -291,55 +318,90 @@ def _pct(row: dict[str, Any], part: str, key: str) -> str:
 
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The seed table (recall@5 in %), then each distinct reason a row did not run, numbered."""
-    lines = ["| model | pretrained | dataset | test images | t2i R@5 published | t2i R@5 before | t2i R@5 after "
-             "| i2t R@5 published | i2t R@5 before | i2t R@5 after | status |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "| model | pretrained | dataset | test images | t2i R@5 published | t2i R@5 before | t2i R@5 after "
+        "| i2t R@5 published | i2t R@5 before | i2t R@5 after | status |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     notes: dict[str, int] = {}
     for row in rows:
         status = row["status"]
         if row["reasons"]:
             numbers = [notes.setdefault(reason, len(notes) + 1) for reason in row["reasons"]]
             status += " (" + ", ".join(str(n) for n in numbers) + ")"
-        published = {key: _pct(row, "reference", key) if row["reference"] else "not published"
-                     for key in ("t2i_r5", "i2t_r5")}
+        published = {
+            key: _pct(row, "reference", key) if row["reference"] else "not published" for key in ("t2i_r5", "i2t_r5")
+        }
         lines.append(
             f"| {row['model']} | {row['pretrained'] or 'random init'} | {row['dataset']} "
             f"| {row.get('test_images') or '—'} | {published['t2i_r5']} "
             f"| {_pct(row, 'before', 't2i_r5')} | {_pct(row, 'after', 't2i_r5')} "
             f"| {published['i2t_r5']} | {_pct(row, 'before', 'i2t_r5')} | {_pct(row, 'after', 'i2t_r5')} "
-            f"| {status} |")
+            f"| {status} |"
+        )
     if notes:
         lines += [""] + [f"({n}) {reason}" for reason, n in notes.items()]
     return "\n".join(lines)
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--models", nargs="+", type=ModelEntry.parse, default=None, metavar="ARCH:PRETRAINED",
-                   help="OpenCLIP arch and tag, local checkpoint path, or empty (random init); default: "
-                   + " ".join(DEFAULT_MODELS))
-    p.add_argument("--datasets", nargs="+", type=DatasetEntry.parse, default=None,
-                   metavar="NAME=JSON[:IMAGE_ROOT]", help="Karpathy-style JSON files (default: the three under "
-                   "--data-root); NAME flickr8k, flickr30k or coco picks the published reference")
-    p.add_argument("--data-root", default="~/datasets/karpathy",
-                   help="folder with dataset_{flickr8k,flickr30k,coco}.json and the image folders (see the docstring)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        type=ModelEntry.parse,
+        default=None,
+        metavar="ARCH:PRETRAINED",
+        help="OpenCLIP arch and tag, local checkpoint path, or empty (random init); default: "
+        + " ".join(DEFAULT_MODELS),
+    )
+    p.add_argument(
+        "--datasets",
+        nargs="+",
+        type=DatasetEntry.parse,
+        default=None,
+        metavar="NAME=JSON[:IMAGE_ROOT]",
+        help="Karpathy-style JSON files (default: the three under "
+        "--data-root); NAME flickr8k, flickr30k or coco picks the published reference",
+    )
+    p.add_argument(
+        "--data-root",
+        default="~/datasets/karpathy",
+        help="folder with dataset_{flickr8k,flickr30k,coco}.json and the image folders (see the docstring)",
+    )
     p.add_argument("--cache-dir", default=None, help="OpenCLIP/HF cache folder (default: the HF cache of HF_HOME)")
     p.add_argument("--test-captions", type=int, default=5, help="captions per test image evaluated (the first N)")
-    p.add_argument("--max-train-images", type=int, default=0,
-                   help="train on a seeded subset of this many training images (0: all); the test split stays whole")
+    p.add_argument(
+        "--max-train-images",
+        type=int,
+        default=0,
+        help="train on a seeded subset of this many training images (0: all); the test split stays whole",
+    )
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128, help="pairs per step (no image twice in a batch)")
     p.add_argument("--lr", type=float, default=1e-5, help="peak AdamW learning rate")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--warmup-steps", type=int, default=100)
-    p.add_argument("--precision", default="amp", choices=("fp32", "amp", "amp_bf16"),
-                   help="amp: fp16 autocast on CUDA (fp32 on CPU)")
-    p.add_argument("--keep-best", action="store_true",
-                   help="restore the epoch with the best t2i R@5 on --val-fraction of the training images")
+    p.add_argument(
+        "--precision",
+        default="amp",
+        choices=("fp32", "amp", "amp_bf16"),
+        help="amp: fp16 autocast on CUDA (fp32 on CPU)",
+    )
+    p.add_argument(
+        "--keep-best",
+        action="store_true",
+        help="restore the epoch with the best t2i R@5 on --val-fraction of the training images",
+    )
     p.add_argument("--early-stop-patience", type=int, default=None, help="stop after N epochs without improvement")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="share of training images that choose the epoch "
-                   "(with --keep-best or --early-stop-patience)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.05,
+        help="share of training images that choose the epoch (with --keep-best or --early-stop-patience)",
+    )
     p.add_argument("--eval-batch-size", type=int, default=256)
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
@@ -362,7 +424,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     import open_clip
     import torch
 
-    from cliptuner.data import DataError
+    from cliptuner.train.data import DataError
 
     torch.set_num_threads(args.threads)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -386,16 +448,30 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         problem = model_problem(model, args.cache_dir)
         for entry in datasets:
             data = loaded[entry.name]
-            row: dict[str, Any] = {"model": model.arch, "pretrained": model.pretrained, "dataset": entry.name,
-                                   "json": entry.json_path, "status": "skipped", "reason": None, "reasons": [],
-                                   "before": None, "after": None,
-                                   "reference": ({**REFERENCE_R5[key], "source": "CLIP_benchmark"}
-                                                 if (key := (model.arch, model.pretrained, entry.name)) in REFERENCE_R5
-                                                 else None)}
+            row: dict[str, Any] = {
+                "model": model.arch,
+                "pretrained": model.pretrained,
+                "dataset": entry.name,
+                "json": entry.json_path,
+                "status": "skipped",
+                "reason": None,
+                "reasons": [],
+                "before": None,
+                "after": None,
+                "reference": (
+                    {**REFERENCE_R5[key], "source": "CLIP_benchmark"}
+                    if (key := (model.arch, model.pretrained, entry.name)) in REFERENCE_R5
+                    else None
+                ),
+            }
             if isinstance(data, dict):
-                row.update(test_images=data["test"].num_images, test_texts=len(data["test"]),
-                           train_images=data["train"].num_images, train_pairs=len(data["train"]),
-                           val_images=data["val_images"])
+                row.update(
+                    test_images=data["test"].num_images,
+                    test_texts=len(data["test"]),
+                    train_images=data["train"].num_images,
+                    train_pairs=len(data["train"]),
+                    val_images=data["val_images"],
+                )
             row["reasons"] = [r for r in (problem, data if isinstance(data, str) else None) if r]
             if not row["reasons"]:
                 try:
@@ -409,19 +485,27 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     result = {
         "rows": rows,
-        "settings": {**{k: v for k, v in vars(args).items() if k not in ("models", "datasets", "json")},
-                     "models": [f"{m.arch}:{m.pretrained}" for m in args.models],
-                     "datasets": [{"name": d.name, "json": d.json_path, "image_root": d.image_root} for d in datasets]},
+        "settings": {
+            **{k: v for k, v in vars(args).items() if k not in ("models", "datasets", "json")},
+            "models": [f"{m.arch}:{m.pretrained}" for m in args.models],
+            "datasets": [{"name": d.name, "json": d.json_path, "image_root": d.image_root} for d in datasets],
+        },
         "reference_source": REFERENCE_SOURCE,
         "machine": f"{platform.platform()}, {os.cpu_count()} CPUs"
-                   + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""),
-        "python": platform.python_version(), "torch": torch.__version__, "open_clip": open_clip.__version__,
-        "huggingface_hub": huggingface_hub.__version__, "threads": args.threads, "device": args.device,
+        + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "huggingface_hub": huggingface_hub.__version__,
+        "threads": args.threads,
+        "device": args.device,
         "wall_s": time.perf_counter() - started,
         "command": "python -m benchmarks.seed_table " + " ".join(sys.argv[1:] if argv is None else argv),
     }
-    print(f"recall@5 (%) on the Karpathy test splits before and after fine-tuning ({args.epochs} epoch(s), lr "
-          f"{args.lr:g}, batch {args.batch_size}, {args.device}); published: zero-shot, LAION-AI/CLIP_benchmark\n")
+    print(
+        f"recall@5 (%) on the Karpathy test splits before and after fine-tuning ({args.epochs} epoch(s), lr "
+        f"{args.lr:g}, batch {args.batch_size}, {args.device}); published: zero-shot, LAION-AI/CLIP_benchmark\n"
+    )
     print(markdown(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

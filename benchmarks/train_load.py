@@ -56,8 +56,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -110,7 +111,7 @@ def cmdline(pid: int) -> str:
 def niceness(pid: int) -> Optional[int]:
     """The nice value of ``pid`` (field 19 of ``/proc/<pid>/stat``)."""
     stat = _read(f"/proc/{pid}/stat")
-    return int(stat[stat.rindex(")") + 2:].split()[16]) if stat else None
+    return int(stat[stat.rindex(")") + 2 :].split()[16]) if stat else None
 
 
 def cpu_seconds(pid: int) -> float:
@@ -119,7 +120,7 @@ def cpu_seconds(pid: int) -> float:
     for member in tree(pid):
         stat = _read(f"/proc/{member}/stat")
         if stat:
-            fields = stat[stat.rindex(")") + 2:].split()
+            fields = stat[stat.rindex(")") + 2 :].split()
             total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat
     return total / os.sysconf("SC_CLK_TCK")
 
@@ -189,8 +190,9 @@ class MemorySampler:
         self.sample()
 
 
-def identify(root: int, port: int, workspace: Path, tuner_pid: Optional[int],
-             training_pid: Optional[int]) -> dict[int, str]:
+def identify(
+    root: int, port: int, workspace: Path, tuner_pid: Optional[int], training_pid: Optional[int]
+) -> dict[int, str]:
     """Name the processes of the Flow rooted at ``root`` (see the module docstring)."""
     names = {root: "serve"}
     listening = {f"socket:[{inode}]" for inode in listening_inodes(port)}
@@ -219,8 +221,12 @@ def percentiles(seconds: list[float]) -> dict:
     import numpy as np
 
     ms = np.asarray(seconds) * 1e3
-    return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
-            "mean_ms": round(float(ms.mean()), 2), "n": len(seconds)}
+    return {
+        "p50_ms": round(float(np.percentile(ms, 50)), 2),
+        "p99_ms": round(float(np.percentile(ms, 99)), 2),
+        "mean_ms": round(float(ms.mean()), 2),
+        "n": len(seconds),
+    }
 
 
 def wait_for(condition: Callable[[], Optional[dict]], timeout: float, what: str) -> dict:
@@ -234,23 +240,36 @@ def wait_for(condition: Callable[[], Optional[dict]], timeout: float, what: str)
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--model", default="cliptuner-tiny", help="base model of the served workspace (random init)")
     p.add_argument("--gallery", type=int, default=512, help="synthetic scenes indexed before searching")
     p.add_argument("--queries", type=int, default=200, help="text queries per phase, one request each")
     p.add_argument("--warmup", type=int, default=10, help="queries sent before each phase, not counted")
-    p.add_argument("--blocks", type=int, default=5,
-                   help="blocks of the training phase, each followed by a block with the training paused")
+    p.add_argument(
+        "--blocks",
+        type=int,
+        default=5,
+        help="blocks of the training phase, each followed by a block with the training paused",
+    )
     p.add_argument("--limit", type=int, default=10, help="matches per query")
     p.add_argument("--train-images", type=int, default=256, help="images of the PAIRS file trained on")
     p.add_argument("--epochs", type=int, default=1000, help="epochs of the /train (it is cancelled when measured)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size of the /train")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the Flow's processes")
-    p.add_argument("--torch-threads", type=int, default=None,
-                   help="CLIPTUNER_TORCH_THREADS: threads of the training process (default: the tuner's)")
-    p.add_argument("--niceness", type=int, default=None,
-                   help="CLIPTUNER_TRAIN_NICENESS: nice value of the training process (default: the tuner's)")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="CLIPTUNER_TORCH_THREADS: threads of the training process (default: the tuner's)",
+    )
+    p.add_argument(
+        "--niceness",
+        type=int,
+        default=None,
+        help="CLIPTUNER_TRAIN_NICENESS: nice value of the training process (default: the tuner's)",
+    )
     p.add_argument("--no-after", dest="after", action="store_false", help="skip the idle phase after training")
     p.add_argument("--sample-s", type=float, default=0.5, help="seconds between memory samples")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -265,7 +284,7 @@ def main(argv=None) -> dict:
     from docarray import DocList
     from service import FlowProcess, png
 
-    from cliptuner import synthetic
+    from cliptuner.train import synthetic
     from executors.schemas import ClipDoc
     from executors.tuner import write_pairs_csv
 
@@ -280,7 +299,7 @@ def main(argv=None) -> dict:
     pairs = synthetic.generate(args.train_images, "domain", seed=1, captions_per_image=2)
     write_pairs_csv(pairs, workspace / "data" / "train" / "pairs.csv")
     gallery = synthetic.generate(args.gallery, "generic", seed=0)
-    texts = synthetic.generate(args.queries + args.warmup, "generic", seed=2).captions[:args.queries + args.warmup]
+    texts = synthetic.generate(args.queries + args.warmup, "generic", seed=2).captions[: args.queries + args.warmup]
     flow = FlowProcess(workspace, tmp / "flow.log", env=env, unset=unset)
     flow.start()
     sampler = MemorySampler(flow.proc.pid, args.sample_s)
@@ -296,8 +315,15 @@ def main(argv=None) -> dict:
             return {doc.id: doc.tags for doc in post("/status")}
 
         for start in range(0, args.gallery, 64):
-            post("/index", DocList[ClipDoc]([ClipDoc(id=gallery.image_ids[i], blob=png(gallery.images[i]))
-                                             for i in range(start, min(start + 64, args.gallery))]))
+            post(
+                "/index",
+                DocList[ClipDoc](
+                    [
+                        ClipDoc(id=gallery.image_ids[i], blob=png(gallery.images[i]))
+                        for i in range(start, min(start + 64, args.gallery))
+                    ]
+                ),
+            )
 
         def searches(indices) -> list[float]:
             seconds = []
@@ -311,22 +337,35 @@ def main(argv=None) -> dict:
             return seconds
 
         warmup, counted = range(args.warmup), range(args.warmup, len(texts))
-        blocks = [counted[b::args.blocks] for b in range(args.blocks)]  # each block: every query once, in all
+        blocks = [counted[b :: args.blocks] for b in range(args.blocks)]  # each block: every query once, in all
         searches(warmup)
         idle = percentiles(searches(counted))
-        run_id = post("/train", parameters={"data": "train/pairs.csv", "wait": False, "epochs": args.epochs,
-                                            "batch_size": args.batch_size, "seed": 0, "eval_fraction": 0.2}
-                      )[0].tags["run_id"]
+        run_id = post(
+            "/train",
+            parameters={
+                "data": "train/pairs.csv",
+                "wait": False,
+                "epochs": args.epochs,
+                "batch_size": args.batch_size,
+                "seed": 0,
+                "eval_fraction": 0.2,
+            },
+        )[0].tags["run_id"]
 
         def training_state() -> dict:
             return status()["status-tuner"]["training"]
 
-        before = wait_for(lambda: (lambda t: t if t.get("step") and t.get("phase") == "training" else None)(
-            training_state()), 600, "the training process's first optimizer step")
+        before = wait_for(
+            lambda: (lambda t: t if t.get("step") and t.get("phase") == "training" else None)(training_state()),
+            600,
+            "the training process's first optimizer step",
+        )
         training_pid = int(before["pid"])
-        observed = {"train_niceness": niceness(training_pid),
-                    "train_omp_num_threads": environ(training_pid).get("OMP_NUM_THREADS"),
-                    "train_threads_total": status_field(training_pid, "Threads")}
+        observed = {
+            "train_niceness": niceness(training_pid),
+            "train_omp_num_threads": environ(training_pid).get("OMP_NUM_THREADS"),
+            "train_threads_total": status_field(training_pid, "Threads"),
+        }
         group = os.getpgid(training_pid)
         searches(warmup)
         during, paused = [], []
@@ -350,9 +389,14 @@ def main(argv=None) -> dict:
         sampler.sample()
         names = identify(flow.proc.pid, flow.port, workspace, tuner_pid, training_pid)
         steps = int(end["step"]) - int(before["step"])  # optimizer steps since the start (not per epoch)
-        progress = {"steps_during_measurement": steps, "cpus_used": round(busy_s / wall_s, 2),
-                    "samples_per_s": end.get("samples_per_s"),
-                    "epoch": end.get("epoch"), "step": end.get("step"), "total_steps": end.get("total_steps")}
+        progress = {
+            "steps_during_measurement": steps,
+            "cpus_used": round(busy_s / wall_s, 2),
+            "samples_per_s": end.get("samples_per_s"),
+            "epoch": end.get("epoch"),
+            "step": end.get("step"),
+            "total_steps": end.get("total_steps"),
+        }
         post("/train/cancel", parameters={"run_id": run_id})
         if args.after:
             searches(warmup)
@@ -377,35 +421,53 @@ def main(argv=None) -> dict:
     import torch
 
     result = {
-        "model": args.model, "gallery": args.gallery, "queries": args.queries, "limit": args.limit,
-        "train_images": args.train_images, "batch_size": args.batch_size,
-        "idle": idle, "training": during, "paused": paused, "after": after,
+        "model": args.model,
+        "gallery": args.gallery,
+        "queries": args.queries,
+        "limit": args.limit,
+        "train_images": args.train_images,
+        "batch_size": args.batch_size,
+        "idle": idle,
+        "training": during,
+        "paused": paused,
+        "after": after,
         "ratio": round(during["p50_ms"] / idle["p50_ms"], 2),
         "ratio_paused": round(during["p50_ms"] / paused["p50_ms"], 2),
         "ratio_after": round(after["p50_ms"] / idle["p50_ms"], 2) if after else None,
         "training_progress": progress,
-        "memory_mb": memory, "process_threads": threads,
-        "settings": {"flow_omp_num_threads": args.threads, "requested_torch_threads": args.torch_threads,
-                     "requested_niceness": args.niceness, "encoder_intra_op_threads": "ONNX Runtime default",
-                     "observed": observed, "cpus": len(os.sched_getaffinity(0))},
+        "memory_mb": memory,
+        "process_threads": threads,
+        "settings": {
+            "flow_omp_num_threads": args.threads,
+            "requested_torch_threads": args.torch_threads,
+            "requested_niceness": args.niceness,
+            "encoder_intra_op_threads": "ONNX Runtime default",
+            "observed": observed,
+            "cpus": len(os.sched_getaffinity(0)),
+        },
         "threads": args.threads,
-        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs", "python": platform.python_version(),
+        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs",
+        "python": platform.python_version(),
         "versions": {"jina": jina.__version__, "onnxruntime": onnxruntime.__version__, "torch": torch.__version__},
         "wall_s": round(time.perf_counter() - started, 1),
         "command": "python benchmarks/train_load.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
-    print(f"/search latency, {args.model}, {args.gallery} docs indexed, {args.queries} text queries a phase; "
-          f"training process: nice {observed['train_niceness']}, OMP_NUM_THREADS "
-          f"{observed['train_omp_num_threads']}; Flow OMP_NUM_THREADS {args.threads}\n")
+    print(
+        f"/search latency, {args.model}, {args.gallery} docs indexed, {args.queries} text queries a phase; "
+        f"training process: nice {observed['train_niceness']}, OMP_NUM_THREADS "
+        f"{observed['train_omp_num_threads']}; Flow OMP_NUM_THREADS {args.threads}\n"
+    )
     print("| phase | p50 ms | p99 ms | mean ms | n |\n|---|---|---|---|---|")
     for phase in ("idle", "training", "paused", "after"):
         row = result[phase]
         if row:
             print(f"| {phase} | {row['p50_ms']} | {row['p99_ms']} | {row['mean_ms']} | {row['n']} |")
-    print(f"\nratio p50 training / idle: **{result['ratio']}** (training / paused: {result['ratio_paused']}; "
-          f"after / idle: {result['ratio_after']}); "
-          f"the training process used {progress['cpus_used']} CPUs while the queries ran ({steps} optimizer "
-          f"steps during the measurement)\n")
+    print(
+        f"\nratio p50 training / idle: **{result['ratio']}** (training / paused: {result['ratio_paused']}; "
+        f"after / idle: {result['ratio_after']}); "
+        f"the training process used {progress['cpus_used']} CPUs while the queries ran ({steps} optimizer "
+        f"steps during the measurement)\n"
+    )
     print("| process | peak RSS MB | threads |\n|---|---|---|")
     for name, mb in memory.items():
         print(f"| {name} | {mb} | {threads[name]} |")

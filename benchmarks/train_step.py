@@ -5,11 +5,11 @@ both) in fp32 on the CPU with ``--threads`` torch threads, on the same ``--steps
 ``--batch`` pairs (synthetic scenes through the bundle's training transform and tokenizer, built once before
 any timing: the data loader is outside the timed region on both sides).
 
-- ``project``: :func:`cliptuner.train.fit` itself, one epoch over the batches, with what ``finetune`` builds
+- ``project``: :func:`cliptuner.train.loop.fit` itself, one epoch over the batches, with what ``finetune`` builds
   for it from the default :class:`~cliptuner.config.TrainConfig` (``precision="fp32"``): the optimizer of
-  :func:`~cliptuner.train.build_optimizer` (AdamW, parameter groups without weight decay on gains, biases and
-  the logit scale), the warm-up + cosine :func:`~cliptuner.train.build_scheduler`,
-  :class:`cliptuner.loss.ClipLoss`, :func:`~cliptuner.train.apply_locks` (nothing locked by default). Each step:
+  :func:`~cliptuner.train.loop.build_optimizer` (AdamW, parameter groups without weight decay on gains, biases and
+  the logit scale), the warm-up + cosine :func:`~cliptuner.train.loop.build_scheduler`,
+  :class:`cliptuner.train.loss.ClipLoss`, :func:`~cliptuner.train.loop.apply_locks` (nothing locked by default). Each step:
   ``zero_grad``, forward through the model's ``forward``, loss, the finite-loss check, backward, gradient
   clipping at ``grad_clip_norm`` (1.0 by default), ``optimizer.step``, ``scheduler.step``, the logit-scale
   clamp, and the bookkeeping of the progress events (one ``float(loss)`` per step).
@@ -50,8 +50,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -61,11 +61,11 @@ QUICK = {"model": "cliptuner-tiny", "batch": 32, "steps": 3, "repeats": 4}  # wh
 
 
 class _Project:
-    """The project's path: :func:`cliptuner.train.fit` with what ``finetune`` builds for it."""
+    """The project's path: :func:`cliptuner.train.loop.fit` with what ``finetune`` builds for it."""
 
     def __init__(self, bundle, cfg, total_steps: int) -> None:
-        from cliptuner.loss import ClipLoss
-        from cliptuner.train import apply_locks, build_optimizer, build_scheduler
+        from cliptuner.train.loop import apply_locks, build_optimizer, build_scheduler
+        from cliptuner.train.loss import ClipLoss
 
         self.model = bundle.model
         self.cfg = cfg
@@ -76,14 +76,21 @@ class _Project:
         self.first_loss = None
 
     def run(self, batches: list) -> None:
-        from cliptuner.train import fit
+        from cliptuner.train.loop import fit
 
         def keep_first(event: dict) -> None:
             if self.first_loss is None and event["event"] == "step":
                 self.first_loss = event["loss"]
 
-        fit(self.model, batches, self.loss_fn, self.optimizer, self.scheduler, self.cfg,
-            on_event=keep_first if self.first_loss is None else None)
+        fit(
+            self.model,
+            batches,
+            self.loss_fn,
+            self.optimizer,
+            self.scheduler,
+            self.cfg,
+            on_event=keep_first if self.first_loss is None else None,
+        )
 
 
 class _DropRandomInitWarning(logging.Filter):
@@ -106,8 +113,13 @@ class _Bare:
             logging.getLogger().removeFilter(quiet)
         self.model.load_state_dict(state)
         self.loss_fn = open_clip.loss.ClipLoss()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate,
-                                           betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=cfg.learning_rate,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+        )
         self.clip = cfg.grad_clip_norm
         self.first_loss = None
 
@@ -117,7 +129,8 @@ class _Bare:
         self.optimizer.zero_grad(set_to_none=True)
         out = self.model(image=images, text=texts)
         image_features, text_features, logit_scale = (
-            (out["image_features"], out["text_features"], out["logit_scale"]) if isinstance(out, dict) else out[:3])
+            (out["image_features"], out["text_features"], out["logit_scale"]) if isinstance(out, dict) else out[:3]
+        )
         loss = self.loss_fn(image_features, text_features, logit_scale)
         loss.backward()
         if self.clip is not None:
@@ -134,8 +147,8 @@ class _Bare:
 
 def make_batches(bundle, batch: int, steps: int, seed: int) -> list:
     """``steps`` batches ``(images [batch, 3, H, W], texts [batch, context], image_index)`` of synthetic pairs."""
-    from cliptuner.data import make_loader
-    from cliptuner.synthetic import generate
+    from cliptuner.train.data import make_loader
+    from cliptuner.train.synthetic import generate
 
     pairs = generate(batch * steps, "generic", seed=seed, image_size=bundle.image_size)
     loader = make_loader(pairs, bundle.preprocess_train, bundle.tokenizer, batch, seed=seed, shuffle=True)
@@ -157,9 +170,13 @@ def profile_step(run: Callable[[list], None], batches: list) -> dict:
         run(batches[:1])
     times = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages() if e.self_cpu_time_total > 0}
     total = sum(times.values()) or 1.0
-    return {"ops": [{"op": op, "share": t / total}
-                    for op, t in sorted(times.items(), key=lambda kv: kv[1], reverse=True)[:TOP_OPS]],
-            "seconds": times}
+    return {
+        "ops": [
+            {"op": op, "share": t / total}
+            for op, t in sorted(times.items(), key=lambda kv: kv[1], reverse=True)[:TOP_OPS]
+        ],
+        "seconds": times,
+    }
 
 
 def diagnose(profiles: dict) -> list[str]:
@@ -167,27 +184,36 @@ def diagnose(profiles: dict) -> list[str]:
     project, bare = profiles["project"]["seconds"], profiles["bare"]["seconds"]
     extra = sorted(((project.get(op, 0.0) - bare.get(op, 0.0), op) for op in set(project) | set(bare)), reverse=True)
     total = sum(bare.values()) or 1.0
-    more = [f"{op} +{100 * dt / total:.1f}%" for dt, op in extra[:TOP_OPS // 2] if dt > 0]
-    return [f"profiled step, project vs bare: {sum(project.values()):.3f} s vs {total:.3f} s of operator time; "
-            f"most extra time in {', '.join(more) or 'no operator'} (share of the bare step)"]
+    more = [f"{op} +{100 * dt / total:.1f}%" for dt, op in extra[: TOP_OPS // 2] if dt > 0]
+    return [
+        f"profiled step, project vs bare: {sum(project.values()):.3f} s vs {total:.3f} s of operator time; "
+        f"most extra time in {', '.join(more) or 'no operator'} (share of the bare step)"
+    ]
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--model", default="ViT-B-32", help="OpenCLIP arch or bundled config (random init)")
     p.add_argument("--batch", type=int, default=32, help="pairs per step")
     p.add_argument("--steps", type=int, default=1, help="steps per timed block")
     p.add_argument("--repeats", type=int, default=4, help="timed blocks per side (alternating)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    p.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
-                   help="profile one step per side: auto = when the ratio is under --target")
+    p.add_argument(
+        "--profile",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="profile one step per side: auto = when the ratio is under --target",
+    )
     p.add_argument("--target", type=float, default=0.95, help="project ÷ bare target (for --profile auto)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the result here")
-    p.add_argument("--quick", action="store_true",
-                   help="quick sizes: " + " ".join(f"--{k}={v}" for k, v in QUICK.items())
-                        + " (options given explicitly win)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="quick sizes: " + " ".join(f"--{k}={v}" for k, v in QUICK.items()) + " (options given explicitly win)",
+    )
     args, _ = p.parse_known_args(argv)
     if args.quick:
         p.set_defaults(**QUICK)
@@ -200,14 +226,13 @@ def main(argv=None) -> dict:
     import torch
 
     from cliptuner.config import ModelSpec, TrainConfig
-    from cliptuner.models import load_model
+    from cliptuner.train.models import load_model
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     bundle = load_model(ModelSpec(args.model))
-    cfg = TrainConfig(batch_size=args.batch, precision="fp32", device="cpu", epochs=1, seed=args.seed,
-                      log_every=10 ** 9)
+    cfg = TrainConfig(batch_size=args.batch, precision="fp32", device="cpu", epochs=1, seed=args.seed, log_every=10**9)
     bare = _Bare(args.model, bundle.model.state_dict(), cfg)
     project = _Project(bundle, cfg, total_steps=(1 + args.repeats) * args.steps + 1)
     batches = make_batches(bundle, args.batch, args.steps, args.seed)
@@ -224,7 +249,8 @@ def main(argv=None) -> dict:
         order.reverse()
     medians = {name: statistics.median(r) for name, r in rates.items()}
     result = {
-        "project_steps_per_s": medians["project"], "bare_steps_per_s": medians["bare"],
+        "project_steps_per_s": medians["project"],
+        "bare_steps_per_s": medians["bare"],
         "ratio": medians["project"] / medians["bare"],
         "ratios": [p_ / b_ for p_, b_ in zip(rates["project"], rates["bare"])],
         "samples_per_s": {name: rate * args.batch for name, rate in medians.items()},
@@ -233,13 +259,21 @@ def main(argv=None) -> dict:
     if args.profile == "always" or (args.profile == "auto" and result["ratio"] < args.target):
         result["profile"] = {name: profile_step(side.run, batches) for name, side in sides.items()}
         result["notes"] = diagnose(result["profile"])
-    result.update(model=args.model, batch=args.batch, steps=args.steps, repeats=args.repeats,
-                  grad_clip_norm=cfg.grad_clip_norm, threads=args.threads,
-                  timed_region="optimizer steps on pre-made batches (no data loading), fp32 CPU",
-                  wall_s=time.perf_counter() - started,
-                  machine=f"{platform.platform()}, {os.cpu_count()} CPUs", python=platform.python_version(),
-                  torch=torch.__version__, open_clip=open_clip.__version__,
-                  command="python benchmarks/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    result.update(
+        model=args.model,
+        batch=args.batch,
+        steps=args.steps,
+        repeats=args.repeats,
+        grad_clip_norm=cfg.grad_clip_norm,
+        threads=args.threads,
+        timed_region="optimizer steps on pre-made batches (no data loading), fp32 CPU",
+        wall_s=time.perf_counter() - started,
+        machine=f"{platform.platform()}, {os.cpu_count()} CPUs",
+        python=platform.python_version(),
+        torch=torch.__version__,
+        open_clip=open_clip.__version__,
+        command="python benchmarks/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    )
     _print(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
@@ -247,14 +281,18 @@ def main(argv=None) -> dict:
 
 
 def _print(result: dict) -> None:
-    print(f"{result['model']}, batch {result['batch']}, fp32 CPU, {result['threads']} threads, median of "
-          f"{result['repeats']} blocks of {result['steps']} steps; first-batch loss project "
-          f"{result['first_loss']['project']:.6f}, bare {result['first_loss']['bare']:.6f}")
+    print(
+        f"{result['model']}, batch {result['batch']}, fp32 CPU, {result['threads']} threads, median of "
+        f"{result['repeats']} blocks of {result['steps']} steps; first-batch loss project "
+        f"{result['first_loss']['project']:.6f}, bare {result['first_loss']['bare']:.6f}"
+    )
     print("| loop | steps/s | samples/s | project ÷ bare |")
     print("|---|---:|---:|---:|")
     print(f"| bare OpenCLIP | {result['bare_steps_per_s']:.3f} | {result['samples_per_s']['bare']:.1f} | |")
-    print(f"| cliptuner fit | {result['project_steps_per_s']:.3f} | {result['samples_per_s']['project']:.1f} | "
-          f"{result['ratio']:.3f} (per repeat: {', '.join(f'{r:.3f}' for r in result['ratios'])}) |")
+    print(
+        f"| cliptuner fit | {result['project_steps_per_s']:.3f} | {result['samples_per_s']['project']:.1f} | "
+        f"{result['ratio']:.3f} (per repeat: {', '.join(f'{r:.3f}' for r in result['ratios'])}) |"
+    )
     for side, prof in result.get("profile", {}).items():
         print(f"profile {side}: " + ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in prof["ops"]))
     for note in result.get("notes", []):

@@ -38,8 +38,10 @@ def require_train(what: str) -> None:
     """
     missing = missing_train_modules()
     if missing:
-        raise MissingTrainExtra(f"{what} needs the training extra ({', '.join(missing)} not installed): "
-                                f"{INSTALL_HINT}. Serving (encoder, indexer) works without it.")
+        raise MissingTrainExtra(
+            f"{what} needs the training extra ({', '.join(missing)} not installed): "
+            f"{INSTALL_HINT}. Serving (encoder, indexer) works without it."
+        )
 
 
 __all__ = ["MissingTrainExtra", "TRAIN_MODULES", "INSTALL_HINT", "missing_train_modules", "require_train"]

@@ -25,8 +25,9 @@ import dataclasses
 import json
 import re
 import typing
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -40,9 +41,16 @@ CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 _NONE = "none"  # a command-line value of an Optional field that means None
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", *,
-           default_factory: Any = dataclasses.MISSING, flags: Sequence[str] = (),
-           choices: Optional[Sequence[str]] = None, cli: bool = True, request: bool = True) -> Any:
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    default_factory: Any = dataclasses.MISSING,
+    flags: Sequence[str] = (),
+    choices: Optional[Sequence[str]] = None,
+    cli: bool = True,
+    request: bool = True,
+) -> Any:
     """A dataclass field that users may set, with its help text and where it is reachable.
 
     Args:
@@ -123,8 +131,12 @@ def kind_of(cls: type, name: str) -> _Kind:
     return _Kind(hint, optional, False)
 
 
-_WORDS = {bool: ("true or false", "booleans"), int: ("an integer", "integers"), float: ("a number", "numbers"),
-          str: ("a string", "strings")}
+_WORDS = {
+    bool: ("true or false", "booleans"),
+    int: ("an integer", "integers"),
+    float: ("a number", "numbers"),
+    str: ("a string", "strings"),
+}
 
 
 def _describe(kind: _Kind) -> str:
@@ -212,8 +224,11 @@ def add_arguments(parser: Union[argparse.ArgumentParser, Any], cls: type) -> Non
         if kind.base not in (int, float, str, bool) or (kind.base is bool and (kind.optional or kind.sequence)):
             raise TypeError(f"{cls.__name__}.{f.name}: no command-line form for {f.type!r}; declare it cli=False")
         default = default_of(f)
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
-                                  "help": f"{f.metadata[HELP]} (default: {_shown(default)})".replace("%", "%%")}
+        kwargs: dict[str, Any] = {
+            "dest": f.name,
+            "default": argparse.SUPPRESS,
+            "help": f"{f.metadata[HELP]} (default: {_shown(default)})".replace("%", "%%"),
+        }
         if kind.base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
         else:
@@ -238,12 +253,16 @@ class _Yaml12Loader(yaml.SafeLoader):
 
 _Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
                    |[-+]?\.(?:inf|Inf|INF)
-                   |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."))
+                   |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
 
 
 def read_options_file(path: Union[str, Path], allowed: Iterable[str], label: Optional[str] = None) -> dict[str, Any]:
@@ -276,8 +295,9 @@ def read_options_file(path: Union[str, Path], allowed: Iterable[str], label: Opt
     if values is None:  # an empty YAML file
         values = {}
     if not isinstance(values, dict) or not all(isinstance(key, str) for key in values):
-        raise ValueError(f"config file {label!r} must hold a mapping of option names to values, "
-                         f"got {type(values).__name__}")
+        raise ValueError(
+            f"config file {label!r} must hold a mapping of option names to values, got {type(values).__name__}"
+        )
     allowed = set(allowed)
     unknown = sorted(set(values) - allowed)
     if unknown:

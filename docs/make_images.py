@@ -27,7 +27,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     from playwright.sync_api import sync_playwright
 
-    from cliptuner.launch import ServeProcess, free_port
+    from cliptuner.serve.launch import ServeProcess, free_port
 
     demo, out = Path(args.demo), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -35,8 +35,9 @@ def main(argv=None) -> None:
         shutil.copyfile(demo / "plots" / name, out / name)
     query = json.loads((demo / "demo.json").read_text())["queries"][0]
     port = free_port()
-    with ServeProcess(demo / "workspace", demo / "page-service.log", env={"CLIPTUNER_DEVICE": "cpu"},
-                      args=["--http-port", str(port)]):
+    with ServeProcess(
+        demo / "workspace", demo / "page-service.log", env={"CLIPTUNER_DEVICE": "cpu"}, args=["--http-port", str(port)]
+    ):
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=shutil.which("chromium"), headless=True)
             page = browser.new_page(viewport={"width": 1100, "height": 800})
@@ -44,8 +45,10 @@ def main(argv=None) -> None:
             page.fill("#query", query)
             page.click("#search")
             page.locator("#results .card").nth(4).wait_for()
-            page.wait_for_function("[...document.querySelectorAll('#results .card img')]"
-                                   ".every(img => img.complete && img.naturalWidth > 0)")
+            page.wait_for_function(
+                "[...document.querySelectorAll('#results .card img')]"
+                ".every(img => img.complete && img.naturalWidth > 0)"
+            )
             page.screenshot(path=str(out / "page.png"), full_page=True)
             browser.close()
     print(f"wrote {', '.join(sorted(p.name for p in out.glob('*.png')))} in {out}")

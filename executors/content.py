@@ -2,8 +2,8 @@
 request of docs is within the limits.
 
 The rules themselves (a pair is embedded by its image; ``tensor`` wins over ``blob``, which wins over ``uri``; the
-array rule; which uris may be read; the request limits) are the core's, in :mod:`cliptuner.content`,
-:mod:`cliptuner.access` and :mod:`cliptuner.limits`; this module only reads a doc's fields into them, the same way
+array rule; which uris may be read; the request limits) are the core's, in :mod:`cliptuner.serve.content`,
+:mod:`cliptuner.serve.access` and :mod:`cliptuner.serve.limits`; this module only reads a doc's fields into them, the same way
 for every Executor.
 
 docarray's standard names are read as ClipDoc's (:data:`STANDARD_NAMES`): ``url`` as ``uri`` and ``bytes_`` as
@@ -13,11 +13,12 @@ from a standard name say so (``doc 'x' (url): uri is not allowed: ...``). A ``Te
 image too: the service does not fetch text files, so send the text itself in ``text``.
 """
 
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
-from cliptuner.access import UriPolicy
-from cliptuner.content import Item, make_item
-from cliptuner.limits import RequestLimits
+from cliptuner.serve.access import UriPolicy
+from cliptuner.serve.content import Item, make_item
+from cliptuner.serve.limits import RequestLimits
 
 from .schemas import SCHEMA, ClipDoc
 
@@ -42,8 +43,10 @@ def _read(doc: ClipDoc, field: str, standard: str, given: Callable[[Any], bool])
     value, other = getattr(doc, field), getattr(doc, standard)
     if given(value):
         if given(other) and value != other:
-            raise ValueError(f"doc {doc.id!r}: {field} and {standard} differ ({standard}, docarray's ImageDoc/TextDoc "
-                             f"name, is read as {field} of {SCHEMA}); send one of them")
+            raise ValueError(
+                f"doc {doc.id!r}: {field} and {standard} differ ({standard}, docarray's ImageDoc/TextDoc "
+                f"name, is read as {field} of {SCHEMA}); send one of them"
+            )
         return value, field
     return (other, standard) if given(other) else (value, field)
 
@@ -90,18 +93,32 @@ def doc_item(doc: ClipDoc, policy: UriPolicy, limits: RequestLimits) -> Item:
         sources = (blob_from,)
     else:
         sources = (uri_from,) if uri else ()
-    return make_item(_named(doc, *sources), text=doc.text, tensor=doc.tensor, blob=blob,
-                     uri=str(uri) if uri else uri, policy=policy, limits=limits.image_limits)
+    return make_item(
+        _named(doc, *sources),
+        text=doc.text,
+        tensor=doc.tensor,
+        blob=blob,
+        uri=str(uri) if uri else uri,
+        policy=policy,
+        limits=limits.image_limits,
+    )
 
 
 def has_content(doc: ClipDoc) -> bool:
     """True when the doc has text or an image field to embed (``url`` and ``bytes_`` included)."""
-    return (bool(doc.text and doc.text.strip()) or doc.tensor is not None or _given_blob(doc.blob)
-            or _given_blob(doc.bytes_) or _given_uri(doc.uri) or _given_uri(doc.url))
+    return (
+        bool(doc.text and doc.text.strip())
+        or doc.tensor is not None
+        or _given_blob(doc.blob)
+        or _given_blob(doc.bytes_)
+        or _given_uri(doc.uri)
+        or _given_uri(doc.url)
+    )
 
 
-def check_request(docs: Sequence[ClipDoc], limits: RequestLimits, what: str = "docs", limit: Optional[int] = None,
-                  hint: str = "") -> int:
+def check_request(
+    docs: Sequence[ClipDoc], limits: RequestLimits, what: str = "docs", limit: Optional[int] = None, hint: str = ""
+) -> int:
     """Refuse a request over the limits before anything in it is decoded or tokenized.
 
     Args:

@@ -17,20 +17,20 @@ doc to embed the text. An image is taken from ``tensor`` (H×W×3 uint8), else `
 else ``uri``: a ``data:`` URI, a local path or ``file://`` URI under the image roots (``uri_roots``, default
 ``<workspace>/data``; symlinks resolved before the check), or an ``http(s)`` URL of an allow-listed host
 (``allowed_hosts``, default none). Any other uri is refused with one message that names the doc, whether or not
-the path exists (:class:`cliptuner.access.UriPolicy`).
+the path exists (:class:`cliptuner.serve.access.UriPolicy`).
 
-Request limits (:class:`cliptuner.limits.RequestLimits`), checked before anything is decoded or tokenized:
+Request limits (:class:`cliptuner.serve.limits.RequestLimits`), checked before anything is decoded or tokenized:
 ``max_docs`` docs per request (1024), ``max_text_chars`` characters per text (10,000), ``max_blob_bytes`` per
 image (32 MiB) and ``max_request_bytes`` summed over the blobs, tensors and uris of a request (256 MiB).
 
 Model versions: each request takes one model reference (after a one-``stat`` check of ``models/CURRENT``)
 and encodes all its docs with it, so no request is ever half old, half new; a new version is loaded and
 swapped in without a restart. On a fresh workspace the base version is published first (see
-:func:`cliptuner.bootstrap.ensure_current`), or waited for when ``bootstrap`` is off.
+:func:`cliptuner.serve.bootstrap.ensure_current`), or waited for when ``bootstrap`` is off.
 
 Dynamic batching (``batch_wait_ms`` > 0, the default): a request of fewer than ``batch_size`` items (texts and
 local or inline images) is checked and its images decoded in its own thread, then submitted with its model
-reference to a :class:`cliptuner.batching.MicroBatcher`, which merges the submissions that arrive within
+reference to a :class:`cliptuner.serve.batching.MicroBatcher`, which merges the submissions that arrive within
 ``batch_wait_ms`` of the oldest and use the same model reference into one model run of at most ``batch_size``
 items. A request is still embedded entirely by the version it took, and a bad doc still fails only its own
 request, with the same message. Larger requests, and requests with ``http(s)`` images, are embedded on their own
@@ -49,11 +49,11 @@ from typing import Any, Optional
 from docarray import DocList
 from jina import Executor, requests
 
-from cliptuner.batching import MAX_WAIT_MS, MicroBatcher, decode_items
-from cliptuner.bootstrap import ensure_current
-from cliptuner.content import Item, embed_items
-from cliptuner.follow import ModelFollower
-from cliptuner.limits import RequestLimits
+from cliptuner.model.follow import ModelFollower
+from cliptuner.serve.batching import MAX_WAIT_MS, MicroBatcher, decode_items
+from cliptuner.serve.bootstrap import ensure_current
+from cliptuner.serve.content import Item, embed_items
+from cliptuner.serve.limits import RequestLimits
 
 from .content import check_request, doc_item, has_content
 from .metrics import Metrics
@@ -80,8 +80,9 @@ def batch_wait(value: Any) -> float:
     except (TypeError, ValueError):
         wait = math.nan
     if isinstance(value, bool) or not (math.isfinite(wait) and 0 <= wait <= MAX_WAIT_MS):
-        raise ValueError(f"batch_wait_ms must be a number of milliseconds in [0, {MAX_WAIT_MS:g}] (0: no batching), "
-                         f"got {value!r}")
+        raise ValueError(
+            f"batch_wait_ms must be a number of milliseconds in [0, {MAX_WAIT_MS:g}] (0: no batching), got {value!r}"
+        )
     return wait
 
 
@@ -112,7 +113,7 @@ class CLIPEncoder(Executor):
     Raises:
         ValueError: no workspace and no ``models_dir``, a bad model spec / device, a bad uri or limit setting, or a
             bad ``batch_wait_ms``.
-        cliptuner.bootstrap.BootstrapTimeout: no model version appeared in time.
+        cliptuner.serve.bootstrap.BootstrapTimeout: no model version appeared in time.
     """
 
     def __init__(
@@ -139,20 +140,36 @@ class CLIPEncoder(Executor):
         workspace = resolve_workspace(self, models_dir, kwargs.get("workspace"))
         self.registry = workspace.registry
         self.policy = uri_policy(workspace, uri_roots, allowed_hosts)
-        self.limits = RequestLimits(max_docs=max_docs, max_text_chars=max_text_chars, max_blob_bytes=max_blob_bytes,
-                                    max_request_bytes=max_request_bytes)
+        self.limits = RequestLimits(
+            max_docs=max_docs,
+            max_text_chars=max_text_chars,
+            max_blob_bytes=max_blob_bytes,
+            max_request_bytes=max_request_bytes,
+        )
         spec = base_spec(model, pretrained) if bootstrap else None
         ensure_current(self.registry, spec, timeout=float(bootstrap_timeout))
-        self.follower = ModelFollower(self.registry, device=setting(device) or "auto",
-                                      intra_op_threads=setting(intra_op_threads), batch_size=int(batch_size))
+        self.follower = ModelFollower(
+            self.registry,
+            device=setting(device) or "auto",
+            intra_op_threads=setting(intra_op_threads),
+            batch_size=int(batch_size),
+        )
         clip = self.follower.clip()
         self.metrics = Metrics(getattr(self.runtime_args, "metrics_registry", None))
         self.metrics.model_version(clip.version)
         self.batch_size = int(batch_size)
-        self.batcher = (MicroBatcher(self.batch_size, self.batch_wait_ms, on_run=self._model_run)
-                        if self.batch_wait_ms > 0 else None)
-        logger.info("CLIPEncoder serving %s from %s on %s (batch_wait_ms=%g)", clip.version, self.registry.root,
-                    clip.providers, self.batch_wait_ms)
+        self.batcher = (
+            MicroBatcher(self.batch_size, self.batch_wait_ms, on_run=self._model_run)
+            if self.batch_wait_ms > 0
+            else None
+        )
+        logger.info(
+            "CLIPEncoder serving %s from %s on %s (batch_wait_ms=%g)",
+            clip.version,
+            self.registry.root,
+            clip.providers,
+            self.batch_wait_ms,
+        )
 
     # -- the work, in worker threads ---------------------------------------------------------------------------
     def _check_docs(self, docs: DocList[ClipDoc], pass_vector_queries: bool) -> tuple[Any, list[ClipDoc], list[Item]]:
@@ -203,19 +220,20 @@ class CLIPEncoder(Executor):
 
         Raises:
             ValueError: see :meth:`_check_docs`.
-            cliptuner.images.ImageError: an image cannot be decoded (names the doc id).
+            cliptuner.model.images.ImageError: an image cannot be decoded (names the doc id).
         """
         clip, todo, items = self._check_docs(docs, pass_vector_queries)
         self._embed_now(clip, todo, items, endpoint)
         return docs
 
-    def _prepare_batched(self, docs: DocList[ClipDoc], pass_vector_queries: bool,
-                         endpoint: str) -> Optional[tuple[Any, list[ClipDoc], list[Item]]]:
+    def _prepare_batched(
+        self, docs: DocList[ClipDoc], pass_vector_queries: bool, endpoint: str
+    ) -> Optional[tuple[Any, list[ClipDoc], list[Item]]]:
         """Check a request and decode its images for the batcher; a request the batcher does not take (large, or
         with http(s) images) is embedded here instead, and None returned.
 
         Raises:
-            ValueError, cliptuner.images.ImageError: as :meth:`_embed`, before anything is submitted.
+            ValueError, cliptuner.model.images.ImageError: as :meth:`_embed`, before anything is submitted.
         """
         clip, todo, items = self._check_docs(docs, pass_vector_queries)
         if not todo or not self.batcher.accepts(items):
@@ -253,16 +271,22 @@ class CLIPEncoder(Executor):
     def status(self) -> dict:
         """What this encoder serves: model version, embedding size, providers, registry, and ``batching``: its
         settings (``batch_wait_ms``, 0 when off; ``batch_size``) and, when on, the batcher's counters
-        (:meth:`cliptuner.batching.MicroBatcher.stats`: ``runs``, ``items``, ``largest_run``, ``merged_runs`` …;
+        (:meth:`cliptuner.serve.batching.MicroBatcher.stats`: ``runs``, ``items``, ``largest_run``, ``merged_runs`` …;
         requests embedded on their own are not counted there)."""
         clip = self.follower.clip()
         self.metrics.model_version(clip.version)
         batching = {"batch_wait_ms": self.batch_wait_ms, "batch_size": self.batch_size}
         if self.batcher is not None:
             batching.update(self.batcher.stats())
-        return {"executor": "CLIPEncoder", "model_version": clip.version, "embed_dim": clip.embed_dim,
-                "providers": clip.providers, "registry": str(self.registry.root),
-                "last_error": self.follower.last_error, "batching": batching}
+        return {
+            "executor": "CLIPEncoder",
+            "model_version": clip.version,
+            "embed_dim": clip.embed_dim,
+            "providers": clip.providers,
+            "registry": str(self.registry.root),
+            "last_error": self.follower.last_error,
+            "batching": batching,
+        }
 
     def close(self) -> None:
         """Embed what the batcher holds, stop it, then close the Executor."""
@@ -272,8 +296,9 @@ class CLIPEncoder(Executor):
 
     # -- endpoints -----------------------------------------------------------------------------------------------
     @requests(on="/encode")
-    async def encode(self, docs: DocList[ClipDoc], parameters: Optional[dict] = None,
-                     **kwargs: Any) -> DocList[ClipDoc]:
+    async def encode(
+        self, docs: DocList[ClipDoc], parameters: Optional[dict] = None, **kwargs: Any
+    ) -> DocList[ClipDoc]:
         """Embed every doc (text, image, or pair → its image); sets ``embedding`` and ``model_version``.
 
         The image bytes and pixels a client sent are not sent back (``blob``, ``bytes_`` and ``tensor`` come back

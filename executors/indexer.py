@@ -22,7 +22,7 @@ Endpoints:
 
 Model versions: the index holds vectors of one version. When CURRENT moves (a ``/train`` passing through, or
 the watcher thread noticing it within ``watch_interval`` seconds), the indexer re-embeds the stored docs with the
-new version on the side (:meth:`cliptuner.index.Collection.rebuild`); searches keep using the old version until
+new version on the side (:meth:`cliptuner.index.embedded.Collection.rebuild`); searches keep using the old version until
 the atomic swap, and docs indexed meanwhile are re-embedded before it. The collection lives under
 ``<workspace>/index/<shard>`` and survives restarts. A rebuild commits the new vectors in batches: killed midway,
 the indexer restarts on the old version and the watcher resumes the rebuild with the docs not yet re-embedded.
@@ -43,48 +43,48 @@ and L2-normalised here.
   refused.
 
 Client ``uri``s (of docs to index and of queries) and the re-embedding of stored docs follow one
-:class:`cliptuner.access.UriPolicy` (``uri_roots``, ``allowed_hosts``; see :class:`~executors.encoder.CLIPEncoder`):
+:class:`cliptuner.serve.access.UriPolicy` (``uri_roots``, ``allowed_hosts``; see :class:`~executors.encoder.CLIPEncoder`):
 a stored doc whose path now leads outside the image roots (replaced by a symlink) is refused when re-embedded.
-Request limits (:class:`cliptuner.limits.RequestLimits`), checked before anything is decoded: ``max_docs`` docs
+Request limits (:class:`cliptuner.serve.limits.RequestLimits`), checked before anything is decoded: ``max_docs`` docs
 per ``/index`` or ``/search`` (1024), ``max_text_chars`` per text (10,000), ``max_blob_bytes`` per image (32 MiB),
 ``max_request_bytes`` per request (256 MiB), ``max_limit`` matches per query (1000).
 
 Run it with one replica per shard: a collection directory is opened by one process at a time.
 
 Shards (flows/shards.yml, ``cliptuner serve --index-shards N``): with Jina ``shards: N`` each shard keeps the docs
-whose id hashes to it (:func:`cliptuner.shards.shard_of`) in ``<workspace>/index/<shard>``, answers with a trailer
+whose id hashes to it (:func:`cliptuner.index.shards.shard_of`) in ``<workspace>/index/<shard>``, answers with a trailer
 doc, and keeps its previous version searchable after a swap until every shard has swapped; the
 :class:`executors.shards.ShardMerger` after the shards puts their answers together (see :mod:`executors.shards`).
 Shards need the embedded backend: Milvus shards a collection itself, so run one indexer in front of it.
 """
 
 import asyncio
-import os
 import logging
+import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 from docarray import DocList
 from jina import Executor, requests
 
-from cliptuner.bootstrap import ensure_current
-from cliptuner.content import Item, embed_items, make_item
-from cliptuner.follow import ModelFollower
-from cliptuner.access import UriPolicy
-from cliptuner.index import HnswSettings, StoredDoc, check_where
-from cliptuner.shards import check_shards, record_version, shard_of, versions_served
-from cliptuner.stores import open_store
-from cliptuner.limits import RequestLimits
-from cliptuner.runtime import OnnxClip
+from cliptuner.index.embedded import HnswSettings, StoredDoc, check_where
+from cliptuner.index.shards import check_shards, record_version, shard_of, versions_served
+from cliptuner.index.stores import open_store
+from cliptuner.model.follow import ModelFollower
+from cliptuner.model.runtime import OnnxClip
+from cliptuner.serve.access import UriPolicy
+from cliptuner.serve.bootstrap import ensure_current
+from cliptuner.serve.content import Item, embed_items, make_item
+from cliptuner.serve.limits import RequestLimits
 
 from .content import check_request, doc_blob, doc_item, doc_uri, has_content
 from .metrics import Metrics
-from .options import (INDEX_SUBDIR, base_spec, int_parameter, request_parameters, resolve_workspace, setting,
-                      uri_policy)
+from .options import INDEX_SUBDIR, base_spec, int_parameter, request_parameters, resolve_workspace, setting, uri_policy
 from .schemas import ClipDoc, MatchDoc
 from .shards import STATUS_ID, trailer
 
@@ -101,8 +101,15 @@ PREVIOUS_GRACE_S = 10.0
 
 def stored_item(doc: StoredDoc, policy: UriPolicy, limits: RequestLimits) -> Item:
     """What to embed for a stored doc (its image, else its text); its ``uri`` is checked again by ``policy``."""
-    return make_item(f"stored doc {doc.id!r}", text=doc.text, tensor=doc.tensor, blob=doc.blob, uri=doc.uri,
-                     policy=policy, limits=limits.image_limits)
+    return make_item(
+        f"stored doc {doc.id!r}",
+        text=doc.text,
+        tensor=doc.tensor,
+        blob=doc.blob,
+        uri=doc.uri,
+        policy=policy,
+        limits=limits.image_limits,
+    )
 
 
 def search_filter(raw: Any) -> Optional[dict]:
@@ -117,15 +124,16 @@ def search_filter(raw: Any) -> Optional[dict]:
     if raw is None:
         return None
     if not isinstance(raw, dict) or not raw:
-        raise ValueError(f"parameter 'filter' must be a non-empty mapping like {{'tags.category': 'shoes'}}, "
-                         f"got {raw!r}")
+        raise ValueError(
+            f"parameter 'filter' must be a non-empty mapping like {{'tags.category': 'shoes'}}, got {raw!r}"
+        )
     where = {}
     for key, value in raw.items():
         if not isinstance(key, str) or not key.startswith(TAG_PREFIX):
             raise ValueError(f"parameter 'filter': key {key!r} must name a tag, like 'tags.category'")
         if isinstance(value, float) and value.is_integer():
             value = int(value)
-        where[key[len(TAG_PREFIX):]] = value
+        where[key[len(TAG_PREFIX) :]] = value
     return check_where(where)
 
 
@@ -138,11 +146,11 @@ class CLIPIndexer(Executor):
         device: ONNX Runtime device for the indexer's own model: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
         models_dir: the registry; default ``<workspace>/models``.
         index_dir: the collection; default ``<workspace>/index/<shard id>``.
-        backend: the vector store (:mod:`cliptuner.stores`): ``auto``, ``usearch`` or ``exact`` (embedded,
-            :class:`cliptuner.index.Collection`), or ``milvus`` (:class:`cliptuner.milvus_store.MilvusCollection`;
+        backend: the vector store (:mod:`cliptuner.index.stores`): ``auto``, ``usearch`` or ``exact`` (embedded,
+            :class:`cliptuner.index.embedded.Collection`), or ``milvus`` (:class:`cliptuner.index.milvus.MilvusCollection`;
             ``$CLIPTUNER_INDEX_BACKEND`` in flows/flow.yml).
         hnsw_connectivity, hnsw_expansion_add, hnsw_expansion_search: the embedded backend's HNSW graph
-            (:class:`cliptuner.index.HnswSettings`; on 100k clustered 512-d vectors the defaults reach recall@10
+            (:class:`cliptuner.index.embedded.HnswSettings`; on 100k clustered 512-d vectors the defaults reach recall@10
             0.995 at 11.1x the exact search's queries/s, ``benchmarks/RESULTS.md``, and fall short on harder data,
             ``benchmarks/CHOICES.md``).
         vector_dtype: the embedded backends: how the vectors are held in memory, ``f32``, ``f16`` (half the
@@ -210,11 +218,16 @@ class CLIPIndexer(Executor):
     ) -> None:
         super().__init__(**kwargs)
         shards = getattr(self.runtime_args, "shards", None)
-        self.shard, self.shards = check_shards(getattr(self.runtime_args, "shard_id", 0), shards) \
-            if isinstance(shards, int) and shards > 1 else (0, 1)
+        self.shard, self.shards = (
+            check_shards(getattr(self.runtime_args, "shard_id", 0), shards)
+            if isinstance(shards, int) and shards > 1
+            else (0, 1)
+        )
         if self.shards > 1 and setting(backend) == "milvus":
-            raise ValueError(f"CLIPIndexer: {self.shards} shards need the embedded backend (auto, usearch or exact); "
-                             "Milvus shards a collection itself: run one indexer in front of it")
+            raise ValueError(
+                f"CLIPIndexer: {self.shards} shards need the embedded backend (auto, usearch or exact); "
+                "Milvus shards a collection itself: run one indexer in front of it"
+            )
         workspace = resolve_workspace(self, models_dir, kwargs.get("workspace"))
         self.registry = workspace.registry
         self.default_limit = int_parameter("default_limit", default_limit)
@@ -224,21 +237,36 @@ class CLIPIndexer(Executor):
             raise ValueError(f"trust_client_vectors must be true or false, got {trust_client_vectors!r}")
         self.trust_client_vectors = trust_client_vectors
         self.policy = uri_policy(workspace, uri_roots, allowed_hosts)
-        self.limits = RequestLimits(max_docs=max_docs, max_text_chars=max_text_chars, max_blob_bytes=max_blob_bytes,
-                                    max_request_bytes=max_request_bytes, max_limit=self.max_limit)
-        ensure_current(self.registry, base_spec(model, pretrained) if bootstrap else None,
-                       timeout=float(bootstrap_timeout))
-        self.follower = ModelFollower(self.registry, device=setting(device) or "auto",
-                                      intra_op_threads=setting(intra_op_threads), batch_size=int(batch_size))
-        self.collection = open_store(self._index_dir(index_dir, workspace.root), backend=setting(backend) or "auto",
-                                     exact_threshold=exact_threshold,
-                                     hnsw=HnswSettings(int_parameter("hnsw_connectivity", hnsw_connectivity, 2),
-                                                       int_parameter("hnsw_expansion_add", hnsw_expansion_add, 2),
-                                                       int_parameter("hnsw_expansion_search", hnsw_expansion_search,
-                                                                     2)),
-                                     milvus_uri=setting(milvus_uri),
-                                     milvus_token=setting(milvus_token) or os.environ.get(MILVUS_TOKEN_ENV) or None,
-                                     keep_previous=self.shards > 1, dtype=setting(vector_dtype) or "f32")
+        self.limits = RequestLimits(
+            max_docs=max_docs,
+            max_text_chars=max_text_chars,
+            max_blob_bytes=max_blob_bytes,
+            max_request_bytes=max_request_bytes,
+            max_limit=self.max_limit,
+        )
+        ensure_current(
+            self.registry, base_spec(model, pretrained) if bootstrap else None, timeout=float(bootstrap_timeout)
+        )
+        self.follower = ModelFollower(
+            self.registry,
+            device=setting(device) or "auto",
+            intra_op_threads=setting(intra_op_threads),
+            batch_size=int(batch_size),
+        )
+        self.collection = open_store(
+            self._index_dir(index_dir, workspace.root),
+            backend=setting(backend) or "auto",
+            exact_threshold=exact_threshold,
+            hnsw=HnswSettings(
+                int_parameter("hnsw_connectivity", hnsw_connectivity, 2),
+                int_parameter("hnsw_expansion_add", hnsw_expansion_add, 2),
+                int_parameter("hnsw_expansion_search", hnsw_expansion_search, 2),
+            ),
+            milvus_uri=setting(milvus_uri),
+            milvus_token=setting(milvus_token) or os.environ.get(MILVUS_TOKEN_ENV) or None,
+            keep_previous=self.shards > 1,
+            dtype=setting(vector_dtype) or "f32",
+        )
         self._all_swapped_since: Optional[float] = None  # shards: since when every shard serves our version
         self._clips: dict[str, OnnxClip] = {}  # the index's version and, during a rebuild, the new one
         self._clips_lock = threading.Lock()
@@ -256,19 +284,27 @@ class CLIPIndexer(Executor):
         self._stop = threading.Event()
         self._watcher: Optional[threading.Thread] = None
         if float(watch_interval) > 0:
-            self._watcher = threading.Thread(target=self._watch, args=(float(watch_interval),),
-                                             name="cliptuner-index-watcher", daemon=True)
+            self._watcher = threading.Thread(
+                target=self._watch, args=(float(watch_interval),), name="cliptuner-index-watcher", daemon=True
+            )
             self._watcher.start()
-        logger.info("CLIPIndexer: %d docs of version %s in %s (CURRENT %s)", len(self.collection),
-                    self.collection.version, self.collection.root, self.registry.current())
+        logger.info(
+            "CLIPIndexer: %d docs of version %s in %s (CURRENT %s)",
+            len(self.collection),
+            self.collection.version,
+            self.collection.root,
+            self.registry.current(),
+        )
 
     def _index_dir(self, index_dir: Optional[str], root: Optional[Path]) -> Path:
         explicit = setting(index_dir)
         if explicit:
             return Path(explicit).expanduser()
         if root is None:
-            raise ValueError("CLIPIndexer: no workspace; set CLIPTUNER_WORKSPACE, pass --workspace / workspace=..., "
-                             "or give index_dir")
+            raise ValueError(
+                "CLIPIndexer: no workspace; set CLIPTUNER_WORKSPACE, pass --workspace / workspace=..., "
+                "or give index_dir"
+            )
         return root / INDEX_SUBDIR / str(self.shard)
 
     # -- shards ------------------------------------------------------------------------------------------------
@@ -291,8 +327,11 @@ class CLIPIndexer(Executor):
         elif now - self._all_swapped_since >= PREVIOUS_GRACE_S and self.collection.drop_previous():
             self._all_swapped_since = None
             self._forget_clips()
-            logger.info("shard %d: every shard serves version %s; its previous version is freed", self.shard,
-                        self.collection.version)
+            logger.info(
+                "shard %d: every shard serves version %s; its previous version is freed",
+                self.shard,
+                self.collection.version,
+            )
 
     def _mine(self, docs: DocList[ClipDoc]) -> list[int]:
         """Positions of the docs this shard owns (all of them without shards)."""
@@ -314,8 +353,17 @@ class CLIPIndexer(Executor):
             docs, tags = await work()
         except Exception as exc:
             logger.warning("shard %d: %s", self.shard, exc)
-            return DocList[ClipDoc]([trailer(self.shard, self.shards, self.collection.version,
-                                             self.collection.previous_version, error=str(exc))])
+            return DocList[ClipDoc](
+                [
+                    trailer(
+                        self.shard,
+                        self.shards,
+                        self.collection.version,
+                        self.collection.previous_version,
+                        error=str(exc),
+                    )
+                ]
+            )
         # what the work saw (a search says which versions it searched in), else what the shard holds now
         version = tags.pop("serving", self.collection.version)
         previous = tags.pop("previous", self.collection.previous_version)
@@ -378,8 +426,12 @@ class CLIPIndexer(Executor):
                 self.metrics.model_version(self.collection.version)
                 self._record_version()
             self._last_error = None
-            self._last_rebuild = {"model_version": target, "from_version": old, "count": count,
-                                  "rebuild_seconds": round(time.monotonic() - started, 3)}
+            self._last_rebuild = {
+                "model_version": target,
+                "from_version": old,
+                "count": count,
+                "rebuild_seconds": round(time.monotonic() - started, 3),
+            }
             self._forget_clips()
             logger.info("index now holds %d docs of version %s (was %s)", count, target, old)
             return dict(self._last_rebuild)
@@ -427,13 +479,18 @@ class CLIPIndexer(Executor):
         for i, doc in enumerate(docs):
             content = has_content(doc)
             if need_content and not content:
-                raise ValueError(f"doc {doc.id!r}: has neither text nor an image (blob, uri or tensor); the indexer "
-                                 "stores content so that it can re-embed it when the model changes")
+                raise ValueError(
+                    f"doc {doc.id!r}: has neither text nor an image (blob, uri or tensor); the indexer "
+                    "stores content so that it can re-embed it when the model changes"
+                )
             if not content and doc.embedding is None:
-                raise ValueError(f"doc {doc.id!r}: has neither text nor an image (blob, uri or tensor) nor an "
-                                 "embedding; nothing to search with")
-            if not content or (self.trust_client_vectors and doc.embedding is not None
-                               and doc.model_version == version):
+                raise ValueError(
+                    f"doc {doc.id!r}: has neither text nor an image (blob, uri or tensor) nor an "
+                    "embedding; nothing to search with"
+                )
+            if not content or (
+                self.trust_client_vectors and doc.embedding is not None and doc.model_version == version
+            ):
                 vectors.append(self._client_vector(doc, version))
                 continue
             vectors.append(None)
@@ -461,17 +518,21 @@ class CLIPIndexer(Executor):
             raise ValueError(f"doc {doc.id!r}: embedding must be a numeric vector ({err})") from None
         dim = self._index_dim(version)
         if vector.ndim != 1 or vector.shape[0] != dim:
-            raise ValueError(f"doc {doc.id!r}: embedding has shape {tuple(vector.shape)}; the index holds "
-                             f"{dim}-dimension vectors of model version {version!r}")
+            raise ValueError(
+                f"doc {doc.id!r}: embedding has shape {tuple(vector.shape)}; the index holds "
+                f"{dim}-dimension vectors of model version {version!r}"
+            )
         if not np.isfinite(vector).all():
             raise ValueError(f"doc {doc.id!r}: embedding is not finite (it contains NaN or inf)")
         norm = float(np.linalg.norm(vector.astype(np.float64)))
         if norm == 0.0:
             raise ValueError(f"doc {doc.id!r}: embedding is all zeros")
         if doc.model_version != version:
-            raise ValueError(f"doc {doc.id!r}: a vector query's model_version must be the index's version {version!r}, "
-                             f"got {doc.model_version!r}; send the embedding and model_version that /encode "
-                             "returns, or send text or an image")
+            raise ValueError(
+                f"doc {doc.id!r}: a vector query's model_version must be the index's version {version!r}, "
+                f"got {doc.model_version!r}; send the embedding and model_version that /encode "
+                "returns, or send text or an image"
+            )
         return (vector / norm).astype(np.float32)
 
     def _with_index_version(self, work: Callable[[str], Any]) -> Any:
@@ -493,15 +554,24 @@ class CLIPIndexer(Executor):
         repeated = [f"{doc_id!r} ({n} times)" for doc_id, n in counts.items() if n > 1]
         if repeated:
             shown = ", ".join(repeated[:10]) + (", ..." if len(repeated) > 10 else "")
-            raise ValueError(f"doc ids given more than once in one /index request: {shown}; nothing was stored "
-                             "(send each id once)")
+            raise ValueError(
+                f"doc ids given more than once in one /index request: {shown}; nothing was stored (send each id once)"
+            )
         for doc in docs:
             doc_item(doc, self.policy, self.limits)  # check content before embedding anything
         if len(mine) != len(docs):
             docs = DocList[ClipDoc]([docs[i] for i in mine])
-        stored = [StoredDoc(id=doc.id, text=doc.text, uri=doc_uri(doc), blob=doc_blob(doc),  # url, bytes_ too
-                            tensor=None if doc.tensor is None else np.asarray(doc.tensor), tags=dict(doc.tags))
-                  for doc in docs]
+        stored = [
+            StoredDoc(
+                id=doc.id,
+                text=doc.text,
+                uri=doc_uri(doc),
+                blob=doc_blob(doc),  # url, bytes_ too
+                tensor=None if doc.tensor is None else np.asarray(doc.tensor),
+                tags=dict(doc.tags),
+            )
+            for doc in docs
+        ]
 
         def upsert(version: str) -> str:
             vectors = self._vectors(docs, version, need_content=True)
@@ -514,19 +584,33 @@ class CLIPIndexer(Executor):
             self._with_index_version(upsert)
         return docs
 
-    def _match_docs(self, hits: list[list[tuple[str, float]]], version: str,
-                    return_content: bool) -> list[list[MatchDoc]]:
+    def _match_docs(
+        self, hits: list[list[tuple[str, float]]], version: str, return_content: bool
+    ) -> list[list[MatchDoc]]:
         """The stored docs behind ``(id, score)`` rows, as matches scored by ``version``."""
         wanted = list(dict.fromkeys(doc_id for row in hits for doc_id, _ in row))
         stored = dict(zip(wanted, self.collection.get(wanted, content=return_content)))  # image bytes if asked
-        return [[MatchDoc(id=found.id, text=found.text, uri=found.uri, blob=found.blob, tensor=found.tensor,
-                          model_version=version, score=float(score), tags=found.tags)
-                 for found, score in ((stored.get(doc_id), score) for doc_id, score in row)
-                 if found is not None]  # None: deleted between the search and the fetch
-                for row in hits]
+        return [
+            [
+                MatchDoc(
+                    id=found.id,
+                    text=found.text,
+                    uri=found.uri,
+                    blob=found.blob,
+                    tensor=found.tensor,
+                    model_version=version,
+                    score=float(score),
+                    tags=found.tags,
+                )
+                for found, score in ((stored.get(doc_id), score) for doc_id, score in row)
+                if found is not None
+            ]  # None: deleted between the search and the fetch
+            for row in hits
+        ]
 
-    def _search(self, docs: DocList[ClipDoc], limit: int, return_content: bool = False,
-                where: Optional[dict] = None) -> DocList[ClipDoc]:
+    def _search(
+        self, docs: DocList[ClipDoc], limit: int, return_content: bool = False, where: Optional[dict] = None
+    ) -> DocList[ClipDoc]:
         check_request(docs, self.limits)
 
         def search(version: str) -> tuple[str, np.ndarray, list]:
@@ -542,8 +626,9 @@ class CLIPIndexer(Executor):
             doc.scores = [m.score for m in matches]
         return docs
 
-    def _search_shard(self, docs: DocList[ClipDoc], limit: int, return_content: bool,
-                      where: Optional[dict]) -> tuple[DocList[ClipDoc], dict]:
+    def _search_shard(
+        self, docs: DocList[ClipDoc], limit: int, return_content: bool, where: Optional[dict]
+    ) -> tuple[DocList[ClipDoc], dict]:
         """A shard's search: every query in the version it serves and in the previous one it keeps, if any.
 
         Each match carries its ``model_version``; a query's ``embedding``/``model_version`` are those of the
@@ -591,19 +676,27 @@ class CLIPIndexer(Executor):
     def status(self) -> dict:
         """What this indexer holds: version, count, dimension, backend, rebuild state, CURRENT (and its shard)."""
         stats = self.collection.stats()
-        state = {"executor": "CLIPIndexer", "model_version": stats["version"], "count": stats["count"],
-                 "dim": stats["dim"], "backend": stats["backend"], "registry_current": self.registry.current(),
-                 "rebuilding": self._rebuilding, "last_rebuild": self._last_rebuild, "last_error": self._last_error,
-                 "index_dir": str(self.collection.root)}
+        state = {
+            "executor": "CLIPIndexer",
+            "model_version": stats["version"],
+            "count": stats["count"],
+            "dim": stats["dim"],
+            "backend": stats["backend"],
+            "registry_current": self.registry.current(),
+            "rebuilding": self._rebuilding,
+            "last_rebuild": self._last_rebuild,
+            "last_error": self._last_error,
+            "index_dir": str(self.collection.root),
+        }
         if self.shards > 1:
             state.update(shard=self.shard, shards=self.shards, previous_version=stats.get("previous_version"))
         return state
 
     # -- endpoints -----------------------------------------------------------------------------------------------
     @requests(on="/index")
-    async def index(self, docs: DocList[ClipDoc], parameters: Optional[dict] = None,
-                    **kwargs: Any) -> DocList[ClipDoc]:
+    async def index(self, docs: DocList[ClipDoc], parameters: Optional[dict] = None, **kwargs: Any) -> DocList[ClipDoc]:
         """Store docs with their vectors (embedding them here when they lack a vector of the index's version)."""
+
         async def work() -> tuple[DocList[ClipDoc], dict]:
             request_parameters(parameters, (), "/index")
             mine = self._mine(docs)
@@ -612,9 +705,11 @@ class CLIPIndexer(Executor):
         return await self._answer(work)
 
     @requests(on="/search")
-    async def search(self, docs: DocList[ClipDoc], parameters: Optional[dict] = None,
-                     **kwargs: Any) -> DocList[ClipDoc]:
+    async def search(
+        self, docs: DocList[ClipDoc], parameters: Optional[dict] = None, **kwargs: Any
+    ) -> DocList[ClipDoc]:
         """Top-``limit`` stored docs per query by cosine similarity, as ``matches`` and ``scores``."""
+
         async def work() -> tuple[DocList[ClipDoc], dict]:
             params = request_parameters(parameters, SEARCH_PARAMETERS, "/search")
             limit = int_parameter("limit", params.get("limit", self.default_limit), maximum=self.max_limit)
@@ -630,9 +725,11 @@ class CLIPIndexer(Executor):
         return await self._answer(work)
 
     @requests(on="/delete")
-    async def delete(self, docs: DocList[ClipDoc], parameters: Optional[dict] = None,
-                     **kwargs: Any) -> DocList[ClipDoc]:
+    async def delete(
+        self, docs: DocList[ClipDoc], parameters: Optional[dict] = None, **kwargs: Any
+    ) -> DocList[ClipDoc]:
         """Remove stored docs by id, all or none: an id that is not stored fails the request (naming it)."""
+
         async def work() -> tuple[DocList[ClipDoc], dict]:
             request_parameters(parameters, (), "/delete")
             mine = self._mine(docs)
@@ -644,11 +741,15 @@ class CLIPIndexer(Executor):
     async def train_done(self, docs: DocList[ClipDoc], **kwargs: Any) -> DocList[ClipDoc]:
         """After the tuner and the encoder (a ``/train``, ``/models/promote`` or ``/models/rollback``): re-embed
         everything with CURRENT's version before the response goes on."""
+
         async def work() -> tuple[DocList[ClipDoc], dict]:
             rebuilt = await asyncio.to_thread(self.sync)
             stats = self.collection.stats()
-            summary = {"model_version": stats["version"], "count": stats["count"],
-                       "rebuild_seconds": None if rebuilt is None else rebuilt["rebuild_seconds"]}
+            summary = {
+                "model_version": stats["version"],
+                "count": stats["count"],
+                "rebuild_seconds": None if rebuilt is None else rebuilt["rebuild_seconds"],
+            }
             for doc in docs:
                 doc.tags["index"] = summary
             return docs, {}
@@ -658,6 +759,7 @@ class CLIPIndexer(Executor):
     @requests(on="/status")
     async def report_status(self, docs: DocList[ClipDoc], **kwargs: Any) -> DocList[ClipDoc]:
         """Append this indexer's status doc."""
+
         async def work() -> tuple[DocList[ClipDoc], dict]:
             state = await asyncio.to_thread(self.status)
             docs.append(ClipDoc(id=STATUS_ID, model_version=state["model_version"], tags=state))

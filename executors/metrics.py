@@ -32,8 +32,9 @@ same either way.
 
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -78,8 +79,13 @@ class Metrics:
     @contextmanager
     def encoding(self, endpoint: str, docs: Any) -> Iterator[None]:
         """Time a request's embedding, and count its docs by modality once it succeeded."""
-        histogram = self._get(Histogram, "cliptuner_encode_seconds", "Time to embed the docs of one request",
-                              labelnames=("endpoint",), buckets=_LATENCY_BUCKETS)
+        histogram = self._get(
+            Histogram,
+            "cliptuner_encode_seconds",
+            "Time to embed the docs of one request",
+            labelnames=("endpoint",),
+            buckets=_LATENCY_BUCKETS,
+        )
         started = time.perf_counter()
         yield
         histogram.labels(endpoint).observe(time.perf_counter() - started)
@@ -87,8 +93,7 @@ class Metrics:
 
     def count_items(self, docs: Any) -> None:
         """Count embedded docs by modality."""
-        counter = self._get(Counter, "cliptuner_encoded_items", "Items embedded, by modality",
-                            labelnames=("modality",))
+        counter = self._get(Counter, "cliptuner_encoded_items", "Items embedded, by modality", labelnames=("modality",))
         counts: dict[str, int] = {}
         for doc in docs:
             kind = modality(doc)
@@ -98,14 +103,19 @@ class Metrics:
 
     def encode_batch(self, items: int) -> None:
         """Count one model run of the encoder and its items (several requests when batched together)."""
-        self._get(Histogram, "cliptuner_encode_batch_items", "Items per ONNX Runtime run of the encoder",
-                  buckets=_BATCH_BUCKETS).observe(items)
+        self._get(
+            Histogram,
+            "cliptuner_encode_batch_items",
+            "Items per ONNX Runtime run of the encoder",
+            buckets=_BATCH_BUCKETS,
+        ).observe(items)
 
     @contextmanager
     def searching(self) -> Iterator[None]:
         """Time one ``/search`` request (successful ones)."""
-        histogram = self._get(Histogram, "cliptuner_search_seconds", "Time to answer one /search request",
-                              buckets=_LATENCY_BUCKETS)
+        histogram = self._get(
+            Histogram, "cliptuner_search_seconds", "Time to answer one /search request", buckets=_LATENCY_BUCKETS
+        )
         started = time.perf_counter()
         yield
         histogram.observe(time.perf_counter() - started)
@@ -116,13 +126,15 @@ class Metrics:
 
     def rebuild_progress(self, fraction: float) -> None:
         """Fraction of the stored docs re-embedded by the running rebuild (0 when none runs)."""
-        self._get(Gauge, "cliptuner_rebuild_progress",
-                  "Fraction of the stored docs re-embedded by the running rebuild").set(fraction)
+        self._get(
+            Gauge, "cliptuner_rebuild_progress", "Fraction of the stored docs re-embedded by the running rebuild"
+        ).set(fraction)
 
     def model_version(self, version: Optional[str]) -> None:
         """The model version served (one labelled series set to 1; the previous one removed)."""
-        gauge = self._get(Gauge, "cliptuner_model_version_info", "The model version served (value 1)",
-                          labelnames=("version",))
+        gauge = self._get(
+            Gauge, "cliptuner_model_version_info", "The model version served (value 1)", labelnames=("version",)
+        )
         with self._lock:
             if version == self._version:
                 return
@@ -138,21 +150,25 @@ class Metrics:
         if event.get("event") != "step":
             return
         if "step_s" in event:
-            self._get(Gauge, "cliptuner_train_step_seconds",
-                      "Mean seconds per optimizer step of the running training").set(event["step_s"])
+            self._get(
+                Gauge, "cliptuner_train_step_seconds", "Mean seconds per optimizer step of the running training"
+            ).set(event["step_s"])
         if "loss" in event:
             self._get(Gauge, "cliptuner_train_loss", "Loss of the latest logged training step").set(event["loss"])
         if "samples_per_s" in event:
-            self._get(Gauge, "cliptuner_train_samples_per_second",
-                      "Training throughput (samples/s)").set(event["samples_per_s"])
+            self._get(Gauge, "cliptuner_train_samples_per_second", "Training throughput (samples/s)").set(
+                event["samples_per_s"]
+            )
         if event.get("total_steps"):
             self._get(Gauge, "cliptuner_train_progress", "Step / total steps of the running training").set(
-                event.get("step", 0) / event["total_steps"])
+                event.get("step", 0) / event["total_steps"]
+            )
 
     def training_finished(self, outcome: str) -> None:
         """Count a finished run: ``published``, ``failed`` or ``cancelled``."""
-        self._get(Counter, "cliptuner_train_runs", "Finished /train runs, by outcome",
-                  labelnames=("outcome",)).labels(outcome).inc()
+        self._get(Counter, "cliptuner_train_runs", "Finished /train runs, by outcome", labelnames=("outcome",)).labels(
+            outcome
+        ).inc()
 
 
 __all__ = ["Metrics", "modality"]

@@ -15,15 +15,16 @@ parameters of the endpoints it owns (:func:`request_parameters`), and ignores th
 
 import os
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Optional
 
 from jina import Executor
 
-from cliptuner.access import UriPolicy
 from cliptuner.config import ModelSpec
-from cliptuner.registry import Registry
+from cliptuner.model.registry import Registry
+from cliptuner.serve.access import UriPolicy
 
 WORKSPACE_ENV = "CLIPTUNER_WORKSPACE"
 URI_ROOTS_ENV = "CLIPTUNER_URI_ROOTS"  # folders client uris may name, os.pathsep-separated
@@ -49,8 +50,9 @@ def setting(value: Any) -> Any:
     return value
 
 
-def workspace_root(runtime_workspace: Optional[str], metas_workspace: Optional[str],
-                   init_workspace: Optional[str]) -> Optional[Path]:
+def workspace_root(
+    runtime_workspace: Optional[str], metas_workspace: Optional[str], init_workspace: Optional[str]
+) -> Optional[Path]:
     """The workspace all three Executors share (``models/``, ``index/``, ``data/``, ``runs/`` under it).
 
     The first set of: the workspace Jina runs the Executor with (``workspace:`` in the Flow YAML,
@@ -84,14 +86,17 @@ def resolve_workspace(executor: Executor, models_dir: Optional[str], init_worksp
     Raises:
         ValueError: neither a workspace nor ``models_dir`` is set (names the Executor).
     """
-    root = workspace_root(getattr(executor.runtime_args, "workspace", None), getattr(executor.metas, "workspace", None),
-                          init_workspace)
+    root = workspace_root(
+        getattr(executor.runtime_args, "workspace", None), getattr(executor.metas, "workspace", None), init_workspace
+    )
     explicit = setting(models_dir)
     if explicit:
         return Workspace(root=root, registry=Registry(explicit))
     if root is None:
-        raise ValueError(f"{type(executor).__name__}: no workspace; set CLIPTUNER_WORKSPACE, pass --workspace / "
-                         "workspace=..., or give models_dir")
+        raise ValueError(
+            f"{type(executor).__name__}: no workspace; set CLIPTUNER_WORKSPACE, pass --workspace / "
+            "workspace=..., or give models_dir"
+        )
     return Workspace(root=root, registry=Registry(root / MODELS_SUBDIR))
 
 
@@ -110,7 +115,7 @@ def _list_setting(name: str, value: Any, env: str, separator: str) -> list[str]:
 
 
 def uri_policy(workspace: Workspace, uri_roots: Any = None, allowed_hosts: Any = None) -> UriPolicy:
-    """The one rule for client ``uri``s, the same in every Executor (see :class:`cliptuner.access.UriPolicy`).
+    """The one rule for client ``uri``s, the same in every Executor (see :class:`cliptuner.serve.access.UriPolicy`).
 
     Args:
         workspace: the Executor's workspace (:func:`resolve_workspace`).
@@ -145,16 +150,20 @@ def request_parameters(parameters: Optional[Mapping[str, Any]], allowed: Iterabl
         ValueError: a parameter this endpoint does not know (names it and the allowed ones).
     """
     allowed = set(allowed)
-    own = {k: v for k, v in dict(parameters or {}).items()
-           if not k.startswith("__") and (k in allowed or not isinstance(v, dict))}
+    own = {
+        k: v
+        for k, v in dict(parameters or {}).items()
+        if not k.startswith("__") and (k in allowed or not isinstance(v, dict))
+    }
     unknown = sorted(set(own) - allowed)
     if unknown:
         raise ValueError(f"unknown parameter(s) {unknown} for {endpoint}; allowed: {sorted(allowed)}")
     return own
 
 
-def int_setting(name: str, value: Any, env: str, default: Optional[int], minimum: int = 1,
-                maximum: Optional[int] = None) -> Optional[int]:
+def int_setting(
+    name: str, value: Any, env: str, default: Optional[int], minimum: int = 1, maximum: Optional[int] = None
+) -> Optional[int]:
     """An integer service setting: ``value``; when unset (see :func:`setting`), the variable ``env``; else
     ``default``.
 

@@ -44,8 +44,10 @@ class MatchDoc(BaseDoc):
     tags: dict = Field(default_factory=dict)
 
 
-_MATCHES_JSON_SCHEMA = {"anyOf": [{"type": "array", "items": MatchDoc.model_json_schema()}, {"type": "null"}],
-                        "default": None}
+_MATCHES_JSON_SCHEMA = {
+    "anyOf": [{"type": "array", "items": MatchDoc.model_json_schema()}, {"type": "null"}],
+    "default": None,
+}
 
 
 class ClipDoc(BaseDoc):
@@ -76,10 +78,13 @@ class ClipDoc(BaseDoc):
             return super().from_protobuf(pb_msg)
         except ValidationError as err:
             doc_id = pb_msg.data["id"].text if "id" in pb_msg.data else None
-            problems = "; ".join(f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
-                                 for error in err.errors()[:5])
-            raise ValueError(f"doc {doc_id!r}: cannot be read as {SCHEMA} ({problems}); send {SCHEMA}, or docarray's "
-                             "ImageDoc or TextDoc") from None
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}" for error in err.errors()[:5]
+            )
+            raise ValueError(
+                f"doc {doc_id!r}: cannot be read as {SCHEMA} ({problems}); send {SCHEMA}, or docarray's "
+                "ImageDoc or TextDoc"
+            ) from None
 
 
 __all__ = ["SCHEMA", "ClipDoc", "MatchDoc"]

@@ -9,11 +9,11 @@ there are, the model version it serves and the previous one it keeps during a sw
 Jina's head passes a failed shard's request on as if it had succeeded, and drops a shard it could not reach;
 the trailer is how the merger knows that every shard answered, and without error:
 
-- ``/index`` and ``/delete``: a shard handles the docs it owns (:func:`cliptuner.shards.shard_of`) and answers
+- ``/index`` and ``/delete``: a shard handles the docs it owns (:func:`cliptuner.index.shards.shard_of`) and answers
   with those, their positions in the request in the trailer; the merger puts them back in request order.
 - ``/search``: every shard searches every query, in the version it serves and, while it keeps one, in its
   previous version; each match carries its ``model_version``. The merger picks the version every shard answered
-  (:func:`cliptuner.shards.choose_version`) and keeps the best ``limit`` matches of that version over all
+  (:func:`cliptuner.index.shards.choose_version`) and keeps the best ``limit`` matches of that version over all
   shards, so a merged result never mixes versions, even while the shards swap one after another.
 - ``/status``: one ``status-indexer`` doc, with the per-shard statuses under ``tags['shards']``.
 - ``/train`` and ``/models/promote|rollback``: ``tags['index']`` sums the shards' counts.
@@ -27,7 +27,7 @@ from typing import Any, Optional
 from docarray import DocList
 from jina import Executor, requests
 
-from cliptuner.shards import choose_version, merge_hits, shard_of
+from cliptuner.index.shards import choose_version, merge_hits, shard_of
 
 from .schemas import ClipDoc, MatchDoc
 
@@ -35,11 +35,11 @@ TRAILER_ID = "__shard__"
 STATUS_ID = "status-indexer"
 
 
-def trailer(shard: int, shards: int, version: Optional[str], previous: Optional[str] = None,
-            **extra: Any) -> ClipDoc:
+def trailer(shard: int, shards: int, version: Optional[str], previous: Optional[str] = None, **extra: Any) -> ClipDoc:
     """The doc a shard appends to its answer (see the module doc)."""
-    return ClipDoc(id=TRAILER_ID, model_version=version,
-                   tags={"shard": shard, "shards": shards, "previous": previous, **extra})
+    return ClipDoc(
+        id=TRAILER_ID, model_version=version, tags={"shard": shard, "shards": shards, "previous": previous, **extra}
+    )
 
 
 def _answers(docs_matrix: Optional[list]) -> list[tuple[dict, ClipDoc, DocList]]:
@@ -68,12 +68,18 @@ def _answers(docs_matrix: Optional[list]) -> list[tuple[dict, ClipDoc, DocList]]
         if got[i][0].get("error"):
             errors.setdefault(str(got[i][0]["error"]), []).append(i)
     if errors:
-        raise ValueError("; ".join(f"shard{'s' if len(on) > 1 else ''} {', '.join(map(str, on))}: {message}"
-                                   for message, on in errors.items()))
+        raise ValueError(
+            "; ".join(
+                f"shard{'s' if len(on) > 1 else ''} {', '.join(map(str, on))}: {message}"
+                for message, on in errors.items()
+            )
+        )
     missing = [i for i in range(expected) if i not in got]
     if missing:
-        raise ValueError(f"index shard(s) {missing} of {expected} did not answer; nothing of theirs is in this "
-                         "answer (see their logs)")
+        raise ValueError(
+            f"index shard(s) {missing} of {expected} did not answer; nothing of theirs is in this "
+            "answer (see their logs)"
+        )
     return [got[i] for i in range(expected)]
 
 
@@ -89,29 +95,35 @@ class ShardMerger(Executor):
     """Merges the answers of N indexer shards (the ``uses_after`` of the sharded indexer in flows/shards.yml)."""
 
     @requests(on=["/index", "/delete"])
-    async def by_owner(self, docs: DocList[ClipDoc], docs_matrix: Optional[list] = None,
-                       **kwargs: Any) -> DocList[ClipDoc]:
+    async def by_owner(
+        self, docs: DocList[ClipDoc], docs_matrix: Optional[list] = None, **kwargs: Any
+    ) -> DocList[ClipDoc]:
         """Each doc as its owning shard answered it, in request order."""
         try:
             return _in_request_order(_answers(docs_matrix))
         except ValueError as exc:
-            done = [d.id for answer in docs_matrix or [] for d in answer
-                    if d.id != TRAILER_ID and d.tags.get("deleted")]
+            done = [
+                d.id for answer in docs_matrix or [] for d in answer if d.id != TRAILER_ID and d.tags.get("deleted")
+            ]
             if done:
                 shown = ", ".join(repr(i) for i in done[:10]) + (", ..." if len(done) > 10 else "")
                 raise ValueError(f"{exc} (on that shard); the other shards removed their part: {shown}") from None
             raise
 
     @requests(on="/search")
-    async def search(self, docs: DocList[ClipDoc], docs_matrix: Optional[list] = None,
-                     **kwargs: Any) -> DocList[ClipDoc]:
+    async def search(
+        self, docs: DocList[ClipDoc], docs_matrix: Optional[list] = None, **kwargs: Any
+    ) -> DocList[ClipDoc]:
         """Per query, the best ``limit`` matches over all shards, all of one model version."""
         answers = _answers(docs_matrix)
         version = choose_version([(mark.model_version, tags.get("answered") or []) for tags, mark, _ in answers])
         limit = max(int(tags.get("limit") or 0) for tags, _, _ in answers)
         # the query docs (their embedding and model_version) of a shard that serves the chosen version
-        queries = next(docs for tags, mark, docs in answers
-                       if mark.model_version == version and version in (tags.get("answered") or []))
+        queries = next(
+            docs
+            for tags, mark, docs in answers
+            if mark.model_version == version and version in (tags.get("answered") or [])
+        )
         for q, query in enumerate(queries):
             rows, found = [], {}
             for _, _, shard_docs in answers:
@@ -124,24 +136,32 @@ class ShardMerger(Executor):
         return queries
 
     @requests(on="/status")
-    async def status(self, docs: DocList[ClipDoc], docs_matrix: Optional[list] = None,
-                     **kwargs: Any) -> DocList[ClipDoc]:
+    async def status(
+        self, docs: DocList[ClipDoc], docs_matrix: Optional[list] = None, **kwargs: Any
+    ) -> DocList[ClipDoc]:
         """The request's docs, then one status doc for the sharded indexer."""
         answers = _answers(docs_matrix)
         states = [dict(next(d for d in shard_docs if d.id == STATUS_ID).tags) for _, _, shard_docs in answers]
         versions = sorted({s.get("model_version") for s in states}, key=str)
-        summary = {"executor": "CLIPIndexer", "shards": states, "count": sum(int(s.get("count") or 0) for s in states),
-                   "model_version": versions[0] if len(versions) == 1 else versions,
-                   "rebuilding": any(s.get("rebuilding") for s in states),
-                   "last_error": "; ".join(f"shard {i}: {s['last_error']}" for i, s in enumerate(states)
-                                           if s.get("last_error")) or None}
+        summary = {
+            "executor": "CLIPIndexer",
+            "shards": states,
+            "count": sum(int(s.get("count") or 0) for s in states),
+            "model_version": versions[0] if len(versions) == 1 else versions,
+            "rebuilding": any(s.get("rebuilding") for s in states),
+            "last_error": "; ".join(
+                f"shard {i}: {s['last_error']}" for i, s in enumerate(states) if s.get("last_error")
+            )
+            or None,
+        }
         out = DocList[ClipDoc]([d for d in answers[0][2] if d.id != STATUS_ID])
         out.append(ClipDoc(id=STATUS_ID, model_version=versions[0] if len(versions) == 1 else None, tags=summary))
         return out
 
     @requests(on=["/train", "/models/promote", "/models/rollback"])
-    async def moved(self, docs: DocList[ClipDoc], docs_matrix: Optional[list] = None,
-                    **kwargs: Any) -> DocList[ClipDoc]:
+    async def moved(
+        self, docs: DocList[ClipDoc], docs_matrix: Optional[list] = None, **kwargs: Any
+    ) -> DocList[ClipDoc]:
         """The docs as the first shard answered, ``tags['index']`` summed over the shards."""
         answers = _answers(docs_matrix)
         per_shard = [[dict(d.tags.get("index") or {}) for d in shard_docs] for _, _, shard_docs in answers]
@@ -150,14 +170,18 @@ class ShardMerger(Executor):
             parts = [shard[i] for shard in per_shard if i < len(shard)]
             versions = sorted({p.get("model_version") for p in parts}, key=str)
             seconds = [p["rebuild_seconds"] for p in parts if p.get("rebuild_seconds") is not None]
-            doc.tags["index"] = {"model_version": versions[0] if len(versions) == 1 else versions,
-                                 "count": sum(int(p.get("count") or 0) for p in parts),
-                                 "rebuild_seconds": max(seconds) if seconds else None, "shards": len(parts)}
+            doc.tags["index"] = {
+                "model_version": versions[0] if len(versions) == 1 else versions,
+                "count": sum(int(p.get("count") or 0) for p in parts),
+                "rebuild_seconds": max(seconds) if seconds else None,
+                "shards": len(parts),
+            }
         return out
 
     @requests
-    async def passthrough(self, docs: DocList[ClipDoc], docs_matrix: Optional[list] = None,
-                          **kwargs: Any) -> DocList[ClipDoc]:
+    async def passthrough(
+        self, docs: DocList[ClipDoc], docs_matrix: Optional[list] = None, **kwargs: Any
+    ) -> DocList[ClipDoc]:
         """Endpoints that reach one shard (``/encode``): its answer as it is."""
         answers = [answer for answer in docs_matrix or [] if len(answer)]
         return answers[0] if answers else docs

@@ -7,7 +7,7 @@ Endpoints:
   ``parameters['data']`` (a CSV ``image,caption`` or a Karpathy-style JSON, relative to the data root,
   ``<workspace>/data`` by default; paths that leave it are refused). A doc's ``uri`` and every image path inside
   a PAIRS file must lie under the image roots (``uri_roots``, default ``<workspace>/data``, symlinks resolved;
-  http(s) only for ``allowed_hosts``), as for every endpoint (:class:`cliptuner.access.UriPolicy`). At most
+  http(s) only for ``allowed_hosts``), as for every endpoint (:class:`cliptuner.serve.access.UriPolicy`). At most
   ``max_pairs`` docs per request, ``max_text_chars`` per caption, ``max_blob_bytes`` per image and
   ``max_request_bytes`` in all, checked before anything is decoded. Parameters (numbers may arrive as floats):
 
@@ -64,13 +64,13 @@ Endpoints:
   while a run is going, ``training`` holds its phase, the training process's ``pid`` and the last progress event
   (epoch, step/total_steps, loss, samples/s, eta_s).
 - ``/models``: the registry's versions, one doc per version in natural order: ``ClipDoc(id=<version>,
-  model_version=<version>, tags=<summary>)``, the summary of :meth:`cliptuner.registry.Registry.summaries`
+  model_version=<version>, tags=<summary>)``, the summary of :meth:`cliptuner.model.registry.Registry.summaries`
   (``current``, ``created_at``, ``parent_version``, ``arch``, ``report`` with ``epochs`` and the before/after
   ``t2i_r5 i2t_r5 mean_recall``, or ``error`` for a version that cannot be read). No parameters.
 - ``/models/promote``: ``parameters={'version': 'v3'}`` makes a published version CURRENT once its manifest and
   files check out; ``/models/rollback`` (no parameters) makes the version before CURRENT CURRENT: its
   ``parent_version`` while still published, else the one before it in natural order
-  (:meth:`~cliptuner.registry.Registry.rollback`). Both answer ``ClipDoc(id=<new CURRENT>, tags={'action',
+  (:meth:`~cliptuner.model.registry.Registry.rollback`). Both answer ``ClipDoc(id=<new CURRENT>, tags={'action',
   'model_version', 'previous_version', 'changed'})``; in the Flow the answer then passes the encoder and the
   indexer, which move to the new CURRENT (the indexer re-embedding what it stores) before it goes on, as after a
   /train. A /train run that is going meanwhile still publishes its version as CURRENT when it ends.
@@ -89,8 +89,8 @@ import contextlib
 import csv
 import dataclasses
 import json
-import os
 import logging
+import os
 import re
 import shutil
 import signal
@@ -99,8 +99,9 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 from docarray import DocList
@@ -108,21 +109,30 @@ from jina import Executor, requests
 from PIL import Image
 
 import cliptuner
-from cliptuner.bootstrap import ensure_current
 from cliptuner.config import EvalConfig, ModelSpec, TrainConfig, from_mapping
-from cliptuner.access import RemoteImage
-from cliptuner.content import image_source
 from cliptuner.extras import require_train
-from cliptuner.data import DataError, PairSet, from_memory, load_split, train_and_held_out
-from cliptuner.limits import RequestLimits
-from cliptuner.manifest import ModelManifest
+from cliptuner.model.manifest import ModelManifest
+from cliptuner.model.registry import CurrentChange, Registry
 from cliptuner.options import cli_names, read_options_file, request_names
-from cliptuner.registry import CurrentChange, Registry
+from cliptuner.serve.access import RemoteImage
+from cliptuner.serve.bootstrap import ensure_current
+from cliptuner.serve.content import image_source
+from cliptuner.serve.limits import RequestLimits
+from cliptuner.train.data import DataError, PairSet, from_memory, load_split, train_and_held_out
 
 from .content import check_request, doc_blob, doc_uri
 from .metrics import Metrics
-from .options import (DATA_SUBDIR, RUNS_SUBDIR, base_spec, int_parameter, int_setting, request_parameters,
-                      resolve_workspace, setting, uri_policy)
+from .options import (
+    DATA_SUBDIR,
+    RUNS_SUBDIR,
+    base_spec,
+    int_parameter,
+    int_setting,
+    request_parameters,
+    resolve_workspace,
+    setting,
+    uri_policy,
+)
 from .schemas import ClipDoc
 
 logger = logging.getLogger(__name__)
@@ -228,7 +238,7 @@ def _safe_name(text: str, limit: int = 48) -> str:
 
 
 def write_pairs_csv(pairs: PairSet, path: Path) -> Path:
-    """Write ``pairs`` as a PAIRS CSV that :func:`cliptuner.data.load_csv` reads back as the same pairs.
+    """Write ``pairs`` as a PAIRS CSV that :func:`cliptuner.train.data.load_csv` reads back as the same pairs.
 
     Rows follow the pairs' order (the images then come in the set's order). Images held in memory are written
     beside the CSV under ``images/``, named by position and image id: arrays and PIL images as PNG (lossless),
@@ -282,9 +292,9 @@ def _process_cause(log: str, returncode: int) -> str:
         hint = " (out of memory, or stopped from outside?)" if number == signal.SIGKILL else ""
         return f"the training process was killed by signal {number} ({name}){hint}"
     if CLI_ERROR in log:
-        detail = log[log.rindex(CLI_ERROR) + len(CLI_ERROR):].strip()
+        detail = log[log.rindex(CLI_ERROR) + len(CLI_ERROR) :].strip()
     elif "Traceback (most recent call last):" in log:
-        block = log[log.index("Traceback (most recent call last):"):].splitlines()[1:]
+        block = log[log.index("Traceback (most recent call last):") :].splitlines()[1:]
         lines = []
         for line in block:
             if not lines and (not line.strip() or line[0].isspace()):
@@ -343,8 +353,11 @@ def clean_unfinished_runs(runs_dir: Path, wait_s: float = STOP_GRACE_S) -> list[
         except (OSError, ValueError, KeyError, TypeError):
             pgid = None
         if pgid is not None and _group_works_in(pgid, run_dir.resolve()):
-            logger.warning("run %s: its training process group %d outlived the tuner that started it; killing it",
-                           run_dir.name, pgid)
+            logger.warning(
+                "run %s: its training process group %d outlived the tuner that started it; killing it",
+                run_dir.name,
+                pgid,
+            )
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
             deadline = time.monotonic() + wait_s
@@ -387,15 +400,21 @@ class _TrainingProcess:
     def start(self) -> None:
         argv = [NICE, "-n", str(self.niceness), *self.argv] if self.niceness and NICE else self.argv
         with self.log_path.open("ab") as log:  # the child holds its own descriptor of it
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         cwd=self.run_dir, env=self.env, start_new_session=True)
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.run_dir,
+                env=self.env,
+                start_new_session=True,
+            )
         if self.niceness and not NICE:  # Popen returned once the child ran exec: it is one fresh thread
             target = min(MAX_NICENESS, os.getpriority(os.PRIO_PROCESS, 0) + self.niceness)
             with contextlib.suppress(ProcessLookupError):
                 os.setpriority(os.PRIO_PROCESS, self.proc.pid, target)
         (self.run_dir / PROCESS_FILE).write_text(json.dumps({"pgid": self.proc.pid}), encoding="utf-8")
-        logger.info("training process %d started (niceness +%d): %s", self.proc.pid, self.niceness,
-                    " ".join(self.argv))
+        logger.info("training process %d started (niceness +%d): %s", self.proc.pid, self.niceness, " ".join(self.argv))
 
     def poll(self) -> Optional[int]:
         """Its exit status, or None while it runs."""
@@ -409,7 +428,7 @@ class _TrainingProcess:
                 data = fh.read()
         except FileNotFoundError:  # not written yet
             return
-        for line in data[:data.rfind(b"\n") + 1].splitlines(keepends=True):  # a line being written waits
+        for line in data[: data.rfind(b"\n") + 1].splitlines(keepends=True):  # a line being written waits
             self._offset += len(line)
             try:
                 event = json.loads(line)
@@ -534,16 +553,27 @@ class CLIPTuner(Executor):
         self.base = base_spec(model, pretrained)
         self.device = str(setting(device) or "auto")
         self.policy = uri_policy(workspace, uri_roots, allowed_hosts)
-        self.limits = RequestLimits(max_pairs=max_pairs, max_text_chars=max_text_chars, max_blob_bytes=max_blob_bytes,
-                                    max_request_bytes=max_request_bytes)
+        self.limits = RequestLimits(
+            max_pairs=max_pairs,
+            max_text_chars=max_text_chars,
+            max_blob_bytes=max_blob_bytes,
+            max_request_bytes=max_request_bytes,
+        )
         keep_versions = setting(keep_versions)
         self.keep_versions = None if keep_versions is None else int_parameter("keep_versions", keep_versions)
         processes = setting(processes)
         self.processes = int_parameter("processes", 1 if processes is None else processes)
-        self.torch_threads = int_setting("torch_threads", torch_threads, TORCH_THREADS_ENV,
-                                         default_torch_threads(self.processes))
-        self.train_niceness = int_setting("train_niceness", train_niceness, TRAIN_NICENESS_ENV,
-                                          DEFAULT_TRAIN_NICENESS, minimum=0, maximum=MAX_NICENESS)
+        self.torch_threads = int_setting(
+            "torch_threads", torch_threads, TORCH_THREADS_ENV, default_torch_threads(self.processes)
+        )
+        self.train_niceness = int_setting(
+            "train_niceness",
+            train_niceness,
+            TRAIN_NICENESS_ENV,
+            DEFAULT_TRAIN_NICENESS,
+            minimum=0,
+            maximum=MAX_NICENESS,
+        )
         self.registry.clean_temps()  # a publisher: remove what a crashed publish left behind
         ensure_current(self.registry, self.base if bootstrap else None, timeout=float(bootstrap_timeout))
         self._run_lock = threading.Lock()  # one training run at a time
@@ -553,9 +583,17 @@ class CLIPTuner(Executor):
         self._active: Optional[_Run] = None  # the run going, if any
         self.metrics = Metrics(getattr(self.runtime_args, "metrics_registry", None))
         self.metrics.model_version(self.registry.current())
-        logger.info("CLIPTuner: CURRENT %s in %s, training on %s (%d process(es) per run, %d torch thread(s) each, "
-                    "niceness +%d), data root %s", self.registry.current(), self.registry.root, self.device,
-                    self.processes, self.torch_threads, self.train_niceness, self.data_root)
+        logger.info(
+            "CLIPTuner: CURRENT %s in %s, training on %s (%d process(es) per run, %d torch thread(s) each, "
+            "niceness +%d), data root %s",
+            self.registry.current(),
+            self.registry.root,
+            self.device,
+            self.processes,
+            self.torch_threads,
+            self.train_niceness,
+            self.data_root,
+        )
 
     # -- request parsing -----------------------------------------------------------------------------------------
     def _data_path(self, name: str, value: Any) -> Path:
@@ -591,15 +629,16 @@ class CLIPTuner(Executor):
             ValueError: an unknown parameter or config-file option (named), a bad value, or a data path outside
                 the data root.
         """
-        params = request_parameters(parameters, TRAIN_OPTIONS + EVAL_OPTIONS + SOURCE_OPTIONS + RUN_OPTIONS,
-                                    "/train")
+        params = request_parameters(parameters, TRAIN_OPTIONS + EVAL_OPTIONS + SOURCE_OPTIONS + RUN_OPTIONS, "/train")
         wait = params.pop("wait", True)
         if not isinstance(wait, bool):
             raise ValueError(f"parameter 'wait' must be true or false, got {wait!r}")
         if "config" in params:
             name = params.pop("config")
-            params = {**read_options_file(self._data_path("config", name), TRAIN_OPTIONS + EVAL_OPTIONS,
-                                          label=str(name)), **params}
+            params = {
+                **read_options_file(self._data_path("config", name), TRAIN_OPTIONS + EVAL_OPTIONS, label=str(name)),
+                **params,
+            }
         train_values = {k: v for k, v in params.items() if k in TRAIN_OPTIONS}
         cfg = from_mapping(TrainConfig, {**train_values, "device": self.device, "log_every": 1})
         eval_values = {k: v for k, v in params.items() if k in EVAL_OPTIONS}
@@ -607,8 +646,7 @@ class CLIPTuner(Executor):
         data = self._data_path("data", params["data"]) if "data" in params else None
         eval_data = self._data_path("eval_data", params["eval_data"]) if "eval_data" in params else None
         general = self._data_path("general_data", params["general_data"]) if "general_data" in params else None
-        return TrainRequest(cfg=cfg, eval_cfg=eval_cfg, data=data, eval_data=eval_data, general_data=general,
-                            wait=wait)
+        return TrainRequest(cfg=cfg, eval_cfg=eval_cfg, data=data, eval_data=eval_data, general_data=general, wait=wait)
 
     def pairs_from_docs(self, docs: DocList[ClipDoc]) -> PairSet:
         """The request's docs as pairs (docs sharing ``tags['image_id']`` are captions of one image).
@@ -619,8 +657,13 @@ class CLIPTuner(Executor):
             ValueError: a request over the limits, a doc without text or without an image, a bad image field or a
                 uri the policy refuses (names the doc id), before anything is decoded.
         """
-        total = check_request(docs, self.limits, "pairs", self.limits.max_pairs,
-                              "; write them to a PAIRS file under the data root and pass parameters['data']")
+        total = check_request(
+            docs,
+            self.limits,
+            "pairs",
+            self.limits.max_pairs,
+            "; write them to a PAIRS file under the data root and pass parameters['data']",
+        )
         images, captions, image_ids = [], [], []
         for doc in docs:
             name = f"doc {doc.id!r}"
@@ -649,13 +692,20 @@ class CLIPTuner(Executor):
         if request.data is not None and len(docs):
             raise ValueError(f"/train got {len(docs)} docs and parameters['data']; give the pairs one way")
         if request.data is None and not len(docs):
-            raise ValueError("/train needs pairs: docs with text and an image, or parameters['data'] naming a "
-                             "PAIRS file under the data root")
+            raise ValueError(
+                "/train needs pairs: docs with text and an image, or parameters['data'] naming a "
+                "PAIRS file under the data root"
+            )
         source = str(request.data.relative_to(self.data_root)) if request.data is not None else "request docs"
         data = self.pairs_from_docs(docs) if request.data is None else request.data
         try:
-            train, held_out = train_and_held_out(data, request.eval_data, request.eval_cfg.eval_fraction,
-                                                 request.eval_cfg.split_seed, resolve_image=self.policy.local_path)
+            train, held_out = train_and_held_out(
+                data,
+                request.eval_data,
+                request.eval_cfg.eval_fraction,
+                request.eval_cfg.split_seed,
+                resolve_image=self.policy.local_path,
+            )
         except DataError as exc:  # names files and rows by their paths under the data root only
             raise DataError(self._relative(str(exc))) from None
         if request.eval_data is not None:
@@ -665,8 +715,10 @@ class CLIPTuner(Executor):
         else:
             held_out_from = f"{request.eval_cfg.eval_fraction:g} of {source} (seed {request.eval_cfg.split_seed})"
         if train.num_images < request.cfg.batch_size:
-            raise ValueError(f"{train.num_images} training images is fewer than batch_size {request.cfg.batch_size}: "
-                             "send more pairs or lower batch_size")
+            raise ValueError(
+                f"{train.num_images} training images is fewer than batch_size {request.cfg.batch_size}: "
+                "send more pairs or lower batch_size"
+            )
         return train, held_out, {"source": source, "held_out": held_out_from}
 
     # -- the run: prepared here, trained by a child process, published here ------------------------------------
@@ -681,8 +733,23 @@ class CLIPTuner(Executor):
         elif kind == "before":
             update.update(phase="training", before=event["metrics"])
         elif kind in ("step", "epoch"):
-            update.update({k: event[k] for k in ("epoch", "epochs", "step", "total_steps", "loss", "lr",
-                                                 "samples_per_s", "eta_s", "step_s") if k in event})
+            update.update(
+                {
+                    k: event[k]
+                    for k in (
+                        "epoch",
+                        "epochs",
+                        "step",
+                        "total_steps",
+                        "loss",
+                        "lr",
+                        "samples_per_s",
+                        "eta_s",
+                        "step_s",
+                    )
+                    if k in event
+                }
+            )
         elif kind == "eval":
             update.update(phase="training", last_eval={"epoch": event["epoch"], **event["metrics"]})
         elif kind == "end":
@@ -697,8 +764,9 @@ class CLIPTuner(Executor):
         if checkpoint is not None:
             spec = ModelSpec(arch=manifest.arch, pretrained=str(checkpoint), force_quick_gelu=manifest.force_quick_gelu)
             return spec, f"version {parent}"
-        logger.warning("model version %s has no checkpoint; training starts from the base model %s", parent,
-                       self.base.arch)
+        logger.warning(
+            "model version %s has no checkpoint; training starts from the base model %s", parent, self.base.arch
+        )
         return self.base, f"base model {self.base.arch} (version {parent} has no checkpoint)"
 
     def _set_phase(self, phase: str) -> None:
@@ -707,8 +775,18 @@ class CLIPTuner(Executor):
     def _train_argv(self, args: list[str]) -> list[str]:
         """The training process's command line: ``cliptuner train ARGS``, under torchrun with ``processes`` > 1."""
         if self.processes > 1:
-            return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                    str(self.processes), "-m", "cliptuner.cli", "train", *args]
+            return [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                str(self.processes),
+                "-m",
+                "cliptuner.cli",
+                "train",
+                *args,
+            ]
         return [sys.executable, "-m", "cliptuner.cli", "train", *args]
 
     def _train_env(self) -> dict[str, str]:
@@ -720,8 +798,9 @@ class CLIPTuner(Executor):
         env["OMP_NUM_THREADS"] = str(self.torch_threads)
         return env
 
-    def _write_inputs(self, run: _Run, request: TrainRequest, spec: ModelSpec, train: PairSet,
-                      held_out: PairSet) -> list[str]:
+    def _write_inputs(
+        self, run: _Run, request: TrainRequest, spec: ModelSpec, train: PairSet, held_out: PairSet
+    ) -> list[str]:
         """Write what the training process reads into the run directory; returns its ``cliptuner train`` arguments.
 
         The split made here is handed over as it is (``--data`` the training pairs, ``--eval-data`` the held-out
@@ -734,10 +813,21 @@ class CLIPTuner(Executor):
         if self.device != "auto":  # auto: the training process takes CUDA if it has one (its LOCAL_RANK GPU)
             options["device"] = self.device
         (inputs / "config.json").write_text(json.dumps(options, indent=2) + "\n", encoding="utf-8")
-        args = ["--data", str(write_pairs_csv(train, inputs / "train.csv")),
-                "--eval-data", str(write_pairs_csv(held_out, inputs / "held_out.csv")),
-                "--config", str(inputs / "config.json"), "--model", spec.arch, "--out", str(run.run_dir / MODEL_SUBDIR),
-                "--events", str(run.run_dir / EVENTS_FILE), "--quiet"]
+        args = [
+            "--data",
+            str(write_pairs_csv(train, inputs / "train.csv")),
+            "--eval-data",
+            str(write_pairs_csv(held_out, inputs / "held_out.csv")),
+            "--config",
+            str(inputs / "config.json"),
+            "--model",
+            spec.arch,
+            "--out",
+            str(run.run_dir / MODEL_SUBDIR),
+            "--events",
+            str(run.run_dir / EVENTS_FILE),
+            "--quiet",
+        ]
         if spec.pretrained:
             args += ["--pretrained", spec.pretrained]
         if spec.force_quick_gelu:
@@ -767,14 +857,18 @@ class CLIPTuner(Executor):
         why = "cancelled" if run.cancelled.is_set() else "stopped: the tuner is closing"
         progress = self._progress
         if when is None and progress.get("step"):
-            when = (f"at epoch {progress.get('epoch')}/{progress.get('epochs')}, step {progress['step']}/"
-                    f"{progress.get('total_steps')}")
+            when = (
+                f"at epoch {progress.get('epoch')}/{progress.get('epochs')}, step {progress['step']}/"
+                f"{progress.get('total_steps')}"
+            )
         return TrainingCancelled(f"the run was {why} {when or 'while ' + str(progress.get('phase'))}")
 
     def _clean_message(self, run: _Run, message: str) -> str:
         """``message`` with the paths of the run directory, the registry and the data root taken out."""
-        return hide_paths(message, {"the run directory": run.run_dir, "the registry": self.registry.root,
-                                    "the data root": self.data_root})
+        return hide_paths(
+            message,
+            {"the run directory": run.run_dir, "the registry": self.registry.root, "the data root": self.data_root},
+        )
 
     def _train_and_export(self, run: _Run) -> dict:
         """Follow the training process to its end (its events into ``/status``); returns the report of the model it
@@ -802,8 +896,12 @@ class CLIPTuner(Executor):
         model_dir = run.run_dir / MODEL_SUBDIR
         child_report = json.loads((model_dir / "report.json").read_text(encoding="utf-8"))
         (model_dir / "report.json").unlink()  # the run's report.json is the tuner's, written beside the model
-        report = {"model_version": None, "parent_version": run.parent, "init": run.init,
-                  **{k: v for k, v in child_report.items() if k not in ("model_version", "model", "wall_seconds")}}
+        report = {
+            "model_version": None,
+            "parent_version": run.parent,
+            "init": run.init,
+            **{k: v for k, v in child_report.items() if k not in ("model_version", "model", "wall_seconds")},
+        }
         report["split"] = {**child_report["split"], **run.sources}
         report["wall_seconds"] = round(time.time() - run.started, 3)
         manifest = ModelManifest.read(model_dir)
@@ -815,10 +913,11 @@ class CLIPTuner(Executor):
         phase = self._progress.get("phase") or "preparing"
         cause = f"{type(exc).__name__}: {exc}"
         state = "cancelled" if isinstance(exc, TrainingCancelled) else "failed"
-        self._progress = {**self._progress, "state": state, "phase": phase, "error": cause,
-                          "finished_at": time.time()}
-        message = (f"/train run {run_id} failed while {phase}: {cause} (nothing was published; CURRENT is still "
-                   f"{self.registry.current()})")
+        self._progress = {**self._progress, "state": state, "phase": phase, "error": cause, "finished_at": time.time()}
+        message = (
+            f"/train run {run_id} failed while {phase}: {cause} (nothing was published; CURRENT is still "
+            f"{self.registry.current()})"
+        )
         (logger.info if state == "cancelled" else logger.error)("%s", message)
         self.metrics.training_finished(state)
         kind = TrainingInputError if isinstance(exc, ValueError) else TrainingFailed
@@ -856,8 +955,13 @@ class CLIPTuner(Executor):
         self._active = run
         try:
             run.parent = self.registry.current()
-            self._progress = {"state": "running", "phase": "preparing", "run_id": run_id, "started_at": run.started,
-                              "parent_version": run.parent}
+            self._progress = {
+                "state": "running",
+                "phase": "preparing",
+                "run_id": run_id,
+                "started_at": run.started,
+                "parent_version": run.parent,
+            }
             self._prepare(run, request, docs)
         except Exception as exc:
             raise self._abandon(run, exc) from exc
@@ -910,10 +1014,21 @@ class CLIPTuner(Executor):
             self._last_report = report
             self.metrics.training_finished("published")
             self.metrics.model_version(version)
-            self._progress = {"state": "done", "run_id": run_id, "model_version": version, "parent_version": parent,
-                              "finished_at": time.time(), "wall_seconds": report["wall_seconds"]}
-            logger.info("run %s published %s: t2i R@5 %.3f → %.3f", run_id, version, report["before"]["t2i_r5"],
-                        report["after"]["t2i_r5"])
+            self._progress = {
+                "state": "done",
+                "run_id": run_id,
+                "model_version": version,
+                "parent_version": parent,
+                "finished_at": time.time(),
+                "wall_seconds": report["wall_seconds"],
+            }
+            logger.info(
+                "run %s published %s: t2i R@5 %.3f → %.3f",
+                run_id,
+                version,
+                report["before"]["t2i_r5"],
+                report["after"]["t2i_r5"],
+            )
             return report
         finally:
             self._end(run)
@@ -926,8 +1041,7 @@ class CLIPTuner(Executor):
         """:meth:`_start` a run and follow it in a thread of its own (a /train with ``wait=False``)."""
         run = self._start(request, docs)
         try:
-            threading.Thread(target=self._finish_detached, args=(run,), name=f"train-{run.run_id}",
-                             daemon=True).start()
+            threading.Thread(target=self._finish_detached, args=(run,), name=f"train-{run.run_id}", daemon=True).start()
         except BaseException as exc:
             raise self._abandon(run, exc) from exc
         return run
@@ -969,15 +1083,38 @@ class CLIPTuner(Executor):
         last = None
         if self._last_report is not None:
             r = self._last_report
-            last = {"model_version": r["model_version"], "parent_version": r["parent_version"],
-                    "before": r["before"], "after": r["after"], "epochs": r["epochs"],
-                    **{key: r[key] for key in ("epoch_losses", "eval_history", "history_split", "best_epoch",
-                                               "split", "samples_per_s", "train_seconds") if key in r}}
-        return {"executor": "CLIPTuner", "pid": os.getpid(), "model_version": self.registry.current(),
-                "training": dict(self._progress),
-                "last_report": last, "device": self.device, "processes": self.processes,
-                "torch_threads": self.torch_threads, "train_niceness": self.train_niceness,
-                "data_root": str(self.data_root)}
+            last = {
+                "model_version": r["model_version"],
+                "parent_version": r["parent_version"],
+                "before": r["before"],
+                "after": r["after"],
+                "epochs": r["epochs"],
+                **{
+                    key: r[key]
+                    for key in (
+                        "epoch_losses",
+                        "eval_history",
+                        "history_split",
+                        "best_epoch",
+                        "split",
+                        "samples_per_s",
+                        "train_seconds",
+                    )
+                    if key in r
+                },
+            }
+        return {
+            "executor": "CLIPTuner",
+            "pid": os.getpid(),
+            "model_version": self.registry.current(),
+            "training": dict(self._progress),
+            "last_report": last,
+            "device": self.device,
+            "processes": self.processes,
+            "torch_threads": self.torch_threads,
+            "train_niceness": self.train_niceness,
+            "data_root": str(self.data_root),
+        }
 
     def close(self) -> None:
         """Stop a running training: its process group is ended (SIGTERM, then SIGKILL); nothing is published."""
@@ -989,8 +1126,7 @@ class CLIPTuner(Executor):
 
     # -- endpoints -----------------------------------------------------------------------------------------------
     @requests(on="/train")
-    async def train(self, docs: DocList[ClipDoc], parameters: Optional[dict] = None,
-                    **kwargs: Any) -> DocList[ClipDoc]:
+    async def train(self, docs: DocList[ClipDoc], parameters: Optional[dict] = None, **kwargs: Any) -> DocList[ClipDoc]:
         """Fine-tune on the request's pairs (or ``parameters['data']``); returns the one report doc, or with
         ``parameters['wait']=False`` the run's doc as soon as its training process has started."""
         request = self.parse_request(parameters)
@@ -999,7 +1135,8 @@ class CLIPTuner(Executor):
             raise TrainingBusy(
                 f"a /train run is already going (run {progress.get('run_id')}, phase {progress.get('phase')}, "
                 f"epoch {progress.get('epoch')}/{progress.get('epochs')}); one run at a time: poll /status and "
-                "send this one when it is done")
+                "send this one when it is done"
+            )
         try:
             work = self._run if request.wait else self._start_detached
             future = asyncio.get_running_loop().run_in_executor(None, work, request, docs)
@@ -1009,20 +1146,21 @@ class CLIPTuner(Executor):
         result = await future  # the run releases the lock when it ends, even if this request is cancelled meanwhile
         if not request.wait:
             return DocList[ClipDoc]([ClipDoc(id=RUN_DOC_ID, tags={"run_id": result.run_id, "state": "running"})])
-        return DocList[ClipDoc]([ClipDoc(id=REPORT_ID, model_version=result["model_version"],
-                                         tags={"report": result})])
+        return DocList[ClipDoc]([ClipDoc(id=REPORT_ID, model_version=result["model_version"], tags={"report": result})])
 
     @requests(on="/train/cancel")
-    async def cancel(self, docs: DocList[ClipDoc], parameters: Optional[dict] = None,
-                     **kwargs: Any) -> DocList[ClipDoc]:
+    async def cancel(
+        self, docs: DocList[ClipDoc], parameters: Optional[dict] = None, **kwargs: Any
+    ) -> DocList[ClipDoc]:
         """Cancel the run that is going (``parameters['run_id']``, optional, must name it); answers once it ended."""
         params = request_parameters(parameters, ("run_id",), "/train/cancel")
         run = self.cancel_run(params.get("run_id"))
         await asyncio.get_running_loop().run_in_executor(None, run.finished.wait, STOP_GRACE_S + 60)
         progress = self._progress
         state = progress.get("state") if progress.get("run_id") == run.run_id else None
-        return DocList[ClipDoc]([ClipDoc(id=CANCEL_DOC_ID, tags={"run_id": run.run_id, "state": state,
-                                                                 "phase": progress.get("phase")})])
+        return DocList[ClipDoc](
+            [ClipDoc(id=CANCEL_DOC_ID, tags={"run_id": run.run_id, "state": state, "phase": progress.get("phase")})]
+        )
 
     @requests(on="/status")
     async def report_status(self, docs: DocList[ClipDoc], **kwargs: Any) -> DocList[ClipDoc]:
@@ -1040,8 +1178,9 @@ class CLIPTuner(Executor):
         try:
             return self.registry.prune(self.keep_versions)
         except Exception as exc:  # the next publish, or /models/prune, tries again
-            logger.warning("published %s, but pruning to the newest %d versions failed: %s", version,
-                           self.keep_versions, exc)
+            logger.warning(
+                "published %s, but pruning to the newest %d versions failed: %s", version, self.keep_versions, exc
+            )
             return []
 
     async def _registry_call(self, method: Any, *args: Any) -> Any:
@@ -1053,13 +1192,21 @@ class CLIPTuner(Executor):
 
     @staticmethod
     def _change_doc(action: str, change: CurrentChange) -> ClipDoc:
-        return ClipDoc(id=change.version, model_version=change.version,
-                       tags={"action": action, "model_version": change.version, "previous_version": change.previous,
-                             "changed": change.changed})
+        return ClipDoc(
+            id=change.version,
+            model_version=change.version,
+            tags={
+                "action": action,
+                "model_version": change.version,
+                "previous_version": change.previous,
+                "changed": change.changed,
+            },
+        )
 
     @requests(on="/models")
-    async def list_models(self, docs: DocList[ClipDoc], parameters: Optional[dict] = None,
-                          **kwargs: Any) -> DocList[ClipDoc]:
+    async def list_models(
+        self, docs: DocList[ClipDoc], parameters: Optional[dict] = None, **kwargs: Any
+    ) -> DocList[ClipDoc]:
         """One doc per published version (``id`` the version, ``tags`` its summary), in natural order."""
         request_parameters(parameters, (), "/models")
         summaries = await asyncio.to_thread(self.registry.summaries)
@@ -1069,21 +1216,25 @@ class CLIPTuner(Executor):
         return DocList[ClipDoc]([ClipDoc(id=s["version"], model_version=s["version"], tags=s) for s in summaries])
 
     @requests(on="/models/promote")
-    async def promote_model(self, docs: DocList[ClipDoc], parameters: Optional[dict] = None,
-                            **kwargs: Any) -> DocList[ClipDoc]:
+    async def promote_model(
+        self, docs: DocList[ClipDoc], parameters: Optional[dict] = None, **kwargs: Any
+    ) -> DocList[ClipDoc]:
         """Make ``parameters['version']`` CURRENT (checked first); answers one doc named for the new CURRENT."""
         params = request_parameters(parameters, ("version",), "/models/promote")
         version = params.get("version")
         if not isinstance(version, str) or not version.strip():
-            raise ValueError(f"/models/promote needs parameters['version'], a published version "
-                             f"({self.registry.versions()}), got {version!r}")
+            raise ValueError(
+                f"/models/promote needs parameters['version'], a published version "
+                f"({self.registry.versions()}), got {version!r}"
+            )
         change = await self._registry_call(self.registry.promote, version.strip())
         self.metrics.model_version(change.version)
         return DocList[ClipDoc]([self._change_doc("promote", change)])
 
     @requests(on="/models/rollback")
-    async def rollback_model(self, docs: DocList[ClipDoc], parameters: Optional[dict] = None,
-                             **kwargs: Any) -> DocList[ClipDoc]:
+    async def rollback_model(
+        self, docs: DocList[ClipDoc], parameters: Optional[dict] = None, **kwargs: Any
+    ) -> DocList[ClipDoc]:
         """Make the version before CURRENT CURRENT (see :meth:`Registry.rollback`); answers one doc named for it."""
         request_parameters(parameters, (), "/models/rollback")
         change = await self._registry_call(self.registry.rollback)
@@ -1091,13 +1242,21 @@ class CLIPTuner(Executor):
         return DocList[ClipDoc]([self._change_doc("rollback", change)])
 
     @requests(on="/models/prune")
-    async def prune_models(self, docs: DocList[ClipDoc], parameters: Optional[dict] = None,
-                           **kwargs: Any) -> DocList[ClipDoc]:
+    async def prune_models(
+        self, docs: DocList[ClipDoc], parameters: Optional[dict] = None, **kwargs: Any
+    ) -> DocList[ClipDoc]:
         """Delete all but the newest ``parameters['keep']`` versions, never CURRENT."""
         params = request_parameters(parameters, ("keep",), "/models/prune")
         if "keep" not in params:
             raise ValueError("/models/prune needs parameters['keep'], how many of the newest versions to keep")
         keep = int_parameter("keep", params["keep"])
         deleted = await self._registry_call(self.registry.prune, keep)
-        return DocList[ClipDoc]([ClipDoc(id="models-prune", model_version=self.registry.current(),
-                                         tags={"deleted": deleted, "kept": self.registry.versions()})])
+        return DocList[ClipDoc](
+            [
+                ClipDoc(
+                    id="models-prune",
+                    model_version=self.registry.current(),
+                    tags={"deleted": deleted, "kept": self.registry.versions()},
+                )
+            ]
+        )

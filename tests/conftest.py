@@ -18,15 +18,15 @@ import pytest  # noqa: E402
 def tiny_bundle():
     """``cliptuner-tiny`` with random init (64 px images, context 32, 128-d embeddings), in eval mode on CPU."""
     from cliptuner.config import ModelSpec
-    from cliptuner.models import load_model
+    from cliptuner.train.models import load_model
 
     return load_model(ModelSpec("cliptuner-tiny"))
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_bundle, tmp_path_factory) -> Path:
-    """``tiny_bundle`` exported once with :func:`cliptuner.export.export_model_dir` (checkpoint included)."""
-    from cliptuner.export import export_model_dir
+    """``tiny_bundle`` exported once with :func:`cliptuner.train.export.export_model_dir` (checkpoint included)."""
+    from cliptuner.train.export import export_model_dir
 
     return export_model_dir(tiny_bundle, tmp_path_factory.mktemp("tiny_model") / "model")
 
@@ -44,7 +44,7 @@ def tiny_model_dir_v2(tiny_bundle, tmp_path_factory) -> Path:
 
     import torch
 
-    from cliptuner.export import export_model_dir
+    from cliptuner.train.export import export_model_dir
 
     model = copy.deepcopy(tiny_bundle.model)
     generator = torch.Generator().manual_seed(2)

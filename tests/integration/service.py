@@ -9,8 +9,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from jina import Client
 from jina.excepts import BadServer
 from PIL import Image
 
-from cliptuner.launch import stop_group
+from cliptuner.serve.launch import stop_group
 from executors.schemas import ClipDoc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,8 +47,14 @@ class FlowProcess:
     variables of this process that the service must not inherit.
     """
 
-    def __init__(self, workspace: Path, log_path: Path, env: Optional[dict] = None, args: Sequence[str] = (),
-                 unset: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        workspace: Path,
+        log_path: Path,
+        env: Optional[dict] = None,
+        args: Sequence[str] = (),
+        unset: Sequence[str] = (),
+    ) -> None:
         self.workspace = workspace
         self.log_path = log_path
         self.env = dict(env or {})
@@ -59,14 +66,29 @@ class FlowProcess:
     def start(self) -> None:
         self.port = free_port()
         inherited = {k: v for k, v in os.environ.items() if k not in self.unset}
-        env = {**inherited, "CLIPTUNER_PORT": str(self.port), "CLIPTUNER_WORKSPACE": str(self.workspace),
-               "CLIPTUNER_MODEL": "cliptuner-tiny", "CLIPTUNER_PRETRAINED": "", "CLIPTUNER_DEVICE": "cpu",
-               "JINA_HIDE_SURVEY": "1", "JINA_OPTOUT_TELEMETRY": "1", "PYTHONPATH": str(ROOT),
-               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **self.env}
+        env = {
+            **inherited,
+            "CLIPTUNER_PORT": str(self.port),
+            "CLIPTUNER_WORKSPACE": str(self.workspace),
+            "CLIPTUNER_MODEL": "cliptuner-tiny",
+            "CLIPTUNER_PRETRAINED": "",
+            "CLIPTUNER_DEVICE": "cpu",
+            "JINA_HIDE_SURVEY": "1",
+            "JINA_OPTOUT_TELEMETRY": "1",
+            "PYTHONPATH": str(ROOT),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+            **self.env,
+        }
         log = open(self.log_path, "a")
         offset = log.tell()
-        self.proc = subprocess.Popen([sys.executable, "-m", "cliptuner.cli", "serve", *self.args], cwd=ROOT,
-                                     env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cliptuner.cli", "serve", *self.args],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
@@ -116,14 +138,33 @@ class ExecutorProcess:
 
     def start(self) -> None:
         self.port = free_port()
-        command = [str(Path(sys.executable).parent / "jina"), "executor", "--uses", self.name,
-                   "--py-modules", "executors/__init__.py", "--host", "127.0.0.1", "--port", str(self.port),
-                   "--workspace", str(self.workspace), "--uses-with", json.dumps(self.settings)]
-        env = {**os.environ, "JINA_HIDE_SURVEY": "1", "JINA_OPTOUT_TELEMETRY": "1", "PYTHONPATH": str(ROOT),
-               "OMP_NUM_THREADS": "1"}
+        command = [
+            str(Path(sys.executable).parent / "jina"),
+            "executor",
+            "--uses",
+            self.name,
+            "--py-modules",
+            "executors/__init__.py",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workspace",
+            str(self.workspace),
+            "--uses-with",
+            json.dumps(self.settings),
+        ]
+        env = {
+            **os.environ,
+            "JINA_HIDE_SURVEY": "1",
+            "JINA_OPTOUT_TELEMETRY": "1",
+            "PYTHONPATH": str(ROOT),
+            "OMP_NUM_THREADS": "1",
+        }
         with open(self.log_path, "a") as log:
-            self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -158,13 +199,20 @@ class ExecutorProcess:
 
 
 def serve_gallery(workspace: Path, gallery) -> FlowProcess:
-    """`cliptuner serve` on ``workspace`` with ``gallery`` (a :class:`cliptuner.data.PairSet`) indexed as PNG blobs,
+    """`cliptuner serve` on ``workspace`` with ``gallery`` (a :class:`cliptuner.train.data.PairSet`) indexed as PNG blobs,
     one doc per image, ``id`` its image id and ``tags['i']`` its position."""
     server = FlowProcess(workspace, workspace.parent / "flow.log")
     server.start()
-    post(server, "/index", DocList[ClipDoc]([ClipDoc(id=image_id, blob=png(image), tags={"i": i})
-                                             for i, (image_id, image) in enumerate(zip(gallery.image_ids,
-                                                                                         gallery.images))]))
+    post(
+        server,
+        "/index",
+        DocList[ClipDoc](
+            [
+                ClipDoc(id=image_id, blob=png(image), tags={"i": i})
+                for i, (image_id, image) in enumerate(zip(gallery.image_ids, gallery.images))
+            ]
+        ),
+    )
     return server
 
 

@@ -11,9 +11,10 @@ import io
 import shutil
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,9 +22,9 @@ from docarray import DocList
 from PIL import Image
 from service import FlowProcess, ServerError, by_id, png, post, serve_gallery
 
-from cliptuner import synthetic
-from cliptuner.limits import RequestLimits
-from cliptuner.registry import Registry
+from cliptuner.model.registry import Registry
+from cliptuner.serve.limits import RequestLimits
+from cliptuner.train import synthetic
 from executors.schemas import ClipDoc
 
 GALLERY = 12
@@ -77,26 +78,58 @@ RGB = np.zeros((8, 8, 3), np.uint8)
 CASES = [
     # images: bytes that are not a usable image
     Case("corrupt-bytes", "/encode", lambda w: [doc("b", blob=b"this is not an image")], r"doc 'b'.*cannot decode"),
-    Case("truncated-png", "/encode", lambda w: [doc("b", blob=png(np.full((64, 64, 3), 7, np.uint8))[:60])],
-         r"doc 'b'.*(cannot decode|truncated)"),
+    Case(
+        "truncated-png",
+        "/encode",
+        lambda w: [doc("b", blob=png(np.full((64, 64, 3), 7, np.uint8))[:60])],
+        r"doc 'b'.*(cannot decode|truncated)",
+    ),
     Case("non-image-file", "/index", lambda w: [doc("b", blob=b"PK\x03\x04" + bytes(200))], r"doc 'b'.*cannot decode"),
-    Case("decompression-bomb", "/encode", lambda w: [doc("b", blob=png_with_size(30000, 30000))],
-         r"doc 'b'.*(over the limit|decompression bomb)"),
+    Case(
+        "decompression-bomb",
+        "/encode",
+        lambda w: [doc("b", blob=png_with_size(30000, 30000))],
+        r"doc 'b'.*(over the limit|decompression bomb)",
+    ),
     Case("zero-size-png", "/encode", lambda w: [doc("b", blob=png_with_size(0, 0))], r"doc 'b'.*(cannot decode|empty)"),
     Case("empty-blob", "/encode", lambda w: [doc("b", blob=b"")], r"doc 'b'.*(empty|neither text nor an image)"),
     # tensors
-    Case("tensor-rank-2", "/encode", lambda w: [doc("t", tensor=np.zeros((8, 8), np.uint8))],
-         r"doc 't'.*H×W×3 uint8.*\(8, 8\)"),
-    Case("tensor-rank-4", "/index", lambda w: [doc("t", tensor=np.zeros((1, 8, 8, 3), np.uint8))],
-         r"doc 't'.*H×W×3 uint8"),
-    Case("tensor-float", "/encode", lambda w: [doc("t", tensor=np.zeros((8, 8, 3), np.float32))],
-         r"doc 't'.*H×W×3 uint8.*float32"),
-    Case("tensor-nan", "/search", lambda w: [doc("t", tensor=np.full((8, 8, 3), np.nan, np.float32))],
-         r"doc 't'.*H×W×3 uint8"),
-    Case("tensor-4-channels", "/encode", lambda w: [doc("t", tensor=np.zeros((8, 8, 4), np.uint8))],
-         r"doc 't'.*H×W×3 uint8.*\(8, 8, 4\)"),
-    Case("tensor-empty-side", "/encode", lambda w: [doc("t", tensor=np.zeros((0, 8, 3), np.uint8))],
-         r"doc 't'.*(empty side|shape \(0, 8, 3\))"),  # an empty array loses its dtype on the wire
+    Case(
+        "tensor-rank-2",
+        "/encode",
+        lambda w: [doc("t", tensor=np.zeros((8, 8), np.uint8))],
+        r"doc 't'.*H×W×3 uint8.*\(8, 8\)",
+    ),
+    Case(
+        "tensor-rank-4",
+        "/index",
+        lambda w: [doc("t", tensor=np.zeros((1, 8, 8, 3), np.uint8))],
+        r"doc 't'.*H×W×3 uint8",
+    ),
+    Case(
+        "tensor-float",
+        "/encode",
+        lambda w: [doc("t", tensor=np.zeros((8, 8, 3), np.float32))],
+        r"doc 't'.*H×W×3 uint8.*float32",
+    ),
+    Case(
+        "tensor-nan",
+        "/search",
+        lambda w: [doc("t", tensor=np.full((8, 8, 3), np.nan, np.float32))],
+        r"doc 't'.*H×W×3 uint8",
+    ),
+    Case(
+        "tensor-4-channels",
+        "/encode",
+        lambda w: [doc("t", tensor=np.zeros((8, 8, 4), np.uint8))],
+        r"doc 't'.*H×W×3 uint8.*\(8, 8, 4\)",
+    ),
+    Case(
+        "tensor-empty-side",
+        "/encode",
+        lambda w: [doc("t", tensor=np.zeros((0, 8, 3), np.uint8))],
+        r"doc 't'.*(empty side|shape \(0, 8, 3\))",
+    ),  # an empty array loses its dtype on the wire
     # texts and docs without content
     Case("empty-text", "/encode", lambda w: [doc("x", text="")], r"doc 'x'.*neither text nor an image"),
     Case("whitespace-text", "/index", lambda w: [doc("x", text="  \n\t ")], r"doc 'x'.*neither text nor an image"),
@@ -109,23 +142,47 @@ CASES = [
     Case("dot-dot", "/search", lambda w: [doc("u", uri="../../../../etc/hostname")], REFUSED_URI),
     Case("symlink-out", "/index", lambda w: [doc("u", uri=_symlink_out(w))], REFUSED_URI),
     Case("http-not-allowed", "/encode", lambda w: [doc("u", uri="http://example.invalid/cat.png")], REFUSED_URI),
-    Case("train-uri-outside", "/train",
-         lambda w: [doc(f"u{i}" if i else "u", text="a cat", uri=str(_outside_file(w))) for i in range(8)],
-         REFUSED_URI, {"epochs": 1, "batch_size": 2}),
-    Case("bad-data-uri", "/encode", lambda w: [doc("d", uri="data:image/png;base64,@@@not-base64@@@")],
-         r"doc 'd'.*data URI"),
+    Case(
+        "train-uri-outside",
+        "/train",
+        lambda w: [doc(f"u{i}" if i else "u", text="a cat", uri=str(_outside_file(w))) for i in range(8)],
+        REFUSED_URI,
+        {"epochs": 1, "batch_size": 2},
+    ),
+    Case(
+        "bad-data-uri",
+        "/encode",
+        lambda w: [doc("d", uri="data:image/png;base64,@@@not-base64@@@")],
+        r"doc 'd'.*data URI",
+    ),
     # docarray's standard names (ImageDoc/TextDoc `url`, `bytes_`): the same rules as `uri` and `blob`
     Case("url-outside", "/encode", lambda w: [doc("u", url=str(_outside_file(w)))], REFUSED_URL),
     Case("url-symlink-out", "/index", lambda w: [doc("u", url=_symlink_out(w))], REFUSED_URL),
     Case("url-http-not-allowed", "/search", lambda w: [doc("u", url="http://example.invalid/cat.png")], REFUSED_URL),
-    Case("uri-url-disagree", "/index", lambda w: [doc("d", uri="cat.png", url="dog.png")],
-         r"doc 'd': uri and url differ .*executors\.schemas\.ClipDoc"),
-    Case("blob-bytes-disagree", "/encode", lambda w: [doc("d", blob=png(RGB), bytes_=png(RGB + 1))],
-         r"doc 'd': blob and bytes_ differ"),
-    Case("corrupt-bytes_", "/index", lambda w: [doc("b", bytes_=b"this is not an image")],
-         r"doc 'b' \(bytes_\).*cannot decode"),
-    Case("oversized-bytes_", "/encode", lambda w: [doc("b", bytes_=bytes(RequestLimits.max_blob_bytes + 1))],
-         rf"doc 'b' \(bytes_\): blob is {RequestLimits.max_blob_bytes + 1} bytes, over the limit"),
+    Case(
+        "uri-url-disagree",
+        "/index",
+        lambda w: [doc("d", uri="cat.png", url="dog.png")],
+        r"doc 'd': uri and url differ .*executors\.schemas\.ClipDoc",
+    ),
+    Case(
+        "blob-bytes-disagree",
+        "/encode",
+        lambda w: [doc("d", blob=png(RGB), bytes_=png(RGB + 1))],
+        r"doc 'd': blob and bytes_ differ",
+    ),
+    Case(
+        "corrupt-bytes_",
+        "/index",
+        lambda w: [doc("b", bytes_=b"this is not an image")],
+        r"doc 'b' \(bytes_\).*cannot decode",
+    ),
+    Case(
+        "oversized-bytes_",
+        "/encode",
+        lambda w: [doc("b", bytes_=bytes(RequestLimits.max_blob_bytes + 1))],
+        rf"doc 'b' \(bytes_\): blob is {RequestLimits.max_blob_bytes + 1} bytes, over the limit",
+    ),
     # /index, /delete, /search specifics
     Case("duplicate-ids", "/index", lambda w: [doc("dup", text="one"), doc("dup", text="two")], r"dup"),
     Case("delete-unknown", "/delete", lambda w: [doc("never-stored")], r"never-stored"),
@@ -133,38 +190,96 @@ CASES = [
     Case("limit-text", "/search", lambda w: [doc("q", text="a star")], r"'limit'", {"limit": "ten"}),
     Case("limit-fraction", "/search", lambda w: [doc("q", text="a star")], r"'limit'", {"limit": 2.5}),
     Case("limit-too-large", "/search", lambda w: [doc("q", text="a star")], r"'limit'", {"limit": 10**9}),
-    Case("unknown-parameter", "/search", lambda w: [doc("q", text="a star")], r"unknown parameter\(s\) \['topk'\]",
-         {"topk": 3}),
-    Case("return-content-ill-typed", "/search", lambda w: [doc("q", text="a star")], r"return_content",
-         {"return_content": "yes"}),
-    Case("filter-not-a-mapping", "/search", lambda w: [doc("q", text="a star")], r"parameter 'filter' must be",
-         {"filter": "tags.kind == 'a' or 1 == 1"}),
-    Case("filter-not-a-tag", "/search", lambda w: [doc("q", text="a star")], r"key 'id' must name a tag",
-         {"filter": {"id": "x"}}),
-    Case("filter-injected-key", "/search", lambda w: [doc("q", text="a star")], r"must be a tag name",
-         {"filter": {"tags.kind') OR 1=1 --": "x"}}),
-    Case("filter-nested-value", "/search", lambda w: [doc("q", text="a star")], r"must be a string",
-         {"filter": {"tags.kind": {"$ne": "x"}}}),
-    Case("vector-query-wrong-dim", "/search", lambda w: [doc("v", embedding=np.ones(7, np.float32))],
-         r"doc 'v'.*(dimension|dim)"),
-    Case("vector-query-nan", "/search", lambda w: [doc("v", embedding=np.full(128, np.nan, np.float32))],
-         r"doc 'v'.*finite"),
+    Case(
+        "unknown-parameter",
+        "/search",
+        lambda w: [doc("q", text="a star")],
+        r"unknown parameter\(s\) \['topk'\]",
+        {"topk": 3},
+    ),
+    Case(
+        "return-content-ill-typed",
+        "/search",
+        lambda w: [doc("q", text="a star")],
+        r"return_content",
+        {"return_content": "yes"},
+    ),
+    Case(
+        "filter-not-a-mapping",
+        "/search",
+        lambda w: [doc("q", text="a star")],
+        r"parameter 'filter' must be",
+        {"filter": "tags.kind == 'a' or 1 == 1"},
+    ),
+    Case(
+        "filter-not-a-tag",
+        "/search",
+        lambda w: [doc("q", text="a star")],
+        r"key 'id' must name a tag",
+        {"filter": {"id": "x"}},
+    ),
+    Case(
+        "filter-injected-key",
+        "/search",
+        lambda w: [doc("q", text="a star")],
+        r"must be a tag name",
+        {"filter": {"tags.kind') OR 1=1 --": "x"}},
+    ),
+    Case(
+        "filter-nested-value",
+        "/search",
+        lambda w: [doc("q", text="a star")],
+        r"must be a string",
+        {"filter": {"tags.kind": {"$ne": "x"}}},
+    ),
+    Case(
+        "vector-query-wrong-dim",
+        "/search",
+        lambda w: [doc("v", embedding=np.ones(7, np.float32))],
+        r"doc 'v'.*(dimension|dim)",
+    ),
+    Case(
+        "vector-query-nan",
+        "/search",
+        lambda w: [doc("v", embedding=np.full(128, np.nan, np.float32))],
+        r"doc 'v'.*finite",
+    ),
     # /train
     Case("train-without-pairs", "/train", lambda w: [], r"/train needs pairs", {"epochs": 1}),
-    Case("train-too-few", "/train", lambda w: [doc(f"p{i}", text=f"scene {i}", tensor=RGB) for i in range(3)],
-         r"(fewer than batch_size|too few|hold out)", {"epochs": 1}),
-    Case("train-text-only", "/train", lambda w: [doc("p", text="a star")], r"doc 'p'.*text and an image",
-         {"epochs": 1}),
-    Case("train-unknown-parameter", "/train", lambda w: [doc("p", text="a star", tensor=RGB)],
-         r"unknown parameter\(s\) \['lr'\] for /train", {"lr": 0.1}),
+    Case(
+        "train-too-few",
+        "/train",
+        lambda w: [doc(f"p{i}", text=f"scene {i}", tensor=RGB) for i in range(3)],
+        r"(fewer than batch_size|too few|hold out)",
+        {"epochs": 1},
+    ),
+    Case(
+        "train-text-only", "/train", lambda w: [doc("p", text="a star")], r"doc 'p'.*text and an image", {"epochs": 1}
+    ),
+    Case(
+        "train-unknown-parameter",
+        "/train",
+        lambda w: [doc("p", text="a star", tensor=RGB)],
+        r"unknown parameter\(s\) \['lr'\] for /train",
+        {"lr": 0.1},
+    ),
     Case("train-ill-typed", "/train", lambda w: [doc("p", text="a star", tensor=RGB)], r"epochs", {"epochs": "five"}),
-    Case("train-negative-epochs", "/train", lambda w: [doc("p", text="a star", tensor=RGB)], r"epochs",
-         {"epochs": -1}),
+    Case("train-negative-epochs", "/train", lambda w: [doc("p", text="a star", tensor=RGB)], r"epochs", {"epochs": -1}),
     Case("train-data-outside", "/train", lambda w: [], r"outside the data root|not allowed", {"data": "../../x.csv"}),
-    Case("train-unknown-precision", "/train", lambda w: [doc("p", text="a star", tensor=RGB)],
-         r"export_precision must be one of \['fp32', 'fp16', 'int8'\], got 'int4'", {"export_precision": "int4"}),
-    Case("train-ill-typed-precision", "/train", lambda w: [doc("p", text="a star", tensor=RGB)], r"export_precision must be a string, got 8",
-         {"export_precision": 8}),
+    Case(
+        "train-unknown-precision",
+        "/train",
+        lambda w: [doc("p", text="a star", tensor=RGB)],
+        r"export_precision must be one of \['fp32', 'fp16', 'int8'\], got 'int4'",
+        {"export_precision": "int4"},
+    ),
+    Case(
+        "train-ill-typed-precision",
+        "/train",
+        lambda w: [doc("p", text="a star", tensor=RGB)],
+        r"export_precision must be a string, got 8",
+        {"export_precision": 8},
+    ),
     # oversized requests
     Case("too-many-docs", "/encode", lambda w: [doc(f"n{i}", text="x") for i in range(5000)], r"(docs|limit)"),
 ]
@@ -184,8 +299,12 @@ def flow(tmp_path_factory, gallery):
 
 def assert_served_and_intact(flow: FlowProcess, gallery, probe: int = 4) -> None:
     """A valid search finds a gallery image first, and the index holds exactly the gallery."""
-    hits = post(flow, "/search", DocList[ClipDoc]([ClipDoc(id="probe", tensor=gallery.images[probe])]),
-                parameters={"limit": GALLERY})[0]
+    hits = post(
+        flow,
+        "/search",
+        DocList[ClipDoc]([ClipDoc(id="probe", tensor=gallery.images[probe])]),
+        parameters={"limit": GALLERY},
+    )[0]
     assert hits.matches[0].id == gallery.image_ids[probe]
     assert sorted(m.id for m in hits.matches) == sorted(gallery.image_ids)
     assert by_id(post(flow, "/status"))["status-indexer"].tags["count"] == GALLERY
@@ -199,8 +318,13 @@ def test_the_table_has_at_least_thirty_kinds():
 def test_bad_input_is_named_and_the_service_goes_on(flow, gallery, case):
     docs = case.docs(flow.workspace)
     with ServerError(case.message) as error:
-        post(flow, case.on, DocList[ClipDoc](docs) if docs else None, parameters=case.parameters,
-             request_size=max(len(docs), 1))
+        post(
+            flow,
+            case.on,
+            DocList[ClipDoc](docs) if docs else None,
+            parameters=case.parameters,
+            request_size=max(len(docs), 1),
+        )
     assert not any(str(flow.workspace.parent) in m for m in error.messages if "uri is not allowed" in m)
     assert_served_and_intact(flow, gallery)
 

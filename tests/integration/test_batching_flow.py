@@ -15,9 +15,9 @@ from docarray import DocList
 from jina.excepts import BadServer
 from service import FlowProcess, png, post, post_async
 
-from cliptuner import synthetic
-from cliptuner.registry import Registry
-from cliptuner.runtime import OnnxClip
+from cliptuner.model.registry import Registry
+from cliptuner.model.runtime import OnnxClip
+from cliptuner.train import synthetic
 from executors.schemas import ClipDoc
 
 CLIENTS = 16

@@ -7,16 +7,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cliptuner.plots import is_drawn
-
+from cliptuner.train.plots import is_drawn
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "JINA_HIDE_SURVEY": "1", "JINA_OPTOUT_TELEMETRY": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "cliptuner.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "cliptuner.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_quick_demo_tunes_through_the_service_and_draws_its_plots(tmp_path):

@@ -15,8 +15,8 @@ from docarray import BaseDoc, DocList
 from docarray.documents import ImageDoc, TextDoc
 from service import FlowProcess, ServerError, png
 
-from cliptuner.registry import Registry
-from cliptuner.runtime import OnnxClip
+from cliptuner.model.registry import Registry
+from cliptuner.model.runtime import OnnxClip
 from executors.schemas import ClipDoc
 
 IMAGES = 4
@@ -83,10 +83,12 @@ def call(flow: FlowProcess, on: str, docs, return_type, **kwargs):
 
 
 def test_image_and_text_docs_are_encoded_like_clip_docs(flow, images, files, clip):
-    standard = DocList[ImageDoc]([ImageDoc(id="t", tensor=images[0]), ImageDoc(id="b", bytes_=png(images[1])),
-                                  ImageDoc(id="u", url=files[2])])
-    own = DocList[ClipDoc]([ClipDoc(id="t", tensor=images[0]), ClipDoc(id="b", blob=png(images[1])),
-                            ClipDoc(id="u", uri=files[2])])
+    standard = DocList[ImageDoc](
+        [ImageDoc(id="t", tensor=images[0]), ImageDoc(id="b", bytes_=png(images[1])), ImageDoc(id="u", url=files[2])]
+    )
+    own = DocList[ClipDoc](
+        [ClipDoc(id="t", tensor=images[0]), ClipDoc(id="b", blob=png(images[1])), ClipDoc(id="u", uri=files[2])]
+    )
     as_clip = call(flow, "/encode", standard, DocList[ClipDoc])
     reference = call(flow, "/encode", own, DocList[ClipDoc])
     expected = clip.encode_images(images[:3])  # [3, embed_dim]
@@ -113,8 +115,14 @@ def test_image_and_text_docs_are_encoded_like_clip_docs(flow, images, files, cli
 
 
 def test_indexed_image_docs_are_found_by_text_and_image_queries(flow, images, files, clip):
-    gallery = DocList[ImageDoc]([ImageDoc(id="g0", tensor=images[0]), ImageDoc(id="g1", bytes_=png(images[1])),
-                                 ImageDoc(id="g2", url=files[2]), ImageDoc(id="g3", bytes_=png(images[3]))])
+    gallery = DocList[ImageDoc](
+        [
+            ImageDoc(id="g0", tensor=images[0]),
+            ImageDoc(id="g1", bytes_=png(images[1])),
+            ImageDoc(id="g2", url=files[2]),
+            ImageDoc(id="g3", bytes_=png(images[3])),
+        ]
+    )
     indexed = call(flow, "/index", gallery, DocList[ImageDoc])
     assert [d.id for d in indexed] == ["g0", "g1", "g2", "g3"]
     vectors = clip.encode_images(images)  # [IMAGES, embed_dim]
@@ -136,8 +144,13 @@ def test_indexed_image_docs_are_found_by_text_and_image_queries(flow, images, fi
     plain = call(flow, "/search", query, DocList[TextDoc], parameters={"limit": IMAGES})[0]
     np.testing.assert_allclose(plain.embedding, hits.embedding, atol=1e-6)  # TextDoc has no field for matches
 
-    by_image = call(flow, "/search", DocList[ImageDoc]([ImageDoc(id="qi", bytes_=png(images[2]))]),
-                    DocList[ClipDoc], parameters={"limit": 2})[0]
+    by_image = call(
+        flow,
+        "/search",
+        DocList[ImageDoc]([ImageDoc(id="qi", bytes_=png(images[2]))]),
+        DocList[ClipDoc],
+        parameters={"limit": 2},
+    )[0]
     assert by_image.matches[0].id == "g2" and by_image.scores[0] == pytest.approx(1.0, abs=1e-4)
 
 
@@ -148,24 +161,30 @@ def test_standard_names_follow_the_uri_rules_and_must_agree(flow, images, files)
         call(flow, "/encode", DocList[ImageDoc]([ImageDoc(id="o", url=str(outside))]), DocList[ImageDoc])
     assert not any(str(flow.workspace.parent) in m for m in error.messages)
     with ServerError(r"doc 'o' \(url\): uri is not allowed"):
-        call(flow, "/index", DocList[ImageDoc]([ImageDoc(id="o", url="../../../../etc/hostname")]),
-             DocList[ImageDoc])
+        call(flow, "/index", DocList[ImageDoc]([ImageDoc(id="o", url="../../../../etc/hostname")]), DocList[ImageDoc])
     with ServerError(r"doc 'n' \(bytes_\).*cannot decode"):
         call(flow, "/search", DocList[ImageDoc]([ImageDoc(id="n", bytes_=b"not an image at all")]), DocList[ClipDoc])
     with ServerError(r"doc 'd': uri and url differ .*executors\.schemas\.ClipDoc"):
         call(flow, "/encode", DocList[ClipDoc]([ClipDoc(id="d", uri=files[0], url=files[1])]), DocList[ClipDoc])
     with ServerError(r"doc 'e': blob and bytes_ differ"):
-        call(flow, "/index", DocList[ClipDoc]([ClipDoc(id="e", blob=png(images[0]), bytes_=png(images[1]))]),
-             DocList[ClipDoc])
-    agreeing = call(flow, "/encode", DocList[ClipDoc]([ClipDoc(id="a", uri=files[3], url=files[3])]),
-                    DocList[ClipDoc])[0]
+        call(
+            flow,
+            "/index",
+            DocList[ClipDoc]([ClipDoc(id="e", blob=png(images[0]), bytes_=png(images[1]))]),
+            DocList[ClipDoc],
+        )
+    agreeing = call(flow, "/encode", DocList[ClipDoc]([ClipDoc(id="a", uri=files[3], url=files[3])]), DocList[ClipDoc])[
+        0
+    ]
     alone = call(flow, "/encode", DocList[ImageDoc]([ImageDoc(id="a", url=files[3])]), DocList[ClipDoc])[0]
     np.testing.assert_allclose(agreeing.embedding, alone.embedding, atol=1e-6)
 
 
 def test_a_doc_that_does_not_fit_the_schema_is_refused_naming_the_schema_to_send(flow):
-    with ServerError(r"doc 'l': cannot be read as executors\.schemas\.ClipDoc \(tags: .*dictionary.*\); send "
-                     r"executors\.schemas\.ClipDoc, or docarray's ImageDoc or TextDoc"):
+    with ServerError(
+        r"doc 'l': cannot be read as executors\.schemas\.ClipDoc \(tags: .*dictionary.*\); send "
+        r"executors\.schemas\.ClipDoc, or docarray's ImageDoc or TextDoc"
+    ):
         call(flow, "/encode", DocList[Labelled]([Labelled(id="l", text=QUERY)]), DocList[ClipDoc])
     with ServerError(r"doc 'l': cannot be read as executors\.schemas\.ClipDoc"):
         call(flow, "/search", DocList[Labelled]([Labelled(id="l", text=QUERY)]), DocList[ClipDoc])

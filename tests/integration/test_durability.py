@@ -17,14 +17,39 @@ import pytest
 from docarray import DocList
 from service import ExecutorProcess, by_id
 
-from cliptuner.registry import Registry
+from cliptuner.model.registry import Registry
 from executors.schemas import ClipDoc
 
 DOCS_PER_REQUEST = 4
 MAX_REQUESTS = 400  # the kill comes long before; the loop is bounded anyway
-WORDS = ("amber", "basalt", "cedar", "dune", "ember", "fjord", "garnet", "heron", "indigo", "jasper", "kelp",
-         "lichen", "marble", "nectar", "onyx", "pine", "quartz", "raven", "sage", "tundra", "umber", "violet",
-         "willow", "xenon", "yarrow", "zinc")
+WORDS = (
+    "amber",
+    "basalt",
+    "cedar",
+    "dune",
+    "ember",
+    "fjord",
+    "garnet",
+    "heron",
+    "indigo",
+    "jasper",
+    "kelp",
+    "lichen",
+    "marble",
+    "nectar",
+    "onyx",
+    "pine",
+    "quartz",
+    "raven",
+    "sage",
+    "tundra",
+    "umber",
+    "violet",
+    "willow",
+    "xenon",
+    "yarrow",
+    "zinc",
+)
 
 
 def text_of(n: int) -> str:
@@ -37,9 +62,12 @@ class IndexerProcess(ExecutorProcess):
     """The indexer alone, with the HNSW backend (its index a cache rebuilt from the database at start)."""
 
     def __init__(self, workspace: Path, log_path: Path) -> None:
-        super().__init__("CLIPIndexer", workspace, log_path, {"bootstrap": False, "device": "cpu",
-                                                              "intra_op_threads": 1, "backend": "usearch",
-                                                              "watch_interval": 0})
+        super().__init__(
+            "CLIPIndexer",
+            workspace,
+            log_path,
+            {"bootstrap": False, "device": "cpu", "intra_op_threads": 1, "backend": "usearch", "watch_interval": 0},
+        )
 
 
 @pytest.fixture
@@ -93,7 +121,7 @@ def test_acknowledged_index_requests_survive_kill_9(indexer_process):
     assert count in (len(acknowledged), len(acknowledged) + len(in_flight)), (count, len(acknowledged))
     found = {}
     for start in range(0, len(acknowledged), 50):
-        numbers = acknowledged[start:start + 50]
+        numbers = acknowledged[start : start + 50]
         queries = DocList[ClipDoc]([ClipDoc(id=f"q{n}", text=text_of(n)) for n in numbers])
         for query in server.post("/search", queries, parameters={"limit": 1}):
             found[query.id] = (query.matches[0].id, query.scores[0], query.matches[0].tags)

@@ -20,7 +20,7 @@ LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp
 def _address(hex_address: str) -> ipaddress._BaseAddress:
     """A /proc/net/tcp{,6} address (32-bit words in host byte order); IPv4-mapped IPv6 as IPv4."""
     raw = bytes.fromhex(hex_address)
-    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
     address = ipaddress.ip_address(raw)
     return getattr(address, "ipv4_mapped", None) or address
 
@@ -46,7 +46,7 @@ def session_pids(session: int) -> list[int]:
                 stat = Path(f"/proc/{entry}/stat").read_text()
             except OSError:
                 continue
-            if int(stat[stat.rindex(")") + 2:].split()[3]) == session:  # fields after comm: state ppid pgrp sid
+            if int(stat[stat.rindex(")") + 2 :].split()[3]) == session:  # fields after comm: state ppid pgrp sid
                 pids.append(int(entry))
     return pids
 
@@ -80,8 +80,10 @@ class Serve(FlowProcess):
     def listening(self) -> list[tuple[ipaddress._BaseAddress, int]]:
         """(address, port) of every socket the service's processes listen on."""
         table = listening_sockets()
-        return sorted({table[inode] for pid in session_pids(self.proc.pid) for inode in socket_inodes(pid)
-                       if inode in table}, key=lambda item: item[1])
+        return sorted(
+            {table[inode] for pid in session_pids(self.proc.pid) for inode in socket_inodes(pid) if inode in table},
+            key=lambda item: item[1],
+        )
 
 
 @pytest.fixture(scope="module")
@@ -107,11 +109,15 @@ def test_serve_listens_on_loopback_only_by_default(workspace):
     assert all(address == ipaddress.ip_address("127.0.0.1") for address in executors), executors
 
 
-@pytest.mark.parametrize("args, env, executors_at_least", [
-    (["--host", "0.0.0.0"], {}, 3),
-    ([], {"CLIPTUNER_HOST": "0.0.0.0"}, 3),
-    (["--host", "0.0.0.0", "--index-shards", "2"], {}, 6),  # + the indexer's head, its second shard, the merger
-], ids=["--host", "CLIPTUNER_HOST", "sharded"])
+@pytest.mark.parametrize(
+    "args, env, executors_at_least",
+    [
+        (["--host", "0.0.0.0"], {}, 3),
+        ([], {"CLIPTUNER_HOST": "0.0.0.0"}, 3),
+        (["--host", "0.0.0.0", "--index-shards", "2"], {}, 6),  # + the indexer's head, its second shard, the merger
+    ],
+    ids=["--host", "CLIPTUNER_HOST", "sharded"],
+)
 def test_serve_opens_the_gateway_alone_to_every_interface_when_told(workspace, args, env, executors_at_least):
     with Serve(workspace, args, env) as serve:
         gateway, executors = gateway_and_executors(serve)

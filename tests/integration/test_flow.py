@@ -7,7 +7,7 @@ then stop the Flow and start it again on the same workspace.
 
 Which model made the vectors is checked by value, not by the ``model_version`` labels: every score a search
 returns must equal the cosine of that version's embeddings of the query and of the matched doc's stored content,
-computed here with :class:`cliptuner.runtime.OnnxClip` from the version's directory in the registry. An index
+computed here with :class:`cliptuner.model.runtime.OnnxClip` from the version's directory in the registry. An index
 that kept the old vectors after /train fails that, whatever it labels its matches.
 
 The Flow runs in its own process (`python -m cliptuner.cli serve`), started fresh: its Executors are forked
@@ -33,16 +33,22 @@ import pytest
 from docarray import DocList
 from service import ExecutorProcess, FlowProcess, ServerError, by_id, png, post, post_async
 
-from cliptuner import synthetic
-from cliptuner.registry import Registry
-from cliptuner.runtime import OnnxClip
+from cliptuner.model.registry import Registry
+from cliptuner.model.runtime import OnnxClip
+from cliptuner.train import synthetic
 from executors.schemas import ClipDoc
 
 GALLERY = int(os.environ.get("CLIPTUNER_IT_GALLERY", "200"))
 TRAIN_IMAGES = int(os.environ.get("CLIPTUNER_IT_TRAIN_IMAGES", "600"))
 EPOCHS = int(os.environ.get("CLIPTUNER_IT_EPOCHS", "5"))
-TRAIN_PARAMETERS = {"epochs": EPOCHS, "batch_size": 32, "learning_rate": 1e-3, "warmup_steps": 10, "seed": 0,
-                    "eval_fraction": 0.2}
+TRAIN_PARAMETERS = {
+    "epochs": EPOCHS,
+    "batch_size": 32,
+    "learning_rate": 1e-3,
+    "warmup_steps": 10,
+    "seed": 0,
+    "eval_fraction": 0.2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +78,9 @@ def state():
 
 
 def caption_queries(gallery) -> DocList[ClipDoc]:
-    return DocList[ClipDoc]([ClipDoc(id=f"q-{image_id}", text=gallery.captions[i])
-                             for i, image_id in enumerate(gallery.image_ids)])
+    return DocList[ClipDoc](
+        [ClipDoc(id=f"q-{image_id}", text=gallery.captions[i]) for i, image_id in enumerate(gallery.image_ids)]
+    )
 
 
 def offline_clip(flow: FlowProcess, version: str) -> OnnxClip:
@@ -86,16 +93,18 @@ def offline_gallery(flow: FlowProcess, gallery, version: str) -> dict[str, np.nd
     return dict(zip(gallery.image_ids, offline_clip(flow, version).encode_images(gallery.images)))
 
 
-def expected_scores(flow: FlowProcess, gallery, version: str, results: DocList[ClipDoc],
-                    texts: dict[str, str]) -> list[np.ndarray]:
+def expected_scores(
+    flow: FlowProcess, gallery, version: str, results: DocList[ClipDoc], texts: dict[str, str]
+) -> list[np.ndarray]:
     """Per query doc of ``results``: cosine of ``version``'s embeddings of its text and of each match's image."""
     images = offline_gallery(flow, gallery, version)
     queries = dict(zip(texts, offline_clip(flow, version).encode_text(list(texts.values()))))
     return [np.array([queries[query.id] @ images[m.id] for m in query.matches]) for query in results]
 
 
-def assert_scored_by(flow: FlowProcess, gallery, version: str, results: DocList[ClipDoc],
-                     texts: dict[str, str]) -> list[np.ndarray]:
+def assert_scored_by(
+    flow: FlowProcess, gallery, version: str, results: DocList[ClipDoc], texts: dict[str, str]
+) -> list[np.ndarray]:
     """Every score equals ``version``'s offline cosine: query and stored vectors were both made by ``version``."""
     expected = expected_scores(flow, gallery, version, results, texts)
     for query, scores in zip(results, expected):
@@ -112,7 +121,7 @@ def recall_at_5(flow: FlowProcess, gallery, version: str) -> float:
     hits = 0
     for query in results:
         assert len(query.matches) == 5 and query.scores == sorted(query.scores, reverse=True)
-        hits += query.id[len("q-"):] in [m.id for m in query.matches]
+        hits += query.id[len("q-") :] in [m.id for m in query.matches]
     assert_scored_by(flow, gallery, version, results, {q.id: q.text for q in queries})
     return hits / len(results)
 
@@ -125,15 +134,22 @@ def test_index_then_search_with_the_base_model(flow, gallery, state):
     stored = post(flow, "/index", docs, request_size=50)
     assert len(stored) == GALLERY and {d.model_version for d in stored} == {"v1"}
 
-    encoded = post(flow, "/encode", DocList[ClipDoc]([ClipDoc(id="t", text="a red circle"),
-                                                      ClipDoc(id="i", tensor=gallery.images[0])]))
+    encoded = post(
+        flow,
+        "/encode",
+        DocList[ClipDoc]([ClipDoc(id="t", text="a red circle"), ClipDoc(id="i", tensor=gallery.images[0])]),
+    )
     for doc in encoded:
         assert doc.model_version == "v1" and abs(np.linalg.norm(doc.embedding) - 1) < 1e-4
     indexed = by_id(stored)[gallery.image_ids[0]]  # sent as a PNG blob; responses may come back in any order
     np.testing.assert_allclose(encoded[1].embedding, indexed.embedding, atol=1e-5)  # blob and tensor alike
 
-    top = post(flow, "/search", DocList[ClipDoc]([ClipDoc(id="q", tensor=gallery.images[3])]),
-               parameters={"limit": 3, "return_content": True})[0]
+    top = post(
+        flow,
+        "/search",
+        DocList[ClipDoc]([ClipDoc(id="q", tensor=gallery.images[3])]),
+        parameters={"limit": 3, "return_content": True},
+    )[0]
     assert top.matches[0].id == gallery.image_ids[3] and top.scores[0] == pytest.approx(1.0, abs=1e-4)
     np.testing.assert_array_equal(top.matches[0].tensor, gallery.images[3])  # the stored content comes back
     assert top.matches[0].tags == {"caption": gallery.captions[3]}
@@ -149,8 +165,9 @@ def test_encode_and_search_never_pass_through_the_tuner(flow, gallery):
     async def query_path():
         encoded = await post_async(flow.port, "/encode", DocList[ClipDoc]([ClipDoc(id="t", text="a red circle")]))
         await post_async(flow.port, "/index", DocList[ClipDoc]([ClipDoc(id="probe", text="a probe doc")]))
-        found = await post_async(flow.port, "/search", DocList[ClipDoc]([ClipDoc(id="q", text="a probe doc")]),
-                                 parameters={"limit": 1})
+        found = await post_async(
+            flow.port, "/search", DocList[ClipDoc]([ClipDoc(id="q", text="a probe doc")]), parameters={"limit": 1}
+        )
         await post_async(flow.port, "/delete", DocList[ClipDoc]([ClipDoc(id="probe")]))
         return encoded, found
 
@@ -164,14 +181,22 @@ def test_encode_and_search_never_pass_through_the_tuner(flow, gallery):
 
 
 def test_train_while_serving_then_search_with_the_tuned_version(flow, gallery, train_pairs, state):
-    pairs = DocList[ClipDoc]([
-        ClipDoc(id=f"pair-{i}", text=caption, tensor=train_pairs.images[train_pairs.image_index[i]],
-                tags={"image_id": train_pairs.image_ids[train_pairs.image_index[i]]})
-        for i, caption in enumerate(train_pairs.captions)])
+    pairs = DocList[ClipDoc](
+        [
+            ClipDoc(
+                id=f"pair-{i}",
+                text=caption,
+                tensor=train_pairs.images[train_pairs.image_index[i]],
+                tags={"image_id": train_pairs.image_ids[train_pairs.image_index[i]]},
+            )
+            for i, caption in enumerate(train_pairs.captions)
+        ]
+    )
 
     async def scenario():
-        training = asyncio.create_task(post_async(flow.port, "/train", pairs, parameters=TRAIN_PARAMETERS,
-                                                  request_size=len(pairs)))
+        training = asyncio.create_task(
+            post_async(flow.port, "/train", pairs, parameters=TRAIN_PARAMETERS, request_size=len(pairs))
+        )
         progress = None
         while not training.done():  # wait until the tuner reports optimizer steps
             tuner = by_id(await post_async(flow.port, "/status"))["status-tuner"].tags["training"]
@@ -181,10 +206,14 @@ def test_train_while_serving_then_search_with_the_tuned_version(flow, gallery, t
             await asyncio.sleep(0.5)
         assert progress is not None, "the training finished before it could be observed"
         # meanwhile, other clients are served by the version that serves now
-        searched = await post_async(flow.port, "/search", DocList[ClipDoc]([ClipDoc(id="s", text="a star")]),
-                                    parameters={"limit": 3})
-        encoded = await post_async(flow.port, "/encode", DocList[ClipDoc]([
-            ClipDoc(id="t", text="a blue square"), ClipDoc(id="i", tensor=gallery.images[0])]))
+        searched = await post_async(
+            flow.port, "/search", DocList[ClipDoc]([ClipDoc(id="s", text="a star")]), parameters={"limit": 3}
+        )
+        encoded = await post_async(
+            flow.port,
+            "/encode",
+            DocList[ClipDoc]([ClipDoc(id="t", text="a blue square"), ClipDoc(id="i", tensor=gallery.images[0])]),
+        )
         with ServerError("a /train run is already going"):
             await post_async(flow.port, "/train", pairs[:64], parameters=TRAIN_PARAMETERS, request_size=64)
         served_during_training = not training.done()
@@ -219,13 +248,16 @@ def test_train_while_serving_then_search_with_the_tuned_version(flow, gallery, t
     state["after"] = recall_at_5(flow, gallery, "v2")
     old, new = offline_gallery(flow, gallery, "v1"), offline_gallery(flow, gallery, "v2")
     assert min(float(old[i] @ new[i]) for i in gallery.image_ids) < 0.99  # so v1's vectors would not pass
-    own = post(flow, "/search", DocList[ClipDoc]([ClipDoc(id="q", tensor=gallery.images[7])]),
-               parameters={"limit": 1})[0]  # a stored doc's own content finds itself at cosine 1
+    own = post(flow, "/search", DocList[ClipDoc]([ClipDoc(id="q", tensor=gallery.images[7])]), parameters={"limit": 1})[
+        0
+    ]  # a stored doc's own content finds itself at cosine 1
     assert own.matches[0].id == gallery.image_ids[7] and own.scores[0] == pytest.approx(1.0, abs=1e-4)
     state["report"] = report
-    print(f"\ngallery caption→image recall@5: before {state['before']:.3f}, after {state['after']:.3f} "
-          f"({GALLERY} images); /train report t2i_r5 {report['before']['t2i_r5']:.3f} → "
-          f"{report['after']['t2i_r5']:.3f}; {report['samples_per_s']:.1f} samples/s")
+    print(
+        f"\ngallery caption→image recall@5: before {state['before']:.3f}, after {state['after']:.3f} "
+        f"({GALLERY} images); /train report t2i_r5 {report['before']['t2i_r5']:.3f} → "
+        f"{report['after']['t2i_r5']:.3f}; {report['samples_per_s']:.1f} samples/s"
+    )
     chance = 5 / GALLERY
     assert state["after"] >= state["before"] + 0.15, (state["before"], state["after"])
     assert state["after"] >= 4 * chance
@@ -245,28 +277,45 @@ def test_delete_removes_docs_from_results(flow, gallery):
     gone = [gallery.image_ids[0], gallery.image_ids[1]]
     out = post(flow, "/delete", DocList[ClipDoc]([ClipDoc(id=gone[0]), ClipDoc(id=gone[1])]))
     assert [d.tags["deleted"] for d in out] == [True, True]
-    everything = post(flow, "/search", DocList[ClipDoc]([ClipDoc(id="q", tensor=gallery.images[0])]),
-                      parameters={"limit": GALLERY})[0]
+    everything = post(
+        flow, "/search", DocList[ClipDoc]([ClipDoc(id="q", tensor=gallery.images[0])]), parameters={"limit": GALLERY}
+    )[0]
     ids = [m.id for m in everything.matches]
     assert len(ids) == GALLERY - 2 and not set(gone) & set(ids)
     assert by_id(post(flow, "/status"))["status-indexer"].tags["count"] == GALLERY - 2
 
 
-@pytest.mark.parametrize("on, docs, parameters, message", [
-    ("/encode", [ClipDoc(id="ok", text="fine"), ClipDoc(id="hollow")], None,
-     "doc 'hollow': has neither text nor an image"),
-    ("/index", [ClipDoc(id="garbled", blob=b"\x89PNG\r\n\x1a\n garbage")], None, "doc 'garbled'.*cannot decode"),
-    ("/search", [ClipDoc(id="flat", tensor=np.zeros((8, 8), np.uint8))], {"limit": 3},
-     "doc 'flat': tensor must be an H×W×3 uint8 image, got shape \\(8, 8\\)"),
-    ("/search", [ClipDoc(id="q", text="a star")], {"limit": 3, "topk": 3}, "unknown parameter\\(s\\) \\['topk'\\]"),
-    ("/train", [ClipDoc(id="p", text="a star", tensor=np.zeros((8, 8, 3), np.uint8))], {"epochs": 1, "lr": 0.1},
-     "unknown parameter\\(s\\) \\['lr'\\] for /train"),
-])
+@pytest.mark.parametrize(
+    "on, docs, parameters, message",
+    [
+        (
+            "/encode",
+            [ClipDoc(id="ok", text="fine"), ClipDoc(id="hollow")],
+            None,
+            "doc 'hollow': has neither text nor an image",
+        ),
+        ("/index", [ClipDoc(id="garbled", blob=b"\x89PNG\r\n\x1a\n garbage")], None, "doc 'garbled'.*cannot decode"),
+        (
+            "/search",
+            [ClipDoc(id="flat", tensor=np.zeros((8, 8), np.uint8))],
+            {"limit": 3},
+            "doc 'flat': tensor must be an H×W×3 uint8 image, got shape \\(8, 8\\)",
+        ),
+        ("/search", [ClipDoc(id="q", text="a star")], {"limit": 3, "topk": 3}, "unknown parameter\\(s\\) \\['topk'\\]"),
+        (
+            "/train",
+            [ClipDoc(id="p", text="a star", tensor=np.zeros((8, 8, 3), np.uint8))],
+            {"epochs": 1, "lr": 0.1},
+            "unknown parameter\\(s\\) \\['lr'\\] for /train",
+        ),
+    ],
+)
 def test_bad_input_gets_a_named_error_and_the_service_goes_on(flow, gallery, on, docs, parameters, message):
     with ServerError(message):
         post(flow, on, DocList[ClipDoc](docs), parameters=parameters or {})
-    hits = post(flow, "/search", DocList[ClipDoc]([ClipDoc(id="q", tensor=gallery.images[5])]),
-                parameters={"limit": 1})[0]
+    hits = post(
+        flow, "/search", DocList[ClipDoc]([ClipDoc(id="q", tensor=gallery.images[5])]), parameters={"limit": 1}
+    )[0]
     assert hits.matches[0].id == gallery.image_ids[5]  # the next valid request is served, nothing was lost
     assert by_id(post(flow, "/status"))["status-indexer"].tags["count"] == GALLERY - 2
 
@@ -297,8 +346,9 @@ def test_the_encoder_runs_alone_as_a_microservice(tmp_path, tiny_model_dir):
     try:
         out = encoder.post("/encode", DocList[ClipDoc]([ClipDoc(id="a", text="a green triangle")]))
         assert out[0].model_version == "v1" and out[0].embedding.shape == (128,)
-        np.testing.assert_allclose(out[0].embedding, OnnxClip(tiny_model_dir).encode_text(["a green triangle"])[0],
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            out[0].embedding, OnnxClip(tiny_model_dir).encode_text(["a green triangle"])[0], atol=1e-5
+        )
         assert [d.id for d in encoder.post("/status")] == ["status-encoder"]
         with ServerError("doc 'x': has neither text nor an image"):
             encoder.post("/encode", DocList[ClipDoc]([ClipDoc(id="x")]))

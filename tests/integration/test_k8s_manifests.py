@@ -17,20 +17,29 @@ from typing import Any
 import pytest
 import yaml
 
-from cliptuner import k8s
 from cliptuner.cli import main
+from cliptuner.serve import k8s
 
-kubernetes = pytest.importorskip("kubernetes", reason="the offline validation needs the kubernetes client "
-                                                      "(pip install -e '.[dev]')")
+kubernetes = pytest.importorskip(
+    "kubernetes", reason="the offline validation needs the kubernetes client (pip install -e '.[dev]')"
+)
 from kubernetes.client import ApiClient, models  # noqa: E402
 
 EXECUTORS = ("tuner", "encoder", "indexer")
 ENCODER_REPLICAS = 3
-PRIMITIVES: dict[str, Any] = {"str": str, "int": int, "bool": bool, "float": (int, float), "object": object,
-                              "datetime": str, "date": str}
+PRIMITIVES: dict[str, Any] = {
+    "str": str,
+    "int": int,
+    "bool": bool,
+    "float": (int, float),
+    "object": object,
+    "datetime": str,
+    "date": str,
+}
 
 
 # --- the offline validator ---------------------------------------------------------------------------------------
+
 
 def model_name(doc: dict[str, Any]) -> str:
     """The client's model class of an object: ``apps/v1`` + ``Deployment`` -> ``V1Deployment``."""
@@ -107,20 +116,37 @@ def validate(doc: dict[str, Any]) -> Any:
 
 # --- one generation per module ------------------------------------------------------------------------------------
 
+
 def load(out: Path) -> dict[str, list[dict[str, Any]]]:
     """file name -> its objects, for every file of the kustomization in ``out``."""
     kustomization = yaml.safe_load((out / k8s.KUSTOMIZATION_FILE).read_text())
-    return {name: [d for d in yaml.safe_load_all((out / name).read_text()) if d]
-            for name in kustomization["resources"]}
+    return {name: [d for d in yaml.safe_load_all((out / name).read_text()) if d] for name in kustomization["resources"]}
 
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[dict[str, Any]]]]:
     """``cliptuner k8s`` with a few non-default options, run once; (DIR, its objects per file)."""
     out = tmp_path_factory.mktemp("k8s") / "manifests"
-    assert main(["k8s", "--out", str(out), "--encoder-replicas", str(ENCODER_REPLICAS), "--gpus-encoder", "1",
-                 "--storage-class", "nfs-client", "--image-prefix", "registry.example.com/ml/cliptuner-",
-                 "--tag", "0.1.0"]) == 0
+    assert (
+        main(
+            [
+                "k8s",
+                "--out",
+                str(out),
+                "--encoder-replicas",
+                str(ENCODER_REPLICAS),
+                "--gpus-encoder",
+                "1",
+                "--storage-class",
+                "nfs-client",
+                "--image-prefix",
+                "registry.example.com/ml/cliptuner-",
+                "--tag",
+                "0.1.0",
+            ]
+        )
+        == 0
+    )
     return out, load(out)
 
 
@@ -147,10 +173,12 @@ def declared_ports(container: dict[str, Any]) -> set[int]:
 
 # --- tests --------------------------------------------------------------------------------------------------------
 
+
 def test_every_object_is_a_valid_kubernetes_object(generated):
     out, files = generated
-    assert sorted(files) == sorted([k8s.NAMESPACE_FILE, k8s.PVC_FILE, "tuner.yml", "encoder.yml", "indexer.yml",
-                                    "gateway.yml"])
+    assert sorted(files) == sorted(
+        [k8s.NAMESPACE_FILE, k8s.PVC_FILE, "tuner.yml", "encoder.yml", "indexer.yml", "gateway.yml"]
+    )
     assert sorted(p.name for p in out.iterdir()) == sorted([*files, k8s.KUSTOMIZATION_FILE])
     kinds = []
     for docs in files.values():
@@ -235,8 +263,9 @@ def test_every_container_has_grpc_probes_on_a_port_it_declares(generated):
                 assert set(probe) & {"grpc", "exec", "httpGet", "tcpSocket"} == {"grpc"}, (name, kind)
                 assert probe["grpc"]["port"] == grpc_port, (name, kind)
             # jina's budget from timeout_ready (1200 s / 5 s); the gateway waits for the slowest Executor
-            assert container["startupProbe"]["failureThreshold"] * container["startupProbe"]["periodSeconds"] \
-                >= 1200, name
+            assert container["startupProbe"]["failureThreshold"] * container["startupProbe"]["periodSeconds"] >= 1200, (
+                name
+            )
 
 
 def test_services_expose_the_grpc_and_metrics_ports_of_their_pods(generated):
@@ -252,8 +281,9 @@ def test_services_expose_the_grpc_and_metrics_ports_of_their_pods(generated):
         assert int(by_name["port"]["targetPort"]) in ports  # gRPC
         assert int(by_name["monitoring"]["targetPort"]) in ports
     gateway = services["gateway"]["spec"]["ports"]
-    grpc_port = int(containers(deployments["gateway"])[0]["args"][
-        containers(deployments["gateway"])[0]["args"].index("--port") + 1])
+    grpc_port = int(
+        containers(deployments["gateway"])[0]["args"][containers(deployments["gateway"])[0]["args"].index("--port") + 1]
+    )
     assert any(int(p["port"]) == grpc_port and int(p["targetPort"]) == grpc_port for p in gateway)
 
 
@@ -326,24 +356,29 @@ def test_the_indexer_connects_to_milvus_when_asked(generated, exported):
     uses_with = json.loads(indexer["args"][indexer["args"].index("--uses-with") + 1])
     assert uses_with["backend"] == "milvus" and uses_with["milvus_uri"] == "http://milvus.milvus.svc:19530"
     assert uses_with["bootstrap"] is False and uses_with["trust_client_vectors"] is True  # the rest is kept
-    assert {"name": "CLIPTUNER_MILVUS_TOKEN", "valueFrom": {"secretKeyRef": {"name": "milvus-token", "key": "token"}}} \
-        in indexer["env"]
+    assert {
+        "name": "CLIPTUNER_MILVUS_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": "milvus-token", "key": "token"}},
+    } in indexer["env"]
     for name in ("tuner", "encoder"):  # only the indexer talks to the vector store
         args = containers(deployments[name])[0]["args"]
         assert "milvus" not in args[args.index("--uses-with") + 1]
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("milvus_uri", "milvus:19530", "--milvus-uri 'milvus:19530'"),
-    ("milvus_token_secret", "milvus-token", "--milvus-token-secret needs --milvus-uri"),
-    ("encoder_replicas", 0, "--encoder-replicas 0"),
-    ("gpus_tuner", -1, "--gpus-tuner -1"),
-    ("namespace", "Cliptuner", "--namespace 'Cliptuner'"),
-    ("tag", "-bad", "--tag '-bad'"),
-    ("storage", "20GB", "--storage '20GB'"),
-    ("resources", {"encoder": ("1", "2GB")}, "--encoder-memory '2GB'"),
-    ("resources", {"tuner": ("two", "8Gi")}, "--tuner-cpu 'two'"),
-])
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("milvus_uri", "milvus:19530", "--milvus-uri 'milvus:19530'"),
+        ("milvus_token_secret", "milvus-token", "--milvus-token-secret needs --milvus-uri"),
+        ("encoder_replicas", 0, "--encoder-replicas 0"),
+        ("gpus_tuner", -1, "--gpus-tuner -1"),
+        ("namespace", "Cliptuner", "--namespace 'Cliptuner'"),
+        ("tag", "-bad", "--tag '-bad'"),
+        ("storage", "20GB", "--storage '20GB'"),
+        ("resources", {"encoder": ("1", "2GB")}, "--encoder-memory '2GB'"),
+        ("resources", {"tuner": ("two", "8Gi")}, "--tuner-cpu 'two'"),
+    ],
+)
 def test_a_bad_option_is_refused_by_name(option, value, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         k8s.K8sOptions(**{option: value}).validate()
@@ -366,8 +401,12 @@ def test_kubectl_kustomize_renders_every_object(generated):
     out, files = generated
     result = subprocess.run(["kubectl", "kustomize", str(out)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    rendered = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"])
-                for d in yaml.safe_load_all(result.stdout) if d}
-    expected = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"])
-                for docs in files.values() for d in docs}
+    rendered = {
+        (d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"])
+        for d in yaml.safe_load_all(result.stdout)
+        if d
+    }
+    expected = {
+        (d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]) for docs in files.values() for d in docs
+    }
     assert rendered == expected

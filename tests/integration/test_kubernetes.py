@@ -11,15 +11,28 @@ import yaml
 from executors import CLIPEncoder, CLIPIndexer, CLIPTuner
 
 ROOT = Path(__file__).resolve().parents[2]
-IMAGES = {"tuner": "cliptuner-tuner:latest", "encoder": "cliptuner-encoder:latest",
-          "indexer": "cliptuner-indexer:latest"}
+IMAGES = {
+    "tuner": "cliptuner-tuner:latest",
+    "encoder": "cliptuner-encoder:latest",
+    "indexer": "cliptuner-indexer:latest",
+}
 
 
 def _export(out: Path) -> None:
-    env = {**os.environ, "JINA_GATEWAY_IMAGE": "jinaai/jina:3.34.0-py311-standard", "JINA_HIDE_SURVEY": "1",
-           "JINA_OPTOUT_TELEMETRY": "1"}
-    result = subprocess.run([sys.executable, "-m", "jina", "export", "kubernetes", str(ROOT / "flows" / "k8s.yml"),
-                             str(out)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    env = {
+        **os.environ,
+        "JINA_GATEWAY_IMAGE": "jinaai/jina:3.34.0-py311-standard",
+        "JINA_HIDE_SURVEY": "1",
+        "JINA_OPTOUT_TELEMETRY": "1",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "jina", "export", "kubernetes", str(ROOT / "flows" / "k8s.yml"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 

@@ -17,9 +17,9 @@ import pytest
 from docarray import DocList
 from service import post_async, serve_gallery
 
-from cliptuner import synthetic
-from cliptuner.registry import Registry
-from cliptuner.runtime import OnnxClip
+from cliptuner.model.registry import Registry
+from cliptuner.model.runtime import OnnxClip
+from cliptuner.train import synthetic
 from executors.schemas import ClipDoc
 
 CLIENTS = 8
@@ -50,13 +50,15 @@ async def client_loop(port: int, number: int, gallery, training: asyncio.Task, l
         text = QUERIES[(number + step) % len(QUERIES)]
         try:
             if step % 2 == 0:
-                docs = DocList[ClipDoc]([ClipDoc(id="t", text=text),
-                                         ClipDoc(id="i", tensor=gallery.images[(number + step) % GALLERY])])
+                docs = DocList[ClipDoc](
+                    [ClipDoc(id="t", text=text), ClipDoc(id="i", tensor=gallery.images[(number + step) % GALLERY])]
+                )
                 out = await post_async(port, "/encode", docs)
                 log.append(("encode", number, step, after, out, (number + step) % GALLERY, text))
             else:
-                out = await post_async(port, "/search", DocList[ClipDoc]([ClipDoc(id="q", text=text)]),
-                                       parameters={"limit": 5})
+                out = await post_async(
+                    port, "/search", DocList[ClipDoc]([ClipDoc(id="q", text=text)]), parameters={"limit": 5}
+                )
                 log.append(("search", number, step, after, out, None, text))
         except Exception as exc:  # noqa: BLE001 - every failure is counted and shown
             log.append(("failed", number, step, after, repr(exc), None, text))
@@ -66,15 +68,29 @@ async def client_loop(port: int, number: int, gallery, training: asyncio.Task, l
 
 def test_mixed_clients_see_no_failure_and_no_mixed_versions_across_a_train(flow, gallery):
     pairs = synthetic.generate(160, domain="domain", seed=505, captions_per_image=2)
-    train_docs = DocList[ClipDoc]([
-        ClipDoc(id=f"p{i}", text=caption, tensor=pairs.images[pairs.image_index[i]],
-                tags={"image_id": pairs.image_ids[pairs.image_index[i]]}) for i, caption in enumerate(pairs.captions)])
+    train_docs = DocList[ClipDoc](
+        [
+            ClipDoc(
+                id=f"p{i}",
+                text=caption,
+                tensor=pairs.images[pairs.image_index[i]],
+                tags={"image_id": pairs.image_ids[pairs.image_index[i]]},
+            )
+            for i, caption in enumerate(pairs.captions)
+        ]
+    )
     log: list = []
 
     async def scenario():
-        training = asyncio.create_task(post_async(
-            flow.port, "/train", train_docs, request_size=len(train_docs),
-            parameters={"epochs": 2, "batch_size": 32, "learning_rate": 1e-3, "warmup_steps": 2, "seed": 0}))
+        training = asyncio.create_task(
+            post_async(
+                flow.port,
+                "/train",
+                train_docs,
+                request_size=len(train_docs),
+                parameters={"epochs": 2, "batch_size": 32, "learning_rate": 1e-3, "warmup_steps": 2, "seed": 0},
+            )
+        )
         await asyncio.gather(*(client_loop(flow.port, n, gallery, training, log) for n in range(CLIENTS)))
         return await training
 
@@ -97,8 +113,7 @@ def test_mixed_clients_see_no_failure_and_no_mixed_versions_across_a_train(flow,
             assert text_doc.model_version == image_doc.model_version, "one request, one version"
             clip = clips[text_doc.model_version]
             np.testing.assert_allclose(text_doc.embedding, clip.encode_text([text])[0], atol=1e-5)
-            np.testing.assert_allclose(image_doc.embedding, clip.encode_images([gallery.images[image]])[0],
-                                       atol=1e-5)
+            np.testing.assert_allclose(image_doc.embedding, clip.encode_images([gallery.images[image]])[0], atol=1e-5)
             version = text_doc.model_version
         else:
             query = out[0]

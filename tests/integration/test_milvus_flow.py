@@ -8,9 +8,9 @@ import numpy as np
 from docarray import DocList
 from service import FlowProcess, by_id, png, post
 
-from cliptuner import synthetic
-from cliptuner.registry import Registry
-from cliptuner.runtime import OnnxClip
+from cliptuner.model.registry import Registry
+from cliptuner.model.runtime import OnnxClip
+from cliptuner.train import synthetic
 from executors.schemas import ClipDoc
 
 GALLERY = 40
@@ -24,8 +24,12 @@ def serve(workspace, log) -> FlowProcess:
 
 def top_ids(server, gallery, i: int, **filters) -> list[str]:
     parameters = {"limit": 5, **({"filter": filters} if filters else {})}
-    return [m.id for m in post(server, "/search", DocList[ClipDoc]([ClipDoc(id="q", tensor=gallery.images[i])]),
-                               parameters=parameters)[0].matches]
+    return [
+        m.id
+        for m in post(
+            server, "/search", DocList[ClipDoc]([ClipDoc(id="q", tensor=gallery.images[i])]), parameters=parameters
+        )[0].matches
+    ]
 
 
 def test_index_search_filter_train_and_restart_on_milvus(tmp_path):
@@ -35,18 +39,33 @@ def test_index_search_filter_train_and_restart_on_milvus(tmp_path):
     server = serve(workspace, tmp_path / "flow.log")
     try:
         assert by_id(post(server, "/status"))["status-indexer"].tags["backend"] == "milvus"
-        post(server, "/index", DocList[ClipDoc]([
-            ClipDoc(id=image_id, blob=png(image), tags={"half": "even" if i % 2 == 0 else "odd"})
-            for i, (image_id, image) in enumerate(zip(gallery.image_ids, gallery.images))]))
+        post(
+            server,
+            "/index",
+            DocList[ClipDoc](
+                [
+                    ClipDoc(id=image_id, blob=png(image), tags={"half": "even" if i % 2 == 0 else "odd"})
+                    for i, (image_id, image) in enumerate(zip(gallery.image_ids, gallery.images))
+                ]
+            ),
+        )
         assert top_ids(server, gallery, 3)[0] == gallery.image_ids[3]
         odd = top_ids(server, gallery, 3, **{"tags.half": "odd"})
         assert odd[0] == gallery.image_ids[3] and all(int(i[-5:]) % 2 == 1 for i in odd)
         assert all(int(i[-5:]) % 2 == 0 for i in top_ids(server, gallery, 3, **{"tags.half": "even"}))
 
-        report = post(server, "/train", DocList[ClipDoc]([
-            ClipDoc(id=f"p{i}", text=caption, tensor=pairs.images[pairs.image_index[i]])
-            for i, caption in enumerate(pairs.captions)]),
-            parameters={"epochs": 2, "batch_size": 16, "eval_fraction": 0.25, "seed": 0}, request_size=len(pairs))[0]
+        report = post(
+            server,
+            "/train",
+            DocList[ClipDoc](
+                [
+                    ClipDoc(id=f"p{i}", text=caption, tensor=pairs.images[pairs.image_index[i]])
+                    for i, caption in enumerate(pairs.captions)
+                ]
+            ),
+            parameters={"epochs": 2, "batch_size": 16, "eval_fraction": 0.25, "seed": 0},
+            request_size=len(pairs),
+        )[0]
         assert report.tags["index"]["model_version"] == "v2" and report.tags["index"]["count"] == GALLERY
         # /train has answered: searches run on v2's vectors, which differ from v1's
         v2 = OnnxClip(Registry(workspace / "models").path("v2"), device="cpu", intra_op_threads=1)

@@ -20,8 +20,8 @@ from docarray import DocList
 from prometheus_client.parser import text_string_to_metric_families
 from service import FlowProcess, by_id, png, post
 
-from cliptuner import synthetic
-from cliptuner.registry import Registry
+from cliptuner.model.registry import Registry
+from cliptuner.train import synthetic
 from executors.schemas import ClipDoc
 
 MEMBERS = ("gateway", "tuner", "encoder", "indexer")  # their Prometheus ports: P, P+1, P+2, P+3
@@ -67,8 +67,11 @@ def scrape(served: FlowProcess, member: str) -> dict:
     url = f"http://127.0.0.1:{served.metrics_ports[member]}/"
     with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()
-    return {(sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 def value(samples: dict, name: str, **labels: str) -> float:
@@ -80,8 +83,9 @@ def value(samples: dict, name: str, **labels: str) -> float:
 
 
 def versions_served(samples: dict) -> list[str]:
-    return sorted(dict(ls)["version"] for (n, ls), v in samples.items()
-                  if n == "cliptuner_model_version_info" and v == 1)
+    return sorted(
+        dict(ls)["version"] for (n, ls), v in samples.items() if n == "cliptuner_model_version_info" and v == 1
+    )
 
 
 def wait_for(condition, timeout: float, what: str):
@@ -101,8 +105,12 @@ def training(served: FlowProcess) -> dict:
 @pytest.fixture(scope="module")
 def pairs():
     scenes = synthetic.generate(PAIRS, domain="domain", seed=7)
-    return DocList[ClipDoc]([ClipDoc(id=f"p{i}", text=caption, tensor=scenes.images[scenes.image_index[i]])
-                             for i, caption in enumerate(scenes.captions)])
+    return DocList[ClipDoc](
+        [
+            ClipDoc(id=f"p{i}", text=caption, tensor=scenes.images[scenes.image_index[i]])
+            for i, caption in enumerate(scenes.captions)
+        ]
+    )
 
 
 def test_every_member_serves_metrics_and_they_follow_the_traffic(served):
@@ -112,52 +120,85 @@ def test_every_member_serves_metrics_and_they_follow_the_traffic(served):
     assert value(before["indexer"], "cliptuner_index_docs") == 0
 
     scenes = synthetic.generate(6, domain="generic", seed=3)
-    gallery = DocList[ClipDoc]([ClipDoc(id=f"img{i}", blob=png(image)) for i, image in enumerate(scenes.images)]
-                               + [ClipDoc(id="note", text="a note about nothing")])
+    gallery = DocList[ClipDoc](
+        [ClipDoc(id=f"img{i}", blob=png(image)) for i, image in enumerate(scenes.images)]
+        + [ClipDoc(id="note", text="a note about nothing")]
+    )
     post(served, "/index", gallery)
-    post(served, "/search", DocList[ClipDoc]([ClipDoc(id="q1", text="a red circle"),
-                                              ClipDoc(id="q2", text="a blue star")]), parameters={"limit": 3})
-    post(served, "/encode", DocList[ClipDoc]([ClipDoc(id="t", text="a cat"),
-                                              ClipDoc(id="i", tensor=scenes.images[0]),
-                                              ClipDoc(id="p", text="a pair", tensor=scenes.images[1])]))
+    post(
+        served,
+        "/search",
+        DocList[ClipDoc]([ClipDoc(id="q1", text="a red circle"), ClipDoc(id="q2", text="a blue star")]),
+        parameters={"limit": 3},
+    )
+    post(
+        served,
+        "/encode",
+        DocList[ClipDoc](
+            [
+                ClipDoc(id="t", text="a cat"),
+                ClipDoc(id="i", tensor=scenes.images[0]),
+                ClipDoc(id="p", text="a pair", tensor=scenes.images[1]),
+            ]
+        ),
+    )
     after = {name: scrape(served, name) for name in MEMBERS}
 
     gateway = after["gateway"]  # Jina's own request metrics of the gateway
-    assert (value(gateway, "jina_receiving_request_seconds_count")
-            - value(before["gateway"], "jina_receiving_request_seconds_count")) >= 3
+    assert (
+        value(gateway, "jina_receiving_request_seconds_count")
+        - value(before["gateway"], "jina_receiving_request_seconds_count")
+    ) >= 3
 
     encoder, was = after["encoder"], before["encoder"]
     for endpoint in ("/index", "/search", "/encode"):
-        assert (value(encoder, "cliptuner_encode_seconds_count", endpoint=endpoint)
-                - value(was, "cliptuner_encode_seconds_count", endpoint=endpoint)) == 1, endpoint
-    moved = {kind: value(encoder, "cliptuner_encoded_items_total", modality=kind)
-             - value(was, "cliptuner_encoded_items_total", modality=kind) for kind in ("text", "image", "pair")}
+        assert (
+            value(encoder, "cliptuner_encode_seconds_count", endpoint=endpoint)
+            - value(was, "cliptuner_encode_seconds_count", endpoint=endpoint)
+        ) == 1, endpoint
+    moved = {
+        kind: value(encoder, "cliptuner_encoded_items_total", modality=kind)
+        - value(was, "cliptuner_encoded_items_total", modality=kind)
+        for kind in ("text", "image", "pair")
+    }
     assert moved == {"text": 1 + 2 + 1, "image": 6 + 1, "pair": 1}  # /index, /search, /encode
-    assert (value(encoder, "cliptuner_encode_seconds_sum", endpoint="/encode")
-            > value(was, "cliptuner_encode_seconds_sum", endpoint="/encode"))
+    assert value(encoder, "cliptuner_encode_seconds_sum", endpoint="/encode") > value(
+        was, "cliptuner_encode_seconds_sum", endpoint="/encode"
+    )
     assert value(encoder, "jina_process_request_seconds_count", executor_endpoint="/encode") >= 1
 
     indexer = after["indexer"]
     assert value(indexer, "cliptuner_index_docs") == len(gallery)
-    assert (value(indexer, "cliptuner_search_seconds_count")
-            - value(before["indexer"], "cliptuner_search_seconds_count")) == 1
+    assert (
+        value(indexer, "cliptuner_search_seconds_count") - value(before["indexer"], "cliptuner_search_seconds_count")
+    ) == 1
     assert value(indexer, "cliptuner_rebuild_progress") == 0
 
 
 def test_an_async_run_reports_progress_and_cancel_publishes_nothing(served, pairs):
     versions = Registry(served.workspace / "models").versions()
-    answer = post(served, "/train", pairs, parameters={"wait": False, "epochs": 50, "batch_size": 16,
-                                                       "eval_fraction": 0.25, "seed": 0})
+    answer = post(
+        served,
+        "/train",
+        pairs,
+        parameters={"wait": False, "epochs": 50, "batch_size": 16, "eval_fraction": 0.25, "seed": 0},
+    )
     run_id = answer[0].tags["run_id"]
     assert answer[0].id == "train-run" and answer[0].tags["state"] == "running"
 
-    progress = wait_for(lambda: (lambda t: t if t.get("step") else None)(training(served)), 180,
-                        "the run's first optimizer steps in /status")
+    progress = wait_for(
+        lambda: (lambda t: t if t.get("step") else None)(training(served)),
+        180,
+        "the run's first optimizer steps in /status",
+    )
     assert progress["run_id"] == run_id and progress["state"] == "running" and progress["phase"] == "training"
     assert progress["total_steps"] > progress["step"] > 0 and progress["loss"] > 0
     assert progress["samples_per_s"] > 0 and progress["eta_s"] >= 0 and progress["step_s"] > 0
-    tuner = wait_for(lambda: (lambda s: s if value(s, "cliptuner_train_progress") > 0 else None)(
-        scrape(served, "tuner")), 30, "the tuner's training metrics")
+    tuner = wait_for(
+        lambda: (lambda s: s if value(s, "cliptuner_train_progress") > 0 else None)(scrape(served, "tuner")),
+        30,
+        "the tuner's training metrics",
+    )
     assert value(tuner, "cliptuner_train_loss") > 0 and value(tuner, "cliptuner_train_step_seconds") > 0
     assert value(tuner, "cliptuner_train_samples_per_second") > 0
 
@@ -171,14 +212,20 @@ def test_an_async_run_reports_progress_and_cancel_publishes_nothing(served, pair
 
 
 def test_killing_the_training_process_fails_the_run_and_serving_goes_on(served, pairs):
-    answer = post(served, "/train", pairs, parameters={"wait": False, "epochs": 50, "batch_size": 16,
-                                                       "eval_fraction": 0.25, "seed": 0})
+    answer = post(
+        served,
+        "/train",
+        pairs,
+        parameters={"wait": False, "epochs": 50, "batch_size": 16, "eval_fraction": 0.25, "seed": 0},
+    )
     run_id = answer[0].tags["run_id"]
-    progress = wait_for(lambda: (lambda t: t if t.get("step") else None)(training(served)), 180,
-                        "the run's first optimizer steps")
+    progress = wait_for(
+        lambda: (lambda t: t if t.get("step") else None)(training(served)), 180, "the run's first optimizer steps"
+    )
     os.killpg(os.getpgid(progress["pid"]), signal.SIGKILL)  # what an OOM kill does
-    failed = wait_for(lambda: (lambda t: t if t.get("state") == "failed" else None)(training(served)), 60,
-                      "the run to fail")
+    failed = wait_for(
+        lambda: (lambda t: t if t.get("state") == "failed" else None)(training(served)), 60, "the run to fail"
+    )
     assert failed["run_id"] == run_id and "the training process was killed by signal 9 (SIGKILL)" in failed["error"]
     registry = Registry(served.workspace / "models")
     assert registry.current() == "v1" and registry.versions() == ["v1"]
@@ -189,17 +236,23 @@ def test_killing_the_training_process_fails_the_run_and_serving_goes_on(served, 
 
 
 def test_an_async_run_publishes_and_the_encoder_and_indexer_follow(served, pairs):
-    answer = post(served, "/train", pairs, parameters={"wait": False, "epochs": 1, "batch_size": 16,
-                                                       "eval_fraction": 0.25, "seed": 0})
+    answer = post(
+        served,
+        "/train",
+        pairs,
+        parameters={"wait": False, "epochs": 1, "batch_size": 16, "eval_fraction": 0.25, "seed": 0},
+    )
     run_id = answer[0].tags["run_id"]
-    done = wait_for(lambda: (lambda t: t if t.get("state") in ("done", "failed") else None)(training(served)), 300,
-                    "the run to end")
+    done = wait_for(
+        lambda: (lambda t: t if t.get("state") in ("done", "failed") else None)(training(served)), 300, "the run to end"
+    )
     assert done["state"] == "done" and done["run_id"] == run_id and done["model_version"] == "v2"
 
     def followed():  # the encoder moves at its next request (here /status), the indexer by its watcher
         status = by_id(post(served, "/status"))
-        return status if all(status[f"status-{name}"].model_version == "v2" for name in ("encoder", "indexer")) \
-            else None
+        return (
+            status if all(status[f"status-{name}"].model_version == "v2" for name in ("encoder", "indexer")) else None
+        )
 
     wait_for(followed, 120, "the encoder and the indexer to serve v2")
     samples = {name: scrape(served, name) for name in ("tuner", "encoder", "indexer")}

@@ -9,9 +9,9 @@ import urllib.error
 import urllib.request
 
 import pytest
-
-from cliptuner import synthetic
 from service import FlowProcess, free_port
+
+from cliptuner.train import synthetic
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[dev]' installs playwright")
 
@@ -37,8 +37,12 @@ def served(tmp_path_factory):
 def call(served, body, content_type="application/json", origin=None):
     """POST /post; (status, parsed JSON answer)."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(served.http + "/post", data=data, method="POST",
-                                     headers={"Content-Type": content_type, **({"Origin": origin} if origin else {})})
+    request = urllib.request.Request(
+        served.http + "/post",
+        data=data,
+        method="POST",
+        headers={"Content-Type": content_type, **({"Origin": origin} if origin else {})},
+    )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, json.loads(response.read())
@@ -61,8 +65,9 @@ def test_json_api_indexes_and_searches_by_text_and_base64_image(served):
     assert status == 200, answer
     assert [d["id"] for d in answer["data"]] == [d["id"] for d in docs]
 
-    status, answer = call(served, {"execEndpoint": "/search", "data": [{"text": "a large teal star"}],
-                                   "parameters": {"limit": LIMIT}})
+    status, answer = call(
+        served, {"execEndpoint": "/search", "data": [{"text": "a large teal star"}], "parameters": {"limit": LIMIT}}
+    )
     assert status == 200, answer
     query = answer["data"][0]
     assert query["model_version"] == "v1" and len(query["matches"]) == LIMIT
@@ -95,34 +100,41 @@ def test_json_api_reports_errors_as_text(served):
     status, answer = call(served, {"execEndpoint": "/status"}, origin="http://evil.example")
     assert status == 403
     # values of the wrong type or shape, each refused by name
-    for body, expected in (({"execEndpoint": "/search", "data": [{"text": {"a": 1}}]}, "'text' must be a string"),
-                           ({"execEndpoint": "/search", "data": "a red circle"}, "'data' must be a list"),
-                           ({"execEndpoint": "/search", "data": [{"text": "x"}], "parameters": [5]},
-                            "'parameters' must be an object"),
-                           ({"data": [{"text": "x"}]}, "'execEndpoint' must name an endpoint"),
-                           ({"execEndpoint": "/search", "data": [{"embedding": ["x"]}]}, "list of numbers")):
+    for body, expected in (
+        ({"execEndpoint": "/search", "data": [{"text": {"a": 1}}]}, "'text' must be a string"),
+        ({"execEndpoint": "/search", "data": "a red circle"}, "'data' must be a list"),
+        ({"execEndpoint": "/search", "data": [{"text": "x"}], "parameters": [5]}, "'parameters' must be an object"),
+        ({"data": [{"text": "x"}]}, "'execEndpoint' must name an endpoint"),
+        ({"execEndpoint": "/search", "data": [{"embedding": ["x"]}]}, "list of numbers"),
+    ):
         status, answer = call(served, body)
         assert status == 400 and expected in answer["error"], (body, answer)
     # a body over the limit is refused from its Content-Length, before it is read
     connection = http.client.HTTPConnection("127.0.0.1", int(served.http.rsplit(":", 1)[1]), timeout=30)
     connection.putrequest("POST", "/post")
     connection.putheader("Content-Type", "application/json")
-    connection.putheader("Content-Length", str(10 ** 10))
+    connection.putheader("Content-Length", str(10**10))
     connection.endheaders()
     response = connection.getresponse()
     assert response.status == 413 and "over the limit" in json.loads(response.read())["error"]
     connection.close()
     # and the service still answers
-    status, answer = call(served, {"execEndpoint": "/search", "data": [{"text": "a red circle"}],
-                                   "parameters": {"limit": 2}})
+    status, answer = call(
+        served, {"execEndpoint": "/search", "data": [{"text": "a red circle"}], "parameters": {"limit": 2}}
+    )
     assert status == 200 and len(answer["data"][0]["matches"]) == 2
 
 
 def test_image_route_serves_only_images_under_the_roots(served):
     status, kind, body = get(served, "/image?uri=images/" + served.images[0].name)
     assert status == 200 and kind == "image/png" and body == served.images[0].read_bytes()
-    for uri, expected in (("/etc/passwd", 403), ("../serve.log", 403), ("http://127.0.0.1/x.png", 403),
-                          ("pairs.csv", 404), ("images/missing.png", 404)):
+    for uri, expected in (
+        ("/etc/passwd", 403),
+        ("../serve.log", 403),
+        ("http://127.0.0.1/x.png", 403),
+        ("pairs.csv", 404),
+        ("images/missing.png", 404),
+    ):
         status, _, body = get(served, "/image?uri=" + urllib.request.quote(uri))
         assert status == expected, (uri, body)
 
@@ -152,8 +164,9 @@ def test_page_searches_tunes_and_compares(served, tmp_path):
             scores = [float(s) for s in page.locator("#results .card .score").all_text_contents()]
             assert scores == sorted(scores, reverse=True)
             # every card shows its gallery image, loaded through /image
-            page.wait_for_function("[...document.querySelectorAll('#results .card img')]"
-                                   ".every(i => i.complete && i.naturalWidth > 0)")
+            page.wait_for_function(
+                "[...document.querySelectorAll('#results .card img')].every(i => i.complete && i.naturalWidth > 0)"
+            )
 
             # an image query: the image finds itself first
             page.set_input_files("#file", str(served.images[5]))

@@ -13,8 +13,8 @@ import numpy as np
 from docarray import DocList
 from service import FlowProcess, ServerError, by_id, post
 
-from cliptuner.registry import Registry
-from cliptuner.shards import shard_of
+from cliptuner.index.shards import shard_of
+from cliptuner.model.registry import Registry
 from executors.schemas import ClipDoc
 
 DOCS = 60
@@ -27,8 +27,12 @@ def caption(i: int) -> str:
 
 
 def search(server, texts, **parameters) -> DocList[ClipDoc]:
-    return post(server, "/search", DocList[ClipDoc]([ClipDoc(id=f"q{i}", text=t) for i, t in enumerate(texts)]),
-                parameters={"limit": 5, **parameters})
+    return post(
+        server,
+        "/search",
+        DocList[ClipDoc]([ClipDoc(id=f"q{i}", text=t) for i, t in enumerate(texts)]),
+        parameters={"limit": 5, **parameters},
+    )
 
 
 def shard_states(server) -> list[dict]:
@@ -41,8 +45,12 @@ def test_two_shards_split_merge_and_swap_versions_together(tmp_path, tiny_model_
     server.start()
     try:
         ids = [f"d{i:03d}" for i in range(DOCS)]
-        sent = DocList[ClipDoc]([ClipDoc(id=doc_id, text=caption(i), tags={"half": "odd" if i % 2 else "even"})
-                                 for i, doc_id in enumerate(ids)])
+        sent = DocList[ClipDoc](
+            [
+                ClipDoc(id=doc_id, text=caption(i), tags={"half": "odd" if i % 2 else "even"})
+                for i, doc_id in enumerate(ids)
+            ]
+        )
         indexed = post(server, "/index", sent, request_size=DOCS)
         assert [d.id for d in indexed] == ids  # request order, each doc once, as its shard stored it
         assert all(d.model_version == "v1" and d.embedding is not None for d in indexed)
@@ -109,8 +117,9 @@ def test_two_shards_split_merge_and_swap_versions_together(tmp_path, tiny_model_
             stop.set()
             searcher.join(timeout=60)
         assert all(s["model_version"] == "v2" for s in shard_states(server))
-        assert answers and all(matches == {version} for version, matches in answers), \
-            [a for a in answers if a[1] != {a[0]}][:5]
+        assert answers and all(matches == {version} for version, matches in answers), [
+            a for a in answers if a[1] != {a[0]}
+        ][:5]
         assert answers[0][0] == "v1" and answers[-1][0] == "v2"
         # the versions never go back: once the merged answer is v2, every later one is
         first_v2 = next(i for i, (version, _) in enumerate(answers) if version == "v2")

@@ -24,9 +24,9 @@ import pytest
 from docarray import DocList
 from service import ROOT, FlowProcess, by_id, png, post
 
-from cliptuner import synthetic
-from cliptuner.registry import Registry
-from cliptuner.runtime import OnnxClip
+from cliptuner.model.registry import Registry
+from cliptuner.model.runtime import OnnxClip
+from cliptuner.train import synthetic
 from executors.schemas import ClipDoc
 
 TRAIN_PACKAGES = {"torch", "torchvision", "open_clip_torch", "onnx"}
@@ -90,9 +90,23 @@ def test_encoder_and_indexer_serve_without_torch(tmp_path, tiny_model_dir, no_to
     workspace = tmp_path / "ws"
     # a model trained elsewhere enters the registry through the CLI, torch-free too
     env = {**os.environ, "JINA_HIDE_SURVEY": "1", "JINA_OPTOUT_TELEMETRY": "1", **no_torch}
-    published = subprocess.run([sys.executable, "-m", "cliptuner.cli", "models", "publish", str(tiny_model_dir),
-                                "--workspace", str(workspace)], cwd=ROOT, env=env, capture_output=True, text=True,
-                               timeout=120)
+    published = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cliptuner.cli",
+            "models",
+            "publish",
+            str(tiny_model_dir),
+            "--workspace",
+            str(workspace),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert published.returncode == 0, published.stderr
     assert "published v1; CURRENT is now v1" in published.stdout
     assert Registry(workspace / "models").current() == "v1"
@@ -105,13 +119,19 @@ def test_encoder_and_indexer_serve_without_torch(tmp_path, tiny_model_dir, no_to
         assert [d.model_version for d in indexed] == ["v1"] * len(gallery)
 
         clip = OnnxClip(tiny_model_dir, device="cpu", intra_op_threads=1)
-        encoded = by_id(post(server, "/encode", DocList[ClipDoc]([ClipDoc(id="t", text=scenes.captions[3]),
-                                                                  ClipDoc(id="i", tensor=scenes.images[3])])))
+        encoded = by_id(
+            post(
+                server,
+                "/encode",
+                DocList[ClipDoc]([ClipDoc(id="t", text=scenes.captions[3]), ClipDoc(id="i", tensor=scenes.images[3])]),
+            )
+        )
         np.testing.assert_allclose(encoded["t"].embedding, clip.encode_text([scenes.captions[3]])[0], atol=1e-5)
         np.testing.assert_allclose(encoded["i"].embedding, clip.encode_images([scenes.images[3]])[0], atol=1e-5)
 
-        found = post(server, "/search", DocList[ClipDoc]([ClipDoc(id="q", tensor=scenes.images[5])]),
-                     parameters={"limit": 3})[0]
+        found = post(
+            server, "/search", DocList[ClipDoc]([ClipDoc(id="q", tensor=scenes.images[5])]), parameters={"limit": 3}
+        )[0]
         assert found.matches[0].id == "img5" and found.scores[0] == pytest.approx(1.0, abs=1e-4)
         status = by_id(post(server, "/status"))
         assert set(status) == {"status-encoder", "status-indexer"}  # no tuner in this Flow
@@ -130,21 +150,30 @@ def test_encoder_and_indexer_serve_without_torch(tmp_path, tiny_model_dir, no_to
 def test_without_torch_an_empty_registry_fails_naming_the_train_extra(tmp_path, no_torch):
     """The control: with the hook active, an encoder that must build the base model version cannot, and the
     commands that train say what to install."""
-    code = ("from executors import CLIPEncoder; "
-            f"CLIPEncoder(workspace={str(tmp_path / 'ws')!r}, device='cpu', bootstrap=True)")
+    code = (
+        "from executors import CLIPEncoder; "
+        f"CLIPEncoder(workspace={str(tmp_path / 'ws')!r}, device='cpu', bootstrap=True)"
+    )
     env = {"JINA_HIDE_SURVEY": "1", "JINA_OPTOUT_TELEMETRY": "1", "PATH": "/usr/bin:/bin", **no_torch}
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode != 0
     assert "MissingTrainExtra" in result.stderr
-    assert 'building the base model version of an empty registry needs the training extra' in result.stderr
+    assert "building the base model version of an empty registry needs the training extra" in result.stderr
     assert 'pip install "cliptuner[train]"' in result.stderr
     assert not (tmp_path / "ws" / "models" / "CURRENT").exists()
 
-    demo = subprocess.run([sys.executable, "-m", "cliptuner.cli", "demo", "--workdir", str(tmp_path / "demo")],
-                          cwd=ROOT, env={**env, "PATH": os.environ["PATH"]}, capture_output=True, text=True,
-                          timeout=120)
+    demo = subprocess.run(
+        [sys.executable, "-m", "cliptuner.cli", "demo", "--workdir", str(tmp_path / "demo")],
+        cwd=ROOT,
+        env={**env, "PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert demo.returncode == 3
     assert demo.stderr.strip().splitlines() == [
         "cliptuner demo: error: cliptuner demo needs the training extra (torch, open_clip, onnx not installed): "
-        'pip install "cliptuner[train]". Serving (encoder, indexer) works without it.']
+        'pip install "cliptuner[train]". Serving (encoder, indexer) works without it.'
+    ]

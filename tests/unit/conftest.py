@@ -3,8 +3,8 @@ Executors built on it as plain objects. A test module may override ``workspace``
 
 import pytest
 
-from cliptuner import synthetic
-from cliptuner.registry import Registry
+from cliptuner.model.registry import Registry
+from cliptuner.train import synthetic
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,18 @@ import numpy as np
 from docarray import DocList
 from PIL import Image
 
-from cliptuner import synthetic
+from cliptuner.train import synthetic
 from executors.schemas import ClipDoc
 
 # a one-epoch /train, as request parameters arrive over gRPC (every number a float)
-QUICK = {"epochs": 1.0, "batch_size": 8.0, "learning_rate": 1e-3, "warmup_steps": 1.0, "seed": 3.0,
-         "eval_fraction": 0.25}
+QUICK = {
+    "epochs": 1.0,
+    "batch_size": 8.0,
+    "learning_rate": 1e-3,
+    "warmup_steps": 1.0,
+    "seed": 3.0,
+    "eval_fraction": 0.25,
+}
 
 
 def run(coro):
@@ -30,8 +36,18 @@ def pair_docs(n_images: int, seed: int, blobs: bool = False) -> DocList[ClipDoc]
     """Synthetic ``domain`` pairs as /train docs: two captions per image, ``tags['image_id']`` tying them; the image
     as a tensor, or as a PNG blob with ``blobs``."""
     pairs = synthetic.generate(n_images, domain="domain", seed=seed, captions_per_image=2)
-    return DocList[ClipDoc]([
-        ClipDoc(id=f"p{i}", text=caption, tags={"image_id": pairs.image_ids[pairs.image_index[i]]},
-                **({"blob": png(pairs.images[pairs.image_index[i]])} if blobs
-                   else {"tensor": pairs.images[pairs.image_index[i]]}))
-        for i, caption in enumerate(pairs.captions)])
+    return DocList[ClipDoc](
+        [
+            ClipDoc(
+                id=f"p{i}",
+                text=caption,
+                tags={"image_id": pairs.image_ids[pairs.image_index[i]]},
+                **(
+                    {"blob": png(pairs.images[pairs.image_index[i]])}
+                    if blobs
+                    else {"tensor": pairs.images[pairs.image_index[i]]}
+                ),
+            )
+            for i, caption in enumerate(pairs.captions)
+        ]
+    )

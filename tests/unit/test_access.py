@@ -1,5 +1,5 @@
-"""Which uris the service reads (:class:`cliptuner.access.UriPolicy`) and the bounds on one request
-(:class:`cliptuner.limits.RequestLimits`).
+"""Which uris the service reads (:class:`cliptuner.serve.access.UriPolicy`) and the bounds on one request
+(:class:`cliptuner.serve.limits.RequestLimits`).
 
 http(s) cases run against a ``http.server`` on 127.0.0.1 (an ephemeral port, in a thread); nothing else is
 contacted.
@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cliptuner.access import REFUSED, FetchError, RemoteImage, UriPolicy, UriRefused, decode_data_uri
-from cliptuner.content import image_source, make_item
-from cliptuner.data import DataError, load_csv, load_karpathy
-from cliptuner.images import DEFAULT_LIMITS, ImageLimits
-from cliptuner.limits import RequestLimits
+from cliptuner.model.images import DEFAULT_LIMITS, ImageLimits
+from cliptuner.serve.access import REFUSED, FetchError, RemoteImage, UriPolicy, UriRefused, decode_data_uri
+from cliptuner.serve.content import image_source, make_item
+from cliptuner.serve.limits import RequestLimits
+from cliptuner.train.data import DataError, load_csv, load_karpathy
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4  # bytes served as an image (never decoded here)
 REFUSED_MESSAGE = rf"^doc 'x': uri is not allowed: {re.escape(REFUSED)}$"
@@ -50,8 +50,15 @@ def refused(policy: UriPolicy, uri: str) -> str:
 # -- local paths -------------------------------------------------------------------------------------------------
 def test_paths_under_a_root_resolve_to_the_file_under_it(root, policy):
     real = root.resolve()
-    for uri in ["a.png", "sub/b.png", "sub/../a.png", "./sub/b.png", str(root / "a.png"), (root / "a.png").as_uri(),
-                f"file://localhost{root / 'sub' / 'b.png'}"]:
+    for uri in [
+        "a.png",
+        "sub/b.png",
+        "sub/../a.png",
+        "./sub/b.png",
+        str(root / "a.png"),
+        (root / "a.png").as_uri(),
+        f"file://localhost{root / 'sub' / 'b.png'}",
+    ]:
         resolved = Path(policy.source(uri, "doc 'x'"))
         assert resolved.is_absolute() and resolved.is_relative_to(real) and resolved.is_file(), uri
     assert Path(policy.source("sub/b.png", "doc 'x'")) == real / "sub" / "b.png"
@@ -73,15 +80,18 @@ def test_percent_escapes_in_file_uris_are_decoded(root, policy):
     assert Path(policy.source(f"file://{root}/with%20space.png", "doc 'x'")) == (root / "with space.png").resolve()
 
 
-@pytest.mark.parametrize("make_uri", [
-    lambda root: str(root.parent / "outside.png"),  # absolute path outside
-    lambda root: "../outside.png",  # ../ escape
-    lambda root: "sub/../../outside.png",
-    lambda root: (root.parent / "outside.png").as_uri(),  # file:// outside
-    lambda root: f"file://localhost{root.parent / 'outside.png'}",
-    lambda root: "/etc/hostname",
-    lambda root: f"{root}-sibling/a.png",  # a folder whose name only starts like the root's
-])
+@pytest.mark.parametrize(
+    "make_uri",
+    [
+        lambda root: str(root.parent / "outside.png"),  # absolute path outside
+        lambda root: "../outside.png",  # ../ escape
+        lambda root: "sub/../../outside.png",
+        lambda root: (root.parent / "outside.png").as_uri(),  # file:// outside
+        lambda root: f"file://localhost{root.parent / 'outside.png'}",
+        lambda root: "/etc/hostname",
+        lambda root: f"{root}-sibling/a.png",  # a folder whose name only starts like the root's
+    ],
+)
 def test_paths_outside_every_root_are_refused_without_naming_a_folder(root, policy, make_uri):
     uri = make_uri(root)
     message = refused(policy, uri)
@@ -118,8 +128,18 @@ def test_a_missing_file_under_a_root_passes_the_check_and_is_reported_when_read(
     assert Path(policy.source("later.png", "doc 'x'")) == root.resolve() / "later.png"
 
 
-@pytest.mark.parametrize("uri", ["file://images/a.png", "file://example.com/etc/passwd", "s3://bucket/a.png",
-                                 "ftp://127.0.0.1/a.png", "gopher://x/y", "javascript:alert(1)", "http://[::1"])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "file://images/a.png",
+        "file://example.com/etc/passwd",
+        "s3://bucket/a.png",
+        "ftp://127.0.0.1/a.png",
+        "gopher://x/y",
+        "javascript:alert(1)",
+        "http://[::1",
+    ],
+)
 def test_file_uris_with_a_host_and_other_schemes_are_refused(policy, uri):
     refused(policy, uri)
 
@@ -145,8 +165,13 @@ def test_local_path_checks_a_path_for_another_caller_with_its_own_label(root, po
 def test_pairs_files_read_through_the_policy_refuse_rows_outside_before_looking_at_them(root, policy):
     os.symlink(root / "sub" / "b.png", root / "alias.png")
     csv_path = root / "pairs.csv"
-    rows = ["a.png,inside", "alias.png,a link inside", "../outside.png,escape",
-            f"{root.parent / 'missing.png'},missing outside", "missing.png,missing inside"]
+    rows = [
+        "a.png,inside",
+        "alias.png,a link inside",
+        "../outside.png,escape",
+        f"{root.parent / 'missing.png'},missing outside",
+        "missing.png,missing inside",
+    ]
     csv_path.write_text("\n".join(["image,caption", *rows]) + "\n", encoding="utf-8")
     with pytest.raises(DataError) as caught:
         load_csv(csv_path, resolve_image=policy.local_path)
@@ -158,8 +183,9 @@ def test_pairs_files_read_through_the_policy_refuse_rows_outside_before_looking_
     pairs = load_csv(csv_path, resolve_image=policy.local_path)
     assert pairs.images == [str(root.resolve() / "a.png"), str(root.resolve() / "sub" / "b.png")]  # what is read
     assert load_csv(csv_path).images[1] == str(root / "alias.png")  # without a policy: as written (a local user)
-    (root / "dataset.json").write_text('{"images": [{"filename": "../outside.png", "sentences": [{"raw": "x"}]}]}',
-                                       encoding="utf-8")
+    (root / "dataset.json").write_text(
+        '{"images": [{"filename": "../outside.png", "sentences": [{"raw": "x"}]}]}', encoding="utf-8"
+    )
     with pytest.raises(DataError, match=rf"image 0 \('\.\./outside\.png'\) is not allowed: {re.escape(REFUSED)}"):
         load_karpathy(root / "dataset.json", resolve_image=policy.local_path)
 
@@ -281,8 +307,11 @@ def test_an_allowed_host_is_fetched_when_read_not_when_checked(server, web):
 
 
 def test_allowed_hosts_are_normalised_and_checked():
-    assert UriPolicy(allowed_hosts=("Images.Example.COM", "[::1]:8080", " cdn.example.com:443 ")).allowed_hosts == \
-        ("images.example.com", "[::1]:8080", "cdn.example.com:443")
+    assert UriPolicy(allowed_hosts=("Images.Example.COM", "[::1]:8080", " cdn.example.com:443 ")).allowed_hosts == (
+        "images.example.com",
+        "[::1]:8080",
+        "cdn.example.com:443",
+    )
     policy = UriPolicy(allowed_hosts=("images.example.com",))
     assert policy.allows_url("https://images.example.com/a.png") and policy.allows_url("http://images.example.com/a")
     assert not policy.allows_url("https://images.example.com:8443/a.png")
@@ -361,8 +390,13 @@ def test_request_limits_have_the_documented_defaults_and_refuse_bad_values():
     assert limits.max_blob_bytes == DEFAULT_LIMITS.max_bytes == 32 * 1024 * 1024
     assert limits.max_request_bytes == 256 * 1024 * 1024
     assert limits.image_limits.max_bytes == limits.max_blob_bytes
-    for field, value in [("max_docs", 0), ("max_text_chars", -1), ("max_limit", 2.5), ("max_pairs", True),
-                         ("max_request_bytes", "1")]:
+    for field, value in [
+        ("max_docs", 0),
+        ("max_text_chars", -1),
+        ("max_limit", 2.5),
+        ("max_pairs", True),
+        ("max_request_bytes", "1"),
+    ]:
         with pytest.raises(ValueError, match=rf"^{field} must be a positive integer, got {value!r}$"):
             RequestLimits(**{field: value})
     with pytest.raises(ValueError, match="max_blob_bytes .* must not exceed max_request_bytes"):

@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from cliptuner import atomic
-from cliptuner.atomic import atomic_path, fsync_path, write_atomic
+from cliptuner.model import atomic
+from cliptuner.model.atomic import atomic_path, fsync_path, write_atomic
 
 
 def test_write_atomic_replaces_the_whole_content(tmp_path):
@@ -21,7 +21,7 @@ def test_write_atomic_replaces_the_whole_content(tmp_path):
 
 def test_str_is_utf8_and_bytes_are_written_as_is(tmp_path):
     write_atomic(tmp_path / "text", "café 😀")
-    assert (tmp_path / "text").read_bytes() == "café 😀".encode("utf-8")
+    assert (tmp_path / "text").read_bytes() == "café 😀".encode()
     write_atomic(str(tmp_path / "blob"), b"\x00\xffraw", fsync=False)
     assert (tmp_path / "blob").read_bytes() == b"\x00\xffraw"
     with pytest.raises(TypeError, match="bytes or str"):
@@ -126,7 +126,9 @@ def test_concurrent_writers_never_leave_a_torn_file(tmp_path):
 
 
 def test_imports_nothing_heavy():
-    script = ("import sys; import cliptuner.atomic\n"
-              "print(sorted(m for m in sys.modules if m.startswith(('cliptuner.', 'torch', 'numpy'))))")
+    script = (
+        "import sys; import cliptuner.model.atomic\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('cliptuner.', 'torch', 'numpy'))))"
+    )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['cliptuner.atomic']"
+    assert out.strip() == "['cliptuner.model', 'cliptuner.model.atomic']"

@@ -1,4 +1,4 @@
-"""Dynamic batching (cliptuner/batching.py, and the encoder's use of it): merged runs, own rows, isolation, versions.
+"""Dynamic batching (cliptuner/serve/batching.py, and the encoder's use of it): merged runs, own rows, isolation, versions.
 
 Most tests use a fake embedding function that records every call and can hold the first one, so that the
 submissions made meanwhile are all pending when the worker next looks: what is merged is then decided by the
@@ -12,17 +12,16 @@ import zlib
 import numpy as np
 import pytest
 from docarray import DocList
-
-from cliptuner import synthetic
-from cliptuner.batching import MicroBatcher, decode_items
-from cliptuner.content import Item, embed_items, make_item
-from cliptuner.images import ImageError
-from cliptuner.registry import Registry
-from cliptuner.runtime import OnnxClip
-from executors import CLIPEncoder, ClipDoc
-from executors.encoder import DEFAULT_BATCH_WAIT_MS, batch_wait
-
 from support import png, run
+
+from cliptuner.model.images import ImageError
+from cliptuner.model.registry import Registry
+from cliptuner.model.runtime import OnnxClip
+from cliptuner.serve.batching import MicroBatcher, decode_items
+from cliptuner.serve.content import Item, embed_items, make_item
+from cliptuner.train import synthetic
+from executors import ClipDoc, CLIPEncoder
+from executors.encoder import DEFAULT_BATCH_WAIT_MS, batch_wait
 
 DIM = 4
 
@@ -205,13 +204,16 @@ def test_close_runs_what_is_pending_then_refuses():
         batcher.submit(clip, texts("late", 1))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"batch_size": 0}, r"batch_size must be an integer >= 1, got 0"),
-    ({"batch_size": 2.5}, r"batch_size must be an integer >= 1, got 2.5"),
-    ({"wait_ms": 0}, r"wait_ms must be a number in \(0, 1000\], got 0"),
-    ({"wait_ms": float("nan")}, r"wait_ms must be a number in \(0, 1000\], got nan"),
-    ({"wait_ms": 5000}, r"wait_ms must be a number in \(0, 1000\], got 5000"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"batch_size": 0}, r"batch_size must be an integer >= 1, got 0"),
+        ({"batch_size": 2.5}, r"batch_size must be an integer >= 1, got 2.5"),
+        ({"wait_ms": 0}, r"wait_ms must be a number in \(0, 1000\], got 0"),
+        ({"wait_ms": float("nan")}, r"wait_ms must be a number in \(0, 1000\], got nan"),
+        ({"wait_ms": 5000}, r"wait_ms must be a number in \(0, 1000\], got 5000"),
+    ],
+)
 def test_bad_settings_are_refused_by_name(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MicroBatcher(**kwargs)
@@ -233,8 +235,11 @@ def test_batched_rows_equal_a_direct_embedding_on_the_tiny_model(tiny_model_dir)
     submissions = [
         [make_item("doc 'a'", blob=png(scenes.images[0]))],
         [make_item("doc 'b'", text=scenes.captions[1]), make_item("doc 'c'", tensor=scenes.images[2])],
-        [make_item("doc 'd'", tensor=scenes.images[3]), make_item("doc 'e'", blob=png(scenes.images[4])),
-         make_item("doc 'f'", text="a red circle")],
+        [
+            make_item("doc 'd'", tensor=scenes.images[3]),
+            make_item("doc 'e'", blob=png(scenes.images[4])),
+            make_item("doc 'f'", text="a red circle"),
+        ],
         [make_item("doc 'g'", blob=png(scenes.images[5]))],
         [make_item("doc 'h'", text=scenes.captions[6]), make_item("doc 'i'", tensor=scenes.images[7])],
     ]
@@ -273,9 +278,11 @@ def test_decoding_before_submitting_raises_what_embedding_raises(tiny_model_dir)
 def batch_histogram(encoder: CLIPEncoder) -> dict[str, float]:
     """The encoder's ``cliptuner_encode_batch_items`` histogram: count, sum, and the count of runs of 1 item."""
     get = encoder.metrics.registry.get_sample_value
-    return {"count": get("cliptuner_encode_batch_items_count") or 0.0,
-            "sum": get("cliptuner_encode_batch_items_sum") or 0.0,
-            "single": get("cliptuner_encode_batch_items_bucket", {"le": "1.0"}) or 0.0}
+    return {
+        "count": get("cliptuner_encode_batch_items_count") or 0.0,
+        "sum": get("cliptuner_encode_batch_items_sum") or 0.0,
+        "single": get("cliptuner_encode_batch_items_bucket", {"le": "1.0"}) or 0.0,
+    }
 
 
 async def encode_concurrently(encoder: CLIPEncoder, requests: list[DocList]) -> list[DocList]:
@@ -287,8 +294,9 @@ def single_image_requests(images, prefix: str = "r") -> list[DocList]:
 
 
 def test_the_encoder_merges_concurrent_requests_and_each_gets_its_vectors(workspace, tiny_model_dir, scenes):
-    encoder = CLIPEncoder(workspace=str(workspace), bootstrap=False, bootstrap_timeout=1, batch_size=8,
-                          batch_wait_ms=1000)  # a full batch runs at once: 8 requests of one image
+    encoder = CLIPEncoder(
+        workspace=str(workspace), bootstrap=False, bootstrap_timeout=1, batch_size=8, batch_wait_ms=1000
+    )  # a full batch runs at once: 8 requests of one image
     try:
         requests = single_image_requests(scenes.images[:8])
         answers = run(encode_concurrently(encoder, requests))
@@ -307,8 +315,9 @@ def test_the_encoder_merges_concurrent_requests_and_each_gets_its_vectors(worksp
 
 
 def test_a_bad_doc_fails_only_its_own_concurrent_request(workspace, tiny_model_dir, scenes):
-    encoder = CLIPEncoder(workspace=str(workspace), bootstrap=False, bootstrap_timeout=1, batch_size=8,
-                          batch_wait_ms=200)
+    encoder = CLIPEncoder(
+        workspace=str(workspace), bootstrap=False, bootstrap_timeout=1, batch_size=8, batch_wait_ms=200
+    )
     try:
         requests = single_image_requests(scenes.images[:5])
         requests.insert(2, DocList[ClipDoc]([ClipDoc(id="broken", blob=b"GIF89a?")]))
@@ -338,6 +347,7 @@ def test_a_request_keeps_the_version_it_took_across_a_swap(workspace, tiny_model
     encoder.batcher.close()
     encoder.batcher = MicroBatcher(8, 1, embed=held_embed)
     try:
+
         async def scenario():
             blocker = encoder.batcher.submit(encoder.follower.clip(), [Item(name="blocker", text="x")])
             await asyncio.to_thread(entered.wait, 30)  # the worker holds the blocker: nothing is pending
@@ -354,10 +364,12 @@ def test_a_request_keeps_the_version_it_took_across_a_swap(workspace, tiny_model
 
         before, after = run(scenario())
         assert before[0].model_version == "v1" and after[0].model_version == "v2"
-        np.testing.assert_allclose(before[0].embedding, OnnxClip(tiny_model_dir).encode_images(scenes.images[:1])[0],
-                                   atol=1e-5)
-        np.testing.assert_allclose(after[0].embedding,
-                                   OnnxClip(tiny_model_dir_v2).encode_images(scenes.images[1:2])[0], atol=1e-5)
+        np.testing.assert_allclose(
+            before[0].embedding, OnnxClip(tiny_model_dir).encode_images(scenes.images[:1])[0], atol=1e-5
+        )
+        np.testing.assert_allclose(
+            after[0].embedding, OnnxClip(tiny_model_dir_v2).encode_images(scenes.images[1:2])[0], atol=1e-5
+        )
         assert encoder.batcher.stats()["merged_runs"] == 0
     finally:
         release.set()

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import harness  # noqa: E402
-from cliptuner.plots import is_drawn  # noqa: E402
+from cliptuner.train.plots import is_drawn  # noqa: E402
 
 
 def test_quick_run_writes_results_json_and_charts_from_scratch(tmp_path):
@@ -23,8 +23,13 @@ def test_quick_run_writes_results_json_and_charts_from_scratch(tmp_path):
     stale = out.parent / "charts" / "stale.png"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"old")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--only", "search", "flow_search",
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--only", "search", "flow_search", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = out.read_text()
     assert "**Quick mode**" in text and "python -m benchmarks --quick --only search flow_search" in text
@@ -38,7 +43,8 @@ def test_quick_run_writes_results_json_and_charts_from_scratch(tmp_path):
     raw = json.loads((out.parent / "results.json").read_text())
     assert set(raw["parts"]) == {"search", "flow_search"}
     assert raw["parts"]["flow_search"]["result"]["recall_at_10"] == pytest.approx(
-        raw["parts"]["flow_search"]["result"]["in_process_recall_at_10"])  # the Flow returns what the store finds
+        raw["parts"]["flow_search"]["result"]["in_process_recall_at_10"]
+    )  # the Flow returns what the store finds
     charts = sorted(p.name for p in (out.parent / "charts").iterdir())
     assert charts == ["latency.png", "search.png"]  # the stale file is gone; ratios/recall had nothing to show
     for name in charts:
@@ -53,14 +59,18 @@ def _fake_part(monkeypatch, tmp_path, name: str, body: str) -> None:
     (package / "__init__.py").write_text("")
     (package / f"{name}.py").write_text(body)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    monkeypatch.setattr(harness, "PARTS", (harness.Part(name, f"parts_for_test.{name}", f"Test part {name}", (),
-                                                        (), "A part made for the test."),))
+    monkeypatch.setattr(
+        harness,
+        "PARTS",
+        (harness.Part(name, f"parts_for_test.{name}", f"Test part {name}", (), (), "A part made for the test."),),
+    )
     monkeypatch.setattr(harness, "PART_NAMES", (name,))
 
 
 def test_a_failing_part_is_reported_with_its_output_and_the_run_exits_1(monkeypatch, tmp_path):
-    _fake_part(monkeypatch, tmp_path, "boom",
-               "print('halfway there')\nraise SystemExit('the benchmark broke: no data')\n")
+    _fake_part(
+        monkeypatch, tmp_path, "boom", "print('halfway there')\nraise SystemExit('the benchmark broke: no data')\n"
+    )
     code = harness.main(["--out", str(tmp_path / "RESULTS.md")])
     assert code == 1
     text = (tmp_path / "RESULTS.md").read_text()
@@ -87,9 +97,12 @@ def test_a_ratio_target_is_judged_on_its_bound(ratio, verdict):
 
 def test_search_needs_both_recall_and_speed():
     target = next(t for t in harness.TARGETS if t.part == "search")
-    judged = [harness.judge(target, {"search": _outcome({"report": {"hnsw": {"recall_at_10": recall,
-                                                                             "qps_ratio": speed}}})})[1]
-              for recall, speed in ((0.96, 11.0), (0.94, 30.0), (0.99, 9.0))]
+    judged = [
+        harness.judge(target, {"search": _outcome({"report": {"hnsw": {"recall_at_10": recall, "qps_ratio": speed}}})})[
+            1
+        ]
+        for recall, speed in ((0.96, 11.0), (0.94, 30.0), (0.99, 9.0))
+    ]
     assert judged == ["**met**", "**short**", "**short**"]
 
 
@@ -111,16 +124,25 @@ def test_missing_figures_say_why():
 
 def test_fine_tuning_gain_is_the_worse_direction():
     gain = next(t for t in harness.TARGETS if t.measure.startswith("fine-tuning gain"))
-    recall = {"before": {"t2i_r5": 0.05, "i2t_r5": 0.04}, "after_fp32": {"t2i_r5": 0.80, "i2t_r5": 0.20},
-              "after_int8": {"t2i_r5": 0.79, "i2t_r5": 0.20}, "drop": {"t2i_r5": 0.01, "i2t_r5": 0.0}}
+    recall = {
+        "before": {"t2i_r5": 0.05, "i2t_r5": 0.04},
+        "after_fp32": {"t2i_r5": 0.80, "i2t_r5": 0.20},
+        "after_int8": {"t2i_r5": 0.79, "i2t_r5": 0.20},
+        "drop": {"t2i_r5": 0.01, "i2t_r5": 0.0},
+    }
     shown, verdict = harness.judge(gain, {"precision": _outcome({"recall": recall})})
     assert shown == "+0.160" and verdict == "**short**"  # t2i gained 0.75 but i2t only 0.16
 
 
 def test_a_report_is_written_again_from_its_raw_results(monkeypatch, tmp_path):
-    _fake_part(monkeypatch, tmp_path, "one", "import json, sys\n"
-               "json.dump({'image': {'ratio': 1.5}}, open(sys.argv[sys.argv.index('--json') + 1], 'w'))\n"
-               "print('| a | table |')\n")
+    _fake_part(
+        monkeypatch,
+        tmp_path,
+        "one",
+        "import json, sys\n"
+        "json.dump({'image': {'ratio': 1.5}}, open(sys.argv[sys.argv.index('--json') + 1], 'w'))\n"
+        "print('| a | table |')\n",
+    )
     first = tmp_path / "first" / "RESULTS.md"
     assert harness.main(["--out", str(first)]) == 0
     again = tmp_path / "again" / "RESULTS.md"
@@ -131,9 +153,30 @@ def test_a_report_is_written_again_from_its_raw_results(monkeypatch, tmp_path):
 
 
 def test_a_short_figure_says_what_limits_it():
-    results = {"precision": {"result": {"speed": {"image": {"ratio": 1.6}}}, "command": "python x.py",
-                             "stdout": "| t |", "wall_s": 1.0}}
-    text = harness.render(results, {"date": "d", "platform": "p", "cpu": "c", "cores": 2, "cuda": "no",
-                                    "python": "3.11", "versions": {}, "commit": "x"}, [], False, "cmd", 1.0)
+    results = {
+        "precision": {
+            "result": {"speed": {"image": {"ratio": 1.6}}},
+            "command": "python x.py",
+            "stdout": "| t |",
+            "wall_s": 1.0,
+        }
+    }
+    text = harness.render(
+        results,
+        {
+            "date": "d",
+            "platform": "p",
+            "cpu": "c",
+            "cores": 2,
+            "cuda": "no",
+            "python": "3.11",
+            "versions": {},
+            "commit": "x",
+        },
+        [],
+        False,
+        "cmd",
+        1.0,
+    )
     assert "| int8 ONNX image encode |" in text and "**short**" in text
     assert "- **int8 ONNX image encode**: Dynamic quantization" in text

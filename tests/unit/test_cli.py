@@ -7,10 +7,10 @@ import sys
 import numpy as np
 import pytest
 
-from cliptuner import synthetic
 from cliptuner.cli import main
-from cliptuner.evaluate import METRIC_KEYS
-from cliptuner.plots import is_drawn
+from cliptuner.train import synthetic
+from cliptuner.train.evaluate import METRIC_KEYS
+from cliptuner.train.plots import is_drawn
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +18,28 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     csv = synthetic.write_csv(root / "data", n_images=60, domain="domain", seed=5, captions_per_image=2)
     out = root / "model-a"
-    code = main(["train", "--data", str(csv), "--model", "cliptuner-tiny", "--epochs", "2", "--batch-size", "16",
-                 "--lr", "5e-4", "--warmup-steps", "2", "--out", str(out), "--quiet", "--device", "cpu"])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(csv),
+            "--model",
+            "cliptuner-tiny",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--lr",
+            "5e-4",
+            "--warmup-steps",
+            "2",
+            "--out",
+            str(out),
+            "--quiet",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     return csv, out
 
@@ -43,14 +63,19 @@ def test_train_writes_a_model_version_and_report(trained):
 def test_eval_of_exported_model_matches_the_training_report(trained, tmp_path, capsys):
     csv, out = trained
     # the held-out part of the CSV, as train split it: same seed, same fraction
-    from cliptuner.data import load_csv
+    from cliptuner.train.data import load_csv
 
     _, held_out = load_csv(csv).split(0.2, 0)
-    rows = ["image,caption"] + [f"{held_out.images[i]},{held_out.captions[p]}"
-                                for p, i in enumerate(held_out.image_index)]
+    rows = ["image,caption"] + [
+        f"{held_out.images[i]},{held_out.captions[p]}" for p, i in enumerate(held_out.image_index)
+    ]
     (tmp_path / "held.csv").write_text("\n".join(rows) + "\n")
-    assert main(["eval", "--data", str(tmp_path / "held.csv"), "--model-dir", str(out),
-                 "--json", str(tmp_path / "m.json")]) == 0
+    assert (
+        main(
+            ["eval", "--data", str(tmp_path / "held.csv"), "--model-dir", str(out), "--json", str(tmp_path / "m.json")]
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "m.json").read_text())
     report = json.loads((out / "report.json").read_text())
     for key in METRIC_KEYS:  # ONNX on the same split reproduces the torch evaluation
@@ -72,25 +97,74 @@ def test_export_from_checkpoint_reproduces_the_embeddings(trained, tmp_path):
 
 
 def test_karpathy_json_trains_on_its_train_split(tmp_path):
-    path = synthetic.write_karpathy(tmp_path / "k", n_images=40, domain="generic", seed=2, captions_per_image=2,
-                                    test_fraction=0.25)
+    path = synthetic.write_karpathy(
+        tmp_path / "k", n_images=40, domain="generic", seed=2, captions_per_image=2, test_fraction=0.25
+    )
     out = tmp_path / "m"
-    assert main(["train", "--data", str(path), "--epochs", "1", "--batch-size", "8", "--out", str(out),
-                 "--quiet", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(path),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "8",
+                "--out",
+                str(out),
+                "--quiet",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     split = json.loads((out / "report.json").read_text())["split"]
     assert split == {"train_images": 30, "train_pairs": 60, "eval_images": 10, "eval_pairs": 20}
 
 
 def test_an_int8_export_reports_its_held_out_recall_beside_fp32(trained, tmp_path):
     csv, out = trained
-    assert main(["export", "--checkpoint", str(out / "checkpoint.pt"), "--out", str(tmp_path / "int8"),
-                 "--precision", "int8"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(out / "checkpoint.pt"),
+                "--out",
+                str(tmp_path / "int8"),
+                "--precision",
+                "int8",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "int8" / "model.json").read_text())["precision"] == "int8"
     # /train and `cliptuner train` take it as export_precision: the report then holds both recalls
     data = synthetic.write_csv(tmp_path / "data", n_images=40, domain="domain", seed=6, captions_per_image=2)
     tuned = tmp_path / "tuned"
-    assert main(["train", "--data", str(data), "--epochs", "1", "--batch-size", "8", "--out", str(tuned), "--quiet",
-                 "--device", "cpu", "--export-precision", "int8"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "8",
+                "--out",
+                str(tuned),
+                "--quiet",
+                "--device",
+                "cpu",
+                "--export-precision",
+                "int8",
+            ]
+        )
+        == 0
+    )
     report = json.loads((tuned / "report.json").read_text())
     exported = report["exported"]
     assert exported["precision"] == "int8" and exported["measured"] is True
@@ -111,8 +185,9 @@ def test_bad_rows_give_an_error_naming_the_row(tmp_path, capsys):
 
 
 def test_console_entry_point_runs():
-    result = subprocess.run([sys.executable, "-m", "cliptuner.cli", "--help"], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "cliptuner.cli", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0
     for command in ("train", "eval", "export", "encode"):
         assert command in result.stdout
@@ -157,11 +232,14 @@ def test_one_device_syntax_everywhere(command, capsys):
     assert "device must be one of ['auto', 'cpu', 'cuda'] or 'cuda:N', got 'gpu'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args, env, message", [
-    (["--http-port", "0"], {}, "--http-port / CLIPTUNER_HTTP_PORT must be a port number in [1, 65535], got '0'"),
-    (["--http-port", "51000", "--port", "51000"], {}, "must differ from the gRPC port, got 51000 for both"),
-    ([], {"CLIPTUNER_HTTP_PORT": "abc"}, "must be a port number in [1, 65535], got 'abc'"),
-])
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (["--http-port", "0"], {}, "--http-port / CLIPTUNER_HTTP_PORT must be a port number in [1, 65535], got '0'"),
+        (["--http-port", "51000", "--port", "51000"], {}, "must differ from the gRPC port, got 51000 for both"),
+        ([], {"CLIPTUNER_HTTP_PORT": "abc"}, "must be a port number in [1, 65535], got 'abc'"),
+    ],
+)
 def test_a_bad_http_port_is_refused_by_name_before_anything_starts(args, env, message, tmp_path, monkeypatch, capsys):
     from cliptuner.cli import METRICS_PORTS, SERVE_ENV
 

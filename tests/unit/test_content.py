@@ -1,7 +1,7 @@
 """What to embed for one item: image fields checked at request time, data: URIs, paths under a root, mixed batches.
 
-The array rule is one function (:func:`cliptuner.images.check_array_image`) used when a request arrives
-(:func:`cliptuner.content.image_source`) and again before decoding (:func:`cliptuner.images.decode_image`):
+The array rule is one function (:func:`cliptuner.model.images.check_array_image`) used when a request arrives
+(:func:`cliptuner.serve.content.image_source`) and again before decoding (:func:`cliptuner.model.images.decode_image`):
 both must accept and refuse exactly the same arrays.
 """
 
@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cliptuner.access import UriPolicy, UriRefused
-from cliptuner.content import Item, embed_items, image_source, make_item
-from cliptuner.export import generate_sample_images
-from cliptuner.images import ImageError, ImageLimits, check_array_image, decode_image
-from cliptuner.runtime import OnnxClip
+from cliptuner.model.images import ImageError, ImageLimits, check_array_image, decode_image
+from cliptuner.model.runtime import OnnxClip
+from cliptuner.serve.access import UriPolicy, UriRefused
+from cliptuner.serve.content import Item, embed_items, image_source, make_item
+from cliptuner.train.export import generate_sample_images
 
 
 def png(array: np.ndarray) -> bytes:
@@ -88,8 +88,12 @@ BAD_ARRAYS = [
     pytest.param(np.zeros((8, 8, 3), np.int64), r"got shape \(8, 8, 3\) dtype int64", id="int64"),
     pytest.param(np.zeros((8, 8, 3), bool), r"got shape \(8, 8, 3\) dtype bool", id="bool"),
     pytest.param(np.array(7, np.uint8), r"got shape \(\) dtype uint8", id="scalar"),
-    pytest.param(np.zeros((0, 8, 3), np.uint8), r"with sides of at least 1 pixels, got shape \(0, 8, 3\)", id="no-rows"),
-    pytest.param(np.zeros((8, 0, 3), np.uint8), r"with sides of at least 1 pixels, got shape \(8, 0, 3\)", id="no-cols"),
+    pytest.param(
+        np.zeros((0, 8, 3), np.uint8), r"with sides of at least 1 pixels, got shape \(0, 8, 3\)", id="no-rows"
+    ),
+    pytest.param(
+        np.zeros((8, 0, 3), np.uint8), r"with sides of at least 1 pixels, got shape \(8, 0, 3\)", id="no-cols"
+    ),
 ]
 
 
@@ -107,8 +111,11 @@ def test_decode_image_refuses_the_same_arrays_with_the_same_rule(array, detail):
 
 def test_request_check_and_decoding_accept_exactly_the_same_arrays():
     limits = ImageLimits(max_pixels=64, min_side=2)
-    candidates = [np.zeros(shape, dtype) for shape in [(8, 8, 3), (2, 32, 3), (1, 8, 3), (9, 8, 3), (8, 8), (8, 8, 4)]
-                  for dtype in (np.uint8, np.float32)]
+    candidates = [
+        np.zeros(shape, dtype)
+        for shape in [(8, 8, 3), (2, 32, 3), (1, 8, 3), (9, 8, 3), (8, 8), (8, 8, 4)]
+        for dtype in (np.uint8, np.float32)
+    ]
     accepted = []
     for array in candidates:
         try:
@@ -163,12 +170,15 @@ def test_percent_encoded_data_uri_gives_the_file_bytes(pictures):
     assert image_source("doc 'd'", uri=f"data:image/png,{quote_from_bytes(data)}") == data
 
 
-@pytest.mark.parametrize("uri, message", [
-    ("data:image/png;base64", r"malformed data URI \(no ','\)"),
-    ("data:image/png;base64,not*base64!", r"data URI is not valid base64"),
-    ("data:image/png;base64,", r"data URI holds no data"),
-    ("data:image/png,", r"data URI holds no data"),
-])
+@pytest.mark.parametrize(
+    "uri, message",
+    [
+        ("data:image/png;base64", r"malformed data URI \(no ','\)"),
+        ("data:image/png;base64,not*base64!", r"data URI is not valid base64"),
+        ("data:image/png;base64,", r"data URI holds no data"),
+        ("data:image/png,", r"data URI holds no data"),
+    ],
+)
 def test_malformed_data_uris_are_refused(uri, message):
     with pytest.raises(ValueError, match=rf"^doc 'd': {message}"):
         image_source("doc 'd'", uri=uri)
@@ -180,8 +190,10 @@ def test_data_uris_over_the_byte_limit_are_refused():
         image_source("doc 'd'", uri="data:image/png;base64," + base64.b64encode(b"x" * 600).decode(), limits=limits)
     with pytest.raises(ValueError, match=r"^doc 'd': data URI holds 301 bytes, over the limit of 300"):
         image_source("doc 'd'", uri="data:image/png;base64," + base64.b64encode(b"x" * 301).decode(), limits=limits)
-    assert image_source("doc 'd'", uri="data:image/png;base64," + base64.b64encode(b"x" * 300).decode(),
-                        limits=limits) == b"x" * 300
+    assert (
+        image_source("doc 'd'", uri="data:image/png;base64," + base64.b64encode(b"x" * 300).decode(), limits=limits)
+        == b"x" * 300
+    )
 
 
 def test_a_uri_longer_than_the_largest_data_uri_is_refused_by_length():
@@ -208,23 +220,35 @@ def policy(root) -> UriPolicy:
 
 def test_paths_under_the_policy_roots_resolve_to_files_under_them(root, policy):
     real = root.resolve()
-    for uri in ["a.png", "sub/b.png", "sub/../a.png", str(root / "a.png"), f"file://{root / 'sub' / 'b.png'}",
-                f"file://localhost{root / 'a.png'}"]:
+    for uri in [
+        "a.png",
+        "sub/b.png",
+        "sub/../a.png",
+        str(root / "a.png"),
+        f"file://{root / 'sub' / 'b.png'}",
+        f"file://localhost{root / 'a.png'}",
+    ]:
         resolved = Path(image_source("doc 'p'", uri=uri, policy=policy))
         assert resolved.is_absolute() and resolved.is_relative_to(real) and resolved.is_file(), uri
 
 
-@pytest.mark.parametrize("make_uri", [
-    lambda root: "../outside.png",
-    lambda root: str(root.parent / "outside.png"),
-    lambda root: f"file://{root.parent / 'outside.png'}",
-    lambda root: "file://images/a.png",
-    lambda root: "https://example.com/cat.png",
-    lambda root: "s3://bucket/cat.png",
-])
+@pytest.mark.parametrize(
+    "make_uri",
+    [
+        lambda root: "../outside.png",
+        lambda root: str(root.parent / "outside.png"),
+        lambda root: f"file://{root.parent / 'outside.png'}",
+        lambda root: "file://images/a.png",
+        lambda root: "https://example.com/cat.png",
+        lambda root: "s3://bucket/cat.png",
+    ],
+)
 def test_uris_the_policy_does_not_allow_get_one_message_naming_the_item(root, policy, make_uri):
-    with pytest.raises(UriRefused, match=r"^doc 'e': uri is not allowed: local paths must lie under the service's "
-                                         r"image roots, http\(s\) only for allow-listed hosts$"):
+    with pytest.raises(
+        UriRefused,
+        match=r"^doc 'e': uri is not allowed: local paths must lie under the service's "
+        r"image roots, http\(s\) only for allow-listed hosts$",
+    ):
         make_item("doc 'e'", text="a caption", uri=make_uri(root), policy=policy)
 
 
@@ -253,8 +277,11 @@ def test_remote_images_are_fetched_a_few_at_a_time_when_embedded(clip, pictures,
 
     monkeypatch.setattr(UriPolicy, "fetch", fetch)
     encode_images = clip.encode_images
-    monkeypatch.setattr(clip, "encode_images", lambda images, names=None: batches.append(len(images)) or
-                        encode_images(images, names=names))
+    monkeypatch.setattr(
+        clip,
+        "encode_images",
+        lambda images, names=None: batches.append(len(images)) or encode_images(images, names=names),
+    )
     web = UriPolicy(allowed_hosts=("images.test",))
     items = [make_item(f"doc '{i}'", uri=url, policy=web) for i, url in enumerate(bodies)]
     assert fetched == []  # checked, not fetched

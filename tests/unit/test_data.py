@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cliptuner.data import (
+from cliptuner.model.images import ImageError
+from cliptuner.train.data import (
     DataError,
     PairDataset,
     PairSet,
@@ -20,7 +21,6 @@ from cliptuner.data import (
     load_pairs,
     make_loader,
 )
-from cliptuner.images import ImageError
 
 
 def _png(path: Path, colour=(200, 30, 30), size=(20, 16)) -> Path:
@@ -46,14 +46,16 @@ def csv_dir(tmp_path: Path) -> Path:
 
 
 def test_load_csv_groups_captions_of_one_image(csv_dir: Path):
-    path = _write(csv_dir / "pairs.csv",
-                  "image,caption,extra\n"
-                  "img/a.png,a red card,x\n"
-                  "img/b.png,a green card,y\n"
-                  "\n"
-                  "./img/a.png,  red again  ,z\n"
-                  "c.png,a blue card,w\n"
-                  "img/a.png,\"red, with a comma\",v\n")
+    path = _write(
+        csv_dir / "pairs.csv",
+        "image,caption,extra\n"
+        "img/a.png,a red card,x\n"
+        "img/b.png,a green card,y\n"
+        "\n"
+        "./img/a.png,  red again  ,z\n"
+        "c.png,a blue card,w\n"
+        'img/a.png,"red, with a comma",v\n',
+    )
     pairs = load_csv(path)
     assert len(pairs) == 5
     assert pairs.num_images == 3
@@ -76,13 +78,15 @@ def test_load_csv_accepts_absolute_paths_and_case_of_header(csv_dir: Path, tmp_p
 
 
 def test_load_csv_bad_rows_are_named_by_line(csv_dir: Path):
-    path = _write(csv_dir / "bad.csv",
-                  "image,caption\n"
-                  "img/a.png,\"a caption over\ntwo lines\"\n"  # lines 2-3, fine
-                  "img/b.png,   \n"  # line 4: empty caption
-                  "img/missing.png,a ghost\n"  # line 5: no such file
-                  ",no image\n"  # line 6
-                  "c.png,fine\n")
+    path = _write(
+        csv_dir / "bad.csv",
+        "image,caption\n"
+        'img/a.png,"a caption over\ntwo lines"\n'  # lines 2-3, fine
+        "img/b.png,   \n"  # line 4: empty caption
+        "img/missing.png,a ghost\n"  # line 5: no such file
+        ",no image\n"  # line 6
+        "c.png,fine\n",
+    )
     with pytest.raises(DataError) as info:
         load_csv(path)
     message = str(info.value)
@@ -96,7 +100,9 @@ def test_load_csv_bad_rows_are_named_by_line(csv_dir: Path):
 
 def test_load_csv_missing_columns_named(csv_dir: Path):
     path = _write(csv_dir / "cols.csv", "img,text\nimg/a.png,red\n")
-    with pytest.raises(DataError, match=r"cols\.csv.*missing column\(s\) \['image', 'caption'\].*found \['img', 'text'\]"):
+    with pytest.raises(
+        DataError, match=r"cols\.csv.*missing column\(s\) \['image', 'caption'\].*found \['img', 'text'\]"
+    ):
         load_csv(path)
 
 
@@ -131,16 +137,31 @@ def _karpathy(root: Path, images: list) -> Path:
 def karpathy_file(tmp_path: Path) -> Path:
     for name in ("train2014/t1.jpg", "train2014/t2.jpg", "val2014/v1.jpg", "val2014/v2.jpg", "val2014/v3.jpg"):
         _png(tmp_path / name)
-    return _karpathy(tmp_path, [
-        {"filepath": "train2014", "filename": "t1.jpg", "split": "train",
-         "sentences": [{"raw": "one "}, {"raw": "two"}]},
-        {"filepath": "train2014", "filename": "t2.jpg", "split": "train", "sentences": [{"raw": "three"}]},
-        {"filepath": "val2014", "filename": "v1.jpg", "split": "restval",
-         "sentences": [{"raw": "four"}, {"raw": "five"}, {"raw": "six"}]},
-        {"filepath": "val2014", "filename": "v2.jpg", "split": "val", "sentences": [{"raw": "seven"}]},
-        {"filepath": "val2014", "filename": "v3.jpg", "split": "test",
-         "sentences": [{"raw": "eight"}, {"raw": "nine"}]},
-    ])
+    return _karpathy(
+        tmp_path,
+        [
+            {
+                "filepath": "train2014",
+                "filename": "t1.jpg",
+                "split": "train",
+                "sentences": [{"raw": "one "}, {"raw": "two"}],
+            },
+            {"filepath": "train2014", "filename": "t2.jpg", "split": "train", "sentences": [{"raw": "three"}]},
+            {
+                "filepath": "val2014",
+                "filename": "v1.jpg",
+                "split": "restval",
+                "sentences": [{"raw": "four"}, {"raw": "five"}, {"raw": "six"}],
+            },
+            {"filepath": "val2014", "filename": "v2.jpg", "split": "val", "sentences": [{"raw": "seven"}]},
+            {
+                "filepath": "val2014",
+                "filename": "v3.jpg",
+                "split": "test",
+                "sentences": [{"raw": "eight"}, {"raw": "nine"}],
+            },
+        ],
+    )
 
 
 def test_load_karpathy_train_includes_restval(karpathy_file: Path):
@@ -158,7 +179,9 @@ def test_load_karpathy_split_selection(karpathy_file: Path):
     assert test.captions == ["eight", "nine"] and test.image_index == [0, 0]
     val = load_pairs(karpathy_file, split="val")
     assert val.captions == ["seven"]
-    with pytest.raises(DataError, match=r"no images in split 'dev'; splits present: \['restval', 'test', 'train', 'val'\]"):
+    with pytest.raises(
+        DataError, match=r"no images in split 'dev'; splits present: \['restval', 'test', 'train', 'val'\]"
+    ):
         load_karpathy(karpathy_file, split="dev")
 
 
@@ -177,13 +200,16 @@ def test_load_karpathy_bad_entries_named_by_index_and_filename(tmp_path: Path):
     _png(tmp_path / "ok.jpg")
     _png(tmp_path / "quiet.jpg")
     _png(tmp_path / "blank.jpg")
-    path = _karpathy(tmp_path, [
-        {"filename": "ok.jpg", "split": "train", "sentences": [{"raw": "fine"}]},
-        {"split": "train", "sentences": [{"raw": "who am I"}]},
-        {"filename": "quiet.jpg", "split": "train", "sentences": []},
-        {"filename": "blank.jpg", "split": "train", "sentences": [{"raw": "good"}, {"raw": "  "}]},
-        {"filename": "gone.jpg", "split": "train", "sentences": [{"raw": "lost"}]},
-    ])
+    path = _karpathy(
+        tmp_path,
+        [
+            {"filename": "ok.jpg", "split": "train", "sentences": [{"raw": "fine"}]},
+            {"split": "train", "sentences": [{"raw": "who am I"}]},
+            {"filename": "quiet.jpg", "split": "train", "sentences": []},
+            {"filename": "blank.jpg", "split": "train", "sentences": [{"raw": "good"}, {"raw": "  "}]},
+            {"filename": "gone.jpg", "split": "train", "sentences": [{"raw": "lost"}]},
+        ],
+    )
     with pytest.raises(DataError) as info:
         load_karpathy(path)
     message = str(info.value)
@@ -251,9 +277,12 @@ def _grouped(counts: list[int]) -> PairSet:
     rng = np.random.default_rng(0)
     index = [i for i, c in enumerate(counts) for _ in range(c)]
     index = [index[k] for k in rng.permutation(len(index))]
-    return PairSet(images=[f"img{i}" for i in range(len(counts))],
-                   captions=[f"caption {k} of img{i}" for k, i in enumerate(index)],
-                   image_index=index, image_ids=[f"img{i}" for i in range(len(counts))])
+    return PairSet(
+        images=[f"img{i}" for i in range(len(counts))],
+        captions=[f"caption {k} of img{i}" for k, i in enumerate(index)],
+        image_index=index,
+        image_ids=[f"img{i}" for i in range(len(counts))],
+    )
 
 
 def test_subset_images_reindexes_and_keeps_all_captions():
@@ -425,8 +454,7 @@ def test_pair_dataset_caches_only_when_asked(memory_pairs: PairSet):
     plain = PairDataset(memory_pairs, transform, lambda texts: torch.zeros(1, 4, dtype=torch.long))
     plain[0], plain[1]
     assert calls[0] is not calls[1]  # decoded twice
-    cached = PairDataset(memory_pairs, transform, lambda texts: torch.zeros(1, 4, dtype=torch.long),
-                         cache_images=True)
+    cached = PairDataset(memory_pairs, transform, lambda texts: torch.zeros(1, 4, dtype=torch.long), cache_images=True)
     cached[0], cached[1]
     assert calls[2] is calls[3]  # one decode for the two captions of image 0
 
@@ -443,8 +471,7 @@ def test_make_loader_shuffled_batches_have_unique_images(tiny_bundle, memory_pai
 
 
 def test_make_loader_sequential_keeps_order_and_last_batch(tiny_bundle, memory_pairs: PairSet):
-    loader = make_loader(memory_pairs, tiny_bundle.preprocess_val, tiny_bundle.tokenizer, batch_size=4,
-                         shuffle=False)
+    loader = make_loader(memory_pairs, tiny_bundle.preprocess_val, tiny_bundle.tokenizer, batch_size=4, shuffle=False)
     batches = list(loader)
     assert [len(b[2]) for b in batches] == [4, 4, 2]
     assert torch.cat([b[2] for b in batches]).tolist() == memory_pairs.image_index
@@ -455,7 +482,7 @@ def test_make_loader_sequential_keeps_order_and_last_batch(tiny_bundle, memory_p
 def test_make_loader_reads_csv_images(tiny_bundle, csv_dir: Path):
     path = _write(csv_dir / "pairs.csv", "image,caption\nimg/a.png,red\nimg/b.png,green\nc.png,blue\nimg/a.png,red 2\n")
     loader = make_loader(load_csv(path), tiny_bundle.preprocess_val, tiny_bundle.tokenizer, batch_size=3, seed=0)
-    (images, texts, index), = list(loader)
+    ((images, texts, index),) = list(loader)
     assert images.shape == (3, 3, 64, 64)
     assert sorted(index.tolist()) == [0, 1, 2]
 
@@ -465,4 +492,3 @@ def test_collate_pairs_stacks_items():
     images, texts, index = collate_pairs(items)
     assert images.shape == (2, 3, 2, 2) and texts.shape == (2, 5)
     assert index.tolist() == [4, 7] and index.dtype == torch.long
-

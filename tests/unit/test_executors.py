@@ -13,23 +13,26 @@ import time
 import numpy as np
 import pytest
 from docarray import DocList
+from support import QUICK, pair_docs, png, run
 
-from cliptuner import synthetic
-from cliptuner.bootstrap import BootstrapTimeout, ensure_current
 from cliptuner.config import ModelSpec
-from cliptuner.images import ImageError
-from cliptuner.registry import Registry
-from cliptuner.runtime import OnnxClip
-from executors import CLIPEncoder, CLIPIndexer, ClipDoc
+from cliptuner.model.images import ImageError
+from cliptuner.model.registry import Registry
+from cliptuner.model.runtime import OnnxClip
+from cliptuner.serve.bootstrap import BootstrapTimeout, ensure_current
+from cliptuner.train import synthetic
+from executors import ClipDoc, CLIPEncoder, CLIPIndexer
 from executors.options import request_parameters, setting
 from executors.tuner import TrainingBusy
 
-from support import QUICK, pair_docs, png, run
-
 
 def gallery_docs(scenes) -> DocList[ClipDoc]:
-    return DocList[ClipDoc]([ClipDoc(id=f"g{i}", tensor=image, tags={"caption": scenes.captions[i]})
-                             for i, image in enumerate(scenes.images)])
+    return DocList[ClipDoc](
+        [
+            ClipDoc(id=f"g{i}", tensor=image, tags={"caption": scenes.captions[i]})
+            for i, image in enumerate(scenes.images)
+        ]
+    )
 
 
 def stored_vectors(collection) -> dict[str, np.ndarray]:
@@ -81,14 +84,16 @@ def test_encoder_embeds_mixed_texts_and_images_like_the_runtime(encoder, workspa
     path.parent.mkdir(exist_ok=True)
     path.write_bytes(png(image))
     data_uri = "data:image/png;base64," + base64.b64encode(png(image)).decode()
-    docs = DocList[ClipDoc]([
-        ClipDoc(id="text", text=scenes.captions[0]),
-        ClipDoc(id="tensor", tensor=image),
-        ClipDoc(id="blob", blob=png(image)),
-        ClipDoc(id="path", uri=str(path)),
-        ClipDoc(id="data-uri", uri=data_uri),
-        ClipDoc(id="pair", text="some other caption", tensor=image),
-    ])
+    docs = DocList[ClipDoc](
+        [
+            ClipDoc(id="text", text=scenes.captions[0]),
+            ClipDoc(id="tensor", tensor=image),
+            ClipDoc(id="blob", blob=png(image)),
+            ClipDoc(id="path", uri=str(path)),
+            ClipDoc(id="data-uri", uri=data_uri),
+            ClipDoc(id="pair", text="some other caption", tensor=image),
+        ]
+    )
     out = run(encoder.encode(docs=docs, parameters={}))
     assert [d.id for d in out] == ["text", "tensor", "blob", "path", "data-uri", "pair"]
     clip = OnnxClip(workspace / "models" / "v1")
@@ -119,13 +124,16 @@ def test_encoder_minibatches_many_docs(workspace, scenes):
         enc.close()
 
 
-@pytest.mark.parametrize("doc, message", [
-    (ClipDoc(id="empty"), r"doc 'empty': has neither text nor an image"),
-    (ClipDoc(id="broken", blob=b"\x89PNG not really"), r"doc 'broken'.*cannot decode"),
-    (ClipDoc(id="chw", tensor=np.zeros((3, 16, 16), np.uint8)), r"doc 'chw': tensor must be an H×W×3 uint8 image"),
-    (ClipDoc(id="floaty", tensor=np.zeros((16, 16, 3), np.float32)), r"doc 'floaty': tensor must be .* float32"),
-    (ClipDoc(id="web", uri="https://example.com/cat.png"), r"doc 'web': uri is not allowed"),
-])
+@pytest.mark.parametrize(
+    "doc, message",
+    [
+        (ClipDoc(id="empty"), r"doc 'empty': has neither text nor an image"),
+        (ClipDoc(id="broken", blob=b"\x89PNG not really"), r"doc 'broken'.*cannot decode"),
+        (ClipDoc(id="chw", tensor=np.zeros((3, 16, 16), np.uint8)), r"doc 'chw': tensor must be an H×W×3 uint8 image"),
+        (ClipDoc(id="floaty", tensor=np.zeros((16, 16, 3), np.float32)), r"doc 'floaty': tensor must be .* float32"),
+        (ClipDoc(id="web", uri="https://example.com/cat.png"), r"doc 'web': uri is not allowed"),
+    ],
+)
 def test_encoder_names_the_bad_doc_and_keeps_serving(encoder, doc, message):
     docs = DocList[ClipDoc]([ClipDoc(id="fine", text="a red circle"), doc])
     with pytest.raises(ValueError, match=message):
@@ -159,8 +167,9 @@ def test_uri_roots_keep_paths_inside(workspace, scenes, tmp_path):
         enc.close()
 
 
-def test_encoder_follows_current_without_restart_and_never_mixes_versions(encoder, workspace, tiny_model_dir_v2,
-                                                                        scenes):
+def test_encoder_follows_current_without_restart_and_never_mixes_versions(
+    encoder, workspace, tiny_model_dir_v2, scenes
+):
     registry = Registry(workspace / "models")
     clip = encoder.follower.clip()
     original = clip.encode_images
@@ -243,15 +252,20 @@ def test_indexer_alone_embeds_stores_and_finds_each_image_first(indexer, scenes)
     top = out[4].matches[0]
     assert top.tensor is None and top.blob is None  # no stored image bytes unless asked for
     assert top.tags == {"caption": scenes.captions[4]}
-    asked = run(indexer.search(docs=DocList[ClipDoc]([ClipDoc(id="q", tensor=scenes.images[4])]),
-                               parameters={"limit": 2, "return_content": True}))[0]
+    asked = run(
+        indexer.search(
+            docs=DocList[ClipDoc]([ClipDoc(id="q", tensor=scenes.images[4])]),
+            parameters={"limit": 2, "return_content": True},
+        )
+    )[0]
     assert [m.id for m in asked.matches] == [m.id for m in out[4].matches[:2]]
     np.testing.assert_array_equal(asked.matches[0].tensor, scenes.images[4])  # the stored content comes back
     assert asked.matches[0].tags == {"caption": scenes.captions[4]}
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     run(indexer.index(docs=DocList[ClipDoc]([ClipDoc(id="pair", text="a red star", blob=png(noise))])))
-    hit = run(indexer.search(docs=DocList[ClipDoc]([ClipDoc(id="q", tensor=noise)]),
-                             parameters={"limit": 1}))[0].matches[0]
+    hit = run(indexer.search(docs=DocList[ClipDoc]([ClipDoc(id="q", tensor=noise)]), parameters={"limit": 1}))[
+        0
+    ].matches[0]
     assert (hit.id, hit.text, hit.blob, hit.tensor) == ("pair", "a red star", None, None)  # text, not image bytes
 
 
@@ -289,12 +303,19 @@ def forged(docs: DocList[ClipDoc], version: str = "v1") -> DocList[ClipDoc]:
 def test_a_standalone_indexer_embeds_content_itself_whatever_vector_comes_with_it(indexer, workspace, scenes):
     run(indexer.index(docs=forged(gallery_docs(scenes))))
     ids = [f"g{i}" for i in range(len(scenes.images))]
-    np.testing.assert_allclose(stored_matrix(indexer.collection, ids),
-                               OnnxClip(workspace / "models" / "v1").encode_images(scenes.images), atol=1e-5)
-    plain = run(indexer.search(docs=DocList[ClipDoc]([ClipDoc(id="q", text=scenes.captions[2])]),
-                               parameters={"limit": 5}))[0]
-    out = run(indexer.search(docs=forged(DocList[ClipDoc]([ClipDoc(id="q", text=scenes.captions[2])])),
-                             parameters={"limit": 5}))[0]
+    np.testing.assert_allclose(
+        stored_matrix(indexer.collection, ids),
+        OnnxClip(workspace / "models" / "v1").encode_images(scenes.images),
+        atol=1e-5,
+    )
+    plain = run(
+        indexer.search(docs=DocList[ClipDoc]([ClipDoc(id="q", text=scenes.captions[2])]), parameters={"limit": 5})
+    )[0]
+    out = run(
+        indexer.search(
+            docs=forged(DocList[ClipDoc]([ClipDoc(id="q", text=scenes.captions[2])])), parameters={"limit": 5}
+        )
+    )[0]
     assert [m.id for m in out.matches] == [m.id for m in plain.matches]
     np.testing.assert_allclose(out.scores, plain.scores, atol=1e-6)
     np.testing.assert_allclose(out.embedding, plain.embedding, atol=1e-6)  # the vector used comes back
@@ -311,11 +332,14 @@ def test_a_trusting_indexer_uses_vectors_of_its_version_and_embeds_the_others(wo
         other = forged(DocList[ClipDoc]([ClipDoc(id="q", tensor=scenes.images[5])]), version="v0-elsewhere")
         out = run(idx.search(docs=other, parameters={"limit": 1}))[0]
         assert out.matches[0].id == "g5" and out.model_version == "v1"  # another version's vector: re-embedded
-        for embedding, message in [(np.full(128, np.nan, np.float32), "doc 'n': embedding is not finite"),
-                                   (np.ones(64, np.float32), r"doc 'n': embedding has shape \(64,\).*128"),
-                                   (np.zeros(128, np.float32), "doc 'n': embedding is all zeros")]:
-            bad = DocList[ClipDoc]([ClipDoc(id="ok", text="fine"),
-                                    ClipDoc(id="n", text="x", embedding=embedding, model_version="v1")])
+        for embedding, message in [
+            (np.full(128, np.nan, np.float32), "doc 'n': embedding is not finite"),
+            (np.ones(64, np.float32), r"doc 'n': embedding has shape \(64,\).*128"),
+            (np.zeros(128, np.float32), "doc 'n': embedding is all zeros"),
+        ]:
+            bad = DocList[ClipDoc](
+                [ClipDoc(id="ok", text="fine"), ClipDoc(id="n", text="x", embedding=embedding, model_version="v1")]
+            )
             with pytest.raises(ValueError, match=message):
                 run(idx.index(docs=bad))
             assert len(idx.collection) == 12 and "ok" not in idx.collection
@@ -342,21 +366,28 @@ def test_the_encoder_overwrites_client_vectors_before_a_trusting_indexer(encoder
 
 def test_vector_queries_are_checked_and_normalised(indexer, scenes):
     run(indexer.index(docs=gallery_docs(scenes)))
-    text = run(indexer.search(docs=DocList[ClipDoc]([ClipDoc(id="q", text=scenes.captions[2])]),
-                              parameters={"limit": 5}))[0]
+    text = run(
+        indexer.search(docs=DocList[ClipDoc]([ClipDoc(id="q", text=scenes.captions[2])]), parameters={"limit": 5})
+    )[0]
     vector_query = DocList[ClipDoc]([ClipDoc(id="vq", embedding=2.5 * text.embedding, model_version="v1")])
     out = run(indexer.search(docs=vector_query, parameters={"limit": 5}))[0]
     assert [m.id for m in out.matches] == [m.id for m in text.matches]
     np.testing.assert_allclose(out.scores, text.scores, atol=1e-5)
     assert abs(float(np.linalg.norm(out.embedding)) - 1) < 1e-5
     for doc, message in [
-        (ClipDoc(id="v", embedding=np.ones(7, np.float32), model_version="v1"),
-         r"doc 'v': embedding has shape \(7,\); the index holds 128-dimension vectors of model version 'v1'"),
-        (ClipDoc(id="v", embedding=np.full(128, np.inf, np.float32), model_version="v1"),
-         "doc 'v': embedding is not finite"),
+        (
+            ClipDoc(id="v", embedding=np.ones(7, np.float32), model_version="v1"),
+            r"doc 'v': embedding has shape \(7,\); the index holds 128-dimension vectors of model version 'v1'",
+        ),
+        (
+            ClipDoc(id="v", embedding=np.full(128, np.inf, np.float32), model_version="v1"),
+            "doc 'v': embedding is not finite",
+        ),
         (ClipDoc(id="v", embedding=np.zeros(128, np.float32), model_version="v1"), "doc 'v': embedding is all zeros"),
-        (ClipDoc(id="v", embedding=text.embedding, model_version="v0-elsewhere"),
-         "doc 'v': a vector query's model_version must be the index's version 'v1', got 'v0-elsewhere'"),
+        (
+            ClipDoc(id="v", embedding=text.embedding, model_version="v0-elsewhere"),
+            "doc 'v': a vector query's model_version must be the index's version 'v1', got 'v0-elsewhere'",
+        ),
         (ClipDoc(id="v", embedding=text.embedding), "doc 'v': a vector query's model_version .* got None"),
         (ClipDoc(id="v"), "doc 'v': has neither text nor an image .* nor an embedding"),
     ]:
@@ -366,20 +397,26 @@ def test_vector_queries_are_checked_and_normalised(indexer, scenes):
     assert [m.id for m in again.matches] == [m.id for m in text.matches]
 
 
-@pytest.mark.parametrize("parameters, message", [
-    ({"limit": 0}, r"parameter 'limit' must be in \[1, 1000\], got 0"),
-    ({"limit": 2.5}, r"parameter 'limit' must be a whole number"),
-    ({"limit": 5, "top_k": 5}, r"unknown parameter\(s\) \['top_k'\] for /search"),
-    ({"limit": "5"}, r"parameter 'limit' must be an integer, got '5'"),
-    ({"limit": 1001}, r"parameter 'limit' must be in \[1, 1000\], got 1001"),
-    ({"return_content": "yes"}, r"parameter 'return_content' must be true or false, got 'yes'"),
-    ({"return_content": 1.0}, r"parameter 'return_content' must be true or false, got 1.0"),
-    ({"filter": {"category": "shoes"}}, r"parameter 'filter': key 'category' must name a tag, like 'tags.category'"),
-    ({"filter": {}}, r"parameter 'filter' must be a non-empty mapping"),
-    ({"filter": "tags.category == 'shoes'"}, r"parameter 'filter' must be a non-empty mapping"),
-    ({"filter": {"tags.a b": 1}}, r"tag filter key 'a b': must be a tag name"),
-    ({"filter": {"tags.kind": ["a", "b"]}}, r"tag filter 'kind': value \['a', 'b'\] must be a string"),
-])
+@pytest.mark.parametrize(
+    "parameters, message",
+    [
+        ({"limit": 0}, r"parameter 'limit' must be in \[1, 1000\], got 0"),
+        ({"limit": 2.5}, r"parameter 'limit' must be a whole number"),
+        ({"limit": 5, "top_k": 5}, r"unknown parameter\(s\) \['top_k'\] for /search"),
+        ({"limit": "5"}, r"parameter 'limit' must be an integer, got '5'"),
+        ({"limit": 1001}, r"parameter 'limit' must be in \[1, 1000\], got 1001"),
+        ({"return_content": "yes"}, r"parameter 'return_content' must be true or false, got 'yes'"),
+        ({"return_content": 1.0}, r"parameter 'return_content' must be true or false, got 1.0"),
+        (
+            {"filter": {"category": "shoes"}},
+            r"parameter 'filter': key 'category' must name a tag, like 'tags.category'",
+        ),
+        ({"filter": {}}, r"parameter 'filter' must be a non-empty mapping"),
+        ({"filter": "tags.category == 'shoes'"}, r"parameter 'filter' must be a non-empty mapping"),
+        ({"filter": {"tags.a b": 1}}, r"tag filter key 'a b': must be a tag name"),
+        ({"filter": {"tags.kind": ["a", "b"]}}, r"tag filter 'kind': value \['a', 'b'\] must be a string"),
+    ],
+)
 def test_search_parameters_are_checked(indexer, scenes, parameters, message):
     run(indexer.index(docs=gallery_docs(scenes)))
     with pytest.raises(ValueError, match=message):
@@ -391,17 +428,33 @@ def test_index_refuses_docs_it_could_not_reembed(indexer, scenes):
     with pytest.raises(ValueError, match="doc 'vec': has neither text nor an image"):
         run(indexer.index(docs=DocList[ClipDoc]([ClipDoc(id="vec", embedding=np.ones(128), model_version="v1")])))
     with pytest.raises(ValueError, match="doc 'bad'.*tensor must be"):
-        run(indexer.index(docs=DocList[ClipDoc]([ClipDoc(id="ok", text="fine"),
-                                                 ClipDoc(id="bad", tensor=np.zeros((2, 2), np.uint8))])))
+        run(
+            indexer.index(
+                docs=DocList[ClipDoc](
+                    [ClipDoc(id="ok", text="fine"), ClipDoc(id="bad", tensor=np.zeros((2, 2), np.uint8))]
+                )
+            )
+        )
     assert len(indexer.collection) == 12 and "ok" not in indexer.collection  # all or nothing
 
 
 def test_index_refuses_repeated_ids_by_name_and_stores_nothing(indexer, scenes):
     run(indexer.index(docs=gallery_docs(scenes)))
-    docs = DocList[ClipDoc]([ClipDoc(id="new", text="a"), ClipDoc(id="g1", text="b"), ClipDoc(id="g1", text="c"),
-                             ClipDoc(id="dup", text="d"), ClipDoc(id="dup", text="e"), ClipDoc(id="dup", text="f")])
-    with pytest.raises(ValueError, match=r"more than once in one /index request: 'g1' \(2 times\), 'dup' \(3 times\); "
-                                         "nothing was stored"):
+    docs = DocList[ClipDoc](
+        [
+            ClipDoc(id="new", text="a"),
+            ClipDoc(id="g1", text="b"),
+            ClipDoc(id="g1", text="c"),
+            ClipDoc(id="dup", text="d"),
+            ClipDoc(id="dup", text="e"),
+            ClipDoc(id="dup", text="f"),
+        ]
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"more than once in one /index request: 'g1' \(2 times\), 'dup' \(3 times\); "
+        "nothing was stored",
+    ):
         run(indexer.index(docs=docs))
     assert len(indexer.collection) == 12 and "new" not in indexer.collection
     assert indexer.collection.get(["g1"])[0].text is None  # not replaced
@@ -416,8 +469,9 @@ def test_delete_refuses_unknown_ids_by_name_and_removes_nothing(indexer, scenes)
     assert len(indexer.collection) == 12 and "g0" in indexer.collection
     out = run(indexer.delete(docs=DocList[ClipDoc]([ClipDoc(id="g0")])))
     assert [d.tags["deleted"] for d in out] == [True]
-    hits = run(indexer.search(docs=DocList[ClipDoc]([ClipDoc(id="q", tensor=scenes.images[0])]),
-                              parameters={"limit": 12}))[0]
+    hits = run(
+        indexer.search(docs=DocList[ClipDoc]([ClipDoc(id="q", tensor=scenes.images[0])]), parameters={"limit": 12})
+    )[0]
     assert "g0" not in [m.id for m in hits.matches] and len(hits.matches) == 11
     status = run(indexer.report_status(docs=DocList[ClipDoc]()))[0]
     assert status.id == "status-indexer" and status.tags["count"] == 11 and status.model_version == "v1"
@@ -432,8 +486,9 @@ def test_index_survives_restart(workspace, scenes):
     second = CLIPIndexer(workspace=str(workspace), bootstrap=False, watch_interval=0)
     try:
         assert len(second.collection) == 12 and second.collection.version == "v1"
-        after = run(second.search(docs=DocList[ClipDoc]([ClipDoc(id="q", text=scenes.captions[3])]),
-                                  parameters={"limit": 5}))[0]
+        after = run(
+            second.search(docs=DocList[ClipDoc]([ClipDoc(id="q", text=scenes.captions[3])]), parameters={"limit": 5})
+        )[0]
         assert [m.id for m in after.matches] == [m.id for m in before.matches]
         np.testing.assert_allclose(after.scores, before.scores, atol=1e-6)
     finally:
@@ -456,8 +511,9 @@ def test_train_passthrough_rebuilds_the_index_with_the_new_version(indexer, work
     assert status["last_rebuild"]["from_version"] == "v1" and status["rebuilding"] is None
 
 
-def test_a_rebuild_stopped_midway_resumes_when_the_indexer_starts_again(workspace, tiny_model_dir_v2, scenes,
-                                                                       monkeypatch):
+def test_a_rebuild_stopped_midway_resumes_when_the_indexer_starts_again(
+    workspace, tiny_model_dir_v2, scenes, monkeypatch
+):
     import executors.indexer as indexer_module
 
     first = CLIPIndexer(workspace=str(workspace), bootstrap=False, watch_interval=0, rebuild_batch_size=4)
@@ -477,8 +533,9 @@ def test_a_rebuild_stopped_midway_resumes_when_the_indexer_starts_again(workspac
         first.sync()
     assert first.collection.version == "v1" and first.status()["last_error"].endswith("process killed")
     first.close()
-    monkeypatch.setattr(indexer_module, "embed_items", lambda clip, items: batches.append(len(items)) or
-                        real(clip, items))
+    monkeypatch.setattr(
+        indexer_module, "embed_items", lambda clip, items: batches.append(len(items)) or real(clip, items)
+    )
     batches.clear()
     second = CLIPIndexer(workspace=str(workspace), bootstrap=False, watch_interval=0, rebuild_batch_size=4)
     try:
@@ -500,14 +557,14 @@ def test_watcher_follows_current_in_the_background(workspace, tiny_model_dir_v2,
         while idx.collection.version != "v3" and time.monotonic() < deadline:
             time.sleep(0.1)
         assert idx.collection.version == "v3" and len(idx.collection) == 12
-        assert_gallery_embedded_by(idx.collection, scenes, workspace / "models" / "v3",
-                                   not_by_dir=workspace / "models" / "v1")
+        assert_gallery_embedded_by(
+            idx.collection, scenes, workspace / "models" / "v3", not_by_dir=workspace / "models" / "v1"
+        )
     finally:
         idx.close()
 
 
 # -- tuner ---------------------------------------------------------------------------------------------------------
-
 
 
 def test_train_publishes_a_version_and_returns_one_report_doc(tuner, workspace):
@@ -537,40 +594,57 @@ def test_train_publishes_a_version_and_returns_one_report_doc(tuner, workspace):
 
 
 def test_train_from_a_pairs_file_under_the_data_root(tuner, workspace):
-    csv = synthetic.write_csv(workspace / "data" / "shapes", n_images=20, domain="domain", seed=4,
-                              captions_per_image=2)
+    csv = synthetic.write_csv(workspace / "data" / "shapes", n_images=20, domain="domain", seed=4, captions_per_image=2)
     relative = str(csv.relative_to(workspace / "data"))
     out = run(tuner.train(docs=DocList[ClipDoc](), parameters={**QUICK, "data": relative}))
     report = out[0].tags["report"]
     assert report["split"]["source"] == relative and report["split"]["eval_images"] == 5
-    held_out = synthetic.write_csv(workspace / "data" / "held-out", n_images=7, domain="domain", seed=6,
-                                   captions_per_image=1)
-    out = run(tuner.train(docs=pair_docs(16, seed=8),
-                          parameters={**QUICK, "eval_data": str(held_out.relative_to(workspace / "data"))}))
+    held_out = synthetic.write_csv(
+        workspace / "data" / "held-out", n_images=7, domain="domain", seed=6, captions_per_image=1
+    )
+    out = run(
+        tuner.train(
+            docs=pair_docs(16, seed=8), parameters={**QUICK, "eval_data": str(held_out.relative_to(workspace / "data"))}
+        )
+    )
     split = out[0].tags["report"]["split"]  # all request pairs train; the file's pairs are held out
     assert (split["train_images"], split["eval_images"], split["eval_pairs"]) == (16, 7, 7)
     assert split["held_out"] == "held-out/" + held_out.name
 
 
-@pytest.mark.parametrize("parameters, message", [
-    ({"epochs": 1, "learnig_rate": 0.1}, r"unknown parameter\(s\) \['learnig_rate'\] for /train"),
-    ({"epochs": 1.5}, r"epochs must be a whole number"),
-    ({"data": "../../etc/passwd"}, r"parameter 'data': '../../etc/passwd' is outside the data root"),
-    ({"data": "missing.csv"}, r"parameter 'data': no file 'missing.csv' under the data root"),
-    ({"eval_fraction": 1.5}, r"eval_fraction must be in \(0, 1\)"),
-    ({"device": "cuda"}, r"unknown parameter\(s\) \['device'\]"),
-    ({"export_precision": "int4"}, r"export_precision must be one of \['fp32', 'fp16', 'int8'\], got 'int4'"),
-    ({"export_precision": 8.0}, r"export_precision must be a string, got 8"),
-])
+@pytest.mark.parametrize(
+    "parameters, message",
+    [
+        ({"epochs": 1, "learnig_rate": 0.1}, r"unknown parameter\(s\) \['learnig_rate'\] for /train"),
+        ({"epochs": 1.5}, r"epochs must be a whole number"),
+        ({"data": "../../etc/passwd"}, r"parameter 'data': '../../etc/passwd' is outside the data root"),
+        ({"data": "missing.csv"}, r"parameter 'data': no file 'missing.csv' under the data root"),
+        ({"eval_fraction": 1.5}, r"eval_fraction must be in \(0, 1\)"),
+        ({"device": "cuda"}, r"unknown parameter\(s\) \['device'\]"),
+        ({"export_precision": "int4"}, r"export_precision must be one of \['fp32', 'fp16', 'int8'\], got 'int4'"),
+        ({"export_precision": 8.0}, r"export_precision must be a string, got 8"),
+    ],
+)
 def test_train_parameters_are_checked_by_name(tuner, parameters, message):
     with pytest.raises(ValueError, match=message):
         run(tuner.train(docs=pair_docs(4, seed=1), parameters=parameters))
 
 
 def test_train_parameters_become_the_core_configs(tuner):
-    request = tuner.parse_request({"epochs": 3.0, "batch_size": 16.0, "learning_rate": 5e-4, "seed": 9.0,
-                                   "eval_fraction": 0.3, "layer_decay": 0.8, "wiseft_alphas": [0.5, 1.0],
-                                   "lock_image": True, "image_unlocked_groups": 1.0, "tuner": {"epochs": 3.0}})
+    request = tuner.parse_request(
+        {
+            "epochs": 3.0,
+            "batch_size": 16.0,
+            "learning_rate": 5e-4,
+            "seed": 9.0,
+            "eval_fraction": 0.3,
+            "layer_decay": 0.8,
+            "wiseft_alphas": [0.5, 1.0],
+            "lock_image": True,
+            "image_unlocked_groups": 1.0,
+            "tuner": {"epochs": 3.0},
+        }
+    )
     cfg = request.cfg
     assert (cfg.epochs, cfg.batch_size, cfg.seed, cfg.image_unlocked_groups) == (3, 16, 9, 1)
     assert isinstance(cfg.epochs, int) and cfg.learning_rate == 5e-4 and cfg.layer_decay == 0.8
@@ -619,8 +693,12 @@ def test_train_pairs_read_docarrays_standard_fields(tuner, workspace):
     scenes = synthetic.generate(2, "domain", seed=4, image_size=32)
     (workspace / "data").mkdir(exist_ok=True)
     (workspace / "data" / "b.png").write_bytes(png(scenes.images[1]))
-    docs = DocList[ClipDoc]([ClipDoc(id="a", text=scenes.captions[0], bytes_=png(scenes.images[0])),
-                             ClipDoc(id="b", text=scenes.captions[1], url="b.png")])
+    docs = DocList[ClipDoc](
+        [
+            ClipDoc(id="a", text=scenes.captions[0], bytes_=png(scenes.images[0])),
+            ClipDoc(id="b", text=scenes.captions[1], url="b.png"),
+        ]
+    )
     pairs = tuner.pairs_from_docs(docs)
     assert len(pairs) == 2 and pairs.num_images == 2
     with pytest.raises(ValueError, match="uri is not allowed"):

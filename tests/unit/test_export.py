@@ -3,24 +3,30 @@
 import copy
 import dataclasses
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 import torch
+from onnx import numpy_helper
 from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 
-from cliptuner import export
 from cliptuner.config import ModelSpec
-from cliptuner.export import (ExportError, build_manifest, export_model_dir, export_onnx, generate_sample_images,
-                              tokenizer_settings)
-from cliptuner.manifest import ModelManifest
-from cliptuner.models import load_model
-from cliptuner.runtime import OnnxClip
-from cliptuner.tokenizer import VOCAB_FILENAME
+from cliptuner.model.manifest import ModelManifest
+from cliptuner.model.runtime import OnnxClip
+from cliptuner.model.tokenizer import VOCAB_FILENAME
+from cliptuner.train import export
+from cliptuner.train.export import (
+    ExportError,
+    build_manifest,
+    export_model_dir,
+    export_onnx,
+    generate_sample_images,
+    tokenizer_settings,
+)
+from cliptuner.train.models import load_model
 
 TEXTS = ["a diagram of a red square", "", "Café &amp; crème 😀", "don't STOP " * 40, "x"]
 
@@ -88,7 +94,7 @@ def test_model_dir_contents(tiny_model_dir, tiny_bundle):
     assert meta["onnx"]["textual"] == {"file": "textual.onnx", "input": "input_ids", "output": "embeddings"}
     assert meta["checkpoint"] == "checkpoint.pt" and meta["opset"] == 17
     created = datetime.fromisoformat(meta["created_at"])
-    assert created.tzinfo is not None and abs((datetime.now(timezone.utc) - created).total_seconds()) < 3600
+    assert created.tzinfo is not None and abs((datetime.now(UTC) - created).total_seconds()) < 3600
     assert "version" not in meta  # the registry adds it when publishing
     assert ModelManifest.read(tiny_model_dir).to_dict() == meta  # what the exporter wrote is a valid manifest
 
@@ -147,8 +153,11 @@ def test_parity_failure_names_the_tower(tiny_bundle, tmp_path, monkeypatch):
         return [o[:, ::-1].copy() for o in outs] if path.name == "textual.onnx" else outs  # a wrong text graph
 
     monkeypatch.setattr(export, "_onnx_embed", broken)
-    with pytest.raises(ExportError, match=r"textual tower parity check failed: min cosine similarity .* -?0\.\d+ < "
-                                          r"threshold 0\.9999"):
+    with pytest.raises(
+        ExportError,
+        match=r"textual tower parity check failed: min cosine similarity .* -?0\.\d+ < "
+        r"threshold 0\.9999",
+    ):
         export_onnx(tiny_bundle, tmp_path, sample_images=generate_sample_images(2))
 
 
@@ -197,14 +206,15 @@ def test_int8_export_serves_on_cpu_close_to_fp32_and_smaller(seeded_tiny, tmp_pa
         assert (out / name).stat().st_size < 0.6 * (fp32_dir / name).stat().st_size
     fp32, int8 = OnnxClip(fp32_dir, device="cpu"), OnnxClip(out, device="cpu")
     images = generate_sample_images(4, seed=5)
-    for a, b in ((fp32.encode_images(images), int8.encode_images(images)),
-                 (fp32.encode_text(TEXTS), int8.encode_text(TEXTS))):
+    for a, b in (
+        (fp32.encode_images(images), int8.encode_images(images)),
+        (fp32.encode_text(TEXTS), int8.encode_text(TEXTS)),
+    ):
         cosines = (a * b).sum(axis=1)
         assert cosines.min() >= 0.99 and not np.allclose(a, b, atol=1e-6)
 
 
-def test_int8_graphs_quantize_matmuls_and_embedding_with_7_bit_weights_and_keep_the_patch_conv(seeded_tiny,
-                                                                                                   tmp_path):
+def test_int8_graphs_quantize_matmuls_and_embedding_with_7_bit_weights_and_keep_the_patch_conv(seeded_tiny, tmp_path):
     result = export_onnx(seeded_tiny, tmp_path, check_parity=False, precision="int8")
     visual, textual = onnx.load(result["visual"]), onnx.load(result["textual"])
     for model in (visual, textual):
@@ -216,15 +226,19 @@ def test_int8_graphs_quantize_matmuls_and_embedding_with_7_bit_weights_and_keep_
     visual_ops = {node.op_type for node in visual.graph.node}
     assert "Conv" in visual_ops and "ConvInteger" not in visual_ops  # ConvInteger is slower than the fp32 Conv
     # every weight matrix, the attention out-projections (Gemm in the fp32 graph) and the token embedding included
-    largest_fp32 = max(numpy_helper.to_array(t).nbytes for t in textual.graph.initializer
-                       if t.data_type == onnx.TensorProto.FLOAT)
+    largest_fp32 = max(
+        numpy_helper.to_array(t).nbytes for t in textual.graph.initializer if t.data_type == onnx.TensorProto.FLOAT
+    )
     assert largest_fp32 <= seeded_tiny.model.positional_embedding.numel() * 4  # the positional embedding
 
 
 def test_int8_graphs_that_miss_their_threshold_are_refused_by_tower(seeded_tiny, tmp_path, monkeypatch):
     monkeypatch.setitem(export.PARITY_THRESHOLDS, "int8", 0.999999)  # no int8 graph agrees that closely
-    with pytest.raises(ExportError, match=r"visual tower parity check failed: min cosine similarity ONNX vs torch "
-                                          r"0\.9\d+ < threshold 0\.999999"):
+    with pytest.raises(
+        ExportError,
+        match=r"visual tower parity check failed: min cosine similarity ONNX vs torch "
+        r"0\.9\d+ < threshold 0\.999999",
+    ):
         export_onnx(seeded_tiny, tmp_path, precision="int8", sample_texts=TEXTS)
 
 

@@ -13,11 +13,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from cliptuner import follow
-from cliptuner.export import generate_sample_images
-from cliptuner.follow import ModelFollower
-from cliptuner.registry import Registry
-from cliptuner.runtime import OnnxClip
+from cliptuner.model import follow
+from cliptuner.model.follow import ModelFollower
+from cliptuner.model.registry import Registry
+from cliptuner.model.runtime import OnnxClip
+from cliptuner.train.export import generate_sample_images
 
 TEXTS = ["a red circle", "two blue squares"]
 
@@ -132,9 +132,9 @@ def test_a_new_current_is_read_once_then_checked_by_stat_again(follower, registr
 
 
 @pytest.mark.parametrize("how", ["garbage", "truncated"])
-def test_a_bad_new_version_keeps_the_old_one_serving_and_reports_why(follower, registry, tiny_model_dir,
-                                                                     tiny_model_dir_v2, reference, image, tmp_path,
-                                                                     monkeypatch, how):
+def test_a_bad_new_version_keeps_the_old_one_serving_and_reports_why(
+    follower, registry, tiny_model_dir, tiny_model_dir_v2, reference, image, tmp_path, monkeypatch, how
+):
     served = follower.clip()
     bad = registry.publish(corrupt_copy(tiny_model_dir_v2, tmp_path / "bad", how))
     assert registry.current() == bad
@@ -176,8 +176,9 @@ def test_an_empty_registry_has_nothing_to_serve(tmp_path):
     assert follower.refresh() is False
 
 
-def test_concurrent_callers_each_get_one_consistent_model(follower, registry, tiny_model_dir_v2, reference,
-                                                         monkeypatch):
+def test_concurrent_callers_each_get_one_consistent_model(
+    follower, registry, tiny_model_dir_v2, reference, monkeypatch
+):
     follower.clip()
     loads = []
     real_open = follower.open

@@ -5,10 +5,12 @@ import sqlite3
 
 import numpy as np
 import pytest
+from vector_support import brute as _brute
+from vector_support import random_vectors
+from vector_support import text_docs as _docs
+from vector_support import unit as _unit
 
-from cliptuner.index import Collection, StoredDoc
-
-from vector_support import brute as _brute, random_vectors, text_docs as _docs, unit as _unit
+from cliptuner.index.embedded import Collection, StoredDoc
 
 DIM = 32
 
@@ -173,8 +175,10 @@ def test_failing_embed_leaves_state_unchanged(tmp_path, backend):
         assert [[i for i, _ in r] for r in col.search(queries, limit=5)] == [[i for i, _ in r] for r in before]
     db = sqlite3.connect(tmp_path / "col" / "docs.sqlite")
     # the old version's 100 vectors, and the 40 new ones of the unfinished rebuild, kept for it to resume
-    assert db.execute("SELECT slot, COUNT(*) FROM vectors GROUP BY slot ORDER BY slot").fetchall() == [(0, 100),
-                                                                                                      (1, 40)]
+    assert db.execute("SELECT slot, COUNT(*) FROM vectors GROUP BY slot ORDER BY slot").fetchall() == [
+        (0, 100),
+        (1, 40),
+    ]
     db.close()
 
 
@@ -184,8 +188,10 @@ def test_reopen_after_crash_mid_rebuild_sees_old_state(tmp_path):
     col.upsert(_docs(30), vecs, "v1")
     col.close()
     db = sqlite3.connect(tmp_path / "col" / "docs.sqlite")  # what a rebuild killed before its swap leaves
-    db.executemany("INSERT INTO vectors (slot, id, vec) VALUES (1, ?, ?)",
-                   [(f"d{i}", _random(1, seed=21)[0].tobytes()) for i in range(10)])
+    db.executemany(
+        "INSERT INTO vectors (slot, id, vec) VALUES (1, ?, ?)",
+        [(f"d{i}", _random(1, seed=21)[0].tobytes()) for i in range(10)],
+    )
     db.commit()
     db.close()
     with Collection(tmp_path / "col") as col:
@@ -240,8 +246,9 @@ def test_rebuild_resumes_after_a_crash_and_embeds_only_the_rest(tmp_path, backen
         assert (col.version, len(col)) == ("v1", 100)  # the old version serves, nothing half-written shows
         assert col.search(queries, limit=5, version="v1") == before
         # the old version keeps taking writes before the rebuild resumes
-        col.upsert([StoredDoc(id="d5", text="text 555"), StoredDoc(id="late", text="text 777")],
-                   _random(2, seed=42), "v1")
+        col.upsert(
+            [StoredDoc(id="d5", text="text 555"), StoredDoc(id="late", text="text 777")], _random(2, seed=42), "v1"
+        )
         col.delete(["d6", "d50"])
         embedded = []
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cliptuner.evaluate import _hits, format_report, retrieval_metrics, trivial_cutoffs
-from cliptuner.loss import MAX_LOGIT_SCALE, ClipLoss, clamp_logit_scale
+from cliptuner.train.evaluate import _hits, format_report, retrieval_metrics, trivial_cutoffs
+from cliptuner.train.loss import MAX_LOGIT_SCALE, ClipLoss, clamp_logit_scale
 
 
 def _unit(x):
@@ -132,9 +132,13 @@ def test_non_finite_embeddings_are_refused_not_scored(bad, tower):
 
 
 def test_nan_scores_count_as_misses():
-    scores = np.array([[np.nan, np.nan, np.nan],  # everything NaN: the positive cannot be ranked
-                       [np.nan, 0.5, 0.1],  # a NaN negative counts as ranking above the positive
-                       [0.9, 0.1, 0.2]])  # one negative above the positive
+    scores = np.array(
+        [
+            [np.nan, np.nan, np.nan],  # everything NaN: the positive cannot be ranked
+            [np.nan, 0.5, 0.1],  # a NaN negative counts as ranking above the positive
+            [0.9, 0.1, 0.2],
+        ]
+    )  # one negative above the positive
     positive = np.eye(3, dtype=bool)
     hits = _hits(scores, positive, ks=(1, 2, 3))
     assert hits[1].tolist() == [False, False, False]
@@ -161,16 +165,17 @@ def test_a_broken_onnx_model_is_refused_by_eval_instead_of_scoring_perfect_recal
     import onnx
     from onnx import numpy_helper
 
-    from cliptuner import synthetic
-    from cliptuner.evaluate import evaluate_onnx
-    from cliptuner.runtime import OnnxClip
+    from cliptuner.model.runtime import OnnxClip
+    from cliptuner.train import synthetic
+    from cliptuner.train.evaluate import evaluate_onnx
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model_dir, broken)
     graph = onnx.load(str(broken / "visual.onnx"))
     weight = next(t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2)
-    weight.CopyFrom(numpy_helper.from_array(np.full(numpy_helper.to_array(weight).shape, np.nan, np.float32),
-                                            weight.name))
+    weight.CopyFrom(
+        numpy_helper.from_array(np.full(numpy_helper.to_array(weight).shape, np.nan, np.float32), weight.name)
+    )
     onnx.save(graph, str(broken / "visual.onnx"))
     pairs = synthetic.generate(20, domain="generic", seed=1)
     assert evaluate_onnx(OnnxClip(tiny_model_dir), pairs)["t2i_r5"] < 1.0  # the intact model is scored

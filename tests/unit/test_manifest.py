@@ -9,13 +9,21 @@ import sys
 
 import pytest
 
-from cliptuner import manifest as mf
-from cliptuner.manifest import ModelManifest, OnnxSpec, TokenizerSpec
+from cliptuner.model import manifest as mf
+from cliptuner.model.manifest import ModelManifest, OnnxSpec, TokenizerSpec
 
 
 def minimal(**overrides) -> ModelManifest:
-    fields = dict(arch="fake", embed_dim=8, image_size=16, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25],
-                  interpolation="bicubic", tokenizer=TokenizerSpec(context_length=8), onnx=OnnxSpec.standard())
+    fields = dict(
+        arch="fake",
+        embed_dim=8,
+        image_size=16,
+        mean=[0.5, 0.5, 0.5],
+        std=[0.25, 0.25, 0.25],
+        interpolation="bicubic",
+        tokenizer=TokenizerSpec(context_length=8),
+        onnx=OnnxSpec.standard(),
+    )
     return ModelManifest(**{**fields, **overrides})
 
 
@@ -37,8 +45,15 @@ def rewrite(model_dir, change) -> None:
 
 
 def test_round_trip_through_dict_and_directory(model_dir):
-    m = minimal(parity={"threshold": 0.9999}, opset=17, exporter="torchscript", created_at="2024-01-01T00:00:00+00:00",
-                version="v3", parent_version="v2", report={"after": {"t2i_r1": 0.5}})
+    m = minimal(
+        parity={"threshold": 0.9999},
+        opset=17,
+        exporter="torchscript",
+        created_at="2024-01-01T00:00:00+00:00",
+        version="v3",
+        parent_version="v2",
+        report={"after": {"t2i_r1": 0.5}},
+    )
     assert ModelManifest.from_dict(m.to_dict()) == m
     assert ModelManifest.from_dict(json.loads(m.to_json())) == m
     m.write(model_dir)
@@ -58,8 +73,15 @@ def test_to_dict_layout_and_lineage_keys(model_dir):
 
 
 def test_unknown_keys_are_kept_at_every_level(model_dir):
-    rewrite(model_dir, lambda d: (d.update(role="base", future={"a": [1, 2]}), d["tokenizer"].update(lowercase=True),
-                                  d["onnx"]["visual"].update(dtype="fp16"), d["onnx"].update(opset_hint=18)))
+    rewrite(
+        model_dir,
+        lambda d: (
+            d.update(role="base", future={"a": [1, 2]}),
+            d["tokenizer"].update(lowercase=True),
+            d["onnx"]["visual"].update(dtype="fp16"),
+            d["onnx"].update(opset_hint=18),
+        ),
+    )
     m = ModelManifest.read(model_dir)
     assert m.extra == {"role": "base", "future": {"a": [1, 2]}}
     assert m.tokenizer.extra == {"lowercase": True} and m.onnx.visual.extra == {"dtype": "fp16"}
@@ -75,8 +97,22 @@ def test_extra_may_not_shadow_a_field():
 
 
 def test_older_directories_without_optional_keys_still_load(model_dir):
-    rewrite(model_dir, lambda d: [d.pop(k) for k in ("pretrained", "force_quick_gelu", "resize_mode", "created_at",
-                                                     "opset", "exporter", "parity", "checkpoint")])
+    rewrite(
+        model_dir,
+        lambda d: [
+            d.pop(k)
+            for k in (
+                "pretrained",
+                "force_quick_gelu",
+                "resize_mode",
+                "created_at",
+                "opset",
+                "exporter",
+                "parity",
+                "checkpoint",
+            )
+        ],
+    )
     m = ModelManifest.read(model_dir)
     assert m.resize_mode == "shortest" and m.force_quick_gelu is False and m.checkpoint is None
 
@@ -102,10 +138,16 @@ def test_bad_format(model_dir):
         ModelManifest.read(model_dir)
 
 
-@pytest.mark.parametrize("path, shown", [(("embed_dim",), "'embed_dim'"), (("onnx",), "'onnx'"),
-                                         (("tokenizer", "context_length"), "'tokenizer.context_length'"),
-                                         (("onnx", "textual"), "'onnx.textual'"),
-                                         (("onnx", "visual", "input"), "'onnx.visual.input'")])
+@pytest.mark.parametrize(
+    "path, shown",
+    [
+        (("embed_dim",), "'embed_dim'"),
+        (("onnx",), "'onnx'"),
+        (("tokenizer", "context_length"), "'tokenizer.context_length'"),
+        (("onnx", "textual"), "'onnx.textual'"),
+        (("onnx", "visual", "input"), "'onnx.visual.input'"),
+    ],
+)
 def test_missing_key_is_named(model_dir, path, shown):
     def drop(d):
         for key in path[:-1]:
@@ -123,15 +165,18 @@ def test_unknown_tokenizer_kind(model_dir):
         ModelManifest.read(model_dir)
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("resize_mode", "squash", r"resize_mode 'squash' is not supported; known: \['shortest'\]"),
-    ("interpolation", "lanczos", r"interpolation 'lanczos' is not supported"),
-    ("embed_dim", 0, "embed_dim must be a positive integer"),
-    ("image_size", "64", "image_size must be a positive integer"),
-    ("mean", [0.5, 0.5], "mean must be a list of 3 numbers"),
-    ("tokenizer", "clip", "tokenizer must be a JSON object, got str"),
-    ("checkpoint", "../../elsewhere.pt", "checkpoint must be a file name inside the model directory"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("resize_mode", "squash", r"resize_mode 'squash' is not supported; known: \['shortest'\]"),
+        ("interpolation", "lanczos", r"interpolation 'lanczos' is not supported"),
+        ("embed_dim", 0, "embed_dim must be a positive integer"),
+        ("image_size", "64", "image_size must be a positive integer"),
+        ("mean", [0.5, 0.5], "mean must be a list of 3 numbers"),
+        ("tokenizer", "clip", "tokenizer must be a JSON object, got str"),
+        ("checkpoint", "../../elsewhere.pt", "checkpoint must be a file name inside the model directory"),
+    ],
+)
 def test_bad_values_are_named(model_dir, key, value, message):
     rewrite(model_dir, lambda d: d.update({key: value}))
     with pytest.raises(ValueError, match=message):
@@ -177,6 +222,6 @@ def test_exported_directory_reads_back(tiny_model_dir, tmp_path):
 
 
 def test_manifest_is_torch_free():
-    script = "import sys; import cliptuner.manifest; print(any(m.split('.')[0] == 'torch' for m in sys.modules))"
+    script = "import sys; import cliptuner.model.manifest; print(any(m.split('.')[0] == 'torch' for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cliptuner.config import ModelSpec
-from cliptuner.models import load_model, read_checkpoint, save_checkpoint
+from cliptuner.train.models import load_model, read_checkpoint, save_checkpoint
 
 
 def test_checkpoint_round_trip_gives_identical_embeddings(tiny_bundle, tmp_path):

@@ -3,11 +3,10 @@
 import json
 
 import pytest
+from fake_models import REPORT, make_model_dir, publish_fake
 
 from cliptuner.cli import main
-from cliptuner.registry import Registry
-
-from fake_models import REPORT, make_model_dir, publish_fake
+from cliptuner.model.registry import Registry
 
 
 @pytest.fixture
@@ -27,13 +26,42 @@ def models(*args: str) -> int:
 def test_list_prints_a_table_with_current_lineage_and_recall(workspace, capsys):
     assert models("list", "--workspace", str(workspace)) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["VERSION", "CREATED", "PARENT", "ARCH", "EPOCHS", "T2I", "R@5", "%", "I2T", "R@5",
-                                "%", "MEAN", "RECALL", "%"]
+    assert lines[0].split() == [
+        "VERSION",
+        "CREATED",
+        "PARENT",
+        "ARCH",
+        "EPOCHS",
+        "T2I",
+        "R@5",
+        "%",
+        "I2T",
+        "R@5",
+        "%",
+        "MEAN",
+        "RECALL",
+        "%",
+    ]
     rows = {line.split()[0] if not line.startswith("*") else line.split()[1]: line for line in lines[1:]}
     assert sorted(rows) == ["v1", "v2", "v3"]
     assert rows["v1"].split()[:5] == ["v1", "2024-01-01", "10:00:00", "-", "base-arch"]
-    assert rows["v2"].split() == ["v2", "2024-01-02", "10:00:00", "v1", "fake", "3", "25.0", "->", "50.0", "30.0",
-                                  "->", "55.0", "30.0", "->", "52.0"]
+    assert rows["v2"].split() == [
+        "v2",
+        "2024-01-02",
+        "10:00:00",
+        "v1",
+        "fake",
+        "3",
+        "25.0",
+        "->",
+        "50.0",
+        "30.0",
+        "->",
+        "55.0",
+        "30.0",
+        "->",
+        "52.0",
+    ]
     assert rows["v3"].startswith("*") and rows["v3"].split()[1:5] == ["v3", "2024-01-03", "10:00:00", "v2"]
 
 
@@ -121,8 +149,9 @@ def test_publish_adds_the_next_version_and_makes_it_current(workspace, tmp_path,
     reg = Registry(workspace / "models")
     assert reg.versions() == ["v1", "v2", "v3", "v4"] and reg.current() == "v4"
     assert src.is_dir()  # copied, not moved
-    assert models("publish", str(src), "--workspace", str(workspace), "--model-version", "candidate",
-                  "--no-current") == 0
+    assert (
+        models("publish", str(src), "--workspace", str(workspace), "--model-version", "candidate", "--no-current") == 0
+    )
     assert capsys.readouterr().out.strip() == "published candidate"
     assert "candidate" in reg.versions() and reg.current() == "v4"
 

@@ -5,16 +5,27 @@ import argparse
 import dataclasses
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import pytest
 
 from cliptuner import cli
 from cliptuner.config import EvalConfig, TrainConfig, from_mapping
-from cliptuner.options import (CHOICES, add_arguments, cli_names, default_of, flags_of, given_options, kind_of, option,
-                               read_options_file, request_names)
-from cliptuner.registry import Registry
+from cliptuner.model.registry import Registry
+from cliptuner.options import (
+    CHOICES,
+    add_arguments,
+    cli_names,
+    default_of,
+    flags_of,
+    given_options,
+    kind_of,
+    option,
+    read_options_file,
+    request_names,
+)
 
 NOT_REQUESTED = {"device", "num_workers", "log_every"}  # set by the service, not by a client
 NOT_FLAGS = {"device", "log_every"}  # --device is written by hand (cuda by default); the progress bar sets log_every
@@ -57,8 +68,9 @@ def train_subparser() -> argparse.ArgumentParser:
 
 
 def user_fields():
-    return [(TrainConfig, f) for f in dataclasses.fields(TrainConfig)] + \
-           [(EvalConfig, f) for f in dataclasses.fields(EvalConfig) if f.name == "eval_fraction"]
+    return [(TrainConfig, f) for f in dataclasses.fields(TrainConfig)] + [
+        (EvalConfig, f) for f in dataclasses.fields(EvalConfig) if f.name == "eval_fraction"
+    ]
 
 
 def field_of(name: str) -> dataclasses.Field:
@@ -97,8 +109,9 @@ def test_every_flag_parses_back_to_the_field_default():
     assert given_options(parse(), TrainConfig) == {}  # nothing typed, nothing given
 
 
-@pytest.mark.parametrize("cls, f", [(c, f) for c, f in user_fields() if f.name in cli_names(c)],
-                         ids=lambda x: getattr(x, "name", ""))
+@pytest.mark.parametrize(
+    "cls, f", [(c, f) for c, f in user_fields() if f.name in cli_names(c)], ids=lambda x: getattr(x, "name", "")
+)
 def test_every_flag_reaches_its_field_and_only_it(cls, f):
     value = other_value(cls, f)
     argv = ["--device", "cpu", *command_line(f, value)]
@@ -108,13 +121,35 @@ def test_every_flag_reaches_its_field_and_only_it(cls, f):
 
 
 def test_flag_names_stay_as_documented():
-    args = parse("--lr", "3e-4", "--workers", "2", "--batch-size", "8", "--eval-fraction", "0.25",
-                 "--grad-clip-norm", "none", "--early-stop-patience", "none", "--wiseft-alphas", "0", "1")
-    assert given_options(args, TrainConfig) == {"learning_rate": 3e-4, "num_workers": 2, "batch_size": 8,
-                                                "grad_clip_norm": None, "early_stop_patience": None,
-                                                "wiseft_alphas": [0.0, 1.0]}
+    args = parse(
+        "--lr",
+        "3e-4",
+        "--workers",
+        "2",
+        "--batch-size",
+        "8",
+        "--eval-fraction",
+        "0.25",
+        "--grad-clip-norm",
+        "none",
+        "--early-stop-patience",
+        "none",
+        "--wiseft-alphas",
+        "0",
+        "1",
+    )
+    assert given_options(args, TrainConfig) == {
+        "learning_rate": 3e-4,
+        "num_workers": 2,
+        "batch_size": 8,
+        "grad_clip_norm": None,
+        "early_stop_patience": None,
+        "wiseft_alphas": [0.0, 1.0],
+    }
     assert given_options(parse("--learning-rate", "1e-3", "--num-workers", "1"), TrainConfig) == {
-        "learning_rate": 1e-3, "num_workers": 1}
+        "learning_rate": 1e-3,
+        "num_workers": 1,
+    }
     with pytest.raises(SystemExit):
         parse("--log-every", "1")
 
@@ -154,7 +189,10 @@ def test_a_bool_field_that_defaults_on_gets_a_no_flag():
     add_arguments(parser, Toy)
     assert given_options(parser.parse_args([]), Toy) == {}
     assert given_options(parser.parse_args(["--no-switch", "--count", "3", "--sizes", "4", "5"]), Toy) == {
-        "switch": False, "count": 3, "sizes": [4, 5]}
+        "switch": False,
+        "count": 3,
+        "sizes": [4, 5],
+    }
     assert given_options(parser.parse_args(["--switch", "--count", "None"]), Toy) == {"switch": True, "count": None}
     assert "(default: on)" in parser.format_help()
     for argv in (["--hidden", "1"], ["--internal", "1"], ["--count", "many"]):
@@ -172,10 +210,13 @@ def test_a_bool_field_that_defaults_on_gets_a_no_flag():
 # -- config files --------------------------------------------------------------------------------------------------
 def test_config_file_values_apply_and_flags_override_them(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("epochs: 3\nlearning_rate: 1e-5\nbeta2: 0.95\neps: 1.0e-8\nlock_image: true\n"
-                    "image_unlocked_groups: 1\neval_fraction: 0.3\nwiseft_alphas: [0.5, 1]\nseed: 4\n")
-    cfg, eval_cfg = cli._train_configs(parse("--config", str(path), "--device", "cpu", "--epochs", "5",
-                                             "--beta2", "0.9"))
+    path.write_text(
+        "epochs: 3\nlearning_rate: 1e-5\nbeta2: 0.95\neps: 1.0e-8\nlock_image: true\n"
+        "image_unlocked_groups: 1\neval_fraction: 0.3\nwiseft_alphas: [0.5, 1]\nseed: 4\n"
+    )
+    cfg, eval_cfg = cli._train_configs(
+        parse("--config", str(path), "--device", "cpu", "--epochs", "5", "--beta2", "0.9")
+    )
     assert cfg.epochs == 5  # a flag wins even when it repeats the default
     assert cfg.beta2 == 0.9
     assert cfg.learning_rate == 1e-5 and isinstance(cfg.learning_rate, float)  # YAML 1.1 would read a string
@@ -189,16 +230,19 @@ def test_config_file_values_apply_and_flags_override_them(tmp_path):
     assert (cfg.epochs, cfg.device, cfg.num_workers) == (2, "cpu", 1)
 
 
-@pytest.mark.parametrize("text, suffix, message", [
-    ("epochz: 3\nlearning_rate: 1e-4\n", ".yaml", r"unknown option\(s\) \['epochz'\] in config file"),
-    ("log_every: 1\n", ".yml", r"unknown option\(s\) \['log_every'\]"),
-    ("- 1\n- 2\n", ".yaml", "must hold a mapping of option names"),
-    ("epochs: [1\n", ".yaml", "is not valid YAML"),
-    ('{"epochs": 2,}', ".json", "is not valid JSON"),
-    ("epochs = 2\n", ".toml", "must be YAML or JSON"),
-    ("learning_rate: fast\n", ".yaml", "learning_rate must be a number, got 'fast'"),
-    ("lock_text: 1\n", ".yaml", "lock_text must be true or false"),
-])
+@pytest.mark.parametrize(
+    "text, suffix, message",
+    [
+        ("epochz: 3\nlearning_rate: 1e-4\n", ".yaml", r"unknown option\(s\) \['epochz'\] in config file"),
+        ("log_every: 1\n", ".yml", r"unknown option\(s\) \['log_every'\]"),
+        ("- 1\n- 2\n", ".yaml", "must hold a mapping of option names"),
+        ("epochs: [1\n", ".yaml", "is not valid YAML"),
+        ('{"epochs": 2,}', ".json", "is not valid JSON"),
+        ("epochs = 2\n", ".toml", "must be YAML or JSON"),
+        ("learning_rate: fast\n", ".yaml", "learning_rate must be a number, got 'fast'"),
+        ("lock_text: 1\n", ".yaml", "lock_text must be true or false"),
+    ],
+)
 def test_bad_config_files_are_named(tmp_path, capsys, text, suffix, message):
     path = tmp_path / f"run{suffix}"
     path.write_text(text)
@@ -222,13 +266,15 @@ def test_read_options_file_names_the_file_by_its_label(tmp_path):
 def test_from_mapping_casts_and_names_wrong_types():
     cfg = from_mapping(TrainConfig, {"epochs": 3.0, "wiseft_alphas": [0, 1], "grad_clip_norm": None})
     assert cfg.epochs == 3 and cfg.wiseft_alphas == (0.0, 1.0) and cfg.grad_clip_norm is None
-    for values, message in [({"learning_rate": "fast"}, "learning_rate must be a number"),
-                            ({"lock_image": 1}, "lock_image must be true or false"),
-                            ({"wiseft_alphas": "0.5"}, "wiseft_alphas must be a list of numbers"),
-                            ({"wiseft_alphas": [0.5, "x"]}, "wiseft_alphas must be a list of numbers"),
-                            ({"epochs": None}, "epochs must be an integer, got None"),
-                            ({"seed": True}, "seed must be an integer"),
-                            ({"eps": 0.0}, "eps must be > 0")]:
+    for values, message in [
+        ({"learning_rate": "fast"}, "learning_rate must be a number"),
+        ({"lock_image": 1}, "lock_image must be true or false"),
+        ({"wiseft_alphas": "0.5"}, "wiseft_alphas must be a list of numbers"),
+        ({"wiseft_alphas": [0.5, "x"]}, "wiseft_alphas must be a list of numbers"),
+        ({"epochs": None}, "epochs must be an integer, got None"),
+        ({"seed": True}, "seed must be an integer"),
+        ({"eps": 0.0}, "eps must be > 0"),
+    ]:
         with pytest.raises(ValueError, match=message):
             from_mapping(TrainConfig, values)
 
@@ -266,8 +312,9 @@ def test_train_accepts_every_request_field_and_refuses_the_others(tuner):
             tuner.parse_request({name: 1.0})
 
 
-@pytest.mark.parametrize("cls, f", [(c, f) for c, f in user_fields() if f.name in request_names(c)],
-                         ids=lambda x: getattr(x, "name", ""))
+@pytest.mark.parametrize(
+    "cls, f", [(c, f) for c, f in user_fields() if f.name in request_names(c)], ids=lambda x: getattr(x, "name", "")
+)
 def test_every_request_parameter_reaches_its_field_and_only_it(tuner, cls, f):
     value = other_value(cls, f)
     request = tuner.parse_request({f.name: as_request(value), **NEEDS.get(f.name, {})})

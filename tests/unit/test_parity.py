@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cliptuner.runtime import OnnxClip
+from cliptuner.model.runtime import OnnxClip
 
 TEXTS = ["a photo of a cat", "", "A RED square!!", "emoji 😀 &amp; café", "long " * 60]
 PIXEL_TOLERANCE = 1e-5  # normalised pixels; one grey level is ~0.015, bilinear vs bicubic differs by ~0.5
@@ -34,9 +34,11 @@ def image_files() -> list[bytes]:
     stripes = np.zeros((200, 150, 3), np.uint8)
     stripes[:, ::2, 0] = 255  # one-pixel columns
     stripes[::3, :, 1] = 200  # rows every third pixel
-    arrays = [rng.integers(0, 256, (61, 97, 3), dtype=np.uint8),
-              rng.integers(0, 256, (150, 200, 3), dtype=np.uint8),
-              stripes]
+    arrays = [
+        rng.integers(0, 256, (61, 97, 3), dtype=np.uint8),
+        rng.integers(0, 256, (150, 200, 3), dtype=np.uint8),
+        stripes,
+    ]
     return [encoded(array, fmt) for array in arrays for fmt in ("PNG", "JPEG")]
 
 

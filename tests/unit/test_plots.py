@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cliptuner import plots, synthetic
-from cliptuner.plots import is_drawn
+from cliptuner.train import plots, synthetic
+from cliptuner.train.plots import is_drawn
 
 REPORT = {
     "epoch_losses": [2.1, 1.7, 1.2, 0.9],
@@ -48,11 +48,14 @@ def test_empty_inputs_are_refused_by_name(tmp_path):
 
 def test_match_grid_shows_each_query_row_with_its_images(tmp_path):
     data = synthetic.generate(6, "domain", seed=1, image_size=48)
-    rows = [plots.QueryMatches(data.captions[q],
-                               before=[plots.Match(data.images[(q + i) % 6], 0.3 - 0.01 * i) for i in range(3)],
-                               after=[plots.Match(data.images[(q + i) % 6], 0.6 - 0.1 * i, correct=i == 0)
-                                      for i in range(3)])
-            for q in range(2)]
+    rows = [
+        plots.QueryMatches(
+            data.captions[q],
+            before=[plots.Match(data.images[(q + i) % 6], 0.3 - 0.01 * i) for i in range(3)],
+            after=[plots.Match(data.images[(q + i) % 6], 0.6 - 0.1 * i, correct=i == 0) for i in range(3)],
+        )
+        for q in range(2)
+    ]
     one = plots.match_grid(rows[:1], tmp_path / "one.png", title="top-3")
     two = plots.match_grid(rows, tmp_path / "two.png", title="top-3")
     assert is_drawn(one) and is_drawn(two)

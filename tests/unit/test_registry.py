@@ -11,13 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-
-from cliptuner.bootstrap import ensure_current
-from cliptuner.config import ModelSpec
-from cliptuner.manifest import REQUIRED_FILES, TEXTUAL_FILE, VISUAL_FILE, VOCAB_FILE
-from cliptuner.registry import Registry, temp_name
-
 from fake_models import REPORT, make_model_dir, publish_fake
+
+from cliptuner.config import ModelSpec
+from cliptuner.model.manifest import REQUIRED_FILES, TEXTUAL_FILE, VISUAL_FILE, VOCAB_FILE
+from cliptuner.model.registry import Registry, temp_name
+from cliptuner.serve.bootstrap import ensure_current
 
 
 def test_publish_increments_and_current_follows(tmp_path):
@@ -140,7 +139,7 @@ def test_failed_move_gives_the_directory_back(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("cliptuner.registry.os.rename", fail)  # after the copy/move, before the version exists
+    monkeypatch.setattr("cliptuner.model.registry.os.rename", fail)  # after the copy/move, before the version exists
     with pytest.raises(OSError, match="disk full"):
         reg.publish(src, move=True)
     assert all((src / name).is_file() for name in REQUIRED_FILES)
@@ -219,11 +218,15 @@ def test_concurrent_thread_publishers_get_distinct_versions(tmp_path):
 def test_concurrent_process_publishers_get_distinct_versions(tmp_path):
     root = tmp_path / "models"
     src = make_model_dir(tmp_path / "src", payload_bytes=64 * 1024)
-    script = ("import sys; from cliptuner.registry import Registry\n"
-              "reg = Registry(sys.argv[1])\n"
-              "print(' '.join(reg.publish(sys.argv[2]) for _ in range(3)))\n")
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(root), str(src)], stdout=subprocess.PIPE, text=True)
-             for _ in range(4)]
+    script = (
+        "import sys; from cliptuner.model.registry import Registry\n"
+        "reg = Registry(sys.argv[1])\n"
+        "print(' '.join(reg.publish(sys.argv[2]) for _ in range(3)))\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(root), str(src)], stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0, 0]
     published = [v for out in outputs for v in out.split()]
@@ -237,7 +240,7 @@ def test_concurrent_process_publishers_get_distinct_versions(tmp_path):
 # -- leftovers of interrupted publishes ---------------------------------------------------------------------------
 SLOW_PUBLISH = """
 import functools, shutil, sys, time
-from cliptuner.registry import Registry
+from cliptuner.model.registry import Registry
 
 def copy_then_hang(src, dst, **kwargs):  # the first file lands, then the copy stalls until the process is killed
     out = shutil.copy2(src, dst, **kwargs)
@@ -267,8 +270,9 @@ def test_a_publish_killed_mid_copy_keeps_current_and_is_cleaned_at_the_next_star
     reg = Registry(tmp_path / "models")
     src = make_model_dir(tmp_path / "src")
     reg.publish(src)
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_PUBLISH, str(reg.root), str(src)], stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_PUBLISH, str(reg.root), str(src)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout.readline().strip() == "copying"
     finally:
@@ -300,8 +304,9 @@ def test_a_crash_in_the_copy_step_leaves_no_temp_and_the_old_current(tmp_path, m
         copied.append(real_copy2(src_file, dst, **kwargs))
         return copied[-1]
 
-    monkeypatch.setattr("cliptuner.registry.shutil.copytree",
-                        functools.partial(shutil.copytree, copy_function=copy_one_then_fail))
+    monkeypatch.setattr(
+        "cliptuner.model.registry.shutil.copytree", functools.partial(shutil.copytree, copy_function=copy_one_then_fail)
+    )
     with pytest.raises(OSError, match="disk full"):
         reg.publish(src)
     assert copied  # it did fail midway
@@ -320,8 +325,9 @@ def test_a_live_publishers_temp_is_kept_whatever_the_grace(tmp_path, monkeypatch
         release.wait(60)
         return out
 
-    monkeypatch.setattr("cliptuner.registry.shutil.copytree",
-                        functools.partial(shutil.copytree, copy_function=copy_and_wait))
+    monkeypatch.setattr(
+        "cliptuner.model.registry.shutil.copytree", functools.partial(shutil.copytree, copy_function=copy_and_wait)
+    )
     results = []
     publisher = threading.Thread(target=lambda: results.append(reg.publish(src)))
     publisher.start()
@@ -377,7 +383,7 @@ def test_a_failed_current_write_unpublishes_the_new_version(tmp_path, monkeypatc
     def refuse(path, data, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("cliptuner.registry.write_atomic", refuse)  # after the rename into place
+    monkeypatch.setattr("cliptuner.model.registry.write_atomic", refuse)  # after the rename into place
     with pytest.raises(OSError, match="disk full"):
         reg.publish(src)
     with pytest.raises(OSError, match="disk full"):
@@ -400,12 +406,26 @@ def test_summaries_show_lineage_reports_current_and_unreadable_versions(tmp_path
     summaries = reg.summaries()
     assert [s["version"] for s in summaries] == ["v1", "v2", "v3", "v10"]
     v1, v2, v3, v10 = summaries
-    assert v1 == {"version": "v1", "current": False, "created_at": "2024-01-01T10:00:00+00:00",
-                  "parent_version": None, "arch": "base-arch", "report": None}
-    assert v2 == {"version": "v2", "current": True, "created_at": "2024-01-02T10:00:00+00:00",
-                  "parent_version": "v1", "arch": "fake",
-                  "report": {"epochs": 3, "before": {"t2i_r5": 0.25, "i2t_r5": 0.3, "mean_recall": 0.3},
-                             "after": {"t2i_r5": 0.5, "i2t_r5": 0.55, "mean_recall": 0.52}}}
+    assert v1 == {
+        "version": "v1",
+        "current": False,
+        "created_at": "2024-01-01T10:00:00+00:00",
+        "parent_version": None,
+        "arch": "base-arch",
+        "report": None,
+    }
+    assert v2 == {
+        "version": "v2",
+        "current": True,
+        "created_at": "2024-01-02T10:00:00+00:00",
+        "parent_version": "v1",
+        "arch": "fake",
+        "report": {
+            "epochs": 3,
+            "before": {"t2i_r5": 0.25, "i2t_r5": 0.3, "mean_recall": 0.3},
+            "after": {"t2i_r5": 0.5, "i2t_r5": 0.55, "mean_recall": 0.52},
+        },
+    }
     assert v3["current"] is False and v3["arch"] is None and v3["report"] is None
     assert "cannot read" in v3["error"] and "v3" in v3["error"]
     assert v10["report"] == {"epochs": 1, "before": None, "after": None} and "error" not in v10
@@ -450,8 +470,11 @@ def test_rollback_follows_the_parent_then_the_natural_order(tmp_path):
     change = reg.rollback()
     assert (change.version, change.previous) == ("v3", "v4") and reg.current() == "v3"
     assert reg.rollback().version == "v1"  # v3's parent: v2 is skipped
-    with pytest.raises(ValueError, match=r"cannot roll back from model version 'v1': it has no parent and no "
-                                         r"version precedes it; published: \['v1', 'v2', 'v3', 'v4'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"cannot roll back from model version 'v1': it has no parent and no "
+        r"version precedes it; published: \['v1', 'v2', 'v3', 'v4'\]",
+    ):
         reg.rollback()
     assert reg.current() == "v1"
     publish_fake(reg, tmp_path, "v10", parent="gone")  # its parent was deleted: the version before it
@@ -523,7 +546,7 @@ def test_prune_deletes_whole_versions_only(tmp_path, monkeypatch):
         real_rmtree(path, *args, **kwargs)
         look()
 
-    monkeypatch.setattr("cliptuner.registry.shutil.rmtree", rmtree_looking)
+    monkeypatch.setattr("cliptuner.model.registry.shutil.rmtree", rmtree_looking)
     assert reg.prune(1) == ["v2", "v3"]
     assert problems == []
     assert len(removed_paths) == 2 and all(name.startswith(".tmp-") for name in removed_paths)
@@ -538,7 +561,7 @@ def test_a_prune_cut_short_leaves_only_a_temp_entry(tmp_path, monkeypatch):
     def fail(path, *args, **kwargs):
         raise PermissionError(f"cannot delete {path}")
 
-    monkeypatch.setattr("cliptuner.registry.shutil.rmtree", fail)
+    monkeypatch.setattr("cliptuner.model.registry.shutil.rmtree", fail)
     assert reg.prune(1) == ["v1", "v2"]  # renamed away: no longer versions, whatever happens to their files
     monkeypatch.undo()
     assert reg.versions() == ["v3"] and reg.current() == "v3"

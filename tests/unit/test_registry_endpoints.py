@@ -7,14 +7,13 @@ import time
 import numpy as np
 import pytest
 from docarray import DocList
-
-from cliptuner import synthetic
-from cliptuner.manifest import ModelManifest
-from cliptuner.registry import Registry
-from cliptuner.runtime import OnnxClip
-from executors import CLIPIndexer, ClipDoc
-
 from support import QUICK, run
+
+from cliptuner.model.manifest import ModelManifest
+from cliptuner.model.registry import Registry
+from cliptuner.model.runtime import OnnxClip
+from cliptuner.train import synthetic
+from executors import ClipDoc, CLIPIndexer
 
 TEXTS = ["a large teal star on the left", "two small dotted brown hexagons"]
 
@@ -26,8 +25,11 @@ def registry(workspace, tiny_model_dir_v2, tmp_path):
     shutil.copytree(tiny_model_dir_v2, src)
     manifest = ModelManifest.read(src)
     manifest.parent_version = "v1"
-    manifest.report = {"epochs": 2, "before": {"t2i_r5": 0.2, "i2t_r5": 0.25, "mean_recall": 0.3},
-                       "after": {"t2i_r5": 0.4, "i2t_r5": 0.45, "mean_recall": 0.5}}
+    manifest.report = {
+        "epochs": 2,
+        "before": {"t2i_r5": 0.2, "i2t_r5": 0.25, "mean_recall": 0.3},
+        "after": {"t2i_r5": 0.4, "i2t_r5": 0.45, "mean_recall": 0.5},
+    }
     manifest.write(src)
     reg = Registry(workspace / "models")
     assert reg.publish(src, make_current=False) == "v2"
@@ -57,8 +59,11 @@ def assert_serving(encoder, indexer, registry, version: str, other: str, scenes)
     np.testing.assert_allclose(got, OnnxClip(registry.path(version)).encode_text(TEXTS), atol=1e-5)
     assert (got * OnnxClip(registry.path(other)).encode_text(TEXTS)).sum(1).max() < 0.99
     assert indexer.collection.version == version and len(indexer.collection) == len(scenes.images)
-    np.testing.assert_allclose(stored_matrix(indexer.collection, len(scenes.images)),
-                               OnnxClip(registry.path(version)).encode_images(scenes.images), atol=1e-5)
+    np.testing.assert_allclose(
+        stored_matrix(indexer.collection, len(scenes.images)),
+        OnnxClip(registry.path(version)).encode_images(scenes.images),
+        atol=1e-5,
+    )
 
 
 def test_models_lists_one_doc_per_version_with_its_summary(tuner, registry):
@@ -68,8 +73,11 @@ def test_models_lists_one_doc_per_version_with_its_summary(tuner, registry):
     assert v1["current"] is True and v1["parent_version"] is None and v1["report"] is None
     assert v1["arch"] == "cliptuner-tiny" and v1["created_at"]
     assert v2["current"] is False and v2["parent_version"] == "v1"
-    assert v2["report"] == {"epochs": 2, "before": {"t2i_r5": 0.2, "i2t_r5": 0.25, "mean_recall": 0.3},
-                            "after": {"t2i_r5": 0.4, "i2t_r5": 0.45, "mean_recall": 0.5}}
+    assert v2["report"] == {
+        "epochs": 2,
+        "before": {"t2i_r5": 0.2, "i2t_r5": 0.25, "mean_recall": 0.3},
+        "after": {"t2i_r5": 0.4, "i2t_r5": 0.45, "mean_recall": 0.5},
+    }
     assert [doc.tags for doc in out] == registry.summaries()
 
 
@@ -104,26 +112,36 @@ def test_the_indexer_watcher_follows_a_promote(workspace, registry, tuner, scene
         while idx.collection.version != "v2" and time.monotonic() < deadline:
             time.sleep(0.05)
         assert idx.collection.version == "v2"
-        np.testing.assert_allclose(stored_matrix(idx.collection, len(scenes.images)),
-                                   OnnxClip(registry.path("v2")).encode_images(scenes.images), atol=1e-5)
+        np.testing.assert_allclose(
+            stored_matrix(idx.collection, len(scenes.images)),
+            OnnxClip(registry.path("v2")).encode_images(scenes.images),
+            atol=1e-5,
+        )
     finally:
         idx.close()
 
 
-@pytest.mark.parametrize("endpoint, parameters, message", [
-    ("promote_model", {}, r"/models/promote needs parameters\['version'\], a published version \(\['v1', 'v2'\]\), "
-                          r"got None"),
-    ("promote_model", {"version": 3.0}, r"needs parameters\['version'\].*got 3.0"),
-    ("promote_model", {"version": "v9"}, r"unknown model version 'v9' in the registry; known: \['v1', 'v2'\]"),
-    ("promote_model", {"version": "../../etc"}, r"unknown model version '\.\./\.\./etc' in the registry; known: "),
-    ("promote_model", {"version": "v2", "keep": 1.0}, r"unknown parameter\(s\) \['keep'\] for /models/promote"),
-    ("rollback_model", {"version": "v1"}, r"unknown parameter\(s\) \['version'\] for /models/rollback"),
-    ("list_models", {"limit": 3.0}, r"unknown parameter\(s\) \['limit'\] for /models"),
-    ("prune_models", {}, r"/models/prune needs parameters\['keep'\]"),
-    ("prune_models", {"keep": 0.0}, r"parameter 'keep' must be >= 1, got 0"),
-    ("prune_models", {"keep": 1.5}, r"parameter 'keep' must be a whole number, got 1.5"),
-    ("prune_models", {"keep": "2"}, r"parameter 'keep' must be an integer, got '2'"),
-])
+@pytest.mark.parametrize(
+    "endpoint, parameters, message",
+    [
+        (
+            "promote_model",
+            {},
+            r"/models/promote needs parameters\['version'\], a published version \(\['v1', 'v2'\]\), "
+            r"got None",
+        ),
+        ("promote_model", {"version": 3.0}, r"needs parameters\['version'\].*got 3.0"),
+        ("promote_model", {"version": "v9"}, r"unknown model version 'v9' in the registry; known: \['v1', 'v2'\]"),
+        ("promote_model", {"version": "../../etc"}, r"unknown model version '\.\./\.\./etc' in the registry; known: "),
+        ("promote_model", {"version": "v2", "keep": 1.0}, r"unknown parameter\(s\) \['keep'\] for /models/promote"),
+        ("rollback_model", {"version": "v1"}, r"unknown parameter\(s\) \['version'\] for /models/rollback"),
+        ("list_models", {"limit": 3.0}, r"unknown parameter\(s\) \['limit'\] for /models"),
+        ("prune_models", {}, r"/models/prune needs parameters\['keep'\]"),
+        ("prune_models", {"keep": 0.0}, r"parameter 'keep' must be >= 1, got 0"),
+        ("prune_models", {"keep": 1.5}, r"parameter 'keep' must be a whole number, got 1.5"),
+        ("prune_models", {"keep": "2"}, r"parameter 'keep' must be an integer, got '2'"),
+    ],
+)
 def test_parameters_are_checked_by_name(tuner, registry, workspace, endpoint, parameters, message):
     with pytest.raises(ValueError, match=message) as error:
         run(getattr(tuner, endpoint)(docs=DocList[ClipDoc](), parameters=parameters))
@@ -133,8 +151,11 @@ def test_parameters_are_checked_by_name(tuner, registry, workspace, endpoint, pa
 
 def test_a_broken_version_is_not_promoted_and_the_encoder_keeps_serving(tuner, encoder, registry):
     (registry.path("v2") / "textual.onnx").unlink()
-    with pytest.raises(ValueError, match=r"model version 'v2' cannot be served: 'v2' is not a model directory: "
-                                         r"missing \['textual.onnx'\]") as error:
+    with pytest.raises(
+        ValueError,
+        match=r"model version 'v2' cannot be served: 'v2' is not a model directory: "
+        r"missing \['textual.onnx'\]",
+    ) as error:
         run(tuner.promote_model(docs=DocList[ClipDoc](), parameters={"version": "v2"}))
     assert str(registry.root) not in str(error.value)
     listed = run(tuner.list_models(docs=DocList[ClipDoc]()))
@@ -163,9 +184,17 @@ def test_keep_versions_prunes_after_each_publish(workspace, registry):
     tuner = CLIPTuner(workspace=str(workspace), bootstrap=False, device="cpu", keep_versions=1)
     try:
         pairs = synthetic.generate(24, domain="domain", seed=11, captions_per_image=2)
-        docs = DocList[ClipDoc]([ClipDoc(id=f"p{i}", text=caption, tensor=pairs.images[pairs.image_index[i]],
-                                         tags={"image_id": pairs.image_ids[pairs.image_index[i]]})
-                                 for i, caption in enumerate(pairs.captions)])
+        docs = DocList[ClipDoc](
+            [
+                ClipDoc(
+                    id=f"p{i}",
+                    text=caption,
+                    tensor=pairs.images[pairs.image_index[i]],
+                    tags={"image_id": pairs.image_ids[pairs.image_index[i]]},
+                )
+                for i, caption in enumerate(pairs.captions)
+            ]
+        )
         report = run(tuner.train(docs=docs, parameters=QUICK))[0].tags["report"]
     finally:
         tuner.close()

@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from cliptuner import runtime
-from cliptuner.export import generate_sample_images
-from cliptuner.images import ImageError, ImageLimits
-from cliptuner.registry import Registry
-from cliptuner.manifest import ModelManifest
-from cliptuner.runtime import OnnxClip
+from cliptuner.model import runtime
+from cliptuner.model.images import ImageError, ImageLimits
+from cliptuner.model.manifest import ModelManifest
+from cliptuner.model.registry import Registry
+from cliptuner.model.runtime import OnnxClip
+from cliptuner.train.export import generate_sample_images
 
 TEXTS = ["a photo of a cat", "", "A RED square!!", "emoji 😀 &amp; café", "long " * 60]
 
@@ -82,8 +82,9 @@ def test_minibatches_give_the_same_result(tiny_model_dir, clip, images):
     _, sources = images
     small = OnnxClip(tiny_model_dir, device="cpu", batch_size=2)
     np.testing.assert_allclose(small.encode_text(TEXTS), clip.encode_text(TEXTS), atol=1e-5)
-    np.testing.assert_allclose(small.encode_images(sources + sources[:1]), clip.encode_images(sources + sources[:1]),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        small.encode_images(sources + sources[:1]), clip.encode_images(sources + sources[:1]), atol=1e-5
+    )
 
 
 def test_concurrent_encodes_agree(clip, images):
@@ -129,7 +130,9 @@ def test_cuda_listed_but_unusable_falls_back_or_raises(tiny_model_dir, monkeypat
     if "CUDAExecutionProvider" in runtime.ort.get_available_providers():
         pytest.fail("this test expects a CPU-only onnxruntime; the CUDA path is covered by the gpu test")
     # a provider that the build lists but cannot create (missing CUDA libraries) must not be trusted
-    monkeypatch.setattr(runtime.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(
+        runtime.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
     assert OnnxClip(tiny_model_dir, device="auto").providers == ["CPUExecutionProvider"]
     with pytest.raises(RuntimeError, match="device='cuda'"):
         OnnxClip(tiny_model_dir, device="cuda:0")
@@ -172,10 +175,10 @@ def test_fresh_process_encodes_without_torch(tiny_model_dir, clip, images, tmp_p
     script = textwrap.dedent(f"""
         import json, sys
         import numpy as np
-        from cliptuner.runtime import OnnxClip
+        from cliptuner.model.runtime import OnnxClip
         clip = OnnxClip({str(tiny_model_dir)!r}, device="auto", batch_size=2)
         txt = clip.encode_text({TEXTS!r})
-        img = clip.encode_images([{sources[0]!r}, np.load({str(tmp_path / 'array.npy')!r})])
+        img = clip.encode_images([{sources[0]!r}, np.load({str(tmp_path / "array.npy")!r})])
         assert "torch" not in sys.modules and "open_clip" not in sys.modules, "runtime imported torch/open_clip"
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "open_clip", "torchvision"))
         print(json.dumps({{"txt": txt.tolist(), "img": img.tolist(), "heavy": heavy, "providers": clip.providers}}))

@@ -16,15 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from docarray import DocList
-
-from cliptuner.access import REFUSED
-from cliptuner.registry import Registry
-from cliptuner.runtime import OnnxClip
-from cliptuner.tokenizer import ClipTokenizer
-from executors import CLIPEncoder, CLIPIndexer, CLIPTuner, ClipDoc
-from executors.options import ALLOWED_HOSTS_ENV, URI_ROOTS_ENV
-
 from support import QUICK, png, run
+
+from cliptuner.model.registry import Registry
+from cliptuner.model.runtime import OnnxClip
+from cliptuner.model.tokenizer import ClipTokenizer
+from cliptuner.serve.access import REFUSED
+from executors import ClipDoc, CLIPEncoder, CLIPIndexer, CLIPTuner
+from executors.options import ALLOWED_HOSTS_ENV, URI_ROOTS_ENV
 
 REFUSED_URI = r"uri is not allowed: " + re.escape(REFUSED)
 
@@ -81,23 +80,34 @@ def assert_encoder_serves(encoder) -> None:
 def test_encoder_refuses_outside_uris_on_encode_index_and_search(encoder, workspace, kind):
     uri = OUTSIDE_URIS[kind](workspace)
     for endpoint in (encoder.encode, encoder.encode_for_index):  # /encode; /index and /search
-        assert_refused(lambda: run(endpoint(docs=docs(ClipDoc(id="fine", text="x"), ClipDoc(id="u", uri=uri)))),
-                       "u", workspace)
+        assert_refused(
+            lambda: run(endpoint(docs=docs(ClipDoc(id="fine", text="x"), ClipDoc(id="u", uri=uri)))), "u", workspace
+        )
         assert_encoder_serves(encoder)
 
 
 def test_a_refusal_reads_the_same_whether_or_not_the_file_exists(encoder, workspace):
-    messages = {kind: assert_refused(lambda: run(encoder.encode(docs=docs(ClipDoc(id="u", uri=make(workspace))))),
-                                     "u", workspace)
-                for kind, make in OUTSIDE_URIS.items()}
+    messages = {
+        kind: assert_refused(
+            lambda: run(encoder.encode(docs=docs(ClipDoc(id="u", uri=make(workspace))))), "u", workspace
+        )
+        for kind, make in OUTSIDE_URIS.items()
+    }
     assert len(set(messages.values())) == 1, messages
 
 
 def test_uris_under_the_data_root_are_read_by_every_name(encoder, workspace, scenes):
     expected = OnnxClip(workspace / "models" / "v1").encode_images([scenes.images[0]])[0]
     inside = workspace / "data" / "inside.png"
-    out = run(encoder.encode(docs=docs(ClipDoc(id="rel", uri="inside.png"), ClipDoc(id="abs", uri=str(inside)),
-                                       ClipDoc(id="file", uri=inside.as_uri()))))
+    out = run(
+        encoder.encode(
+            docs=docs(
+                ClipDoc(id="rel", uri="inside.png"),
+                ClipDoc(id="abs", uri=str(inside)),
+                ClipDoc(id="file", uri=inside.as_uri()),
+            )
+        )
+    )
     for doc in out:
         np.testing.assert_allclose(doc.embedding, expected, atol=1e-5, err_msg=doc.id)
 
@@ -105,11 +115,13 @@ def test_uris_under_the_data_root_are_read_by_every_name(encoder, workspace, sce
 @pytest.mark.parametrize("kind", ["absolute", "dot-dot", "symlink-out", "file-uri"])
 def test_indexer_refuses_outside_uris_on_index_and_search_and_stores_nothing(indexer, workspace, kind):
     uri = OUTSIDE_URIS[kind](workspace)
-    assert_refused(lambda: run(indexer.index(docs=docs(ClipDoc(id="ok", text="fine"), ClipDoc(id="u", uri=uri)))),
-                   "u", workspace)
+    assert_refused(
+        lambda: run(indexer.index(docs=docs(ClipDoc(id="ok", text="fine"), ClipDoc(id="u", uri=uri)))), "u", workspace
+    )
     assert len(indexer.collection) == 0
-    assert_refused(lambda: run(indexer.search(docs=docs(ClipDoc(id="u", uri=uri)), parameters={"limit": 3})),
-                   "u", workspace)
+    assert_refused(
+        lambda: run(indexer.search(docs=docs(ClipDoc(id="u", uri=uri)), parameters={"limit": 3})), "u", workspace
+    )
     run(indexer.index(docs=docs(ClipDoc(id="img", uri="inside.png"))))
     hits = run(indexer.search(docs=docs(ClipDoc(id="q", uri="inside.png")), parameters={"limit": 1}))[0]
     assert hits.matches[0].id == "img" and hits.scores[0] == pytest.approx(1.0, abs=1e-4)
@@ -150,8 +162,12 @@ def test_tuner_refuses_pairs_files_whose_image_paths_leave_the_roots(tuner, work
     data = workspace / "data"
     os.symlink(workspace.parent / "outside.png", data / "link-out.png")
     rows = [(f"images/{i}.png", f"scene {i}") for i in range(10)]
-    bad = [("../../../outside.png", "escape"), (str(workspace.parent / "outside.png"), "absolute"),
-           ("../link-out.png", "a symlink out"), ("../../../no-such.png", "missing outside")]
+    bad = [
+        ("../../../outside.png", "escape"),
+        (str(workspace.parent / "outside.png"), "absolute"),
+        ("../link-out.png", "a symlink out"),
+        ("../../../no-such.png", "missing outside"),
+    ]
     _write_pairs(data / "evil", scenes.images[:10], rows + bad)
     with pytest.raises(ValueError) as caught:
         run(tuner.train(docs=DocList[ClipDoc](), parameters={**QUICK, "data": "evil/pairs.csv"}))
@@ -159,17 +175,26 @@ def test_tuner_refuses_pairs_files_whose_image_paths_leave_the_roots(tuner, work
     for line, (image, _) in enumerate(bad, start=len(rows) + 2):
         assert f"line {line}: image {image!r} is not allowed: {REFUSED}" in message
     assert str(workspace.parent / "outside.png") not in message.replace(repr(bad[1][0]), "")
-    karpathy = {"images": [{"filename": f"{i}.png", "filepath": "images", "split": "train",
-                            "sentences": [{"raw": f"scene {i}"}]} for i in range(10)]}
-    karpathy["images"].append({"filename": "../../../outside.png", "filepath": "images", "split": "test",
-                               "sentences": [{"raw": "escape"}]})
+    karpathy = {
+        "images": [
+            {"filename": f"{i}.png", "filepath": "images", "split": "train", "sentences": [{"raw": f"scene {i}"}]}
+            for i in range(10)
+        ]
+    }
+    karpathy["images"].append(
+        {"filename": "../../../outside.png", "filepath": "images", "split": "test", "sentences": [{"raw": "escape"}]}
+    )
     (data / "evil" / "dataset.json").write_text(json.dumps(karpathy), encoding="utf-8")
     with pytest.raises(ValueError, match=r"image 10 \('\.\./\.\./\.\./outside\.png'\) is not allowed"):
         run(tuner.train(docs=DocList[ClipDoc](), parameters={**QUICK, "data": "evil/dataset.json"}))
     _write_pairs(data / "good", scenes.images, [(f"images/{i}.png", scenes.captions[i]) for i in range(12)])
     with pytest.raises(ValueError) as caught:  # the WiSE-FT sweep's general pairs are read under the same rule
-        run(tuner.train(docs=DocList[ClipDoc](), parameters={**QUICK, "batch_size": 4.0, "data": "good/pairs.csv",
-                                                             "general_data": "evil/pairs.csv"}))
+        run(
+            tuner.train(
+                docs=DocList[ClipDoc](),
+                parameters={**QUICK, "batch_size": 4.0, "data": "good/pairs.csv", "general_data": "evil/pairs.csv"},
+            )
+        )
     assert f"image {bad[0][0]!r} is not allowed: {REFUSED}" in str(caught.value)
     assert str(data) not in str(caught.value)
     assert Registry(workspace / "models").current() == "v1"
@@ -178,14 +203,17 @@ def test_tuner_refuses_pairs_files_whose_image_paths_leave_the_roots(tuner, work
 def test_after_refusals_the_tuner_trains_on_uris_and_pairs_files_under_the_root(tuner, workspace, scenes):
     data = workspace / "data"
     _write_pairs(data / "good", scenes.images, [(f"images/{i}.png", scenes.captions[i]) for i in range(12)])
-    assert_refused(lambda: run(tuner.train(docs=docs(ClipDoc(id="u", text="x", uri="../outside.png")),
-                                           parameters=QUICK)), "u", workspace)
-    pairs = DocList[ClipDoc]([ClipDoc(id=f"p{i}", text=scenes.captions[i], uri=f"good/images/{i}.png")
-                              for i in range(12)])
+    assert_refused(
+        lambda: run(tuner.train(docs=docs(ClipDoc(id="u", text="x", uri="../outside.png")), parameters=QUICK)),
+        "u",
+        workspace,
+    )
+    pairs = DocList[ClipDoc](
+        [ClipDoc(id=f"p{i}", text=scenes.captions[i], uri=f"good/images/{i}.png") for i in range(12)]
+    )
     out = run(tuner.train(docs=pairs, parameters={**QUICK, "batch_size": 4.0}))
     assert out[0].model_version == "v2" and out[0].tags["report"]["split"]["train_images"] == 9
-    out = run(tuner.train(docs=DocList[ClipDoc](), parameters={**QUICK, "batch_size": 4.0,
-                                                               "data": "good/pairs.csv"}))
+    out = run(tuner.train(docs=DocList[ClipDoc](), parameters={**QUICK, "batch_size": 4.0, "data": "good/pairs.csv"}))
     assert out[0].model_version == "v3"
 
 
@@ -195,10 +223,12 @@ def test_an_oversized_text_is_refused_before_tokenizing(encoder, indexer, tuner,
     with monkeypatch.context() as patched:
         patched.setattr(ClipTokenizer, "__call__", lambda self, texts: pytest.fail("tokenized a refused text"))
         message = r"doc 'long': text is 10005 characters long, over the limit of 10000"
-        for call in (lambda: encoder.encode(docs=docs(ClipDoc(id="ok", text="x"), ClipDoc(id="long", text=long))),
-                     lambda: encoder.encode_for_index(docs=docs(ClipDoc(id="long", text=long))),
-                     lambda: indexer.index(docs=docs(ClipDoc(id="long", text=long))),
-                     lambda: indexer.search(docs=docs(ClipDoc(id="long", text=long)), parameters={})):
+        for call in (
+            lambda: encoder.encode(docs=docs(ClipDoc(id="ok", text="x"), ClipDoc(id="long", text=long))),
+            lambda: encoder.encode_for_index(docs=docs(ClipDoc(id="long", text=long))),
+            lambda: indexer.index(docs=docs(ClipDoc(id="long", text=long))),
+            lambda: indexer.search(docs=docs(ClipDoc(id="long", text=long)), parameters={}),
+        ):
             with pytest.raises(ValueError, match=message):
                 run(call())
         with pytest.raises(ValueError, match=message):
@@ -212,8 +242,11 @@ def test_too_many_docs_are_refused_before_anything_is_embedded(workspace, encode
     many = docs(*[ClipDoc(id=f"t{i}", text="x") for i in range(1025)])
     with monkeypatch.context() as patched:
         patched.setattr(ClipTokenizer, "__call__", lambda self, texts: pytest.fail("tokenized a refused request"))
-        for call in (lambda: encoder.encode(docs=many), lambda: indexer.index(docs=many),
-                     lambda: indexer.search(docs=many, parameters={})):
+        for call in (
+            lambda: encoder.encode(docs=many),
+            lambda: indexer.index(docs=many),
+            lambda: indexer.search(docs=many, parameters={}),
+        ):
             with pytest.raises(ValueError, match=r"^1025 docs in one request is over the limit of 1024"):
                 run(call())
     small = CLIPEncoder(workspace=str(workspace), bootstrap=False, max_docs=2)
@@ -238,11 +271,17 @@ def test_too_many_pairs_are_refused_with_a_hint(workspace, scenes):
 
 def test_too_many_bytes_are_refused_per_blob_and_per_request(workspace, scenes):
     blob = png(scenes.images[0])
-    enc = CLIPEncoder(workspace=str(workspace), bootstrap=False, max_blob_bytes=len(blob),
-                      max_request_bytes=2 * len(blob) + 100)
+    enc = CLIPEncoder(
+        workspace=str(workspace), bootstrap=False, max_blob_bytes=len(blob), max_request_bytes=2 * len(blob) + 100
+    )
     wide = np.zeros(((2 * len(blob) + 100) // (64 * 3) + 1, 64, 3), np.uint8)  # over the request limit alone
-    idx = CLIPIndexer(workspace=str(workspace), bootstrap=False, watch_interval=0, max_blob_bytes=len(blob),
-                      max_request_bytes=2 * len(blob))
+    idx = CLIPIndexer(
+        workspace=str(workspace),
+        bootstrap=False,
+        watch_interval=0,
+        max_blob_bytes=len(blob),
+        max_request_bytes=2 * len(blob),
+    )
     try:
         with pytest.raises(ValueError, match=rf"^doc 'big': blob is {len(blob) + 1} bytes, over the limit of"):
             run(enc.encode(docs=docs(ClipDoc(id="big", blob=blob + b"\0"))))
@@ -267,8 +306,9 @@ def test_a_search_limit_over_the_maximum_is_refused(indexer, workspace):
         run(indexer.search(docs=docs(ClipDoc(id="q", text="x")), parameters={"limit": 1001.0}))
     hits = run(indexer.search(docs=docs(ClipDoc(id="q", text="x")), parameters={"limit": 1000.0}))[0]
     assert [m.id for m in hits.matches] == ["a"]
-    narrow = CLIPIndexer(workspace=str(workspace), index_dir=str(workspace / "narrow"), bootstrap=False,
-                         watch_interval=0, max_limit=50)
+    narrow = CLIPIndexer(
+        workspace=str(workspace), index_dir=str(workspace / "narrow"), bootstrap=False, watch_interval=0, max_limit=50
+    )
     try:
         assert narrow.limits.max_limit == 50
         with pytest.raises(ValueError, match=r"parameter 'limit' must be in \[1, 50\], got 51"):
@@ -283,9 +323,11 @@ def test_the_three_executors_share_one_policy_from_the_environment(workspace, tm
     extra.mkdir()
     monkeypatch.setenv(URI_ROOTS_ENV, os.pathsep.join(["data", str(extra)]))
     monkeypatch.setenv(ALLOWED_HOSTS_ENV, "images.example.com, 127.0.0.1:8080")
-    built = [CLIPEncoder(workspace=str(workspace), bootstrap=False),
-             CLIPIndexer(workspace=str(workspace), bootstrap=False, watch_interval=0),
-             CLIPTuner(workspace=str(workspace), bootstrap=False, device="cpu")]
+    built = [
+        CLIPEncoder(workspace=str(workspace), bootstrap=False),
+        CLIPIndexer(workspace=str(workspace), bootstrap=False, watch_interval=0),
+        CLIPTuner(workspace=str(workspace), bootstrap=False, device="cpu"),
+    ]
     try:
         policies = {executor.policy for executor in built}
         assert len(policies) == 1
@@ -351,8 +393,9 @@ def test_an_allowed_host_is_fetched_by_the_encoder_and_the_indexer(workspace, sc
     enc = CLIPEncoder(workspace=str(workspace), bootstrap=False, allowed_hosts=image_server)
     idx = CLIPIndexer(workspace=str(workspace), bootstrap=False, watch_interval=0, allowed_hosts=[image_server])
     try:
-        np.testing.assert_allclose(run(enc.encode(docs=docs(ClipDoc(id="w", uri=url))))[0].embedding, expected,
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            run(enc.encode(docs=docs(ClipDoc(id="w", uri=url))))[0].embedding, expected, atol=1e-5
+        )
         with pytest.raises(ValueError, match=r"doc 'gone': uri could not be fetched \(HTTP 404\)"):
             run(enc.encode(docs=docs(ClipDoc(id="gone", uri=f"http://{image_server}/missing.png"))))
         run(idx.index(docs=docs(ClipDoc(id="w", uri=url))))

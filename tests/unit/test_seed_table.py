@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cliptuner import synthetic
 from cliptuner.config import ModelSpec
-from cliptuner.data import load_karpathy
-from cliptuner.evaluate import evaluate
-from cliptuner.models import cached_pretrained_file, load_model, read_checkpoint
+from cliptuner.train import synthetic
+from cliptuner.train.data import load_karpathy
+from cliptuner.train.evaluate import evaluate
+from cliptuner.train.models import cached_pretrained_file, load_model, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 TEST_IMAGES, VAL_IMAGES, TRAIN_IMAGES = 12, 6, 20
@@ -61,8 +61,15 @@ def write_flickr(root: Path, seed: int) -> tuple[Path, Path]:
     for i, name in enumerate(names):
         split = "train" if i < TRAIN_IMAGES else "val" if i < TRAIN_IMAGES + VAL_IMAGES else "test"
         captions = [pairs.captions[p] for p in pairs.captions_of(i)]
-        entries.append({"sentids": list(range(5 * i, 5 * i + 5)), "imgid": i, "split": split, "filename": name,
-                        "sentences": _sentences(captions, i, 5 * i)})
+        entries.append(
+            {
+                "sentids": list(range(5 * i, 5 * i + 5)),
+                "imgid": i,
+                "split": split,
+                "filename": name,
+                "sentences": _sentences(captions, i, 5 * i),
+            }
+        )
     path = root / "dataset_flickr8k.json"
     path.write_text(json.dumps({"images": entries, "dataset": "flickr8k"}))
     return path, images
@@ -88,8 +95,17 @@ def write_coco(root: Path, seed: int) -> Path:
         _write_jpegs(pairs.subset_images([i]), root / folder, [name])
         keep = 6 if i == TRAIN_IMAGES + VAL_IMAGES else 5
         captions = [pairs.captions[p] for p in pairs.captions_of(i)][:keep]
-        entries.append({"filepath": folder, "filename": name, "imgid": i, "cocoid": 391895 + i, "split": split,
-                        "sentids": list(range(sentid, sentid + keep)), "sentences": _sentences(captions, i, sentid)})
+        entries.append(
+            {
+                "filepath": folder,
+                "filename": name,
+                "imgid": i,
+                "cocoid": 391895 + i,
+                "split": split,
+                "sentids": list(range(sentid, sentid + keep)),
+                "sentences": _sentences(captions, i, sentid),
+            }
+        )
         sentid += keep
     path = root / "dataset_coco.json"
     path.write_text(json.dumps({"images": entries, "dataset": "coco"}))
@@ -140,8 +156,11 @@ def fake_tag(tmp_path, tiny_model_dir, monkeypatch):
     snapshot.mkdir(parents=True)
     weights = snapshot / "open_clip_pytorch_model.bin"
     torch.save(read_checkpoint(tiny_model_dir / "checkpoint.pt")["state_dict"], weights)
-    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "cliptuner-tiny",
-                        {"seedtest": {"hf_hub": FAKE_REPO + "/", "quick_gelu": False}})
+    monkeypatch.setitem(
+        open_clip.pretrained._PRETRAINED,
+        "cliptuner-tiny",
+        {"seedtest": {"hf_hub": FAKE_REPO + "/", "quick_gelu": False}},
+    )
     return cache, weights
 
 
@@ -161,10 +180,12 @@ def test_entries_parse_paths_and_image_roots():
     assert seed_table.ModelEntry.parse("ViT-B-32:openai") == seed_table.ModelEntry("ViT-B-32", "openai")
     assert seed_table.ModelEntry.parse("cliptuner-tiny:") == seed_table.ModelEntry("cliptuner-tiny", "")
     assert seed_table.ModelEntry.parse("x:/ckpt/a:b.pt").pretrained == "/ckpt/a:b.pt"
-    assert seed_table.DatasetEntry.parse("f8k=/d/dataset_flickr8k.json:/d/Flicker8k_Dataset") == \
-        seed_table.DatasetEntry("f8k", "/d/dataset_flickr8k.json", "/d/Flicker8k_Dataset")
-    assert seed_table.DatasetEntry.parse("coco=/d/dataset_coco.json") == \
-        seed_table.DatasetEntry("coco", "/d/dataset_coco.json", None)
+    assert seed_table.DatasetEntry.parse(
+        "f8k=/d/dataset_flickr8k.json:/d/Flicker8k_Dataset"
+    ) == seed_table.DatasetEntry("f8k", "/d/dataset_flickr8k.json", "/d/Flicker8k_Dataset")
+    assert seed_table.DatasetEntry.parse("coco=/d/dataset_coco.json") == seed_table.DatasetEntry(
+        "coco", "/d/dataset_coco.json", None
+    )
     for bad in ("ViT-B-32", ":openai"):
         with pytest.raises(Exception, match="ARCH:PRETRAINED"):
             seed_table.ModelEntry.parse(bad)
@@ -180,11 +201,36 @@ def test_seed_table_before_and_after_on_the_test_splits(tmp_path, tiny_model_dir
     empty_cache = tmp_path / "empty-hf-cache"
     empty_cache.mkdir()
     out = tmp_path / "seed.json"
-    result = seed_table.main([
-        "--models", f"cliptuner-tiny:{checkpoint}", "ViT-B-32:openai", "ViT-B-32:nope",
-        "--datasets", f"flickr8k={flickr_json}:{flickr_images}", f"coco={coco_json}", f"flickr30k={missing}",
-        "--cache-dir", str(empty_cache), "--epochs", "2", "--batch-size", "10", "--lr", "1e-3",
-        "--warmup-steps", "2", "--device", "cpu", "--threads", "1", "--log-every", "1000", "--json", str(out)])
+    result = seed_table.main(
+        [
+            "--models",
+            f"cliptuner-tiny:{checkpoint}",
+            "ViT-B-32:openai",
+            "ViT-B-32:nope",
+            "--datasets",
+            f"flickr8k={flickr_json}:{flickr_images}",
+            f"coco={coco_json}",
+            f"flickr30k={missing}",
+            "--cache-dir",
+            str(empty_cache),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "10",
+            "--lr",
+            "1e-3",
+            "--warmup-steps",
+            "2",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--log-every",
+            "1000",
+            "--json",
+            str(out),
+        ]
+    )
 
     assert no_network == []
     rows = {(r["model"], r["pretrained"], r["dataset"]): r for r in result["rows"]}
@@ -218,8 +264,10 @@ def test_seed_table_before_and_after_on_the_test_splits(tmp_path, tiny_model_dir
             assert "unknown pretrained tag 'nope'" in row["reason"]
         if key[2] == "flickr30k":
             assert f"data set flickr30k not found at {str(missing)!r}" in row["reason"]
-    assert rows[("ViT-B-32", "openai", "flickr8k")]["reference"]["t2i_r5"] == \
-        seed_table.REFERENCE_R5[("ViT-B-32", "openai", "flickr8k")]["t2i_r5"]
+    assert (
+        rows[("ViT-B-32", "openai", "flickr8k")]["reference"]["t2i_r5"]
+        == seed_table.REFERENCE_R5[("ViT-B-32", "openai", "flickr8k")]["t2i_r5"]
+    )
 
     table = capsys.readouterr().out
     assert "| ViT-B-32 | openai | flickr8k | 12 | 80.5 | — | — | 91.4 | — | — | skipped (" in table
@@ -232,10 +280,30 @@ def test_seed_table_before_and_after_on_the_test_splits(tmp_path, tiny_model_dir
 def test_a_cached_pretrained_tag_is_loaded_offline(tmp_path, tiny_model_dir, fake_tag, no_network):
     cache, _ = fake_tag
     flickr_json, flickr_images = write_flickr(tmp_path / "flickr", seed=13)
-    result = seed_table.main([
-        "--models", "cliptuner-tiny:seedtest", "--datasets", f"flickr8k={flickr_json}:{flickr_images}",
-        "--cache-dir", str(cache), "--epochs", "1", "--batch-size", "10", "--lr", "1e-3", "--warmup-steps", "2",
-        "--device", "cpu", "--threads", "1", "--log-every", "1000"])
+    result = seed_table.main(
+        [
+            "--models",
+            "cliptuner-tiny:seedtest",
+            "--datasets",
+            f"flickr8k={flickr_json}:{flickr_images}",
+            "--cache-dir",
+            str(cache),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "10",
+            "--lr",
+            "1e-3",
+            "--warmup-steps",
+            "2",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--log-every",
+            "1000",
+        ]
+    )
 
     assert no_network == []
     [row] = result["rows"]
@@ -247,17 +315,19 @@ def test_a_cached_pretrained_tag_is_loaded_offline(tmp_path, tiny_model_dir, fak
     assert all(0.0 <= row["after"][k] <= 1.0 for k in seed_table.METRICS)
 
 
-def test_default_models_without_cached_weights_or_data_are_listed_with_reasons(tmp_path, empty_hf_home,
-                                                                                no_network):
+def test_default_models_without_cached_weights_or_data_are_listed_with_reasons(tmp_path, empty_hf_home, no_network):
     result = seed_table.main(["--data-root", str(tmp_path / "no-data"), "--device", "cpu", "--threads", "1"])
 
     assert no_network == []
     assert [(r["model"], r["pretrained"], r["dataset"]) for r in result["rows"]] == [
-        (*m.split(":"), d) for m in seed_table.DEFAULT_MODELS for d in ("flickr8k", "flickr30k", "coco")]
+        (*m.split(":"), d) for m in seed_table.DEFAULT_MODELS for d in ("flickr8k", "flickr30k", "coco")
+    ]
     for row in result["rows"]:
         assert row["status"] == "skipped"
         assert len(row["reasons"]) == 2
         assert "not in the Hugging Face cache" in row["reasons"][0]
-        assert row["reasons"][1] == (f"data set {row['dataset']} not found at "
-                                     f"{str(tmp_path / 'no-data' / seed_table.DATA_LAYOUT[row['dataset']][0])!r}")
+        assert row["reasons"][1] == (
+            f"data set {row['dataset']} not found at "
+            f"{str(tmp_path / 'no-data' / seed_table.DATA_LAYOUT[row['dataset']][0])!r}"
+        )
         assert row["reference"] is not None  # the nine published numbers

@@ -12,9 +12,9 @@ import pytest
 from docarray import DocList
 from support import run
 
-from cliptuner.index import Collection, StoredDoc
-from cliptuner.registry import Registry
-from cliptuner.shards import check_shards, choose_version, merge_hits, shard_of
+from cliptuner.index.embedded import Collection, StoredDoc
+from cliptuner.index.shards import check_shards, choose_version, merge_hits, shard_of
+from cliptuner.model.registry import Registry
 from executors import indexer as indexer_module
 from executors.schemas import ClipDoc, MatchDoc
 from executors.shards import TRAILER_ID, ShardMerger, trailer
@@ -25,20 +25,35 @@ IDS = [f"doc-{i}" for i in range(2000)] + ["ünïcode", "", "a" * 300]
 # -- ownership ---------------------------------------------------------------------------------------------------
 def test_shard_of_is_stable_across_processes_and_balanced():
     here = [shard_of(i, 4) for i in IDS]
-    code = ("import json, sys; from cliptuner.shards import shard_of; "
-            "print(json.dumps([shard_of(i, 4) for i in json.load(sys.stdin)]))")
+    code = (
+        "import json, sys; from cliptuner.index.shards import shard_of; "
+        "print(json.dumps([shard_of(i, 4) for i in json.load(sys.stdin)]))"
+    )
     for seed in ("0", "12345"):
-        out = subprocess.run([sys.executable, "-c", code], input=json.dumps(IDS), capture_output=True, text=True,
-                             check=True, env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            input=json.dumps(IDS),
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        ).stdout
         assert json.loads(out) == here
     counts = Counter(here)
     assert set(counts) == {0, 1, 2, 3} and all(400 < n < 620 for n in counts.values()), counts
     assert {shard_of(i, 1) for i in IDS} == {0}
 
 
-@pytest.mark.parametrize("shard, shards, message", [(0, 0, "shards must be >= 1"), (2, 2, r"shard must be in \[0, 2\)"),
-                                                    (-1, 2, "shard must be in"), (0, 2.0, "shards must be a whole"),
-                                                    (True, 2, "shard must be a whole")])
+@pytest.mark.parametrize(
+    "shard, shards, message",
+    [
+        (0, 0, "shards must be >= 1"),
+        (2, 2, r"shard must be in \[0, 2\)"),
+        (-1, 2, "shard must be in"),
+        (0, 2.0, "shards must be a whole"),
+        (True, 2, "shard must be a whole"),
+    ],
+)
 def test_bad_shard_settings_are_named(shard, shards, message):
     with pytest.raises(ValueError, match=message):
         check_shards(shard, shards)
@@ -75,8 +90,10 @@ def test_a_collection_keeps_its_previous_version_searchable_until_dropped(tmp_pa
     rng = np.random.default_rng(0)
     old, new = _unit(rng.normal(size=(20, 8))), _unit(rng.normal(size=(20, 8)))
     docs = [StoredDoc(id=f"d{i}", text=f"t{i}") for i in range(20)]
-    with Collection(tmp_path / "kept", backend="exact", keep_previous=True) as col, \
-            Collection(tmp_path / "plain", backend="exact") as plain:
+    with (
+        Collection(tmp_path / "kept", backend="exact", keep_previous=True) as col,
+        Collection(tmp_path / "plain", backend="exact") as plain,
+    ):
         for c in (col, plain):
             c.upsert(docs, old, "v1")
             c.rebuild("v2", lambda batch: new[[int(d.id[1:]) for d in batch]])
@@ -101,34 +118,68 @@ def _answer(shard, docs, version="v1", previous=None, **tags):
 
 
 def test_merger_puts_owned_docs_back_in_request_order():
-    merged = run(ShardMerger().by_owner(docs=DocList[ClipDoc](), docs_matrix=[
-        _answer(1, [ClipDoc(id="b"), ClipDoc(id="d")], positions=[1, 3]),
-        _answer(0, [ClipDoc(id="a"), ClipDoc(id="c")], positions=[0, 2])]))
+    merged = run(
+        ShardMerger().by_owner(
+            docs=DocList[ClipDoc](),
+            docs_matrix=[
+                _answer(1, [ClipDoc(id="b"), ClipDoc(id="d")], positions=[1, 3]),
+                _answer(0, [ClipDoc(id="a"), ClipDoc(id="c")], positions=[0, 2]),
+            ],
+        )
+    )
     assert [d.id for d in merged] == ["a", "b", "c", "d"]
 
 
 def test_merger_fails_a_request_a_shard_failed_or_missed():
     merger = ShardMerger()
     with pytest.raises(ValueError, match=r"index shard\(s\) \[1\] of 2 did not answer"):
-        run(merger.by_owner(docs=DocList[ClipDoc](), docs_matrix=[_answer(0, [], positions=[]),
-                                                                  DocList[ClipDoc]([ClipDoc(id="x")])]))
-    with pytest.raises(ValueError, match=r"^shard 1: doc\(s\) 'x' not stored; nothing was deleted \(on that shard\); "
-                                         "the other shards removed their part: 'y'$"):
-        run(merger.by_owner(docs=DocList[ClipDoc](), docs_matrix=[
-            _answer(0, [ClipDoc(id="y", tags={"deleted": True})], positions=[1]),
-            DocList[ClipDoc]([trailer(1, 2, "v1", error="doc(s) 'x' not stored; nothing was deleted")])]))
+        run(
+            merger.by_owner(
+                docs=DocList[ClipDoc](), docs_matrix=[_answer(0, [], positions=[]), DocList[ClipDoc]([ClipDoc(id="x")])]
+            )
+        )
+    with pytest.raises(
+        ValueError,
+        match=r"^shard 1: doc\(s\) 'x' not stored; nothing was deleted \(on that shard\); "
+        "the other shards removed their part: 'y'$",
+    ):
+        run(
+            merger.by_owner(
+                docs=DocList[ClipDoc](),
+                docs_matrix=[
+                    _answer(0, [ClipDoc(id="y", tags={"deleted": True})], positions=[1]),
+                    DocList[ClipDoc]([trailer(1, 2, "v1", error="doc(s) 'x' not stored; nothing was deleted")]),
+                ],
+            )
+        )
     with pytest.raises(ValueError, match=r"^shards 0, 1: parameter 'limit' must be >= 1$"):
-        run(merger.search(docs=DocList[ClipDoc](), docs_matrix=[
-            DocList[ClipDoc]([trailer(i, 2, "v1", error="parameter 'limit' must be >= 1")]) for i in (1, 0)]))
+        run(
+            merger.search(
+                docs=DocList[ClipDoc](),
+                docs_matrix=[
+                    DocList[ClipDoc]([trailer(i, 2, "v1", error="parameter 'limit' must be >= 1")]) for i in (1, 0)
+                ],
+            )
+        )
 
 
 def test_merger_search_uses_the_version_every_shard_answered():
     def query(version, *matches):
-        return ClipDoc(id="q", model_version=version, embedding=np.full(4, 0.5 if version == "v1" else -0.5, np.float32),
-                       matches=DocList[MatchDoc]([MatchDoc(id=i, score=s, model_version=v) for i, s, v in matches]))
+        return ClipDoc(
+            id="q",
+            model_version=version,
+            embedding=np.full(4, 0.5 if version == "v1" else -0.5, np.float32),
+            matches=DocList[MatchDoc]([MatchDoc(id=i, score=s, model_version=v) for i, s, v in matches]),
+        )
 
-    swapped = _answer(0, [query("v2", ("a", 0.99, "v2"), ("b", 0.7, "v1"), ("c", 0.2, "v1"))], version="v2",
-                      previous="v1", answered=["v2", "v1"], limit=2)
+    swapped = _answer(
+        0,
+        [query("v2", ("a", 0.99, "v2"), ("b", 0.7, "v1"), ("c", 0.2, "v1"))],
+        version="v2",
+        previous="v1",
+        answered=["v2", "v1"],
+        limit=2,
+    )
     waiting = _answer(1, [query("v1", ("d", 0.8, "v1"), ("e", 0.1, "v1"))], answered=["v1"], limit=2)
     merged = run(ShardMerger().search(docs=DocList[ClipDoc](), docs_matrix=[swapped, waiting]))
     assert len(merged) == 1 and merged[0].model_version == "v1" and float(merged[0].embedding[0]) == 0.5
@@ -141,8 +192,13 @@ def test_merger_search_uses_the_version_every_shard_answered():
 
 # -- two indexer shards and the merger, in this process -------------------------------------------------------
 def _shard(workspace, shard):
-    return indexer_module.CLIPIndexer(workspace=str(workspace), bootstrap=False, bootstrap_timeout=1,
-                                      watch_interval=0, runtime_args={"shard_id": shard, "shards": 2})
+    return indexer_module.CLIPIndexer(
+        workspace=str(workspace),
+        bootstrap=False,
+        bootstrap_timeout=1,
+        watch_interval=0,
+        runtime_args={"shard_id": shard, "shards": 2},
+    )
 
 
 def test_two_shards_swap_one_after_the_other_and_never_mix_versions(workspace, tiny_model_dir_v2, monkeypatch):
@@ -160,8 +216,11 @@ def test_two_shards_swap_one_after_the_other_and_never_mix_versions(workspace, t
 
         def merged_search():
             queries = lambda: DocList[ClipDoc]([ClipDoc(id="q", text="a blue star")])  # noqa: E731
-            return run(merger.search(docs=queries(), docs_matrix=[run(s.search(docs=queries(), parameters={"limit": 3}))
-                                                                  for s in shards]))[0]
+            return run(
+                merger.search(
+                    docs=queries(), docs_matrix=[run(s.search(docs=queries(), parameters={"limit": 3})) for s in shards]
+                )
+            )[0]
 
         before = merged_search()
         assert before.model_version == "v1" and {m.model_version for m in before.matches} == {"v1"}
@@ -212,5 +271,7 @@ def test_serve_refuses_a_bad_shard_count_before_starting_anything(tmp_path, caps
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("CLIPTUNER_INDEX_SHARDS", value)
     assert main(["serve", "--workspace", str(tmp_path)]) == 2
-    assert f"--index-shards / CLIPTUNER_INDEX_SHARDS must be a whole number in [1, 64], got '{value}'" \
+    assert (
+        f"--index-shards / CLIPTUNER_INDEX_SHARDS must be a whole number in [1, 64], got '{value}'"
         in capsys.readouterr().err
+    )

@@ -23,8 +23,26 @@ def positive_finite(value) -> bool:
 
 def test_encode_speed_tiny_run_is_complete_and_both_sides_agree(tmp_path, capsys):
     out = tmp_path / "encode.json"
-    result = encode_speed.main(["--model", "cliptuner-tiny", "--batch", "4", "--repeats", "1", "--gemm-size", "128",
-                                "--gemm-repeats", "1", "--profile", "always", "--threads", "1", "--json", str(out)])
+    result = encode_speed.main(
+        [
+            "--model",
+            "cliptuner-tiny",
+            "--batch",
+            "4",
+            "--repeats",
+            "1",
+            "--gemm-size",
+            "128",
+            "--gemm-repeats",
+            "1",
+            "--profile",
+            "always",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     for key in (*COMMON, "onnxruntime", "numpy", "model", "batch", "matmul_peak_gflops", "image", "text"):
         assert key in result, key
     assert result["model"] == "cliptuner-tiny" and result["batch"] == 4 and result["threads"] == 1
@@ -33,8 +51,18 @@ def test_encode_speed_tiny_run_is_complete_and_both_sides_agree(tmp_path, capsys
     assert result["matmul_peak_gflops"] <= best and result["matmul"]["size"] == 128
     for tower in ("image", "text"):
         row = result[tower]
-        for key in ("onnx_per_s", "torch_per_s", "ratio", "gflop_per_item", "onnx_gflops", "torch_gflops",
-                    "peak_gflops", "onnx_fraction_of_peak", "torch_fraction_of_peak", "ratio_ceiling"):
+        for key in (
+            "onnx_per_s",
+            "torch_per_s",
+            "ratio",
+            "gflop_per_item",
+            "onnx_gflops",
+            "torch_gflops",
+            "peak_gflops",
+            "onnx_fraction_of_peak",
+            "torch_fraction_of_peak",
+            "ratio_ceiling",
+        ):
             assert positive_finite(row[key]), (tower, key, row[key])
         assert math.isclose(row["ratio"], row["onnx_per_s"] / row["torch_per_s"])
         assert math.isclose(row["onnx_gflops"], row["gflop_per_item"] * row["onnx_per_s"])
@@ -60,10 +88,35 @@ def test_encode_speed_tiny_run_is_complete_and_both_sides_agree(tmp_path, capsys
 
 def test_train_step_tiny_run_is_complete_and_both_loops_start_from_the_same_loss(tmp_path, capsys):
     out = tmp_path / "train.json"
-    result = train_step.main(["--model", "cliptuner-tiny", "--batch", "4", "--steps", "1", "--repeats", "2",
-                              "--profile", "always", "--threads", "1", "--json", str(out)])
-    for key in (*COMMON, "open_clip", "project_steps_per_s", "bare_steps_per_s", "ratio", "ratios", "model", "batch",
-                "samples_per_s"):
+    result = train_step.main(
+        [
+            "--model",
+            "cliptuner-tiny",
+            "--batch",
+            "4",
+            "--steps",
+            "1",
+            "--repeats",
+            "2",
+            "--profile",
+            "always",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
+    for key in (
+        *COMMON,
+        "open_clip",
+        "project_steps_per_s",
+        "bare_steps_per_s",
+        "ratio",
+        "ratios",
+        "model",
+        "batch",
+        "samples_per_s",
+    ):
         assert key in result, key
     assert result["model"] == "cliptuner-tiny" and result["batch"] == 4
     for key in ("project_steps_per_s", "bare_steps_per_s", "ratio"):

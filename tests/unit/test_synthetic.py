@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cliptuner import synthetic
-from cliptuner.data import load_csv, load_karpathy
-from cliptuner.images import decode_image
+from cliptuner.model.images import decode_image
+from cliptuner.train import synthetic
+from cliptuner.train.data import load_csv, load_karpathy
 
 
 def _words(captions: list[str]) -> set[str]:
@@ -151,5 +151,5 @@ def test_write_karpathy_round_trips_with_a_seeded_split(tmp_path: Path):
 
 
 def test_synthetic_does_not_import_torch():
-    code = "import sys, cliptuner.synthetic; sys.exit('torch' in sys.modules)"
+    code = "import sys, cliptuner.train.synthetic; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

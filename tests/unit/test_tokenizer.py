@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from open_clip.tokenizer import SimpleTokenizer, default_bpe
 
-from cliptuner.tokenizer import VOCAB_FILENAME, ClipTokenizer, clean_text
+from cliptuner.model.tokenizer import VOCAB_FILENAME, ClipTokenizer, clean_text
 
 TEXTS = [
     "a photo of a cat",

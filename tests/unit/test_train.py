@@ -6,11 +6,11 @@ import dataclasses
 import pytest
 import torch
 
-from cliptuner import synthetic
 from cliptuner.config import TrainConfig
-from cliptuner.data import make_loader
-from cliptuner.loss import ClipLoss
-from cliptuner.train import TrainingStopped, build_optimizer, build_scheduler, finetune, fit
+from cliptuner.train import synthetic
+from cliptuner.train.data import make_loader
+from cliptuner.train.loop import TrainingStopped, build_optimizer, build_scheduler, finetune, fit
+from cliptuner.train.loss import ClipLoss
 
 
 def _fresh(bundle):
@@ -54,8 +54,13 @@ def test_same_seed_gives_the_same_loss_curve(tiny_bundle, small_pairs):
 
     def curve(seed):
         seen = []
-        report = finetune(_fresh(tiny_bundle), train_pairs, held_out, dataclasses.replace(cfg, seed=seed),
-                          on_event=lambda e: seen.append(e["loss"]) if e["event"] == "step" else None)
+        report = finetune(
+            _fresh(tiny_bundle),
+            train_pairs,
+            held_out,
+            dataclasses.replace(cfg, seed=seed),
+            on_event=lambda e: seen.append(e["loss"]) if e["event"] == "step" else None,
+        )
         assert report["epoch_losses"] and len(report["epoch_losses"]) == 2
         return seen
 
@@ -92,8 +97,9 @@ def test_resume_continues_exactly_where_training_stopped(tiny_bundle, small_pair
 
 def test_early_stopping_and_best_weights(tiny_bundle, small_pairs):
     bundle = _fresh(tiny_bundle)
-    cfg = TrainConfig(epochs=6, batch_size=16, learning_rate=5e-4, warmup_steps=1, early_stop_patience=2,
-                      keep_best=True)
+    cfg = TrainConfig(
+        epochs=6, batch_size=16, learning_rate=5e-4, warmup_steps=1, early_stop_patience=2, keep_best=True
+    )
     snapshots, scores = [], iter([0.5, 0.3, 0.2, 0.9, 0.9, 0.9])
 
     def eval_fn():
@@ -113,7 +119,7 @@ def test_locked_image_tower_does_not_change(tiny_bundle, small_pairs):
     bundle = _fresh(tiny_bundle)
     cfg = TrainConfig(epochs=1, batch_size=16, learning_rate=1e-3, warmup_steps=1, lock_image=True)
     before = copy.deepcopy(bundle.model.state_dict())
-    from cliptuner.train import apply_locks
+    from cliptuner.train.loop import apply_locks
 
     apply_locks(bundle.model, cfg)
     _loop(bundle, small_pairs, cfg)
@@ -146,14 +152,22 @@ def test_config_from_request_parameters_casts_and_rejects():
 
 
 def test_wiseft_in_the_report_and_the_kept_weights(tiny_bundle, small_pairs):
-    from cliptuner.wiseft import interpolate_state, state_copy
+    from cliptuner.train.wiseft import interpolate_state, state_copy
 
     train_pairs, held_out = small_pairs.split(0.25, seed=0)
     general = synthetic.generate(12, domain="domain", seed=9)
     bundle = _fresh(tiny_bundle)
     base = state_copy(bundle.model)
-    cfg = TrainConfig(epochs=2, batch_size=16, learning_rate=1e-3, warmup_steps=1, seed=0, keep_best=False,
-                      wiseft_alphas=(0.0, 1.0), wiseft_alpha=0.5)
+    cfg = TrainConfig(
+        epochs=2,
+        batch_size=16,
+        learning_rate=1e-3,
+        warmup_steps=1,
+        seed=0,
+        keep_best=False,
+        wiseft_alphas=(0.0, 1.0),
+        wiseft_alpha=0.5,
+    )
     report = finetune(bundle, train_pairs, held_out, cfg, general_pairs=general)
     sweep = {entry["alpha"]: entry for entry in report["wiseft"]["sweep"]}
     assert sorted(sweep) == [0.0, 0.5, 1.0]
@@ -172,7 +186,7 @@ def test_wiseft_in_the_report_and_the_kept_weights(tiny_bundle, small_pairs):
 
 def test_choosing_the_epoch_never_looks_at_the_held_out_pairs(tiny_bundle, small_pairs, monkeypatch):
     """Validation and held-out pairs disagree on the best epoch: the validation part must decide."""
-    import cliptuner.evaluate as evaluate_module
+    import cliptuner.train.evaluate as evaluate_module
 
     train_pairs, held_out = small_pairs.split(0.25, seed=0)
     bundle = _fresh(tiny_bundle)
@@ -190,8 +204,7 @@ def test_choosing_the_epoch_never_looks_at_the_held_out_pairs(tiny_bundle, small
         return {**metrics, "t2i_r5": value, "mean_recall": value}
 
     monkeypatch.setattr(evaluate_module, "evaluate", scripted_evaluate)
-    cfg = TrainConfig(epochs=3, batch_size=8, learning_rate=5e-4, warmup_steps=1, keep_best=True,
-                      val_fraction=0.25)
+    cfg = TrainConfig(epochs=3, batch_size=8, learning_rate=5e-4, warmup_steps=1, keep_best=True, val_fraction=0.25)
     report = finetune(bundle, train_pairs, held_out, cfg)
 
     assert report["best_epoch"] == 2  # choosing on held-out would have said 1
@@ -219,8 +232,14 @@ def test_resume_with_loader_workers_is_exact(tiny_bundle, small_pairs, tmp_path)
 
     def run(**kwargs):
         bundle = _fresh(tiny_bundle)
-        loader = make_loader(small_pairs, bundle.preprocess_train, bundle.tokenizer, cfg.batch_size, seed=cfg.seed,
-                             num_workers=cfg.num_workers)
+        loader = make_loader(
+            small_pairs,
+            bundle.preprocess_train,
+            bundle.tokenizer,
+            cfg.batch_size,
+            seed=cfg.seed,
+            num_workers=cfg.num_workers,
+        )
         optimizer = build_optimizer(bundle.model, cfg)
         scheduler = build_scheduler(optimizer, cfg, len(loader) * cfg.epochs)
         torch.manual_seed(0)
@@ -243,14 +262,24 @@ def test_resume_refuses_other_options_and_an_early_stopped_run_stays_stopped(tin
     first = _loop(bundle, small_pairs, cfg, eval_fn=lambda: {"t2i_r5": next(scores)}, checkpoint_dir=tmp_path)
     assert first.stopped_early and first.epochs_run == 2
 
-    with pytest.raises(ValueError, match=r"other training options \(learning_rate: 0.0005 in the checkpoint, 0.001 now"):
-        _loop(_fresh(tiny_bundle), small_pairs, dataclasses.replace(cfg, learning_rate=1e-3),
-              resume_from=tmp_path / "last.pt")
+    with pytest.raises(
+        ValueError, match=r"other training options \(learning_rate: 0.0005 in the checkpoint, 0.001 now"
+    ):
+        _loop(
+            _fresh(tiny_bundle),
+            small_pairs,
+            dataclasses.replace(cfg, learning_rate=1e-3),
+            resume_from=tmp_path / "last.pt",
+        )
 
     resumed = _fresh(tiny_bundle)
-    result = _loop(resumed, small_pairs, dataclasses.replace(cfg, log_every=3),  # log_every may differ
-                   eval_fn=lambda: pytest.fail("a stopped run must not train or evaluate again"),
-                   resume_from=tmp_path / "last.pt")
+    result = _loop(
+        resumed,
+        small_pairs,
+        dataclasses.replace(cfg, log_every=3),  # log_every may differ
+        eval_fn=lambda: pytest.fail("a stopped run must not train or evaluate again"),
+        resume_from=tmp_path / "last.pt",
+    )
     assert result.stopped_early and result.epochs_run == 2 and result.steps == first.steps
     for (name, a), b in zip(bundle.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
@@ -302,7 +331,7 @@ def test_without_a_scaler_a_non_finite_loss_stops_training_and_so_do_endless_ove
         optimizer = build_optimizer(bundle.model, cfg)
         fit(bundle.model, loader, _OverflowOnce({1}), optimizer, build_scheduler(optimizer, cfg, 6), cfg)
 
-    from cliptuner import train as train_module
+    from cliptuner.train import loop as train_module
 
     bundle = _fresh(tiny_bundle)
     loader = make_loader(small_pairs, bundle.preprocess_val, bundle.tokenizer, cfg.batch_size, seed=0)
@@ -310,5 +339,12 @@ def test_without_a_scaler_a_non_finite_loss_stops_training_and_so_do_endless_ove
     with pytest.raises(FloatingPointError, match="3 steps in a row overflowed"):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(train_module, "MAX_SKIPPED_IN_A_ROW", 3)
-            fit(bundle.model, loader, _OverflowOnce({1, 2, 3, 4, 5, 6}), optimizer,
-                build_scheduler(optimizer, cfg, 6), cfg, scaler=torch.amp.GradScaler("cpu"))
+            fit(
+                bundle.model,
+                loader,
+                _OverflowOnce({1, 2, 3, 4, 5, 6}),
+                optimizer,
+                build_scheduler(optimizer, cfg, 6),
+                cfg,
+                scaler=torch.amp.GradScaler("cpu"),
+            )

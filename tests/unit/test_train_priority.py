@@ -8,12 +8,16 @@ import time
 
 import pytest
 from docarray import DocList
+from support import QUICK, pair_docs, run
 
 from executors import ClipDoc
-from executors.tuner import (DEFAULT_TRAIN_NICENESS, MAX_NICENESS, TORCH_THREADS_ENV, TRAIN_NICENESS_ENV,
-                             default_torch_threads)
-
-from support import QUICK, pair_docs, run
+from executors.tuner import (
+    DEFAULT_TRAIN_NICENESS,
+    MAX_NICENESS,
+    TORCH_THREADS_ENV,
+    TRAIN_NICENESS_ENV,
+    default_torch_threads,
+)
 
 LONG = {**QUICK, "epochs": 40.0}  # still training when it is looked at, then cancelled
 
@@ -35,7 +39,7 @@ def thread_niceness(pid: int) -> dict[int, int]:
     for tid in os.listdir(f"/proc/{pid}/task"):
         with open(f"/proc/{pid}/task/{tid}/stat") as fh:
             stat = fh.read()
-        out[int(tid)] = int(stat[stat.rindex(")") + 2:].split()[16])
+        out[int(tid)] = int(stat[stat.rindex(")") + 2 :].split()[16])
     return out
 
 
@@ -54,7 +58,8 @@ def clean_env(monkeypatch):
 
 @pytest.mark.parametrize("nice_program", [True, False], ids=["nice", "setpriority"])
 def test_the_training_process_runs_at_the_set_priority_with_the_set_threads(workspace, clean_env, nice_program):
-    from executors import CLIPTuner, tuner as tuner_module
+    from executors import CLIPTuner
+    from executors import tuner as tuner_module
 
     if not nice_program:  # a system without the `nice` program: the tuner sets the child's priority itself
         clean_env.setattr(tuner_module, "NICE", None)
@@ -63,8 +68,7 @@ def test_the_training_process_runs_at_the_set_priority_with_the_set_threads(work
 
     own = os.getpriority(os.PRIO_PROCESS, 0)
     niceness = min(7, MAX_NICENESS - own)  # not the default: the setting is what the child gets
-    tuner = CLIPTuner(workspace=str(workspace), bootstrap=False, device="cpu", torch_threads=1,
-                      train_niceness=niceness)
+    tuner = CLIPTuner(workspace=str(workspace), bootstrap=False, device="cpu", torch_threads=1, train_niceness=niceness)
     try:
         out = run(tuner.train(docs=pair_docs(24, seed=2), parameters={**LONG, "wait": False}))
         progress = training_steps(tuner)  # the child is past its first optimizer step: torch's threads exist
@@ -112,14 +116,17 @@ def test_the_environment_sets_what_the_settings_leave_unset(workspace, clean_env
         given.close()
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"torch_threads": 0}, "parameter 'torch_threads' must be >= 1, got 0"),
-    ({"torch_threads": 1.5}, "parameter 'torch_threads' must be a whole number, got 1.5"),
-    ({"torch_threads": "many"}, "torch_threads must be an integer, got 'many'"),
-    ({"train_niceness": -1}, r"parameter 'train_niceness' must be in \[0, 19\], got -1"),
-    ({"train_niceness": 20}, r"parameter 'train_niceness' must be in \[0, 19\], got 20"),
-    ({"train_niceness": True}, "parameter 'train_niceness' must be an integer, got True"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"torch_threads": 0}, "parameter 'torch_threads' must be >= 1, got 0"),
+        ({"torch_threads": 1.5}, "parameter 'torch_threads' must be a whole number, got 1.5"),
+        ({"torch_threads": "many"}, "torch_threads must be an integer, got 'many'"),
+        ({"train_niceness": -1}, r"parameter 'train_niceness' must be in \[0, 19\], got -1"),
+        ({"train_niceness": 20}, r"parameter 'train_niceness' must be in \[0, 19\], got 20"),
+        ({"train_niceness": True}, "parameter 'train_niceness' must be an integer, got True"),
+    ],
+)
 def test_bad_settings_are_refused_by_name(workspace, clean_env, settings, message):
     from executors import CLIPTuner
 
@@ -127,12 +134,18 @@ def test_bad_settings_are_refused_by_name(workspace, clean_env, settings, messag
         CLIPTuner(workspace=str(workspace), bootstrap=False, device="cpu", **settings)
 
 
-@pytest.mark.parametrize("variable, value, message", [
-    (TORCH_THREADS_ENV, "two", "CLIPTUNER_TORCH_THREADS must be an integer, got 'two'"),
-    (TORCH_THREADS_ENV, "0", r"parameter 'torch_threads' must be >= 1, got 0 \(from CLIPTUNER_TORCH_THREADS\)"),
-    (TRAIN_NICENESS_ENV, "-5",
-     r"parameter 'train_niceness' must be in \[0, 19\], got -5 \(from CLIPTUNER_TRAIN_NICENESS\)"),
-])
+@pytest.mark.parametrize(
+    "variable, value, message",
+    [
+        (TORCH_THREADS_ENV, "two", "CLIPTUNER_TORCH_THREADS must be an integer, got 'two'"),
+        (TORCH_THREADS_ENV, "0", r"parameter 'torch_threads' must be >= 1, got 0 \(from CLIPTUNER_TORCH_THREADS\)"),
+        (
+            TRAIN_NICENESS_ENV,
+            "-5",
+            r"parameter 'train_niceness' must be in \[0, 19\], got -5 \(from CLIPTUNER_TRAIN_NICENESS\)",
+        ),
+    ],
+)
 def test_bad_variables_are_refused_by_name(workspace, clean_env, variable, value, message):
     from executors import CLIPTuner
 

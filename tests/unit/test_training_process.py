@@ -19,25 +19,48 @@ import numpy as np
 import pytest
 from docarray import DocList
 from PIL import Image
-
-from cliptuner.config import EvalConfig, ModelSpec
-from cliptuner.data import PairSet, load_csv
-from cliptuner.evaluate import METRIC_KEYS
-from cliptuner.images import decode_image
-from cliptuner.registry import Registry
-from executors import ClipDoc
-from executors.tuner import (CANCEL_DOC_ID, PROCESS_FILE, RUN_DOC_ID, TrainingBusy, TrainingFailed,
-                             TrainingNotRunning, clean_unfinished_runs, write_pairs_csv)
-
 from support import QUICK, pair_docs, png, run
 
+from cliptuner.config import EvalConfig, ModelSpec
+from cliptuner.model.images import decode_image
+from cliptuner.model.registry import Registry
+from cliptuner.train.data import PairSet, load_csv
+from cliptuner.train.evaluate import METRIC_KEYS
+from executors import ClipDoc
+from executors.tuner import (
+    CANCEL_DOC_ID,
+    PROCESS_FILE,
+    RUN_DOC_ID,
+    TrainingBusy,
+    TrainingFailed,
+    TrainingNotRunning,
+    clean_unfinished_runs,
+    write_pairs_csv,
+)
+
 LONG = {**QUICK, "epochs": 40.0}  # a run that is still training when it is killed or cancelled
-REPORT_KEYS = {"model_version", "parent_version", "init", "before", "after", "epochs", "steps", "epoch_losses",
-               "eval_history", "stopped_early", "skipped_steps", "trivial", "samples_per_s", "train_seconds",
-               "split", "history_split", "config", "world_size", "wall_seconds"}
+REPORT_KEYS = {
+    "model_version",
+    "parent_version",
+    "init",
+    "before",
+    "after",
+    "epochs",
+    "steps",
+    "epoch_losses",
+    "eval_history",
+    "stopped_early",
+    "skipped_steps",
+    "trivial",
+    "samples_per_s",
+    "train_seconds",
+    "split",
+    "history_split",
+    "config",
+    "world_size",
+    "wall_seconds",
+}
 PROGRESS_KEYS = {"phase", "epoch", "epochs", "step", "total_steps", "loss", "samples_per_s", "eta_s", "pid"}
-
-
 
 
 def training_status(tuner) -> dict:
@@ -58,8 +81,10 @@ def wait_until(condition, what: str, timeout: float = 300.0):
 
 def training_steps(tuner) -> dict:
     """Wait until the run reports optimizer steps; its /status ``training`` then."""
-    return wait_until(lambda: (lambda t: t if t.get("state") == "running" and t.get("step") else None)(
-        training_status(tuner)), "the first optimizer step")
+    return wait_until(
+        lambda: (lambda t: t if t.get("state") == "running" and t.get("step") else None)(training_status(tuner)),
+        "the first optimizer step",
+    )
 
 
 def in_thread(call):
@@ -97,22 +122,35 @@ def test_pairs_written_for_the_training_process_read_back_as_the_same_pairs(tmp_
     shared = tmp_path / "data" / "shared.png"
     shared.parent.mkdir()
     shared.write_bytes(png(scenes.images[2]))
-    pairs = PairSet(images=[scenes.images[0], png(scenes.images[1]), str(shared), str(shared),
-                            Image.fromarray(scenes.images[3])],
-                    captions=["an array", "a blob, first caption", "a path", "the same path, another image",
-                              "a blob, second caption", "a PIL image, with a comma, and \"quotes\"\non two lines"],
-                    image_index=[0, 1, 2, 3, 1, 4], image_ids=["a", "b/../evil", "c", "d", "e"])
+    pairs = PairSet(
+        images=[scenes.images[0], png(scenes.images[1]), str(shared), str(shared), Image.fromarray(scenes.images[3])],
+        captions=[
+            "an array",
+            "a blob, first caption",
+            "a path",
+            "the same path, another image",
+            "a blob, second caption",
+            'a PIL image, with a comma, and "quotes"\non two lines',
+        ],
+        image_index=[0, 1, 2, 3, 1, 4],
+        image_ids=["a", "b/../evil", "c", "d", "e"],
+    )
     path = write_pairs_csv(pairs, tmp_path / "run" / "inputs" / "train.csv")
     back = load_csv(path)
     assert back.captions == pairs.captions and back.image_index == pairs.image_index
     assert back.num_images == 5  # two image ids on one file stay two images
-    for i, expected in enumerate([scenes.images[0], scenes.images[1], scenes.images[2], scenes.images[2],
-                                  scenes.images[3]]):
+    for i, expected in enumerate(
+        [scenes.images[0], scenes.images[1], scenes.images[2], scenes.images[2], scenes.images[3]]
+    ):
         np.testing.assert_array_equal(np.asarray(decode_image(back.images[i])), expected)
     assert back.images[2] == str(shared)  # a file is named, not copied; its second image id gets a copy
     # written beside the CSV, one file per image, named without a path a client could steer
     assert sorted(os.listdir(tmp_path / "run" / "inputs" / "images")) == [
-        "000000-a.png", "000001-b_.._evil", "000003-d.png", "000004-e.png"]
+        "000000-a.png",
+        "000001-b_.._evil",
+        "000003-d.png",
+        "000004-e.png",
+    ]
 
 
 def test_a_run_trains_in_another_process_and_publishes_the_report_of_the_same_split(tuner, workspace, monkeypatch):
@@ -144,8 +182,8 @@ def test_a_run_trains_in_another_process_and_publishes_the_report_of_the_same_sp
     assert (split["train_images"], split["train_pairs"]) == (train.num_images, len(train)) == (18, 36)
     assert (split["eval_images"], split["eval_pairs"]) == (held_out.num_images, len(held_out)) == (6, 12)
     assert split["source"] == "request docs" and split["held_out"] == "0.25 of request docs (seed 3)"
-    from cliptuner.evaluate import evaluate
-    from cliptuner.models import load_model
+    from cliptuner.train.evaluate import evaluate
+    from cliptuner.train.models import load_model
 
     v1 = load_model(ModelSpec("cliptuner-tiny", pretrained=str(registry.path("v1") / "checkpoint.pt")))
     before = evaluate(v1, held_out, EvalConfig().ks, EvalConfig().batch_size)
@@ -193,8 +231,11 @@ def test_a_tuner_that_starts_again_ends_the_training_its_killed_predecessor_left
     try:
         assert not run_dir.exists() and finished.is_dir()
         wait_until(lambda: process_group_gone(pgid), "the orphaned training process group to end", 30)
-        training = wait_until(lambda: (lambda t: t if t.get("state") == "failed" else None)(training_status(tuner)),
-                              "the first tuner to see its run fail", 60)
+        training = wait_until(
+            lambda: (lambda t: t if t.get("state") == "failed" else None)(training_status(tuner)),
+            "the first tuner to see its run fail",
+            60,
+        )
         assert "killed by signal 9" in training["error"]
         assert Registry(tuner.registry.root).current() == "v1"
     finally:
@@ -203,8 +244,9 @@ def test_a_tuner_that_starts_again_ends_the_training_its_killed_predecessor_left
 
 def test_clean_unfinished_runs_kills_only_a_group_working_in_the_run(tmp_path):
     """A recorded pid that another process holds now (pid reuse) is not killed; the directory still goes."""
-    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], cwd=tmp_path,
-                                start_new_session=True)
+    stranger = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], cwd=tmp_path, start_new_session=True
+    )
     try:
         runs = tmp_path / "runs"
         (runs / "r-1").mkdir(parents=True)
@@ -229,8 +271,9 @@ def test_wait_false_answers_with_a_run_id_then_publishes_and_the_encoder_follows
     assert progress["epochs"] == 2 and progress["total_steps"] == 8 and progress["loss"] > 0  # 36 pairs, 8 a step
     assert progress["pid"] != os.getpid()
 
-    done = wait_until(lambda: (lambda t: t if t["state"] != "running" else None)(training_status(tuner)),
-                      "the run to end")
+    done = wait_until(
+        lambda: (lambda t: t if t["state"] != "running" else None)(training_status(tuner)), "the run to end"
+    )
     assert done["state"] == "done" and done["run_id"] == run_id and done["model_version"] == "v2"
     assert tuner.registry.current() == "v2" and tuner.status()["last_report"]["model_version"] == "v2"
     encoded = run(encoder.encode(docs=DocList[ClipDoc]([ClipDoc(id="t", text="a red circle")])))
@@ -285,8 +328,18 @@ def test_settings_choose_the_training_command_and_its_threads(workspace):
     several = CLIPTuner(workspace=str(workspace), bootstrap=False, processes=2, torch_threads=3)
     try:
         assert single._train_argv(["--x"]) == [sys.executable, "-m", "cliptuner.cli", "train", "--x"]
-        assert several._train_argv(["--x"]) == [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                "--nproc_per_node", "2", "-m", "cliptuner.cli", "train", "--x"]
+        assert several._train_argv(["--x"]) == [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "cliptuner.cli",
+            "train",
+            "--x",
+        ]
         assert several._train_env()["OMP_NUM_THREADS"] == "3"
         assert several.status()["device"] == "auto" and several.status()["processes"] == 2
     finally:

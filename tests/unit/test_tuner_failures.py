@@ -16,20 +16,24 @@ import sys
 
 import pytest
 from docarray import DocList
-
-from cliptuner.registry import Registry
-from executors import CLIPTuner, ClipDoc
-from executors.tuner import (TrainingCancelled, TrainingFailed, TrainingInputError, TrainingProcessError,
-                             _TrainingProcess)
-
 from support import QUICK, pair_docs, run
+
+from cliptuner.model.registry import Registry
+from executors import ClipDoc, CLIPTuner
+from executors.tuner import (
+    TrainingCancelled,
+    TrainingFailed,
+    TrainingInputError,
+    TrainingProcessError,
+    _TrainingProcess,
+)
 
 # `cliptuner train` with an exporter that writes half a model directory and fails
 EXPORT_FAILS = """
 import sys
 from pathlib import Path
 
-import cliptuner.export
+import cliptuner.train.export
 
 
 def export_half(bundle, out, **kwargs):
@@ -38,13 +42,11 @@ def export_half(bundle, out, **kwargs):
     raise RuntimeError("no space left for textual.onnx")
 
 
-cliptuner.export.export_model_dir = export_half
+cliptuner.train.export.export_model_dir = export_half
 from cliptuner.cli import main
 
 sys.exit(main(["train", *sys.argv[1:]]))
 """
-
-
 
 
 def failed_run(tuner: CLIPTuner, docs: DocList[ClipDoc], parameters: dict = QUICK) -> TrainingFailed:
@@ -72,8 +74,9 @@ def failed_run(tuner: CLIPTuner, docs: DocList[ClipDoc], parameters: dict = QUIC
 
 
 def test_a_non_finite_loss_fails_the_run_while_training(tuner):
-    error = failed_run(tuner, pair_docs(16, seed=2, blobs=True),
-                       {**QUICK, "learning_rate": 1e12, "epochs": 3.0, "precision": "fp32"})
+    error = failed_run(
+        tuner, pair_docs(16, seed=2, blobs=True), {**QUICK, "learning_rate": 1e12, "epochs": 3.0, "precision": "fp32"}
+    )
     assert error.phase == "training" and isinstance(error.__cause__, TrainingProcessError)
     assert error.__cause__.returncode == 1 and not isinstance(error, ValueError)
     assert "the training process exited with code 1" in str(error)
@@ -124,7 +127,7 @@ def test_a_failed_publish_lists_no_new_version(tuner, monkeypatch):
     def refuse(path, data, **kwargs):
         raise OSError(f"cannot write {path.name}")
 
-    monkeypatch.setattr("cliptuner.registry.write_atomic", refuse)  # after the version dir is renamed into place
+    monkeypatch.setattr("cliptuner.model.registry.write_atomic", refuse)  # after the version dir is renamed into place
     error = failed_run(tuner, pair_docs(16, seed=2, blobs=True))
     assert error.phase == "publishing" and "OSError: cannot write CURRENT" in str(error)
 
@@ -177,4 +180,3 @@ def test_an_interrupt_is_recorded_and_passes_on_unchanged(tuner, monkeypatch):
     assert list(tuner.runs_dir.iterdir()) == []
     assert tuner._run_lock.acquire(blocking=False)
     tuner._run_lock.release()
-

@@ -1,8 +1,8 @@
 """One behaviour suite for the indexer's vector stores, run against each backend, plus Milvus-specific tests.
 
 ``make_store(root)`` opens the backend under test at ``root``: ``"embedded"`` is
-:class:`cliptuner.index.Collection` (exact search), ``"embedded-hnsw"`` the same with a usearch HNSW graph from
-the first doc (the graph then holds the vectors: no matrix beside it), ``"milvus"`` is :class:`cliptuner.milvus_store.MilvusCollection`
+:class:`cliptuner.index.embedded.Collection` (exact search), ``"embedded-hnsw"`` the same with a usearch HNSW graph from
+the first doc (the graph then holds the vectors: no matrix beside it), ``"milvus"`` is :class:`cliptuner.index.milvus.MilvusCollection`
 on Milvus Lite (a local file, no server). Vectors are small (8-16 dims) and docs few, so that the file runs fast.
 """
 
@@ -14,11 +14,13 @@ import time
 
 import numpy as np
 import pytest
+from vector_support import brute as _brute
+from vector_support import random_vectors
+from vector_support import text_docs as _docs
+from vector_support import unit as _unit
 
-from cliptuner.index import Collection, StoredDoc
-from cliptuner.milvus_store import MilvusCollection, where_expr
-
-from vector_support import brute as _brute, random_vectors, text_docs as _docs, unit as _unit
+from cliptuner.index.embedded import Collection, StoredDoc
+from cliptuner.index.milvus import MilvusCollection, where_expr
 
 DIM = 16
 BACKENDS = ["embedded", "embedded-hnsw", "milvus"]
@@ -157,15 +159,24 @@ def test_delete_and_missing_ok(filled):
     assert all(len(h) == 37 and {"d1", "d2", "d3"}.isdisjoint(i for i, _ in h) for h in hits)
 
 
-@pytest.mark.parametrize("docs, vectors, match", [
-    (lambda: [StoredDoc(id="n1")], lambda: _random(1, seed=30, dim=DIM + 1), r"'n1'.*17 dims"),
-    (lambda: [StoredDoc(id="n1"), StoredDoc(id="n2")],
-     lambda: np.vstack([_random(1, seed=31), np.full((1, DIM), np.nan)]), r"'n2'.*NaN"),
-    (lambda: [StoredDoc(id="n1"), StoredDoc(id="n1")], lambda: _random(2, seed=32), r"'n1'.*more than once"),
-    (lambda: [StoredDoc(id="n1"), StoredDoc(id="d5", text="changed")],
-     lambda: np.vstack([_random(1, seed=35), np.zeros((1, DIM))]), r"'d5'.*zeros"),
-    (lambda: [StoredDoc(id="n1", tags={"bad": object()})], lambda: _random(1, seed=36), r"'n1'.*JSON"),
-])
+@pytest.mark.parametrize(
+    "docs, vectors, match",
+    [
+        (lambda: [StoredDoc(id="n1")], lambda: _random(1, seed=30, dim=DIM + 1), r"'n1'.*17 dims"),
+        (
+            lambda: [StoredDoc(id="n1"), StoredDoc(id="n2")],
+            lambda: np.vstack([_random(1, seed=31), np.full((1, DIM), np.nan)]),
+            r"'n2'.*NaN",
+        ),
+        (lambda: [StoredDoc(id="n1"), StoredDoc(id="n1")], lambda: _random(2, seed=32), r"'n1'.*more than once"),
+        (
+            lambda: [StoredDoc(id="n1"), StoredDoc(id="d5", text="changed")],
+            lambda: np.vstack([_random(1, seed=35), np.zeros((1, DIM))]),
+            r"'d5'.*zeros",
+        ),
+        (lambda: [StoredDoc(id="n1", tags={"bad": object()})], lambda: _random(1, seed=36), r"'n1'.*JSON"),
+    ],
+)
 def test_bad_upserts_store_nothing(filled, docs, vectors, match):
     store, _, vecs = filled
     before = store.search(vecs[:3], limit=5)
@@ -220,19 +231,22 @@ def tagged(make_store, tmp_path):
     return store, docs, vecs
 
 
-@pytest.mark.parametrize("where", [
-    {"category": "shoes"},
-    {"category": "shoes", "year": 2024},
-    {"year": 2024},
-    {"year": 2024.0},  # JSON numbers: 2024 == 2024.0
-    {"ratio": 0.5},
-    {"ratio": 1.0},
-    {"sale": True},  # not the doc whose sale is 1
-    {"sale": 1},  # not the docs whose sale is true
-    {"sale": False, "category": "shoes"},
-    {"label": "1"},
-    {"category": 'say "hi"\\n'},
-])
+@pytest.mark.parametrize(
+    "where",
+    [
+        {"category": "shoes"},
+        {"category": "shoes", "year": 2024},
+        {"year": 2024},
+        {"year": 2024.0},  # JSON numbers: 2024 == 2024.0
+        {"ratio": 0.5},
+        {"ratio": 1.0},
+        {"sale": True},  # not the doc whose sale is 1
+        {"sale": 1},  # not the docs whose sale is true
+        {"sale": False, "category": "shoes"},
+        {"label": "1"},
+        {"category": 'say "hi"\\n'},
+    ],
+)
 def test_where_filters_by_tag_equality(tagged, where):
     store, docs, vecs = tagged
     queries = _random(3, seed=8)
@@ -240,8 +254,9 @@ def test_where_filters_by_tag_equality(tagged, where):
     assert keep
     want = _brute(vecs[keep], [docs[i].id for i in keep], queries, 4)
     _assert_hits(store.search(queries, limit=4, version="v1", where=where), want)
-    _assert_hits(store.search(queries, limit=50, where=where), _brute(vecs[keep], [docs[i].id for i in keep],
-                                                                          queries, 50))
+    _assert_hits(
+        store.search(queries, limit=50, where=where), _brute(vecs[keep], [docs[i].id for i in keep], queries, 50)
+    )
 
 
 def test_where_without_matches_gives_empty_lists(tagged):
@@ -251,18 +266,21 @@ def test_where_without_matches_gives_empty_lists(tagged):
     assert store.search(_random(1, seed=9), limit=3, where={"label": 1}) == [[]]  # a string never equals a number
 
 
-@pytest.mark.parametrize("where, match", [
-    ({"a-b": 1}, "a-b"),
-    ({"tags.x": 1}, "tags.x"),
-    ({"": 1}, "''"),
-    ({"1abc": 1}, "1abc"),
-    ({"nested": {"a": 1}}, "nested"),
-    ({"category": None}, "category"),
-    ({"category": ["shoes"]}, "category"),
-    ({"ratio": float("nan")}, "ratio"),
-    ({}, "non-empty"),
-    (["category"], "category"),
-])
+@pytest.mark.parametrize(
+    "where, match",
+    [
+        ({"a-b": 1}, "a-b"),
+        ({"tags.x": 1}, "tags.x"),
+        ({"": 1}, "''"),
+        ({"1abc": 1}, "1abc"),
+        ({"nested": {"a": 1}}, "nested"),
+        ({"category": None}, "category"),
+        ({"category": ["shoes"]}, "category"),
+        ({"ratio": float("nan")}, "ratio"),
+        ({}, "non-empty"),
+        (["category"], "category"),
+    ],
+)
 def test_where_refuses_bad_names_and_values(tagged, where, match):
     store, _, vecs = tagged
     with pytest.raises(ValueError, match=match):
@@ -272,8 +290,14 @@ def test_where_refuses_bad_names_and_values(tagged, where, match):
 # -- persistence -------------------------------------------------------------------------------------------------
 def test_restart_keeps_docs_version_vectors_and_content(make_store, tmp_path):
     tensor = np.random.default_rng(0).integers(0, 256, (5, 4, 3), dtype=np.uint8)
-    rich = StoredDoc(id="rich", text="a cat", uri="file:///cat.png", blob=b"\x89PNG\x00\x01", tensor=tensor,
-                     tags={"split": "train", "n": 3, "nested": {"a": [1, 2.5, None]}})
+    rich = StoredDoc(
+        id="rich",
+        text="a cat",
+        uri="file:///cat.png",
+        blob=b"\x89PNG\x00\x01",
+        tensor=tensor,
+        tags={"split": "train", "n": 3, "nested": {"a": [1, 2.5, None]}},
+    )
     empty_text = StoredDoc(id="empty", text="", uri=None)
     vecs, queries = _random(22, seed=10), _random(4, seed=11)
     store = make_store(tmp_path / "store")
@@ -294,8 +318,11 @@ def test_restart_keeps_docs_version_vectors_and_content(make_store, tmp_path):
     assert (replaced.text, replaced.blob, replaced.tensor) == ("text 101", b"new", None)
     light = store.get(["rich"], content=False)[0]
     assert (light.blob, light.tensor, light.text) == (None, None, "a cat")
-    assert [d.id for batch in store.iter_docs(batch_size=5) for d in batch] == order == \
-        ["rich", "empty"] + [f"d{i}" for i in range(1, 20)]
+    assert (
+        [d.id for batch in store.iter_docs(batch_size=5) for d in batch]
+        == order
+        == ["rich", "empty"] + [f"d{i}" for i in range(1, 20)]
+    )
 
 
 # -- rebuilds ----------------------------------------------------------------------------------------------------
@@ -330,8 +357,10 @@ def test_rebuild_of_an_empty_store_sets_the_version(make_store, tmp_path):
 
 def test_rebuild_embeds_from_the_stored_content(make_store, tmp_path):
     tensors = [np.full((2, 3, 3), i, np.uint8) for i in range(7)]
-    docs = [StoredDoc(id=f"c{i}", text=f"text {i}", uri=f"u{i}", blob=bytes([i, 255]), tensor=tensors[i],
-                      tags={"i": i}) for i in range(7)]
+    docs = [
+        StoredDoc(id=f"c{i}", text=f"text {i}", uri=f"u{i}", blob=bytes([i, 255]), tensor=tensors[i], tags={"i": i})
+        for i in range(7)
+    ]
     store = make_store(tmp_path / "store")
     store.upsert(docs, _random(7, seed=15), "v1")
     seen: list[list[StoredDoc]] = []
@@ -358,8 +387,9 @@ def test_writes_during_rebuild_are_re_embedded(filled):
 
     def embed(docs):
         if not calls:  # mid-rebuild: the old version still serves writes
-            store.upsert([StoredDoc(id="late", text="text 77"), StoredDoc(id="d39", text="text 55")],
-                         _random(2, seed=16), "v1")
+            store.upsert(
+                [StoredDoc(id="late", text="text 77"), StoredDoc(id="d39", text="text 55")], _random(2, seed=16), "v1"
+            )
             store.delete(["d0"])
         calls.append([d.id for d in docs])
         return _new_model(docs)
@@ -417,8 +447,9 @@ def test_searches_during_a_swap_see_one_version(make_store, tmp_path):
     def which(hits):
         """The version whose vectors gave exactly these ids and scores (None: neither, a mix)."""
         for name, want in expected.items():
-            if [i for i, _ in hits] == [i for i, _ in want] and np.allclose([s for _, s in hits],
-                                                                             [s for _, s in want], atol=1e-5):
+            if [i for i, _ in hits] == [i for i, _ in want] and np.allclose(
+                [s for _, s in hits], [s for _, s in want], atol=1e-5
+            ):
                 return name
         return None
 
@@ -454,8 +485,9 @@ def test_failed_rebuild_keeps_old_version_and_the_next_one_resumes(filled, make_
     assert (store.version, len(store)) == ("v1", 40)
     _assert_hits(store.search(queries, limit=5), before)
     # the old version keeps taking writes before the rebuild resumes
-    store.upsert([StoredDoc(id="d5", text="text 555"), StoredDoc(id="late", text="text 777")],
-                 _random(2, seed=20), "v1")
+    store.upsert(
+        [StoredDoc(id="d5", text="text 555"), StoredDoc(id="late", text="text 777")], _random(2, seed=20), "v1"
+    )
     store.delete(["d6", "d30"])
     embedded = []
 
@@ -513,8 +545,14 @@ def test_milvus_alias_names_the_live_collection_and_the_old_one_is_dropped(milvu
     second = milvus.collection_name
     assert second != first and milvus._client.describe_alias("cliptuner")["collection_name"] == second
     assert _ours(milvus) == [second]  # the old version's collection is dropped
-    assert milvus.stats() == {"count": 12, "version": "v2", "dim": 12, "backend": "milvus", "index": "HNSW",
-                              "collection": second}
+    assert milvus.stats() == {
+        "count": 12,
+        "version": "v2",
+        "dim": 12,
+        "backend": "milvus",
+        "index": "HNSW",
+        "collection": second,
+    }
 
 
 def test_milvus_failed_rebuild_keeps_its_collection_for_the_resume(milvus, tmp_path):
@@ -569,8 +607,8 @@ def test_milvus_second_open_of_the_same_root_is_refused(milvus, tmp_path):
 
 def test_where_expr_escapes_strings():
     assert where_expr({"category": 'a"b\\c\nd', "year": 2024, "r": 0.5, "ok": False}) == (
-        'tags["category"] == "a\\"b\\\\c\\nd" and tags["year"] == 2024 and tags["r"] == 0.5 and '
-        'tags["ok"] == false')
+        'tags["category"] == "a\\"b\\\\c\\nd" and tags["year"] == 2024 and tags["r"] == 0.5 and tags["ok"] == false'
+    )
     assert where_expr(None) == ""
 
 
@@ -578,8 +616,8 @@ def test_milvus_acknowledged_writes_survive_a_killed_process(tmp_path):
     code = textwrap.dedent(f"""
         import os
         import numpy as np
-        from cliptuner.index import StoredDoc
-        from cliptuner.milvus_store import MilvusCollection
+        from cliptuner.index.embedded import StoredDoc
+        from cliptuner.index.milvus import MilvusCollection
         store = MilvusCollection({str(tmp_path / "store")!r})
         vecs = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
         store.upsert([StoredDoc(id=f"k{{i}}", text=f"text {{i}}", blob=b"img") for i in range(5)], vecs, "v1")
@@ -603,7 +641,7 @@ def test_module_imports_without_pymilvus(tmp_path):
                 return None
 
         sys.meta_path.insert(0, Block())
-        import cliptuner.milvus_store as ms
+        import cliptuner.index.milvus as ms
         try:
             ms.MilvusCollection({str(tmp_path / "store")!r})
         except ImportError as err:

@@ -6,9 +6,9 @@ import dataclasses
 import pytest
 import torch
 
-from cliptuner import synthetic
-from cliptuner.evaluate import evaluate
-from cliptuner.wiseft import apply_wiseft, best_alpha, interpolate_state, state_copy, wiseft_sweep
+from cliptuner.train import synthetic
+from cliptuner.train.evaluate import evaluate
+from cliptuner.train.wiseft import apply_wiseft, best_alpha, interpolate_state, state_copy, wiseft_sweep
 
 
 @pytest.fixture()
@@ -22,15 +22,19 @@ def states(bundle):
     """``(base, tuned)``: the random-init weights and a seeded perturbation of every floating tensor."""
     base = state_copy(bundle.model)
     gen = torch.Generator().manual_seed(0)
-    tuned = {k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v.clone()
-             for k, v in base.items()}
+    tuned = {
+        k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v.clone()
+        for k, v in base.items()
+    }
     return base, tuned
 
 
 @pytest.fixture(scope="module")
 def eval_sets():
-    return {"held_out": synthetic.generate(40, domain="domain", seed=1),
-            "general": synthetic.generate(40, domain="generic", seed=2)}
+    return {
+        "held_out": synthetic.generate(40, domain="domain", seed=1),
+        "general": synthetic.generate(40, domain="generic", seed=2),
+    }
 
 
 def _assert_state_equal(model, expected):
@@ -66,10 +70,18 @@ def test_alpha_half_is_the_midpoint_and_inputs_are_left_alone(states):
 
 def test_integer_buffers_are_kept_and_constant_masks_stay_finite_where_they_were():
     mask = torch.full((3, 3), float("-inf")).triu(1)
-    base = {"w": torch.zeros(2, 2), "position_ids": torch.arange(5), "mask": mask.clone(),
-            "half": torch.zeros(4, dtype=torch.float16)}
-    tuned = {"w": torch.ones(2, 2), "position_ids": torch.arange(5), "mask": mask.clone(),
-             "half": torch.ones(4, dtype=torch.float16)}
+    base = {
+        "w": torch.zeros(2, 2),
+        "position_ids": torch.arange(5),
+        "mask": mask.clone(),
+        "half": torch.zeros(4, dtype=torch.float16),
+    }
+    tuned = {
+        "w": torch.ones(2, 2),
+        "position_ids": torch.arange(5),
+        "mask": mask.clone(),
+        "half": torch.ones(4, dtype=torch.float16),
+    }
     for alpha in (0.0, 0.3, 1.0):
         out = interpolate_state(base, tuned, alpha)
         assert out["position_ids"].dtype == torch.int64 and torch.equal(out["position_ids"], torch.arange(5))
@@ -145,8 +157,11 @@ def test_sweep_restores_the_tuned_weights_when_an_evaluation_fails(bundle, state
 
 def test_best_alpha_picks_the_highest_metric_and_breaks_ties_toward_the_base():
     def entry(alpha, held, general):
-        return {"alpha": alpha, "val": {"t2i_r5": held, "mean_recall": held / 2},
-                "general": {"t2i_r5": general, "mean_recall": general / 2}}
+        return {
+            "alpha": alpha,
+            "val": {"t2i_r5": held, "mean_recall": held / 2},
+            "general": {"t2i_r5": general, "mean_recall": general / 2},
+        }
 
     sweep = [entry(0.0, 0.2, 0.6), entry(0.5, 0.7, 0.5), entry(0.75, 0.7, 0.4), entry(1.0, 0.65, 0.3)]
     assert best_alpha(sweep, "val") == 0.5

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from cliptuner.index import StoredDoc
+from cliptuner.index.embedded import StoredDoc
 
 
 def unit(x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,668 @@
+"""Kubernetes manifests for cliptuner that deploy as written: ``cliptuner k8s --out DIR``.
+
+``jina export kubernetes flows/k8s.yml`` writes a ConfigMap, a Service and a Deployment per Executor (tuner,
+encoder, indexer) and for the gRPC gateway. On their own those do not run cliptuner on a cluster: the Executors
+need one shared volume for the model registry, the image's non-root user must be able to write it, and jina's
+own liveness probe is a ``jina ping`` process (a full Python start every 5 s, whose ``"--timeout 9500"`` reaches
+``jina ping`` as one unknown argument and is ignored). This module runs that export into a temporary folder and
+completes its objects (loaded as dicts, changed, written back) into DIR:
+
+* ``namespace.yml``: the Namespace (``--namespace``, default ``cliptuner``; also passed to jina as
+  ``--k8s-namespace``, which writes it into every object and into the gateway's Executor addresses).
+* ``workspace-pvc.yml``: one ReadWriteMany PersistentVolumeClaim (``--storage``, ``--storage-class``), mounted
+  at ``/workspace`` in every Executor pod (not the gateway's): the tuner publishes model versions there, every
+  encoder replica follows ``models/CURRENT``, and the indexer keeps its collection under ``/workspace/index``.
+  A ReadWriteMany claim needs a storage class that offers it (NFS, CephFS, EFS, Azure Files, Filestore, ...).
+* ``<service>.yml`` per jina deployment (``tuner.yml``, ``encoder.yml``, ``indexer.yml``, ``gateway.yml``): jina's
+  ConfigMap, Service and Deployment, with
+
+  - the pod ``securityContext`` of the image's user: ``runAsUser``/``runAsGroup``/``fsGroup`` 10001,
+    ``runAsNonRoot``, the runtime's default seccomp profile, and containers without privilege escalation or
+    capabilities. The gateway runs jina's own image as the same uid, which has no home there: its ``HOME`` is
+    ``/tmp`` (jina creates ``~/.cache/jina`` on import);
+  - startup, readiness and liveness probes of the kind ``grpc`` (Kubernetes >= 1.24) on the container's gRPC
+    port: every jina server registers the standard ``grpc.health.v1.Health`` service, whose overall status
+    (service ``""``) is SERVING from the moment the port is bound, which is after the Executor has loaded;
+    the startup probe keeps the failure budget jina derived from ``timeout_ready`` (the gateway gets the largest
+    one, since it binds its port only once it has reached the Executors);
+  - resources: cpu and memory requests (memory also as the limit) per service, and ``nvidia.com/gpu`` limits on
+    the tuner and the encoder when asked (``--gpus-tuner``, ``--gpus-encoder``; build those images with
+    ``--build-arg ORT=onnxruntime-gpu``);
+  - replicas: ``--encoder-replicas`` encoders (default 2); the tuner and the indexer stay at one replica and are
+    replaced with the ``Recreate`` strategy, so that two of them never write the shared volume at once (the
+    indexer's collection is one on-disk index; one tuner publishes versions);
+  - Prometheus: Jina's monitoring (``monitoring: true``, ``port_monitoring: 9090`` in flows/k8s.yml) starts a
+    ``prometheus_client`` server in every pod, which answers on any path; jina adds a ``monitoring`` port to each
+    Service, and this module declares that container port and annotates every pod with ``prometheus.io/scrape``,
+    ``prometheus.io/port`` and ``prometheus.io/path``;
+  - the Executor images ``<--image-prefix><name>:<--tag>`` (default ``cliptuner-tuner:latest`` ...), built from
+    the Dockerfile with ``--build-arg EXECUTOR=...``; the gateway image is ``$JINA_GATEWAY_IMAGE``, default
+    ``jinaai/jina:3.34.0-py311-standard``.
+* ``servicemonitors.yml`` only with ``--service-monitor``: the Prometheus Operator ServiceMonitors jina writes
+  for monitored services; left out by default because applying them fails on a cluster without that operator's
+  CRDs, while the pod annotations need nothing.
+* ``kustomization.yaml`` listing every file: ``kubectl apply -k DIR`` applies the whole set, ``kubectl
+  kustomize DIR`` renders it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+DEFAULT_GATEWAY_IMAGE = "jinaai/jina:3.34.0-py311-standard"
+FLOW_YAML = Path("flows") / "k8s.yml"
+UID = 10001  # the Dockerfile's user `cliptuner`, which owns /workspace in the image
+WORKSPACE = "/workspace"
+WORKSPACE_VOLUME = "workspace"
+METRICS_PATH = "/metrics"  # prometheus_client's server answers every path; /metrics is Prometheus' default
+DEFAULT_METRICS_PORT = 9090  # jina's port_monitoring in Kubernetes
+SINGLETONS = ("tuner", "indexer")  # one writer each on the shared volume: one replica, Recreate on update
+GPU_RESOURCE = "nvidia.com/gpu"
+DEFAULT_RESOURCES = {  # service: (cpu request, memory request and limit)
+    "tuner": ("2", "8Gi"),
+    "encoder": ("1", "2Gi"),
+    "indexer": ("500m", "2Gi"),
+    "gateway": ("250m", "512Mi"),
+}
+OTHER_RESOURCES = ("500m", "1Gi")  # an Executor of a custom --flow that is none of the above
+NAMESPACE_FILE = "namespace.yml"
+PVC_FILE = "workspace-pvc.yml"
+SERVICE_MONITOR_FILE = "servicemonitors.yml"
+KUSTOMIZATION_FILE = "kustomization.yaml"
+
+_CPU = re.compile(r"^([0-9]+m|[0-9]+(\.[0-9]+)?)$")
+_MEMORY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_PREFIX = re.compile(r"^([a-z0-9][a-z0-9._/:-]*)?$")
+
+
+@dataclass
+class K8sOptions:
+    """What ``cliptuner k8s`` generates; every field is one command-line option of the same name.
+
+    Attributes:
+        flow: the Flow YAML to export (default: flows/k8s.yml of the source tree, else of the current directory).
+        namespace: the Kubernetes namespace of every object.
+        image_prefix: Executor images are ``<image_prefix><executor name>:<tag>``.
+        tag: the Executor images' tag.
+        encoder_replicas: pods of the encoder Deployment.
+        storage: size of the shared workspace claim.
+        storage_class: its storage class (None: the cluster's default class).
+        pvc_name: name of the shared workspace claim.
+        gpus_tuner: ``nvidia.com/gpu`` limit of the tuner pod (0: none).
+        gpus_encoder: ``nvidia.com/gpu`` limit of each encoder pod (0: none).
+        resources: service name -> (cpu request, memory request and limit); missing names take the defaults.
+        service_monitor: also write jina's Prometheus Operator ServiceMonitors.
+        milvus_uri: the indexer keeps its vectors in this Milvus server or cluster (``backend: milvus``); None:
+            the embedded store on the shared volume.
+        milvus_token_secret: a Secret whose key ``token`` holds the Milvus token (``user:password``), given to
+            the indexer as ``CLIPTUNER_MILVUS_TOKEN``; None: no token.
+    """
+
+    flow: Optional[Path] = None
+    namespace: str = "cliptuner"
+    image_prefix: str = "cliptuner-"
+    tag: str = "latest"
+    encoder_replicas: int = 2
+    storage: str = "20Gi"
+    storage_class: Optional[str] = None
+    pvc_name: str = "cliptuner-workspace"
+    gpus_tuner: int = 0
+    gpus_encoder: int = 0
+    resources: dict[str, tuple[str, str]] = field(default_factory=dict)
+    service_monitor: bool = False
+    milvus_uri: Optional[str] = None
+    milvus_token_secret: Optional[str] = None
+
+    def validate(self) -> None:
+        """Check every option before anything is exported.
+
+        Raises:
+            ValueError: naming the first bad option and what it accepts.
+        """
+        if not _DNS_LABEL.match(self.namespace):
+            raise ValueError(
+                f"--namespace {self.namespace!r}: must be a DNS label (lowercase letters, digits and "
+                "'-', at most 63 characters)"
+            )
+        if not _DNS_SUBDOMAIN.match(self.pvc_name):
+            raise ValueError(
+                f"--pvc-name {self.pvc_name!r}: must be a DNS subdomain (lowercase letters, digits, '-' and '.')"
+            )
+        if self.storage_class is not None and not _DNS_SUBDOMAIN.match(self.storage_class):
+            raise ValueError(
+                f"--storage-class {self.storage_class!r}: must be a DNS subdomain (lowercase letters, "
+                "digits, '-' and '.')"
+            )
+        if not _PREFIX.match(self.image_prefix):
+            raise ValueError(
+                f"--image-prefix {self.image_prefix!r}: must be a lowercase image reference prefix, "
+                "e.g. 'registry.example.com/team/cliptuner-'"
+            )
+        if not _TAG.match(self.tag):
+            raise ValueError(
+                f"--tag {self.tag!r}: must be an image tag (letters, digits, '_', '.' and '-', at most "
+                "128 characters, not starting with '.' or '-')"
+            )
+        if self.milvus_uri is not None and not re.match(r"^(https?|tcp|grpc)://[^\s/]+(:\d+)?/?$", self.milvus_uri):
+            raise ValueError(
+                f"--milvus-uri {self.milvus_uri!r}: must be a server address like http://milvus.milvus.svc:19530"
+            )
+        if self.milvus_token_secret is not None and self.milvus_uri is None:
+            raise ValueError("--milvus-token-secret needs --milvus-uri")
+        if self.milvus_token_secret is not None and not _DNS_SUBDOMAIN.match(self.milvus_token_secret):
+            raise ValueError(
+                f"--milvus-token-secret {self.milvus_token_secret!r}: must be a Secret name (a DNS subdomain)"
+            )
+        if self.encoder_replicas < 1:
+            raise ValueError(f"--encoder-replicas {self.encoder_replicas}: must be at least 1")
+        for option, gpus in (("--gpus-tuner", self.gpus_tuner), ("--gpus-encoder", self.gpus_encoder)):
+            if gpus < 0:
+                raise ValueError(f"{option} {gpus}: must be 0 (no GPU) or more")
+        if not _MEMORY.match(self.storage):
+            raise ValueError(f"--storage {self.storage!r}: must be a Kubernetes quantity, e.g. 20Gi")
+        for name, (cpu, memory) in self.resources.items():
+            if not _CPU.match(cpu):
+                raise ValueError(f"--{name}-cpu {cpu!r}: must be a CPU quantity, e.g. 2, 1.5 or 500m")
+            if not _MEMORY.match(memory):
+                raise ValueError(f"--{name}-memory {memory!r}: must be a memory quantity, e.g. 512Mi or 8Gi")
+
+    def resources_of(self, name: str) -> tuple[str, str]:
+        """The (cpu, memory) of service ``name``: its option, else its default, else :data:`OTHER_RESOURCES`."""
+        return self.resources.get(name) or DEFAULT_RESOURCES.get(name, OTHER_RESOURCES)
+
+
+def default_flow() -> Path:
+    """``flows/k8s.yml`` of the source tree this package runs from, else of the current directory."""
+    beside = Path(__file__).resolve().parents[2] / FLOW_YAML
+    return beside if beside.is_file() else FLOW_YAML.resolve()
+
+
+def export_flow(flow: Path, namespace: str, timeout: float = 300) -> dict[str, list[dict[str, Any]]]:
+    """Run ``jina export kubernetes`` on ``flow`` into a temporary folder and load what it wrote.
+
+    Args:
+        flow: the Flow YAML.
+        namespace: passed as ``--k8s-namespace``.
+        timeout: seconds the export may take.
+
+    Returns:
+        Jina deployment name (the export's sub-folder: ``gateway``, ``tuner``, ...) -> its objects, in the
+        order of its files.
+
+    Raises:
+        ValueError: when the Flow file is missing or the export fails (with the end of jina's output).
+    """
+    if not flow.is_file():
+        raise ValueError(f"--flow {str(flow)!r}: no such file")
+    env = {**os.environ, "JINA_HIDE_SURVEY": "1", "JINA_OPTOUT_TELEMETRY": "1"}
+    env.setdefault("JINA_GATEWAY_IMAGE", DEFAULT_GATEWAY_IMAGE)
+    with tempfile.TemporaryDirectory(prefix="cliptuner-k8s-") as tmp:
+        out = Path(tmp) / "export"
+        cmd = [sys.executable, "-m", "jina", "export", "kubernetes", str(flow), str(out), "--k8s-namespace", namespace]
+        try:
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired as exc:
+            raise ValueError(f"--flow {str(flow)!r}: jina export kubernetes took longer than {timeout:.0f} s") from exc
+        if result.returncode != 0 or not out.is_dir():
+            tail = (result.stderr or result.stdout)[-2000:].strip()
+            raise ValueError(f"--flow {str(flow)!r}: jina export kubernetes failed (exit {result.returncode}):\n{tail}")
+        exported: dict[str, list[dict[str, Any]]] = {}
+        for folder in sorted(p for p in out.iterdir() if p.is_dir()):
+            for path in sorted(folder.glob("*.yml")):
+                docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+                exported.setdefault(folder.name, []).extend(docs)
+    if "gateway" not in exported:
+        raise ValueError(f"--flow {str(flow)!r}: jina export kubernetes wrote no gateway")
+    return exported
+
+
+def _arg(args: list[str], flag: str) -> Optional[str]:
+    """The value after ``flag`` in a container's args, or None."""
+    return args[args.index(flag) + 1] if flag in args and args.index(flag) + 1 < len(args) else None
+
+
+def _set_arg(args: list[str], flag: str, value: str) -> None:
+    """Set the value after ``flag`` in a container's args, if the flag is there."""
+    if flag in args and args.index(flag) + 1 < len(args):
+        args[args.index(flag) + 1] = value
+
+
+def _grpc_probe(port: int, period: int, timeout: int, failures: int, delay: int = 0) -> dict[str, Any]:
+    """A Kubernetes ``grpc`` probe of the standard health service's overall status on ``port``."""
+    probe: dict[str, Any] = {
+        "grpc": {"port": port},
+        "periodSeconds": period,
+        "timeoutSeconds": timeout,
+        "failureThreshold": failures,
+    }
+    if delay:
+        probe["initialDelaySeconds"] = delay
+    return probe
+
+
+def _pod_type(deployment: dict[str, Any]) -> str:
+    """jina's ``pod_type`` label of a Deployment's pods: GATEWAY, WORKER or HEAD."""
+    return str(deployment["spec"]["template"]["metadata"].get("labels", {}).get("pod_type", "WORKER"))
+
+
+def _complete_deployment(deployment: dict[str, Any], options: K8sOptions, startup_failures: int) -> None:
+    """Complete one jina Deployment in place: image, replicas, volume, security, probes, resources, metrics.
+
+    Args:
+        deployment: the Deployment object, as loaded from jina's YAML.
+        options: what to generate.
+        startup_failures: the startup probe's failure budget (periods of 5 s).
+    """
+    spec = deployment["spec"]
+    pod = spec["template"]
+    pod_spec = pod["spec"]
+    labels = pod["metadata"].get("labels", {})
+    name = str(labels.get("jina_deployment_name") or deployment["metadata"]["name"])
+    pod_type = _pod_type(deployment)
+    is_executor = pod_type == "WORKER"
+
+    if name == "encoder" and is_executor:
+        spec["replicas"] = options.encoder_replicas
+    if name in SINGLETONS and is_executor:
+        spec["replicas"] = 1
+        spec["strategy"] = {"type": "Recreate"}  # never two writers of the same files on the shared volume
+
+    pod_spec["securityContext"] = {
+        "runAsUser": UID,
+        "runAsGroup": UID,
+        "runAsNonRoot": True,
+        "fsGroup": UID,
+        "fsGroupChangePolicy": "OnRootMismatch",  # chown a big volume once, not at every start
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    if is_executor:
+        pod_spec["volumes"] = [
+            *pod_spec.get("volumes", []),
+            {"name": WORKSPACE_VOLUME, "persistentVolumeClaim": {"claimName": options.pvc_name}},
+        ]
+
+    metrics_port: Optional[int] = None
+    for container in pod_spec["containers"]:
+        args = [str(a) for a in container.get("args", [])]
+        container["args"] = args
+        if is_executor:
+            container["image"] = f"{options.image_prefix}{name}:{options.tag}"
+            _set_arg(args, "--replicas", str(spec["replicas"]))
+            container["volumeMounts"] = [
+                *container.get("volumeMounts", []),
+                {"name": WORKSPACE_VOLUME, "mountPath": WORKSPACE},
+            ]
+        if name == "indexer" and is_executor and options.milvus_uri is not None:
+            uses_with = json.loads(_arg(args, "--uses-with") or "{}")
+            uses_with.update(backend="milvus", milvus_uri=options.milvus_uri)
+            _set_arg(args, "--uses-with", json.dumps(uses_with))
+            if options.milvus_token_secret is not None:
+                container["env"] = [
+                    *container.get("env", []),
+                    {
+                        "name": "CLIPTUNER_MILVUS_TOKEN",
+                        "valueFrom": {"secretKeyRef": {"name": options.milvus_token_secret, "key": "token"}},
+                    },
+                ]
+        if pod_type == "GATEWAY":  # jina's image has no user 10001, hence no home; jina writes ~/.cache/jina
+            container["env"] = [*container.get("env", []), {"name": "HOME", "value": "/tmp"}]
+        container["securityContext"] = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+        ports = container.get("ports") or [{"containerPort": int(_arg(args, "--port") or 8080)}]
+        grpc_port = int(ports[0]["containerPort"])
+        ports[0].setdefault("name", "grpc")
+        if "--monitoring" in args:
+            metrics_port = int(_arg(args, "--port-monitoring") or DEFAULT_METRICS_PORT)
+            if all(int(p["containerPort"]) != metrics_port for p in ports):
+                ports.append({"name": "monitoring", "containerPort": metrics_port})
+        container["ports"] = ports
+
+        container["startupProbe"] = _grpc_probe(grpc_port, period=5, timeout=5, failures=startup_failures, delay=5)
+        container["readinessProbe"] = _grpc_probe(grpc_port, period=10, timeout=5, failures=3)
+        container["livenessProbe"] = _grpc_probe(grpc_port, period=10, timeout=10, failures=6)
+
+        cpu, memory = options.resources_of(name)
+        resources: dict[str, dict[str, str]] = {
+            "requests": {"cpu": cpu, "memory": memory},
+            "limits": {"memory": memory},
+        }
+        gpus = {"tuner": options.gpus_tuner, "encoder": options.gpus_encoder}.get(name, 0) if is_executor else 0
+        if gpus:
+            resources["limits"][GPU_RESOURCE] = str(gpus)
+        container["resources"] = resources
+
+    if metrics_port is not None:
+        pod["metadata"]["annotations"] = {
+            **pod["metadata"].get("annotations", {}),
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(metrics_port),
+            "prometheus.io/path": METRICS_PATH,
+        }
+
+
+def _startup_failures(deployment: dict[str, Any]) -> int:
+    """The failure budget of jina's startup probe on a Deployment (derived from its ``timeout_ready``)."""
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    return max(int(c.get("startupProbe", {}).get("failureThreshold", 120)) for c in containers)
+
+
+def build_manifests(exported: dict[str, list[dict[str, Any]]], options: K8sOptions) -> dict[str, list[dict[str, Any]]]:
+    """Complete jina's exported objects into the full set of manifests (nothing is written).
+
+    Args:
+        exported: what :func:`export_flow` returned.
+        options: what to generate (validated here).
+
+    Returns:
+        file name in DIR -> its objects; ``kustomization.yaml`` maps to one Kustomization.
+
+    Raises:
+        ValueError: a bad option, or an option that names an Executor the Flow does not have.
+    """
+    options.validate()
+    workers = {
+        str(d["spec"]["template"]["metadata"].get("labels", {}).get("jina_deployment_name", ""))
+        for docs in exported.values()
+        for d in docs
+        if d.get("kind") == "Deployment" and _pod_type(d) == "WORKER"
+    }
+    for option, executor, asked in (
+        ("--encoder-replicas", "encoder", options.encoder_replicas != 2),
+        ("--gpus-tuner", "tuner", options.gpus_tuner > 0),
+        ("--gpus-encoder", "encoder", options.gpus_encoder > 0),
+    ):
+        if asked and executor not in workers:
+            raise ValueError(f"{option}: the Flow has no Executor named {executor!r} (it has {sorted(workers)})")
+
+    docs_all = [d for docs in exported.values() for d in docs]
+    startup = max([_startup_failures(d) for d in docs_all if d.get("kind") == "Deployment"] or [120])
+
+    manifests: dict[str, list[dict[str, Any]]] = {
+        NAMESPACE_FILE: [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": options.namespace}}],
+    }
+    claim: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": options.pvc_name, "namespace": options.namespace},
+        "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": options.storage}}},
+    }
+    if options.storage_class:
+        claim["spec"]["storageClassName"] = options.storage_class
+    manifests[PVC_FILE] = [claim]
+
+    monitors: list[dict[str, Any]] = []
+    order = sorted(exported, key=lambda n: (n == "gateway", n))  # Executors first, the gateway last
+    for service in order:
+        kept = []
+        for doc in exported[service]:
+            if doc.get("kind") == "ServiceMonitor":
+                monitors.append(doc)
+                continue
+            if doc.get("kind") == "Deployment":
+                budget = startup if _pod_type(doc) == "GATEWAY" else _startup_failures(doc)
+                _complete_deployment(doc, options, budget)
+            kept.append(doc)
+        manifests[f"{service}.yml"] = kept
+    if options.service_monitor and monitors:
+        manifests[SERVICE_MONITOR_FILE] = monitors
+    manifests[KUSTOMIZATION_FILE] = [
+        {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": list(manifests)}
+    ]
+    return manifests
+
+
+def _header(file_name: str, options: K8sOptions) -> str:
+    """The comment at the top of a written file: where it comes from, and what to keep in mind."""
+    lines = [
+        "# Written by `cliptuner k8s` (cliptuner/serve/k8s.py) from `jina export kubernetes`; regenerate rather "
+        "than edit."
+    ]
+    if file_name == "indexer.yml":
+        lines.append(
+            "# The indexer stays at ONE replica: its collection is one on-disk index under /workspace/index "
+            "on the shared volume."
+        )
+    if file_name == "encoder.yml":
+        lines.append(
+            f"# {options.encoder_replicas} encoder replica(s) (--encoder-replicas); each follows "
+            "/workspace/models/CURRENT."
+        )
+    if file_name == PVC_FILE:
+        lines.append("# Shared by every Executor pod at /workspace: needs a storage class that offers ReadWriteMany.")
+    if file_name == KUSTOMIZATION_FILE:
+        lines.append("# kubectl apply -k <this folder>   (kubectl kustomize <this folder> renders it)")
+    return "\n".join(lines) + "\n"
+
+
+def write_manifests(out: Path, manifests: dict[str, list[dict[str, Any]]], options: K8sOptions) -> list[Path]:
+    """Write ``manifests`` into ``out`` (created if needed), one multi-document YAML file each.
+
+    Args:
+        out: the output folder; it may hold only files this command writes (they are replaced).
+        manifests: what :func:`build_manifests` returned.
+        options: for the files' header comments.
+
+    Returns:
+        The written files, in the kustomization's order.
+
+    Raises:
+        ValueError: when ``out`` is a file or holds anything else, which a later ``kubectl apply -f`` would mix in.
+    """
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r}: is a file, not a folder")
+    if out.is_dir():
+        ours = {p for p in out.iterdir() if p.name in manifests or _written_by_us(p)}
+        foreign = sorted(p.name for p in out.iterdir() if p not in ours)
+        if foreign:
+            raise ValueError(
+                f"--out {str(out)!r}: holds files this command does not write ({', '.join(foreign)}); "
+                "pass an empty or new folder"
+            )
+        for stale in ours:
+            if stale.name not in manifests:  # from an earlier run with other options (e.g. --service-monitor)
+                stale.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for file_name, docs in manifests.items():
+        path = out / file_name
+        path.write_text(
+            _header(file_name, options)
+            + yaml.safe_dump_all(docs, sort_keys=False, default_flow_style=False, explicit_start=False)
+        )
+        written.append(path)
+    return written
+
+
+def _written_by_us(path: Path) -> bool:
+    """Whether ``path`` starts with the header comment of :func:`_header`."""
+    try:
+        return path.is_file() and path.read_text().startswith("# Written by `cliptuner k8s`")
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def generate(out: Path, options: K8sOptions) -> list[Path]:
+    """Export the Flow, complete its objects and write them into ``out``.
+
+    Args:
+        out: the output folder.
+        options: what to generate.
+
+    Returns:
+        The written files.
+
+    Raises:
+        ValueError: a bad option, a missing Flow file, a failed export or an output folder in use.
+    """
+    options.validate()
+    flow = options.flow or default_flow()
+    manifests = build_manifests(export_flow(flow, options.namespace), options)
+    return write_manifests(out, manifests, options)
+
+
+K8S_EPILOG = """\
+written into DIR:
+  namespace.yml        the Namespace
+  workspace-pvc.yml    the shared ReadWriteMany claim, mounted at /workspace in every Executor pod
+  tuner.yml encoder.yml indexer.yml gateway.yml
+                       jina's ConfigMap, Service and Deployment per service, completed: volume, uid/gid/fsGroup
+                       10001 (the image's user), gRPC startup/readiness/liveness probes, cpu/memory (and GPU)
+                       resources, Prometheus annotations and metrics port, the Executor images
+  servicemonitors.yml  with --service-monitor only (needs the Prometheus Operator's CRDs)
+  kustomization.yaml   lists them all
+
+examples:
+  cliptuner k8s --out k8s/
+  cliptuner k8s --out k8s/ --image-prefix registry.example.com/ml/cliptuner- --tag 0.1.0 \\
+      --storage-class nfs-client --gpus-tuner 1 --gpus-encoder 1 --encoder-replicas 4
+  cliptuner k8s --out k8s/ --milvus-uri http://milvus.milvus.svc:19530 --milvus-token-secret milvus-token
+  kubectl apply -k k8s/
+
+Build and push one image per Executor first (see the Dockerfile):
+  docker build --build-arg EXECUTOR=CLIPTuner -t cliptuner-tuner .    (CLIPEncoder, CLIPIndexer likewise)
+The gateway image is $JINA_GATEWAY_IMAGE (default jinaai/jina:3.34.0-py311-standard).
+The probes are Kubernetes' native gRPC probes (Kubernetes >= 1.24).
+"""
+
+
+def add_k8s_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add the ``k8s`` subcommand to the ``cliptuner`` subparsers ``sub``.
+
+    Args:
+        sub: what ``ArgumentParser.add_subparsers`` returned.
+
+    Returns:
+        The subcommand's parser.
+    """
+    p = sub.add_parser(
+        "k8s",
+        help="write Kubernetes manifests for the services (flows/k8s.yml)",
+        description=(__doc__ or "").split("\n\n")[0].replace("``", ""),
+        epilog=K8S_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="folder to write the manifests into (created; it may hold only files of an earlier run)",
+    )
+    p.add_argument("--flow", default=None, help="the Flow YAML to export (default: flows/k8s.yml)")
+    p.add_argument("--namespace", default="cliptuner", help="namespace of every object (default: cliptuner)")
+    p.add_argument(
+        "--image-prefix",
+        default="cliptuner-",
+        help="Executor images are <prefix><executor>:<tag>, e.g. a registry path "
+        "'registry.example.com/ml/cliptuner-' (default: cliptuner-)",
+    )
+    p.add_argument("--tag", default="latest", help="tag of the Executor images (default: latest)")
+    p.add_argument(
+        "--encoder-replicas",
+        type=int,
+        default=2,
+        metavar="N",
+        help="encoder pods (default: 2); the tuner and the indexer always run one pod each: the "
+        "indexer's collection is one index on the shared volume",
+    )
+    p.add_argument("--storage", default="20Gi", help="size of the shared workspace claim (default: 20Gi)")
+    p.add_argument(
+        "--storage-class",
+        default=None,
+        help="storage class of the claim; it must offer ReadWriteMany, e.g. NFS, CephFS, EFS, Azure "
+        "Files (default: the cluster's default class)",
+    )
+    p.add_argument(
+        "--pvc-name", default="cliptuner-workspace", help="name of the workspace claim (default: cliptuner-workspace)"
+    )
+    p.add_argument(
+        "--gpus-tuner",
+        type=int,
+        default=0,
+        metavar="N",
+        help="nvidia.com/gpu limit of the tuner pod (default: 0, none; build its image with "
+        "--build-arg ORT=onnxruntime-gpu)",
+    )
+    p.add_argument(
+        "--gpus-encoder",
+        type=int,
+        default=0,
+        metavar="N",
+        help="nvidia.com/gpu limit of each encoder pod (default: 0, none)",
+    )
+    for name, (cpu, memory) in DEFAULT_RESOURCES.items():
+        p.add_argument(f"--{name}-cpu", default=cpu, help=f"cpu request of the {name} (default: {cpu}; no limit)")
+        p.add_argument(
+            f"--{name}-memory", default=memory, help=f"memory request and limit of the {name} (default: {memory})"
+        )
+    p.add_argument(
+        "--milvus-uri",
+        default=None,
+        help="keep the index's vectors in this Milvus server or cluster, e.g. "
+        "http://milvus.milvus.svc:19530 (default: the embedded store on the shared volume)",
+    )
+    p.add_argument(
+        "--milvus-token-secret",
+        default=None,
+        metavar="SECRET",
+        help="a Secret whose key 'token' holds the Milvus token (user:password), passed to the indexer "
+        "as CLIPTUNER_MILVUS_TOKEN",
+    )
+    p.add_argument(
+        "--service-monitor",
+        action="store_true",
+        help="also write jina's Prometheus Operator ServiceMonitors (servicemonitors.yml; needs that "
+        "operator's CRDs; the pod annotations work without)",
+    )
+    p.set_defaults(func=run_k8s)
+    return p
+
+
+def options_from_args(args: argparse.Namespace) -> K8sOptions:
+    """The :class:`K8sOptions` of parsed ``cliptuner k8s`` arguments."""
+    return K8sOptions(
+        flow=Path(args.flow) if args.flow else None,
+        namespace=args.namespace,
+        image_prefix=args.image_prefix,
+        tag=args.tag,
+        encoder_replicas=args.encoder_replicas,
+        storage=args.storage,
+        storage_class=args.storage_class,
+        pvc_name=args.pvc_name,
+        gpus_tuner=args.gpus_tuner,
+        gpus_encoder=args.gpus_encoder,
+        resources={name: (getattr(args, f"{name}_cpu"), getattr(args, f"{name}_memory")) for name in DEFAULT_RESOURCES},
+        service_monitor=args.service_monitor,
+        milvus_uri=args.milvus_uri,
+        milvus_token_secret=args.milvus_token_secret,
+    )
+
+
+def run_k8s(args: argparse.Namespace) -> list[Path]:
+    """``cliptuner k8s``: write the manifests and say how to apply them.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        The written files.
+    """
+    out = Path(args.out)
+    written = generate(out, options_from_args(args))
+    for path in written:
+        print(path)
+    print(f"apply with: kubectl apply -k {out}", file=sys.stderr)
+    return written

@@ -1,0 +1,748 @@
+"""Image–text pair sources and batching for contrastive training.
+
+A :class:`PairSet` holds pairs as *distinct images* plus *captions that point at them*: several captions of one
+image (COCO has five) are kept as several pairs of one image, so that
+
+* a held-out split puts all captions of an image on the same side (:meth:`PairSet.split`), and
+* a training batch never holds two captions of one image (:class:`UniqueImageBatchSampler`): the contrastive
+  loss would otherwise push apart a caption from its own image (a false negative).
+
+Sources: a CSV (``image,caption``, paths relative to the CSV), a Karpathy-style JSON (Flickr8k/30k, COCO) or
+in-memory lists. Loaders check the rows and that image files exist, and raise :class:`DataError` naming the file
+and the row; images are decoded only when a batch needs them, with the limits of :mod:`cliptuner.model.images`.
+
+A service reading a PAIRS file a client named gives the loaders ``resolve_image`` (an :data:`ImageResolver`,
+e.g. :meth:`cliptuner.serve.access.UriPolicy.local_path`): every image path is passed through it BEFORE the file is
+looked at, so a row naming a path outside the allowed folders is refused with the same message whether or not
+the file exists, and the resolved path it returns is what gets read. Without it (``cliptuner train``, a local
+user reading their own files) image paths are taken as written.
+
+This module imports torch lazily (inside :class:`PairDataset`, :func:`collate_pairs` and :func:`make_loader`),
+so that :mod:`cliptuner.train.synthetic` and other torch-free code can build :class:`PairSet` objects. For the same
+reason :class:`PairDataset` and :class:`UniqueImageBatchSampler` implement torch's map-style dataset and batch
+sampler protocols (``__getitem__``/``__len__``, ``__iter__``/``__len__``) rather than subclassing them;
+``torch.utils.data.DataLoader`` accepts both.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import numpy as np
+
+from cliptuner.model.images import DEFAULT_LIMITS, ImageLimits, ImageSource, decode_image
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+ImageResolver = Callable[[str, str], "str | os.PathLike"]  # (joined path, label) → path to read; raises ValueError
+MAX_REPORTED_ERRORS = 10  # problems listed in one DataError before "… and N more"
+TRAIN_SPLITS = ("train", "restval")  # Karpathy splits that ``split="train"`` selects (COCO custom)
+
+
+class DataError(ValueError):
+    """A pairs file or row cannot be used; the message names the file, the row and the problem."""
+
+
+def _raise_collected(source: str, problems: list[str]) -> None:
+    if not problems:
+        return
+    shown = problems[:MAX_REPORTED_ERRORS]
+    more = f"\n  … and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+    raise DataError(f"{source}: {len(problems)} bad row(s):\n  " + "\n  ".join(shown) + more)
+
+
+@dataclass
+class PairSet:
+    """Image–caption pairs grouped by distinct image.
+
+    Treat a PairSet as immutable: the per-image caption lists are computed once.
+    """
+
+    images: list[ImageSource]  # one entry per distinct image: path, encoded bytes, H×W×3 uint8 array or PIL image
+    captions: list[str]  # one per pair
+    image_index: list[int]  # pair i shows images[image_index[i]]
+    image_ids: list[str]  # a name per distinct image (relative filename, id), used in errors and reports
+    name: str = ""  # where the pairs came from
+    _by_image: list[list[int]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.images = list(self.images)
+        self.captions = list(self.captions)
+        self.image_index = [int(i) for i in self.image_index]
+        self.image_ids = [str(i) for i in self.image_ids]
+        if len(self.images) != len(self.image_ids):
+            raise ValueError(f"{len(self.images)} images but {len(self.image_ids)} image_ids")
+        if len(self.captions) != len(self.image_index):
+            raise ValueError(f"{len(self.captions)} captions but {len(self.image_index)} image_index entries")
+        by_image: list[list[int]] = [[] for _ in self.images]
+        for pair, image in enumerate(self.image_index):
+            if not 0 <= image < len(self.images):
+                raise ValueError(f"pair {pair}: image_index {image} is outside [0, {len(self.images)})")
+            by_image[image].append(pair)
+        lonely = [self.image_ids[i] for i, pairs in enumerate(by_image) if not pairs]
+        if lonely:
+            raise ValueError(f"{len(lonely)} image(s) without a caption, e.g. {lonely[:3]}")
+        self._by_image = by_image
+
+    def __len__(self) -> int:
+        """Number of pairs (captions)."""
+        return len(self.captions)
+
+    @property
+    def num_images(self) -> int:
+        """Number of distinct images."""
+        return len(self.images)
+
+    def captions_of(self, image_i: int) -> list[int]:
+        """Pair indices of the captions of distinct image ``image_i``."""
+        return list(self._by_image[image_i])
+
+    def captions_per_image(self) -> list[int]:
+        """How many captions each distinct image has."""
+        return [len(pairs) for pairs in self._by_image]
+
+    def subset_images(self, image_indices: Sequence[int]) -> PairSet:
+        """The pairs of some images, re-indexed: image ``image_indices[k]`` becomes image ``k``.
+
+        Pairs keep their original relative order.
+
+        Raises:
+            ValueError: an index is out of range or repeated.
+        """
+        new_of_old: dict[int, int] = {}
+        for k, old in enumerate(image_indices):
+            old = int(old)
+            if not 0 <= old < self.num_images:
+                raise ValueError(f"image index {old} is outside [0, {self.num_images})")
+            if old in new_of_old:
+                raise ValueError(f"image index {old} is repeated")
+            new_of_old[old] = k
+        pairs = sorted(p for old in new_of_old for p in self._by_image[old])
+        return PairSet(
+            images=[self.images[int(old)] for old in image_indices],
+            captions=[self.captions[p] for p in pairs],
+            image_index=[new_of_old[self.image_index[p]] for p in pairs],
+            image_ids=[self.image_ids[int(old)] for old in image_indices],
+            name=self.name,
+        )
+
+    def split(self, eval_fraction: float, seed: int) -> tuple[PairSet, PairSet]:
+        """Hold out a seeded share of the *images* (with all their captions).
+
+        Args:
+            eval_fraction: share of distinct images held out, in (0, 1); ``round(eval_fraction * num_images)``
+                images are held out, at least one.
+            seed: the same seed gives the same split.
+
+        Returns:
+            ``(train, held_out)``; both keep the original image order.
+
+        Raises:
+            ValueError: the fraction is outside (0, 1), or either side would be empty.
+        """
+        if not 0 < eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction!r}")
+        n_held = max(1, round(eval_fraction * self.num_images))
+        if self.num_images - n_held < 1:
+            raise ValueError(
+                f"cannot hold out {n_held} of {self.num_images} image(s) (eval_fraction={eval_fraction}) "
+                "and keep at least one for training; give more images or eval data"
+            )
+        order = np.random.default_rng(seed).permutation(self.num_images)
+        held = sorted(int(i) for i in order[:n_held])
+        train = sorted(int(i) for i in order[n_held:])
+        return self.subset_images(train), self.subset_images(held)
+
+
+def _clean(text: Any) -> str:
+    return text.strip() if isinstance(text, str) else ""
+
+
+class _PairsBuilder:
+    """Collects pairs read from a file: distinct images by resolved path, captions pointing at them."""
+
+    def __init__(self, resolve_image: Optional[ImageResolver] = None) -> None:
+        self.resolve_image = resolve_image
+        self.images: list[str] = []
+        self.image_ids: list[str] = []
+        self.captions: list[str] = []
+        self.image_index: list[int] = []
+        self._index_of: dict[str, int] = {}
+
+    def where(self, resolved: str) -> str:
+        """Where a missing file was looked for, for the message: only without a resolver (a local user's files)."""
+        return "" if self.resolve_image is not None else f" (looked at {resolved})"
+
+    def allowed(self, joined: str, label: str) -> str:
+        """The path to read for ``joined``: through ``resolve_image`` when set.
+
+        Raises:
+            ValueError: ``resolve_image`` refuses it (the message names ``label``).
+        """
+        return joined if self.resolve_image is None else os.fspath(self.resolve_image(joined, label))
+
+    def image(self, resolved: str, image_id: str) -> Optional[int]:
+        """The index of the image file ``resolved``, registered on first sight; None when the file is missing."""
+        if resolved not in self._index_of:
+            if not os.path.isfile(resolved):
+                return None
+            self._index_of[resolved] = len(self.images)
+            self.images.append(resolved)
+            self.image_ids.append(image_id)
+        return self._index_of[resolved]
+
+    def add(self, image: int, captions: Sequence[str]) -> None:
+        self.captions.extend(captions)
+        self.image_index.extend([image] * len(captions))
+
+    def build(self, name: str) -> PairSet:
+        return PairSet(
+            images=self.images,
+            captions=self.captions,
+            image_index=self.image_index,
+            image_ids=self.image_ids,
+            name=name,
+        )
+
+
+def load_csv(path: str | os.PathLike, resolve_image: Optional[ImageResolver] = None) -> PairSet:
+    """Read ``image,caption`` rows; image paths are relative to the CSV's folder (absolute paths allowed).
+
+    Rows naming the same image path are captions of one image. Extra columns are ignored, blank lines skipped.
+    Image files must exist; they are decoded later, when a batch needs them.
+
+    Args:
+        path: the CSV.
+        resolve_image: checks each image path before the file is looked at (see the module docstring).
+
+    Raises:
+        DataError: unreadable file, missing ``image``/``caption`` columns, no rows, or bad rows (each named by
+            its 1-based line number: empty image, empty caption, a path ``resolve_image`` refuses, missing image
+            file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{str(path)!r}: no such pairs file")
+    root = path.resolve().parent
+    pairs = _PairsBuilder(resolve_image)
+    problems: list[str] = []
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"{str(path)!r}: empty file; expected a header 'image,caption'")
+            columns = [c.strip().lower() for c in header]
+            missing = [c for c in ("image", "caption") if c not in columns]
+            if missing:
+                raise DataError(
+                    f"{str(path)!r}: missing column(s) {missing}; found {header}; "
+                    "expected a header with 'image' and 'caption'"
+                )
+            image_col, caption_col = columns.index("image"), columns.index("caption")
+            line = reader.line_num
+            for row in reader:
+                start, line = line + 1, reader.line_num  # a quoted caption may span several lines
+                if not any(cell.strip() for cell in row):
+                    continue
+                image = _clean(row[image_col]) if image_col < len(row) else ""
+                caption = _clean(row[caption_col]) if caption_col < len(row) else ""
+                if not image:
+                    problems.append(f"line {start}: empty image path")
+                    continue
+                if not caption:
+                    problems.append(f"line {start}: empty caption for image {image!r}")
+                    continue
+                resolved = os.path.normpath(Path(image) if os.path.isabs(image) else root / image)
+                try:
+                    resolved = pairs.allowed(resolved, f"line {start}: image {image!r}")
+                except ValueError as exc:
+                    problems.append(str(exc))
+                    continue
+                index = pairs.image(resolved, image)
+                if index is None:
+                    problems.append(f"line {start}: image file {image!r} not found{pairs.where(resolved)}")
+                    continue
+                pairs.add(index, [caption])
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{str(path)!r}: not UTF-8 text ({exc})") from exc
+    except csv.Error as exc:
+        raise DataError(f"{str(path)!r}: line {reader.line_num}: malformed CSV ({exc})") from exc
+    _raise_collected(repr(str(path)), problems)
+    if not pairs.captions:
+        raise DataError(f"{str(path)!r}: no pairs after the header")
+    return pairs.build(str(path))
+
+
+def load_karpathy(
+    path: str | os.PathLike,
+    split: Optional[str] = None,
+    image_root: Optional[str | os.PathLike] = None,
+    resolve_image: Optional[ImageResolver] = None,
+) -> PairSet:
+    """Read a Karpathy-style JSON (``dataset_flickr8k.json``, ``dataset_flickr30k.json``, ``dataset_coco.json``).
+
+    Each entry of ``images`` has ``filename``, optionally ``filepath`` (COCO: ``train2014``/``val2014``), a
+    ``split`` and ``sentences`` with a ``raw`` caption each. The image file is
+    ``image_root / filepath / filename``.
+
+    Args:
+        path: the JSON file.
+        split: keep entries of this split only; ``"train"`` also keeps ``"restval"``; None keeps all.
+        image_root: folder the image paths are relative to (default: the JSON's folder).
+        resolve_image: checks each image path before the file is looked at (see the module docstring).
+
+    Raises:
+        DataError: unreadable JSON, wrong layout, no entry of ``split`` (the message lists the splits present),
+            or bad entries (named by index and filename: no filename, no sentences, empty caption, a path
+            ``resolve_image`` refuses, missing file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{str(path)!r}: no such pairs file")
+    try:
+        with path.open(encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{str(path)!r}: not valid JSON ({exc})") from exc
+    entries = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise DataError(f"{str(path)!r}: expected a Karpathy-style object with an 'images' list")
+    root = Path(image_root) if image_root is not None else path.resolve().parent
+    wanted = None if split is None else (set(TRAIN_SPLITS) if split == "train" else {split})
+
+    pairs = _PairsBuilder(resolve_image)
+    problems: list[str] = []
+    present: set[str] = set()
+    for n, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            problems.append(f"image {n}: expected an object, got {type(entry).__name__}")
+            continue
+        entry_split = entry.get("split")
+        present.add(str(entry_split))
+        if wanted is not None and entry_split not in wanted:
+            continue
+        filename = _clean(entry.get("filename"))
+        if not filename:
+            problems.append(f"image {n}: no filename")
+            continue
+        label = f"image {n} ({filename!r})"
+        sentences = entry.get("sentences")
+        if not isinstance(sentences, list) or not sentences:
+            problems.append(f"{label}: no sentences")
+            continue
+        raws = [_clean(s.get("raw")) if isinstance(s, dict) else "" for s in sentences]
+        empty = [k for k, raw in enumerate(raws) if not raw]
+        if empty:
+            problems.append(f"{label}: sentence(s) {empty} have no 'raw' caption")
+            continue
+        relative = os.path.join(_clean(entry.get("filepath")), filename)
+        resolved = os.path.normpath(root / relative)
+        try:
+            resolved = pairs.allowed(resolved, label)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        index = pairs.image(resolved, os.path.normpath(relative))
+        if index is None:
+            problems.append(f"{label}: image file not found{pairs.where(resolved)}")
+            continue
+        pairs.add(index, raws)
+    _raise_collected(repr(str(path)), problems)
+    if not pairs.captions:
+        if wanted is not None:
+            raise DataError(f"{str(path)!r}: no images in split {split!r}; splits present: {sorted(present)}")
+        raise DataError(f"{str(path)!r}: no images")
+    return pairs.build(f"{path}:{split}" if split else str(path))
+
+
+def load_pairs(
+    path: str | os.PathLike, split: Optional[str] = None, resolve_image: Optional[ImageResolver] = None
+) -> PairSet:
+    """Load a PAIRS file by its suffix: ``.csv`` (:func:`load_csv`) or ``.json`` (:func:`load_karpathy`).
+
+    Raises:
+        DataError: another suffix, or ``split`` given for a CSV (CSV files have no split).
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix == ".csv":
+        if split is not None:
+            raise DataError(f"{str(path)!r}: a CSV has no split; pass split=None (got {split!r})")
+        return load_csv(path, resolve_image)
+    if suffix == ".json":
+        return load_karpathy(path, split=split, resolve_image=resolve_image)
+    raise DataError(
+        f"{str(path)!r}: unknown pairs format {suffix or '(no suffix)'!r}; "
+        "give a .csv (image,caption) or a Karpathy-style .json"
+    )
+
+
+def from_memory(
+    images: Sequence[ImageSource],
+    captions: Sequence[str],
+    image_ids: Optional[Sequence[str]] = None,
+    name: str = "memory",
+) -> PairSet:
+    """Pairs given one per item; items that share an ``image_id`` are captions of one image.
+
+    For a shared id the first item's image is kept (the others are not compared).
+
+    Args:
+        images: one image per pair.
+        captions: one caption per pair.
+        image_ids: one id per pair (default: every pair its own image, ids ``"0"``, ``"1"``, …).
+        name: a name for the set.
+
+    Raises:
+        ValueError: lengths differ, or a caption or id is empty (named by its index).
+    """
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    if image_ids is None:
+        image_ids = [str(i) for i in range(len(images))]
+    elif len(image_ids) != len(captions):
+        raise ValueError(f"{len(image_ids)} image_ids but {len(captions)} captions")
+    distinct: list[ImageSource] = []
+    ids: list[str] = []
+    index_of: dict[str, int] = {}
+    clean: list[str] = []
+    image_index: list[int] = []
+    for i, (image, caption, image_id) in enumerate(zip(images, captions, image_ids)):
+        text = _clean(caption)
+        if not text:
+            raise ValueError(f"pair {i}: empty caption {caption!r}")
+        key = str(image_id)
+        if not key:
+            raise ValueError(f"pair {i}: empty image id")
+        if key not in index_of:
+            index_of[key] = len(distinct)
+            distinct.append(image)
+            ids.append(key)
+        clean.append(text)
+        image_index.append(index_of[key])
+    if not clean:
+        raise ValueError("no pairs given")
+    return PairSet(images=distinct, captions=clean, image_index=image_index, image_ids=ids, name=name)
+
+
+class PairDataset:
+    """Map-style dataset over the pairs of a :class:`PairSet` (a ``torch.utils.data.Dataset`` by protocol).
+
+    Item ``i`` (a pair index) is ``(image [3, H, W] float tensor, token ids [ctx] long tensor, image index)``.
+
+    Args:
+        pairs: the pairs.
+        transform: PIL image → tensor ``[3, H, W]`` (``ClipBundle.preprocess_train`` / ``preprocess_val``).
+        tokenizer: ``list[str]`` → ``LongTensor [batch, ctx]``.
+        limits: image size limits checked before decoding.
+        cache_images: keep decoded PIL images in memory (small sets; each DataLoader worker has its own cache).
+    """
+
+    def __init__(
+        self,
+        pairs: PairSet,
+        transform: Callable,
+        tokenizer: Callable,
+        limits: ImageLimits = DEFAULT_LIMITS,
+        cache_images: bool = False,
+    ) -> None:
+        self.pairs = pairs
+        self.transform = transform
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.cache_images = cache_images
+        self._cache: dict[int, Image.Image] = {}
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def image(self, image_i: int) -> Image.Image:
+        """The decoded RGB image ``image_i``."""
+        cached = self._cache.get(image_i)
+        if cached is not None:
+            return cached
+        image = decode_image(self.pairs.images[image_i], self.limits, name=self.pairs.image_ids[image_i])
+        if self.cache_images:
+            self._cache[image_i] = image
+        return image
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        image_i = self.pairs.image_index[i]
+        pixels = self.transform(self.image(image_i))  # [3, H, W]
+        tokens = self.tokenizer([self.pairs.captions[i]])[0]  # [ctx]
+        return pixels, tokens, image_i
+
+
+def collate_pairs(batch: Sequence[tuple[Any, Any, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack items of :class:`PairDataset` into ``(images [B,3,H,W], texts [B,ctx] long, image_index [B] long)``."""
+    import torch
+
+    images = torch.stack([item[0] for item in batch])  # [B, 3, H, W]
+    texts = torch.stack([torch.as_tensor(item[1]) for item in batch]).long()  # [B, ctx]
+    index = torch.tensor([int(item[2]) for item in batch], dtype=torch.long)  # [B]
+    return images, texts, index
+
+
+class UniqueImageBatchSampler:
+    """Batches of pair indices in which no two pairs share an image (a ``torch`` batch sampler by protocol).
+
+    Captions of one image in one batch would be false negatives for the contrastive loss. Each epoch (seeded by
+    ``seed + epoch``) uses every pair at most once. Every image's pairs go to distinct batches, dealt from
+    freshly shuffled batch orders, so images with many captions are spread over the epoch. With
+    ``drop_last=True`` the epoch has the largest number of full batches the caption counts allow
+    (``B`` with ``sum(min(captions_i, B)) >= B * global_batch``), which uses all pairs or nearly so unless a few
+    images hold most captions; the pairs left out are chosen at random each epoch. With ``drop_last=False`` the
+    remaining pairs follow in smaller batches (still unique images).
+
+    With ``num_replicas > 1`` each global batch of ``batch_size * num_replicas`` pairs is cut into contiguous
+    slices and rank ``r`` yields slice ``r``; all ranks yield the same number of batches (DDP).
+
+    Args:
+        image_index: pair → image id (``PairSet.image_index``).
+        batch_size: pairs per batch on this rank.
+        seed: base seed; call :meth:`set_epoch` each epoch for a new order.
+        drop_last: only full batches (required when ``num_replicas > 1``).
+        num_replicas: number of DDP ranks.
+        rank: this rank.
+
+    Raises:
+        ValueError: no pairs, ``batch_size * num_replicas`` larger than the number of distinct images, bad rank,
+            or ``drop_last=False`` with several replicas.
+    """
+
+    def __init__(
+        self,
+        image_index: Sequence[int],
+        batch_size: int,
+        seed: int = 0,
+        drop_last: bool = True,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}")
+        if num_replicas > 1 and not drop_last:
+            raise ValueError("drop_last=False is not supported with num_replicas > 1: ranks would get uneven batches")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        groups: dict[int, list[int]] = {}
+        for pair, image in enumerate(image_index):
+            groups.setdefault(int(image), []).append(pair)
+        if not groups:
+            raise ValueError("no pairs to sample")
+        self.global_batch = batch_size * num_replicas
+        if self.global_batch > len(groups):
+            raise ValueError(
+                f"batch_size {batch_size} x {num_replicas} replica(s) = {self.global_batch} is larger than "
+                f"the {len(groups)} distinct images; no batch can hold unique images"
+            )
+        self.batch_size = batch_size
+        self.seed = seed
+        self.drop_last = drop_last
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+        self._groups = [np.asarray(pairs, dtype=np.int64) for pairs in groups.values()]
+        self._counts = np.array([len(g) for g in self._groups], dtype=np.int64)
+        self._full_batches = self._max_full_batches()
+        self._plan_epoch: Optional[int] = None
+        self._plan: list[list[int]] = []
+
+    def _max_full_batches(self) -> int:
+        # f(B) = sum(min(c_i, B)) - B * G is concave with f(0) = 0, so {B : f(B) >= 0} is an interval [0, B*].
+        lo, hi = 1, int(self._counts.sum()) // self.global_batch  # f(1) >= 0 since #images >= G
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if int(np.minimum(self._counts, mid).sum()) >= mid * self.global_batch:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the order of ``epoch`` (call before iterating, on every rank)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self._full_batches
+        return len(self._global_batches())
+
+    def __iter__(self) -> Iterator[list[int]]:
+        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        for batch in self._global_batches():
+            yield batch[lo:hi] if self.num_replicas > 1 else list(batch)
+
+    def _global_batches(self) -> list[list[int]]:
+        if self._plan_epoch != self.epoch:
+            self._plan = self._make_plan(self.epoch)
+            self._plan_epoch = self.epoch
+        return self._plan
+
+    def _make_plan(self, epoch: int) -> list[list[int]]:
+        rng = np.random.default_rng(self.seed + epoch)
+        groups = [rng.permutation(g) for g in self._groups]
+        order = rng.permutation(len(groups))
+        n_full, size = self._full_batches, self.global_batch
+        take = np.minimum(self._counts, n_full)
+        excess = int(take.sum()) - n_full * size
+        if excess:  # leave out `excess` of the eligible pairs, chosen uniformly
+            slots = rng.choice(int(take.sum()), size=excess, replace=False)
+            owners = np.searchsorted(np.cumsum(take), slots, side="right")
+            take = take - np.bincount(owners, minlength=len(take))
+        full = _deal([groups[i][: take[i]] for i in order], n_full, rng)
+        for batch in full:
+            rng.shuffle(batch)
+        full = [full[i] for i in rng.permutation(n_full)]
+        if self.drop_last:
+            return full
+        rest = [groups[i][take[i] :] for i in order if len(groups[i]) > take[i]]
+        if not rest:
+            return full
+        n_rest = max(max(len(r) for r in rest), math.ceil(sum(len(r) for r in rest) / size))
+        partial = _deal(rest, n_rest, rng)
+        for batch in partial:
+            rng.shuffle(batch)
+        return full + sorted(partial, key=len, reverse=True)
+
+
+def _deal(runs: Sequence[np.ndarray], n_batches: int, rng: np.random.Generator) -> list[list[int]]:
+    """Deal the pairs of each image (a run, at most ``n_batches`` long) to distinct batches, round-robin.
+
+    Batches are visited in a fresh random order each round, so batch sizes differ by at most one and no two
+    images share the same set of batches systematically.
+    """
+    batches: list[list[int]] = [[] for _ in range(n_batches)]
+    cycle = rng.permutation(n_batches).tolist()
+    pos = 0
+    for run in runs:
+        used: list[int] = []
+        for pair in run.tolist():
+            if pos == n_batches:  # new round: batches this image already used go last, so it cannot meet them
+                cycle = rng.permutation(n_batches).tolist()
+                if used:
+                    taken = set(used)
+                    cycle = [b for b in cycle if b not in taken] + [b for b in cycle if b in taken]
+                pos = 0
+            b = cycle[pos]
+            pos += 1
+            batches[b].append(pair)
+            used.append(b)
+    return batches
+
+
+def make_loader(
+    pairs: PairSet,
+    transform: Callable,
+    tokenizer: Callable,
+    batch_size: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_workers: int = 0,
+    drop_last: Optional[bool] = None,
+    limits: ImageLimits = DEFAULT_LIMITS,
+    num_replicas: int = 1,
+    rank: int = 0,
+    cache_images: bool = False,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader of ``(images [B,3,H,W] float, texts [B,ctx] long, image_index [B] long)`` batches.
+
+    Args:
+        pairs: the pairs.
+        transform: PIL image → tensor ``[3, H, W]``.
+        tokenizer: ``list[str]`` → ``LongTensor [batch, ctx]``.
+        batch_size: pairs per batch (per rank).
+        seed: seed of the batch order (shuffle) and of the loader's worker seeds.
+        shuffle: True: :class:`UniqueImageBatchSampler` (training; call ``loader.batch_sampler.set_epoch``).
+            False: pairs in order (evaluation, encoding); images may repeat within a batch.
+        num_workers: DataLoader worker processes.
+        drop_last: keep only full batches; default True when shuffling, False otherwise.
+        limits: image size limits.
+        num_replicas: DDP ranks (shuffle only).
+        rank: this rank (shuffle only).
+        cache_images: keep decoded images in memory.
+
+    Raises:
+        ValueError: see :class:`UniqueImageBatchSampler`; ``num_replicas > 1`` without shuffle.
+    """
+    import torch
+
+    dataset = PairDataset(pairs, transform, tokenizer, limits=limits, cache_images=cache_images)
+    generator = torch.Generator().manual_seed(seed)
+    if shuffle:
+        sampler = UniqueImageBatchSampler(
+            pairs.image_index,
+            batch_size,
+            seed=seed,
+            drop_last=True if drop_last is None else drop_last,
+            num_replicas=num_replicas,
+            rank=rank,
+        )
+        return torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_pairs, generator=generator
+        )
+    if num_replicas > 1:
+        raise ValueError("num_replicas > 1 needs shuffle=True (sequential loading is for evaluation on one rank)")
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        drop_last=bool(drop_last),
+        collate_fn=collate_pairs,
+        generator=generator,
+    )
+
+
+def load_split(path: str | os.PathLike, split: str, resolve_image: Optional[ImageResolver] = None) -> PairSet:
+    """A PAIRS file for one role: a Karpathy JSON gives its ``split`` (``train`` includes ``restval``); a CSV
+    is used whole. ``resolve_image``: see the module docstring."""
+    if Path(path).suffix.lower() == ".json":
+        return load_karpathy(path, split=split, resolve_image=resolve_image)
+    return load_csv(path, resolve_image)
+
+
+def train_and_held_out(
+    data: PairSet | str | os.PathLike,
+    eval_data: str | os.PathLike | None,
+    eval_fraction: float,
+    seed: int,
+    resolve_image: Optional[ImageResolver] = None,
+) -> tuple[PairSet, PairSet]:
+    """Training and held-out pairs by the contract of ``cliptuner train`` and ``/train``.
+
+    Args:
+        data: the training pairs, in memory or as a PAIRS file.
+        eval_data: held-out PAIRS (its ``test`` split for a Karpathy JSON); None to hold out part of ``data``.
+        eval_fraction: share of images held out when neither ``eval_data`` nor a Karpathy test split applies.
+        seed: seed of that split.
+        resolve_image: checks each image path of the PAIRS files read (see the module docstring).
+
+    Returns:
+        ``(train, held_out)``: a Karpathy JSON without ``eval_data`` gives its train and test splits; otherwise a
+        seeded ``eval_fraction`` of the images (all their captions) is held out.
+    """
+    if eval_data is not None:
+        train = data if isinstance(data, PairSet) else load_split(data, "train", resolve_image)
+        return train, load_split(eval_data, "test", resolve_image)
+    if not isinstance(data, PairSet) and Path(data).suffix.lower() == ".json":
+        return (
+            load_karpathy(data, split="train", resolve_image=resolve_image),
+            load_karpathy(data, split="test", resolve_image=resolve_image),
+        )
+    pairs = data if isinstance(data, PairSet) else load_csv(data, resolve_image)
+    return pairs.split(eval_fraction, seed)

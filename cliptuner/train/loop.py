@@ -1,0 +1,721 @@
+"""The fine-tuning loop.
+
+:func:`fit` receives everything it uses (model, loader, loss, optimizer, scheduler, config, callbacks) and
+runs epochs of contrastive training with AMP on CUDA, gradient accumulation, gradient clipping, evaluation
+every N epochs, early stopping, best-weights keeping and resumable checkpoints. It reports progress as plain
+dict events through ``on_event`` so a CLI progress bar and the service consume the same stream.
+
+:func:`finetune` is the whole job on top of it: seed, build, evaluate the base model on the held-out pairs,
+train, evaluate again on the same pairs, and return the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import re
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from cliptuner.config import EvalConfig, TrainConfig
+from cliptuner.model.atomic import atomic_path
+from cliptuner.train.loss import ClipLoss, clamp_logit_scale
+from cliptuner.train.wiseft import apply_wiseft, state_copy, wiseft_sweep
+
+logger = logging.getLogger(__name__)
+
+Event = dict[str, Any]
+EventCallback = Callable[[Event], None]
+EvalFn = Callable[[], dict[str, float]]
+
+LAST_CHECKPOINT = "last.pt"
+MAX_SKIPPED_IN_A_ROW = 25  # AMP: consecutive overflowed (skipped) steps before training gives up
+# Options that may differ between a run and its resume: they do not change what is trained.
+RESUME_MAY_DIFFER = frozenset({"device", "log_every"})
+
+
+class TrainingStopped(RuntimeError):
+    """Raised inside :func:`fit` when ``should_stop`` asks to abort."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _no_weight_decay(name: str, param: nn.Parameter) -> bool:
+    # OpenCLIP's rule (open_clip_train/main.py `exclude`): no decay on gains, biases, norms and the logit scale.
+    # Matrices are decayed, the token and positional embeddings included, exactly as OpenCLIP trains them, so a
+    # run here and the same run under OpenCLIP's own loop optimise the same objective.
+    return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+
+_BLOCK_INDEX = re.compile(r"(?:resblocks|blocks|layers|stages)\.(\d+)\.")
+_VISUAL_STEM = (
+    "conv1",
+    "class_embedding",
+    "positional_embedding",
+    "ln_pre",
+    "patch_embed",
+    "cls_token",
+    "pos_embed",
+    "stem",
+)
+_TEXT_STEM = ("token_embedding", "positional_embedding", "cls_emb", "embeddings")
+
+
+def layer_scales(model: nn.Module, decay: float) -> dict[str, float]:
+    """Learning-rate multiplier per parameter name for layer-wise lr decay.
+
+    Each tower is numbered on its own: its embeddings are layer 0, its ``i``-th block is layer ``i + 1`` and
+    its head (final norm, projection) is layer ``depth + 1``, which gets the full learning rate; layer ``l``
+    gets ``decay ** (depth + 1 - l)``. The logit scale keeps the full rate.
+    """
+    names = [name for name, _ in model.named_parameters()]
+
+    def tower(name: str) -> str:
+        if name.startswith("visual."):
+            return "visual"
+        return "other" if name.startswith("logit_") else "text"
+
+    depth = {"visual": 0, "text": 0}
+    for name in names:
+        match = _BLOCK_INDEX.search(name)
+        if match and tower(name) in depth:
+            depth[tower(name)] = max(depth[tower(name)], int(match.group(1)) + 1)
+    scales = {}
+    for name in names:
+        kind = tower(name)
+        if kind == "other" or decay == 1.0:
+            scales[name] = 1.0
+            continue
+        match = _BLOCK_INDEX.search(name)
+        stem = _VISUAL_STEM if kind == "visual" else _TEXT_STEM
+        if match:
+            layer = int(match.group(1)) + 1
+        elif any(part in name for part in stem):
+            layer = 0
+        else:
+            layer = depth[kind] + 1
+        scales[name] = decay ** (depth[kind] + 1 - layer)
+    return scales
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters: weight decay only on matrices, layer-wise lr decay if asked."""
+    model = getattr(model, "module", model)
+    scales = layer_scales(model, cfg.layer_decay)
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        groups.setdefault((scales[name], _no_weight_decay(name, param)), []).append(param)
+    if not groups:
+        raise ValueError("the model has no trainable parameters (are both towers locked?)")
+    param_groups = [
+        {
+            "params": params,
+            "lr": cfg.learning_rate * scale,
+            "lr_scale": scale,
+            "weight_decay": 0.0 if no_decay else cfg.weight_decay,
+        }
+        for (scale, no_decay), params in sorted(groups.items(), key=lambda item: item[0])
+    ]
+    return torch.optim.AdamW(param_groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup for ``cfg.warmup_steps``, then cosine decay to zero (or constant)."""
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def apply_locks(model: nn.Module, cfg: TrainConfig) -> None:
+    """Freeze what the config asks to lock, with OpenCLIP's own locking.
+
+    ``lock_image`` freezes the image tower but its last ``image_unlocked_groups`` layer groups;
+    ``lock_text`` freezes the text tower but its last ``text_unlocked_layers`` transformer layers.
+    """
+    model = getattr(model, "module", model)
+    if cfg.lock_image:
+        model.lock_image_tower(unlocked_groups=cfg.image_unlocked_groups, freeze_bn_stats=False)
+    if cfg.lock_text:
+        model.lock_text_tower(unlocked_layers=cfg.text_unlocked_layers, freeze_layer_norm=True)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    if device.type == "cuda" and cfg.precision == "amp":
+        return torch.autocast("cuda", dtype=torch.float16)
+    if device.type == "cuda" and cfg.precision == "amp_bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` leaves behind besides the trained model."""
+
+    epochs_run: int = 0
+    steps: int = 0
+    epoch_losses: list[float] = field(default_factory=list)  # mean training loss per epoch
+    eval_history: list[dict[str, Any]] = field(default_factory=list)  # {"epoch": n, **metrics}
+    best_epoch: Optional[int] = None
+    best_metric: Optional[float] = None
+    samples_per_s: float = 0.0
+    train_seconds: float = 0.0
+    stopped_early: bool = False
+    skipped_steps: int = 0  # AMP steps the gradient scaler skipped because their gradients overflowed
+
+
+def _forward(
+    model: nn.Module, images: torch.Tensor, texts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalised features and exp(logit_scale) through the model's forward (so DDP sees the call)."""
+    out = model(image=images, text=texts)
+    if isinstance(out, dict):
+        return out["image_features"], out["text_features"], out["logit_scale"]
+    return out[0], out[1], out[2]
+
+
+def train_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    loss_fn: ClipLoss,
+    cfg: TrainConfig,
+    scaler: Optional[torch.amp.GradScaler] = None,
+) -> torch.Tensor:
+    """Forward and backward of one optimizer step's batch; returns the (detached) loss.
+
+    With ``cfg.accum_steps > 1`` the batch is cut into that many micro-batches and features are accumulated
+    (OpenCLIP's ``accum_freq``): a no-grad pass embeds every micro-batch, then each micro-batch is embedded
+    again with gradient and the loss over the *whole* batch is back-propagated through it. The gradient equals
+    the one-big-batch gradient while activations are held for one micro-batch at a time.
+
+    The logit scale takes part in every micro-batch's loss, but each of those losses carries its whole gradient,
+    so it is kept (not detached) in exactly one of them: the last. Under DDP the last micro-batch is the
+    synchronising one (the others run under ``no_sync``), so every trainable parameter, the logit scale included,
+    is used in the backward whose gradients DDP averages; a parameter used only in a ``no_sync`` micro-batch would
+    never be reduced, and DDP would refuse the next step ("Expected to have finished reduction").
+
+    Without a ``scaler`` a non-finite loss raises :class:`FloatingPointError`. With one (fp16 AMP) it is left to
+    the scaler, which skips the optimizer step whose gradients overflowed and lowers its scale, as OpenCLIP does.
+    """
+    device = images.device
+    backward = (lambda loss: scaler.scale(loss).backward()) if scaler is not None else (lambda loss: loss.backward())
+    if cfg.accum_steps == 1:
+        with _autocast(cfg, device):
+            image_features, text_features, logit_scale = _forward(model, images, texts)  # [batch, dim] x2
+            loss = loss_fn(image_features, text_features, logit_scale)
+        if scaler is None:
+            _check_finite(loss)
+        backward(loss)
+        return loss.detach()
+
+    image_chunks, text_chunks = images.tensor_split(cfg.accum_steps), texts.tensor_split(cfg.accum_steps)
+    with torch.no_grad(), _autocast(cfg, device):
+        cached = [_forward(model, i, t)[:2] for i, t in zip(image_chunks, text_chunks)]
+    no_sync = getattr(model, "no_sync", None)
+    for j, (image_chunk, text_chunk) in enumerate(zip(image_chunks, text_chunks)):
+        last = j == len(image_chunks) - 1
+        with no_sync() if no_sync is not None and not last else nullcontext(), _autocast(cfg, device):
+            image_features, text_features, logit_scale = _forward(model, image_chunk, text_chunk)
+            all_image = torch.cat([c[0] for c in cached[:j]] + [image_features] + [c[0] for c in cached[j + 1 :]])
+            all_text = torch.cat([c[1] for c in cached[:j]] + [text_features] + [c[1] for c in cached[j + 1 :]])
+            loss = loss_fn(all_image, all_text, logit_scale if last else logit_scale.detach())
+            if scaler is None:
+                _check_finite(loss)
+            backward(loss)
+    return loss.detach()
+
+
+def _check_finite(loss: torch.Tensor) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()}; lower the learning rate or use precision=fp32")
+
+
+def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, path: str | Path) -> None:
+    """Refuse to resume a checkpoint written with other training options (it would not continue that run)."""
+    current = asdict(cfg)
+    differing = sorted(
+        name
+        for name in set(saved) | set(current)
+        if name not in RESUME_MAY_DIFFER and _comparable(saved.get(name)) != _comparable(current.get(name))
+    )
+    if differing:
+        details = ", ".join(
+            f"{name}: {saved.get(name)!r} in the checkpoint, {current.get(name)!r} now" for name in differing
+        )
+        raise ValueError(
+            f"cannot resume from {str(path)!r}: it was written with other training options ({details}); "
+            "resume with the options of that run, or start a new one"
+        )
+
+
+def _comparable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def _seed_loader_epoch(loader: Any, seed: int, epoch: int) -> None:
+    """Key the loader's randomness to ``(seed, epoch)``: the batch order and the worker seeds.
+
+    A DataLoader draws its workers' base seed from its generator at every new iterator, so without this a
+    resumed run (a fresh generator) would give epoch ``k`` the worker seeds of epoch 0, and with
+    ``num_workers > 0`` its augmentations would differ from the uninterrupted run's.
+    """
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    if hasattr(batch_sampler, "set_epoch"):
+        batch_sampler.set_epoch(epoch)
+    generator = getattr(loader, "generator", None)
+    if generator is not None:
+        generator.manual_seed((seed * 1_000_003 + epoch) % (2**63))
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler]) -> bool:
+    """Step the optimizer (through the scaler under AMP); False when the scaler skipped the step."""
+    if scaler is None:
+        optimizer.step()
+        return True
+    scale = scaler.get_scale()
+    scaler.step(optimizer)  # skipped when the unscaled gradients hold inf/NaN
+    scaler.update()  # ... and then the scale is lowered
+    return scaler.get_scale() >= scale
+
+
+def _distributed() -> tuple[int, int]:
+    """``(world_size, rank)`` of the initialised process group, ``(1, 0)`` without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def _broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """Rank 0's decision, on every rank."""
+    world_size, _ = _distributed()
+    if world_size == 1:
+        return flag
+    tensor = torch.tensor([1 if flag else 0], device=device)
+    torch.distributed.broadcast(tensor, src=0)
+    return bool(tensor.item())
+
+
+def fit(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    loss_fn: ClipLoss,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    cfg: TrainConfig,
+    eval_fn: Optional[EvalFn] = None,
+    on_event: Optional[EventCallback] = None,
+    checkpoint_dir: Optional[str | Path] = None,
+    resume_from: Optional[str | Path] = None,
+    should_stop: Optional[Callable[[], bool]] = None,
+    scaler: Optional[torch.amp.GradScaler] = None,
+) -> FitResult:
+    """Train ``model`` for ``cfg.epochs`` epochs of contrastive learning.
+
+    Under DDP (an initialised process group; ``model`` wrapped in ``DistributedDataParallel``; ``loss_fn``
+    built with the world size) every rank trains, and only rank 0 evaluates, emits events and writes
+    checkpoints; early-stopping decisions are broadcast from rank 0.
+
+    Args:
+        model: an OpenCLIP model (or its DDP wrapper), already on its device.
+        loader: yields one optimizer step's batch ``(images [B,3,H,W], texts [B,ctx], image_index [B])``,
+            ``B = cfg.batch_size * cfg.accum_steps``.
+        loss_fn: the contrastive loss.
+        optimizer: built over the trainable parameters.
+        scheduler: stepped once per optimizer step.
+        cfg: training options.
+        eval_fn: returns held-out metrics for the current weights; drives early stopping and best keeping.
+        on_event: receives progress events (``{"event": "step" | "epoch" | "eval" | "end", ...}``).
+        checkpoint_dir: where ``last.pt`` (full training state) is written after every epoch.
+        resume_from: a ``last.pt`` to continue from (model, optimizer, scheduler, scaler, epoch, history, RNG);
+            written with the same options (``cfg`` may differ only in ``device`` and ``log_every``). A run that had
+            stopped early stays stopped.
+        should_stop: polled between steps; returning True raises :class:`TrainingStopped`.
+        scaler: the gradient scaler; default: one for fp16 AMP on CUDA, else none. Under a scaler a step whose
+            gradients overflow is skipped (the weights, optimizer and schedule stay where they were), as OpenCLIP
+            does; ``MAX_SKIPPED_IN_A_ROW`` skips in a row stop training with :class:`FloatingPointError`.
+
+    Returns:
+        A :class:`FitResult`. With ``cfg.keep_best`` and an ``eval_fn``, the model ends with the weights of the
+        best evaluation.
+    """
+    world_size, rank = _distributed()
+    is_main = rank == 0
+    emit = (on_event or (lambda event: None)) if is_main else (lambda event: None)
+    inner = getattr(model, "module", model)
+    device = next(model.parameters()).device
+    if scaler is None and device.type == "cuda" and cfg.precision == "amp":
+        scaler = torch.amp.GradScaler("cuda")
+    if device.type != "cuda" and cfg.precision != "fp32":
+        logger.info("precision %s needs CUDA; training in fp32 on %s", cfg.precision, device)
+
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError("the training loader yields no batch: fewer distinct images than the batch size?")
+    total_steps = steps_per_epoch * cfg.epochs
+
+    result = FitResult()
+    start_epoch = 0
+    best_state: Optional[dict[str, torch.Tensor]] = None
+    patience_left = cfg.early_stop_patience
+    if resume_from is not None:
+        state = torch.load(resume_from, map_location="cpu", weights_only=False)
+        _check_resumable(state.get("config", {}), cfg, resume_from)
+        inner.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_epoch = int(state["epoch"])
+        result = FitResult(**state["result"])
+        best_state = state.get("best_state")
+        patience_left = state.get("patience_left", patience_left)
+        _set_rng_state(state["rng"])
+        logger.info("resumed from %s at epoch %d", resume_from, start_epoch)
+
+    samples_seen = 0
+    train_time = 0.0
+    step = result.steps
+    steps_at_start = step
+    skipped_in_a_row = 0
+    first_epoch = cfg.epochs if result.stopped_early else start_epoch  # an early-stopped run stays stopped
+    for epoch in range(first_epoch, cfg.epochs):
+        _seed_loader_epoch(loader, cfg.seed, epoch)
+        model.train()
+        epoch_loss, epoch_batches = 0.0, 0
+        epoch_start = time.perf_counter()
+        for images, texts, _image_index in loader:
+            if should_stop is not None and should_stop():
+                raise TrainingStopped(f"training stopped at epoch {epoch + 1}, step {step}")
+            t0 = time.perf_counter()
+            images = images.to(device, non_blocking=True)
+            texts = texts.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            loss = train_step(model, images, texts, loss_fn, cfg, scaler)
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if cfg.grad_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip_norm)
+            if _optimizer_step(optimizer, scaler):
+                scheduler.step()  # the schedule counts the steps that were taken
+                clamp_logit_scale(inner)
+                skipped_in_a_row = 0
+            else:
+                result.skipped_steps += 1
+                skipped_in_a_row += 1
+                logger.info(
+                    "step %d skipped: gradients overflowed under AMP (loss scale now %g)", step + 1, scaler.get_scale()
+                )
+                if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                    raise FloatingPointError(
+                        f"{skipped_in_a_row} steps in a row overflowed under fp16 AMP (last loss {float(loss)}); "
+                        "lower the learning rate or use precision=amp_bf16 or fp32"
+                    )
+            step += 1
+            train_time += time.perf_counter() - t0
+            if math.isfinite(float(loss)):
+                epoch_loss += float(loss)
+                epoch_batches += 1
+            samples_seen += images.shape[0] * world_size
+
+            if step % cfg.log_every == 0 or step == total_steps:
+                rate = samples_seen / max(train_time, 1e-9)
+                eta = (total_steps - step) * train_time / max(step - steps_at_start, 1)
+                event = {
+                    "event": "step",
+                    "epoch": epoch + 1,
+                    "epochs": cfg.epochs,
+                    "step": step,
+                    "total_steps": total_steps,
+                    "loss": float(loss),
+                    "lr": optimizer.param_groups[-1]["lr"],
+                    "logit_scale": float(inner.logit_scale.detach().exp()),
+                    "samples_per_s": rate,
+                    "eta_s": eta,
+                    "step_s": train_time / max(step - steps_at_start, 1),
+                }
+                if is_main:
+                    logger.info(
+                        "epoch %d/%d step %d/%d loss %.4f lr %.2e logit_scale %.1f %.1f samples/s",
+                        epoch + 1,
+                        cfg.epochs,
+                        step,
+                        total_steps,
+                        event["loss"],
+                        event["lr"],
+                        event["logit_scale"],
+                        rate,
+                    )
+                emit(event)
+
+        mean_loss = epoch_loss / max(epoch_batches, 1)
+        result.epoch_losses.append(mean_loss)
+        result.epochs_run = epoch + 1
+        result.steps = step
+        emit(
+            {
+                "event": "epoch",
+                "epoch": epoch + 1,
+                "epochs": cfg.epochs,
+                "loss": mean_loss,
+                "seconds": time.perf_counter() - epoch_start,
+            }
+        )
+
+        is_last = epoch + 1 == cfg.epochs
+        stop = False
+        if eval_fn is not None and ((cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or is_last):
+            if is_main:
+                metrics = eval_fn()
+                result.eval_history.append({"epoch": epoch + 1, **metrics})
+                value = metrics[cfg.early_stop_metric]
+                improved = result.best_metric is None or value > result.best_metric
+                emit({"event": "eval", "epoch": epoch + 1, "metrics": metrics, "improved": improved})
+                if improved:
+                    result.best_metric, result.best_epoch = value, epoch + 1
+                    patience_left = cfg.early_stop_patience
+                    if cfg.keep_best:
+                        best_state = {k: v.detach().to("cpu", copy=True) for k, v in inner.state_dict().items()}
+                elif patience_left is not None:
+                    patience_left -= 1
+                    if patience_left <= 0:
+                        logger.info(
+                            "early stop after epoch %d: %s did not improve on %.4f (epoch %s)",
+                            epoch + 1,
+                            cfg.early_stop_metric,
+                            result.best_metric,
+                            result.best_epoch,
+                        )
+                        stop = True
+            model.train()
+            stop = _broadcast_flag(stop, device)
+            result.stopped_early = stop
+
+        if checkpoint_dir is not None and is_main:
+            Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+            state = {
+                "model": inner.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler else None,
+                "epoch": epoch + 1,
+                "result": asdict(result),
+                "best_state": best_state,
+                "patience_left": patience_left,
+                "config": asdict(cfg),
+                "rng": _rng_state(),
+            }
+            with atomic_path(Path(checkpoint_dir) / LAST_CHECKPOINT) as tmp:
+                torch.save(state, tmp)
+        if stop:
+            break
+
+    if cfg.keep_best and best_state is not None and result.best_epoch != result.epochs_run:
+        inner.load_state_dict(best_state)
+        logger.info(
+            "restored the best weights (epoch %d, %s=%.4f)",
+            result.best_epoch,
+            cfg.early_stop_metric,
+            result.best_metric,
+        )
+    result.train_seconds += train_time
+    result.samples_per_s = samples_seen / train_time if train_time > 0 else 0.0
+    model.eval()
+    emit(
+        {
+            "event": "end",
+            "epochs_run": result.epochs_run,
+            "steps": result.steps,
+            "samples_per_s": result.samples_per_s,
+            "stopped_early": result.stopped_early,
+            "skipped_steps": result.skipped_steps,
+        }
+    )
+    return result
+
+
+def finetune(
+    bundle: Any,
+    train_pairs: Any,
+    eval_pairs: Any,
+    cfg: TrainConfig,
+    eval_cfg: Optional[EvalConfig] = None,
+    on_event: Optional[EventCallback] = None,
+    checkpoint_dir: Optional[str | Path] = None,
+    resume_from: Optional[str | Path] = None,
+    should_stop: Optional[Callable[[], bool]] = None,
+    general_pairs: Any = None,
+) -> dict[str, Any]:
+    """Evaluate, fine-tune and evaluate again on the same held-out pairs.
+
+    With ``cfg.wiseft_alphas`` the report also holds a WiSE-FT sweep (recall at each alpha on the held-out
+    pairs, and on ``general_pairs`` when given, to show what the base model knew and tuning kept); with
+    ``cfg.wiseft_alpha`` the model ends with those interpolated weights and ``after`` describes them.
+
+    Args:
+        bundle: a :class:`cliptuner.train.models.ClipBundle` (trained in place; moved to ``cfg.device``).
+        train_pairs: :class:`cliptuner.train.data.PairSet` to train on.
+        eval_pairs: held-out :class:`~cliptuner.train.data.PairSet`, never trained on and never used to choose: with
+            ``keep_best`` or early stopping, the epoch is chosen on ``cfg.val_fraction`` of the training images.
+        cfg: training options.
+        eval_cfg: evaluation options (k values, batch size).
+        on_event: progress callback (see :func:`fit`); also receives ``{"event": "before"|"after", "metrics"}``.
+        checkpoint_dir: where resumable training state is written each epoch.
+        resume_from: a previous ``last.pt`` to continue from.
+        should_stop: polled between steps to abort.
+        general_pairs: optional pairs of the general (not tuned-for) distribution, for the WiSE-FT sweep.
+
+    Returns:
+        The report: ``{"before", "after", "epochs", "epoch_losses", "samples_per_s", "split", ...}``.
+        ``eval_history`` holds the per-epoch evaluations: on the validation part when an epoch is chosen
+        (``keep_best``/early stopping; then ``best_epoch`` names it), else on the held-out pairs, as a curve that
+        chooses nothing (and no ``best_epoch`` is reported). ``trivial`` lists the cut-offs whose recall is 1.0
+        by construction on the held-out pairs (``k`` at least the number of candidates). Under DDP
+        every rank trains its shard of each global batch; only rank 0 evaluates (other ranks' report has
+        empty ``before``/``after``).
+    """
+    from cliptuner.train.data import make_loader
+    from cliptuner.train.evaluate import evaluate, trivial_cutoffs
+
+    eval_cfg = eval_cfg or EvalConfig()
+    world_size, rank = _distributed()
+    emit = on_event if on_event is not None and rank == 0 else (lambda event: None)
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {cfg.device!r} asked for, but CUDA is not available here")
+    seed_everything(cfg.seed)
+    model = bundle.model.to(device)
+    apply_locks(model, cfg)
+
+    def run_eval(pairs: Any = eval_pairs) -> dict[str, float]:
+        return evaluate(bundle, pairs, eval_cfg.ks, eval_cfg.batch_size)
+
+    # Choosing an epoch (best weights, early stopping) on the split that reports "after" would flatter it:
+    # the choice is made on a validation part of the training images instead.
+    selecting = cfg.keep_best or cfg.early_stop_patience is not None
+    val_pairs = None
+    if selecting:
+        train_pairs, val_pairs = train_pairs.split(cfg.val_fraction, cfg.seed)
+    before = run_eval() if rank == 0 else {}
+    emit({"event": "before", "metrics": before})
+    use_wiseft = bool(cfg.wiseft_alphas) or cfg.wiseft_alpha is not None
+    base_state = state_copy(model) if use_wiseft and rank == 0 else None
+    loader = make_loader(
+        train_pairs,
+        bundle.preprocess_train,
+        bundle.tokenizer,
+        cfg.batch_size * cfg.accum_steps,
+        seed=cfg.seed,
+        shuffle=True,
+        num_workers=cfg.num_workers,
+        num_replicas=world_size,
+        rank=rank,
+    )
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, len(loader) * cfg.epochs)
+    trained: nn.Module = model
+    if world_size > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index or 0] if device.type == "cuda" else None
+        )
+    result = fit(
+        trained,
+        loader,
+        ClipLoss(world_size=world_size, rank=rank),
+        optimizer,
+        scheduler,
+        cfg,
+        eval_fn=(lambda: run_eval(val_pairs)) if selecting else run_eval,
+        on_event=on_event,
+        checkpoint_dir=checkpoint_dir,
+        resume_from=resume_from,
+        should_stop=should_stop,
+    )
+    if rank != 0:
+        after: dict[str, float] = {}
+    elif not selecting and result.eval_history and result.eval_history[-1]["epoch"] == result.epochs_run:
+        after = {k: v for k, v in result.eval_history[-1].items() if k != "epoch"}  # the final weights' eval
+    else:
+        after = run_eval()
+    wiseft: dict[str, Any] = {}
+    if base_state is not None:
+        tuned_state = state_copy(model)
+        eval_sets = {"held_out": eval_pairs, **({"general": general_pairs} if general_pairs is not None else {})}
+        alphas = sorted(set(cfg.wiseft_alphas) | ({cfg.wiseft_alpha} if cfg.wiseft_alpha is not None else set()))
+        wiseft["sweep"] = wiseft_sweep(
+            bundle, base_state, tuned_state, alphas, eval_sets, eval_cfg.ks, eval_cfg.batch_size
+        )
+        if cfg.wiseft_alpha is not None:
+            apply_wiseft(model, base_state, tuned_state, cfg.wiseft_alpha)
+            wiseft["alpha"] = cfg.wiseft_alpha
+            wiseft["tuned_after"] = after
+            after = next(e["held_out"] for e in wiseft["sweep"] if e["alpha"] == cfg.wiseft_alpha)
+        emit({"event": "wiseft", "sweep": wiseft["sweep"]})
+    emit({"event": "after", "metrics": after})
+    return {
+        "before": before,
+        "after": after,
+        "epochs": result.epochs_run,
+        "steps": result.steps,
+        "epoch_losses": result.epoch_losses,
+        "eval_history": result.eval_history,
+        **({"best_epoch": result.best_epoch} if selecting else {}),
+        "stopped_early": result.stopped_early,
+        "skipped_steps": result.skipped_steps,
+        "trivial": trivial_cutoffs(eval_pairs.num_images, len(eval_pairs), eval_cfg.ks),
+        "samples_per_s": result.samples_per_s,
+        "train_seconds": result.train_seconds,
+        "split": {
+            "train_pairs": len(train_pairs),
+            "train_images": train_pairs.num_images,
+            "eval_pairs": len(eval_pairs),
+            "eval_images": eval_pairs.num_images,
+            **({"val_pairs": len(val_pairs), "val_images": val_pairs.num_images} if val_pairs else {}),
+        },
+        "history_split": "val" if selecting else "eval",
+        "config": asdict(cfg),
+        "world_size": world_size,
+        **({"wiseft": wiseft} if wiseft else {}),
+    }
