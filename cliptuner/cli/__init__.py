@@ -1052,6 +1052,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 3
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
