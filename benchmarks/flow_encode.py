@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
@@ -63,25 +63,82 @@ def main(argv=None) -> dict:
     )
     p.add_argument("--flow", default=None, help="the Flow YAML served (default: flows/flow.yml)")
     p.add_argument("--json", default=None, help="also write the results here")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    os.environ.setdefault("JINA_HIDE_SURVEY", "1")
-    os.environ.setdefault("JINA_OPTOUT_TELEMETRY", "1")
-    from docarray import DocList
-    from service import FlowProcess, png
 
-    from cliptuner.model.registry import Registry
-    from cliptuner.model.runtime import OnnxClip
-    from executors.schemas import ClipDoc
+def png_blobs(count: int, size: int, content: str) -> list[bytes]:
+    """``count`` PNGs of ``size``×``size``: uniform random pixels (``noise``) or synthetic ``scenes``."""
+    from service import png
 
-    if args.content == "noise":
+    if content == "noise":
         rng = np.random.default_rng(0)
-        arrays = [rng.integers(0, 255, (args.size, args.size, 3), dtype=np.uint8) for _ in range(args.images)]
+        arrays = [rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for _ in range(count)]
     else:
         from cliptuner.train.synthetic import generate
 
-        arrays = generate(args.images, "generic", seed=0, image_size=args.size).images
-    blobs = [png(a) for a in arrays]
+        arrays = generate(count, "generic", seed=0, image_size=size).images
+    return [png(a) for a in arrays]
+
+
+class EncodeSides:
+    """The ways of encoding the same blobs: in this process, and through the Flow with each client mode."""
+
+    def __init__(self, client, clip, blobs: list[bytes], batch: int) -> None:
+        from docarray import DocList
+
+        from executors.schemas import ClipDoc
+
+        self.docs, self.doc = DocList[ClipDoc], ClipDoc
+        self.client = client
+        self.clip = clip
+        self.blobs = blobs
+        self.batch = batch
+        self.batches = [blobs[i : i + batch] for i in range(0, len(blobs), batch)]
+
+    def sequential(self) -> np.ndarray:
+        """One ``post`` per request, each waiting for its answer."""
+        out = []
+        for batch in self.batches:
+            docs = self.docs([self.doc(id=str(i), blob=b) for i, b in enumerate(batch)])
+            res = self.client.post("/encode", inputs=docs, return_type=self.docs, request_size=len(batch))
+            out.extend(d.embedding for d in res)
+        return np.stack(out)
+
+    def streamed(self) -> np.ndarray:
+        """One ``post`` of all the blobs in requests of ``batch`` docs."""
+        docs = self.docs([self.doc(id=str(i), blob=b) for i, b in enumerate(self.blobs)])
+        res = self.client.post("/encode", inputs=docs, return_type=self.docs, request_size=self.batch)
+        by_id = {d.id: d.embedding for d in res}  # answers may arrive in another order
+        return np.stack([by_id[str(i)] for i in range(len(self.blobs))])
+
+    def in_process(self) -> np.ndarray:
+        return np.concatenate([self.clip.encode_images(batch) for batch in self.batches])
+
+
+def measure(sides: dict, repeats: int) -> tuple[float, dict[str, list[float]]]:
+    """Max |difference| of each Flow side from the in-process one, and the seconds of each side per repeat
+    (the sides alternate within a repeat; the first in-process call warms up)."""
+    reference = sides["in_process"]()  # warm-up, and the sides must agree
+    max_diff = max(float(np.abs(reference - fn()).max()) for name, fn in sides.items() if name != "in_process")
+    times = {name: [] for name in sides}
+    for _ in range(repeats):
+        for name, fn in sides.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return max_diff, times
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    os.environ.setdefault("JINA_HIDE_SURVEY", "1")
+    os.environ.setdefault("JINA_OPTOUT_TELEMETRY", "1")
+    from service import FlowProcess
+
+    from cliptuner.model.registry import Registry
+    from cliptuner.model.runtime import OnnxClip
+
+    blobs = png_blobs(args.images, args.size, args.content)
     workspace = Path(tempfile.mkdtemp(prefix="cliptuner-bench-")) / "ws"
     flow = FlowProcess(
         workspace,
@@ -95,42 +152,21 @@ def main(argv=None) -> dict:
     try:
         registry = Registry(workspace / "models")
         clip = OnnxClip(registry.current_path(), device="cpu", intra_op_threads=args.threads)
-        client = flow.client()
-        batches = [blobs[i : i + args.batch] for i in range(0, len(blobs), args.batch)]
-
-        def sequential() -> np.ndarray:
-            out = []
-            for batch in batches:
-                docs = DocList[ClipDoc]([ClipDoc(id=str(i), blob=b) for i, b in enumerate(batch)])
-                res = client.post("/encode", inputs=docs, return_type=DocList[ClipDoc], request_size=len(batch))
-                out.extend(d.embedding for d in res)
-            return np.stack(out)
-
-        def streamed() -> np.ndarray:
-            docs = DocList[ClipDoc]([ClipDoc(id=str(i), blob=b) for i, b in enumerate(blobs)])
-            res = client.post("/encode", inputs=docs, return_type=DocList[ClipDoc], request_size=args.batch)
-            by_id = {d.id: d.embedding for d in res}  # answers may arrive in another order
-            return np.stack([by_id[str(i)] for i in range(len(blobs))])
-
-        def in_process() -> np.ndarray:
-            return np.concatenate([clip.encode_images(batch) for batch in batches])
-
-        sides = {
-            "in_process": in_process,
-            **{name: {"sequential": sequential, "streamed": streamed}[name] for name in args.clients},
-        }
-        reference = in_process()  # warm-up, and the sides must agree
-        max_diff = max(float(np.abs(reference - fn()).max()) for name, fn in sides.items() if name != "in_process")
-        times = {name: [] for name in sides}
-        for _ in range(args.repeats):
-            for name, fn in sides.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+        encode = EncodeSides(flow.client(), clip, blobs, args.batch)
+        by_mode = {"sequential": encode.sequential, "streamed": encode.streamed}
+        sides = {"in_process": encode.in_process, **{name: by_mode[name] for name in args.clients}}
+        max_diff, times = measure(sides, args.repeats)
     finally:
         flow.stop()
     shutil.rmtree(workspace.parent, ignore_errors=True)  # kept when the run failed: flow.log is there
+    result = report(args, argv, blobs, times, max_diff, startup)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
 
+
+def report(args: argparse.Namespace, argv, blobs: list[bytes], times: dict, max_diff: float, startup: float) -> dict:
+    """The results (images/s of each side, Flow ÷ in-process ratios), printed as they are gathered."""
     rates = {name: [args.images / t for t in ts] for name, ts in times.items()}
     result = {
         "model": args.model,
@@ -166,8 +202,6 @@ def main(argv=None) -> dict:
             f"{statistics.median(ratios):.2f} (median of {args.repeats}; each: "
             f"{', '.join(f'{r:.2f}' for r in ratios)})"
         )
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
     return result
 
 

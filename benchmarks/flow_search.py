@@ -66,7 +66,7 @@ def summary(times: list[float]) -> dict:
     }
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
@@ -78,21 +78,84 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=1, help="data seed (search.py chose the HNSW settings on seed 0)")
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime / BLAS threads of the service")
     p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def fill_and_search(
+    path: Path, version: str, gallery: np.ndarray, queries: np.ndarray
+) -> tuple[float, str, list, list]:
+    """Store ``gallery`` in the indexer's collection at ``path`` (its default settings), then search it in this
+    process; ``(fill seconds, backend, seconds per query, ids found per query)``."""
+    from cliptuner.index.embedded import Collection, StoredDoc
+
+    n = len(gallery)
+    fill_started = time.perf_counter()
+    with Collection(path) as store:
+        store.rebuild(version, lambda docs: np.zeros((0, 1), np.float32))
+        for start in range(0, n, 20_000):
+            rows = range(start, min(start + 20_000, n))
+            store.upsert(
+                [StoredDoc(id=str(i), text=f"gallery item {i}") for i in rows],
+                gallery[start : start + len(rows)],
+                version,
+            )
+        fill_s = time.perf_counter() - fill_started
+        backend = store.stats()["backend"]
+        times, found = latencies(lambda q: [doc_id for doc_id, _ in store.search(q, K, version=version)[0]], queries)
+    return fill_s, backend, times, found
+
+
+class FlowQueries:
+    """``/search`` requests through the Flow: by vector (in the model's version) and by caption."""
+
+    def __init__(self, client, version: str) -> None:
+        from docarray import DocList
+
+        from executors.schemas import ClipDoc
+
+        self.docs, self.doc = DocList[ClipDoc], ClipDoc
+        self.client = client
+        self.version = version
+
+    def vector_query(self, q: np.ndarray) -> list[str]:
+        res = self.client.post(
+            "/search",
+            inputs=self.docs([self.doc(id="q", embedding=q, model_version=self.version)]),
+            parameters={"limit": K},
+            return_type=self.docs,
+        )
+        return [m.id for m in res[0].matches]
+
+    def text_query(self, i: int) -> int:
+        res = self.client.post(
+            "/search",
+            inputs=self.docs([self.doc(id="q", text=f"gallery item {i}")]),
+            parameters={"limit": K},
+            return_type=self.docs,
+        )
+        return len(res[0].matches)
+
+
+def recall(found_lists, truth: np.ndarray) -> float:
+    """Share of the exact top-``K`` (``truth``, one row per query) among the ids found."""
+    return sum(len({int(i) for i in found} & set(t.tolist())) for found, t in zip(found_lists, truth)) / (
+        K * len(truth)
+    )
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     os.environ.setdefault("JINA_HIDE_SURVEY", "1")
     os.environ.setdefault("JINA_OPTOUT_TELEMETRY", "1")
 
-    from docarray import DocList
     from service import FlowProcess
 
     from benchmarks.search import clustered
     from cliptuner.config import ModelSpec
-    from cliptuner.index.embedded import Collection, StoredDoc
     from cliptuner.model.manifest import ModelManifest
     from cliptuner.model.registry import Registry
     from cliptuner.serve.bootstrap import ensure_current
-    from executors.schemas import ClipDoc
 
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="cliptuner-flow-search-bench-"))
@@ -103,22 +166,7 @@ def main(argv=None) -> dict:
     both = clustered(args.n + args.queries, dim, args.clusters, args.spread, args.seed)
     gallery, queries = both[: args.n], both[args.n :]
     truth = np.argsort(-(queries @ gallery.T), axis=1)[:, :K]
-
-    fill_started = time.perf_counter()
-    with Collection(workspace / "index" / "0") as store:  # the indexer's collection, its default settings
-        store.rebuild(version, lambda docs: np.zeros((0, 1), np.float32))
-        for start in range(0, args.n, 20_000):
-            rows = range(start, min(start + 20_000, args.n))
-            store.upsert(
-                [StoredDoc(id=str(i), text=f"gallery item {i}") for i in rows],
-                gallery[start : start + len(rows)],
-                version,
-            )
-        fill_s = time.perf_counter() - fill_started
-        backend = store.stats()["backend"]
-        in_process, local = latencies(
-            lambda q: [doc_id for doc_id, _ in store.search(q, K, version=version)[0]], queries
-        )
+    fill_s, backend, in_process, local = fill_and_search(workspace / "index" / "0", version, gallery, queries)
 
     flow = FlowProcess(
         workspace, work / "flow.log", env={"CLIPTUNER_MODEL": args.model, "OMP_NUM_THREADS": str(args.threads)}
@@ -127,35 +175,11 @@ def main(argv=None) -> dict:
     flow.start()
     startup = time.perf_counter() - t0
     try:
-        client = flow.client()
-
-        def vector_query(q: np.ndarray) -> list[str]:
-            res = client.post(
-                "/search",
-                inputs=DocList[ClipDoc]([ClipDoc(id="q", embedding=q, model_version=version)]),
-                parameters={"limit": K},
-                return_type=DocList[ClipDoc],
-            )
-            return [m.id for m in res[0].matches]
-
-        def text_query(i: int) -> int:
-            res = client.post(
-                "/search",
-                inputs=DocList[ClipDoc]([ClipDoc(id="q", text=f"gallery item {i}")]),
-                parameters={"limit": K},
-                return_type=DocList[ClipDoc],
-            )
-            return len(res[0].matches)
-
-        flow_vector, answers = latencies(vector_query, queries)
-        flow_text, counts = latencies(text_query, list(range(args.queries)))
+        search = FlowQueries(flow.client(), version)
+        flow_vector, answers = latencies(search.vector_query, queries)
+        flow_text, counts = latencies(search.text_query, list(range(args.queries)))
     finally:
         flow.stop()
-
-    def recall(found_lists) -> float:
-        return sum(len({int(i) for i in found} & set(t.tolist())) for found, t in zip(found_lists, truth)) / (
-            K * args.queries
-        )
 
     if min(counts) != K:
         raise SystemExit(f"a text query got {min(counts)} matches, expected {K}: see {work / 'flow.log'}")
@@ -173,8 +197,8 @@ def main(argv=None) -> dict:
         "backend": backend,
         "fill_s": fill_s,
         "startup_s": startup,
-        "recall_at_10": recall(answers),
-        "in_process_recall_at_10": recall(local),
+        "recall_at_10": recall(answers, truth),
+        "in_process_recall_at_10": recall(local, truth),
         "in_process": summary(in_process),
         "flow_vector": summary(flow_vector),
         "flow_text": summary(flow_text),
@@ -185,9 +209,16 @@ def main(argv=None) -> dict:
         "onnxruntime": onnxruntime.__version__,
         "command": "python benchmarks/flow_search.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
+    print_table(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def print_table(result: dict) -> None:
     print(
-        f"{args.n} docs × {dim} ({args.model}, {backend}), {args.queries} queries of each kind, top-{K}; "
-        f"recall@10 through the Flow {result['recall_at_10']:.3f} "
+        f"{result['n']} docs × {result['dim']} ({result['model']}, {result['backend']}), {result['queries']} queries "
+        f"of each kind, top-{K}; recall@10 through the Flow {result['recall_at_10']:.3f} "
         f"(in-process {result['in_process_recall_at_10']:.3f})"
     )
     print("| path | p50 ms | p99 ms | queries/s |")
@@ -199,9 +230,6 @@ def main(argv=None) -> dict:
     ):
         row = result[key]
         print(f"| {name} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['queries_per_s']:.0f} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return result
 
 
 if __name__ == "__main__":

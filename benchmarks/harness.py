@@ -184,7 +184,7 @@ PARTS: tuple[Part, ...] = (
         "train_load",
         "Serving while a `/train` runs; memory of each process",
         full=(),
-        quick=("--quick",),
+        quick=("--gallery", "64", "--queries", "40", "--train-images", "128", "--no-after"),
         about="`/search` latency through the Flow, one query at a time, while idle and while a `/train` child "
         "process trains; the peak resident memory of the gateway, each Executor and the training process.",
     ),

@@ -239,7 +239,7 @@ def wait_for(condition: Callable[[], Optional[dict]], timeout: float, what: str)
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
@@ -273,27 +273,168 @@ def main(argv=None) -> dict:
     p.add_argument("--no-after", dest="after", action="store_false", help="skip the idle phase after training")
     p.add_argument("--sample-s", type=float, default=0.5, help="seconds between memory samples")
     p.add_argument("--json", default=None, help="also write the results here")
-    args = p.parse_args(argv)
-    started = time.perf_counter()
+    return p.parse_args(argv)
 
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    os.environ.setdefault("JINA_HIDE_SURVEY", "1")
-    os.environ.setdefault("JINA_OPTOUT_TELEMETRY", "1")
-    import jina
-    import onnxruntime
-    from docarray import DocList
-    from service import FlowProcess, png
 
-    from cliptuner.train import synthetic
-    from executors.schemas import ClipDoc
-    from executors.tuner import write_pairs_csv
-
+def service_env(args: argparse.Namespace) -> tuple[dict[str, str], list[str]]:
+    """The service's environment: ``(variables set, variables it must not inherit)``; the tuner's training
+    settings are set only when asked for, else left to the tuner's defaults."""
     env = {"CLIPTUNER_MODEL": args.model, "OMP_NUM_THREADS": str(args.threads)}
     if args.torch_threads is not None:
         env["CLIPTUNER_TORCH_THREADS"] = str(args.torch_threads)
     if args.niceness is not None:
         env["CLIPTUNER_TRAIN_NICENESS"] = str(args.niceness)
     unset = [name for name in ("CLIPTUNER_TORCH_THREADS", "CLIPTUNER_TRAIN_NICENESS") if name not in env]
+    return env, unset
+
+
+class FlowClient:
+    """What the benchmark sends the Flow: the gallery to index, timed text queries, a /train and /status."""
+
+    def __init__(self, client, texts: list[str], limit: int, gallery_size: int) -> None:
+        from docarray import DocList
+
+        from executors.schemas import ClipDoc
+
+        self.docs, self.doc = DocList[ClipDoc], ClipDoc
+        self.client = client
+        self.texts = texts
+        self.limit = limit
+        self.gallery_size = gallery_size
+
+    def post(self, on: str, docs=None, **kwargs):
+        return self.client.post(on, inputs=docs, return_type=self.docs, **kwargs)
+
+    def status(self) -> dict:
+        return {doc.id: doc.tags for doc in self.post("/status")}
+
+    def training_state(self) -> dict:
+        return self.status()["status-tuner"]["training"]
+
+    def index(self, gallery) -> None:
+        """Index the gallery's scenes as PNG blobs, 64 a request."""
+        from service import png
+
+        for start in range(0, self.gallery_size, 64):
+            self.post(
+                "/index",
+                self.docs(
+                    [
+                        self.doc(id=gallery.image_ids[i], blob=png(gallery.images[i]))
+                        for i in range(start, min(start + 64, self.gallery_size))
+                    ]
+                ),
+            )
+
+    def searches(self, indices) -> list[float]:
+        """Send the text queries ``indices`` one at a time; the seconds each took."""
+        seconds = []
+        for i in indices:
+            query = self.docs([self.doc(id=f"q{i}", text=self.texts[i])])
+            t0 = time.perf_counter()
+            answer = self.post("/search", query, parameters={"limit": self.limit})
+            seconds.append(time.perf_counter() - t0)
+            if len(answer[0].matches) != min(self.limit, self.gallery_size):
+                raise RuntimeError(f"query {i} got {len(answer[0].matches)} matches")
+        return seconds
+
+    def start_training(self, epochs: int, batch_size: int) -> str:
+        """A ``/train`` with ``wait=False`` on the workspace's PAIRS file; its run id."""
+        return self.post(
+            "/train",
+            parameters={
+                "data": "train/pairs.csv",
+                "wait": False,
+                "epochs": epochs,
+                "batch_size": batch_size,
+                "seed": 0,
+                "eval_fraction": 0.2,
+            },
+        )[0].tags["run_id"]
+
+
+def training_and_paused(
+    client: FlowClient, warmup: range, blocks: list[range], training_pid: int
+) -> tuple[list[float], list[float], float, float]:
+    """Each block of queries while the training runs, then again with its process group stopped;
+    ``(seconds during training, seconds paused, CPU seconds the training used, wall seconds of those blocks)``."""
+    group = os.getpgid(training_pid)
+    client.searches(warmup)
+    during, paused = [], []
+    busy_s = wall_s = 0.0  # CPU time the training used during the training blocks, and their wall time
+    try:
+        for block in blocks:
+            cpu0, t0 = cpu_seconds(training_pid), time.perf_counter()
+            during += client.searches(block)
+            busy_s += cpu_seconds(training_pid) - cpu0
+            wall_s += time.perf_counter() - t0
+            os.killpg(group, signal.SIGSTOP)
+            paused += client.searches(block)
+            os.killpg(group, signal.SIGCONT)
+    finally:
+        os.killpg(group, signal.SIGCONT)
+    return during, paused, busy_s, wall_s
+
+
+def measure(args: argparse.Namespace, client: FlowClient, flow, sampler: MemorySampler, workspace: Path) -> dict:
+    """The three phases (idle, training with paused blocks, after), the training's progress and settings, and
+    the names of the Flow's processes."""
+    warmup, counted = range(args.warmup), range(args.warmup, len(client.texts))
+    blocks = [counted[b :: args.blocks] for b in range(args.blocks)]  # each block: every query once, in all
+    client.searches(warmup)
+    idle = percentiles(client.searches(counted))
+    run_id = client.start_training(args.epochs, args.batch_size)
+    before = wait_for(
+        lambda: (lambda t: t if t.get("step") and t.get("phase") == "training" else None)(client.training_state()),
+        600,
+        "the training process's first optimizer step",
+    )
+    training_pid = int(before["pid"])
+    observed = {
+        "train_niceness": niceness(training_pid),
+        "train_omp_num_threads": environ(training_pid).get("OMP_NUM_THREADS"),
+        "train_threads_total": status_field(training_pid, "Threads"),
+    }
+    during, paused, busy_s, wall_s = training_and_paused(client, warmup, blocks, training_pid)
+    during, paused = percentiles(during), percentiles(paused)
+    end = client.training_state()
+    if end.get("state") != "running" or end.get("phase") != "training":
+        raise RuntimeError(f"the run stopped training before the measurement ended: {end}; raise --epochs")
+    tuner_pid = int(client.status()["status-tuner"]["pid"])
+    sampler.sample()
+    names = identify(flow.proc.pid, flow.port, workspace, tuner_pid, training_pid)
+    steps = int(end["step"]) - int(before["step"])  # optimizer steps since the start (not per epoch)
+    progress = {
+        "steps_during_measurement": steps,
+        "cpus_used": round(busy_s / wall_s, 2),
+        "samples_per_s": end.get("samples_per_s"),
+        "epoch": end.get("epoch"),
+        "step": end.get("step"),
+        "total_steps": end.get("total_steps"),
+    }
+    client.post("/train/cancel", parameters={"run_id": run_id})
+    if args.after:
+        client.searches(warmup)
+        after = percentiles(client.searches(counted))
+    else:
+        after = None
+    phases = {"idle": idle, "training": during, "paused": paused, "after": after}
+    return {"phases": phases, "observed": observed, "progress": progress, "names": names, "steps": steps}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    started = time.perf_counter()
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    os.environ.setdefault("JINA_HIDE_SURVEY", "1")
+    os.environ.setdefault("JINA_OPTOUT_TELEMETRY", "1")
+    from service import FlowProcess
+
+    from cliptuner.train import synthetic
+    from executors.tuner import write_pairs_csv
+
+    env, unset = service_env(args)
     tmp = Path(tempfile.mkdtemp(prefix="cliptuner-bench-"))
     workspace = tmp / "ws"
     pairs = synthetic.generate(args.train_images, "domain", seed=1, captions_per_image=2)
@@ -306,103 +447,9 @@ def main(argv=None) -> dict:
     sampler.start()
     failed = True
     try:
-        client = flow.client()
-
-        def post(on: str, docs=None, **kwargs) -> DocList[ClipDoc]:
-            return client.post(on, inputs=docs, return_type=DocList[ClipDoc], **kwargs)
-
-        def status() -> dict:
-            return {doc.id: doc.tags for doc in post("/status")}
-
-        for start in range(0, args.gallery, 64):
-            post(
-                "/index",
-                DocList[ClipDoc](
-                    [
-                        ClipDoc(id=gallery.image_ids[i], blob=png(gallery.images[i]))
-                        for i in range(start, min(start + 64, args.gallery))
-                    ]
-                ),
-            )
-
-        def searches(indices) -> list[float]:
-            seconds = []
-            for i in indices:
-                query = DocList[ClipDoc]([ClipDoc(id=f"q{i}", text=texts[i])])
-                t0 = time.perf_counter()
-                answer = post("/search", query, parameters={"limit": args.limit})
-                seconds.append(time.perf_counter() - t0)
-                if len(answer[0].matches) != min(args.limit, args.gallery):
-                    raise RuntimeError(f"query {i} got {len(answer[0].matches)} matches")
-            return seconds
-
-        warmup, counted = range(args.warmup), range(args.warmup, len(texts))
-        blocks = [counted[b :: args.blocks] for b in range(args.blocks)]  # each block: every query once, in all
-        searches(warmup)
-        idle = percentiles(searches(counted))
-        run_id = post(
-            "/train",
-            parameters={
-                "data": "train/pairs.csv",
-                "wait": False,
-                "epochs": args.epochs,
-                "batch_size": args.batch_size,
-                "seed": 0,
-                "eval_fraction": 0.2,
-            },
-        )[0].tags["run_id"]
-
-        def training_state() -> dict:
-            return status()["status-tuner"]["training"]
-
-        before = wait_for(
-            lambda: (lambda t: t if t.get("step") and t.get("phase") == "training" else None)(training_state()),
-            600,
-            "the training process's first optimizer step",
-        )
-        training_pid = int(before["pid"])
-        observed = {
-            "train_niceness": niceness(training_pid),
-            "train_omp_num_threads": environ(training_pid).get("OMP_NUM_THREADS"),
-            "train_threads_total": status_field(training_pid, "Threads"),
-        }
-        group = os.getpgid(training_pid)
-        searches(warmup)
-        during, paused = [], []
-        busy_s = wall_s = 0.0  # CPU time the training used during the training blocks, and their wall time
-        try:
-            for block in blocks:
-                cpu0, t0 = cpu_seconds(training_pid), time.perf_counter()
-                during += searches(block)
-                busy_s += cpu_seconds(training_pid) - cpu0
-                wall_s += time.perf_counter() - t0
-                os.killpg(group, signal.SIGSTOP)
-                paused += searches(block)
-                os.killpg(group, signal.SIGCONT)
-        finally:
-            os.killpg(group, signal.SIGCONT)
-        during, paused = percentiles(during), percentiles(paused)
-        end = training_state()
-        if end.get("state") != "running" or end.get("phase") != "training":
-            raise RuntimeError(f"the run stopped training before the measurement ended: {end}; raise --epochs")
-        tuner_pid = int(status()["status-tuner"]["pid"])
-        sampler.sample()
-        names = identify(flow.proc.pid, flow.port, workspace, tuner_pid, training_pid)
-        steps = int(end["step"]) - int(before["step"])  # optimizer steps since the start (not per epoch)
-        progress = {
-            "steps_during_measurement": steps,
-            "cpus_used": round(busy_s / wall_s, 2),
-            "samples_per_s": end.get("samples_per_s"),
-            "epoch": end.get("epoch"),
-            "step": end.get("step"),
-            "total_steps": end.get("total_steps"),
-        }
-        post("/train/cancel", parameters={"run_id": run_id})
-        if args.after:
-            searches(warmup)
-            after = percentiles(searches(counted))
-        else:
-            after = None
+        client = FlowClient(flow.client(), texts, args.limit, args.gallery)
+        client.index(gallery)
+        measured = measure(args, client, flow, sampler, workspace)
         failed = False
     finally:
         sampler.stop()
@@ -411,15 +458,26 @@ def main(argv=None) -> dict:
             shutil.rmtree(tmp, ignore_errors=True)  # kept when the run failed: flow.log is there
         else:
             print(f"failed; the Flow's log: {tmp / 'flow.log'}", file=sys.stderr)
+    result = report(args, argv, measured, sampler, started)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def report(args: argparse.Namespace, argv, measured: dict, sampler: MemorySampler, started: float) -> dict:
+    """The results (see the module docstring), printed as tables."""
+    import jina
+    import onnxruntime
+    import torch
 
     memory = {}
     threads = {}
-    for pid, name in sorted(names.items(), key=lambda item: item[1]):
+    for pid, name in sorted(measured["names"].items(), key=lambda item: item[1]):
         if pid in sampler.peak_kb:
             memory[name] = round(sampler.peak_kb[pid] / 1024, 1)
             threads[name] = sampler.threads[pid]
-    import torch
-
+    phases, observed, progress = measured["phases"], measured["observed"], measured["progress"]
+    idle, during, paused, after = phases["idle"], phases["training"], phases["paused"], phases["after"]
     result = {
         "model": args.model,
         "gallery": args.gallery,
@@ -452,6 +510,12 @@ def main(argv=None) -> dict:
         "wall_s": round(time.perf_counter() - started, 1),
         "command": "python benchmarks/train_load.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
+    print_tables(args, result, measured["steps"])
+    return result
+
+
+def print_tables(args: argparse.Namespace, result: dict, steps: int) -> None:
+    observed = result["settings"]["observed"]
     print(
         f"/search latency, {args.model}, {args.gallery} docs indexed, {args.queries} text queries a phase; "
         f"training process: nice {observed['train_niceness']}, OMP_NUM_THREADS "
@@ -465,15 +529,12 @@ def main(argv=None) -> dict:
     print(
         f"\nratio p50 training / idle: **{result['ratio']}** (training / paused: {result['ratio_paused']}; "
         f"after / idle: {result['ratio_after']}); "
-        f"the training process used {progress['cpus_used']} CPUs while the queries ran ({steps} optimizer "
-        f"steps during the measurement)\n"
+        f"the training process used {result['training_progress']['cpus_used']} CPUs while the queries ran ({steps} "
+        f"optimizer steps during the measurement)\n"
     )
     print("| process | peak RSS MB | threads |\n|---|---|---|")
-    for name, mb in memory.items():
-        print(f"| {name} | {mb} | {threads[name]} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return result
+    for name, mb in result["memory_mb"].items():
+        print(f"| {name} | {mb} | {result['process_threads'][name]} |")
 
 
 if __name__ == "__main__":

@@ -1,19 +1,38 @@
-"""Configuration dataclasses for the cliptuner core.
+"""The settings of the cliptuner core: training options, the ``/train`` parameters and their JSON Schema.
 
 User-facing options are declared with :func:`cliptuner.options.option` (default, help, where reachable); the
-CLI flags, the ``/train`` parameter names and config files derive from those fields. Each dataclass validates
-itself in ``__post_init__`` and raises a ``ValueError`` that names the bad value and what is allowed, so a
-mistake surfaces where it is made rather than deep inside training.
+CLI flags, the ``/train`` parameter names and config files derive from those fields. Each class is a strict
+pydantic dataclass (:func:`cliptuner.options.config_dataclass`: a bool is not an int, a whole float is an int,
+unknown keys are refused by name) that also checks itself in ``__post_init__``; every mistake is a ``ValueError``
+that names the bad value and what is allowed, so it surfaces where it is made rather than deep inside training.
+
+``python -m cliptuner.config --train-schema`` prints the JSON Schema of ``/train``'s parameters
+(docs/train-parameters.schema.json).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
+import sys
+import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, Optional
 
-from cliptuner.options import cast_value, option
+import pydantic
+
+from cliptuner.options import (
+    CHOICES,
+    HELP,
+    cast_value,
+    config_dataclass,
+    default_of,
+    option,
+    request_names,
+    validation_message,
+)
 
 PRECISIONS = ("fp32", "amp", "amp_bf16")
 EXPORT_PRECISIONS = ("fp32", "fp16", "int8")  # cliptuner.model.manifest.PRECISIONS (config stays free of the manifest)
@@ -29,8 +48,9 @@ def _check(condition: bool, message: str) -> None:
 def from_mapping(cls: type, values: Mapping[str, Any]) -> Any:
     """Build a config dataclass from a mapping, rejecting unknown keys by name.
 
-    Values are cast to the field's annotated type (:func:`cliptuner.options.cast_value`): whole floats for
-    integer fields (protobuf Structs carry every number as a float), ints for float fields, lists for sequences.
+    Values are cast to the field's annotated type by the class (:func:`cliptuner.options.cast_value`): whole floats
+    for integer fields (protobuf Structs carry every number as a float), ints for float fields, lists for
+    sequences.
 
     Args:
         cls: the dataclass type to build.
@@ -46,10 +66,10 @@ def from_mapping(cls: type, values: Mapping[str, Any]) -> Any:
     unknown = sorted(set(values) - fields)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} option(s) {unknown}; known: {sorted(fields)}")
-    return cls(**{name: cast_value(cls, name, value) for name, value in values.items()})
+    return cls(**values)
 
 
-@dataclass
+@config_dataclass
 class ModelSpec:
     """Which OpenCLIP model to build and where its weights come from."""
 
@@ -69,7 +89,7 @@ class ModelSpec:
                 self.pretrained = None
 
 
-@dataclass
+@config_dataclass
 class TrainConfig:
     """Options of one fine-tuning run.
 
@@ -216,7 +236,7 @@ class TrainConfig:
             _check(0.0 <= alpha <= 1.0, f"WiSE-FT alphas must lie in [0, 1] (0: base, 1: tuned), got {alpha!r}")
 
 
-@dataclass
+@config_dataclass
 class EvalConfig:
     """Options of retrieval evaluation and of the held-out split."""
 
@@ -232,3 +252,109 @@ class EvalConfig:
         _check(len(self.ks) > 0 and all(k >= 1 for k in self.ks), f"ks must be positive integers, got {self.ks!r}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size!r}")
         _check(0 < self.eval_fraction < 1, f"eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
+
+
+# -- /train parameters -----------------------------------------------------------------------------------------------
+SOURCE_PARAMETERS = {  # /train parameters that name a file under the tuner's data root
+    "data": "a PAIRS file (CSV or Karpathy JSON) under the data root to train on, instead of the request's docs",
+    "eval_data": "a PAIRS file under the data root held out for before/after recall (default: a seeded "
+    "eval_fraction of the training images)",
+    "general_data": "a PAIRS file under the data root of general (not tuned-for) pairs, evaluated in the WiSE-FT sweep",
+    "config": "a YAML or JSON file under the data root holding option values; the request's own parameters override it",
+}
+WAIT_HELP = "answer when the tuned version serves (the report), or at once with a run id to follow in /status"
+
+
+def _parameter(cls: type, f: dataclasses.Field) -> tuple[Any, Any]:
+    """The (annotation, pydantic Field) of option ``f`` of ``cls`` as a request parameter."""
+    extra = {"enum": list(f.metadata[CHOICES])} if CHOICES in f.metadata else None
+    default = default_of(f)
+    if isinstance(default, tuple):
+        default = list(default)
+    hint = typing.get_type_hints(cls)[f.name]
+    return hint, pydantic.Field(default, description=f.metadata[HELP], json_schema_extra=extra)
+
+
+@dataclasses.dataclass
+class _Sources:
+    """The annotations of the parameters that are not options: where the pairs come from, and ``wait``."""
+
+    data: Optional[str] = None
+    eval_data: Optional[str] = None
+    general_data: Optional[str] = None
+    config: Optional[str] = None
+    wait: bool = True
+
+
+def _owner(name: str) -> type:
+    """The class whose field a /train parameter is (for its cast)."""
+    if name in request_names(EvalConfig):
+        return EvalConfig
+    if name in SOURCE_PARAMETERS or name == "wait":
+        return _Sources
+    return TrainConfig
+
+
+def _cast_parameter(cls: type, value: Any, info: pydantic.ValidationInfo) -> Any:
+    return cast_value(_owner(info.field_name), info.field_name, value)
+
+
+def _train_parameters_model() -> type[pydantic.BaseModel]:
+    fields: dict[str, Any] = {}
+    for cls in (TrainConfig, EvalConfig):
+        names = request_names(cls)
+        fields.update({f.name: _parameter(cls, f) for f in dataclasses.fields(cls) if f.name in names})
+    for name, text in SOURCE_PARAMETERS.items():
+        fields[name] = (Optional[str], pydantic.Field(None, description=text))
+    fields["wait"] = (bool, pydantic.Field(True, description=WAIT_HELP))
+    return pydantic.create_model(
+        "TrainParameters",
+        __config__=pydantic.ConfigDict(extra="forbid"),
+        __doc__="The parameters of a /train request (numbers may arrive as floats: 5.0 is taken as 5).",
+        __validators__={"cast": pydantic.field_validator("*", mode="before")(classmethod(_cast_parameter))},
+        **fields,
+    )
+
+
+TrainParameters = _train_parameters_model()  # the /train parameters: TrainConfig and EvalConfig options, sources, wait
+
+
+def parse_train_parameters(values: Mapping[str, Any]) -> pydantic.BaseModel:
+    """``/train``'s parameters, typed: numbers cast as :func:`from_mapping` casts them, unknown names refused.
+
+    Ranges and combinations are checked when the configs are built from them (:class:`TrainConfig`,
+    :class:`EvalConfig`).
+
+    Raises:
+        ValueError: an unknown parameter (named, with the allowed ones) or a value of the wrong type (named).
+    """
+    allowed = sorted(TrainParameters.model_fields)
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown} for /train; allowed: {allowed}")
+    try:
+        return TrainParameters.model_validate(dict(values))
+    except pydantic.ValidationError as exc:
+        raise ValueError(validation_message(exc, TrainConfig)) from None
+
+
+def train_parameters_schema() -> dict[str, Any]:
+    """The JSON Schema of ``/train``'s parameters (docs/train-parameters.schema.json)."""
+    schema = TrainParameters.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m cliptuner.config --train-schema``: print the JSON Schema of ``/train``'s parameters."""
+    parser = argparse.ArgumentParser(prog="python -m cliptuner.config", description=main.__doc__)
+    parser.add_argument("--train-schema", action="store_true", help="print the JSON Schema of /train's parameters")
+    args = parser.parse_args(argv)
+    if not args.train_schema:
+        parser.error("nothing to do: pass --train-schema")
+    sys.stdout.write(json.dumps(train_parameters_schema(), indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -13,6 +13,9 @@ derived from the fields:
 - :func:`read_options_file` reads a YAML or JSON mapping of those names (``--config``, ``parameters['config']``).
 - :func:`cast_value` turns a loosely typed value (protobuf sends every number as a float; YAML and JSON have
   no tuples) into the field's type, or names the field and what it expected.
+- :func:`config_dataclass` makes such a class a pydantic dataclass (a JSON Schema, ``extra="forbid"``) whose
+  fields go through :func:`cast_value` first: as strict as the casts (a bool is not an int, 5.0 is 5, 5.5 is
+  refused), and every error a plain ``ValueError`` that names the field.
 
 Torch-free and jina-free: the CLI and the Executors both use it.
 """
@@ -22,13 +25,18 @@ from __future__ import annotations
 import argparse
 import collections.abc
 import dataclasses
+import functools
 import json
+import numbers
+import os
 import re
 import typing
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import pydantic
+import pydantic.dataclasses
 import yaml
 
 HELP = "help"  # metadata key: the help text (required for every user-facing field)
@@ -67,11 +75,13 @@ def option(
     """
     if not help.strip():
         raise ValueError("an option needs a help text")
-    metadata: dict[str, Any] = {HELP: help, CLI: cli, REQUEST: request}
+    # "description" and "json_schema_extra" are read by pydantic: they land in the JSON Schema
+    metadata: dict[str, Any] = {HELP: help, CLI: cli, REQUEST: request, "description": help}
     if flags:
         metadata[FLAGS] = tuple(flags)
     if choices is not None:
         metadata[CHOICES] = tuple(choices)
+        metadata["json_schema_extra"] = {"enum": list(choices)}
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
@@ -118,6 +128,11 @@ class _Kind:
 
 def kind_of(cls: type, name: str) -> _Kind:
     """Read the annotation of field ``name`` of ``cls`` (string annotations resolved)."""
+    return _kind_of(cls, name)
+
+
+@functools.cache
+def _kind_of(cls: type, name: str) -> _Kind:
     hint = typing.get_type_hints(cls)[name]
     optional = False
     if typing.get_origin(hint) is Union:
@@ -150,18 +165,22 @@ def _cast_scalar(name: str, kind: _Kind, value: Any) -> Any:
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be true or false, got {value!r}")
     elif base is int:
-        if isinstance(value, float) and not isinstance(value, bool):
-            if not value.is_integer():
+        if isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)):
+            if not float(value).is_integer():
                 raise ValueError(f"{name} must be a whole number, got {value!r}")
             value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ValueError(f"{name} must be {_describe(kind)}, got {value!r}")
+        value = int(value)
     elif base is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ValueError(f"{name} must be {_describe(kind)}, got {value!r}")
         value = float(value)
-    elif base is str and not isinstance(value, str):
-        raise ValueError(f"{name} must be {_describe(kind)}, got {value!r}")
+    elif base is str:
+        if isinstance(value, os.PathLike):  # a path given where a path string is expected
+            value = os.fspath(value)
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be {_describe(kind)}, got {value!r}")
     return value
 
 
@@ -185,6 +204,58 @@ def cast_value(cls: type, name: str, value: Any) -> Any:
         except ValueError:
             raise ValueError(f"{name} must be {_describe(kind)}, got {value!r}") from None
     return _cast_scalar(name, kind, value)
+
+
+def validation_message(exc: pydantic.ValidationError, cls: type) -> str:
+    """One line for a pydantic error of a config class: the messages of its checks, joined by ``; ``.
+
+    A check that raised ``ValueError`` gives its own message (it names the field and what is allowed); an unknown
+    keyword names the unknown keys and the known ones; any other error names the field and pydantic's message.
+    """
+    messages: list[str] = []
+    unknown: list[str] = []
+    for error in exc.errors():
+        loc = ".".join(str(part) for part in error.get("loc", ()))
+        cause = error.get("ctx", {}).get("error")
+        if error["type"] == "unexpected_keyword_argument":
+            unknown.append(loc)
+        elif isinstance(cause, Exception):
+            messages.append(str(cause))
+        else:
+            text = str(error.get("msg", "is not valid"))
+            messages.append(f"{loc or cls.__name__}: {text[:1].lower() + text[1:]}, got {error.get('input')!r}")
+    if unknown:
+        known = sorted(f.name for f in dataclasses.fields(cls))
+        messages.insert(0, f"unknown {cls.__name__} option(s) {sorted(unknown)}; known: {known}")
+    return "; ".join(messages)
+
+
+def _cast_field(cls: type, value: Any, info: pydantic.ValidationInfo) -> Any:
+    return cast_value(cls, info.field_name, value)
+
+
+def config_dataclass(cls: type) -> type:
+    """Make ``cls`` (a plain class body with annotated fields) a strict pydantic dataclass.
+
+    Every field is cast by :func:`cast_value` before pydantic validates it; unknown keywords are refused; the
+    class's ``__post_init__`` checks run after. Any error comes out as one ``ValueError`` whose text is
+    :func:`validation_message` (not pydantic's multi-line report), so a CLI prints it on one line. The result is a
+    real dataclass: ``dataclasses.fields``/``replace``/``asdict`` work, and ``pydantic.TypeAdapter(cls)`` gives
+    its JSON Schema.
+    """
+    cls._cast_fields = pydantic.field_validator("*", mode="before")(classmethod(_cast_field))
+    built = pydantic.dataclasses.dataclass(cls, config=pydantic.ConfigDict(extra="forbid"))
+    validate = built.__init__
+
+    @functools.wraps(validate)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            validate(self, *args, **kwargs)
+        except pydantic.ValidationError as exc:
+            raise ValueError(validation_message(exc, built)) from None
+
+    built.__init__ = __init__
+    return built
 
 
 def _command_line_type(base: type, optional: bool) -> Callable[[str], Any]:

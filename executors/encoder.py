@@ -1,44 +1,9 @@
 """CLIPEncoder: texts and images → L2-normalised embeddings with the registry's CURRENT model (ONNX, no torch).
 
-Endpoints:
-
-- ``/encode``: every doc gets ``embedding`` and ``model_version``. Takes no parameters. At most ``max_docs`` docs.
-- ``/index``, ``/search``: the same for docs that have content (overwriting any ``embedding``/``model_version``
-  a client sent), so that the indexer downstream receives vectors made here; a doc without content but with an
-  embedding (a vector query) passes unchanged. Parameters belong to the indexer and are not checked here.
-- ``/train`` (after the tuner published a version): swap to CURRENT now, so that once ``/train`` returns, every
-  request is encoded by the tuned version; adds ``tags['encoder'] = {'model_version': ...}`` to the report.
-- ``/status``: appends ``ClipDoc(id='status-encoder', model_version=..., tags={...})`` to the docs.
-- anything else (``/delete``): passes the docs on unchanged.
-
-A doc that carries both text and an image (a pair) is embedded by its image: in a gallery the image is what a
-caption searches for, and a query pair is an image query that carries its caption. Send the text as its own
-doc to embed the text. An image is taken from ``tensor`` (H×W×3 uint8), else ``blob`` (an encoded file),
-else ``uri``: a ``data:`` URI, a local path or ``file://`` URI under the image roots (``uri_roots``, default
-``<workspace>/data``; symlinks resolved before the check), or an ``http(s)`` URL of an allow-listed host
-(``allowed_hosts``, default none). Any other uri is refused with one message that names the doc, whether or not
-the path exists (:class:`cliptuner.serve.access.UriPolicy`).
-
-Request limits (:class:`cliptuner.serve.limits.RequestLimits`), checked before anything is decoded or tokenized:
-``max_docs`` docs per request (1024), ``max_text_chars`` characters per text (10,000), ``max_blob_bytes`` per
-image (32 MiB) and ``max_request_bytes`` summed over the blobs, tensors and uris of a request (256 MiB).
-
-Model versions: each request takes one model reference (after a one-``stat`` check of ``models/CURRENT``)
-and encodes all its docs with it, so no request is ever half old, half new; a new version is loaded and
-swapped in without a restart. On a fresh workspace the base version is published first (see
-:func:`cliptuner.serve.bootstrap.ensure_current`), or waited for when ``bootstrap`` is off.
-
-Dynamic batching (``batch_wait_ms`` > 0, the default): a request of fewer than ``batch_size`` items (texts and
-local or inline images) is checked and its images decoded in its own thread, then submitted with its model
-reference to a :class:`cliptuner.serve.batching.MicroBatcher`, which merges the submissions that arrive within
-``batch_wait_ms`` of the oldest and use the same model reference into one model run of at most ``batch_size``
-items. A request is still embedded entirely by the version it took, and a bad doc still fails only its own
-request, with the same message. Larger requests, and requests with ``http(s)`` images, are embedded on their own
-as with ``batch_wait_ms=0`` (batching off). ``/status`` reports the settings and counters under
-``tags['batching']``; the metric ``cliptuner_encode_batch_items`` counts items per model run.
-
-Bad input raises inside the endpoint with the doc id and the problem (neither text nor image, an undecodable
-blob, a tensor that is not H×W×3 uint8); the service stays up for the next request.
+Endpoints, what each does with a doc, the image sources and the request limits are described in docs/service.md.
+A request is embedded entirely by one model version; small requests share model runs through a
+:class:`cliptuner.serve.batching.MicroBatcher` (``batch_wait_ms``). Its settings are :class:`CLIPEncoder`'s
+arguments; unset ones come from the service's environment (:class:`cliptuner.settings.ServiceEnvironment`).
 """
 
 import asyncio
@@ -49,15 +14,13 @@ from typing import Any, Optional
 from docarray import DocList
 from jina import Executor, requests
 
-from cliptuner.model.follow import ModelFollower
 from cliptuner.serve.batching import MAX_WAIT_MS, MicroBatcher, decode_items
-from cliptuner.serve.bootstrap import ensure_current
 from cliptuner.serve.content import Item, embed_items
-from cliptuner.serve.limits import RequestLimits
+from cliptuner.settings import ServiceEnvironment
 
 from .content import check_request, doc_item, has_content
 from .metrics import Metrics
-from .options import base_spec, request_parameters, resolve_workspace, setting, uri_policy
+from .options import ExecutorSettings, ExecutorSetup, request_parameters, setting
 from .schemas import ClipDoc
 
 logger = logging.getLogger(__name__)
@@ -66,8 +29,8 @@ DEFAULT_BATCH_WAIT_MS = 2.0  # see benchmarks/clients.py: enough to gather a bat
 
 
 def batch_wait(value: Any) -> float:
-    """``batch_wait_ms`` as milliseconds: a number (or numeric text, from the environment) in [0, 1000]; unset
-    (None, empty, an unexpanded ``$VAR``) gives the default.
+    """``batch_wait_ms`` as milliseconds: a number (or numeric text) in [0, 1000]; unset (None, empty, an
+    unexpanded ``$VAR``) gives the default.
 
     Raises:
         ValueError: not a number, or out of range (names the value).
@@ -90,25 +53,12 @@ class CLIPEncoder(Executor):
     """Embeds texts and images with the CURRENT model version of the registry, following it as it moves.
 
     Args:
-        model: base OpenCLIP arch or bundled config published on a fresh registry (``$CLIPTUNER_MODEL``).
-        pretrained: its pretrained tag or local checkpoint; None for random init (``$CLIPTUNER_PRETRAINED``).
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` for ONNX Runtime (``$CLIPTUNER_DEVICE``).
-        models_dir: the registry; default ``<workspace>/models``.
-        bootstrap: publish the base version when the registry is empty (else only wait for one).
-        bootstrap_timeout: seconds to wait for a version published by another service.
         batch_size: items per ONNX Runtime call, and most items in one batched run.
         batch_wait_ms: how long a small request may wait for others to share its model run, in milliseconds
-            (default 2; 0 turns dynamic batching off; unset: the default). ``$CLIPTUNER_BATCH_WAIT_MS`` in the Flows.
-        intra_op_threads: ONNX Runtime threads per call; None lets it decide.
-        uri_roots: folders that ``uri`` paths must lie under (a list or an ``os.pathsep``-separated string,
-            relative ones from the workspace); relative uris are taken from the first; unset:
-            ``$CLIPTUNER_URI_ROOTS``, else ``<workspace>/data``.
-        allowed_hosts: http(s) hosts (``host`` or ``host:port``) that ``uri``s may name (a list or a
-            comma-separated string); unset: ``$CLIPTUNER_ALLOWED_HOSTS``, else none.
-        max_docs: most docs in one request.
-        max_text_chars: most characters in one doc's text.
-        max_blob_bytes: most bytes of one encoded image (blob, data: URI, http(s) body).
-        max_request_bytes: most bytes of blobs, tensors and uris in one request.
+            (0 turns dynamic batching off); unset: ``$CLIPTUNER_BATCH_WAIT_MS``, else 2.
+        **kwargs: the settings the three Executors share, by name (:class:`executors.options.ExecutorSettings`:
+            model, pretrained, device, models_dir, bootstrap, bootstrap_timeout, uri_roots, allowed_hosts,
+            intra_op_threads and the request limits ``max_*``), then jina's own.
 
     Raises:
         ValueError: no workspace and no ``models_dir``, a bad model spec / device, a bad uri or limit setting, or a
@@ -118,42 +68,17 @@ class CLIPEncoder(Executor):
 
     def __init__(
         self,
-        model: Optional[str] = None,
-        pretrained: Optional[str] = None,
-        device: Optional[str] = None,
-        models_dir: Optional[str] = None,
-        bootstrap: bool = True,
-        bootstrap_timeout: float = 600.0,
         batch_size: int = 32,
-        batch_wait_ms: Optional[float] = DEFAULT_BATCH_WAIT_MS,
-        intra_op_threads: Optional[int] = None,
-        uri_roots: Optional[Any] = None,
-        allowed_hosts: Optional[Any] = None,
-        max_docs: int = RequestLimits.max_docs,
-        max_text_chars: int = RequestLimits.max_text_chars,
-        max_blob_bytes: int = RequestLimits.max_blob_bytes,
-        max_request_bytes: int = RequestLimits.max_request_bytes,
+        batch_wait_ms: Optional[float] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.batch_wait_ms = batch_wait(batch_wait_ms)
-        workspace = resolve_workspace(self, models_dir, kwargs.get("workspace"))
-        self.registry = workspace.registry
-        self.policy = uri_policy(workspace, uri_roots, allowed_hosts)
-        self.limits = RequestLimits(
-            max_docs=max_docs,
-            max_text_chars=max_text_chars,
-            max_blob_bytes=max_blob_bytes,
-            max_request_bytes=max_request_bytes,
-        )
-        spec = base_spec(model, pretrained) if bootstrap else None
-        ensure_current(self.registry, spec, timeout=float(bootstrap_timeout))
-        self.follower = ModelFollower(
-            self.registry,
-            device=setting(device) or "auto",
-            intra_op_threads=setting(intra_op_threads),
-            batch_size=int(batch_size),
-        )
+        wait = setting(batch_wait_ms)
+        self.batch_wait_ms = batch_wait(ServiceEnvironment.get("batch_wait_ms") if wait is None else wait)
+        settings = ExecutorSettings.take(kwargs)
+        setup = ExecutorSetup.start(self, settings)
+        self.registry, self.policy, self.limits = setup.registry, setup.policy, setup.limits
+        self.follower = setup.follower(batch_size)
         clip = self.follower.clip()
         self.metrics = Metrics(getattr(self.runtime_args, "metrics_registry", None))
         self.metrics.model_version(clip.version)

@@ -98,7 +98,9 @@ class DemoSettings:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("CLIPTUNER_CACHE") or Path.home() / ".cache" / "cliptuner").expanduser()
+    from cliptuner.settings import ServiceEnvironment
+
+    return ServiceEnvironment.get("cache") or (Path.home() / ".cache" / "cliptuner")
 
 
 # -- the base --------------------------------------------------------------------------------------------------
@@ -114,8 +116,10 @@ def pretrain_base(
     Returns:
         ``<cache>/base/<arch>-<key>/checkpoint.pt``, a local checkpoint for ``--pretrained``.
     """
-    from cliptuner.cli import build_parser, run_train
+    from cliptuner.cli.progress import TrainingProgress, print_report
+    from cliptuner.config import EvalConfig, ModelSpec, TrainConfig
     from cliptuner.train import synthetic
+    from cliptuner.train.job import AUTO_DEVICE, TrainJob, train_and_export
 
     folder = (cache or cache_root()) / "base" / f"{settings.arch}-{settings.key()}"
     checkpoint = folder / "checkpoint.pt"
@@ -137,33 +141,25 @@ def pretrain_base(
             image_size=64,
             captions_per_image=settings.captions_per_image,
         )
-        args = build_parser().parse_args(
-            [
-                "train",
-                "--data",
-                str(data),
-                "--model",
-                settings.arch,
-                "--epochs",
-                str(settings.epochs),
-                "--batch-size",
-                str(settings.batch_size),
-                "--lr",
-                str(settings.learning_rate),
-                "--warmup-steps",
-                str(settings.warmup_steps),
-                "--seed",
-                str(settings.seed),
-                "--out",
-                str(work / "model"),
-                "--model-version",
-                "base",
-                "--no-plots",
-            ]
-            + (["--quiet"] if quiet else [])
+        job = TrainJob(
+            data=str(data),
+            out=str(work / "model"),
+            model=ModelSpec(arch=settings.arch),
+            cfg=TrainConfig(
+                epochs=settings.epochs,
+                batch_size=settings.batch_size,
+                learning_rate=settings.learning_rate,
+                warmup_steps=settings.warmup_steps,
+                seed=settings.seed,
+                device=AUTO_DEVICE,
+            ),
+            eval_cfg=EvalConfig(split_seed=settings.seed),
+            version="base",
+            plots=False,
         )
         with contextlib.redirect_stdout(sys.stderr):  # its table is the base's, not the demo's result
-            report = run_train(args)
+            report = train_and_export(job, TrainingProgress(bar=not quiet))
+            print_report(report, Path(job.out))
         say(
             f"base model: generic held-out t2i R@5 {100 * report['before']['t2i_r5']:.1f}% → "
             f"{100 * report['after']['t2i_r5']:.1f}%"

@@ -11,7 +11,8 @@ Layout::
 The jobs, one place each: the SQLite file (:class:`cliptuner.index.doctable.DocTable`), the HNSW graph
 (:class:`cliptuner.index.hnsw.HnswGraph`), the rebuild protocol (:class:`_Rebuild`), and here, in
 :class:`Collection`, the vectors in memory (a copy-on-write matrix, or the graph) and what ties them together.
-What both vector stores share (the doc type, input checks, exact search) is in :mod:`cliptuner.index.vectors`.
+What both vector stores share: the checks and the flow of each call in :class:`cliptuner.index.base.VectorStore`,
+the doc type, input checks and exact search in :mod:`cliptuner.index.vectors`.
 
 Durability: every write (upsert, delete, a rebuild's batch, the swap) is one SQLite transaction, committed
 with ``synchronous=FULL`` before the call returns, so what a call acknowledged survives ``kill -9`` and power
@@ -43,16 +44,14 @@ Torch-free: numpy, usearch and the standard library.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
-import threading
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
+from cliptuner.index.base import CATCH_UP_ROUNDS, Embed, Hits, Rebuild, VectorStore
 from cliptuner.index.doctable import DocTable, doc_rows, vec_from_bytes
 from cliptuner.index.hnsw import HnswGraph, HnswSettings
 from cliptuner.index.vectors import (
@@ -65,10 +64,8 @@ from cliptuner.index.vectors import (
     check_queries,
     check_query_version,
     check_upsert,
-    check_version,
     check_where,
     exact_search,
-    normalised,
     to_dtype,
 )
 
@@ -76,11 +73,9 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "usearch", "exact")
 DB_FILE = "docs.sqlite"
-LOCK_FILE = ".lock"
 INDEX_PREFIX = "usearch-"
 INDEX_SUFFIX = ".index"
 _MIN_CAPACITY = 1024  # rows allocated for the first vectors
-_CATCH_UP_ROUNDS = 3  # rebuild: rounds re-embedding concurrently changed docs before the final locked one
 _REBUILD_KEY = "rebuild"  # meta key naming the slot and version of an unfinished rebuild
 
 
@@ -109,7 +104,7 @@ class _Snapshot:
     hnsw: Optional[HnswGraph]
 
 
-class _Rebuild:
+class _Rebuild(Rebuild):
     """One rebuild of a :class:`Collection` for a new model version; resumable after a crash.
 
     On disk: the new vectors go to their own ``slot`` of the ``vectors`` table, committed batch by batch, and
@@ -123,38 +118,27 @@ class _Rebuild:
     changed while the batch was embedded (the change marks it dirty, and it is embedded again). The swap, which
     drops the other slots, points the manifest at the new one and removes the record, is one transaction.
 
-    Runs in the caller's thread; the collection's lock guards what it shares with writers and searches.
+    The collection's lock guards what it shares with writers and searches.
     """
 
     def __init__(
         self,
         col: Collection,
         version: str,
-        embed: Callable[[list[StoredDoc]], np.ndarray],
+        embed: Embed,
         batch_size: int,
         slot: int,
         last_seq: int,
         done: dict[str, tuple[int, np.ndarray]],
     ) -> None:
+        super().__init__(col, version, embed, batch_size, next(iter(done.values()))[1].shape[0] if done else None)
         self.col = col
-        self.version = version
-        self.embed = embed
-        self.batch_size = batch_size
         self.slot = slot
         self.last_seq = last_seq  # docs up to this serial are embedded in order; later ones come as dirty
         self.new = done  # id -> (seq, normalised new vector)
-        self.dim: Optional[int] = next(iter(done.values()))[1].shape[0] if done else None
-        self.embedded = 0  # docs embedded by this run (resumed ones are not)
 
     @classmethod
-    def start(
-        cls,
-        col: Collection,
-        version: str,
-        embed: Callable[[list[StoredDoc]], np.ndarray],
-        batch_size: int,
-        last_seq: int,
-    ) -> _Rebuild:
+    def start(cls, col: Collection, version: str, embed: Embed, batch_size: int, last_seq: int) -> _Rebuild:
         """Register the rebuild (or take over the unfinished one of ``version``) and start tracking writes.
 
         The caller holds ``col._lock``, so no write slips between reading the done vectors and tracking.
@@ -181,10 +165,10 @@ class _Rebuild:
         col._dirty = set()
         return cls(col, version, embed, batch_size, slot, last_seq, done)
 
-    def run(self) -> int:
+    def finish(self) -> int:
         """Embed what is not done, catch up with concurrent writes, then swap; returns the new doc count."""
         self._embed_stored()
-        for _ in range(_CATCH_UP_ROUNDS):  # without the lock while embedding
+        for _ in range(CATCH_UP_ROUNDS):  # without the lock while embedding
             changed = self._take_dirty()
             if not changed:
                 break
@@ -196,15 +180,7 @@ class _Rebuild:
             if col._want_hnsw(len(ids), col._hnsw is not None)
             else None
         )
-        n = self._swap(hnsw)
-        logger.info(
-            "rebuilt %s for model version %s: %d docs (%d embedded by this run)",
-            col.root,
-            self.version,
-            n,
-            self.embedded,
-        )
-        return n
+        return self._swap(hnsw)
 
     def _embed_stored(self) -> None:
         """Every doc stored when the rebuild started and not yet in the slot, in batches, without the lock."""
@@ -229,14 +205,7 @@ class _Rebuild:
             batch = pairs[start : start + self.batch_size]
             docs = [doc for _, doc in batch]
             ids = [doc.id for doc in docs]
-            vecs = normalised(self.embed(docs), ids, "embed() output")  # [len(batch), D]
-            if self.dim is not None and vecs.shape[1] != self.dim:
-                raise ValueError(
-                    f"embed() returned {vecs.shape[1]}-dim vectors for doc {ids[0]!r}; "
-                    f"earlier batches were {self.dim}-dim"
-                )
-            self.dim = vecs.shape[1]
-            self.embedded += len(batch)
+            vecs = self.embed_batch(docs)  # [len(batch), D]
             with col._lock:
                 col._check_open()
                 # a doc written since it was read is dirty: its vector here is stale, and it is embedded again
@@ -322,8 +291,12 @@ class _Rebuild:
         return n
 
 
-class Collection:
+class Collection(VectorStore):
     """Docs and their vectors for ONE model version, persisted under ``root``; survives restarts.
+
+    The calls and their checks are :class:`cliptuner.index.base.VectorStore`'s; this class keeps the docs in
+    SQLite and the vectors in memory (a matrix or an HNSW graph). A search with a tag filter is exact over the
+    matching docs (it never misses a match the way an HNSW walk over all docs could).
 
     Args:
         root: directory of the collection (created if missing). One open Collection per root at a time.
@@ -368,31 +341,26 @@ class Collection:
         self.hnsw = hnsw if hnsw is not None else HnswSettings()
         self.exact_threshold = check_positive_int("exact_threshold", exact_threshold)
         self.backend = backend
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.RLock()  # in-memory state and the SQLite connection
-        self._rebuild_lock = threading.Lock()  # one rebuild at a time
+        super().__init__(root)  # the lock guards the in-memory state and the SQLite connection
         self._dirty: Optional[set[str]] = None  # ids upserted or deleted while a rebuild runs
-        self._closed = True
-        self._lock_file = open(self.root / LOCK_FILE, "a+")
-        try:
-            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_file.close()
-            raise RuntimeError(f"{str(self.root)!r} is already open in another Collection; close it first") from None
-        try:
-            self._table = DocTable(self.root / DB_FILE)
-            try:
-                self._load()
-            except BaseException:
-                self._table.close()
-                raise
-        except BaseException:
-            self._lock_file.close()
-            raise
-        self._closed = False
+        self._open()
 
-    # -- opening and persistence helpers -----------------------------------------------------------------
+    # -- opening, closing and persistence ------------------------------------------------------------------
+    def _connect(self) -> None:
+        self._table = DocTable(self.root / DB_FILE)
+
+    def _disconnect(self) -> None:
+        self._table.close()
+
+    def _before_close(self) -> None:
+        """Save the HNSW graph (if any) and drop the previous version's vectors."""
+        self._previous = None
+        if self._hnsw is not None:
+            path = self._index_path()
+            if not path.exists():
+                self._hnsw.save(path)
+            self._remove_stale_index_files()
+
     def _load(self) -> None:
         meta = self._table.meta()
         self._version: Optional[str] = meta.get("version")
@@ -466,10 +434,6 @@ class Collection:
             return True
         return n >= self.exact_threshold or (have and n >= self.exact_threshold // 2)
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError(f"collection {str(self.root)!r} is closed")
-
     # -- reading -------------------------------------------------------------------------------------------
     @property
     def version(self) -> Optional[str]:
@@ -500,32 +464,15 @@ class Collection:
         with self._lock:
             return doc_id in self._row
 
-    def get(self, ids: list[str], content: bool = True) -> list[Optional[StoredDoc]]:
-        """Stored docs by id, aligned with ``ids``; None for an unknown id.
+    def _held(self) -> tuple[Optional[str], Optional[int], int]:
+        return self._version, self._dim, self._n
 
-        Args:
-            ids: the doc ids.
-            content: also read ``blob`` and ``tensor`` (the image bytes); when False they come back None and
-                are never read from disk.
-        """
-        ids = list(ids)
-        with self._lock:
-            self._check_open()
-            found = self._table.fetch([i for i in dict.fromkeys(ids) if isinstance(i, str)], content)
-        return [found[i][1] if i in found else None for i in ids]
+    def _fetch(self, ids: list[str], content: bool) -> dict[str, StoredDoc]:
+        return {doc_id: doc for doc_id, (_, doc) in self._table.fetch(ids, content).items()}
 
-    def iter_docs(self, batch_size: int = 256) -> Iterator[list[StoredDoc]]:
-        """All stored docs in insertion order, ``batch_size`` at a time (the lock is not held between batches)."""
-        batch_size = check_positive_int("batch_size", batch_size)
-        after = 0
-        while True:
-            with self._lock:
-                self._check_open()
-                pairs = self._table.docs_after(after, batch_size)
-            if not pairs:
-                return
-            after = pairs[-1][0]
-            yield [doc for _, doc in pairs]
+    def _next_docs(self, cursor: Optional[int], batch_size: int) -> tuple[list[StoredDoc], Optional[int]]:
+        pairs = self._table.docs_after(cursor or 0, batch_size)
+        return [doc for _, doc in pairs], (pairs[-1][0] if pairs else cursor)
 
     def stats(self) -> dict:
         """``{"count", "version", "dim", "backend"}`` (and ``previous_version`` with ``keep_previous``); backend is
@@ -562,39 +509,14 @@ class Collection:
             matrix = self._buf[: self._n] if self._buf is not None else None
             return _Snapshot(self._version, self._n, self._dim, matrix, self._ids, self._seqs, self._hnsw)
 
-    def search(
-        self, queries: np.ndarray, limit: int, version: Optional[str] = None, where: Optional[dict] = None
-    ) -> list[list[tuple[str, float]]]:
-        """Nearest stored docs by cosine similarity.
-
-        Args:
-            queries: [Q, D] (or one [D]) query vectors; normalised here.
-            limit: at most this many matches per query (>= 1).
-            version: the model version that made ``queries``; checked against the stored vectors' version (or
-                the previous version, while ``keep_previous`` keeps one).
-            where: tag equality filter (:func:`check_where`): only docs whose tags match are searched, exactly
-                (a filtered search never misses a match the way an HNSW graph walk over all docs could).
-
-        Returns:
-            Per query, ``(doc id, cosine similarity)`` best first; ``[]`` per query while the collection is empty.
-
-        Raises:
-            ValueError: ``limit`` < 1, ``version`` differs from the stored version, bad query vectors, or a bad
-                filter.
-        """
-        limit = check_positive_int("limit", limit)
-        where = check_where(where)
-        queries = check_queries(queries)
+    def _search(self, queries: np.ndarray, limit: int, version: Optional[str], where: dict) -> Hits:
+        """Exact or HNSW search of a snapshot (the previous version's, while ``keep_previous`` keeps the one
+        ``version`` names); a tag filter searches the matching docs exactly."""
         snap = self._snapshot(version)
-        check_query_version(version, snap.version)
-        if snap.n == 0 or queries.shape[0] == 0:
+        normed = self._checked_queries(queries, version, snap.version, snap.dim, snap.n)
+        if normed is None:
             return [[] for _ in range(queries.shape[0])]
-        if queries.shape[1] != snap.dim:
-            raise ValueError(
-                f"queries have {queries.shape[1]} dims; the collection holds "
-                f"{snap.dim}-dim vectors (version {snap.version!r})"
-            )
-        queries = normalised(queries, [f"query {i}" for i in range(queries.shape[0])], "queries")
+        queries = normed
         if where:
             with self._lock:
                 self._check_open()
@@ -612,207 +534,108 @@ class Collection:
         return exact_search(snap.matrix, snap.ids[: snap.n], queries, limit)
 
     # -- writing -------------------------------------------------------------------------------------------
-    def upsert(self, docs: list[StoredDoc], vectors: np.ndarray, version: str) -> None:
-        """Store docs and their vectors; an existing id has its doc and vector replaced.
+    def _prepare(self, docs: list[StoredDoc]) -> list[tuple]:
+        return doc_rows(docs)  # encoded before the lock is taken
 
-        All or nothing: a call that raises stores nothing.
-
-        Args:
-            docs: the docs, unique non-empty ids.
-            vectors: [N, D] float32, one row per doc (L2-normalised here).
-            version: model version that made ``vectors``; must be the collection's unless it is empty.
-
-        Raises:
-            ValueError: a bad doc or vector (names the doc id), or a version/dimension mismatch.
-        """
-        version, docs, vecs = check_upsert(docs, vectors, version)  # vecs: [N, D]
+    def _write(self, docs: list[StoredDoc], vecs: np.ndarray, version: str, prepared: Any) -> None:
+        """Commit the rows and vectors in one transaction, then publish them in memory."""
         ids = [doc.id for doc in docs]
-        rows = doc_rows(docs)  # encoded before the lock is taken
-        with self._lock:
-            self._check_open()
-            empty = self._n == 0
-            if not empty and version != self._version:
-                raise ValueError(
-                    f"vectors are from model version {version!r} but the collection holds version "
-                    f"{self._version!r}; rebuild() the collection for {version!r} first"
-                )
-            dim = vecs.shape[1]
-            if not empty and dim != self._dim:
-                raise ValueError(
-                    f"doc {ids[0]!r}: vector has {dim} dims; the collection holds {self._dim}-dim "
-                    f"vectors (version {self._version!r})"
-                )
-            if not docs:
-                return
-            replace = [i for i, doc_id in enumerate(ids) if doc_id in self._row]
-            append = [i for i, doc_id in enumerate(ids) if doc_id not in self._row]
-            n = self._n
-            buf = None  # while the HNSW graph holds the vectors, there is no matrix
+        dim = vecs.shape[1]
+        replace = [i for i, doc_id in enumerate(ids) if doc_id in self._row]
+        append = [i for i, doc_id in enumerate(ids) if doc_id not in self._row]
+        n = self._n
+        buf = None  # while the HNSW graph holds the vectors, there is no matrix
+        if self._hnsw is None:
+            # Prepare the new matrix before committing: snapshots keep the old rows, appends go past them.
+            buf = _grow(self._buf, n, len(append), dim, copy=bool(replace) or self._buf is None, dtype=self.dtype)
+            held = to_dtype(vecs, self.dtype)
+            if replace:
+                buf[[self._row[ids[i]] for i in replace]] = held[replace]
+            if append:
+                buf[n : n + len(append)] = held[append]
+        generation = self._generation + 1
+        with self._table.txn() as table:
+            table.upsert_rows(prepared)
+            table.put_vectors(self._slot, zip(ids, vecs))
+            if self._pending is not None:  # new-version vectors made from the content replaced here
+                table.delete_vectors(ids, except_slot=self._slot)
+            seq_of = table.seqs([ids[i] for i in append])
+            table.set_meta(version=version, dim=dim, generation=generation)
+        # Committed: publish.
+        self._version, self._dim, self._generation = version, dim, generation
+        self._buf = buf
+        for i in append:
+            self._row[ids[i]] = len(self._ids)
+            self._ids.append(ids[i])
+            self._seqs.append(seq_of[ids[i]])
+        self._n = n + len(append)
+        if self._dirty is not None:
+            self._dirty.update(ids)
+        changed = replace + append
+        if self._hnsw is not None:
+            self._hnsw.upsert(
+                [self._seqs[self._row[ids[i]]] for i in changed], [ids[i] for i in changed], vecs[changed]
+            )
+        elif self._want_hnsw(self._n, False):  # the graph takes the vectors over from the matrix
+            self._hnsw = HnswGraph.build(dim, self._seqs, self._ids, self._buf[: self._n], self.hnsw, self.dtype)
+            self._buf = None
+
+    def _stored_ids(self, ids: list[str]) -> set[str]:
+        return self._table.stored_ids(ids)
+
+    def _remove(self, ids: list[str]) -> int:
+        """Delete the docs and all their vectors in one transaction; a running rebuild drops them too."""
+        if self._dirty is not None:
+            self._dirty.update(ids)
+        if not ids:
+            return 0
+        generation = self._generation + 1
+        with self._table.txn() as table:
+            removed = table.delete_docs(ids)
+            if removed:
+                table.delete_vectors(ids)
+                table.set_meta(generation=generation)
+        if not removed:
+            return 0
+        self._generation = generation
+        gone = {i for i in ids if i in self._row}
+        if gone:
+            keep = [r for r, doc_id in enumerate(self._ids) if doc_id not in gone]
+            removed_keys = [self._seqs[self._row[i]] for i in gone]
             if self._hnsw is None:
-                # Prepare the new matrix before committing: snapshots keep the old rows, appends go past them.
-                buf = _grow(self._buf, n, len(append), dim, copy=bool(replace) or self._buf is None, dtype=self.dtype)
-                held = to_dtype(vecs, self.dtype)
-                if replace:
-                    buf[[self._row[ids[i]] for i in replace]] = held[replace]
-                if append:
-                    buf[n : n + len(append)] = held[append]
-            generation = self._generation + 1
+                buf = _grow(None, 0, len(keep), self._dim, copy=True, dtype=self.dtype)
+                buf[: len(keep)] = self._buf[keep]
+                self._buf = buf
+            elif self._want_hnsw(len(keep), True):
+                self._hnsw.remove(removed_keys)
+            else:  # few enough for exact search again: the vectors go back from the graph into a matrix
+                _, vectors = self._hnsw.vectors([self._seqs[r] for r in keep])
+                buf = _grow(None, 0, len(keep), self._dim, copy=True, dtype=self.dtype)
+                buf[: len(keep)] = to_dtype(vectors, self.dtype)
+                self._buf, self._hnsw = buf, None
+            self._ids = [self._ids[r] for r in keep]
+            self._seqs = [self._seqs[r] for r in keep]
+            self._row = {doc_id: r for r, doc_id in enumerate(self._ids)}
+            self._n = len(keep)
+        return removed
+
+    def _start_rebuild(self, version: str, embed: Embed, batch_size: int) -> Optional[_Rebuild]:
+        """A :class:`_Rebuild` into a fresh slot (or the unfinished one of ``version``); an empty collection just
+        takes ``version``."""
+        last_seq = self._table.max_seq()
+        if last_seq is not None:
+            return _Rebuild.start(self, version, embed, batch_size, last_seq)
+        if version != self._version or self._pending is not None:
             with self._table.txn() as table:
-                table.upsert_rows(rows)
-                table.put_vectors(self._slot, zip(ids, vecs))
-                if self._pending is not None:  # new-version vectors made from the content replaced here
-                    table.delete_vectors(ids, except_slot=self._slot)
-                seq_of = table.seqs([ids[i] for i in append])
-                table.set_meta(version=version, dim=dim, generation=generation)
-            # Committed: publish.
-            self._version, self._dim, self._generation = version, dim, generation
-            self._buf = buf
-            for i in append:
-                self._row[ids[i]] = len(self._ids)
-                self._ids.append(ids[i])
-                self._seqs.append(seq_of[ids[i]])
-            self._n = n + len(append)
-            if self._dirty is not None:
-                self._dirty.update(ids)
-            changed = replace + append
-            if self._hnsw is not None:
-                self._hnsw.upsert(
-                    [self._seqs[self._row[ids[i]]] for i in changed], [ids[i] for i in changed], vecs[changed]
-                )
-            elif self._want_hnsw(self._n, False):  # the graph takes the vectors over from the matrix
-                self._hnsw = HnswGraph.build(dim, self._seqs, self._ids, self._buf[: self._n], self.hnsw, self.dtype)
-                self._buf = None
+                table.keep_slots(self._slot)
+                table.drop_meta(_REBUILD_KEY)
+                table.set_meta(version=version, generation=self._generation + 1)
+            self._version, self._generation, self._pending = version, self._generation + 1, None
+        return None
 
-    def delete(self, ids: list[str], missing_ok: bool = True) -> int:
-        """Remove docs by id (an id given twice counts once).
-
-        Args:
-            ids: the ids to remove.
-            missing_ok: ignore ids that are not stored; when False, one unknown id makes the call remove nothing.
-
-        Returns:
-            The number of docs actually removed.
-
-        Raises:
-            ValueError: ``missing_ok`` is False and some ids are not stored (names them); nothing was removed.
-        """
-        ids = list(dict.fromkeys(ids))
-        wanted = [i for i in ids if isinstance(i, str)]
+    def _rebuild_stopped(self) -> None:
         with self._lock:
-            self._check_open()
-            if not missing_ok:
-                stored = self._table.stored_ids(wanted)
-                unknown = [i for i in ids if i not in stored]
-                if unknown:
-                    shown = ", ".join(repr(i) for i in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
-                    raise ValueError(f"doc(s) {shown} not stored; nothing was deleted")
-            if self._dirty is not None:
-                self._dirty.update(wanted)
-            if not wanted:
-                return 0
-            generation = self._generation + 1
-            with self._table.txn() as table:
-                removed = table.delete_docs(wanted)
-                if removed:
-                    table.delete_vectors(wanted)
-                    table.set_meta(generation=generation)
-            if not removed:
-                return 0
-            self._generation = generation
-            gone = {i for i in wanted if i in self._row}
-            if gone:
-                keep = [r for r, doc_id in enumerate(self._ids) if doc_id not in gone]
-                removed_keys = [self._seqs[self._row[i]] for i in gone]
-                if self._hnsw is None:
-                    buf = _grow(None, 0, len(keep), self._dim, copy=True, dtype=self.dtype)
-                    buf[: len(keep)] = self._buf[keep]
-                    self._buf = buf
-                elif self._want_hnsw(len(keep), True):
-                    self._hnsw.remove(removed_keys)
-                else:  # few enough for exact search again: the vectors go back from the graph into a matrix
-                    _, vectors = self._hnsw.vectors([self._seqs[r] for r in keep])
-                    buf = _grow(None, 0, len(keep), self._dim, copy=True, dtype=self.dtype)
-                    buf[: len(keep)] = to_dtype(vectors, self.dtype)
-                    self._buf, self._hnsw = buf, None
-                self._ids = [self._ids[r] for r in keep]
-                self._seqs = [self._seqs[r] for r in keep]
-                self._row = {doc_id: r for r, doc_id in enumerate(self._ids)}
-                self._n = len(keep)
-            return removed
-
-    def rebuild(self, version: str, embed: Callable[[list[StoredDoc]], np.ndarray], batch_size: int = 256) -> int:
-        """Re-embed every stored doc for a new model version and swap to it atomically.
-
-        The new vectors and index are built on the side while searches keep using the old ones; the swap
-        happens under the lock in memory and in one SQLite transaction on disk. Docs upserted or deleted while
-        the rebuild runs are re-embedded (or dropped) before the swap. The new vectors are committed batch by
-        batch: after a crash, a kill or an exception, the collection serves its old version, and the next
-        ``rebuild`` for the same ``version`` embeds only the docs not done yet (see :class:`_Rebuild`).
-
-        Args:
-            version: the new model version.
-            embed: maps a batch of docs to their [len(batch), D] vectors in the new version (called per batch).
-            batch_size: docs per ``embed`` call.
-
-        Returns:
-            The number of docs the new version holds.
-
-        Raises:
-            ValueError: bad arguments, or ``embed`` returned bad vectors (names the doc id). Whatever ``embed``
-                raises propagates; in every failure the collection keeps serving its old version and vectors.
-        """
-        version = check_version(version)
-        batch_size = check_positive_int("batch_size", batch_size)
-        with self._rebuild_lock:
-            with self._lock:
-                self._check_open()
-                last_seq = self._table.max_seq()
-                if last_seq is None:  # empty: just take the version
-                    if version != self._version or self._pending is not None:
-                        with self._table.txn() as table:
-                            table.keep_slots(self._slot)
-                            table.drop_meta(_REBUILD_KEY)
-                            table.set_meta(version=version, generation=self._generation + 1)
-                        self._version, self._generation, self._pending = version, self._generation + 1, None
-                    return 0
-                job = _Rebuild.start(self, version, embed, batch_size, last_seq)
-            try:
-                return job.run()
-            except BaseException:
-                with self._lock:
-                    self._dirty = None
-                logger.warning(
-                    "rebuild of %s for model version %s stopped after %d newly embedded docs; the old "
-                    "version serves, and rebuild(%r) resumes",
-                    self.root,
-                    version,
-                    job.embedded,
-                    version,
-                )
-                raise
-
-    def close(self) -> None:
-        """Save the HNSW index (if any), close the database and release ``root``. Idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._previous = None
-            try:
-                if self._hnsw is not None:
-                    path = self._index_path()
-                    if not path.exists():
-                        self._hnsw.save(path)
-                    self._remove_stale_index_files()
-            finally:
-                self._table.close()
-                self._lock_file.close()
-
-    def __enter__(self) -> Collection:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+            self._dirty = None
 
     def __repr__(self) -> str:
         return f"Collection({str(self.root)!r}, backend={self.backend!r}, count={self._n}, version={self._version!r})"

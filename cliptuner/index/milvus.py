@@ -59,7 +59,6 @@ this process's writes. Torch-free: numpy, pymilvus and the standard library.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -67,24 +66,14 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
-from cliptuner.index.vectors import (
-    StoredDoc,
-    TagValue,
-    check_positive_int,
-    check_queries,
-    check_query_version,
-    check_upsert,
-    check_version,
-    check_where,
-    normalised,
-)
+from cliptuner.index.base import CATCH_UP_ROUNDS, Embed, Hits, Rebuild, VectorStore
+from cliptuner.index.vectors import StoredDoc, TagValue, check_positive_int, check_where
 from cliptuner.model.atomic import atomic_path, fsync_path
 
 logger = logging.getLogger(__name__)
@@ -92,7 +81,6 @@ logger = logging.getLogger(__name__)
 INDEXES = ("HNSW", "FLAT", "AUTOINDEX")
 LITE_FILE = "milvus.db"
 CONTENT_DIR = "content"
-LOCK_FILE = ".lock"
 MAX_ID_BYTES = 512  # the primary key's max_length
 MAX_TEXT_BYTES = 65535  # max_length of the text and uri fields (Milvus's VARCHAR limit)
 MAX_TAGS_BYTES = 65536  # Milvus's default limit on one JSON value
@@ -105,7 +93,6 @@ _CONTENT_NAME_BYTES = 128
 _CHASH_CHARS = 32
 _READ_CHUNK = 500  # ids per `id in [...]` read
 _ITER_BATCH = 1000  # rows per page when scanning a collection
-_CATCH_UP_ROUNDS = 3  # rebuild: rounds re-embedding concurrently changed docs before the final locked one
 _SEARCH_RETRIES = 3  # a search that overlapped this many switches gives up
 _PROP_VERSION = "cliptuner.version"
 _PROP_DIM = "cliptuner.dim"  # "" while the collection has not held a vector (placeholder dim)
@@ -160,6 +147,15 @@ class _Target:
     name: str
     version: str
     dim: Optional[int]
+
+
+@dataclass
+class _Cursor:
+    """Where :meth:`MilvusCollection.iter_docs` is: the last serial given, and the sorted serials after it."""
+
+    after: int = 0
+    order: list[tuple[int, str]] = field(default_factory=list)
+    pos: int = 0
 
 
 # -- encoding ------------------------------------------------------------------------------------------------
@@ -263,36 +259,30 @@ def _check_milvus_doc(doc: StoredDoc) -> None:
         )
 
 
-class _Rebuild:
+class _Rebuild(Rebuild):
     """One rebuild of a :class:`MilvusCollection` for a new model version; resumable after a failure or a crash.
 
     ``new`` maps each doc id written to the rebuild collection to the content hash it was embedded from. A doc
     needs (re-)embedding while ``new`` lacks it or holds another hash than the live doc's; docs deleted from the
     store leave ``new`` (their rows were deleted with them). The rebuild collection is made with the first
-    batch's vectors (their dim), unless a resumed one exists. Runs in the caller's thread.
+    batch's vectors (their dim), unless a resumed one exists.
     """
 
     def __init__(
         self,
         store: MilvusCollection,
         version: str,
-        embed: Callable[[list[StoredDoc]], np.ndarray],
+        embed: Embed,
         batch_size: int,
         done: dict[str, str],
         dim: Optional[int],
     ) -> None:
-        self.store = store
-        self.version = version
-        self.embed = embed
-        self.batch_size = batch_size
+        super().__init__(store, version, embed, batch_size, dim)
+        self.store: MilvusCollection = store
         self.new = done
-        self.dim = dim
-        self.embedded = 0  # docs embedded by this run (resumed ones are not)
 
     @classmethod
-    def start(
-        cls, store: MilvusCollection, version: str, embed: Callable[[list[StoredDoc]], np.ndarray], batch_size: int
-    ) -> _Rebuild:
+    def start(cls, store: MilvusCollection, version: str, embed: Embed, batch_size: int) -> _Rebuild:
         """Take over the unfinished rebuild of ``version`` (keeping its rows that match the live content) or
         drop an unfinished one of another version. The caller holds ``store._lock``."""
         pending = store._pending
@@ -322,22 +312,14 @@ class _Rebuild:
             store._pending = None
         return cls(store, version, embed, batch_size, done, dim)
 
-    def run(self) -> int:
+    def finish(self) -> int:
         """Embed what is missing or stale, catch up with concurrent writes, then switch; returns the doc count."""
-        for _ in range(1 + _CATCH_UP_ROUNDS):  # the stored docs, then rounds for writes made meanwhile
+        for _ in range(1 + CATCH_UP_ROUNDS):  # the stored docs, then rounds for writes made meanwhile
             todo = self._todo()
             if not todo:
                 break
             self._embed_ids(todo)
-        n = self._switch()
-        logger.info(
-            "rebuilt %s for model version %s: %d docs (%d embedded by this run)",
-            self.store.root,
-            self.version,
-            n,
-            self.embedded,
-        )
-        return n
+        return self._switch()
 
     def _todo(self) -> list[str]:
         """Ids (in insertion order) whose rebuild vector is missing or was made from other content."""
@@ -366,20 +348,7 @@ class _Rebuild:
             docs = [read[doc_id] for doc_id in chunk if doc_id in read]
             if not docs:
                 continue
-            batch_ids = [doc.id for doc in docs]
-            vecs = normalised(self.embed(docs), batch_ids, "embed() output")  # [len(docs), D]
-            if self.dim is not None and vecs.shape[1] != self.dim:
-                raise ValueError(
-                    f"embed() returned {vecs.shape[1]}-dim vectors for doc {batch_ids[0]!r}; earlier "
-                    f"batches were {self.dim}-dim"
-                )
-            if vecs.shape[1] > MAX_DIM:
-                raise ValueError(
-                    f"embed() returned {vecs.shape[1]}-dim vectors for doc {batch_ids[0]!r}; Milvus "
-                    f"holds at most {MAX_DIM} dims"
-                )
-            self.dim = vecs.shape[1]
-            self.embedded += len(docs)
+            vecs = self.embed_batch(docs)  # [len(docs), D]
             with store._lock:
                 store._check_open()
                 fresh = [(doc, vec) for doc, vec in zip(docs, vecs) if store._docs.get(doc.id) == entries[doc.id]]
@@ -413,9 +382,13 @@ class _Rebuild:
             return len(store._docs)
 
 
-class MilvusCollection:
-    """Docs and their vectors for ONE model version in Milvus; the API and semantics of
-    :class:`cliptuner.index.embedded.Collection`, plus tag filters in :meth:`search`.
+class MilvusCollection(VectorStore):
+    """Docs and their vectors for ONE model version in Milvus; the calls and checks of
+    :class:`cliptuner.index.base.VectorStore`, the semantics of :class:`cliptuner.index.embedded.Collection`.
+
+    Searches go through the alias, ties by insertion order; Milvus returns at most 16384 matches per query. A
+    replaced doc keeps its insertion serial. An upsert writes the content files under new names first and the
+    docs in one Milvus upsert call. A delete also removes the doc from an unfinished rebuild's collection.
 
     Args:
         root: local directory of the store (created if missing): the content files, the lock and, for Milvus
@@ -438,6 +411,9 @@ class MilvusCollection:
         MilvusNotInstalledError: pymilvus or milvus-lite is missing (an ImportError).
         RuntimeError: ``root`` is already open, or the alias ``name`` is taken by something else.
     """
+
+    max_dim = MAX_DIM
+    holder = "Milvus"
 
     def __init__(
         self,
@@ -471,38 +447,34 @@ class MilvusCollection:
         self.timeout = timeout
         self.flush_rows = check_positive_int("flush_rows", flush_rows)
         self._unflushed: dict[str, int] = {}  # Milvus Lite: rows written per collection since its last flush
-        self.root = Path(root)
         self.lite = uri is None
-        self.uri = str(self.root / LITE_FILE) if self.lite else uri
+        self.uri = str(Path(root) / LITE_FILE) if self.lite else uri
         pymilvus = _import_pymilvus(self.lite)
         self._MilvusClient = pymilvus.MilvusClient
         self._DataType = pymilvus.DataType
         self._MilvusException = pymilvus.MilvusException
-        self.root.mkdir(parents=True, exist_ok=True)
+        super().__init__(root)  # the lock serialises writes, stored-doc reads and the rebuild's bookkeeping
         self._content_dir = self.root / CONTENT_DIR
-        self._lock = threading.RLock()  # writes, stored-doc reads, the rebuild's bookkeeping
-        self._rebuild_lock = threading.Lock()  # one rebuild at a time
         self._swap_cv = threading.Condition(threading.Lock())
         self._swap_gen = 0  # odd while the alias moves
-        self._closed = True
-        self._lock_file = open(self.root / LOCK_FILE, "a+")
-        try:
-            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_file.close()
-            raise RuntimeError(f"{str(self.root)!r} is already open in another store; close it first") from None
-        try:
-            kwargs = {} if token is None else {"token": token}
-            self._client = self._MilvusClient(uri=self.uri, **kwargs)
+        self._token = token
+        self._open()
+
+    def _connect(self) -> None:
+        kwargs = {} if self._token is None else {"token": self._token}
+        self._client = self._MilvusClient(uri=self.uri, **kwargs)
+
+    def _disconnect(self) -> None:
+        """Close the Milvus connection (Milvus Lite: stop its server, which flushes and closes its files)."""
+        with contextlib.suppress(Exception):
+            self._client.close()
+        if self.lite:  # stop Lite's in-process server: flushes and closes its files, releases its lock
             try:
-                self._load()
-            except BaseException:
-                self._close_client()
-                raise
-        except BaseException:
-            self._lock_file.close()
-            raise
-        self._closed = False
+                from milvus_lite.server_manager import server_manager_instance
+
+                server_manager_instance.release_server(self.uri)
+            except Exception as err:  # noqa: BLE001 - its atexit hook stops it otherwise
+                logger.warning("could not stop Milvus Lite for %s: %s", self.uri, err)
 
     def _wrote(self, coll: str, rows: int, force: bool = False) -> None:
         """Count rows written to ``coll``; Milvus Lite: flush it once ``flush_rows`` are waiting (or ``force``).
@@ -759,10 +731,6 @@ class MilvusCollection:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError(f"Milvus store {str(self.root)!r} is closed")
-
     # -- reading -------------------------------------------------------------------------------------------
     @property
     def version(self) -> Optional[str]:
@@ -777,11 +745,6 @@ class MilvusCollection:
         return None if live is None else live.dim
 
     @property
-    def previous_version(self) -> Optional[str]:
-        """Always None: the alias moves to the new version's collection and the old one is dropped."""
-        return None
-
-    @property
     def collection_name(self) -> Optional[str]:
         """Name of the live Milvus collection (the one the alias ``name`` names)."""
         live = self._live
@@ -794,47 +757,29 @@ class MilvusCollection:
         with self._lock:
             return isinstance(doc_id, str) and doc_id in self._docs
 
-    def get(self, ids: list[str], content: bool = True) -> list[Optional[StoredDoc]]:
-        """Stored docs by id, aligned with ``ids``; None for an unknown id.
+    def _held(self) -> tuple[Optional[str], Optional[int], int]:
+        live = self._live
+        return (None, None, 0) if live is None else (live.version, live.dim, len(self._docs))
 
-        Args:
-            ids: the doc ids.
-            content: also read ``blob`` and ``tensor`` from the content files; when False they come back None.
-        """
-        ids = list(ids)
-        with self._lock:
-            self._check_open()
-            found = self._fetch([i for i in dict.fromkeys(ids) if isinstance(i, str)], content)
-        return [found.get(i) if isinstance(i, str) else None for i in ids]
-
-    def iter_docs(self, batch_size: int = 256) -> Iterator[list[StoredDoc]]:
-        """All stored docs with their content in insertion order, ``batch_size`` at a time (the lock is not held
-        between batches; docs added meanwhile come at the end, deleted ones are skipped)."""
-        batch_size = check_positive_int("batch_size", batch_size)
-        after = 0
-        order: list[tuple[int, str]] = []
-        pos = 0
-        while True:
-            with self._lock:
-                self._check_open()
-                ids: list[str] = []
-                while len(ids) < batch_size:
-                    if pos >= len(order):  # the next serials, sorted once per pass
-                        order = sorted((entry.seq, doc_id) for doc_id, entry in self._docs.items() if entry.seq > after)
-                        pos = 0
-                        if not order:
-                            break
-                    seq, doc_id = order[pos]
-                    pos += 1
-                    entry = self._docs.get(doc_id)
-                    if entry is None or entry.seq != seq:
-                        continue
-                    ids.append(doc_id)
-                    after = seq
-                if not ids:
-                    return
-                found = self._fetch(ids, content=True)
-            yield [found[doc_id] for doc_id in ids if doc_id in found]
+    def _next_docs(self, cursor: Optional[_Cursor], batch_size: int) -> tuple[list[StoredDoc], _Cursor]:
+        """The next docs by insertion serial: the serials after the cursor's are sorted once per pass, and a doc
+        replaced or deleted since is skipped."""
+        cursor = cursor or _Cursor()
+        ids: list[str] = []
+        while len(ids) < batch_size:
+            if cursor.pos >= len(cursor.order):  # the next serials, sorted once per pass
+                cursor.order = sorted((e.seq, doc_id) for doc_id, e in self._docs.items() if e.seq > cursor.after)
+                cursor.pos = 0
+                if not cursor.order:
+                    break
+            seq, doc_id = cursor.order[cursor.pos]
+            cursor.pos += 1
+            entry = self._docs.get(doc_id)
+            if entry is not None and entry.seq == seq:
+                ids.append(doc_id)
+                cursor.after = seq
+        found = self._fetch(ids, content=True) if ids else {}
+        return [found[doc_id] for doc_id in ids if doc_id in found], cursor
 
     def stats(self) -> dict:
         """``{"count", "version", "dim", "backend": "milvus", "index", "collection"}``."""
@@ -849,45 +794,18 @@ class MilvusCollection:
                 "collection": None if live is None else live.name,
             }
 
-    def search(
-        self, queries: np.ndarray, limit: int, version: Optional[str] = None, where: Optional[dict] = None
-    ) -> list[list[tuple[str, float]]]:
-        """Nearest stored docs by cosine similarity, through the alias.
-
-        Args:
-            queries: [Q, D] (or one [D]) query vectors; normalised here.
-            limit: at most this many matches per query (>= 1; Milvus returns at most 16384).
-            version: the model version that made ``queries``; checked against the live version.
-            where: tag equality filters, ``{"category": "shoes", "year": 2024}``: only docs whose every named
-                top-level tag equals the value match (see :func:`where_expr`).
-
-        Returns:
-            Per query, ``(doc id, cosine similarity)`` best first (ties by insertion order); ``[]`` per query
-            while the store is empty.
-
-        Raises:
-            ValueError: ``limit`` < 1, ``version`` differs from the live version, bad query vectors, or a bad
-                ``where``.
-        """
-        limit = check_positive_int("limit", limit)
-        where = check_where(where)
-        queries = check_queries(queries)
+    def _search(self, queries: np.ndarray, limit: int, version: Optional[str], where: dict) -> Hits:
+        """Search through the alias, again when the live collection switched meanwhile (see the module doc)."""
         for _ in range(_SEARCH_RETRIES):
             with self._swap_cv:
                 self._check_open()
                 while self._swap_gen % 2:
                     self._swap_cv.wait()
                 gen = self._swap_gen
-                live = self._live
-            check_query_version(version, None if live is None else live.version)
-            if live is None or not self._docs or queries.shape[0] == 0:
+                held = self._held()
+            normed = self._checked_queries(queries, version, *held)
+            if normed is None:
                 return [[] for _ in range(queries.shape[0])]
-            if queries.shape[1] != live.dim:
-                raise ValueError(
-                    f"queries have {queries.shape[1]} dims; the collection holds {live.dim}-dim "
-                    f"vectors (version {live.version!r})"
-                )
-            normed = normalised(queries, [f"query {i}" for i in range(queries.shape[0])], "queries")
             try:
                 results = self._search_live(normed, limit, where)
             except self._MilvusException:
@@ -941,193 +859,90 @@ class MilvusCollection:
             fetch = min(fetch * 4, MAX_TOPK)
 
     # -- writing -------------------------------------------------------------------------------------------
-    def upsert(self, docs: list[StoredDoc], vectors: np.ndarray, version: str) -> None:
-        """Store docs and their vectors; an existing id has its doc and vector replaced (its insertion serial kept).
+    def _check_doc(self, doc: StoredDoc) -> None:
+        _check_milvus_doc(doc)
 
-        All or nothing as far as Milvus allows: everything is validated before anything is written, the content
-        files are written under new names first, and the docs go to Milvus in one upsert call.
+    def _prepare(self, docs: list[StoredDoc]) -> list[str]:
+        return [_content_hash(doc) for doc in docs]
 
-        Args:
-            docs: the docs, unique non-empty ids (at most 512 bytes).
-            vectors: [N, D] float32, one row per doc (L2-normalised here).
-            version: model version that made ``vectors``; must be the store's unless it is empty.
-
-        Raises:
-            ValueError: a bad doc or vector (names the doc id), or a version/dimension mismatch.
-        """
-        version, docs, vecs = check_upsert(docs, vectors, version, _check_milvus_doc)  # vecs: [N, D]
+    def _write(self, docs: list[StoredDoc], vecs: np.ndarray, version: str, prepared: Any) -> None:
+        """Content files first, then one Milvus upsert (into a new collection while the store is empty, switched
+        to once it holds the docs); files a replaced doc no longer names are removed last."""
         ids = [doc.id for doc in docs]
         dim = vecs.shape[1]
-        if dim > MAX_DIM:
-            raise ValueError(f"doc {ids[0]!r}: vector has {dim} dims; Milvus holds at most {MAX_DIM}")
-        hashes = [_content_hash(doc) for doc in docs]
-        with self._lock:
-            self._check_open()
-            live = self._live
-            empty = not self._docs
-            if not empty and version != live.version:
-                raise ValueError(
-                    f"vectors are from model version {version!r} but the collection holds version "
-                    f"{live.version!r}; rebuild() the collection for {version!r} first"
-                )
-            if not empty and dim != live.dim:
-                raise ValueError(
-                    f"doc {ids[0]!r}: vector has {dim} dims; the collection holds {live.dim}-dim "
-                    f"vectors (version {live.version!r})"
-                )
-            if not docs:
-                return
-            next_seq = self._next_seq
-            entries: dict[str, _Entry] = {}
-            for doc, chash in zip(docs, hashes):
-                old = self._docs.get(doc.id)
-                if old is None:
-                    seq, next_seq = next_seq, next_seq + 1
-                else:
-                    seq = old.seq
-                has_content = doc.blob is not None or doc.tensor is not None
-                entries[doc.id] = _Entry(seq, chash, _content_name(doc.id, chash) if has_content else "")
-            rows = [self._row(doc, vec, entries[doc.id]) for doc, vec in zip(docs, vecs)]
-            new_files = self._write_content(docs, entries)
-            fresh: Optional[_Target] = None
-            try:
-                if live is None or (empty and (version != live.version or dim != live.dim)):
-                    # an empty store takes any version and dim: a new collection, switched to once it holds the docs
-                    fresh = self._create(version, dim, _BUILDING)
-                    self._client.upsert(fresh.name, rows, timeout=self.timeout)
-                    self._wrote(fresh.name, len(rows), force=True)
-                    self._switch_to(fresh)
-                else:
-                    if self._pending is not None:  # stale vectors of the rebuild collection go first
-                        changed = [i for i in ids if i not in self._docs or self._docs[i].chash != entries[i].chash]
-                        if changed:
-                            self._client.delete(self._pending.name, filter=_ids_expr(changed), timeout=self.timeout)
-                    self._client.upsert(live.name, rows, timeout=self.timeout)
-                    self._wrote(live.name, len(rows))
-            except BaseException:
-                if fresh is not None and self._live is not fresh:
-                    self._drop(fresh.name)
-                self._remove_files(new_files)
-                raise
-            superseded = [
-                self._content_dir / self._docs[i].content
-                for i in ids
-                if i in self._docs and self._docs[i].content and self._docs[i].content != entries[i].content
-            ]
-            self._docs.update(entries)
-            self._next_seq = next_seq
-            self._remove_files(superseded)
+        live = self._live
+        empty = not self._docs
+        next_seq = self._next_seq
+        entries: dict[str, _Entry] = {}
+        for doc, chash in zip(docs, prepared):
+            old = self._docs.get(doc.id)
+            if old is None:
+                seq, next_seq = next_seq, next_seq + 1
+            else:
+                seq = old.seq
+            has_content = doc.blob is not None or doc.tensor is not None
+            entries[doc.id] = _Entry(seq, chash, _content_name(doc.id, chash) if has_content else "")
+        rows = [self._row(doc, vec, entries[doc.id]) for doc, vec in zip(docs, vecs)]
+        new_files = self._write_content(docs, entries)
+        fresh: Optional[_Target] = None
+        try:
+            if live is None or (empty and (version != live.version or dim != live.dim)):
+                # an empty store takes any version and dim: a new collection, switched to once it holds the docs
+                fresh = self._create(version, dim, _BUILDING)
+                self._client.upsert(fresh.name, rows, timeout=self.timeout)
+                self._wrote(fresh.name, len(rows), force=True)
+                self._switch_to(fresh)
+            else:
+                if self._pending is not None:  # stale vectors of the rebuild collection go first
+                    changed = [i for i in ids if i not in self._docs or self._docs[i].chash != entries[i].chash]
+                    if changed:
+                        self._client.delete(self._pending.name, filter=_ids_expr(changed), timeout=self.timeout)
+                self._client.upsert(live.name, rows, timeout=self.timeout)
+                self._wrote(live.name, len(rows))
+        except BaseException:
+            if fresh is not None and self._live is not fresh:
+                self._drop(fresh.name)
+            self._remove_files(new_files)
+            raise
+        superseded = [
+            self._content_dir / self._docs[i].content
+            for i in ids
+            if i in self._docs and self._docs[i].content and self._docs[i].content != entries[i].content
+        ]
+        self._docs.update(entries)
+        self._next_seq = next_seq
+        self._remove_files(superseded)
 
-    def delete(self, ids: list[str], missing_ok: bool = True) -> int:
-        """Remove docs by id (an id given twice counts once), from the live collection and from an unfinished
-        rebuild's one.
+    def _stored_ids(self, ids: list[str]) -> set[str]:
+        return {i for i in ids if i in self._docs}
 
-        Args:
-            ids: the ids to remove.
-            missing_ok: ignore ids that are not stored; when False, one unknown id makes the call remove nothing.
+    def _remove(self, ids: list[str]) -> int:
+        """Delete from the live collection and an unfinished rebuild's one, then the content files."""
+        present = [i for i in ids if i in self._docs]
+        if not present:
+            return 0
+        expr = _ids_expr(present)
+        if self._pending is not None:
+            self._client.delete(self._pending.name, filter=expr, timeout=self.timeout)
+        self._client.delete(self._live.name, filter=expr, timeout=self.timeout)
+        files = [self._content_dir / self._docs[i].content for i in present if self._docs[i].content]
+        for doc_id in present:
+            del self._docs[doc_id]
+        self._remove_files(files)
+        return len(present)
 
-        Returns:
-            The number of docs actually removed.
-
-        Raises:
-            ValueError: ``missing_ok`` is False and some ids are not stored (names them); nothing was removed.
-        """
-        ids = list(dict.fromkeys(ids))
-        with self._lock:
-            self._check_open()
-            present = [i for i in ids if isinstance(i, str) and i in self._docs]
-            if not missing_ok and len(present) != len(ids):
-                unknown = [i for i in ids if not (isinstance(i, str) and i in self._docs)]
-                shown = ", ".join(repr(i) for i in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
-                raise ValueError(f"doc(s) {shown} not stored; nothing was deleted")
-            if not present:
-                return 0
-            expr = _ids_expr(present)
-            if self._pending is not None:
-                self._client.delete(self._pending.name, filter=expr, timeout=self.timeout)
-            self._client.delete(self._live.name, filter=expr, timeout=self.timeout)
-            files = [self._content_dir / self._docs[i].content for i in present if self._docs[i].content]
-            for doc_id in present:
-                del self._docs[doc_id]
-            self._remove_files(files)
-            return len(present)
-
-    def rebuild(self, version: str, embed: Callable[[list[StoredDoc]], np.ndarray], batch_size: int = 256) -> int:
-        """Re-embed every stored doc for a new model version into a new collection and switch the alias to it.
-
-        Searches keep using the live collection until the switch. Docs upserted or deleted while the rebuild
-        runs are re-embedded (or dropped) before it. After a failure (``embed`` raising, bad vectors, the process
-        killed) the old version keeps serving and the next ``rebuild`` for the same ``version`` embeds only the
-        docs that its collection lacks or holds with other content (see :class:`_Rebuild`).
-
-        Args:
-            version: the new model version.
-            embed: maps a batch of docs (with text, uri, tags, blob and tensor) to their [len(batch), D] vectors in
-                the new version (called per batch).
-            batch_size: docs per ``embed`` call.
-
-        Returns:
-            The number of docs the new version holds.
-
-        Raises:
-            ValueError: bad arguments, or ``embed`` returned bad vectors (names the doc id). Whatever ``embed``
-                raises propagates; in every failure the store keeps serving its old version.
-        """
-        version = check_version(version)
-        batch_size = check_positive_int("batch_size", batch_size)
-        with self._rebuild_lock:
-            with self._lock:
-                self._check_open()
-                if not self._docs:  # empty: just take the version
-                    if self._pending is not None:
-                        self._drop(self._pending.name)
-                        self._pending = None
-                    if self._live is None or self._live.version != version:
-                        dim = None if self._live is None else self._live.dim
-                        self._switch_to(self._create(version, dim, _BUILDING))
-                    return 0
-                job = _Rebuild.start(self, version, embed, batch_size)
-            try:
-                return job.run()
-            except BaseException:
-                logger.warning(
-                    "rebuild of %s for model version %s stopped after %d newly embedded docs; the old "
-                    "version serves, and rebuild(%r) resumes",
-                    self.root,
-                    version,
-                    job.embedded,
-                    version,
-                )
-                raise
-
-    # -- closing -------------------------------------------------------------------------------------------
-    def _close_client(self) -> None:
-        with contextlib.suppress(Exception):
-            self._client.close()
-        if self.lite:  # stop Lite's in-process server: flushes and closes its files, releases its lock
-            try:
-                from milvus_lite.server_manager import server_manager_instance
-
-                server_manager_instance.release_server(self.uri)
-            except Exception as err:  # noqa: BLE001 - its atexit hook stops it otherwise
-                logger.warning("could not stop Milvus Lite for %s: %s", self.uri, err)
-
-    def close(self) -> None:
-        """Close the Milvus connection (Milvus Lite: flush and close its files) and release ``root``. Idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            try:
-                self._close_client()
-            finally:
-                self._lock_file.close()
-
-    def __enter__(self) -> MilvusCollection:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def _start_rebuild(self, version: str, embed: Embed, batch_size: int) -> Optional[_Rebuild]:
+        """A :class:`_Rebuild` (resuming the unfinished one of ``version``); an empty store drops an unfinished
+        rebuild and just takes ``version``."""
+        if self._docs:
+            return _Rebuild.start(self, version, embed, batch_size)
+        if self._pending is not None:
+            self._drop(self._pending.name)
+            self._pending = None
+        if self._live is None or self._live.version != version:
+            dim = None if self._live is None else self._live.dim
+            self._switch_to(self._create(version, dim, _BUILDING))
+        return None
 
     def __repr__(self) -> str:
         return (

@@ -7,59 +7,21 @@
   per model version behind an alias; needs ``pip install "cliptuner[milvus]"``.
 
 Both keep the content of every doc (text, uri, tags, image bytes) so that a new model version can re-embed it,
-hold the vectors of one model version at a time, and swap versions atomically after a rebuild; the behaviour
+hold the vectors of one model version at a time, and swap versions atomically after a rebuild. Both are a
+:class:`cliptuner.index.base.VectorStore` (the checks and the flow of each call, written once); the behaviour
 suite ``tests/unit/test_vector_stores.py`` runs against both.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Optional
 
-import numpy as np
-
+from cliptuner.index.base import VectorStore
 from cliptuner.index.embedded import BACKENDS as EMBEDDED_BACKENDS
-from cliptuner.index.embedded import Collection, HnswSettings, StoredDoc
+from cliptuner.index.embedded import Collection, HnswSettings
 
 BACKENDS = (*EMBEDDED_BACKENDS, "milvus")
-
-
-class VectorStore(Protocol):
-    """What the indexer needs of a vector store (:class:`~cliptuner.index.embedded.Collection` documents each method)."""
-
-    root: Path
-
-    @property
-    def version(self) -> Optional[str]: ...
-
-    @property
-    def dim(self) -> Optional[int]: ...
-
-    @property
-    def previous_version(self) -> Optional[str]: ...
-
-    def __len__(self) -> int: ...
-
-    def __contains__(self, doc_id: object) -> bool: ...
-
-    def get(self, ids: list[str], content: bool = True) -> list[Optional[StoredDoc]]: ...
-
-    def iter_docs(self, batch_size: int = 256) -> Iterator[list[StoredDoc]]: ...
-
-    def stats(self) -> dict: ...
-
-    def search(
-        self, queries: np.ndarray, limit: int, version: Optional[str] = None, where: Optional[dict] = None
-    ) -> list[list[tuple[str, float]]]: ...
-
-    def upsert(self, docs: list[StoredDoc], vectors: np.ndarray, version: str) -> None: ...
-
-    def delete(self, ids: list[str], missing_ok: bool = True) -> int: ...
-
-    def rebuild(self, version: str, embed: Callable[[list[StoredDoc]], np.ndarray], batch_size: int = 256) -> int: ...
-
-    def close(self) -> None: ...
 
 
 def open_store(

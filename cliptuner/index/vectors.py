@@ -1,5 +1,5 @@
-"""What the vector stores share: the doc a store keeps, the checks of what callers give a store, exact search,
-and the precisions a store may hold vectors in (:data:`DTYPES`).
+"""What the vector stores share: the doc a store keeps, the checks of what callers give a store (vectors from
+clients included), exact search, and the precisions a store may hold vectors in (:data:`DTYPES`).
 
 Used by the embedded store (:mod:`cliptuner.index.embedded`) and the Milvus one (:mod:`cliptuner.index.milvus`), so that
 both refuse the same input with the same message. Torch-free: numpy and the standard library.
@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -174,6 +175,14 @@ def check_upsert(
     return version, docs, normalised(vectors, [doc.id for doc in docs])  # [N, D]
 
 
+def repeated_ids(ids: Iterable[str], most: int = 10) -> str:
+    """The ids given more than once, as ``'a' (2 times), 'b' (3 times)`` (the first ``most``, then ``...``); "" if
+    none is."""
+    counts = Counter(ids)
+    repeated = [f"{doc_id!r} ({n} times)" for doc_id, n in counts.items() if n > 1]
+    return ", ".join(repeated[:most]) + (", ..." if len(repeated) > most else "")
+
+
 def check_queries(queries: np.ndarray) -> np.ndarray:
     """Query vectors as [Q, D] (one [D] vector becomes [1, D]); not yet normalised.
 
@@ -195,6 +204,43 @@ def check_query_version(version: Optional[str], held: Optional[str]) -> None:
             f"queries are from model version {version!r} but the collection holds version {held!r}; "
             f"encode the queries with {held!r}"
         )
+
+
+def client_vector(embedding: Any, embedding_version: Optional[str], doc_id: str, version: str, dim: int) -> np.ndarray:
+    """A vector a client sent (a vector query, or a trusted embedding) as a unit vector of the store's version.
+
+    Args:
+        embedding: the client's vector.
+        embedding_version: the model version the client says made it.
+        doc_id: the doc it came with (named in errors).
+        version: the store's model version.
+        dim: the dimension of ``version``'s vectors.
+
+    Raises:
+        ValueError: names the doc: not a numeric vector, of another dimension, not finite, all zeros, or of
+            another model version.
+    """
+    try:
+        vector = np.asarray(embedding, dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"doc {doc_id!r}: embedding must be a numeric vector ({err})") from None
+    if vector.ndim != 1 or vector.shape[0] != dim:
+        raise ValueError(
+            f"doc {doc_id!r}: embedding has shape {tuple(vector.shape)}; the index holds "
+            f"{dim}-dimension vectors of model version {version!r}"
+        )
+    if not np.isfinite(vector).all():
+        raise ValueError(f"doc {doc_id!r}: embedding is not finite (it contains NaN or inf)")
+    norm = float(np.linalg.norm(vector.astype(np.float64)))
+    if norm == 0.0:
+        raise ValueError(f"doc {doc_id!r}: embedding is all zeros")
+    if embedding_version != version:
+        raise ValueError(
+            f"doc {doc_id!r}: a vector query's model_version must be the index's version {version!r}, "
+            f"got {embedding_version!r}; send the embedding and model_version that /encode "
+            "returns, or send text or an image"
+        )
+    return (vector / norm).astype(np.float32)
 
 
 _TAG_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

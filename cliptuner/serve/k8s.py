@@ -47,18 +47,19 @@ completes its objects (loaded as dicts, changed, written back) into DIR:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+
+from cliptuner.options import config_dataclass
 
 DEFAULT_GATEWAY_IMAGE = "jinaai/jina:3.34.0-py311-standard"
 FLOW_YAML = Path("flows") / "k8s.yml"
@@ -89,9 +90,12 @@ _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _PREFIX = re.compile(r"^([a-z0-9][a-z0-9._/:-]*)?$")
 
 
-@dataclass
+@config_dataclass
 class K8sOptions:
     """What ``cliptuner k8s`` generates; every field is one command-line option of the same name.
+
+    A strict pydantic dataclass (:func:`cliptuner.options.config_dataclass`): a value of the wrong type or an
+    unknown option is refused when it is built, and so is a bad value (:meth:`validate`), naming the option.
 
     Attributes:
         flow: the Flow YAML to export (default: flows/k8s.yml of the source tree, else of the current directory).
@@ -126,6 +130,9 @@ class K8sOptions:
     service_monitor: bool = False
     milvus_uri: Optional[str] = None
     milvus_token_secret: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         """Check every option before anything is exported.
@@ -512,157 +519,3 @@ def generate(out: Path, options: K8sOptions) -> list[Path]:
     flow = options.flow or default_flow()
     manifests = build_manifests(export_flow(flow, options.namespace), options)
     return write_manifests(out, manifests, options)
-
-
-K8S_EPILOG = """\
-written into DIR:
-  namespace.yml        the Namespace
-  workspace-pvc.yml    the shared ReadWriteMany claim, mounted at /workspace in every Executor pod
-  tuner.yml encoder.yml indexer.yml gateway.yml
-                       jina's ConfigMap, Service and Deployment per service, completed: volume, uid/gid/fsGroup
-                       10001 (the image's user), gRPC startup/readiness/liveness probes, cpu/memory (and GPU)
-                       resources, Prometheus annotations and metrics port, the Executor images
-  servicemonitors.yml  with --service-monitor only (needs the Prometheus Operator's CRDs)
-  kustomization.yaml   lists them all
-
-examples:
-  cliptuner k8s --out k8s/
-  cliptuner k8s --out k8s/ --image-prefix registry.example.com/ml/cliptuner- --tag 0.1.0 \\
-      --storage-class nfs-client --gpus-tuner 1 --gpus-encoder 1 --encoder-replicas 4
-  cliptuner k8s --out k8s/ --milvus-uri http://milvus.milvus.svc:19530 --milvus-token-secret milvus-token
-  kubectl apply -k k8s/
-
-Build and push one image per Executor first (see the Dockerfile):
-  docker build --build-arg EXECUTOR=CLIPTuner -t cliptuner-tuner .    (CLIPEncoder, CLIPIndexer likewise)
-The gateway image is $JINA_GATEWAY_IMAGE (default jinaai/jina:3.34.0-py311-standard).
-The probes are Kubernetes' native gRPC probes (Kubernetes >= 1.24).
-"""
-
-
-def add_k8s_parser(sub: Any) -> argparse.ArgumentParser:
-    """Add the ``k8s`` subcommand to the ``cliptuner`` subparsers ``sub``.
-
-    Args:
-        sub: what ``ArgumentParser.add_subparsers`` returned.
-
-    Returns:
-        The subcommand's parser.
-    """
-    p = sub.add_parser(
-        "k8s",
-        help="write Kubernetes manifests for the services (flows/k8s.yml)",
-        description=(__doc__ or "").split("\n\n")[0].replace("``", ""),
-        epilog=K8S_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--out",
-        required=True,
-        metavar="DIR",
-        help="folder to write the manifests into (created; it may hold only files of an earlier run)",
-    )
-    p.add_argument("--flow", default=None, help="the Flow YAML to export (default: flows/k8s.yml)")
-    p.add_argument("--namespace", default="cliptuner", help="namespace of every object (default: cliptuner)")
-    p.add_argument(
-        "--image-prefix",
-        default="cliptuner-",
-        help="Executor images are <prefix><executor>:<tag>, e.g. a registry path "
-        "'registry.example.com/ml/cliptuner-' (default: cliptuner-)",
-    )
-    p.add_argument("--tag", default="latest", help="tag of the Executor images (default: latest)")
-    p.add_argument(
-        "--encoder-replicas",
-        type=int,
-        default=2,
-        metavar="N",
-        help="encoder pods (default: 2); the tuner and the indexer always run one pod each: the "
-        "indexer's collection is one index on the shared volume",
-    )
-    p.add_argument("--storage", default="20Gi", help="size of the shared workspace claim (default: 20Gi)")
-    p.add_argument(
-        "--storage-class",
-        default=None,
-        help="storage class of the claim; it must offer ReadWriteMany, e.g. NFS, CephFS, EFS, Azure "
-        "Files (default: the cluster's default class)",
-    )
-    p.add_argument(
-        "--pvc-name", default="cliptuner-workspace", help="name of the workspace claim (default: cliptuner-workspace)"
-    )
-    p.add_argument(
-        "--gpus-tuner",
-        type=int,
-        default=0,
-        metavar="N",
-        help="nvidia.com/gpu limit of the tuner pod (default: 0, none; build its image with "
-        "--build-arg ORT=onnxruntime-gpu)",
-    )
-    p.add_argument(
-        "--gpus-encoder",
-        type=int,
-        default=0,
-        metavar="N",
-        help="nvidia.com/gpu limit of each encoder pod (default: 0, none)",
-    )
-    for name, (cpu, memory) in DEFAULT_RESOURCES.items():
-        p.add_argument(f"--{name}-cpu", default=cpu, help=f"cpu request of the {name} (default: {cpu}; no limit)")
-        p.add_argument(
-            f"--{name}-memory", default=memory, help=f"memory request and limit of the {name} (default: {memory})"
-        )
-    p.add_argument(
-        "--milvus-uri",
-        default=None,
-        help="keep the index's vectors in this Milvus server or cluster, e.g. "
-        "http://milvus.milvus.svc:19530 (default: the embedded store on the shared volume)",
-    )
-    p.add_argument(
-        "--milvus-token-secret",
-        default=None,
-        metavar="SECRET",
-        help="a Secret whose key 'token' holds the Milvus token (user:password), passed to the indexer "
-        "as CLIPTUNER_MILVUS_TOKEN",
-    )
-    p.add_argument(
-        "--service-monitor",
-        action="store_true",
-        help="also write jina's Prometheus Operator ServiceMonitors (servicemonitors.yml; needs that "
-        "operator's CRDs; the pod annotations work without)",
-    )
-    p.set_defaults(func=run_k8s)
-    return p
-
-
-def options_from_args(args: argparse.Namespace) -> K8sOptions:
-    """The :class:`K8sOptions` of parsed ``cliptuner k8s`` arguments."""
-    return K8sOptions(
-        flow=Path(args.flow) if args.flow else None,
-        namespace=args.namespace,
-        image_prefix=args.image_prefix,
-        tag=args.tag,
-        encoder_replicas=args.encoder_replicas,
-        storage=args.storage,
-        storage_class=args.storage_class,
-        pvc_name=args.pvc_name,
-        gpus_tuner=args.gpus_tuner,
-        gpus_encoder=args.gpus_encoder,
-        resources={name: (getattr(args, f"{name}_cpu"), getattr(args, f"{name}_memory")) for name in DEFAULT_RESOURCES},
-        service_monitor=args.service_monitor,
-        milvus_uri=args.milvus_uri,
-        milvus_token_secret=args.milvus_token_secret,
-    )
-
-
-def run_k8s(args: argparse.Namespace) -> list[Path]:
-    """``cliptuner k8s``: write the manifests and say how to apply them.
-
-    Args:
-        args: the parsed command line.
-
-    Returns:
-        The written files.
-    """
-    out = Path(args.out)
-    written = generate(out, options_from_args(args))
-    for path in written:
-        print(path)
-    print(f"apply with: kubectl apply -k {out}", file=sys.stderr)
-    return written

@@ -1,6 +1,8 @@
-"""``cliptuner serve`` in a child process of its own, for programs that drive the service (``cliptuner demo``).
+"""Child processes in process groups of their own: ``cliptuner serve`` for programs that drive the service
+(``cliptuner demo``), and :func:`stop_group`, the one routine that ends such a group (the service, a training run's
+worker in :mod:`cliptuner.serve.runs`).
 
-The child gets its own process group, so that stopping it also stops the Flow's Executors and a running training
+The service gets its own process group, so that stopping it also stops the Flow's Executors and a running training
 process. :meth:`ServeProcess.start` returns once ``cliptuner serve`` has said "cliptuner serving on" (a ``/status``
 has passed through every Executor), and raises with the end of the service's log when it exits or does not get
 there in time.
@@ -8,6 +10,7 @@ there in time.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -17,6 +20,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
+
+logger = logging.getLogger(__name__)
 
 SERVING = b"cliptuner serving on"
 
@@ -29,8 +34,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def stop_group(proc: Optional[subprocess.Popen], grace: float) -> None:
-    """Stop a child started with ``start_new_session=True`` and everything in its process group: SIGTERM, up to
-    ``grace`` seconds, then SIGKILL to the group (which outlives its leader when a child was orphaned)."""
+    """Stop a child started with ``start_new_session=True`` and everything in its process group: SIGTERM to the
+    child, up to ``grace`` seconds for it to exit, then SIGKILL to the group (which outlives its leader when a child
+    was orphaned). The one way this project ends a process group: the service launcher, a training run's worker
+    (:mod:`cliptuner.serve.runs`) and the tests' Flow processes."""
     if proc is None:
         return
     if proc.poll() is None:
@@ -38,11 +45,11 @@ def stop_group(proc: Optional[subprocess.Popen], grace: float) -> None:
         try:
             proc.wait(grace)
         except subprocess.TimeoutExpired:
-            pass
+            logger.warning("process %d outlived SIGTERM by %gs: killing its group", proc.pid, grace)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is gone already
     proc.wait(15)
 
 

@@ -399,6 +399,135 @@ def _compare(
     }
 
 
+def _checked_opset(exporter: str, precision: str, parity_threshold: float, opset: int) -> int:
+    """Refuse unknown export options; the opset the exporter writes (``dynamo`` needs at least 18).
+
+    Raises:
+        ValueError: an unknown exporter or precision, or a threshold outside (0, 1].
+    """
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {list(EXPORTERS)}, got {exporter!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if not 0.0 < parity_threshold <= 1.0:
+        raise ValueError(f"parity_threshold must be in (0, 1], got {parity_threshold!r}")
+    if exporter == "dynamo" and opset < DYNAMO_MIN_OPSET:
+        logger.info(
+            "exporter='dynamo' emits opset >= %d; using %d instead of %d", DYNAMO_MIN_OPSET, DYNAMO_MIN_OPSET, opset
+        )
+        return DYNAMO_MIN_OPSET
+    return opset
+
+
+def _write_towers(
+    model: torch.nn.Module,
+    tokenizer: ClipTokenizer,
+    image_size: int,
+    visual_path: Path,
+    textual_path: Path,
+    opset: int,
+    exporter: str,
+) -> None:
+    """Trace both towers of an export-ready ``model`` into their ONNX files and run ``onnx.checker`` on them.
+
+    Raises:
+        ExportError: ``onnx.checker`` rejects a graph (names the file).
+    """
+    example_pixels = torch.randn(TRACE_BATCH, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    example_ids = torch.from_numpy(tokenizer(["a photo of a dog", "two cats on a red sofa"]))
+    _export_tower(_ImageTower(model).eval(), example_pixels, visual_path, IMAGE_INPUT, opset, exporter)
+    _export_tower(_TextTower(model).eval(), example_ids, textual_path, TEXT_INPUT, opset, exporter)
+    for path in (visual_path, textual_path):
+        try:
+            onnx.checker.check_model(str(path))
+        except onnx.checker.ValidationError as exc:
+            raise ExportError(f"{path.name} fails onnx.checker: {exc}") from exc
+
+
+@dataclasses.dataclass
+class _ParitySamples:
+    """The parity check's inputs, prepared as the runtime prepares them, and torch's embeddings of them."""
+
+    pixels: np.ndarray  # [N, 3, H, W]
+    ids: np.ndarray  # [M, context_length]
+    torch_img: np.ndarray  # [N, embed_dim]
+    torch_txt: np.ndarray  # [M, embed_dim]
+
+    @classmethod
+    def build(
+        cls,
+        model: torch.nn.Module,
+        tokenizer: ClipTokenizer,
+        preprocess_cfg: dict[str, Any],
+        sample_images: Optional[Sequence[ImageSource]],
+        sample_texts: Optional[Sequence[str]],
+    ) -> _ParitySamples:
+        """Decode, preprocess and tokenize the samples (the defaults when None) and embed them with torch.
+
+        Raises:
+            ValueError: no sample image or no sample text.
+        """
+        images = list(sample_images) if sample_images is not None else generate_sample_images()
+        texts = list(sample_texts) if sample_texts is not None else list(DEFAULT_SAMPLE_TEXTS)
+        if not images or not texts:
+            raise ValueError("the parity check needs at least one sample image and one sample text")
+        pil = [decode_image(img, DEFAULT_LIMITS, name=f"parity sample #{i}") for i, img in enumerate(images)]
+        size, mean, std = preprocess_cfg["image_size"], preprocess_cfg["mean"], preprocess_cfg["std"]
+        pixels = preprocess(pil, size, mean, std, preprocess_cfg["interpolation"])  # [N, 3, H, W]
+        ids = tokenizer(texts)  # [M, context_length]
+        with torch.no_grad():
+            torch_img = model.encode_image(torch.from_numpy(pixels), normalize=True).numpy()
+            torch_txt = model.encode_text(torch.from_numpy(ids), normalize=True).numpy()
+        return cls(pixels, ids, torch_img, torch_txt)
+
+    def compare(
+        self, visual_path: Path, textual_path: Path, threshold: float, cuda: bool = False
+    ) -> dict[str, dict[str, Any]]:
+        """``{"visual": ..., "textual": ...}`` of :func:`_compare` for both graphs.
+
+        Raises:
+            ExportError: a tower misses ``threshold``.
+        """
+        return {
+            "visual": _compare("visual", visual_path, IMAGE_INPUT, self.pixels, self.torch_img, threshold, cuda),
+            "textual": _compare("textual", textual_path, TEXT_INPUT, self.ids, self.torch_txt, threshold, cuda),
+        }
+
+
+def _converted_parity(
+    precision: str, samples: _ParitySamples, visual_path: Path, textual_path: Path, fp32_parity: dict[str, Any]
+) -> dict[str, Any]:
+    """The parity of graphs converted to ``precision`` against torch, with the fp32 graphs' under ``"fp32"``.
+
+    An fp16 check is recorded as not run where onnxruntime has no CUDA provider.
+
+    Raises:
+        ExportError: a converted tower misses its :data:`PARITY_THRESHOLDS` value.
+    """
+    parity = {"precision": precision, "fp32": fp32_parity}
+    if precision == "fp16" and not _cuda_usable():
+        parity.update(
+            checked=False,
+            reason="fp16 graphs run on CUDA and onnxruntime has no CUDA provider here; check them where it has",
+        )
+        return parity
+    threshold = PARITY_THRESHOLDS[precision]
+    cuda = precision == "fp16"
+    parity.update(
+        checked=True,
+        threshold=threshold,
+        device="cuda" if cuda else "cpu",
+        **samples.compare(visual_path, textual_path, threshold, cuda),
+    )
+    logger.info(
+        "%s ONNX parity: visual min cosine %.5f, textual min cosine %.5f",
+        precision,
+        parity["visual"]["min_cosine"],
+        parity["textual"]["min_cosine"],
+    )
+    return parity
+
+
 def export_onnx(
     bundle: ClipBundle,
     out_dir: str | Path,
@@ -439,17 +568,7 @@ def export_onnx(
         ExportError: ``onnx.checker`` rejects a graph, or a tower misses the parity threshold (names the tower
             and the value).
     """
-    if exporter not in EXPORTERS:
-        raise ValueError(f"exporter must be one of {list(EXPORTERS)}, got {exporter!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-    if not 0.0 < parity_threshold <= 1.0:
-        raise ValueError(f"parity_threshold must be in (0, 1], got {parity_threshold!r}")
-    if exporter == "dynamo" and opset < DYNAMO_MIN_OPSET:
-        logger.info(
-            "exporter='dynamo' emits opset >= %d; using %d instead of %d", DYNAMO_MIN_OPSET, DYNAMO_MIN_OPSET, opset
-        )
-        opset = DYNAMO_MIN_OPSET
+    opset = _checked_opset(exporter, precision, parity_threshold, opset)
     tok_cfg = tokenizer_settings(bundle)
     tokenizer = ClipTokenizer(_oc_tokenizer.default_bpe(), tok_cfg.context_length, tok_cfg.clean)
     cfg = bundle.preprocess_cfg()
@@ -458,35 +577,13 @@ def export_onnx(
     visual_path, textual_path = out / VISUAL_FILE, out / TEXTUAL_FILE
 
     with _export_ready(bundle.model) as model:
-        size = cfg["image_size"]
-        example_pixels = torch.randn(TRACE_BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
-        example_ids = torch.from_numpy(tokenizer(["a photo of a dog", "two cats on a red sofa"]))
-        _export_tower(_ImageTower(model).eval(), example_pixels, visual_path, IMAGE_INPUT, opset, exporter)
-        _export_tower(_TextTower(model).eval(), example_ids, textual_path, TEXT_INPUT, opset, exporter)
-        for path in (visual_path, textual_path):
-            try:
-                onnx.checker.check_model(str(path))
-            except onnx.checker.ValidationError as exc:
-                raise ExportError(f"{path.name} fails onnx.checker: {exc}") from exc
+        _write_towers(model, tokenizer, cfg["image_size"], visual_path, textual_path, opset, exporter)
         logger.info("exported %s to %s (%s, opset %d)", bundle.spec.arch, out, exporter, opset)
 
         parity = None
         if check_parity:
-            images = list(sample_images) if sample_images is not None else generate_sample_images()
-            texts = list(sample_texts) if sample_texts is not None else list(DEFAULT_SAMPLE_TEXTS)
-            if not images or not texts:
-                raise ValueError("the parity check needs at least one sample image and one sample text")
-            pil = [decode_image(img, DEFAULT_LIMITS, name=f"parity sample #{i}") for i, img in enumerate(images)]
-            pixels = preprocess(pil, size, cfg["mean"], cfg["std"], cfg["interpolation"])  # [N, 3, H, W]
-            ids = tokenizer(texts)  # [M, context_length]
-            with torch.no_grad():
-                torch_img = model.encode_image(torch.from_numpy(pixels), normalize=True).numpy()
-                torch_txt = model.encode_text(torch.from_numpy(ids), normalize=True).numpy()
-            parity = {
-                "threshold": parity_threshold,
-                "visual": _compare("visual", visual_path, IMAGE_INPUT, pixels, torch_img, parity_threshold),
-                "textual": _compare("textual", textual_path, TEXT_INPUT, ids, torch_txt, parity_threshold),
-            }
+            samples = _ParitySamples.build(model, tokenizer, cfg, sample_images, sample_texts)
+            parity = {"threshold": parity_threshold, **samples.compare(visual_path, textual_path, parity_threshold)}
             logger.info(
                 "ONNX parity: visual min cosine %.7f, textual min cosine %.7f",
                 parity["visual"]["min_cosine"],
@@ -496,29 +593,7 @@ def export_onnx(
             for path in (visual_path, textual_path):
                 convert_precision(path, precision)
             if check_parity:
-                parity = {"precision": precision, "fp32": parity}
-                if precision == "fp16" and not _cuda_usable():
-                    parity.update(
-                        checked=False,
-                        reason="fp16 graphs run on CUDA and onnxruntime has no CUDA "
-                        "provider here; check them where it has",
-                    )
-                else:
-                    threshold = PARITY_THRESHOLDS[precision]
-                    cuda = precision == "fp16"
-                    parity.update(
-                        checked=True,
-                        threshold=threshold,
-                        device="cuda" if cuda else "cpu",
-                        visual=_compare("visual", visual_path, IMAGE_INPUT, pixels, torch_img, threshold, cuda),
-                        textual=_compare("textual", textual_path, TEXT_INPUT, ids, torch_txt, threshold, cuda),
-                    )
-                    logger.info(
-                        "%s ONNX parity: visual min cosine %.5f, textual min cosine %.5f",
-                        precision,
-                        parity["visual"]["min_cosine"],
-                        parity["textual"]["min_cosine"],
-                    )
+                parity = _converted_parity(precision, samples, visual_path, textual_path, parity)
     return {
         "visual": str(visual_path),
         "textual": str(textual_path),

@@ -1,9 +1,10 @@
 """The fine-tuning loop.
 
 :func:`fit` receives everything it uses (model, loader, loss, optimizer, scheduler, config, callbacks) and
-runs epochs of contrastive training with AMP on CUDA, gradient accumulation, gradient clipping, evaluation
-every N epochs, early stopping, best-weights keeping and resumable checkpoints. It reports progress as plain
-dict events through ``on_event`` so a CLI progress bar and the service consume the same stream.
+runs epochs of contrastive training (:func:`train_one_epoch`) with AMP on CUDA, gradient accumulation, gradient
+clipping, evaluation every N epochs, early stopping and best-weights keeping (``_EpochChoice``) and resumable
+checkpoints (``last.pt``). It reports progress as plain dict events through ``on_event`` so a CLI progress bar and
+the service consume the same stream.
 
 :func:`finetune` is the whole job on top of it: seed, build, evaluate the base model on the held-out pairs,
 train, evaluate again on the same pairs, and return the report.
@@ -338,6 +339,305 @@ def _broadcast_flag(flag: bool, device: torch.device) -> bool:
     return bool(tensor.item())
 
 
+def _default_scaler(
+    scaler: Optional[torch.amp.GradScaler], cfg: TrainConfig, device: torch.device
+) -> Optional[torch.amp.GradScaler]:
+    """The caller's scaler, else one for fp16 AMP on CUDA (else none); says when a precision falls back to fp32."""
+    if scaler is None and device.type == "cuda" and cfg.precision == "amp":
+        scaler = torch.amp.GradScaler("cuda")
+    if device.type != "cuda" and cfg.precision != "fp32":
+        logger.info("precision %s needs CUDA; training in fp32 on %s", cfg.precision, device)
+    return scaler
+
+
+@dataclass
+class _Progress:
+    """This process's counters over a run: optimizer steps, samples and the seconds spent in steps.
+
+    ``step`` counts every step of the run (a resumed run starts at the checkpoint's); rates and times per step
+    count only the steps taken since this process started.
+    """
+
+    total_steps: int
+    step: int
+    steps_at_start: int
+    samples_seen: int = 0
+    train_time: float = 0.0
+    skipped_in_a_row: int = 0  # AMP steps skipped since the last one taken
+
+    def step_event(self, epoch: int, cfg: TrainConfig, loss: torch.Tensor, lr: float, logit_scale: float) -> Event:
+        """The ``step`` event after the current step of ``epoch`` (0-based)."""
+        steps_here = max(self.step - self.steps_at_start, 1)
+        return {
+            "event": "step",
+            "epoch": epoch + 1,
+            "epochs": cfg.epochs,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "loss": float(loss),
+            "lr": lr,
+            "logit_scale": logit_scale,
+            "samples_per_s": self.samples_seen / max(self.train_time, 1e-9),
+            "eta_s": (self.total_steps - self.step) * self.train_time / steps_here,
+            "step_s": self.train_time / steps_here,
+        }
+
+
+def _log_step(event: Event) -> None:
+    logger.info(
+        "epoch %d/%d step %d/%d loss %.4f lr %.2e logit_scale %.1f %.1f samples/s",
+        event["epoch"],
+        event["epochs"],
+        event["step"],
+        event["total_steps"],
+        event["loss"],
+        event["lr"],
+        event["logit_scale"],
+        event["samples_per_s"],
+    )
+
+
+def _apply_gradients(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: Optional[torch.amp.GradScaler],
+    cfg: TrainConfig,
+    loss: torch.Tensor,
+    progress: _Progress,
+    result: FitResult,
+) -> None:
+    """Clip and apply the gradients of one step; under AMP count a skipped step and give up after too many.
+
+    Raises:
+        FloatingPointError: ``MAX_SKIPPED_IN_A_ROW`` steps in a row overflowed.
+    """
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if cfg.grad_clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip_norm)
+    if _optimizer_step(optimizer, scaler):
+        scheduler.step()  # the schedule counts the steps that were taken
+        clamp_logit_scale(getattr(model, "module", model))
+        progress.skipped_in_a_row = 0
+        return
+    result.skipped_steps += 1
+    progress.skipped_in_a_row += 1
+    logger.info(
+        "step %d skipped: gradients overflowed under AMP (loss scale now %g)", progress.step + 1, scaler.get_scale()
+    )
+    if progress.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+        raise FloatingPointError(
+            f"{progress.skipped_in_a_row} steps in a row overflowed under fp16 AMP (last loss {float(loss)}); "
+            "lower the learning rate or use precision=amp_bf16 or fp32"
+        )
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    loss_fn: ClipLoss,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: Optional[torch.amp.GradScaler],
+    cfg: TrainConfig,
+    epoch: int,
+    progress: _Progress,
+    result: FitResult,
+    emit: EventCallback,
+    should_stop: Optional[Callable[[], bool]] = None,
+) -> None:
+    """Train one pass over ``loader``: epoch ``epoch`` (0-based) of the run.
+
+    Emits a ``step`` event every ``cfg.log_every`` steps (and at the run's last step), then the ``epoch`` event;
+    ``result`` gets the epoch's mean loss, ``progress`` the steps, samples and time.
+
+    Raises:
+        TrainingStopped: ``should_stop`` returned True before a step.
+    """
+    world_size, rank = _distributed()
+    inner = getattr(model, "module", model)
+    device = next(model.parameters()).device
+    _seed_loader_epoch(loader, cfg.seed, epoch)
+    model.train()
+    epoch_loss, epoch_batches = 0.0, 0
+    epoch_start = time.perf_counter()
+    for images, texts, _image_index in loader:
+        if should_stop is not None and should_stop():
+            raise TrainingStopped(f"training stopped at epoch {epoch + 1}, step {progress.step}")
+        t0 = time.perf_counter()
+        images = images.to(device, non_blocking=True)
+        texts = texts.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        loss = train_step(model, images, texts, loss_fn, cfg, scaler)
+        _apply_gradients(model, optimizer, scheduler, scaler, cfg, loss, progress, result)
+        progress.step += 1
+        progress.train_time += time.perf_counter() - t0
+        if math.isfinite(float(loss)):
+            epoch_loss += float(loss)
+            epoch_batches += 1
+        progress.samples_seen += images.shape[0] * world_size
+
+        if progress.step % cfg.log_every == 0 or progress.step == progress.total_steps:
+            lr, logit_scale = optimizer.param_groups[-1]["lr"], float(inner.logit_scale.detach().exp())
+            event = progress.step_event(epoch, cfg, loss, lr, logit_scale)
+            if rank == 0:
+                _log_step(event)
+            emit(event)
+
+    mean_loss = epoch_loss / max(epoch_batches, 1)
+    result.epoch_losses.append(mean_loss)
+    result.epochs_run = epoch + 1
+    result.steps = progress.step
+    emit(
+        {
+            "event": "epoch",
+            "epoch": epoch + 1,
+            "epochs": cfg.epochs,
+            "loss": mean_loss,
+            "seconds": time.perf_counter() - epoch_start,
+        }
+    )
+
+
+class _EpochChoice:
+    """Early stopping and best-weights keeping over a run's evaluations.
+
+    The best metric and its epoch are reported, so they live in the run's :class:`FitResult`; the patience left
+    and, with ``cfg.keep_best``, a CPU copy of the best weights are kept here. Both travel in the checkpoint.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        best_state: Optional[dict[str, torch.Tensor]] = None,
+        patience_left: Optional[int] = None,
+    ) -> None:
+        self.cfg = cfg
+        self.best_state = best_state
+        self.patience_left = patience_left
+
+    def due(self, epoch: int) -> bool:
+        """Whether the end of ``epoch`` (0-based) is evaluated: every ``cfg.eval_every`` epochs, and the last."""
+        every = self.cfg.eval_every
+        return bool(every and (epoch + 1) % every == 0) or epoch + 1 == self.cfg.epochs
+
+    def record(
+        self, metrics: dict[str, float], epoch: int, inner: nn.Module, result: FitResult, emit: EventCallback
+    ) -> bool:
+        """Take the evaluation of the end of ``epoch`` (0-based): emit it, keep the best; True to stop early."""
+        cfg = self.cfg
+        result.eval_history.append({"epoch": epoch + 1, **metrics})
+        value = metrics[cfg.early_stop_metric]
+        improved = result.best_metric is None or value > result.best_metric
+        emit({"event": "eval", "epoch": epoch + 1, "metrics": metrics, "improved": improved})
+        if improved:
+            result.best_metric, result.best_epoch = value, epoch + 1
+            self.patience_left = cfg.early_stop_patience
+            if cfg.keep_best:
+                self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in inner.state_dict().items()}
+            return False
+        if self.patience_left is None:
+            return False
+        self.patience_left -= 1
+        if self.patience_left > 0:
+            return False
+        logger.info(
+            "early stop after epoch %d: %s did not improve on %.4f (epoch %s)",
+            epoch + 1,
+            cfg.early_stop_metric,
+            result.best_metric,
+            result.best_epoch,
+        )
+        return True
+
+    def restore_best(self, inner: nn.Module, result: FitResult) -> None:
+        """With ``cfg.keep_best``, put back the best weights when the last epoch was not the best."""
+        if self.cfg.keep_best and self.best_state is not None and result.best_epoch != result.epochs_run:
+            inner.load_state_dict(self.best_state)
+            logger.info(
+                "restored the best weights (epoch %d, %s=%.4f)",
+                result.best_epoch,
+                self.cfg.early_stop_metric,
+                result.best_metric,
+            )
+
+
+def _evaluate_epoch(
+    model: nn.Module,
+    eval_fn: EvalFn,
+    choice: _EpochChoice,
+    epoch: int,
+    result: FitResult,
+    emit: EventCallback,
+) -> bool:
+    """Evaluate on rank 0 and let it decide whether to stop early; every rank gets that decision."""
+    stop = False
+    if _distributed()[1] == 0:
+        stop = choice.record(eval_fn(), epoch, getattr(model, "module", model), result, emit)
+    model.train()
+    stop = _broadcast_flag(stop, next(model.parameters()).device)
+    result.stopped_early = stop
+    return stop
+
+
+def _save_last_checkpoint(
+    checkpoint_dir: str | Path,
+    inner: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: Optional[torch.amp.GradScaler],
+    epoch: int,
+    result: FitResult,
+    choice: _EpochChoice,
+    cfg: TrainConfig,
+) -> None:
+    """Write the full training state after ``epoch`` (0-based) to ``checkpoint_dir/last.pt``, atomically."""
+    Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+    state = {
+        "model": inner.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler else None,
+        "epoch": epoch + 1,
+        "result": asdict(result),
+        "best_state": choice.best_state,
+        "patience_left": choice.patience_left,
+        "config": asdict(cfg),
+        "rng": _rng_state(),
+    }
+    with atomic_path(Path(checkpoint_dir) / LAST_CHECKPOINT) as tmp:
+        torch.save(state, tmp)
+
+
+def _resume(
+    path: str | Path,
+    inner: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: Optional[torch.amp.GradScaler],
+    cfg: TrainConfig,
+) -> tuple[int, FitResult, _EpochChoice]:
+    """Load a ``last.pt`` into the training objects and the RNGs; ``(epochs done, result so far, epoch choice)``.
+
+    Raises:
+        ValueError: the checkpoint was written with other training options.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    _check_resumable(state.get("config", {}), cfg, path)
+    inner.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    start_epoch = int(state["epoch"])
+    result = FitResult(**state["result"])
+    choice = _EpochChoice(cfg, state.get("best_state"), state.get("patience_left", cfg.early_stop_patience))
+    _set_rng_state(state["rng"])
+    logger.info("resumed from %s at epoch %d", path, start_epoch)
+    return start_epoch, result, choice
+
+
 def fit(
     model: nn.Module,
     loader: torch.utils.data.DataLoader,
@@ -381,187 +681,33 @@ def fit(
         A :class:`FitResult`. With ``cfg.keep_best`` and an ``eval_fn``, the model ends with the weights of the
         best evaluation.
     """
-    world_size, rank = _distributed()
-    is_main = rank == 0
+    is_main = _distributed()[1] == 0
     emit = (on_event or (lambda event: None)) if is_main else (lambda event: None)
     inner = getattr(model, "module", model)
-    device = next(model.parameters()).device
-    if scaler is None and device.type == "cuda" and cfg.precision == "amp":
-        scaler = torch.amp.GradScaler("cuda")
-    if device.type != "cuda" and cfg.precision != "fp32":
-        logger.info("precision %s needs CUDA; training in fp32 on %s", cfg.precision, device)
-
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
+    scaler = _default_scaler(scaler, cfg, next(model.parameters()).device)
+    if len(loader) == 0:
         raise ValueError("the training loader yields no batch: fewer distinct images than the batch size?")
-    total_steps = steps_per_epoch * cfg.epochs
 
-    result = FitResult()
-    start_epoch = 0
-    best_state: Optional[dict[str, torch.Tensor]] = None
-    patience_left = cfg.early_stop_patience
+    result, start_epoch, choice = FitResult(), 0, _EpochChoice(cfg, patience_left=cfg.early_stop_patience)
     if resume_from is not None:
-        state = torch.load(resume_from, map_location="cpu", weights_only=False)
-        _check_resumable(state.get("config", {}), cfg, resume_from)
-        inner.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch = int(state["epoch"])
-        result = FitResult(**state["result"])
-        best_state = state.get("best_state")
-        patience_left = state.get("patience_left", patience_left)
-        _set_rng_state(state["rng"])
-        logger.info("resumed from %s at epoch %d", resume_from, start_epoch)
-
-    samples_seen = 0
-    train_time = 0.0
-    step = result.steps
-    steps_at_start = step
-    skipped_in_a_row = 0
+        start_epoch, result, choice = _resume(resume_from, inner, optimizer, scheduler, scaler, cfg)
+    progress = _Progress(total_steps=len(loader) * cfg.epochs, step=result.steps, steps_at_start=result.steps)
     first_epoch = cfg.epochs if result.stopped_early else start_epoch  # an early-stopped run stays stopped
     for epoch in range(first_epoch, cfg.epochs):
-        _seed_loader_epoch(loader, cfg.seed, epoch)
-        model.train()
-        epoch_loss, epoch_batches = 0.0, 0
-        epoch_start = time.perf_counter()
-        for images, texts, _image_index in loader:
-            if should_stop is not None and should_stop():
-                raise TrainingStopped(f"training stopped at epoch {epoch + 1}, step {step}")
-            t0 = time.perf_counter()
-            images = images.to(device, non_blocking=True)
-            texts = texts.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            loss = train_step(model, images, texts, loss_fn, cfg, scaler)
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if cfg.grad_clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip_norm)
-            if _optimizer_step(optimizer, scaler):
-                scheduler.step()  # the schedule counts the steps that were taken
-                clamp_logit_scale(inner)
-                skipped_in_a_row = 0
-            else:
-                result.skipped_steps += 1
-                skipped_in_a_row += 1
-                logger.info(
-                    "step %d skipped: gradients overflowed under AMP (loss scale now %g)", step + 1, scaler.get_scale()
-                )
-                if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                    raise FloatingPointError(
-                        f"{skipped_in_a_row} steps in a row overflowed under fp16 AMP (last loss {float(loss)}); "
-                        "lower the learning rate or use precision=amp_bf16 or fp32"
-                    )
-            step += 1
-            train_time += time.perf_counter() - t0
-            if math.isfinite(float(loss)):
-                epoch_loss += float(loss)
-                epoch_batches += 1
-            samples_seen += images.shape[0] * world_size
-
-            if step % cfg.log_every == 0 or step == total_steps:
-                rate = samples_seen / max(train_time, 1e-9)
-                eta = (total_steps - step) * train_time / max(step - steps_at_start, 1)
-                event = {
-                    "event": "step",
-                    "epoch": epoch + 1,
-                    "epochs": cfg.epochs,
-                    "step": step,
-                    "total_steps": total_steps,
-                    "loss": float(loss),
-                    "lr": optimizer.param_groups[-1]["lr"],
-                    "logit_scale": float(inner.logit_scale.detach().exp()),
-                    "samples_per_s": rate,
-                    "eta_s": eta,
-                    "step_s": train_time / max(step - steps_at_start, 1),
-                }
-                if is_main:
-                    logger.info(
-                        "epoch %d/%d step %d/%d loss %.4f lr %.2e logit_scale %.1f %.1f samples/s",
-                        epoch + 1,
-                        cfg.epochs,
-                        step,
-                        total_steps,
-                        event["loss"],
-                        event["lr"],
-                        event["logit_scale"],
-                        rate,
-                    )
-                emit(event)
-
-        mean_loss = epoch_loss / max(epoch_batches, 1)
-        result.epoch_losses.append(mean_loss)
-        result.epochs_run = epoch + 1
-        result.steps = step
-        emit(
-            {
-                "event": "epoch",
-                "epoch": epoch + 1,
-                "epochs": cfg.epochs,
-                "loss": mean_loss,
-                "seconds": time.perf_counter() - epoch_start,
-            }
+        train_one_epoch(
+            model, loader, loss_fn, optimizer, scheduler, scaler, cfg, epoch, progress, result, emit, should_stop
         )
-
-        is_last = epoch + 1 == cfg.epochs
         stop = False
-        if eval_fn is not None and ((cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or is_last):
-            if is_main:
-                metrics = eval_fn()
-                result.eval_history.append({"epoch": epoch + 1, **metrics})
-                value = metrics[cfg.early_stop_metric]
-                improved = result.best_metric is None or value > result.best_metric
-                emit({"event": "eval", "epoch": epoch + 1, "metrics": metrics, "improved": improved})
-                if improved:
-                    result.best_metric, result.best_epoch = value, epoch + 1
-                    patience_left = cfg.early_stop_patience
-                    if cfg.keep_best:
-                        best_state = {k: v.detach().to("cpu", copy=True) for k, v in inner.state_dict().items()}
-                elif patience_left is not None:
-                    patience_left -= 1
-                    if patience_left <= 0:
-                        logger.info(
-                            "early stop after epoch %d: %s did not improve on %.4f (epoch %s)",
-                            epoch + 1,
-                            cfg.early_stop_metric,
-                            result.best_metric,
-                            result.best_epoch,
-                        )
-                        stop = True
-            model.train()
-            stop = _broadcast_flag(stop, device)
-            result.stopped_early = stop
-
+        if eval_fn is not None and choice.due(epoch):
+            stop = _evaluate_epoch(model, eval_fn, choice, epoch, result, emit)
         if checkpoint_dir is not None and is_main:
-            Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-            state = {
-                "model": inner.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler else None,
-                "epoch": epoch + 1,
-                "result": asdict(result),
-                "best_state": best_state,
-                "patience_left": patience_left,
-                "config": asdict(cfg),
-                "rng": _rng_state(),
-            }
-            with atomic_path(Path(checkpoint_dir) / LAST_CHECKPOINT) as tmp:
-                torch.save(state, tmp)
+            _save_last_checkpoint(checkpoint_dir, inner, optimizer, scheduler, scaler, epoch, result, choice, cfg)
         if stop:
             break
 
-    if cfg.keep_best and best_state is not None and result.best_epoch != result.epochs_run:
-        inner.load_state_dict(best_state)
-        logger.info(
-            "restored the best weights (epoch %d, %s=%.4f)",
-            result.best_epoch,
-            cfg.early_stop_metric,
-            result.best_metric,
-        )
-    result.train_seconds += train_time
-    result.samples_per_s = samples_seen / train_time if train_time > 0 else 0.0
+    choice.restore_best(inner, result)
+    result.train_seconds += progress.train_time
+    result.samples_per_s = progress.samples_seen / progress.train_time if progress.train_time > 0 else 0.0
     model.eval()
     emit(
         {
@@ -574,6 +720,126 @@ def fit(
         }
     )
     return result
+
+
+def _training_device(cfg: TrainConfig) -> torch.device:
+    """``cfg.device`` as a device, refused when it names CUDA on a machine without it."""
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {cfg.device!r} asked for, but CUDA is not available here")
+    return device
+
+
+def _distributed_model(model: nn.Module, device: torch.device, world_size: int) -> nn.Module:
+    """``model`` wrapped in ``DistributedDataParallel`` when more than one process trains, else itself."""
+    if world_size == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index or 0] if device.type == "cuda" else None
+    )
+
+
+def _final_metrics(result: FitResult, selecting: bool, rank: int, run_eval: EvalFn) -> dict[str, float]:
+    """Held-out metrics of the weights training ended with; empty on ranks other than 0.
+
+    The last epoch's evaluation when it was of those weights on the held-out pairs, else a new one.
+    """
+    if rank != 0:
+        return {}
+    if not selecting and result.eval_history and result.eval_history[-1]["epoch"] == result.epochs_run:
+        return {k: v for k, v in result.eval_history[-1].items() if k != "epoch"}  # the final weights' eval
+    return run_eval()
+
+
+def _wiseft_sweep_and_apply(
+    bundle: Any,
+    model: nn.Module,
+    base_state: dict[str, torch.Tensor],
+    cfg: TrainConfig,
+    eval_cfg: EvalConfig,
+    eval_pairs: Any,
+    general_pairs: Any,
+    after: dict[str, float],
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Sweep WiSE-FT alphas between the base and the tuned weights; with ``cfg.wiseft_alpha``, keep that blend.
+
+    Returns:
+        The report's ``wiseft`` section and the ``after`` metrics (the blend's held-out ones when one is kept).
+    """
+    tuned_state = state_copy(model)
+    eval_sets = {"held_out": eval_pairs, **({"general": general_pairs} if general_pairs is not None else {})}
+    alphas = sorted(set(cfg.wiseft_alphas) | ({cfg.wiseft_alpha} if cfg.wiseft_alpha is not None else set()))
+    wiseft: dict[str, Any] = {
+        "sweep": wiseft_sweep(bundle, base_state, tuned_state, alphas, eval_sets, eval_cfg.ks, eval_cfg.batch_size)
+    }
+    if cfg.wiseft_alpha is not None:
+        apply_wiseft(model, base_state, tuned_state, cfg.wiseft_alpha)
+        wiseft["alpha"] = cfg.wiseft_alpha
+        wiseft["tuned_after"] = after
+        after = next(e["held_out"] for e in wiseft["sweep"] if e["alpha"] == cfg.wiseft_alpha)
+    return wiseft, after
+
+
+def _train_loader(bundle: Any, train_pairs: Any, cfg: TrainConfig, world_size: int, rank: int) -> Any:
+    """The shuffled, seeded loader of this rank's shard: one optimizer step's batch (all micro-batches) at a time."""
+    from cliptuner.train.data import make_loader
+
+    return make_loader(
+        train_pairs,
+        bundle.preprocess_train,
+        bundle.tokenizer,
+        cfg.batch_size * cfg.accum_steps,
+        seed=cfg.seed,
+        shuffle=True,
+        num_workers=cfg.num_workers,
+        num_replicas=world_size,
+        rank=rank,
+    )
+
+
+def _split_counts(train_pairs: Any, eval_pairs: Any, val_pairs: Any) -> dict[str, int]:
+    """The report's ``split``: pairs and images trained on, held out and (when an epoch is chosen) validated on."""
+    return {
+        "train_pairs": len(train_pairs),
+        "train_images": train_pairs.num_images,
+        "eval_pairs": len(eval_pairs),
+        "eval_images": eval_pairs.num_images,
+        **({"val_pairs": len(val_pairs), "val_images": val_pairs.num_images} if val_pairs else {}),
+    }
+
+
+def _report(
+    result: FitResult,
+    cfg: TrainConfig,
+    *,
+    before: dict[str, float],
+    after: dict[str, float],
+    selecting: bool,
+    trivial: list[str],
+    split: dict[str, int],
+    world_size: int,
+    wiseft: dict[str, Any],
+) -> dict[str, Any]:
+    """The report of :func:`finetune` (its keys in this order)."""
+    return {
+        "before": before,
+        "after": after,
+        "epochs": result.epochs_run,
+        "steps": result.steps,
+        "epoch_losses": result.epoch_losses,
+        "eval_history": result.eval_history,
+        **({"best_epoch": result.best_epoch} if selecting else {}),
+        "stopped_early": result.stopped_early,
+        "skipped_steps": result.skipped_steps,
+        "trivial": trivial,
+        "samples_per_s": result.samples_per_s,
+        "train_seconds": result.train_seconds,
+        "split": split,
+        "history_split": "val" if selecting else "eval",
+        "config": asdict(cfg),
+        "world_size": world_size,
+        **({"wiseft": wiseft} if wiseft else {}),
+    }
 
 
 def finetune(
@@ -616,15 +882,12 @@ def finetune(
         every rank trains its shard of each global batch; only rank 0 evaluates (other ranks' report has
         empty ``before``/``after``).
     """
-    from cliptuner.train.data import make_loader
     from cliptuner.train.evaluate import evaluate, trivial_cutoffs
 
     eval_cfg = eval_cfg or EvalConfig()
     world_size, rank = _distributed()
     emit = on_event if on_event is not None and rank == 0 else (lambda event: None)
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {cfg.device!r} asked for, but CUDA is not available here")
+    device = _training_device(cfg)
     seed_everything(cfg.seed)
     model = bundle.model.to(device)
     apply_locks(model, cfg)
@@ -642,26 +905,11 @@ def finetune(
     emit({"event": "before", "metrics": before})
     use_wiseft = bool(cfg.wiseft_alphas) or cfg.wiseft_alpha is not None
     base_state = state_copy(model) if use_wiseft and rank == 0 else None
-    loader = make_loader(
-        train_pairs,
-        bundle.preprocess_train,
-        bundle.tokenizer,
-        cfg.batch_size * cfg.accum_steps,
-        seed=cfg.seed,
-        shuffle=True,
-        num_workers=cfg.num_workers,
-        num_replicas=world_size,
-        rank=rank,
-    )
+    loader = _train_loader(bundle, train_pairs, cfg, world_size, rank)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, len(loader) * cfg.epochs)
-    trained: nn.Module = model
-    if world_size > 1:
-        trained = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index or 0] if device.type == "cuda" else None
-        )
     result = fit(
-        trained,
+        _distributed_model(model, device, world_size),
         loader,
         ClipLoss(world_size=world_size, rank=rank),
         optimizer,
@@ -673,49 +921,22 @@ def finetune(
         resume_from=resume_from,
         should_stop=should_stop,
     )
-    if rank != 0:
-        after: dict[str, float] = {}
-    elif not selecting and result.eval_history and result.eval_history[-1]["epoch"] == result.epochs_run:
-        after = {k: v for k, v in result.eval_history[-1].items() if k != "epoch"}  # the final weights' eval
-    else:
-        after = run_eval()
+    after = _final_metrics(result, selecting, rank, run_eval)
     wiseft: dict[str, Any] = {}
     if base_state is not None:
-        tuned_state = state_copy(model)
-        eval_sets = {"held_out": eval_pairs, **({"general": general_pairs} if general_pairs is not None else {})}
-        alphas = sorted(set(cfg.wiseft_alphas) | ({cfg.wiseft_alpha} if cfg.wiseft_alpha is not None else set()))
-        wiseft["sweep"] = wiseft_sweep(
-            bundle, base_state, tuned_state, alphas, eval_sets, eval_cfg.ks, eval_cfg.batch_size
+        wiseft, after = _wiseft_sweep_and_apply(
+            bundle, model, base_state, cfg, eval_cfg, eval_pairs, general_pairs, after
         )
-        if cfg.wiseft_alpha is not None:
-            apply_wiseft(model, base_state, tuned_state, cfg.wiseft_alpha)
-            wiseft["alpha"] = cfg.wiseft_alpha
-            wiseft["tuned_after"] = after
-            after = next(e["held_out"] for e in wiseft["sweep"] if e["alpha"] == cfg.wiseft_alpha)
         emit({"event": "wiseft", "sweep": wiseft["sweep"]})
     emit({"event": "after", "metrics": after})
-    return {
-        "before": before,
-        "after": after,
-        "epochs": result.epochs_run,
-        "steps": result.steps,
-        "epoch_losses": result.epoch_losses,
-        "eval_history": result.eval_history,
-        **({"best_epoch": result.best_epoch} if selecting else {}),
-        "stopped_early": result.stopped_early,
-        "skipped_steps": result.skipped_steps,
-        "trivial": trivial_cutoffs(eval_pairs.num_images, len(eval_pairs), eval_cfg.ks),
-        "samples_per_s": result.samples_per_s,
-        "train_seconds": result.train_seconds,
-        "split": {
-            "train_pairs": len(train_pairs),
-            "train_images": train_pairs.num_images,
-            "eval_pairs": len(eval_pairs),
-            "eval_images": eval_pairs.num_images,
-            **({"val_pairs": len(val_pairs), "val_images": val_pairs.num_images} if val_pairs else {}),
-        },
-        "history_split": "val" if selecting else "eval",
-        "config": asdict(cfg),
-        "world_size": world_size,
-        **({"wiseft": wiseft} if wiseft else {}),
-    }
+    return _report(
+        result,
+        cfg,
+        before=before,
+        after=after,
+        selecting=selecting,
+        trivial=trivial_cutoffs(eval_pairs.num_images, len(eval_pairs), eval_cfg.ks),
+        split=_split_counts(train_pairs, eval_pairs, val_pairs),
+        world_size=world_size,
+        wiseft=wiseft,
+    )

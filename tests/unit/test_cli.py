@@ -241,7 +241,7 @@ def test_one_device_syntax_everywhere(command, capsys):
     ],
 )
 def test_a_bad_http_port_is_refused_by_name_before_anything_starts(args, env, message, tmp_path, monkeypatch, capsys):
-    from cliptuner.cli import METRICS_PORTS, SERVE_ENV
+    from cliptuner.cli.serve import METRICS_PORTS, SERVE_ENV
 
     written = [*SERVE_ENV.values(), "CLIPTUNER_METRICS", *(f"CLIPTUNER_METRICS_PORT_{n}" for n in METRICS_PORTS)]
     for name in written:  # serve writes its settings into the environment: restored after the test

@@ -514,13 +514,13 @@ def test_train_passthrough_rebuilds_the_index_with_the_new_version(indexer, work
 def test_a_rebuild_stopped_midway_resumes_when_the_indexer_starts_again(
     workspace, tiny_model_dir_v2, scenes, monkeypatch
 ):
-    import executors.indexer as indexer_module
+    import cliptuner.serve.reindex as reindex_module
 
     first = CLIPIndexer(workspace=str(workspace), bootstrap=False, watch_interval=0, rebuild_batch_size=4)
     run(first.index(docs=gallery_docs(scenes)))
     models = workspace / "models"
     Registry(models).publish(tiny_model_dir_v2, version="v2")
-    real, batches = indexer_module.embed_items, []
+    real, batches = reindex_module.embed_items, []
 
     def stopping(clip, items):
         batches.append(len(items))
@@ -528,13 +528,13 @@ def test_a_rebuild_stopped_midway_resumes_when_the_indexer_starts_again(
             raise RuntimeError("process killed")
         return real(clip, items)
 
-    monkeypatch.setattr(indexer_module, "embed_items", stopping)
+    monkeypatch.setattr(reindex_module, "embed_items", stopping)
     with pytest.raises(RuntimeError, match="process killed"):
         first.sync()
     assert first.collection.version == "v1" and first.status()["last_error"].endswith("process killed")
     first.close()
     monkeypatch.setattr(
-        indexer_module, "embed_items", lambda clip, items: batches.append(len(items)) or real(clip, items)
+        reindex_module, "embed_items", lambda clip, items: batches.append(len(items)) or real(clip, items)
     )
     batches.clear()
     second = CLIPIndexer(workspace=str(workspace), bootstrap=False, watch_interval=0, rebuild_batch_size=4)
@@ -661,17 +661,17 @@ def test_train_refuses_bad_pairs_and_too_few_images(tuner):
     with pytest.raises(ValueError, match="training images is fewer than batch_size 64"):
         run(tuner.train(docs=pair_docs(12, seed=2), parameters={"epochs": 1}))
     assert run(tuner.report_status(docs=DocList[ClipDoc]()))[0].tags["training"]["state"] == "failed"
-    assert tuner._run_lock.acquire(blocking=False)  # released after a failure
-    tuner._run_lock.release()
+    assert tuner.runs._lock.acquire(blocking=False)  # released after a failure
+    tuner.runs._lock.release()
 
 
 def test_one_training_at_a_time(tuner):
-    assert tuner._run_lock.acquire(blocking=False)  # as if a run were going
+    tuner.runs.acquire()  # as if a run were going
     try:
         with pytest.raises(TrainingBusy, match="a /train run is already going"):
             run(tuner.train(docs=pair_docs(12, seed=2), parameters=QUICK))
     finally:
-        tuner._run_lock.release()
+        tuner.runs.release()
 
 
 def test_passthrough_endpoints_forward_docs_unchanged(encoder, indexer):

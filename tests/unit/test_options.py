@@ -7,12 +7,22 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import pytest
 
 from cliptuner import cli
-from cliptuner.config import EvalConfig, TrainConfig, from_mapping
+from cliptuner.config import (
+    SOURCE_PARAMETERS,
+    EvalConfig,
+    TrainConfig,
+    from_mapping,
+    parse_train_parameters,
+    train_parameters_schema,
+)
+from cliptuner.config import main as config_main
 from cliptuner.model.registry import Registry
 from cliptuner.options import (
     CHOICES,
@@ -338,3 +348,85 @@ def test_train_config_file_under_the_data_root_with_parameters_over_it(tuner, tm
     (tmp_path / "outside.yaml").write_text("epochs: 2\n")
     with pytest.raises(ValueError, match="parameter 'config': '../outside.yaml' is outside the data root"):
         tuner.parse_request({"config": "../outside.yaml"})
+
+
+# -- pydantic: as strict as the casts, plain errors, the JSON Schema of /train --------------------------------------
+SCHEMA_FILE = Path(__file__).resolve().parents[2] / "docs" / "train-parameters.schema.json"
+
+
+def test_configs_built_directly_are_as_strict_as_the_casts():
+    assert TrainConfig(epochs=np.int64(3), learning_rate=1).learning_rate == 1.0  # numpy ints, ints for floats
+    for kwargs, message in [
+        ({"epochs": True}, "epochs must be an integer, got True"),
+        ({"epochs": 2.5}, "epochs must be a whole number, got 2.5"),
+        ({"epochs": "3"}, "epochs must be an integer, got '3'"),
+        ({"lock_text": 1}, "lock_text must be true or false, got 1"),
+        ({"scheduler": "linear"}, r"scheduler must be one of \['cosine', 'constant'\], got 'linear'"),
+        ({"epochz": 3}, r"unknown TrainConfig option\(s\) \['epochz'\]; known: \['accum_steps'"),
+    ]:
+        with pytest.raises(ValueError, match=message) as error:
+            TrainConfig(**kwargs)
+        assert type(error.value) is ValueError and "\n" not in str(error.value)  # one line, not pydantic's report
+    with pytest.raises(ValueError, match="ks must be a list of integers"):
+        EvalConfig(ks=[1, True])
+    assert TrainConfig(epochs=5.0).epochs == 5 and isinstance(TrainConfig(epochs=5.0).epochs, int)
+
+
+def test_every_bad_value_of_a_config_is_named_at_once():
+    with pytest.raises(ValueError) as error:
+        TrainConfig(epochs=True, batch_size="many")
+    assert "epochs must be an integer, got True" in str(error.value)
+    assert "batch_size must be an integer, got 'many'" in str(error.value)
+
+
+def test_configs_stay_dataclasses():
+    cfg = dataclasses.replace(TrainConfig(), epochs=2, wiseft_alphas=[0, 1])
+    assert (cfg.epochs, cfg.wiseft_alphas) == (2, (0.0, 1.0))
+    assert dataclasses.asdict(cfg)["epochs"] == 2 and dataclasses.is_dataclass(EvalConfig)
+    with pytest.raises(ValueError, match="epochs must be an integer"):
+        dataclasses.replace(cfg, epochs=False)
+
+
+def test_train_parameters_are_typed_like_the_configs():
+    params = parse_train_parameters({"epochs": 3.0, "learning_rate": 1, "wiseft_alphas": [0, 1], "data": "p.csv"})
+    assert (params.epochs, params.learning_rate, tuple(params.wiseft_alphas), params.data) == (
+        3,
+        1.0,
+        (0.0, 1.0),
+        "p.csv",
+    )
+    assert params.wait is True and params.eval_fraction == EvalConfig().eval_fraction
+    for values, message in [
+        ({"epochs": True}, "epochs must be an integer, got True"),
+        ({"epochs": 5.5}, "epochs must be a whole number, got 5.5"),
+        ({"wait": 1.0}, "wait must be true or false, got 1.0"),
+        ({"data": 3.0}, "data must be a string or null, got 3.0"),
+        ({"device": "cuda"}, r"unknown parameter\(s\) \['device'\] for /train; allowed: \['accum_steps'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_train_parameters(values)
+
+
+def test_the_train_schema_names_every_parameter_with_its_type_default_and_help():
+    schema = train_parameters_schema()
+    properties = schema["properties"]
+    expected = {*request_names(TrainConfig), *request_names(EvalConfig), *SOURCE_PARAMETERS, "wait"}
+    assert set(properties) == expected and schema["additionalProperties"] is False
+    assert properties["epochs"]["type"] == "integer" and properties["epochs"]["default"] == 5
+    assert properties["learning_rate"]["type"] == "number"
+    assert properties["scheduler"]["enum"] == ["cosine", "constant"]
+    assert properties["export_precision"]["enum"] == ["fp32", "fp16", "int8"]
+    assert {"type": "null"} in properties["grad_clip_norm"]["anyOf"]
+    assert properties["wiseft_alphas"] == {**properties["wiseft_alphas"], "type": "array", "default": []}
+    for name, f in [(f.name, f) for f in dataclasses.fields(TrainConfig) if f.name in request_names(TrainConfig)]:
+        assert properties[name]["description"] == f.metadata["help"], name
+    assert all(properties[name]["description"] for name in expected)
+
+
+def test_the_committed_train_schema_is_what_the_code_gives(capsys):
+    assert json.loads(SCHEMA_FILE.read_text()) == train_parameters_schema(), (
+        "docs/train-parameters.schema.json is stale: python -m cliptuner.config --train-schema "
+        "> docs/train-parameters.schema.json"
+    )
+    assert config_main(["--train-schema"]) == 0
+    assert capsys.readouterr().out == SCHEMA_FILE.read_text()

@@ -15,6 +15,7 @@ from support import run
 from cliptuner.index.embedded import Collection, StoredDoc
 from cliptuner.index.shards import check_shards, choose_version, merge_hits, shard_of
 from cliptuner.model.registry import Registry
+from cliptuner.serve import reindex as reindex_module
 from executors import indexer as indexer_module
 from executors.schemas import ClipDoc, MatchDoc
 from executors.shards import TRAILER_ID, ShardMerger, trailer
@@ -252,10 +253,10 @@ def test_two_shards_swap_one_after_the_other_and_never_mix_versions(workspace, t
         assert not np.allclose(after.embedding, before.embedding, atol=1e-3)
 
         # every shard serves v2 now: after the grace period each frees v1
-        monkeypatch.setattr(indexer_module, "PREVIOUS_GRACE_S", 0.0)
+        monkeypatch.setattr(reindex_module, "PREVIOUS_GRACE_S", 0.0)
         for s in shards:
-            s._maybe_drop_previous()  # starts the grace period
-            s._maybe_drop_previous()
+            s.reindexer.maybe_drop_previous()  # starts the grace period
+            s.reindexer.maybe_drop_previous()
             assert s.collection.previous_version is None
         assert merged_search().model_version == "v2"
     finally:
@@ -265,7 +266,8 @@ def test_two_shards_swap_one_after_the_other_and_never_mix_versions(workspace, t
 
 @pytest.mark.parametrize("value", ["0", "65", "two"])
 def test_serve_refuses_a_bad_shard_count_before_starting_anything(tmp_path, capsys, monkeypatch, value):
-    from cliptuner.cli import SERVE_ENV, main
+    from cliptuner.cli import main
+    from cliptuner.cli.serve import SERVE_ENV
 
     for name in SERVE_ENV.values():  # serve sets them in this process; restored after the test
         monkeypatch.delenv(name, raising=False)

@@ -10,14 +10,9 @@ import pytest
 from docarray import DocList
 from support import QUICK, pair_docs, run
 
+from cliptuner.serve.runs import DEFAULT_TRAIN_NICENESS, MAX_NICENESS, default_torch_threads
 from executors import ClipDoc
-from executors.tuner import (
-    DEFAULT_TRAIN_NICENESS,
-    MAX_NICENESS,
-    TORCH_THREADS_ENV,
-    TRAIN_NICENESS_ENV,
-    default_torch_threads,
-)
+from executors.tuner import TORCH_THREADS_ENV, TRAIN_NICENESS_ENV
 
 LONG = {**QUICK, "epochs": 40.0}  # still training when it is looked at, then cancelled
 
@@ -58,12 +53,12 @@ def clean_env(monkeypatch):
 
 @pytest.mark.parametrize("nice_program", [True, False], ids=["nice", "setpriority"])
 def test_the_training_process_runs_at_the_set_priority_with_the_set_threads(workspace, clean_env, nice_program):
+    from cliptuner.serve import runs as runs_module
     from executors import CLIPTuner
-    from executors import tuner as tuner_module
 
     if not nice_program:  # a system without the `nice` program: the tuner sets the child's priority itself
-        clean_env.setattr(tuner_module, "NICE", None)
-    elif tuner_module.NICE is None:
+        clean_env.setattr(runs_module, "NICE", None)
+    elif runs_module.NICE is None:
         pytest.skip("no `nice` program on this system")
 
     own = os.getpriority(os.PRIO_PROCESS, 0)
@@ -95,7 +90,7 @@ def test_defaults_leave_a_cpu_to_serving_and_lower_the_training_priority(workspa
     try:
         assert tuner.train_niceness == DEFAULT_TRAIN_NICENESS == 10
         assert tuner.torch_threads == default_torch_threads(1, len(os.sched_getaffinity(0)))
-        assert tuner._train_env()["OMP_NUM_THREADS"] == str(tuner.torch_threads)
+        assert tuner.runs.worker_env()["OMP_NUM_THREADS"] == str(tuner.torch_threads)
     finally:
         tuner.close()
 
@@ -109,7 +104,7 @@ def test_the_environment_sets_what_the_settings_leave_unset(workspace, clean_env
     given = CLIPTuner(workspace=str(workspace), bootstrap=False, device="cpu", torch_threads=2, train_niceness=5)
     try:
         assert (from_env.torch_threads, from_env.train_niceness) == (3, 0)
-        assert from_env._train_env()["OMP_NUM_THREADS"] == "3"
+        assert from_env.runs.worker_env()["OMP_NUM_THREADS"] == "3"
         assert (given.torch_threads, given.train_niceness) == (2, 5)  # a setting given wins over the variable
     finally:
         from_env.close()

@@ -1,5 +1,5 @@
-"""/train runs its training in a child process (``cliptuner train``), follows it through its events, and publishes
-what it exported; ``wait=False`` answers with a run id at once; ``/train/cancel`` ends a run.
+"""/train runs its training in a worker process (``python -m cliptuner.train.worker``), follows it through its
+events, and publishes what it exported; ``wait=False`` answers with a run id at once; ``/train/cancel`` ends a run.
 
 The tuner is a plain object on a workspace whose registry holds ``v1``. Each run starts a Python process that
 imports torch, so the runs here are few and short; a run meant to be killed or cancelled is given many epochs,
@@ -10,10 +10,10 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,19 +24,12 @@ from support import QUICK, pair_docs, png, run
 from cliptuner.config import EvalConfig, ModelSpec
 from cliptuner.model.images import decode_image
 from cliptuner.model.registry import Registry
+from cliptuner.serve.runs import PROCESS_FILE
 from cliptuner.train.data import PairSet, load_csv
 from cliptuner.train.evaluate import METRIC_KEYS
+from cliptuner.train.job import TrainJob, write_pairs_csv
 from executors import ClipDoc
-from executors.tuner import (
-    CANCEL_DOC_ID,
-    PROCESS_FILE,
-    RUN_DOC_ID,
-    TrainingBusy,
-    TrainingFailed,
-    TrainingNotRunning,
-    clean_unfinished_runs,
-    write_pairs_csv,
-)
+from executors.tuner import CANCEL_DOC_ID, RUN_DOC_ID, TrainingBusy, TrainingFailed, TrainingNotRunning
 
 LONG = {**QUICK, "epochs": 40.0}  # a run that is still training when it is killed or cancelled
 REPORT_KEYS = {
@@ -106,8 +99,8 @@ def assert_nothing_published(tuner) -> None:
     registry = Registry(tuner.registry.root)
     assert registry.current() == "v1" and registry.versions() == ["v1"]
     assert list(tuner.runs_dir.iterdir()) == []  # the run's directory went with it
-    assert tuner._run_lock.acquire(blocking=False)  # the next run may start
-    tuner._run_lock.release()
+    assert tuner.runs._lock.acquire(blocking=False)  # the next run may start
+    tuner.runs._lock.release()
 
 
 def process_group_gone(pid: int) -> bool:
@@ -156,9 +149,11 @@ def test_pairs_written_for_the_training_process_read_back_as_the_same_pairs(tmp_
 def test_a_run_trains_in_another_process_and_publishes_the_report_of_the_same_split(tuner, workspace, monkeypatch):
     docs = pair_docs(24, seed=11)
     train, held_out, _ = tuner.split_pairs(tuner.parse_request(QUICK), docs)  # the split, made by the tuner
-    events = []
-    on_event = tuner._on_event
-    tuner._on_event = lambda event: (events.append(event), on_event(event))
+    events, jobs = [], []
+    on_event = tuner.runs._on_event
+    tuner.runs._on_event = lambda event: (events.append(event), on_event(event))
+    prepare = tuner._prepare
+    tuner._prepare = lambda run, request, docs: (jobs.append(prepare(run, request, docs)), jobs[-1])[1]
     with monkeypatch.context() as patch:
         patch.setitem(sys.modules, "torch", None)  # any `import torch` in this process fails during the run
         out = run(tuner.train(docs=docs, parameters=QUICK))
@@ -170,6 +165,14 @@ def test_a_run_trains_in_another_process_and_publishes_the_report_of_the_same_sp
     metadata = registry.metadata("v2")
     assert metadata["parent_version"] == "v1" and metadata["report"]["after"] == report["after"]
     assert not (registry.path("v2") / "report.json").exists()
+
+    # the worker got the options as the request gave them, the tuner's split, and v1's weights to start from
+    (job,) = jobs
+    assert isinstance(job, TrainJob) and job.cfg == tuner.parse_request(QUICK).cfg
+    assert job.eval_cfg == tuner.parse_request(QUICK).eval_cfg and job.cfg.log_every == 1
+    assert job.model == ModelSpec("cliptuner-tiny", pretrained=str(registry.path("v1") / "checkpoint.pt"))
+    assert Path(job.data).name == "train.csv" and Path(job.eval_data).name == "held_out.csv"
+    assert Path(job.out).name == "model" and job.general_data is None
 
     # trained elsewhere: every event came from one other process, the kinds in order
     pids = {event["pid"] for event in events}
@@ -242,23 +245,6 @@ def test_a_tuner_that_starts_again_ends_the_training_its_killed_predecessor_left
         successor.close()
 
 
-def test_clean_unfinished_runs_kills_only_a_group_working_in_the_run(tmp_path):
-    """A recorded pid that another process holds now (pid reuse) is not killed; the directory still goes."""
-    stranger = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(60)"], cwd=tmp_path, start_new_session=True
-    )
-    try:
-        runs = tmp_path / "runs"
-        (runs / "r-1").mkdir(parents=True)
-        (runs / "r-1" / PROCESS_FILE).write_text(json.dumps({"pgid": stranger.pid}))  # not working in r-1
-        (runs / "r-2").mkdir()  # no process file: a run that died before its process started
-        assert clean_unfinished_runs(runs, wait_s=1) == ["r-1", "r-2"]
-        assert list(runs.iterdir()) == [] and stranger.poll() is None
-    finally:
-        stranger.kill()
-        stranger.wait()
-
-
 def test_wait_false_answers_with_a_run_id_then_publishes_and_the_encoder_follows(tuner, encoder):
     out = run(tuner.train(docs=pair_docs(24, seed=11), parameters={**QUICK, "epochs": 2.0, "wait": False}))
     assert [d.id for d in out] == [RUN_DOC_ID] and out[0].tags["state"] == "running"
@@ -321,26 +307,25 @@ def test_wait_must_be_a_bool(tuner, wait):
     assert training_status(tuner)["state"] == "idle"  # refused before any run began
 
 
-def test_settings_choose_the_training_command_and_its_threads(workspace):
+def test_settings_choose_the_worker_command_and_its_threads(workspace):
     from executors import CLIPTuner
 
     single = CLIPTuner(workspace=str(workspace), bootstrap=False, device="cpu")
     several = CLIPTuner(workspace=str(workspace), bootstrap=False, processes=2, torch_threads=3)
+    job, events = Path("r/inputs/job.json"), Path("r/events.jsonl")
+    worker = ["-m", "cliptuner.train.worker", "r/inputs/job.json", "--events", "r/events.jsonl"]
     try:
-        assert single._train_argv(["--x"]) == [sys.executable, "-m", "cliptuner.cli", "train", "--x"]
-        assert several._train_argv(["--x"]) == [
+        assert single.runs.worker_argv(job, events) == [sys.executable, *worker]
+        assert several.runs.worker_argv(job, events) == [
             sys.executable,
             "-m",
             "torch.distributed.run",
             "--standalone",
             "--nproc_per_node",
             "2",
-            "-m",
-            "cliptuner.cli",
-            "train",
-            "--x",
+            *worker,
         ]
-        assert several._train_env()["OMP_NUM_THREADS"] == "3"
+        assert several.runs.worker_env()["OMP_NUM_THREADS"] == "3"
         assert several.status()["device"] == "auto" and several.status()["processes"] == 2
     finally:
         single.close()

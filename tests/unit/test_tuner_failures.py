@@ -5,9 +5,9 @@ the failure: CURRENT still names ``v1``, no other version is listed, the registr
 run left no directory under ``runs/``, the error names the run, the phase and the cause, ``/status`` says the
 same, and the next run may start.
 
-Training runs in a child process (``cliptuner train``): a failure inside it is made by what the child is given
-(a learning rate that blows the loss up, a corrupt image) or, for the export, by running the child through a
-small script that replaces the exporter before calling the CLI.
+Training runs in a worker process (``python -m cliptuner.train.worker``): a failure inside it is made by what the
+worker is given (a learning rate that blows the loss up, a corrupt image) or, for the export, by running the worker
+through a small script that replaces the exporter before calling it.
 """
 
 import os
@@ -19,16 +19,12 @@ from docarray import DocList
 from support import QUICK, pair_docs, run
 
 from cliptuner.model.registry import Registry
+from cliptuner.serve.runs import TrainingProcess, TrainingProcessError
+from cliptuner.train.job import TrainJob
 from executors import ClipDoc, CLIPTuner
-from executors.tuner import (
-    TrainingCancelled,
-    TrainingFailed,
-    TrainingInputError,
-    TrainingProcessError,
-    _TrainingProcess,
-)
+from executors.tuner import TrainingCancelled, TrainingFailed, TrainingInputError
 
-# `cliptuner train` with an exporter that writes half a model directory and fails
+# the worker with an exporter that writes half a model directory and fails
 EXPORT_FAILS = """
 import sys
 from pathlib import Path
@@ -43,9 +39,9 @@ def export_half(bundle, out, **kwargs):
 
 
 cliptuner.train.export.export_model_dir = export_half
-from cliptuner.cli import main
+from cliptuner.train.worker import main
 
-sys.exit(main(["train", *sys.argv[1:]]))
+sys.exit(main(sys.argv[1:]))
 """
 
 
@@ -68,8 +64,8 @@ def failed_run(tuner: CLIPTuner, docs: DocList[ClipDoc], parameters: dict = QUIC
     assert "nothing was published; CURRENT is still v1" in str(error)
     assert training["error"] == f"{type(error.__cause__).__name__}: {error.__cause__}"
     assert training["error"] in str(error)
-    assert tuner._run_lock.acquire(blocking=False)  # the next run may start
-    tuner._run_lock.release()
+    assert tuner.runs._lock.acquire(blocking=False)  # the next run may start
+    tuner.runs._lock.release()
     return error
 
 
@@ -92,7 +88,7 @@ def test_an_undecodable_image_among_the_pairs_fails_the_run_and_names_it(tuner):
     error = failed_run(tuner, docs)
     assert isinstance(error, TrainingInputError) and isinstance(error, ValueError)  # the input was at fault
     assert isinstance(error.__cause__, TrainingProcessError) and isinstance(error.__cause__, ValueError)
-    assert error.__cause__.returncode == 2  # `cliptuner train` refused its input
+    assert error.__cause__.returncode == 2  # the worker refused its input
     assert broken in str(error) and "cannot decode" in str(error)
     assert str(tuner.runs_dir) not in str(error)  # no server path
 
@@ -104,20 +100,20 @@ def test_too_few_images_fails_while_preparing(tuner):
 
 
 def test_any_error_while_exporting_removes_the_half_written_export(tuner):
-    real_argv = tuner._train_argv
+    real_argv = tuner.runs.worker_argv
     written = []
 
-    def export_fails(args):
-        written.append(args[args.index("--out") + 1])
-        return [sys.executable, "-c", EXPORT_FAILS, *args]
+    def export_fails(job_path, events_path):
+        written.append(TrainJob.read(job_path).out)
+        return [sys.executable, "-c", EXPORT_FAILS, str(job_path), "--events", str(events_path)]
 
-    tuner._train_argv = export_fails
+    tuner.runs.worker_argv = export_fails
     error = failed_run(tuner, pair_docs(16, seed=2, blobs=True))
     assert written and not os.path.exists(written[0])  # the half-written model directory is gone
     assert error.phase == "exporting" and type(error) is TrainingFailed
     assert "RuntimeError: no space left for textual.onnx" in str(error)
     # nothing is stuck: the next run trains and publishes
-    tuner._train_argv = real_argv
+    tuner.runs.worker_argv = real_argv
     report = run(tuner.train(docs=pair_docs(16, seed=2, blobs=True), parameters=QUICK))[0].tags["report"]
     assert report["model_version"] == tuner.registry.current() == "v2" and report["parent_version"] == "v1"
     assert tuner.status()["training"]["state"] == "done"
@@ -133,16 +129,16 @@ def test_a_failed_publish_lists_no_new_version(tuner, monkeypatch):
 
 
 def test_a_stop_during_training_ends_the_training_process_and_publishes_nothing(tuner):
-    on_event = tuner._on_event
+    on_event = tuner.runs._on_event
     processes = []
 
     def stop_after_first_step(event):  # as close() does: the tuner is going away
         on_event(event)
         if event.get("event") == "step":
-            processes.append(tuner._active.process)
-            tuner._stop.set()
+            processes.append(tuner.runs.active.process)
+            tuner.runs.request_stop()
 
-    tuner._on_event = stop_after_first_step
+    tuner.runs._on_event = stop_after_first_step
     error = failed_run(tuner, pair_docs(24, seed=2, blobs=True), {**QUICK, "epochs": 20.0})
     assert error.phase == "training" and isinstance(error.__cause__, TrainingCancelled)
     assert "TrainingCancelled: the run was stopped: the tuner is closing at epoch 1/20, step 1/" in str(error)
@@ -152,15 +148,15 @@ def test_a_stop_during_training_ends_the_training_process_and_publishes_nothing(
 
 
 def test_a_stop_after_the_last_step_drops_the_tuned_model(tuner):
-    on_event = tuner._on_event
+    on_event = tuner.runs._on_event
 
     def stop_once_exported(event):  # the stop arrives after the training process wrote the tuned model
         on_event(event)
         if event.get("event") == "after":
-            tuner._active.process.proc.wait(timeout=300)
-            tuner._stop.set()
+            tuner.runs.active.process.proc.wait(timeout=300)
+            tuner.runs.request_stop()
 
-    tuner._on_event = stop_once_exported
+    tuner.runs._on_event = stop_once_exported
     error = failed_run(tuner, pair_docs(16, seed=2, blobs=True))
     assert error.phase == "exporting" and isinstance(error.__cause__, TrainingCancelled)
     assert "after training; the tuned model is not published" in str(error)
@@ -170,13 +166,13 @@ def test_an_interrupt_is_recorded_and_passes_on_unchanged(tuner, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt()
 
-    monkeypatch.setattr(_TrainingProcess, "start", interrupt)
-    assert tuner._run_lock.acquire(blocking=False)  # as train() does before it hands the run to a worker
+    monkeypatch.setattr(TrainingProcess, "start", interrupt)
+    tuner.runs.acquire()  # as train() does before it hands the run to a worker thread
     with pytest.raises(KeyboardInterrupt):
         tuner._run(tuner.parse_request(QUICK), pair_docs(16, seed=2, blobs=True))
     training = tuner.status()["training"]
     assert (training["state"], training["phase"], training["error"]) == ("failed", "loading", "KeyboardInterrupt: ")
     assert tuner.registry.current() == "v1" and tuner.registry.versions() == ["v1"]
     assert list(tuner.runs_dir.iterdir()) == []
-    assert tuner._run_lock.acquire(blocking=False)
-    tuner._run_lock.release()
+    assert tuner.runs._lock.acquire(blocking=False)
+    tuner.runs._lock.release()

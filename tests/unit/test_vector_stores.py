@@ -19,6 +19,7 @@ from vector_support import random_vectors
 from vector_support import text_docs as _docs
 from vector_support import unit as _unit
 
+from cliptuner.index.base import VectorStore
 from cliptuner.index.embedded import Collection, StoredDoc
 from cliptuner.index.milvus import MilvusCollection, where_expr
 
@@ -71,6 +72,27 @@ def make_store(backend, tmp_path):
     yield make
     for store in opened:
         store.close()
+
+
+def test_every_backend_is_a_vector_store_and_a_closed_one_refuses_calls(make_store, tmp_path):
+    store = make_store(tmp_path / "store")
+    assert isinstance(store, VectorStore)
+    store.upsert(_docs(3), _random(3, seed=0), "v1")
+    store.close()
+    store.close()  # idempotent
+    calls = [
+        lambda: store.search(_random(1, seed=1), limit=1),
+        lambda: store.upsert(_docs(1), _random(1, seed=2), "v1"),
+        lambda: store.delete(["d0"]),
+        lambda: store.get(["d0"]),
+        lambda: list(store.iter_docs()),
+        lambda: store.rebuild("v2", _new_model),
+    ]
+    for call in calls:
+        with pytest.raises(RuntimeError, match=f"{type(store).__name__} .* is closed"):
+            call()
+    with pytest.raises(TypeError, match="abstract"):
+        VectorStore(tmp_path / "base")
 
 
 @pytest.fixture

@@ -1,0 +1,20 @@
+"""Value types of options that several commands share, checked while the command line is parsed."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def serving_device(value: str) -> str:
+    """argparse type of ``--device`` where ONNX Runtime runs (encode, eval): the one syntax ``serve`` takes.
+
+    Raises:
+        argparse.ArgumentTypeError: ``value`` is none of auto, cpu, cuda or cuda:N (named).
+    """
+    from cliptuner.model.runtime import _parse_device
+
+    try:
+        _parse_device(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value

@@ -1,0 +1,208 @@
+"""The ``cliptuner serve`` command: the Flow of ``flows/flow.yml`` (gRPC gateway, tuner, encoder, indexer).
+
+Each option sets a ``CLIPTUNER_*`` variable (cliptuner/settings.py) that the Flow and its Executors read; an option
+left out keeps the variable's value from the environment. ``--metrics-port`` adds Prometheus monitoring to the Flow
+(:func:`cliptuner.serve.flows.flow_config`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+SERVE_ENV = {
+    "host": "CLIPTUNER_HOST",
+    "port": "CLIPTUNER_PORT",
+    "workspace": "CLIPTUNER_WORKSPACE",
+    "model": "CLIPTUNER_MODEL",
+    "pretrained": "CLIPTUNER_PRETRAINED",
+    "device": "CLIPTUNER_DEVICE",
+    "metrics_port": "CLIPTUNER_METRICS_PORT",
+    "index_backend": "CLIPTUNER_INDEX_BACKEND",
+    "milvus_uri": "CLIPTUNER_MILVUS_URI",
+    "milvus_token": "CLIPTUNER_MILVUS_TOKEN",
+    "index_shards": "CLIPTUNER_INDEX_SHARDS",
+    "batch_wait_ms": "CLIPTUNER_BATCH_WAIT_MS",
+    "http_port": "CLIPTUNER_HTTP_PORT",
+}
+METRICS_PORTS = ("GATEWAY", "TUNER", "ENCODER", "INDEXER")  # --metrics-port P: their Prometheus ports P, P+1, ...
+DEFAULT_HOST = "127.0.0.1"  # this machine only; a container sets CLIPTUNER_HOST=0.0.0.0 and publishes the port
+FLOW_YAML = Path("flows") / "flow.yml"
+SHARDS_FLOW_YAML = Path("flows") / "shards.yml"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``cliptuner serve``: its options, each with the ``CLIPTUNER_*`` variable it sets."""
+    p = subparsers.add_parser("serve", help="start the gRPC services (flows/flow.yml) and block")
+    p.add_argument(
+        "--host",
+        default=None,
+        help=f"address the gateway listens on (CLIPTUNER_HOST; default {DEFAULT_HOST}: this machine only; "
+        "0.0.0.0: every interface)",
+    )
+    p.add_argument("--port", type=int, default=None, help="gRPC port (CLIPTUNER_PORT; default 51000)")
+    p.add_argument("--workspace", default=None, help="models/, index/, data/, runs/ (CLIPTUNER_WORKSPACE)")
+    p.add_argument(
+        "--model", default=None, help="base model of a fresh workspace (CLIPTUNER_MODEL; default cliptuner-tiny)"
+    )
+    p.add_argument("--pretrained", default=None, help="its pretrained tag or checkpoint (CLIPTUNER_PRETRAINED)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (CLIPTUNER_DEVICE; default auto)")
+    p.add_argument("--flow", default=None, help="the Flow YAML (default: flows/flow.yml)")
+    p.add_argument(
+        "--index-backend",
+        default=None,
+        choices=("auto", "exact", "usearch", "milvus"),
+        help="the indexer's vector store (CLIPTUNER_INDEX_BACKEND; default auto: embedded in the "
+        'workspace); milvus needs pip install "cliptuner[milvus]"',
+    )
+    p.add_argument(
+        "--milvus-uri",
+        default=None,
+        help="with --index-backend milvus: the Milvus server, e.g. http://milvus:19530 "
+        "(CLIPTUNER_MILVUS_URI; default: Milvus Lite, a file in the workspace's index)",
+    )
+    p.add_argument(
+        "--milvus-token", default=None, help="the Milvus server's token, user:password (CLIPTUNER_MILVUS_TOKEN)"
+    )
+    p.add_argument(
+        "--index-shards",
+        type=int,
+        default=None,
+        metavar="N",
+        help="split the index into N shards, each its own process and collection (CLIPTUNER_INDEX_SHARDS; "
+        "default 1). N > 1 serves flows/shards.yml unless --flow says otherwise; embedded "
+        "backends only",
+    )
+    p.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=None,
+        metavar="MS",
+        help="how long the encoder lets a small request wait for others to share one model run "
+        "(CLIPTUNER_BATCH_WAIT_MS; default 2; 0 turns dynamic batching off)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="turn on Prometheus metrics (CLIPTUNER_METRICS_PORT): the gateway serves them on this port, "
+        "the tuner, encoder and indexer on the next three. Jina binds these endpoints to every "
+        "interface, whatever --host says; firewall them where the machine is reachable. Default: off",
+    )
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        metavar="P",
+        help="also serve HTTP on this port of the same host (CLIPTUNER_HTTP_PORT): the search page at / "
+        'and a JSON API, POST /post {"execEndpoint": "/search", "data": [...], '
+        '"parameters": {...}}, forwarded to the gRPC gateway (cliptuner/serve/http_front.py). Default: off',
+    )
+    p.set_defaults(func=run_serve)
+
+
+def _default_flow(name: Path = FLOW_YAML) -> Path:
+    """``flows/flow.yml`` (or ``name``) of the source tree this package runs from, else of the current directory."""
+    beside = Path(__file__).resolve().parents[2] / name
+    return beside if beside.is_file() else name.resolve()
+
+
+def _wait_until_answering(host: str, port: int, timeout: float = 120.0) -> None:
+    """Send ``/status`` through the started Flow until every Executor answers it.
+
+    Jina calls a Flow ready when each of its processes is up; a sharded indexer's head may still be reconnecting
+    to a shard it tried before the shard listened, and would fail the first requests. ``serve`` announces itself
+    only once a request has gone all the way through.
+
+    Raises:
+        RuntimeError: no full answer within ``timeout`` seconds (the last error is named).
+    """
+    from docarray import DocList
+    from jina import Client
+
+    from executors.schemas import ClipDoc
+
+    client = Client(host="127.0.0.1" if host in ("0.0.0.0", "::", "") else host, port=port, protocol="grpc")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.post("/status", return_type=DocList[ClipDoc])
+            return
+        except Exception as exc:  # BadServer while a shard is unreachable, a connection error before that
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the Flow started but did not answer /status within {timeout:.0f} s: {exc}"
+                ) from None
+            time.sleep(0.5)
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    """``cliptuner serve``: start the Flow of ``flows/flow.yml`` (gRPC gateway, tuner, encoder, indexer) and block.
+
+    Each option sets its ``CLIPTUNER_*`` variable, which the Flow and its Executors read; an option left out keeps
+    the variable's value from the environment. The gateway listens on ``127.0.0.1`` unless ``--host`` or
+    ``CLIPTUNER_HOST`` says otherwise (``0.0.0.0``: every interface); the Executors of ``flows/flow.yml`` always
+    listen on ``127.0.0.1``, where only the gateway talks to them. Stops on Ctrl-C or SIGTERM.
+    """
+    import signal
+    import threading
+
+    from cliptuner.serve.flows import flow_config
+    from cliptuner.settings import ServiceEnvironment
+
+    given = {
+        name: str(getattr(args, option)) for option, name in SERVE_ENV.items() if getattr(args, option) is not None
+    }
+    environment = ServiceEnvironment.from_environ({**os.environ, **given})  # every variable checked before anything
+    shards = environment.index_shards
+    flow_path = Path(args.flow) if args.flow else _default_flow(SHARDS_FLOW_YAML if shards > 1 else FLOW_YAML)
+    if not flow_path.is_file():
+        raise ValueError(f"no Flow YAML at {str(flow_path)!r}; pass --flow PATH")
+    if environment.workspace is None:
+        raise ValueError("no workspace: pass --workspace DIR or set CLIPTUNER_WORKSPACE")
+    workspace = environment.workspace.resolve()
+    host, port, http_port = environment.host, environment.port, environment.http_port
+    if http_port is not None and http_port == port:
+        raise ValueError(f"--http-port / CLIPTUNER_HTTP_PORT must differ from the gRPC port, got {http_port} for both")
+    os.environ.update(given)  # the Executors, child processes of the Flow, read them
+    os.environ.update(  # what the Flow YAMLs name, as the Flow expands them
+        CLIPTUNER_HOST=host,
+        CLIPTUNER_PORT=str(port),
+        CLIPTUNER_WORKSPACE=str(workspace),
+        CLIPTUNER_INDEX_SHARDS=str(shards),
+    )
+    os.environ.setdefault("JINA_OPTOUT_TELEMETRY", "1")
+
+    from jina import Flow
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    flow = Flow.load_config(flow_config(flow_path, environment.metrics_ports()))
+    with flow:
+        _wait_until_answering(host, port)
+        http = None
+        if http_port is not None:  # the JSON API and the search page, in this process, in front of the gRPC gateway
+            from cliptuner.serve.http_front import HttpFront, JinaGateway
+            from executors.options import Workspace, uri_policy
+            from executors.schemas import ClipDoc
+
+            front_workspace = Workspace(root=workspace, registry=None)  # type: ignore[arg-type]
+            http = HttpFront(host, http_port, JinaGateway(host, port, ClipDoc), uri_policy(front_workspace))
+            http.start()
+        also = f", http {host}:{http_port} (search page and JSON API)" if http is not None else ""
+        print(
+            f"cliptuner serving on grpc {host}:{port}{also} (workspace {workspace}); Ctrl-C to stop",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            flow.block(stop_event=stop)
+        finally:
+            if http is not None:
+                http.stop()
+
+
+run = run_serve

@@ -1,0 +1,559 @@
+"""HTTP next to the gRPC gateway: the search page and a JSON API (``cliptuner serve --http-port P``).
+
+Jina's own HTTP gateway does not start with the pydantic 2 this project pins (its request models are built with a
+pydantic 1 ``Config`` class), so ``cliptuner serve`` runs this small FastAPI app, served by uvicorn in a thread of
+its own process, on the gateway's host (``127.0.0.1`` unless told otherwise), and forwards every call to the gRPC
+gateway. The routes (``GET /``, ``POST /post``, ``GET /image?uri=U``), their limits and their errors: see
+docs/service.md ("Search page and JSON API") and the app's OpenAPI schema (``GET /openapi.json``).
+
+The service's doc type and its uri policy come from the caller (:class:`JinaGateway`'s ``doc_type``,
+:class:`HttpFront`'s ``policy``): this layer does not import the Executors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import socket
+import threading
+import time
+from http import HTTPStatus
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional, Protocol
+from urllib.parse import urlsplit
+
+import numpy as np
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from cliptuner.model.images import DEFAULT_LIMITS
+from cliptuner.serve.access import UriPolicy, UriRefused
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 96 * 1024 * 1024  # one /post body: base64 images of a request within the Executors' 256 MiB cap
+DOC_FIELDS = ("id", "text", "uri", "blob", "tags", "embedding", "model_version")  # what a /post doc may carry
+IMAGE_TYPES = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"))
+IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")  # what /image answers with
+PAGE_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data: blob:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+COMMON_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"cache-control", b"no-store"))  # on every answer
+
+
+class RequestError(ValueError):
+    """A request this server answers with an error status (the message is what the client reads)."""
+
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Gateway(Protocol):
+    """What the HTTP front forwards ``/post`` calls to (:class:`JinaGateway`, or a stand-in in tests)."""
+
+    def post(self, endpoint: str, docs: list[dict], parameters: dict) -> list[dict]:
+        """Send ``docs`` (keyword arguments of the doc type) to ``endpoint``; the answered docs as JSON.
+
+        Raises:
+            RequestError: the status and message the client reads (400, 422, 503).
+        """
+        ...
+
+
+# -- the JSON API's shapes, for the OpenAPI schema (bodies are checked by hand, so errors name the bad value) ------
+class DocIn(BaseModel):
+    """One doc of a ``/post`` request: text, an image (``blob`` or ``uri``), or both."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: Optional[str] = None
+    text: Optional[str] = None
+    uri: Optional[str] = Field(None, description="a path under the service's image roots, or a data: URI")
+    blob: Optional[str] = Field(None, description="an encoded image file (PNG, JPEG, ...) as base64")
+    tags: Optional[dict[str, Any]] = None
+    embedding: Optional[list[float]] = None
+    model_version: Optional[str] = None
+
+
+class PostRequest(BaseModel):
+    """The body of ``POST /post``, in the shape Jina's HTTP gateway takes (other top-level keys are ignored)."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "anyOf": [{"required": ["execEndpoint"]}, {"required": ["exec_endpoint"]}],
+            "not": {"required": ["execEndpoint", "exec_endpoint"]},
+        },
+    )
+
+    execEndpoint: str = Field(None, pattern="^/", description="the endpoint, such as /search")
+    exec_endpoint: str = Field(None, pattern="^/", description="execEndpoint's other spelling")
+    data: Optional[list[DocIn]] = None
+    parameters: Optional[dict[str, Any]] = None
+
+
+class DocOut(BaseModel):
+    """One answered doc: the fields the service filled (empty ones left out); a match carries ``score``."""
+
+    id: str
+    text: Optional[str] = None
+    uri: Optional[str] = None
+    model_version: Optional[str] = None
+    score: Optional[float] = None
+    tags: dict[str, Any]
+    blob: Optional[str] = Field(None, description="base64, when asked for with return_content")
+    embedding: Optional[list[float]] = None
+    tensor: Optional[list[Any]] = None
+    scores: Optional[list[float]] = None
+    matches: Optional[list[DocOut]] = None
+
+
+class PostAnswer(BaseModel):
+    """The answer of ``POST /post``."""
+
+    data: list[DocOut]
+
+
+class ErrorAnswer(BaseModel):
+    """Any error: what went wrong, naming the bad value (never a path on the serving machine)."""
+
+    error: str
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorAnswer, "description": HTTPStatus(status).phrase} for status in statuses}
+
+
+# -- requests and answers --------------------------------------------------------------------------------------------
+def page_html() -> bytes:
+    """The search page shipped in the package (``cliptuner/serve/assets/page.html``)."""
+    return resources.files("cliptuner.serve").joinpath("assets", "page.html").read_bytes()
+
+
+def _embedding(values: Any, i: int) -> np.ndarray:
+    if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"doc {i}: 'embedding' must be a list of numbers")
+    try:
+        with np.errstate(over="ignore"):
+            array = np.asarray(values, dtype=np.float32)
+    except OverflowError:  # an integer beyond any float
+        array = np.asarray([np.inf], dtype=np.float32)
+    if not np.isfinite(array).all():
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"doc {i}: 'embedding' must be a list of numbers within float32")
+    return array
+
+
+def docs_from_json(data: Any) -> list[dict]:
+    """The ``data`` of a ``/post`` body as keyword arguments of the doc type (``blob`` decoded from base64).
+
+    Raises:
+        RequestError: ``data`` is not a list of objects, a doc has an unknown field, a ``blob`` that is not base64
+            or an ``embedding`` that is not a list of finite numbers (names the doc by position).
+    """
+    if data is None:
+        return []
+    if not isinstance(data, list):
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"'data' must be a list of docs, got {type(data).__name__}")
+    docs = []
+    for i, raw in enumerate(data):
+        if not isinstance(raw, dict):
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"doc {i}: must be an object, got {type(raw).__name__}")
+        unknown = sorted(set(raw) - set(DOC_FIELDS))
+        if unknown:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"doc {i}: unknown fields {unknown}; known: {list(DOC_FIELDS)}")
+        doc = {k: v for k, v in raw.items() if v is not None}
+        if "blob" in doc:
+            if not isinstance(doc["blob"], str):
+                raise RequestError(HTTPStatus.BAD_REQUEST, f"doc {i}: 'blob' must be a base64 string")
+            try:
+                doc["blob"] = base64.b64decode(doc["blob"], validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise RequestError(HTTPStatus.BAD_REQUEST, f"doc {i}: 'blob' is not valid base64 ({exc})") from None
+        if "embedding" in doc:
+            doc["embedding"] = _embedding(doc["embedding"], i)
+        for name in ("id", "text", "uri", "model_version"):
+            if name in doc and not isinstance(doc[name], str):
+                raise RequestError(HTTPStatus.BAD_REQUEST, f"doc {i}: {name!r} must be a string, got {doc[name]!r}")
+        if "tags" in doc and not isinstance(doc["tags"], dict):
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"doc {i}: 'tags' must be an object")
+        docs.append(doc)
+    return docs
+
+
+def parse_post(body: bytes) -> tuple[str, list[dict], dict]:
+    """A ``/post`` body as (endpoint, docs, parameters).
+
+    Raises:
+        RequestError: 400 naming what is wrong (not JSON, not an object, no endpoint, ``parameters`` not an object,
+            a bad doc).
+    """
+    try:
+        request = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"the body is not JSON: {str(exc)[:200]}") from None
+    if not isinstance(request, dict):
+        raise RequestError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
+    if "execEndpoint" in request and "exec_endpoint" in request:
+        raise RequestError(HTTPStatus.BAD_REQUEST, "give the endpoint once: 'execEndpoint' or 'exec_endpoint'")
+    endpoint = request.get("execEndpoint", request.get("exec_endpoint"))
+    if not isinstance(endpoint, str) or not endpoint.startswith("/"):
+        raise RequestError(
+            HTTPStatus.BAD_REQUEST, f"'execEndpoint' must name an endpoint such as '/search', got {endpoint!r}"
+        )
+    parameters = request.get("parameters")
+    if parameters is None:
+        parameters = {}
+    if not isinstance(parameters, dict):
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"'parameters' must be an object, got {parameters!r}")
+    return endpoint, docs_from_json(request.get("data")), parameters
+
+
+def doc_to_json(doc: Any) -> dict:
+    """A doc or a match of the doc type as JSON: bytes as base64, arrays as lists, empty fields left out."""
+    out: dict[str, Any] = {"id": doc.id}
+    for name in ("text", "uri", "model_version", "score"):
+        value = getattr(doc, name, None)
+        if value is not None:
+            out[name] = value
+    out["tags"] = dict(doc.tags or {})
+    if getattr(doc, "blob", None) is not None:
+        out["blob"] = base64.b64encode(doc.blob).decode("ascii")
+    for name in ("embedding", "tensor"):
+        value = getattr(doc, name, None)
+        if value is not None:
+            out[name] = np.asarray(value).tolist()
+    if getattr(doc, "scores", None) is not None:
+        out["scores"] = list(doc.scores)
+    if getattr(doc, "matches", None) is not None:
+        out["matches"] = [doc_to_json(match) for match in doc.matches]
+    return out
+
+
+def image_type(data: bytes) -> Optional[str]:
+    """The media type of an encoded PNG, JPEG, GIF or WebP file, from its first bytes; None for anything else."""
+    for magic, kind in IMAGE_TYPES:
+        if data.startswith(magic):
+            return kind
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+def read_image(policy: UriPolicy, uri: str) -> tuple[bytes, str]:
+    """The bytes and media type of the local image file (or ``data:`` URI) ``uri`` names, when ``policy`` allows it.
+
+    Raises:
+        RequestError: 400 no uri or a malformed ``data:`` URI, 403 refused by the policy or not local, 404 no
+            readable file, over the image byte limit, or not a PNG, JPEG, GIF or WebP file.
+    """
+    if not uri:
+        raise RequestError(HTTPStatus.BAD_REQUEST, "give the image as ?uri=...")
+    try:
+        source = policy.source(uri, "image")
+    except UriRefused as exc:
+        raise RequestError(HTTPStatus.FORBIDDEN, str(exc)) from None
+    except ValueError as exc:  # a malformed data: URI
+        raise RequestError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+    if isinstance(source, bytes):
+        data = source
+    elif isinstance(source, str):
+        path = Path(source)
+        try:
+            if path.stat().st_size > DEFAULT_LIMITS.max_bytes:
+                raise RequestError(HTTPStatus.NOT_FOUND, "image: the file is over the image size limit")
+            data = path.read_bytes()
+        except OSError:
+            raise RequestError(HTTPStatus.NOT_FOUND, "image: no readable file there") from None
+    else:  # http(s): never fetched for the page
+        raise RequestError(HTTPStatus.FORBIDDEN, "image: only local files are served")
+    kind = image_type(data)
+    if kind is None:
+        raise RequestError(HTTPStatus.NOT_FOUND, "image: not a PNG, JPEG, GIF or WebP file")
+    return data, kind
+
+
+def check_post_headers(request: Request) -> None:
+    """Refuse a ``/post`` from its headers, before its body is read.
+
+    Raises:
+        RequestError: 415 not ``Content-Type: application/json`` (a cross-site page cannot send that without a CORS
+            preflight, never granted here), 403 an ``Origin`` other than this server, 411 no ``Content-Length``,
+            413 a body over :data:`MAX_BODY_BYTES`.
+    """
+    kind = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise RequestError(
+            HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"Content-Type must be application/json, got {kind or 'none'!r}"
+        )
+    origin = request.headers.get("origin")
+    if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+        raise RequestError(HTTPStatus.FORBIDDEN, f"requests from another origin are refused: {origin!r}")
+    try:
+        length = int(request.headers.get("content-length") or "")
+    except ValueError:
+        raise RequestError(HTTPStatus.LENGTH_REQUIRED, "a Content-Length is required") from None
+    if not 0 <= length <= MAX_BODY_BYTES:
+        raise RequestError(
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body has {length} bytes, over the limit of {MAX_BODY_BYTES}"
+        )
+
+
+def _server_error(exc: Exception) -> str:
+    """The message of an error the Flow answered with (Jina's ``BadServer`` carries the response header)."""
+    header = exc.args[0] if exc.args else None
+    status = getattr(header, "status", None)
+    if status is None:
+        return str(exc)
+    parts = [str(arg) for arg in getattr(status.exception, "args", ())] or [status.description]
+    return "; ".join(part for part in parts if part) or "the service failed the request"
+
+
+class JinaGateway:
+    """Calls of the gRPC gateway on ``host:port``, one Jina client per call (the server runs calls in threads).
+
+    Args:
+        host: the gateway's host (``0.0.0.0`` and ``::`` are reached on ``127.0.0.1``).
+        port: its gRPC port.
+        doc_type: the service's doc type (a docarray ``BaseDoc`` with ``matches`` and ``scores``).
+    """
+
+    def __init__(self, host: str, port: int, doc_type: type) -> None:
+        self.host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        self.port = port
+        self.doc_type = doc_type
+
+    def post(self, endpoint: str, docs: list[dict], parameters: dict) -> list[dict]:
+        """Send ``docs`` to ``endpoint``; the answered docs as JSON.
+
+        Raises:
+            RequestError: 422 with the service's message when the Flow failed the request, 503 when it does not
+                answer, 400 when the docs do not make docs of the doc type.
+        """
+        from docarray import DocList
+        from jina import Client
+        from jina.excepts import BadServer
+
+        try:
+            inputs = DocList[self.doc_type]([self.doc_type(**doc) for doc in docs])
+        except (TypeError, ValueError) as exc:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"a doc does not fit the doc schema: {exc}") from None
+        client = Client(host=self.host, port=self.port, protocol="grpc")
+        try:
+            answer = client.post(
+                endpoint,
+                inputs=inputs if len(inputs) else None,
+                parameters=parameters,
+                return_type=DocList[self.doc_type],
+                request_size=max(len(inputs), 1),
+            )
+        except BadServer as exc:
+            raise RequestError(HTTPStatus.UNPROCESSABLE_ENTITY, _server_error(exc)) from None
+        except (ConnectionError, OSError) as exc:
+            raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, f"the gateway does not answer: {exc}") from None
+        return [doc_to_json(doc) for doc in answer]
+
+
+# -- the app ---------------------------------------------------------------------------------------------------------
+class _Json(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content).encode("utf-8")
+
+
+def _error(status: int, message: str, headers: Optional[dict] = None) -> Response:
+    return _Json({"error": message}, status_code=status, headers=headers)
+
+
+class _CommonHeaders:
+    """ASGI middleware: ``nosniff`` and ``no-store`` on every answer."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                names = {name.lower() for name, _ in message.get("headers", [])}
+                extra = [(name, value) for name, value in COMMON_HEADERS if name not in names]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _handle_errors(app: FastAPI) -> None:
+    """Every error as ``{"error": message}``: the app's own, unknown routes, and anything unexpected (logged)."""
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, exc: RequestError) -> Response:
+        closing = {"Connection": "close"} if exc.status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE else None
+        return _error(exc.status, str(exc), closing)  # closing: the unread body must not be taken for a request
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        path = request.url.path
+        if exc.status_code == HTTPStatus.NOT_FOUND:
+            message = (
+                f"no such page: {path!r}" if request.method == "GET" else f"no such endpoint: {path!r}; POST /post"
+            )
+        elif exc.status_code == HTTPStatus.METHOD_NOT_ALLOWED:
+            message = f"{request.method} is not allowed on {path!r}; allowed: {(exc.headers or {}).get('Allow', '')}"
+        else:
+            message = str(exc.detail)
+        return _error(exc.status_code, message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        return _error(HTTPStatus.BAD_REQUEST, "; ".join(str(e.get("msg", e)) for e in exc.errors())[:500])
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, exc: Exception) -> Response:
+        logger.error("HTTP front: %s %s failed", request.method, request.url.path, exc_info=exc)
+        return _error(HTTPStatus.INTERNAL_SERVER_ERROR, "the HTTP front failed the request; see the service log")
+
+
+def build_app(gateway: Gateway, policy: UriPolicy) -> FastAPI:
+    """The search page, ``POST /post`` (forwarded to ``gateway``) and ``GET /image`` (files ``policy`` allows).
+
+    Args:
+        gateway: where ``/post`` calls go (:class:`JinaGateway`).
+        policy: the uri policy ``/image`` checks; only its roots are used (never an http(s) fetch).
+    """
+    policy = UriPolicy(roots=policy.roots)
+    page = page_html()
+    app = FastAPI(
+        title="cliptuner search page and JSON API", docs_url=None, redoc_url=None, openapi_url="/openapi.json"
+    )
+    app.add_middleware(_CommonHeaders)
+    _handle_errors(app)
+
+    @app.get("/", response_class=Response, responses={200: {"content": {"text/html": {}}, "description": "the page"}})
+    @app.get("/index.html", response_class=Response, include_in_schema=False)
+    def search_page() -> Response:
+        """The search page: one self-contained file; its Content-Security-Policy allows nothing but this server."""
+        return Response(page, media_type="text/html; charset=utf-8", headers={"Content-Security-Policy": PAGE_CSP})
+
+    @app.post(
+        "/post",
+        response_class=_Json,
+        responses={200: {"model": PostAnswer}, **_errors(400, 403, 411, 413, 415, 422, 503)},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": _REF.format(model="PostRequest")}}},
+            }
+        },
+    )
+    async def post(request: Request) -> Response:
+        """Forward a call to the service: ``{"execEndpoint": "/search", "data": [doc, ...], "parameters": {...}}``."""
+        check_post_headers(request)  # before the body is read
+        endpoint, docs, parameters = parse_post(await request.body())
+        return _Json({"data": await run_in_threadpool(gateway.post, endpoint, docs, parameters)})
+
+    @app.get(
+        "/image",
+        response_class=Response,
+        responses={200: {"content": {kind: {} for kind in IMAGE_MEDIA_TYPES}}, **_errors(400, 403, 404)},
+    )
+    def image(uri: str = "") -> Response:
+        """The gallery image ``uri`` names, for the page's result cards: local files under the image roots only."""
+        data, kind = read_image(policy, uri)
+        return Response(data, media_type=kind)
+
+    _publish_schemas(app)
+    return app
+
+
+_REF = "#/components/schemas/{model}"
+
+
+def _publish_schemas(app: FastAPI) -> None:
+    """Put the hand-declared request body's models (``PostRequest``, ``DocIn``) into the schema's components.
+
+    ``/post`` reads its body by hand (so that a wrong value is refused with a 400 naming it, and an oversized body
+    before it is read); FastAPI therefore does not see these models, and the schema gets them here.
+    """
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = original()
+            body = PostRequest.model_json_schema(ref_template=_REF)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(body.pop("$defs", {}), PostRequest=body)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+class HttpFront:
+    """The search page and the JSON API on ``host:port``, served by uvicorn in a thread of this process.
+
+    Args:
+        host: the address to listen on (the gateway's).
+        port: the HTTP port (0: any free one, see :attr:`port`).
+        gateway: where ``/post`` calls go (:class:`JinaGateway`).
+        policy: the service's uri policy (its image roots, for ``/image``).
+
+    Raises:
+        OSError: the port cannot be bound (raised here, before the service announces itself).
+    """
+
+    def __init__(self, host: str, port: int, gateway: Gateway, policy: UriPolicy) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.create_server((host, port), family=family)
+        config = uvicorn.Config(
+            build_app(gateway, policy),
+            loop="asyncio",
+            http="h11",
+            ws="none",
+            lifespan="off",
+            log_config=None,
+            log_level="warning",
+            access_log=False,
+            server_header=False,
+            timeout_graceful_shutdown=5,
+        )
+        self.server = uvicorn.Server(config)
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def port(self) -> int:
+        return self.socket.getsockname()[1]
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Serve in a daemon thread; returns once uvicorn serves.
+
+        Raises:
+            RuntimeError: uvicorn did not start within ``timeout`` seconds.
+        """
+        self._thread = threading.Thread(
+            target=lambda: asyncio.run(self.server.serve(sockets=[self.socket])), name="cliptuner-http", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the HTTP front did not start; see the log above")
+            time.sleep(0.02)
+        logger.info("search page and JSON API on http://%s:%d/", *self.socket.getsockname()[:2])
+
+    def stop(self) -> None:
+        """Stop accepting, let running calls finish (5 s at most), close the socket."""
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(10)
+        self.socket.close()
