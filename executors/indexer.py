@@ -75,7 +75,7 @@ class CLIPIndexer(Executor):
         index_dir: the collection; default ``<workspace>/index/<shard id>``.
         backend: the vector store (:mod:`cliptuner.index.stores`): ``auto``, ``usearch`` or ``exact`` (embedded,
             :class:`cliptuner.index.embedded.Collection`), or ``milvus`` (:class:`cliptuner.index.milvus.MilvusCollection`;
-            ``$CLIPTUNER_INDEX_BACKEND`` in flows/flow.yml).
+            unset: ``$CLIPTUNER_INDEX_BACKEND``, else ``auto``).
         hnsw_connectivity, hnsw_expansion_add, hnsw_expansion_search: the embedded backend's HNSW graph
             (:class:`cliptuner.index.embedded.HnswSettings`; recall in ``benchmarks/RESULTS.md``).
         vector_dtype: the embedded backends: vectors held in memory as ``f32``, ``f16`` or ``i8`` (recall in
@@ -104,7 +104,7 @@ class CLIPIndexer(Executor):
     def __init__(
         self,
         index_dir: Optional[str] = None,
-        backend: str = "auto",
+        backend: Optional[str] = None,
         exact_threshold: int = 5000,
         hnsw_connectivity: int = HnswSettings.connectivity,
         hnsw_expansion_add: int = HnswSettings.expansion_add,

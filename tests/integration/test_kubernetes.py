@@ -1,5 +1,6 @@
 """`jina export kubernetes` turns flows/k8s.yml into Deployments that run the Executors from their images."""
 
+import dataclasses
 import inspect
 import os
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from executors import CLIPEncoder, CLIPIndexer, CLIPTuner
+from executors.options import ExecutorSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = {
@@ -60,6 +62,9 @@ def test_the_image_config_fits_every_executor_class():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'sed -i "s/^jtype: .*/jtype: ${EXECUTOR}/" config.yml' in dockerfile
     for cls in (CLIPTuner, CLIPEncoder, CLIPIndexer):
-        accepted = set(inspect.signature(cls.__init__).parameters)
+        # its own keyword arguments, and the settings every Executor takes from its **kwargs
+        accepted = set(inspect.signature(cls.__init__).parameters) | {
+            f.name for f in dataclasses.fields(ExecutorSettings)
+        }
         assert set(config["with"]) <= accepted, (cls.__name__, set(config["with"]) - accepted)
         assert cls.__name__ in dockerfile
