@@ -249,8 +249,7 @@ def build_model(entry: ModelEntry, cache_dir: Optional[str], seed: int) -> Any:
     import open_clip
 
     from cliptuner.config import ModelSpec
-    from cliptuner.train.loop import seed_everything
-    from cliptuner.train.models import is_local_checkpoint, load_model
+    from cliptuner.train.models import is_local_checkpoint, load_model, seed_everything
 
     quick_gelu = False
     if entry.pretrained and not is_local_checkpoint(entry.pretrained):

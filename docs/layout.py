@@ -146,11 +146,14 @@ def deepest_chain(graph: dict[str, set[str]], components: list[list[str]]) -> li
             if owner[node] != owner[target]:
                 dag[owner[node]].add(owner[target])
     best: dict[int, list[int]] = {}
+
     # Tarjan emits components in reverse topological order: every import of a component comes before it.
+    def rank(chain: list[int]) -> tuple[int, list[str]]:  # longest first; among equals, the first by name
+        return -len(chain), [components[j][0] for j in chain]
+
     for i in range(len(components)):
-        below = [best[j] for j in dag[i]]
-        best[i] = [i] + max(below, key=len, default=[])
-    longest = max(best.values(), key=len, default=[])
+        best[i] = [i] + min((best[j] for j in dag[i]), key=rank, default=[])
+    longest = min(best.values(), key=rank, default=[])
     return ["{" + ", ".join(components[i]) + "}" if len(components[i]) > 1 else components[i][0] for i in longest]
 
 

@@ -84,8 +84,7 @@ def publish_base(registry: Registry, spec: ModelSpec) -> str:
     """
     require_train("building the base model version of an empty registry")
     from cliptuner.train.export import export_model_dir
-    from cliptuner.train.loop import seed_everything
-    from cliptuner.train.models import load_model
+    from cliptuner.train.models import load_model, seed_everything
 
     seed_everything(BASE_SEED)
     bundle = load_model(spec)

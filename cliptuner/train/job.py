@@ -270,8 +270,8 @@ def train_and_export(job: TrainJob, on_event: Optional[EventCallback] = None) ->
     """
     require_train("training a model")
     from cliptuner.train.data import train_and_held_out
-    from cliptuner.train.loop import finetune, seed_everything
-    from cliptuner.train.models import load_model
+    from cliptuner.train.loop import finetune
+    from cliptuner.train.models import load_model, seed_everything
 
     cfg = _resolved(job.cfg)
     world_size, rank = init_distributed(cfg.device)

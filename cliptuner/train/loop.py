@@ -30,6 +30,7 @@ from torch import nn
 from cliptuner.config import EvalConfig, TrainConfig
 from cliptuner.model.atomic import atomic_path
 from cliptuner.train.loss import ClipLoss, clamp_logit_scale
+from cliptuner.train.models import seed_everything
 from cliptuner.train.wiseft import apply_wiseft, state_copy, wiseft_sweep
 
 logger = logging.getLogger(__name__)
@@ -46,13 +47,6 @@ RESUME_MAY_DIFFER = frozenset({"device", "log_every"})
 
 class TrainingStopped(RuntimeError):
     """Raised inside :func:`fit` when ``should_stop`` asks to abort."""
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
 
 
 def _no_weight_decay(name: str, param: nn.Parameter) -> bool:

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from cliptuner.config import ModelSpec
@@ -37,6 +39,13 @@ except ImportError as exc:  # pragma: no cover - dependency missing
     raise ImportError("cliptuner training needs open_clip: pip install open_clip_torch") from exc
 
 open_clip.add_model_config(BUNDLED_CONFIG_DIR)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
 
 
 @dataclass
