@@ -1,4 +1,4 @@
-"""Value types of options that several commands share, checked while the command line is parsed."""
+"""Options that several commands share, and their value types, checked while the command line is parsed."""
 
 from __future__ import annotations
 
@@ -18,3 +18,14 @@ def serving_device(value: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return value
+
+
+def add_serving_device(parser: argparse.ArgumentParser) -> None:
+    """Add ``--device``: where ONNX Runtime runs (encode, eval)."""
+    parser.add_argument(
+        "--device",
+        default="auto",
+        type=serving_device,
+        metavar="DEVICE",
+        help="auto, cpu, cuda or cuda:N, where ONNX Runtime runs (default: auto)",
+    )

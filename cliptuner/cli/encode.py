@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from cliptuner.cli.arguments import serving_device
+from cliptuner.cli.arguments import add_serving_device
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -20,13 +20,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model-dir", required=True, help="an exported model directory (required)")
     p.add_argument("--text", nargs="*", default=[], metavar="TEXT", help="texts to embed")
     p.add_argument("--image", nargs="*", default=[], metavar="FILE", help="image files to embed")
-    p.add_argument(
-        "--device",
-        default="auto",
-        type=serving_device,
-        metavar="DEVICE",
-        help="auto, cpu, cuda or cuda:N, where ONNX Runtime runs (default: auto)",
-    )
+    add_serving_device(p)
     p.add_argument("--out", default=None, help="write a .npy instead of JSON lines (default: JSON lines on stdout)")
     p.set_defaults(func=run)
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cliptuner.cli.arguments import serving_device
+from cliptuner.cli.arguments import add_serving_device
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -24,13 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--model-dir", required=True, help="an exported model directory, e.g. cliptuner train's --out (required)"
     )
     p.add_argument("--split", default="test", help="split of a Karpathy JSON to evaluate (default: test)")
-    p.add_argument(
-        "--device",
-        default="auto",
-        type=serving_device,
-        metavar="DEVICE",
-        help="auto, cpu, cuda or cuda:N, where ONNX Runtime runs (default: auto)",
-    )
+    add_serving_device(p)
     p.add_argument("--json", default=None, help="also write the metrics to this file (default: none)")
     p.set_defaults(func=run)
 
