@@ -143,17 +143,6 @@ def uri_policy(workspace: Workspace, uri_roots: Any = None, allowed_hosts: Any =
     return UriPolicy(roots=tuple(folders), allowed_hosts=tuple(hosts))
 
 
-def base_spec(model: Optional[str], pretrained: Optional[str]) -> ModelSpec:
-    """The base model of a fresh registry: ``model`` and ``pretrained``; unset: ``$CLIPTUNER_MODEL`` (default
-    ``cliptuner-tiny``) and ``$CLIPTUNER_PRETRAINED`` (default None: random init)."""
-    model, pretrained = setting(model), setting(pretrained)
-    if model is None or pretrained is None:
-        environment = ServiceEnvironment.from_environ(only=("model", "pretrained"))
-        model = model or environment.model or DEFAULT_ARCH
-        pretrained = pretrained if pretrained is not None else environment.pretrained
-    return ModelSpec(arch=model, pretrained=pretrained)
-
-
 def request_parameters(parameters: Optional[Mapping[str, Any]], allowed: Iterable[str], endpoint: str) -> dict:
     """The parameters of a request to an endpoint this Executor owns, refusing unknown names.
 
