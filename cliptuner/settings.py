@@ -97,6 +97,24 @@ class ServiceEnvironment(pydantic.BaseModel):
         bounds=(1, PORT_RANGE[1] - len(METRICS_MEMBERS) + 1),
         accepts=f"a port number that leaves room for {len(METRICS_MEMBERS)} ports below 65536",
     )
+    keys_file: Optional[Path] = variable(
+        None,
+        "the API keys file (cliptuner keys create); unset: no keys, open to every caller (127.0.0.1 only)",
+        flag="--keys-file",
+    )
+    insecure_no_auth: bool = variable(
+        False, "serve an address other than 127.0.0.1 without API keys", flag="--insecure-no-auth"
+    )
+    tls_cert: Optional[Path] = variable(
+        None, "TLS certificate (PEM) of the gateway and the HTTP front", flag="--tls-cert"
+    )
+    tls_key: Optional[Path] = variable(None, "TLS private key (PEM) of --tls-cert", flag="--tls-key")
+    internal_key: Optional[str] = variable(
+        None, "set by cliptuner serve: ID:SHA256 of its own readiness key (role search), never stored"
+    )
+    audit_max_bytes: int = variable(
+        16 * 1024 * 1024, "size at which <workspace>/audit/audit.jsonl is rotated", bounds=(1024, 2**40)
+    )
     cache: Optional[Path] = variable(None, "where `cliptuner demo` caches its base model (unset: ~/.cache/cliptuner)")
     torch_threads: Optional[int] = variable(None, "CPU threads of each training process (unset: the CPUs left)")
     train_niceness: Optional[int] = variable(None, "CPU priority of training below serving, 0 to 19 (unset: 10)")

@@ -16,6 +16,7 @@ from jina import Executor, requests
 
 from cliptuner.serve.batching import MAX_WAIT_MS, MicroBatcher, decode_items
 from cliptuner.serve.content import Item, embed_items
+from cliptuner.serve.status import status_view, wants_detail
 from cliptuner.settings import ServiceEnvironment
 
 from .content import check_request, doc_item, has_content
@@ -258,9 +259,13 @@ class CLIPEncoder(Executor):
         return docs
 
     @requests(on="/status")
-    async def report_status(self, docs: DocList[ClipDoc], **kwargs: Any) -> DocList[ClipDoc]:
-        """Append this encoder's status doc."""
+    async def report_status(
+        self, docs: DocList[ClipDoc], parameters: Optional[dict] = None, **kwargs: Any
+    ) -> DocList[ClipDoc]:
+        """Append this encoder's status doc (without server paths unless the gateway set ``detail``)."""
         state = await asyncio.to_thread(self.status)
+        if not wants_detail(parameters):
+            state = status_view(state, self.registry.root.parent)
         docs.append(ClipDoc(id="status-encoder", model_version=state["model_version"], tags=state))
         return docs
 

@@ -23,6 +23,7 @@ from cliptuner.index.vectors import client_vector, repeated_ids
 from cliptuner.serve.content import Item, embed_items
 from cliptuner.serve.limits import RequestLimits
 from cliptuner.serve.reindex import Reindexer
+from cliptuner.serve.status import status_view, wants_detail
 from cliptuner.settings import ServiceEnvironment
 
 from .content import check_request, doc_blob, doc_item, doc_uri, has_content
@@ -447,11 +448,15 @@ class CLIPIndexer(Executor):
         return await self._answer(work)
 
     @requests(on="/status")
-    async def report_status(self, docs: DocList[ClipDoc], **kwargs: Any) -> DocList[ClipDoc]:
-        """Append this indexer's status doc."""
+    async def report_status(
+        self, docs: DocList[ClipDoc], parameters: Optional[dict] = None, **kwargs: Any
+    ) -> DocList[ClipDoc]:
+        """Append this indexer's status doc (without server paths unless the gateway set ``detail``)."""
 
         async def work() -> tuple[DocList[ClipDoc], dict]:
             state = await asyncio.to_thread(self.status)
+            if not wants_detail(parameters):
+                state = status_view(state, self.registry.root.parent)
             docs.append(ClipDoc(id=STATUS_ID, model_version=state["model_version"], tags=state))
             return docs, {}
 

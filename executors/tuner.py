@@ -37,6 +37,7 @@ from cliptuner.serve.runs import (
     default_torch_threads,
     hide_paths,
 )
+from cliptuner.serve.status import status_view, wants_detail
 from cliptuner.train.data import DataError, PairSet, from_memory, load_split, train_and_held_out
 from cliptuner.train.job import TrainJob, write_pairs_csv
 
@@ -387,9 +388,13 @@ class CLIPTuner(Executor):
         )
 
     @requests(on="/status")
-    async def report_status(self, docs: DocList[ClipDoc], **kwargs: Any) -> DocList[ClipDoc]:
-        """Append the tuner's status doc."""
+    async def report_status(
+        self, docs: DocList[ClipDoc], parameters: Optional[dict] = None, **kwargs: Any
+    ) -> DocList[ClipDoc]:
+        """Append the tuner's status doc (without server paths and pids unless the gateway set ``detail``)."""
         state = self.status()
+        if not wants_detail(parameters):
+            state = status_view(state, self.registry.root.parent)
         docs.append(ClipDoc(id="status-tuner", model_version=state["model_version"], tags=state))
         return docs
 

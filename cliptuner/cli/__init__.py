@@ -1,4 +1,4 @@
-"""The ``cliptuner`` command: train, eval, export, encode, synth, demo, serve, models, k8s.
+"""The ``cliptuner`` command: train, eval, export, encode, synth, demo, serve, models, keys, audit, k8s.
 
 ``main`` parses the command line and runs the command it names. Each command is a module of this package with
 ``add_parser(subparsers)`` (its options, help and examples) and ``run(args)``.
@@ -13,13 +13,25 @@ import sys
 from collections.abc import Sequence
 from typing import Optional
 
-from cliptuner.cli import demo_command, encode, evaluate, export, k8s, models, serve, synth, train
+from cliptuner.cli import audit, demo_command, encode, evaluate, export, k8s, keys, models, serve, synth, train
 from cliptuner.cli.train import _train_configs as _train_configs  # the options a train run gets, for tests
 from cliptuner.extras import MissingTrainExtra
 
 logger = logging.getLogger("cliptuner")
 
-COMMANDS = (train, evaluate, export, encode, synth, demo_command, serve, models, k8s)  # in the order --help lists
+COMMANDS = (
+    train,
+    evaluate,
+    export,
+    encode,
+    synth,
+    demo_command,
+    serve,
+    models,
+    keys,
+    audit,
+    k8s,
+)  # in the order --help lists
 
 DESCRIPTION = (
     "Fine-tune CLIP on your own image-text pairs, measure recall@k before and after,\n"

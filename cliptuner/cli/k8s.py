@@ -14,11 +14,13 @@ from cliptuner.serve import k8s
 K8S_EPILOG = """\
 written into DIR:
   namespace.yml        the Namespace
-  workspace-pvc.yml    the shared ReadWriteMany claim, mounted at /workspace in every Executor pod
+  workspace-pvc.yml    the shared ReadWriteMany claim, mounted at /workspace in every pod
   tuner.yml encoder.yml indexer.yml gateway.yml
                        jina's ConfigMap, Service and Deployment per service, completed: volume, uid/gid/fsGroup
                        10001 (the image's user), gRPC startup/readiness/liveness probes, cpu/memory (and GPU)
-                       resources, Prometheus annotations and metrics port, the Executor images
+                       resources, Prometheus annotations and metrics port, the images; the gateway runs
+                       CLIPGateway (API keys, roles, audit log in /workspace/audit) with the keys Secret
+                       mounted at /etc/cliptuner/keys (and the TLS Secret at /etc/cliptuner/tls)
   servicemonitors.yml  with --service-monitor only (needs the Prometheus Operator's CRDs)
   kustomization.yaml   lists them all
 
@@ -27,12 +29,21 @@ examples:
   cliptuner k8s --out k8s/ --image-prefix registry.example.com/ml/cliptuner- --tag 0.1.0 \\
       --storage-class nfs-client --gpus-tuner 1 --gpus-encoder 1 --encoder-replicas 4
   cliptuner k8s --out k8s/ --milvus-uri http://milvus.milvus.svc:19530 --milvus-token-secret milvus-token
+  cliptuner k8s --out k8s/ --tls-secret cliptuner-tls
   kubectl apply -k k8s/
 
-Build and push one image per Executor first (see the Dockerfile):
+API keys (the gateway does not start without the Secret, unless --insecure-no-auth):
+  cliptuner keys create --role admin --name ci --keys-file keys.json
+  kubectl -n cliptuner create secret generic cliptuner-keys --from-file=keys.json
+Rotate or revoke: edit keys.json (cliptuner keys create/revoke), then
+  kubectl -n cliptuner create secret generic cliptuner-keys --from-file=keys.json --dry-run=client -o yaml \\
+      | kubectl apply -f -
+(the kubelet updates the mounted file in place; the gateway reads it again, no restart)
+
+Build and push one image per Executor, and the gateway's, first (see the Dockerfile):
   docker build --build-arg EXECUTOR=CLIPTuner -t cliptuner-tuner .    (CLIPEncoder, CLIPIndexer likewise)
-The gateway image is $JINA_GATEWAY_IMAGE (default jinaai/jina:3.34.0-py311-standard).
-The probes are Kubernetes' native gRPC probes (Kubernetes >= 1.24).
+  docker build --build-arg TRAIN=0 -t cliptuner-gateway .
+The probes are Kubernetes' native gRPC probes (Kubernetes >= 1.24); tcpSocket on a gateway with --tls-secret.
 """
 
 
@@ -60,10 +71,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--image-prefix",
         default="cliptuner-",
-        help="Executor images are <prefix><executor>:<tag>, e.g. a registry path "
+        help="images are <prefix><executor or gateway>:<tag>, e.g. a registry path "
         "'registry.example.com/ml/cliptuner-' (default: cliptuner-)",
     )
-    p.add_argument("--tag", default="latest", help="tag of the Executor images (default: latest)")
+    p.add_argument("--tag", default="latest", help="tag of the images (default: latest)")
     p.add_argument(
         "--encoder-replicas",
         type=int,
@@ -115,6 +126,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="a Secret whose key 'token' holds the Milvus token (user:password), passed to the indexer "
         "as CLIPTUNER_MILVUS_TOKEN",
     )
+    access = p.add_mutually_exclusive_group()
+    access.add_argument(
+        "--keys-secret",
+        default=k8s.DEFAULT_KEYS_SECRET,
+        metavar="SECRET",
+        help="the Secret whose key 'keys.json' is the gateway's API keys file (cliptuner keys create), mounted "
+        f"read-only at {k8s.KEYS_DIR} (default: {k8s.DEFAULT_KEYS_SECRET})",
+    )
+    access.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="no keys Secret: the gateway serves every caller that reaches it as admin (train, roll back, delete)",
+    )
+    p.add_argument(
+        "--tls-secret",
+        default=None,
+        metavar="SECRET",
+        help="a kubernetes.io/tls Secret (tls.crt, tls.key): the gateway serves gRPC over TLS with it, mounted "
+        f"read-only at {k8s.TLS_DIR}; its probes become tcpSocket (default: plaintext)",
+    )
     p.add_argument(
         "--service-monitor",
         action="store_true",
@@ -143,6 +174,9 @@ def options_from_args(args: argparse.Namespace) -> k8s.K8sOptions:
         service_monitor=args.service_monitor,
         milvus_uri=args.milvus_uri,
         milvus_token_secret=args.milvus_token_secret,
+        keys_secret=None if args.insecure_no_auth else args.keys_secret,
+        insecure_no_auth=args.insecure_no_auth,
+        tls_secret=args.tls_secret,
     )
 
 

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any, Optional
 
 SERVE_ENV = {
     "host": "CLIPTUNER_HOST",
@@ -27,7 +28,12 @@ SERVE_ENV = {
     "index_shards": "CLIPTUNER_INDEX_SHARDS",
     "batch_wait_ms": "CLIPTUNER_BATCH_WAIT_MS",
     "http_port": "CLIPTUNER_HTTP_PORT",
+    "keys_file": "CLIPTUNER_KEYS_FILE",
+    "tls_cert": "CLIPTUNER_TLS_CERT",
+    "tls_key": "CLIPTUNER_TLS_KEY",
+    "insecure_no_auth": "CLIPTUNER_INSECURE_NO_AUTH",
 }
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 METRICS_PORTS = ("GATEWAY", "TUNER", "ENCODER", "INDEXER")  # --metrics-port P: their Prometheus ports P, P+1, ...
 DEFAULT_HOST = "127.0.0.1"  # this machine only; a container sets CLIPTUNER_HOST=0.0.0.0 and publishes the port
 FLOW_YAML = Path("flows") / "flow.yml"
@@ -101,7 +107,71 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         'and a JSON API, POST /post {"execEndpoint": "/search", "data": [...], '
         '"parameters": {...}}, forwarded to the gRPC gateway (cliptuner/serve/http_front.py). Default: off',
     )
+    p.add_argument(
+        "--keys-file",
+        default=None,
+        metavar="FILE",
+        help="API keys (CLIPTUNER_KEYS_FILE; made by `cliptuner keys create`): every call needs "
+        "'authorization: Bearer <key>' with a role that allows its endpoint; the file is read again when it "
+        "changes. Default: no keys, every caller may do everything, allowed only on 127.0.0.1",
+    )
+    p.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        default=None,
+        help="serve an address other than 127.0.0.1 without API keys (CLIPTUNER_INSECURE_NO_AUTH); anyone who "
+        "reaches the port may then retrain, roll back or delete",
+    )
+    p.add_argument(
+        "--tls-cert",
+        default=None,
+        metavar="PEM",
+        help="serve the gRPC gateway and the HTTP front over TLS with this certificate (CLIPTUNER_TLS_CERT); "
+        "the file holds the chain up to its root (a self-signed certificate is its own)",
+    )
+    p.add_argument("--tls-key", default=None, metavar="PEM", help="the private key of --tls-cert (CLIPTUNER_TLS_KEY)")
     p.set_defaults(func=run_serve)
+
+
+def check_access(environment: Any) -> Optional[str]:
+    """Refuse settings that would expose the service, and say how it is protected.
+
+    Returns:
+        The line ``serve`` prints about access (open on this machine, or the number of keys).
+
+    Raises:
+        ValueError: a non-loopback ``--host`` without ``--keys-file`` or ``--insecure-no-auth`` (names both fixes);
+            a keys file that cannot be read; only one of ``--tls-cert``/``--tls-key``, or one that is not a file.
+    """
+    from cliptuner.serve.keys import KeyRing
+
+    cert, key = environment.tls_cert, environment.tls_key
+    if (cert is None) != (key is None):
+        raise ValueError("--tls-cert and --tls-key go together: pass both (or neither)")
+    for name, path in (("--tls-cert", cert), ("--tls-key", key)):
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{name} {str(path)!r} is not a file")
+    if environment.keys_file is None:
+        if environment.host not in LOOPBACK and not environment.insecure_no_auth:
+            raise ValueError(
+                f"refusing to serve {environment.host} without API keys: anyone who reaches it could retrain, roll "
+                "back or delete. Make a key with `cliptuner keys create --role admin --keys-file keys.json` and "
+                "pass --keys-file keys.json (CLIPTUNER_KEYS_FILE), or pass --insecure-no-auth to serve it open"
+            )
+        if environment.host in LOOPBACK:
+            return "no API keys (--keys-file): open to every caller on this machine"
+        return f"no API keys (--insecure-no-auth): OPEN to every caller that reaches {environment.host}"
+    records = KeyRing(environment.keys_file).records()
+    active = [r for r in records if r.revoked is None]
+    if not active:
+        return f"API keys required; the keys file {str(environment.keys_file)!r} holds no key in force yet"
+    return f"API keys required ({len(active)} in force)"
+
+
+def _tls_client_roots(cert: Optional[Path]) -> None:
+    """Let this process's own gRPC clients (readiness check, HTTP front) trust the gateway's certificate."""
+    if cert is not None:
+        os.environ["GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"] = str(Path(cert).resolve())
 
 
 def _default_flow(name: Path = FLOW_YAML) -> Path:
@@ -110,7 +180,9 @@ def _default_flow(name: Path = FLOW_YAML) -> Path:
     return beside if beside.is_file() else name.resolve()
 
 
-def _wait_until_answering(host: str, port: int, timeout: float = 120.0) -> None:
+def _wait_until_answering(
+    host: str, port: int, timeout: float = 120.0, key: Optional[str] = None, tls: bool = False
+) -> None:
     """Send ``/status`` through the started Flow until every Executor answers it.
 
     Jina calls a Flow ready when each of its processes is up; a sharded indexer's head may still be reconnecting
@@ -125,11 +197,12 @@ def _wait_until_answering(host: str, port: int, timeout: float = 120.0) -> None:
 
     from executors.schemas import ClipDoc
 
-    client = Client(host="127.0.0.1" if host in ("0.0.0.0", "::", "") else host, port=port, protocol="grpc")
+    client = Client(host=_local_address(host), port=port, protocol="grpc", tls=tls)
+    metadata = (("authorization", f"Bearer {key}"),) if key else None
     deadline = time.monotonic() + timeout
     while True:
         try:
-            client.post("/status", return_type=DocList[ClipDoc])
+            client.post("/status", return_type=DocList[ClipDoc], metadata=metadata)
             return
         except Exception as exc:  # BadServer while a shard is unreachable, a connection error before that
             if time.monotonic() > deadline:
@@ -137,6 +210,11 @@ def _wait_until_answering(host: str, port: int, timeout: float = 120.0) -> None:
                     f"the Flow started but did not answer /status within {timeout:.0f} s: {exc}"
                 ) from None
             time.sleep(0.5)
+
+
+def _local_address(host: str) -> str:
+    """Where this process reaches a gateway that listens on ``host`` (every interface: 127.0.0.1)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
 def run_serve(args: argparse.Namespace) -> None:
@@ -151,10 +229,13 @@ def run_serve(args: argparse.Namespace) -> None:
     import threading
 
     from cliptuner.serve.flows import flow_config
+    from cliptuner.serve.keys import hash_key, new_key
     from cliptuner.settings import ServiceEnvironment
 
     given = {
-        name: str(getattr(args, option)) for option, name in SERVE_ENV.items() if getattr(args, option) is not None
+        name: "1" if getattr(args, option) is True else str(getattr(args, option))
+        for option, name in SERVE_ENV.items()
+        if getattr(args, option, None) is not None
     }
     environment = ServiceEnvironment.from_environ({**os.environ, **given})  # every variable checked before anything
     shards = environment.index_shards
@@ -167,6 +248,15 @@ def run_serve(args: argparse.Namespace) -> None:
     host, port, http_port = environment.host, environment.port, environment.http_port
     if http_port is not None and http_port == port:
         raise ValueError(f"--http-port / CLIPTUNER_HTTP_PORT must differ from the gRPC port, got {http_port} for both")
+    access = check_access(environment)
+    if environment.keys_file is not None:
+        given["CLIPTUNER_KEYS_FILE"] = str(Path(environment.keys_file).resolve())
+    ready_key, ready_id = new_key()  # serve's own key for its readiness check: role search, only its hash leaves
+    os.environ.update(CLIPTUNER_INTERNAL_KEY=f"{ready_id}:{hash_key(ready_key)}")
+    tls = None
+    if environment.tls_cert is not None and environment.tls_key is not None:
+        tls = (Path(environment.tls_cert).resolve(), Path(environment.tls_key).resolve())
+        _tls_client_roots(tls[0])
     os.environ.update(given)  # the Executors, child processes of the Flow, read them
     os.environ.update(  # what the Flow YAMLs name, as the Flow expands them
         CLIPTUNER_HOST=host,
@@ -180,21 +270,32 @@ def run_serve(args: argparse.Namespace) -> None:
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    flow = Flow.load_config(flow_config(flow_path, environment.metrics_ports()))
+    flow = Flow.load_config(flow_config(flow_path, environment.metrics_ports(), tls=tls))
     with flow:
-        _wait_until_answering(host, port)
+        _wait_until_answering(host, port, key=ready_key, tls=tls is not None)
         http = None
         if http_port is not None:  # the JSON API and the search page, in this process, in front of the gRPC gateway
+            from cliptuner.serve.audit import AuditLog
             from cliptuner.serve.http_front import HttpFront, JinaGateway
+            from cliptuner.serve.keys import KeyRing
             from executors.options import Workspace, uri_policy
             from executors.schemas import ClipDoc
 
             front_workspace = Workspace(root=workspace, registry=None)  # type: ignore[arg-type]
-            http = HttpFront(host, http_port, JinaGateway(host, port, ClipDoc), uri_policy(front_workspace))
+            http = HttpFront(
+                host,
+                http_port,
+                JinaGateway(host, port, ClipDoc, tls=tls is not None),
+                uri_policy(front_workspace),
+                keyring=KeyRing(environment.keys_file),  # the gateway's keys; its refusals in the gateway's audit log
+                audit=AuditLog(workspace / "audit", max_bytes=environment.audit_max_bytes),
+                tls=tls,
+            )
             http.start()
         also = f", http {host}:{http_port} (search page and JSON API)" if http is not None else ""
+        secure = " over TLS" if tls else ""
         print(
-            f"cliptuner serving on grpc {host}:{port}{also} (workspace {workspace}); Ctrl-C to stop",
+            f"cliptuner serving on grpc {host}:{port}{also}{secure} (workspace {workspace}); {access}; Ctrl-C to stop",
             file=sys.stderr,
             flush=True,
         )

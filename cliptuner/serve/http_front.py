@@ -2,9 +2,17 @@
 
 Jina's own HTTP gateway does not start with the pydantic 2 this project pins (its request models are built with a
 pydantic 1 ``Config`` class), so ``cliptuner serve`` runs this small FastAPI app, served by uvicorn in a thread of
-its own process, on the gateway's host (``127.0.0.1`` unless told otherwise), and forwards every call to the gRPC
-gateway. The routes (``GET /``, ``POST /post``, ``GET /image?uri=U``), their limits and their errors: see
-docs/service.md ("Search page and JSON API") and the app's OpenAPI schema (``GET /openapi.json``).
+its own process, on the gateway's host (``127.0.0.1`` unless told otherwise), over https when given a certificate,
+and forwards every call to the gRPC gateway. The routes (``GET /``, ``POST /post``, ``GET /image?uri=U``), their
+limits and their errors: see docs/service.md ("Search page and JSON API") and the app's OpenAPI schema
+(``GET /openapi.json``); keys and roles: docs/security.md.
+
+Access is the gateway's (:mod:`cliptuner.serve.keys`): with a keys file, ``POST /post`` and ``GET /image`` need the
+header ``authorization: Bearer <key>``. ``/post`` checks it before its body is read (401, ``WWW-Authenticate:
+Bearer``), then the role against the body's endpoint (403, naming the role needed), and forwards an admitted call
+with the same header, so the gateway applies the key's rate limit (429) and audits ``write``/``admin`` calls;
+``/image`` needs any valid key. Each refusal here is one line of the audit log (the gateway's, ``<workspace>/audit``).
+The page and the schema hold no data and stay open. A key is never logged nor taken from a URL.
 
 The service's doc type and its uri policy come from the caller (:class:`JinaGateway`'s ``doc_type``,
 :class:`HttpFront`'s ``policy``): this layer does not import the Executors.
@@ -37,6 +45,8 @@ from starlette.exceptions import HTTPException
 
 from cliptuner.model.images import DEFAULT_LIMITS
 from cliptuner.serve.access import UriPolicy, UriRefused
+from cliptuner.serve.audit import AuditLog
+from cliptuner.serve.keys import AccessError, KeyRing, Principal, Unauthenticated
 
 logger = logging.getLogger(__name__)
 
@@ -49,24 +59,62 @@ PAGE_CSP = (
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 COMMON_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"cache-control", b"no-store"))  # on every answer
+ACCESS_STATUS = {  # an access refusal's gRPC status name -> the HTTP status of the answer
+    "UNAUTHENTICATED": HTTPStatus.UNAUTHORIZED,
+    "PERMISSION_DENIED": HTTPStatus.FORBIDDEN,
+    "RESOURCE_EXHAUSTED": HTTPStatus.TOO_MANY_REQUESTS,
+}
+ACCESS_HEADERS = {
+    HTTPStatus.UNAUTHORIZED: {"WWW-Authenticate": "Bearer"},
+    HTTPStatus.TOO_MANY_REQUESTS: {"Retry-After": "1"},
+}
+NO_ENDPOINT = "-"  # the endpoint of a call refused before its body was read
+POST_METHOD = "POST /post"  # the audit log's ``method`` of a refusal here
+IMAGE_METHOD = "GET /image"
+BODY_UNREAD = "cliptuner.body_unread"  # set in a /post's scope until its body is read: an error then closes
+SECURITY = [{"bearer": []}]  # the routes that need a key, in the OpenAPI schema
+SECURITY_SCHEMES = {
+    "bearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "an API key of the service (cliptuner keys create), when it runs with a keys file",
+    }
+}
 
 
 class RequestError(ValueError):
-    """A request this server answers with an error status (the message is what the client reads)."""
+    """A request this server answers with an error status (the message is what the client reads).
 
-    def __init__(self, status: HTTPStatus, message: str) -> None:
+    Args:
+        status: the HTTP status.
+        message: what the client reads (never a key, never a path on the serving machine).
+        headers: headers of the answer (``WWW-Authenticate`` of a 401, ``Retry-After`` of a 429).
+    """
+
+    def __init__(self, status: HTTPStatus, message: str, headers: Optional[dict[str, str]] = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = dict(headers or {})
+
+
+def access_refusal(code: str, message: str) -> RequestError:
+    """The answer to a refused call: 401, 403 or 429 from the gRPC status name ``code``, with its headers."""
+    status = ACCESS_STATUS[code]
+    return RequestError(status, message, ACCESS_HEADERS.get(status))
 
 
 class Gateway(Protocol):
     """What the HTTP front forwards ``/post`` calls to (:class:`JinaGateway`, or a stand-in in tests)."""
 
-    def post(self, endpoint: str, docs: list[dict], parameters: dict) -> list[dict]:
+    def post(
+        self, endpoint: str, docs: list[dict], parameters: dict, authorization: Optional[str] = None
+    ) -> list[dict]:
         """Send ``docs`` (keyword arguments of the doc type) to ``endpoint``; the answered docs as JSON.
 
+        ``authorization`` is the caller's header value, sent on as the call's ``authorization`` metadata.
+
         Raises:
-            RequestError: the status and message the client reads (400, 422, 503).
+            RequestError: the status and message the client reads (400, 401, 403, 422, 429, 503).
         """
         ...
 
@@ -319,6 +367,19 @@ def _server_error(exc: Exception) -> str:
     return "; ".join(part for part in parts if part) or "the service failed the request"
 
 
+def gateway_refusal(exc: BaseException) -> RequestError:
+    """The answer to a call the gRPC gateway ended with a status (a ``grpc.RpcError``, or Jina's ``BadServerFlow``
+    raised from one): 401, 403 or 429 for the gateway's access refusals, 503 for any other status."""
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    code = getattr(cause, "code", None)
+    details = getattr(cause, "details", None)
+    name = getattr(code(), "name", "UNKNOWN") if callable(code) else "UNKNOWN"
+    message = (details() if callable(details) else None) or name
+    if name in ACCESS_STATUS:
+        return access_refusal(name, message)
+    return RequestError(HTTPStatus.SERVICE_UNAVAILABLE, f"the gateway ended the call with {name}: {message}")
+
+
 class JinaGateway:
     """Calls of the gRPC gateway on ``host:port``, one Jina client per call (the server runs calls in threads).
 
@@ -326,29 +387,35 @@ class JinaGateway:
         host: the gateway's host (``0.0.0.0`` and ``::`` are reached on ``127.0.0.1``).
         port: its gRPC port.
         doc_type: the service's doc type (a docarray ``BaseDoc`` with ``matches`` and ``scores``).
+        tls: the gateway serves TLS (its certificate is trusted through ``GRPC_DEFAULT_SSL_ROOTS_FILE_PATH``).
     """
 
-    def __init__(self, host: str, port: int, doc_type: type) -> None:
+    def __init__(self, host: str, port: int, doc_type: type, tls: bool = False) -> None:
         self.host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         self.port = port
         self.doc_type = doc_type
+        self.tls = tls
 
-    def post(self, endpoint: str, docs: list[dict], parameters: dict) -> list[dict]:
-        """Send ``docs`` to ``endpoint``; the answered docs as JSON.
+    def post(
+        self, endpoint: str, docs: list[dict], parameters: dict, authorization: Optional[str] = None
+    ) -> list[dict]:
+        """Send ``docs`` to ``endpoint`` with the caller's ``authorization``; the answered docs as JSON.
 
         Raises:
-            RequestError: 422 with the service's message when the Flow failed the request, 503 when it does not
-                answer, 400 when the docs do not make docs of the doc type.
+            RequestError: 422 with the service's message when the Flow failed the request; 401, 403 or 429 when
+                the gateway refused the key, its role or its rate; 503 when it does not answer; 400 when the docs
+                do not make docs of the doc type.
         """
+        import grpc
         from docarray import DocList
         from jina import Client
-        from jina.excepts import BadServer
+        from jina.excepts import BadServer, BadServerFlow
 
         try:
             inputs = DocList[self.doc_type]([self.doc_type(**doc) for doc in docs])
         except (TypeError, ValueError) as exc:
             raise RequestError(HTTPStatus.BAD_REQUEST, f"a doc does not fit the doc schema: {exc}") from None
-        client = Client(host=self.host, port=self.port, protocol="grpc")
+        client = Client(host=self.host, port=self.port, protocol="grpc", tls=self.tls)
         try:
             answer = client.post(
                 endpoint,
@@ -356,12 +423,78 @@ class JinaGateway:
                 parameters=parameters,
                 return_type=DocList[self.doc_type],
                 request_size=max(len(inputs), 1),
+                metadata=(("authorization", authorization),) if authorization else (),
+                stream=False,  # one unary call: a refusal's status arrives as sent, never racing a streamed write
             )
         except BadServer as exc:
             raise RequestError(HTTPStatus.UNPROCESSABLE_ENTITY, _server_error(exc)) from None
+        except (BadServerFlow, grpc.RpcError) as exc:  # Jina raises some statuses as they are (INTERNAL)
+            raise gateway_refusal(exc) from None
         except (ConnectionError, OSError) as exc:
             raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, f"the gateway does not answer: {exc}") from None
         return [doc_to_json(doc) for doc in answer]
+
+
+class FrontAccess:
+    """Keys and roles at the HTTP front: who calls, and one audit line per refusal (as the gateway's guard writes).
+
+    Args:
+        keyring: the keys (``KeyRing(None)``: no keys, every caller is admin).
+        audit: where refusals are written (``None``: nowhere).
+    """
+
+    def __init__(self, keyring: KeyRing, audit: Optional[AuditLog] = None) -> None:
+        self.keyring = keyring
+        self.audit = audit
+
+    def caller(self, request: Request, method: str) -> tuple[Principal, Optional[str]]:
+        """The caller of ``request`` and its ``authorization`` value, from the headers alone (its key's use noted).
+
+        Raises:
+            RequestError: 401 (``WWW-Authenticate: Bearer``) for a missing, malformed, oversized, non-ASCII, wrong
+                or revoked key, or more than one header (refusal recorded).
+        """
+        values = request.headers.getlist("authorization")
+        try:
+            if len(values) > 1:
+                raise Unauthenticated("send one authorization header, not several")
+            header = values[0] if values else None
+            principal = self.keyring.authenticate(header)
+        except AccessError as exc:
+            raise self.refuse(request, exc, None, NO_ENDPOINT, method) from None
+        if self.audit is not None:
+            self.audit.note_use(principal.id)
+        return principal, header
+
+    def check(self, request: Request, principal: Principal, endpoint: str, method: str) -> None:
+        """Refuse ``endpoint`` unless ``principal``'s role allows it.
+
+        Raises:
+            RequestError: 403 naming the role needed (refusal recorded).
+        """
+        try:
+            principal.check(endpoint)
+        except AccessError as exc:
+            raise self.refuse(request, exc, principal, endpoint, method) from None
+
+    def refuse(
+        self, request: Request, exc: AccessError, principal: Optional[Principal], endpoint: str, method: str
+    ) -> RequestError:
+        """Record the refusal ``exc`` in the audit log; the answer to send."""
+        if self.audit is not None:
+            client = request.client
+            self.audit.record(
+                key_id=principal.id if principal else None,
+                key_name=principal.name if principal else None,
+                role=principal.role if principal else None,
+                endpoint=endpoint,
+                method=method,
+                peer=f"{client.host}:{client.port}" if client else None,
+                result="refused",
+                code=exc.code,
+                error=str(exc),
+            )
+        return access_refusal(exc.code, str(exc))
 
 
 # -- the app ---------------------------------------------------------------------------------------------------------
@@ -399,8 +532,10 @@ def _handle_errors(app: FastAPI) -> None:
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError) -> Response:
-        closing = {"Connection": "close"} if exc.status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE else None
-        return _error(exc.status, str(exc), closing)  # closing: the unread body must not be taken for a request
+        headers = dict(exc.headers)
+        if exc.status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE or request.scope.get(BODY_UNREAD):
+            headers["Connection"] = "close"  # the unread body must not be taken for a request
+        return _error(exc.status, str(exc), headers or None)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
@@ -425,14 +560,19 @@ def _handle_errors(app: FastAPI) -> None:
         return _error(HTTPStatus.INTERNAL_SERVER_ERROR, "the HTTP front failed the request; see the service log")
 
 
-def build_app(gateway: Gateway, policy: UriPolicy) -> FastAPI:
+def build_app(
+    gateway: Gateway, policy: UriPolicy, keyring: Optional[KeyRing] = None, audit: Optional[AuditLog] = None
+) -> FastAPI:
     """The search page, ``POST /post`` (forwarded to ``gateway``) and ``GET /image`` (files ``policy`` allows).
 
     Args:
         gateway: where ``/post`` calls go (:class:`JinaGateway`).
         policy: the uri policy ``/image`` checks; only its roots are used (never an http(s) fetch).
+        keyring: the keys ``/post`` and ``/image`` check (``None``: no keys, every caller is admin).
+        audit: where refusals are written (``None``: nowhere).
     """
     policy = UriPolicy(roots=policy.roots)
+    access = FrontAccess(keyring if keyring is not None else KeyRing(None), audit)
     page = page_html()
     app = FastAPI(
         title="cliptuner search page and JSON API", docs_url=None, redoc_url=None, openapi_url="/openapi.json"
@@ -449,27 +589,36 @@ def build_app(gateway: Gateway, policy: UriPolicy) -> FastAPI:
     @app.post(
         "/post",
         response_class=_Json,
-        responses={200: {"model": PostAnswer}, **_errors(400, 403, 411, 413, 415, 422, 503)},
+        responses={200: {"model": PostAnswer}, **_errors(400, 401, 403, 411, 413, 415, 422, 429, 503)},
         openapi_extra={
             "requestBody": {
                 "required": True,
                 "content": {"application/json": {"schema": {"$ref": _REF.format(model="PostRequest")}}},
-            }
+            },
+            "security": SECURITY,
         },
     )
     async def post(request: Request) -> Response:
         """Forward a call to the service: ``{"execEndpoint": "/search", "data": [doc, ...], "parameters": {...}}``."""
-        check_post_headers(request)  # before the body is read
-        endpoint, docs, parameters = parse_post(await request.body())
-        return _Json({"data": await run_in_threadpool(gateway.post, endpoint, docs, parameters)})
+        request.scope[BODY_UNREAD] = True
+        principal, authorization = access.caller(request, POST_METHOD)  # before the body is read
+        check_post_headers(request)
+        body = await request.body()
+        request.scope[BODY_UNREAD] = False
+        endpoint, docs, parameters = parse_post(body)
+        access.check(request, principal, endpoint, POST_METHOD)
+        answer = await run_in_threadpool(gateway.post, endpoint, docs, parameters, authorization)
+        return _Json({"data": answer})
 
     @app.get(
         "/image",
         response_class=Response,
-        responses={200: {"content": {kind: {} for kind in IMAGE_MEDIA_TYPES}}, **_errors(400, 403, 404)},
+        responses={200: {"content": {kind: {} for kind in IMAGE_MEDIA_TYPES}}, **_errors(400, 401, 403, 404)},
+        openapi_extra={"security": SECURITY},
     )
-    def image(uri: str = "") -> Response:
+    def image(request: Request, uri: str = "") -> Response:
         """The gallery image ``uri`` names, for the page's result cards: local files under the image roots only."""
+        access.caller(request, IMAGE_METHOD)  # any valid key: every role may search
         data, kind = read_image(policy, uri)
         return Response(data, media_type=kind)
 
@@ -494,6 +643,7 @@ def _publish_schemas(app: FastAPI) -> None:
             body = PostRequest.model_json_schema(ref_template=_REF)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             components.update(body.pop("$defs", {}), PostRequest=body)
+            schema["components"]["securitySchemes"] = SECURITY_SCHEMES
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -507,16 +657,30 @@ class HttpFront:
         port: the HTTP port (0: any free one, see :attr:`port`).
         gateway: where ``/post`` calls go (:class:`JinaGateway`).
         policy: the service's uri policy (its image roots, for ``/image``).
+        keyring: the keys (``None``: no keys, every caller is admin).
+        audit: where refusals are written (the gateway's ``<workspace>/audit``); :meth:`stop` closes it.
+        tls: ``(certificate, private key)`` PEM files: serve https.
 
     Raises:
         OSError: the port cannot be bound (raised here, before the service announces itself).
     """
 
-    def __init__(self, host: str, port: int, gateway: Gateway, policy: UriPolicy) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        gateway: Gateway,
+        policy: UriPolicy,
+        keyring: Optional[KeyRing] = None,
+        audit: Optional[AuditLog] = None,
+        tls: Optional[tuple[Path, Path]] = None,
+    ) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socket = socket.create_server((host, port), family=family)
+        self.audit = audit
+        self.scheme = "https" if tls else "http"
         config = uvicorn.Config(
-            build_app(gateway, policy),
+            build_app(gateway, policy, keyring, audit),
             loop="asyncio",
             http="h11",
             ws="none",
@@ -526,6 +690,8 @@ class HttpFront:
             access_log=False,
             server_header=False,
             timeout_graceful_shutdown=5,
+            ssl_certfile=str(tls[0]) if tls else None,
+            ssl_keyfile=str(tls[1]) if tls else None,
         )
         self.server = uvicorn.Server(config)
         self._thread: Optional[threading.Thread] = None
@@ -549,11 +715,13 @@ class HttpFront:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the HTTP front did not start; see the log above")
             time.sleep(0.02)
-        logger.info("search page and JSON API on http://%s:%d/", *self.socket.getsockname()[:2])
+        logger.info("search page and JSON API on %s://%s:%d/", self.scheme, *self.socket.getsockname()[:2])
 
     def stop(self) -> None:
-        """Stop accepting, let running calls finish (5 s at most), close the socket."""
+        """Stop accepting, let running calls finish (5 s at most), close the socket, then the audit log."""
         self.server.should_exit = True
         if self._thread is not None:
             self._thread.join(10)
         self.socket.close()
+        if self.audit is not None:
+            self.audit.close()

@@ -2,29 +2,43 @@
 
 ``jina export kubernetes flows/k8s.yml`` writes a ConfigMap, a Service and a Deployment per Executor (tuner,
 encoder, indexer) and for the gRPC gateway. On their own those do not run cliptuner on a cluster: the Executors
-need one shared volume for the model registry, the image's non-root user must be able to write it, and jina's
-own liveness probe is a ``jina ping`` process (a full Python start every 5 s, whose ``"--timeout 9500"`` reaches
-``jina ping`` as one unknown argument and is ignored). This module runs that export into a temporary folder and
-completes its objects (loaded as dicts, changed, written back) into DIR:
+need one shared volume for the model registry, the image's non-root user must be able to write it, the gateway
+is jina's plain one (the export refuses a ``gateway: uses:`` that is not a container image, so the Flow cannot
+name ``CLIPGateway`` there), and jina's own liveness probe is a ``jina ping`` process (a full Python start every
+5 s, whose ``"--timeout 9500"`` reaches ``jina ping`` as one unknown argument and is ignored). This module runs
+that export into a temporary folder and completes its objects (loaded as dicts, changed, written back) into DIR:
 
 * ``namespace.yml``: the Namespace (``--namespace``, default ``cliptuner``; also passed to jina as
   ``--k8s-namespace``, which writes it into every object and into the gateway's Executor addresses).
 * ``workspace-pvc.yml``: one ReadWriteMany PersistentVolumeClaim (``--storage``, ``--storage-class``), mounted
-  at ``/workspace`` in every Executor pod (not the gateway's): the tuner publishes model versions there, every
-  encoder replica follows ``models/CURRENT``, and the indexer keeps its collection under ``/workspace/index``.
-  A ReadWriteMany claim needs a storage class that offers it (NFS, CephFS, EFS, Azure Files, Filestore, ...).
+  at ``/workspace`` in every pod: the tuner publishes model versions there, every encoder replica follows
+  ``models/CURRENT``, the indexer keeps its collection under ``/workspace/index``, and the gateway appends its
+  audit log to ``/workspace/audit`` (``CLIPTUNER_WORKSPACE=/workspace``). A ReadWriteMany claim needs a storage
+  class that offers it (NFS, CephFS, EFS, Azure Files, Filestore, ...).
 * ``<service>.yml`` per jina deployment (``tuner.yml``, ``encoder.yml``, ``indexer.yml``, ``gateway.yml``): jina's
   ConfigMap, Service and Deployment, with
 
   - the pod ``securityContext`` of the image's user: ``runAsUser``/``runAsGroup``/``fsGroup`` 10001,
     ``runAsNonRoot``, the runtime's default seccomp profile, and containers without privilege escalation or
-    capabilities. The gateway runs jina's own image as the same uid, which has no home there: its ``HOME`` is
-    ``/tmp`` (jina creates ``~/.cache/jina`` on import);
+    capabilities (the gateway's too);
+  - the gateway: the project's image ``<--image-prefix>gateway:<--tag>`` (built from the Dockerfile with
+    ``--build-arg TRAIN=0``) in place of jina's, with ``--uses CLIPGateway --py-modules
+    /app/executors/__init__.py --extra-search-paths /app`` (``/app`` is the image's code), so API keys, roles
+    and the audit log guard the cluster's entry point (executors/gateway.py). The Secret ``--keys-secret``
+    (default ``cliptuner-keys``, its key ``keys.json``) is mounted read-only at ``/etc/cliptuner/keys`` and
+    named by ``CLIPTUNER_KEYS_FILE``; the kubelet updates a mounted Secret in place (a symlink swap), and the
+    gateway's key ring re-reads the file when its identity changes, so a rotated or revoked key takes effect
+    within the kubelet's sync period, without a restart. ``--insecure-no-auth`` leaves the Secret out and sets
+    ``CLIPTUNER_KEYS_FILE`` empty (the image names a file by default): that gateway is open to every caller.
+    ``--tls-secret`` mounts a ``kubernetes.io/tls`` Secret read-only at ``/etc/cliptuner/tls`` and passes its
+    ``tls.crt``/``tls.key`` as ``--ssl-certfile``/``--ssl-keyfile``;
   - startup, readiness and liveness probes of the kind ``grpc`` (Kubernetes >= 1.24) on the container's gRPC
-    port: every jina server registers the standard ``grpc.health.v1.Health`` service, whose overall status
-    (service ``""``) is SERVING from the moment the port is bound, which is after the Executor has loaded;
-    the startup probe keeps the failure budget jina derived from ``timeout_ready`` (the gateway gets the largest
-    one, since it binds its port only once it has reached the Executors);
+    port: every jina server registers the standard ``grpc.health.v1.Health`` service (the gateway's guard lets
+    it through without a key), whose overall status (service ``""``) is SERVING from the moment the port is
+    bound, which is after the Executor has loaded; the startup probe keeps the failure budget jina derived from
+    ``timeout_ready`` (the gateway gets the largest one, since it binds its port only once it has reached the
+    Executors). The kubelet's ``grpc`` probe speaks plaintext only, so a gateway with ``--tls-secret`` gets
+    ``tcpSocket`` probes on the same port instead (the port accepts connections once the gateway has started);
   - resources: cpu and memory requests (memory also as the limit) per service, and ``nvidia.com/gpu`` limits on
     the tuner and the encoder when asked (``--gpus-tuner``, ``--gpus-encoder``; build those images with
     ``--build-arg ORT=onnxruntime-gpu``);
@@ -36,8 +50,7 @@ completes its objects (loaded as dicts, changed, written back) into DIR:
     Service, and this module declares that container port and annotates every pod with ``prometheus.io/scrape``,
     ``prometheus.io/port`` and ``prometheus.io/path``;
   - the Executor images ``<--image-prefix><name>:<--tag>`` (default ``cliptuner-tuner:latest`` ...), built from
-    the Dockerfile with ``--build-arg EXECUTOR=...``; the gateway image is ``$JINA_GATEWAY_IMAGE``, default
-    ``jinaai/jina:3.34.0-py311-standard``.
+    the Dockerfile with ``--build-arg EXECUTOR=...``.
 * ``servicemonitors.yml`` only with ``--service-monitor``: the Prometheus Operator ServiceMonitors jina writes
   for monitored services; left out by default because applying them fails on a cluster without that operator's
   CRDs, while the pod annotations need nothing.
@@ -61,7 +74,7 @@ import yaml
 
 from cliptuner.options import config_dataclass
 
-DEFAULT_GATEWAY_IMAGE = "jinaai/jina:3.34.0-py311-standard"
+DEFAULT_GATEWAY_IMAGE = "jinaai/jina:3.34.0-py311-standard"  # what the export writes; replaced by the project's
 FLOW_YAML = Path("flows") / "k8s.yml"
 UID = 10001  # the Dockerfile's user `cliptuner`, which owns /workspace in the image
 WORKSPACE = "/workspace"
@@ -77,6 +90,18 @@ DEFAULT_RESOURCES = {  # service: (cpu request, memory request and limit)
     "gateway": ("250m", "512Mi"),
 }
 OTHER_RESOURCES = ("500m", "1Gi")  # an Executor of a custom --flow that is none of the above
+APP = "/app"  # the Dockerfile's WORKDIR: cliptuner's code, executors/ among it
+GATEWAY_CLASS = "CLIPGateway"  # executors/gateway.py
+GATEWAY_MODULES = f"{APP}/executors/__init__.py"
+DEFAULT_KEYS_SECRET = "cliptuner-keys"
+KEYS_SECRET_KEY = "keys.json"  # the Secret's key: `kubectl create secret generic NAME --from-file=keys.json`
+KEYS_DIR = "/etc/cliptuner/keys"
+KEYS_FILE = f"{KEYS_DIR}/{KEYS_SECRET_KEY}"  # also the image's CLIPTUNER_KEYS_FILE
+KEYS_VOLUME = "keys"
+TLS_DIR = "/etc/cliptuner/tls"
+TLS_VOLUME = "tls"
+TLS_CERT, TLS_KEY = "tls.crt", "tls.key"  # the keys of a kubernetes.io/tls Secret
+SECRET_MODE = 0o440  # the mounted files: readable by the pod's user and group (fsGroup) only
 NAMESPACE_FILE = "namespace.yml"
 PVC_FILE = "workspace-pvc.yml"
 SERVICE_MONITOR_FILE = "servicemonitors.yml"
@@ -100,8 +125,8 @@ class K8sOptions:
     Attributes:
         flow: the Flow YAML to export (default: flows/k8s.yml of the source tree, else of the current directory).
         namespace: the Kubernetes namespace of every object.
-        image_prefix: Executor images are ``<image_prefix><executor name>:<tag>``.
-        tag: the Executor images' tag.
+        image_prefix: images are ``<image_prefix><executor name or gateway>:<tag>``.
+        tag: the images' tag.
         encoder_replicas: pods of the encoder Deployment.
         storage: size of the shared workspace claim.
         storage_class: its storage class (None: the cluster's default class).
@@ -114,6 +139,11 @@ class K8sOptions:
             the embedded store on the shared volume.
         milvus_token_secret: a Secret whose key ``token`` holds the Milvus token (``user:password``), given to
             the indexer as ``CLIPTUNER_MILVUS_TOKEN``; None: no token.
+        keys_secret: the Secret whose key ``keys.json`` is the gateway's API keys file.
+        insecure_no_auth: no keys Secret: the gateway serves every caller as admin (``keys_secret`` must be
+            left at its default or None).
+        tls_secret: a ``kubernetes.io/tls`` Secret (``tls.crt``, ``tls.key``): the gateway serves TLS; None:
+            plaintext gRPC.
     """
 
     flow: Optional[Path] = None
@@ -130,6 +160,9 @@ class K8sOptions:
     service_monitor: bool = False
     milvus_uri: Optional[str] = None
     milvus_token_secret: Optional[str] = None
+    keys_secret: Optional[str] = DEFAULT_KEYS_SECRET
+    insecure_no_auth: bool = False
+    tls_secret: Optional[str] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -174,6 +207,13 @@ class K8sOptions:
             raise ValueError(
                 f"--milvus-token-secret {self.milvus_token_secret!r}: must be a Secret name (a DNS subdomain)"
             )
+        if self.insecure_no_auth and self.keys_secret not in (None, DEFAULT_KEYS_SECRET):
+            raise ValueError(f"--keys-secret {self.keys_secret!r} and --insecure-no-auth exclude each other")
+        if self.keys_secret is None and not self.insecure_no_auth:
+            raise ValueError("--keys-secret: the gateway needs a Secret of API keys, or --insecure-no-auth")
+        for option, secret in (("--keys-secret", self.keys_secret), ("--tls-secret", self.tls_secret)):
+            if secret is not None and not _DNS_SUBDOMAIN.match(secret):
+                raise ValueError(f"{option} {secret!r}: must be a Secret name (a DNS subdomain)")
         if self.encoder_replicas < 1:
             raise ValueError(f"--encoder-replicas {self.encoder_replicas}: must be at least 1")
         for option, gpus in (("--gpus-tuner", self.gpus_tuner), ("--gpus-encoder", self.gpus_encoder)):
@@ -186,6 +226,11 @@ class K8sOptions:
                 raise ValueError(f"--{name}-cpu {cpu!r}: must be a CPU quantity, e.g. 2, 1.5 or 500m")
             if not _MEMORY.match(memory):
                 raise ValueError(f"--{name}-memory {memory!r}: must be a memory quantity, e.g. 512Mi or 8Gi")
+
+    @property
+    def gateway_keys_secret(self) -> Optional[str]:
+        """The Secret the gateway mounts as its keys file; None with ``insecure_no_auth``."""
+        return None if self.insecure_no_auth else self.keys_secret
 
     def resources_of(self, name: str) -> tuple[str, str]:
         """The (cpu, memory) of service ``name``: its option, else its default, else :data:`OTHER_RESOURCES`."""
@@ -248,10 +293,23 @@ def _set_arg(args: list[str], flag: str, value: str) -> None:
         args[args.index(flag) + 1] = value
 
 
-def _grpc_probe(port: int, period: int, timeout: int, failures: int, delay: int = 0) -> dict[str, Any]:
-    """A Kubernetes ``grpc`` probe of the standard health service's overall status on ``port``."""
+def _put_arg(args: list[str], flag: str, *values: str) -> None:
+    """Set the value(s) after ``flag`` in a container's args: replaced where the flag is, else appended."""
+    if flag in args:
+        at = args.index(flag) + 1
+        end = at
+        while end < len(args) and not args[end].startswith("--"):
+            end += 1
+        args[at:end] = values
+    else:
+        args.extend([flag, *values])
+
+
+def _probe(port: int, period: int, timeout: int, failures: int, delay: int = 0, tls: bool = False) -> dict[str, Any]:
+    """A Kubernetes probe on ``port``: ``grpc`` (the standard health service's overall status), or, for a server
+    that speaks TLS, ``tcpSocket`` (the kubelet's ``grpc`` probe has no TLS and would fail every handshake)."""
     probe: dict[str, Any] = {
-        "grpc": {"port": port},
+        "tcpSocket" if tls else "grpc": {"port": port},
         "periodSeconds": period,
         "timeoutSeconds": timeout,
         "failureThreshold": failures,
@@ -296,11 +354,13 @@ def _complete_deployment(deployment: dict[str, Any], options: K8sOptions, startu
         "fsGroupChangePolicy": "OnRootMismatch",  # chown a big volume once, not at every start
         "seccompProfile": {"type": "RuntimeDefault"},
     }
-    if is_executor:
+    is_gateway = pod_type == "GATEWAY"
+    if is_executor or is_gateway:
         pod_spec["volumes"] = [
             *pod_spec.get("volumes", []),
             {"name": WORKSPACE_VOLUME, "persistentVolumeClaim": {"claimName": options.pvc_name}},
         ]
+    tls = is_gateway and options.tls_secret is not None
 
     metrics_port: Optional[int] = None
     for container in pod_spec["containers"]:
@@ -325,8 +385,8 @@ def _complete_deployment(deployment: dict[str, Any], options: K8sOptions, startu
                         "valueFrom": {"secretKeyRef": {"name": options.milvus_token_secret, "key": "token"}},
                     },
                 ]
-        if pod_type == "GATEWAY":  # jina's image has no user 10001, hence no home; jina writes ~/.cache/jina
-            container["env"] = [*container.get("env", []), {"name": "HOME", "value": "/tmp"}]
+        if is_gateway:
+            _complete_gateway(pod_spec, container, options)
         container["securityContext"] = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
         ports = container.get("ports") or [{"containerPort": int(_arg(args, "--port") or 8080)}]
@@ -338,9 +398,9 @@ def _complete_deployment(deployment: dict[str, Any], options: K8sOptions, startu
                 ports.append({"name": "monitoring", "containerPort": metrics_port})
         container["ports"] = ports
 
-        container["startupProbe"] = _grpc_probe(grpc_port, period=5, timeout=5, failures=startup_failures, delay=5)
-        container["readinessProbe"] = _grpc_probe(grpc_port, period=10, timeout=5, failures=3)
-        container["livenessProbe"] = _grpc_probe(grpc_port, period=10, timeout=10, failures=6)
+        container["startupProbe"] = _probe(grpc_port, 5, 5, failures=startup_failures, delay=5, tls=tls)
+        container["readinessProbe"] = _probe(grpc_port, period=10, timeout=5, failures=3, tls=tls)
+        container["livenessProbe"] = _probe(grpc_port, period=10, timeout=10, failures=6, tls=tls)
 
         cpu, memory = options.resources_of(name)
         resources: dict[str, dict[str, str]] = {
@@ -359,6 +419,53 @@ def _complete_deployment(deployment: dict[str, Any], options: K8sOptions, startu
             "prometheus.io/port": str(metrics_port),
             "prometheus.io/path": METRICS_PATH,
         }
+
+
+def _secret_volume(name: str, secret: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A volume of the ``keys`` of ``secret``, each as a file of its name (a missing key stops the pod's start)."""
+    return {
+        "name": name,
+        "secret": {
+            "secretName": secret,
+            "items": [{"key": key, "path": key} for key in keys],
+            "defaultMode": SECRET_MODE,
+        },
+    }
+
+
+def _complete_gateway(pod_spec: dict[str, Any], container: dict[str, Any], options: K8sOptions) -> None:
+    """Make jina's gateway container run ``CLIPGateway`` from the project's image, with keys, TLS and audit log.
+
+    The Secrets are mounted whole, never with ``subPath`` (a ``subPath`` mount is not updated when the Secret
+    changes), so that a rotated keys file reaches the running gateway.
+
+    Args:
+        pod_spec: the gateway pod's spec (its ``volumes`` are added to).
+        container: the gateway container (image, args, env and mounts are changed).
+        options: what to generate.
+    """
+    container["image"] = f"{options.image_prefix}gateway:{options.tag}"
+    args = container["args"]
+    _put_arg(args, "--uses", GATEWAY_CLASS)
+    _put_arg(args, "--py-modules", GATEWAY_MODULES)
+    _put_arg(args, "--extra-search-paths", APP)  # jina's own default for a gateway names no folder
+    env = [e for e in container.get("env", []) if e.get("name") not in ("CLIPTUNER_KEYS_FILE", "CLIPTUNER_WORKSPACE")]
+    env.append({"name": "CLIPTUNER_WORKSPACE", "value": WORKSPACE})  # the audit log: /workspace/audit
+    mounts = [*container.get("volumeMounts", []), {"name": WORKSPACE_VOLUME, "mountPath": WORKSPACE}]
+    keys_secret = options.gateway_keys_secret
+    if keys_secret is not None:
+        pod_spec["volumes"].append(_secret_volume(KEYS_VOLUME, keys_secret, (KEYS_SECRET_KEY,)))
+        mounts.append({"name": KEYS_VOLUME, "mountPath": KEYS_DIR, "readOnly": True})
+        env.append({"name": "CLIPTUNER_KEYS_FILE", "value": KEYS_FILE})
+    else:  # the image names a keys file by default; empty: none, every caller is admin
+        env.append({"name": "CLIPTUNER_KEYS_FILE", "value": ""})
+    if options.tls_secret is not None:
+        pod_spec["volumes"].append(_secret_volume(TLS_VOLUME, options.tls_secret, (TLS_CERT, TLS_KEY)))
+        mounts.append({"name": TLS_VOLUME, "mountPath": TLS_DIR, "readOnly": True})
+        _put_arg(args, "--ssl-certfile", f"{TLS_DIR}/{TLS_CERT}")
+        _put_arg(args, "--ssl-keyfile", f"{TLS_DIR}/{TLS_KEY}")
+    container["env"] = env
+    container["volumeMounts"] = mounts
 
 
 def _startup_failures(deployment: dict[str, Any]) -> int:
@@ -450,9 +557,35 @@ def _header(file_name: str, options: K8sOptions) -> str:
         )
     if file_name == PVC_FILE:
         lines.append("# Shared by every Executor pod at /workspace: needs a storage class that offers ReadWriteMany.")
+    if file_name == "gateway.yml":
+        lines.extend(_gateway_header(options))
     if file_name == KUSTOMIZATION_FILE:
         lines.append("# kubectl apply -k <this folder>   (kubectl kustomize <this folder> renders it)")
     return "\n".join(lines) + "\n"
+
+
+def _gateway_header(options: K8sOptions) -> list[str]:
+    """What ``gateway.yml``'s header says about access: the keys Secret it expects, or that it runs open."""
+    if options.gateway_keys_secret is None:
+        lines = [
+            "# --insecure-no-auth: this gateway runs WITHOUT API keys. Every caller that reaches it is admin: it may",
+            "# train, roll back, index and delete. Regenerate without --insecure-no-auth to require keys.",
+        ]
+    else:
+        lines = [
+            f"# The gateway (CLIPGateway) requires API keys: the Secret {options.gateway_keys_secret!r} (key "
+            f"{KEYS_SECRET_KEY}) must exist in",
+            f"# namespace {options.namespace!r} before the pod starts: `cliptuner keys create --role admin --name ci "
+            "--keys-file keys.json`,",
+            f"# then `kubectl -n {options.namespace} create secret generic {options.gateway_keys_secret} "
+            f"--from-file={KEYS_SECRET_KEY}`.",
+        ]
+    if options.tls_secret is not None:
+        lines.append(
+            f"# TLS from the kubernetes.io/tls Secret {options.tls_secret!r}; the probes are tcpSocket (the kubelet's "
+            "grpc probe has no TLS)."
+        )
+    return lines
 
 
 def write_manifests(out: Path, manifests: dict[str, list[dict[str, Any]]], options: K8sOptions) -> list[Path]:

@@ -44,7 +44,8 @@ class FlowProcess:
     """`cliptuner serve ARGS` in a child process (its own session), on a free port of 127.0.0.1.
 
     ``env`` adds or overrides environment variables of the service (``CLIPTUNER_*`` settings); ``unset`` names
-    variables of this process that the service must not inherit.
+    variables of this process that the service must not inherit. With ``tls`` (the service serves TLS) the test
+    process does not connect itself: the service is ready once it says so, after its own check over TLS.
     """
 
     def __init__(
@@ -54,7 +55,9 @@ class FlowProcess:
         env: Optional[dict] = None,
         args: Sequence[str] = (),
         unset: Sequence[str] = (),
+        tls: bool = False,
     ) -> None:
+        self.tls = tls
         self.workspace = workspace
         self.log_path = log_path
         self.env = dict(env or {})
@@ -100,7 +103,7 @@ class FlowProcess:
             except OSError:
                 time.sleep(0.5)
                 continue
-            if self.client().is_flow_ready(timeout=5) and self._says_serving(offset):
+            if (self.tls or self.client().is_flow_ready(timeout=5)) and self._says_serving(offset):
                 return
             time.sleep(0.5)
         self.stop()

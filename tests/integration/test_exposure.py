@@ -9,6 +9,8 @@ there is no Docker daemon to build it here.
 import ipaddress
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,9 +114,10 @@ def test_serve_listens_on_loopback_only_by_default(workspace):
 @pytest.mark.parametrize(
     "args, env, executors_at_least",
     [
-        (["--host", "0.0.0.0"], {}, 3),
-        ([], {"CLIPTUNER_HOST": "0.0.0.0"}, 3),
-        (["--host", "0.0.0.0", "--index-shards", "2"], {}, 6),  # + the indexer's head, its second shard, the merger
+        (["--host", "0.0.0.0", "--insecure-no-auth"], {}, 3),
+        ([], {"CLIPTUNER_HOST": "0.0.0.0", "CLIPTUNER_INSECURE_NO_AUTH": "1"}, 3),
+        # + the indexer's head, its second shard, the merger
+        (["--host", "0.0.0.0", "--index-shards", "2", "--insecure-no-auth"], {}, 6),
     ],
     ids=["--host", "CLIPTUNER_HOST", "sharded"],
 )
@@ -124,6 +127,37 @@ def test_serve_opens_the_gateway_alone_to_every_interface_when_told(workspace, a
     assert len(gateway) == 1 and gateway[0].is_unspecified  # 0.0.0.0, or :: (gRPC's dual-stack bind)
     assert len(executors) >= executors_at_least, executors
     assert all(address == ipaddress.ip_address("127.0.0.1") for address in executors), executors
+
+
+@pytest.mark.parametrize(
+    "args, env, expected",
+    [
+        (["--host", "0.0.0.0"], {}, ("--keys-file", "--insecure-no-auth")),
+        ([], {"CLIPTUNER_HOST": "0.0.0.0"}, ("--keys-file", "--insecure-no-auth")),
+        # the Docker image's default: CLIPTUNER_KEYS_FILE names a file that was not mounted
+        (["--host", "0.0.0.0"], {"CLIPTUNER_KEYS_FILE": "/etc/cliptuner/keys/keys.json"}, ("keys file",)),
+    ],
+    ids=["--host", "CLIPTUNER_HOST", "missing-keys-file"],
+)
+def test_serve_refuses_every_interface_without_keys(tmp_path, args, env, expected):
+    inherited = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("CLIPTUNER_HOST", "CLIPTUNER_KEYS_FILE", "CLIPTUNER_INSECURE_NO_AUTH")
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "cliptuner.cli", "serve", "--workspace", str(tmp_path / "ws"), *args],
+        cwd=ROOT,
+        env={**inherited, "CLIPTUNER_PORT": str(free_port()), "PYTHONPATH": str(ROOT), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,  # refused before the Flow starts
+    )
+    assert result.returncode != 0
+    for text in expected:
+        assert text in result.stderr, result.stderr[-2000:]
+    if "CLIPTUNER_KEYS_FILE" in env:
+        assert "'/etc/cliptuner/keys/keys.json' is missing" in result.stderr
 
 
 def test_host_option_wins_over_the_environment(workspace):
@@ -163,3 +197,13 @@ def test_the_image_runs_as_a_user_and_its_gateway_listens_on_every_interface():
     created = " ".join(args for keyword, args in instructions if keyword == "RUN")
     assert re.search(rf"(useradd|adduser)\b.*\b{re.escape(user.split(':')[0])}\b", created)  # the user exists
     assert re.search(r"chown\b.*\s/workspace\b", created)  # and may write the workspace volume
+
+
+def test_the_image_requires_a_mounted_keys_file():
+    # `cliptuner serve` in the image listens on 0.0.0.0, which needs keys: the image names the file to mount
+    instructions = dockerfile_instructions(ROOT / "Dockerfile")
+    env = " ".join(args for keyword, args in instructions if keyword == "ENV")
+    assert re.search(r"(^|\s)CLIPTUNER_KEYS_FILE=/etc/cliptuner/keys/keys\.json(\s|$)", env), env
+    assert not re.search(r"CLIPTUNER_INSECURE_NO_AUTH=\S", env)  # never open by default
+    text = (ROOT / "Dockerfile").read_text()
+    assert "-v $PWD/keys.json:/etc/cliptuner/keys/keys.json:ro" in text  # the documented mount

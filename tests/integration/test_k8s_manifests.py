@@ -8,9 +8,14 @@ drops unknown keys silently, so a misspelled key would otherwise pass).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +30,9 @@ kubernetes = pytest.importorskip(
 )
 from kubernetes.client import ApiClient, models  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[2]
 EXECUTORS = ("tuner", "encoder", "indexer")
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 ENCODER_REPLICAS = 3
 PRIMITIVES: dict[str, Any] = {
     "str": str,
@@ -238,14 +245,19 @@ def test_every_executor_pod_mounts_the_shared_claim_as_the_image_user(generated)
         security = pod["securityContext"]
         assert (security["runAsUser"], security["runAsGroup"], security["fsGroup"]) == (10001, 10001, 10001)
         assert security["runAsNonRoot"] is True
+        for container in containers(deployment):
+            assert container["securityContext"] == {
+                "allowPrivilegeEscalation": False,
+                "capabilities": {"drop": ["ALL"]},
+            }
         volumes = {v["name"]: v for v in pod.get("volumes", [])}
         mounts = [(m["name"], m["mountPath"]) for c in containers(deployment) for m in c.get("volumeMounts", [])]
-        if name == "gateway":
-            assert not volumes and not mounts
-            assert {"name": "HOME", "value": "/tmp"} in containers(deployment)[0]["env"]
+        assert volumes["workspace"]["persistentVolumeClaim"]["claimName"] == "cliptuner-workspace"
+        if name == "gateway":  # its audit log goes to /workspace/audit; its keys are checked below
+            assert mounts == [("workspace", "/workspace"), ("keys", k8s.KEYS_DIR)]
+            assert {"name": "CLIPTUNER_WORKSPACE", "value": "/workspace"} in containers(deployment)[0]["env"]
             continue
         assert mounts == [("workspace", "/workspace")]
-        assert volumes["workspace"]["persistentVolumeClaim"]["claimName"] == "cliptuner-workspace"
         container = containers(deployment)[0]
         assert container["image"] == f"registry.example.com/ml/cliptuner-{name}:0.1.0"
         assert container["args"][container["args"].index("--workspace") + 1] == "/workspace"
@@ -258,7 +270,7 @@ def test_every_container_has_grpc_probes_on_a_port_it_declares(generated):
             ports = declared_ports(container)
             grpc_port = int(container["args"][container["args"].index("--port") + 1])
             assert grpc_port in ports, name
-            for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+            for kind in PROBES:
                 probe = container[kind]
                 assert set(probe) & {"grpc", "exec", "httpGet", "tcpSocket"} == {"grpc"}, (name, kind)
                 assert probe["grpc"]["port"] == grpc_port, (name, kind)
@@ -377,6 +389,9 @@ def test_the_indexer_connects_to_milvus_when_asked(generated, exported):
         ("storage", "20GB", "--storage '20GB'"),
         ("resources", {"encoder": ("1", "2GB")}, "--encoder-memory '2GB'"),
         ("resources", {"tuner": ("two", "8Gi")}, "--tuner-cpu 'two'"),
+        ("keys_secret", "Cliptuner_Keys", "--keys-secret 'Cliptuner_Keys'"),
+        ("keys_secret", None, "--keys-secret: the gateway needs a Secret of API keys, or --insecure-no-auth"),
+        ("tls_secret", "tls secret", "--tls-secret 'tls secret'"),
     ],
 )
 def test_a_bad_option_is_refused_by_name(option, value, message):
@@ -410,3 +425,184 @@ def test_kubectl_kustomize_renders_every_object(generated):
         (d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]) for docs in files.values() for d in docs
     }
     assert rendered == expected
+
+
+# --- the gateway: CLIPGateway, API keys, TLS ----------------------------------------------------------------------
+
+
+def gateway_of(files: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the gateway's pod spec, its container)."""
+    deployment = objects(files, "Deployment")["gateway"]
+    return deployment["spec"]["template"]["spec"], containers(deployment)[0]
+
+
+def parse_gateway_args(args: list[str]) -> Any:
+    """The rendered args as ``jina gateway`` parses them (an unknown or malformed argument fails here)."""
+    from jina.parsers import set_gateway_parser
+
+    assert args[0] == "gateway"
+    return set_gateway_parser().parse_args(args[1:])
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def test_the_gateway_runs_clipgateway_from_the_project_image(generated, exported):
+    _, files = generated
+    _, container = gateway_of(files)
+    assert container["image"] == "registry.example.com/ml/cliptuner-gateway:0.1.0"
+    assert container["command"] == ["jina"]
+    parsed = parse_gateway_args(container["args"])
+    assert parsed.uses == "CLIPGateway"
+    assert parsed.py_modules == ["/app/executors/__init__.py"]
+    assert parsed.extra_search_paths == ["/app"]
+    assert parsed.ssl_certfile is None and parsed.ssl_keyfile is None  # plaintext unless --tls-secret
+    assert parsed.port == [8080]
+    # what it replaces: jina's own gateway from jina's image, everything else of jina's args kept
+    jina_gateway = containers(next(d for d in exported["gateway"] if d["kind"] == "Deployment"))[0]
+    assert jina_gateway["image"] == k8s.DEFAULT_GATEWAY_IMAGE
+    original = parse_gateway_args([str(a) for a in jina_gateway["args"]])
+    assert original.uses == "GRPCGateway"
+    for option in ("deployments_addresses", "graph_description", "timeout_send", "monitoring", "port_monitoring"):
+        assert getattr(parsed, option) == getattr(original, option), option
+
+
+def test_the_gateway_mounts_the_keys_secret_read_only(generated, exported):
+    out, files = generated
+    pod, container = gateway_of(files)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["keys"]["secret"]["secretName"] == "cliptuner-keys"
+    assert volumes["keys"]["secret"]["items"] == [{"key": "keys.json", "path": "keys.json"}]
+    assert volumes["keys"]["secret"]["defaultMode"] == 0o440  # the pod's user and group (fsGroup) only
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["keys"] == {"name": "keys", "mountPath": "/etc/cliptuner/keys", "readOnly": True}
+    assert all("subPath" not in m for m in container["volumeMounts"])  # a subPath mount never sees an update
+    assert env_of(container)["CLIPTUNER_KEYS_FILE"] == "/etc/cliptuner/keys/keys.json"
+    assert "tls" not in volumes and "tls" not in mounts
+    header = (out / "gateway.yml").read_text().split("\napiVersion")[0]
+    assert "requires API keys" in header and "create secret generic cliptuner-keys --from-file=keys.json" in header
+
+    renamed = k8s.build_manifests(json.loads(json.dumps(exported)), k8s.K8sOptions(keys_secret="api-keys"))
+    pod, _ = gateway_of(renamed)
+    validate(objects(renamed, "Deployment")["gateway"])
+    assert {v["name"]: v for v in pod["volumes"]}["keys"]["secret"]["secretName"] == "api-keys"
+
+
+def test_the_tls_secret_gives_the_gateway_its_certificate_and_tcp_probes(exported):
+    options = k8s.K8sOptions(tls_secret="cliptuner-tls")
+    manifests = k8s.build_manifests(json.loads(json.dumps(exported)), options)
+    deployments = objects(manifests, "Deployment")
+    for deployment in deployments.values():
+        validate(deployment)
+    pod, container = gateway_of(manifests)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "cliptuner-tls"
+    assert {i["key"] for i in volumes["tls"]["secret"]["items"]} == {"tls.crt", "tls.key"}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["tls"] == {"name": "tls", "mountPath": "/etc/cliptuner/tls", "readOnly": True}
+    assert "keys" in mounts  # TLS comes on top of the keys
+    parsed = parse_gateway_args(container["args"])
+    assert (parsed.ssl_certfile, parsed.ssl_keyfile) == ("/etc/cliptuner/tls/tls.crt", "/etc/cliptuner/tls/tls.key")
+    assert parsed.uses == "CLIPGateway"
+    grpc_port = int(container["args"][container["args"].index("--port") + 1])
+    for kind in PROBES:  # the kubelet's grpc probe speaks no TLS
+        assert set(container[kind]) & {"grpc", "exec", "httpGet", "tcpSocket"} == {"tcpSocket"}, kind
+        assert container[kind]["tcpSocket"]["port"] == grpc_port
+    assert container["startupProbe"]["failureThreshold"] * container["startupProbe"]["periodSeconds"] >= 1200
+    for name in EXECUTORS:  # the Executors keep their plaintext gRPC probes
+        assert all("grpc" in containers(deployments[name])[0][kind] for kind in PROBES), name
+    header = k8s._header("gateway.yml", options)
+    assert "cliptuner-tls" in header and "tcpSocket" in header
+
+
+def test_insecure_no_auth_renders_an_open_gateway_without_the_secret(tmp_path):
+    out = tmp_path / "open"
+    assert main(["k8s", "--out", str(out), "--insecure-no-auth"]) == 0
+    files = load(out)
+    for deployment in objects(files, "Deployment").values():
+        validate(deployment)
+    pod, container = gateway_of(files)
+    assert [v["name"] for v in pod["volumes"]] == ["workspace"]
+    assert [m["name"] for m in container["volumeMounts"]] == ["workspace"]
+    assert not any("secret" in v for docs in files.values() for d in docs for v in _volumes(d))
+    assert env_of(container)["CLIPTUNER_KEYS_FILE"] == ""  # the image names a keys file by default: none here
+    assert parse_gateway_args(container["args"]).uses == "CLIPGateway"  # still audited and guarded by role
+    header = (out / "gateway.yml").read_text().split("\napiVersion")[0]
+    assert "WITHOUT API keys" in header
+
+
+def _volumes(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    if doc.get("kind") != "Deployment":
+        return []
+    return doc["spec"]["template"]["spec"].get("volumes", [])
+
+
+def test_keys_secret_and_insecure_no_auth_exclude_each_other(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["k8s", "--out", str(tmp_path / "a"), "--keys-secret", "mine", "--insecure-no-auth"])
+    assert exit_info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--keys-secret 'mine' and --insecure-no-auth exclude each other"):
+        k8s.K8sOptions(keys_secret="mine", insecure_no_auth=True)
+    assert k8s.K8sOptions(insecure_no_auth=True).gateway_keys_secret is None
+
+
+def test_the_rendered_gateway_args_load_clipgateway(generated, tmp_path):
+    """`jina gateway` with the rendered args (paths of /app moved to this tree, on 127.0.0.1, no Executors
+    reachable) loads CLIPGateway from executors/__init__.py: it reads the keys file and the workspace at start."""
+    _, files = generated
+    _, container = gateway_of(files)
+    args = [a.replace(k8s.APP, str(ROOT)) for a in container["args"][1:]]
+    for flag in ("--monitoring",):  # jina's metrics server binds every interface: left out here
+        args.remove(flag)
+    for flag in ("--port-monitoring", "--k8s-namespace"):
+        del args[args.index(flag) : args.index(flag) + 2]
+    addresses = json.loads(args[args.index("--deployments-addresses") + 1])
+    args[args.index("--deployments-addresses") + 1] = json.dumps({name: ["grpc://127.0.0.1:1"] for name in addresses})
+    args[args.index("--port") + 1] = str(_free_port())
+    command = [sys.executable, "-m", "jina", "gateway", *args, "--host", "127.0.0.1"]
+    env = {**os.environ, "JINA_HIDE_SURVEY": "1", "JINA_OPTOUT_TELEMETRY": "1", "PYTHONPATH": str(ROOT)}
+
+    missing = tmp_path / "no-secret" / "keys.json"
+    failed = subprocess.run(
+        command,
+        env={**env, "CLIPTUNER_KEYS_FILE": str(missing), "CLIPTUNER_WORKSPACE": str(tmp_path / "ws1")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert failed.returncode != 0
+    assert f"keys file {str(missing)!r} is missing" in failed.stdout + failed.stderr
+
+    keys = tmp_path / "keys.json"
+    assert main(["keys", "create", "--role", "admin", "--name", "ci", "--keys-file", str(keys)]) == 0
+    workspace = tmp_path / "ws2"
+    proc = subprocess.Popen(
+        command,
+        env={**env, "CLIPTUNER_KEYS_FILE": str(keys), "CLIPTUNER_WORKSPACE": str(workspace)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while not (workspace / "audit").is_dir() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (workspace / "audit").is_dir()  # CLIPGateway opened its audit log in the workspace
+        assert proc.poll() is None  # and keeps running, waiting for its Executors
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

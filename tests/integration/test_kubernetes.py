@@ -3,6 +3,7 @@
 import dataclasses
 import inspect
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +69,18 @@ def test_the_image_config_fits_every_executor_class():
         }
         assert set(config["with"]) <= accepted, (cls.__name__, set(config["with"]) - accepted)
         assert cls.__name__ in dockerfile
+
+
+def test_the_gateway_is_left_to_cliptuner_k8s_and_its_image_names_the_mounted_keys_file():
+    # the export takes only a container image as the gateway's `uses`: flows/k8s.yml names none, and
+    # `cliptuner k8s` runs CLIPGateway from the project's image, whose CLIPTUNER_KEYS_FILE is where it mounts keys
+    from cliptuner.serve import k8s
+
+    flow = yaml.safe_load((ROOT / "flows" / "k8s.yml").read_text())
+    assert "gateway" not in flow
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert f"CLIPTUNER_KEYS_FILE={k8s.KEYS_FILE} " in dockerfile
+    assert "docker build --build-arg TRAIN=0" in dockerfile and "-t cliptuner-gateway ." in dockerfile
+    assert re.search(r"^WORKDIR /app$", dockerfile, re.M)  # where --py-modules finds executors/
+    assert re.search(r"^COPY executors \./executors$", dockerfile, re.M)
+    assert k8s.GATEWAY_MODULES == "/app/executors/__init__.py"

@@ -1,5 +1,6 @@
 """The search page and the JSON API of `cliptuner serve --http-port`: real HTTP on 127.0.0.1, and the page in a
-headless Chromium driven by Playwright (Debian's `chromium` package; `.ci/run` installs it)."""
+headless Chromium driven by Playwright (Debian's `chromium` package; `.ci/run` installs it). A second service, with
+API keys, checks that the page asks for a key, keeps it in the tab's sessionStorage and sends it on every call."""
 
 import base64
 import http.client
@@ -11,6 +12,7 @@ import urllib.request
 import pytest
 from service import FlowProcess, free_port
 
+from cliptuner.serve.keys import create_key
 from cliptuner.train import synthetic
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[dev]' installs playwright")
@@ -34,15 +36,36 @@ def served(tmp_path_factory):
         flow.stop()
 
 
-def call(served, body, content_type="application/json", origin=None):
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory):
+    """The service with a keys file (a key per role in ``.keys``) and its gallery indexed."""
+    workspace = tmp_path_factory.mktemp("page-keys")
+    synthetic.write_csv(workspace / "data", n_images=N_IMAGES, domain="domain", image_size=32)
+    keys_file = workspace / "keys.json"
+    keys = {role: create_key(keys_file, role, name=f"page-{role}")[0] for role in ("search", "write", "admin")}
+    flow = FlowProcess(
+        workspace, workspace / "serve.log", args=["--keys-file", str(keys_file), "--http-port", str(free_port())]
+    )
+    flow.start()
+    flow.http = f"http://127.0.0.1:{flow.args[3]}"
+    flow.keys = keys
+    flow.images = sorted((workspace / "data" / "images").glob("*.png"))
+    try:
+        docs = [{"id": path.name, "uri": f"images/{path.name}"} for path in flow.images]
+        status, answer = call(flow, {"execEndpoint": "/index", "data": docs}, authorization=keys["write"])
+        assert status == 200, answer
+        yield flow
+    finally:
+        flow.stop()
+
+
+def call(served, body, content_type="application/json", origin=None, authorization=None):
     """POST /post; (status, parsed JSON answer)."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(
-        served.http + "/post",
-        data=data,
-        method="POST",
-        headers={"Content-Type": content_type, **({"Origin": origin} if origin else {})},
-    )
+    headers = {"Content-Type": content_type, **({"Origin": origin} if origin else {})}
+    if authorization is not None:
+        headers["Authorization"] = f"Bearer {authorization}"
+    request = urllib.request.Request(served.http + "/post", data=data, method="POST", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, json.loads(response.read())
@@ -196,6 +219,64 @@ def test_page_searches_tunes_and_compares(served, tmp_path):
             expect(page.locator("#results-caption")).to_contain_text("model v2", timeout=60_000)
             expect(page.locator("#results .card .version").first).to_have_text("v2")
             expect(page.locator("#pinned .card .version").first).to_have_text("v1")
+            assert not errors, errors
+        finally:
+            browser.close()
+
+
+def test_page_asks_for_a_key_and_sends_it_on_every_call(keyed):
+    chromium = shutil.which("chromium")
+    assert chromium, "the page test needs Debian's chromium package (.ci/run installs it)"
+    key = keyed.keys["search"]
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            errors, console = [], []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on("console", lambda message: console.append(message.text))
+            page.goto(keyed.http + "/")
+            expect = playwright_api.expect
+            # the first call answers 401: the page asks for a key, in a password field
+            expect(page.locator("#key-form")).to_be_visible()
+            expect(page.locator("#key-message")).to_contain_text("needs an API key")
+            assert page.get_attribute("#key", "type") == "password"
+            expect(page.locator("#version")).to_have_text("?")
+
+            page.fill("#key", "ctk_000000000000_" + "A" * 43)  # a wrong key: asked again, with the reason
+            page.click("#use-key")
+            expect(page.locator("#key-message")).to_contain_text("not valid")
+            expect(page.locator("#key-form")).to_be_visible()
+
+            page.fill("#key", key)
+            page.click("#use-key")
+            expect(page.locator("#version")).to_have_text("v1")
+            expect(page.locator("#key-form")).to_be_hidden()
+            expect(page.locator("#forget-key")).to_be_visible()
+
+            page.select_option("#limit", str(LIMIT))
+            page.fill("#query", "a small magenta cross")
+            page.click("#search")
+            expect(page.locator("#results .card")).to_have_count(LIMIT)
+            # /image needs the key too: every card's image came through fetch, shown from a blob: URL
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('#results .card img')]"
+                ".every(i => i.src.startsWith('blob:') && i.complete && i.naturalWidth > 0)"
+            )
+            assert page.evaluate("sessionStorage.getItem('cliptuner.key')") == key
+            assert page.evaluate("localStorage.length") == 0
+            assert key not in page.url and not any(key in text for text in console)
+
+            # a role too low: the service's message, naming the role needed
+            page.fill("#pairs", "pairs.csv")
+            page.click("#tune")
+            expect(page.locator("#error")).to_contain_text("needs the role 'admin'")
+            expect(page.locator("#key-form")).to_be_hidden()
+
+            # forget the key: gone from the tab, and the page asks again
+            page.click("#forget-key")
+            expect(page.locator("#key-form")).to_be_visible()
+            assert page.evaluate("sessionStorage.getItem('cliptuner.key')") is None
             assert not errors, errors
         finally:
             browser.close()

@@ -58,7 +58,7 @@ PROGRESS_KEYS = {"phase", "epoch", "epochs", "step", "total_steps", "loss", "sam
 
 def training_status(tuner) -> dict:
     """The tuner's ``training`` state, asked through its /status endpoint."""
-    return run(tuner.report_status(docs=DocList[ClipDoc]()))[0].tags["training"]
+    return run(tuner.report_status(docs=DocList[ClipDoc](), parameters={"detail": True}))[0].tags["training"]
 
 
 def wait_until(condition, what: str, timeout: float = 300.0):
