@@ -21,6 +21,7 @@ Parts (``--only``/``--skip`` take these names):
 ``flow_search``           ``/search`` through the Flow on a 100k index: p50/p99 and recall@10
 ``rebuild``               re-embedding the index after a new version vs in-process encoding
 ``train_load``            search latency while a ``/train`` runs vs idle; peak memory of each process
+``access_flood``          authorised ``/search`` p50 before and during 1000 calls with wrong API keys
 ``seed_table``            recall@5 before vs after tuning public CLIP models on Flickr/COCO (runs only where
                           the weights are cached and the data sets are on disk)
 ========================  ==============================================================================
@@ -187,6 +188,16 @@ PARTS: tuple[Part, ...] = (
         quick=("--gallery", "64", "--queries", "40", "--train-images", "128", "--no-after"),
         about="`/search` latency through the Flow, one query at a time, while idle and while a `/train` child "
         "process trains; the peak resident memory of the gateway, each Executor and the training process.",
+    ),
+    Part(
+        "access_flood",
+        "access_flood",
+        "Authorised searches during a flood of wrong API keys",
+        full=(),
+        quick=("--quick",),
+        about="`cliptuner serve --keys-file` on 127.0.0.1: `/search` with a valid key, one query at a time, before "
+        "and while other processes send 1000 calls with wrong keys (each refused UNAUTHENTICATED and written "
+        "to the audit log); p50 during ÷ p50 before.",
     ),
     Part(
         "seed_table",
@@ -453,6 +464,17 @@ TARGETS: tuple[Target, ...] = (
         show=lambda r: _fmt(_gain(r), "+.3f", ""),
         meets=lambda r: _gain(r) >= 0.20,
         missing="the fine-tuning part did not run",
+    ),
+    Target(
+        "authorised search p50 during 1000 wrong-key calls",
+        "p50 before the flood",
+        "reported",
+        "access_flood",
+        read=lambda r: r.get("ratio"),
+        show=lambda r: (
+            f"{r['ratio']:.2f}× ({r['during']['p50_ms']:.1f} vs {r['before']['p50_ms']:.1f} ms; "
+            f"{r['flood']['refused']}/{r['flood']['calls']} refused)"
+        ),
     ),
     Target(
         "peak memory of each Executor process",
