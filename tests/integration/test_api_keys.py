@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 from docarray import DocList
 from jina import Client
-from service import ROOT, FlowProcess, by_id, png
+from prometheus_client.parser import text_string_to_metric_families
+from service import ROOT, FlowProcess, by_id, free_ports, png
 
 from cliptuner.model.registry import Registry
 from cliptuner.serve.audit import tail
@@ -85,8 +86,12 @@ def keyed(tmp_path_factory):
     keys["revoked"], revoked = create_key(keys_file, "admin", name="old")
     revoke_key(keys_file, revoked.id)
     keys["limited"], _ = create_key(keys_file, "search", name="limited", rate="3/m")
-    server = FlowProcess(workspace, workspace.parent / "flow.log", args=["--keys-file", str(keys_file)])
+    metrics = free_ports(4)
+    server = FlowProcess(
+        workspace, workspace.parent / "flow.log", args=["--keys-file", str(keys_file), "--metrics-port", str(metrics)]
+    )
     server.start()
+    server.metrics_port = metrics  # the gateway's
     server.keys, server.keys_file, server.revoked_id = keys, keys_file, revoked.id
     gallery = DocList[ClipDoc]([ClipDoc(id=f"g{i}", blob=square(i), text=f"square {i}") for i in range(GALLERY)])
     server.client().post("/index", inputs=gallery, metadata=auth(keys["write"]), return_type=DocList[ClipDoc])
@@ -236,6 +241,27 @@ def test_search_keys_see_status_without_server_paths_admins_see_it_all(keyed):
         )
     )
     assert "pid" not in forged["status-tuner"].tags  # a client cannot ask for the detail itself
+
+
+def test_refusals_are_counted_by_endpoint_and_reason(keyed):
+    import urllib.request
+
+    def refusals():
+        text = urllib.request.urlopen(f"http://127.0.0.1:{keyed.metrics_port}/metrics", timeout=10).read().decode()
+        counted = {}
+        for family in text_string_to_metric_families(text):
+            if family.name == "cliptuner_access_refusals":
+                for sample in family.samples:
+                    if sample.name.endswith("_total"):
+                        counted[(sample.labels["endpoint"], sample.labels["reason"])] = sample.value
+        return counted
+
+    before = refusals()
+    assert call(keyed, "/train", auth(keyed.keys["search"])) == "PERMISSION_DENIED"
+    assert call(keyed, "/search", None) == "UNAUTHENTICATED"
+    after = refusals()
+    assert after[("/train", "role")] == before.get(("/train", "role"), 0) + 1
+    assert after[("-", "unauthenticated")] == before.get(("-", "unauthenticated"), 0) + 1
 
 
 def test_health_checks_stay_open(keyed):

@@ -10,7 +10,6 @@ passing through them).
 
 import os
 import signal
-import socket
 import time
 import urllib.request
 
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 from docarray import DocList
 from prometheus_client.parser import text_string_to_metric_families
-from service import FlowProcess, by_id, png, post
+from service import FlowProcess, by_id, free_ports, png, post
 
 from cliptuner.model.registry import Registry
 from cliptuner.train import synthetic
@@ -26,29 +25,6 @@ from executors.schemas import ClipDoc
 
 MEMBERS = ("gateway", "tuner", "encoder", "indexer")  # their Prometheus ports: P, P+1, P+2, P+3
 PAIRS = 96
-
-
-def free_ports(n: int) -> int:
-    """The first of ``n`` consecutive free ports of 127.0.0.1."""
-    for _ in range(200):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        if base + n > 65535:
-            continue
-        sockets = []
-        try:
-            for port in range(base, base + n):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError(f"no {n} consecutive free ports")
 
 
 @pytest.fixture(scope="module")
