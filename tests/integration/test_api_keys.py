@@ -15,14 +15,13 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 from docarray import DocList
 from jina import Client
 from prometheus_client.parser import text_string_to_metric_families
-from service import ROOT, FlowProcess, by_id, free_ports, png
+from service import ROOT, FlowProcess, by_id, free_ports, png, self_signed
 
 from cliptuner.model.registry import Registry
 from cliptuner.serve.audit import tail
@@ -281,34 +280,6 @@ def test_serving_another_address_without_keys_is_refused_with_the_fix(tmp_path):
     assert run.returncode == 2
     assert "--keys-file" in run.stderr and "--insecure-no-auth" in run.stderr and "0.0.0.0" in run.stderr
     assert not (tmp_path / "models").exists()  # refused before anything started
-
-
-def self_signed(folder: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 and localhost, and its key (openssl)."""
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
 
 
 TLS_CLIENT = textwrap.dedent(

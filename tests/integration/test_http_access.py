@@ -1,7 +1,7 @@
 """Only the callers a service allows, over its HTTP front: API keys with roles on ``POST /post`` and ``GET /image``.
 
 One `cliptuner serve --keys-file K --http-port P --tls-cert C --tls-key K` (cliptuner-tiny, random init, a
-self-signed certificate for 127.0.0.1 made with openssl) serves the whole module over https: every endpoint ×
+self-signed certificate for 127.0.0.1) serves the whole module over https: every endpoint ×
 {no key, malformed header, wrong key, revoked key, a role too low, the right role}, each followed by an authorised
 search; ``/image`` with and without a key; a key revoked with `cliptuner keys revoke` while the service runs; the
 front's refusals in the audit log, the admitted calls audited by the gateway under the key that the front forwarded;
@@ -18,7 +18,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from service import ROOT, FlowProcess, free_port, png
+from service import ROOT, FlowProcess, free_port, png, self_signed
 
 from cliptuner.serve.audit import tail
 from cliptuner.serve.keys import ROLES, create_key, required_role, revoke_key
@@ -44,18 +44,6 @@ MATRIX = [
     if not (case == "role too low" and required_role(endpoint) == ROLES[0])  # nothing is below search
 ]
 IMAGE = "images/gallery.png"
-
-
-def self_signed(folder):
-    """A certificate for 127.0.0.1 and its key (openssl)."""
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1"]
-        + ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
 
 
 @pytest.fixture(scope="module")
