@@ -46,7 +46,7 @@ from starlette.exceptions import HTTPException
 from cliptuner.model.images import DEFAULT_LIMITS
 from cliptuner.serve.access import UriPolicy, UriRefused
 from cliptuner.serve.audit import AuditLog
-from cliptuner.serve.keys import AccessError, KeyRing, Principal, Unauthenticated
+from cliptuner.serve.keys import AccessError, KeyRing, Principal, RateLimiter, Unauthenticated
 
 logger = logging.getLogger(__name__)
 
@@ -446,6 +446,7 @@ class FrontAccess:
     def __init__(self, keyring: KeyRing, audit: Optional[AuditLog] = None) -> None:
         self.keyring = keyring
         self.audit = audit
+        self.limiter = RateLimiter()  # /image only: /post calls are counted by the gateway they go to
 
     def caller(self, request: Request, method: str) -> tuple[Principal, Optional[str]]:
         """The caller of ``request`` and its ``authorization`` value, from the headers alone (its key's use noted).
@@ -465,6 +466,17 @@ class FrontAccess:
         if self.audit is not None:
             self.audit.note_use(principal.id)
         return principal, header
+
+    def limit(self, request: Request, principal: Principal, method: str) -> None:
+        """Count one call of ``principal`` against its key's rate (for calls this front answers itself).
+
+        Raises:
+            RequestError: 429 with ``Retry-After`` over the limit (refusal recorded).
+        """
+        try:
+            self.limiter.take(principal)
+        except AccessError as exc:
+            raise self.refuse(request, exc, principal, NO_ENDPOINT, method) from None
 
     def check(self, request: Request, principal: Principal, endpoint: str, method: str) -> None:
         """Refuse ``endpoint`` unless ``principal``'s role allows it.
@@ -618,7 +630,8 @@ def build_app(
     )
     def image(request: Request, uri: str = "") -> Response:
         """The gallery image ``uri`` names, for the page's result cards: local files under the image roots only."""
-        access.caller(request, IMAGE_METHOD)  # any valid key: every role may search
+        principal, _ = access.caller(request, IMAGE_METHOD)  # any valid key: every role may search
+        access.limit(request, principal, IMAGE_METHOD)  # /image is answered here, so its rate is counted here
         data, kind = read_image(policy, uri)
         return Response(data, media_type=kind)
 

@@ -320,7 +320,6 @@ class KeyRing:
 
     def _refresh(self) -> None:
         """Read the file again when its inode, size or mtime changed; on an error refuse every key."""
-        assert self.path is not None or not self.enabled
         if self.path is None:
             return
         try:

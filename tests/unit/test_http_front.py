@@ -386,6 +386,19 @@ def test_image_needs_a_valid_key_and_the_page_and_schema_do_not(keyed, keys):
     assert {"401", "403", "429"} <= set(schema["paths"]["/post"]["post"]["responses"])
 
 
+def test_image_counts_against_the_key_rate_at_the_front(keyed, keys):
+    key, _ = create_key(keys["path"], "search", name="image-rate", rate="2/m")
+    statuses = [
+        send(keyed.port, "GET", "/image?uri=images/a.png", headers=[("Authorization", f"Bearer {key}")])
+        for _ in range(3)
+    ]
+    assert [s[0] for s in statuses] == [200, 200, 429]
+    status, headers, answer = statuses[2]
+    assert headers["Retry-After"] == "1" and "'image-rate' is over its rate limit (2/m)" in answer["error"]
+    other = send(keyed.port, "GET", "/image?uri=images/a.png", headers=[("Authorization", f"Bearer {keys['search']}")])
+    assert other[0] == 200  # another key is not slowed
+
+
 def test_each_refusal_is_one_audit_line_without_the_key(keyed, keys):
     lines = len(audit_lines(keyed))
     post_with(keyed.port, {"execEndpoint": "/status"}, "Bearer not-a-key")
