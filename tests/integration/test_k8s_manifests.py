@@ -468,6 +468,15 @@ def test_the_gateway_runs_clipgateway_from_the_project_image(generated, exported
         assert getattr(parsed, option) == getattr(original, option), option
 
 
+def test_the_gateway_keeps_the_flows_message_limit(generated):
+    _, files = generated
+    _, container = gateway_of(files)
+    options = parse_gateway_args(container["args"]).grpc_server_options
+    flow = yaml.safe_load((ROOT / "flows" / "flow.yml").read_text())
+    limit = flow["with"]["grpc_server_options"]["grpc.max_receive_message_length"]
+    assert options == {"grpc.max_receive_message_length": limit}  # refused before deserialising, as with serve
+
+
 def test_the_gateway_mounts_the_keys_secret_read_only(generated, exported):
     out, files = generated
     pod, container = gateway_of(files)
