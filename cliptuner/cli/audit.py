@@ -6,6 +6,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 AUDIT_EPILOG = """\
 examples:
@@ -36,7 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """``cliptuner audit tail``."""
-    from cliptuner.serve.audit import tail
+    from cliptuner.serve.audit import LOG_NAME, tail
     from cliptuner.settings import ServiceEnvironment
 
     workspace = Path(args.workspace) if args.workspace else ServiceEnvironment.get("workspace")
@@ -52,15 +53,38 @@ def run(args: argparse.Namespace) -> None:
         print(json.dumps(entry, ensure_ascii=False), flush=True)
     if not args.follow:
         return
-    seen = len(tail(folder, 10**9))
+    follow(folder / LOG_NAME)
+
+
+def follow(path: Path, every: float = 1.0, rounds: Optional[int] = None) -> None:
+    """Print the lines appended to ``path`` from now on (``rounds`` looks, default: until Ctrl-C); after a
+    rotation, the new file's lines from its start."""
+
+    def identity() -> tuple[int, int]:
+        try:
+            st = path.stat()
+            return st.st_ino, st.st_size
+        except FileNotFoundError:
+            return -1, 0
+
+    inode, offset = identity()
+    done = 0
     try:
-        while True:
-            time.sleep(1.0)
-            entries = tail(folder, 10**9)
-            if len(entries) < seen:  # rotated meanwhile: start from the new file's lines
-                seen = 0
-            for entry in entries[seen:]:
-                print(json.dumps(entry, ensure_ascii=False), flush=True)
-            seen = len(entries)
+        while rounds is None or done < rounds:
+            done += 1
+            time.sleep(every)
+            now, size = identity()
+            if now != inode or size < offset:  # rotated: the lines written since are in the new file
+                inode, offset = now, 0
+            if size == offset:
+                continue
+            with open(path, "rb") as fh:
+                fh.seek(offset)
+                chunk = fh.read(size - offset)
+            complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for the next look
+            offset += len(complete)
+            for text in complete.decode("utf-8", errors="replace").splitlines():
+                if text.strip():
+                    print(text, flush=True)
     except KeyboardInterrupt:
         return

@@ -195,9 +195,10 @@ def _wait_until_answering(
     from docarray import DocList
     from jina import Client
 
+    from cliptuner.serve.http_front import local_address
     from executors.schemas import ClipDoc
 
-    client = Client(host=_local_address(host), port=port, protocol="grpc", tls=tls)
+    client = Client(host=local_address(host), port=port, protocol="grpc", tls=tls)
     metadata = (("authorization", f"Bearer {key}"),) if key else None
     deadline = time.monotonic() + timeout
     while True:
@@ -210,11 +211,6 @@ def _wait_until_answering(
                     f"the Flow started but did not answer /status within {timeout:.0f} s: {exc}"
                 ) from None
             time.sleep(0.5)
-
-
-def _local_address(host: str) -> str:
-    """Where this process reaches a gateway that listens on ``host`` (every interface: 127.0.0.1)."""
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
 def run_serve(args: argparse.Namespace) -> None:

@@ -104,6 +104,20 @@ class AuditLog:
             return
         self._queue.put({"time": timestamp(), **entry})
 
+    def refusal(self, exc: Any, principal: Any, endpoint: str, method: str, peer: Optional[str]) -> None:
+        """Queue the line of a refused call: ``exc`` an ``AccessError``, ``principal`` the caller or ``None``."""
+        self.record(
+            key_id=principal.id if principal else getattr(exc, "key_id", None),
+            key_name=principal.name if principal else None,
+            role=principal.role if principal else None,
+            endpoint=endpoint,
+            method=method,
+            peer=peer,
+            result="refused",
+            code=exc.code,
+            error=str(exc),
+        )
+
     def note_use(self, key_id: Optional[str]) -> None:
         """Remember that ``key_id`` was used now (written to ``keys-used.json`` within ``usage_every`` s)."""
         if key_id is None:
@@ -166,7 +180,8 @@ class AuditLog:
         data = "".join(json.dumps(line, default=str, ensure_ascii=False) + "\n" for line in lines).encode("utf-8")
         path = self.folder / LOG_NAME
         with contextlib.suppress(FileNotFoundError):
-            if path.stat().st_size and path.stat().st_size + len(data) > self.max_bytes:
+            size = path.stat().st_size
+            if size and size + len(data) > self.max_bytes:
                 self._rotate()
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:

@@ -159,17 +159,7 @@ class AccessGuard(grpc.aio.ServerInterceptor):
         if self.on_refusal is not None:
             self.on_refusal(endpoint, exc.reason)
         if self.audit is not None:
-            self.audit.record(
-                key_id=principal.id if principal else exc.key_id,
-                key_name=principal.name if principal else None,
-                role=principal.role if principal else None,
-                endpoint=endpoint,
-                method=method,
-                peer=peer,
-                result="refused",
-                code=exc.code,
-                error=str(exc),
-            )
+            self.audit.refusal(exc, principal, endpoint, method, peer)
 
     def _denied(self, handler: Any, exc: AccessError, method: str, principal: Optional[Principal]) -> Any:
         """A handler of the same shape that answers ``exc`` without deserialising the request."""

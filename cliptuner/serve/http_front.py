@@ -380,6 +380,11 @@ def gateway_refusal(exc: BaseException) -> RequestError:
     return RequestError(HTTPStatus.SERVICE_UNAVAILABLE, f"the gateway ended the call with {name}: {message}")
 
 
+def local_address(host: str) -> str:
+    """Where this machine reaches a server that listens on ``host`` (every interface: ``127.0.0.1``)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
 class JinaGateway:
     """Calls of the gRPC gateway on ``host:port``, one Jina client per call (the server runs calls in threads).
 
@@ -391,7 +396,7 @@ class JinaGateway:
     """
 
     def __init__(self, host: str, port: int, doc_type: type, tls: bool = False) -> None:
-        self.host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        self.host = local_address(host)
         self.port = port
         self.doc_type = doc_type
         self.tls = tls
@@ -495,17 +500,7 @@ class FrontAccess:
         """Record the refusal ``exc`` in the audit log; the answer to send."""
         if self.audit is not None:
             client = request.client
-            self.audit.record(
-                key_id=principal.id if principal else None,
-                key_name=principal.name if principal else None,
-                role=principal.role if principal else None,
-                endpoint=endpoint,
-                method=method,
-                peer=f"{client.host}:{client.port}" if client else None,
-                result="refused",
-                code=exc.code,
-                error=str(exc),
-            )
+            self.audit.refusal(exc, principal, endpoint, method, f"{client.host}:{client.port}" if client else None)
         return access_refusal(exc.code, str(exc))
 
 

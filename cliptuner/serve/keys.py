@@ -29,6 +29,7 @@ The keys file (``--keys-file`` / ``CLIPTUNER_KEYS_FILE``), JSON::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -175,6 +176,13 @@ class KeyRecord:
     def rate_per_s(self) -> Optional[float]:
         """The rate limit in calls per second, or ``None``."""
         return parse_rate(self.rate)
+
+    @functools.cached_property
+    def principal(self) -> Principal:
+        """The caller this key makes (its rate parsed once per record, not per call)."""
+        return Principal(
+            id=self.id, name=self.name, role=self.role, rate_per_s=self.rate_per_s, burst=rate_burst(self.rate)
+        )
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,16 @@ def call(server, endpoint, metadata=None, parameters=None, docs=None):
         return found.group(1) if found else "OK"  # an Executor's own error: the request got through
 
 
+def audit_until(server, predicate, timeout=20.0):
+    """The audit log's lines once ``predicate(lines)`` holds (the writer thread appends within milliseconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        entries = tail(server.workspace / "audit", 100_000)
+        if predicate(entries) or time.monotonic() > deadline:
+            return entries
+        time.sleep(0.05)
+
+
 def square(i):
     image = np.zeros((32, 32, 3), dtype=np.uint8)
     image[..., i % 3] = 40 * (i + 1) % 256
@@ -154,8 +164,9 @@ def test_write_and_admin_calls_pass_with_their_roles_and_are_audited(keyed):
     assert call(keyed, "/delete", auth(keyed.keys["admin"]), docs=DocList[ClipDoc]([ClipDoc(id="extra")])) == "OK"
     assert state_of(keyed)[0] == count
     assert call(keyed, "/train", auth(keyed.keys["admin"]), {"data": "no-such-file.csv"}) == "OK"  # past the door
-    time.sleep(0.5)
-    entries = tail(keyed.workspace / "audit", 10_000)
+    entries = audit_until(
+        keyed, lambda lines: any(e.get("endpoint") == "/train" and e.get("result") == "error" for e in lines)
+    )
     mine = [e for e in entries if e.get("endpoint") in ("/index", "/delete") and e.get("result") != "refused"]
     assert any(e["endpoint"] == "/index" and e["docs"] == 1 and e["key_name"] == "write-key" for e in mine)
     assert any(e["endpoint"] == "/delete" and e["docs"] == 1 and e["result"] == "ok" for e in mine)
@@ -165,8 +176,7 @@ def test_write_and_admin_calls_pass_with_their_roles_and_are_audited(keyed):
 
 
 def test_every_refusal_is_in_the_audit_log(keyed):
-    time.sleep(0.5)  # the writer thread fsyncs what has queued
-    entries = tail(keyed.workspace / "audit", 100_000)
+    entries = audit_until(keyed, lambda lines: any(keyed.revoked_id == e.get("key_id") for e in lines))
     refused = [e for e in entries if e.get("result") == "refused"]
     denied = [e for e in refused if e["code"] == "PERMISSION_DENIED"]
     for endpoint, needed, _ in ENDPOINTS:

@@ -62,3 +62,30 @@ def test_audit_tail_prints_the_last_lines(tmp_path, capsys):
     assert [e["n"] for e in lines] == [27, 28, 29]
     assert main(["audit", "tail", "--workspace", str(tmp_path / "nothing")]) == 2
     assert "no audit log" in capsys.readouterr().err
+
+
+def test_follow_prints_new_lines_and_the_new_file_after_a_rotation(tmp_path, capsys):
+    import threading
+
+    from cliptuner.cli.audit import follow
+
+    folder = tmp_path / "audit"
+    log = AuditLog(folder, max_bytes=1024, keep=2)
+    log.record(n=-1)
+    log.flush()
+
+    def write():
+        for i in range(40):  # about 2 KB: the file rotates on the way
+            log.record(n=i, pad="x" * 30)
+            log.flush()
+
+    writer = threading.Thread(target=write)
+    watcher = threading.Thread(target=follow, args=(folder / "audit.jsonl",), kwargs={"every": 0.02, "rounds": 400})
+    watcher.start()
+    writer.start()
+    writer.join()
+    watcher.join()
+    log.close()
+    shown = [json.loads(line)["n"] for line in capsys.readouterr().out.splitlines()]
+    assert -1 not in shown  # only what came after
+    assert shown == sorted(shown) and shown[-1] == 39 and len(set(shown)) == len(shown)
