@@ -80,7 +80,7 @@ def test_follow_prints_new_lines_and_the_new_file_after_a_rotation(tmp_path, cap
             log.flush()
 
     writer = threading.Thread(target=write)
-    watcher = threading.Thread(target=follow, args=(folder / "audit.jsonl",), kwargs={"every": 0.02, "rounds": 400})
+    watcher = threading.Thread(target=follow, args=(folder / "audit.jsonl",), kwargs={"every": 0.02, "rounds": 150})
     watcher.start()
     writer.start()
     writer.join()
