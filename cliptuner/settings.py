@@ -97,6 +97,18 @@ class ServiceEnvironment(pydantic.BaseModel):
         bounds=(1, PORT_RANGE[1] - len(METRICS_MEMBERS) + 1),
         accepts=f"a port number that leaves room for {len(METRICS_MEMBERS)} ports below 65536",
     )
+    metrics_host: Optional[str] = variable(
+        None,
+        "address the Prometheus ports listen on (unset: the gateway's host, CLIPTUNER_HOST)",
+        flag="--metrics-host",
+        accepts="an address",
+    )
+    grpc_keepalive_ms: Optional[int] = variable(
+        None,
+        "how often the gateway pings the Executors on a quiet connection, in ms (unset: 10000, Jina's); every gRPC "
+        "server of the Flow accepts pings twice as often",
+        bounds=(100, 3_600_000),
+    )
     keys_file: Optional[Path] = variable(
         None,
         "the API keys file (cliptuner keys create); unset: no keys, open to every caller (127.0.0.1 only)",

@@ -82,6 +82,7 @@ class CLIPEncoder(Executor):
         self.follower = setup.follower(batch_size)
         clip = self.follower.clip()
         self.metrics = Metrics(getattr(self.runtime_args, "metrics_registry", None))
+        self.metrics.time_requests(self)
         self.metrics.model_version(clip.version)
         self.batch_size = int(batch_size)
         self.batcher = (

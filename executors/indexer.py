@@ -159,6 +159,7 @@ class CLIPIndexer(Executor):
             dtype=setting(vector_dtype) or "f32",
         )
         self.metrics = Metrics(getattr(self.runtime_args, "metrics_registry", None))
+        self.metrics.time_requests(self)
         self.reindexer = Reindexer(
             self.collection,
             self.registry,

@@ -9,11 +9,15 @@ worker process) and publishes the tuned version.
 import asyncio
 import dataclasses
 import functools
+import hashlib
+import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 from docarray import DocList
 from jina import Executor, requests
 
@@ -22,6 +26,7 @@ from cliptuner.extras import require_train
 from cliptuner.model.registry import CurrentChange, Registry
 from cliptuner.options import read_options_file, request_names
 from cliptuner.serve.access import RemoteImage
+from cliptuner.serve.cluster import TrainingCluster, in_cluster_namespace
 from cliptuner.serve.content import image_source
 from cliptuner.serve.runs import (
     DEFAULT_TRAIN_NICENESS,
@@ -60,12 +65,13 @@ logger = logging.getLogger(__name__)
 TRAIN_OPTIONS = request_names(TrainConfig)  # the TrainConfig fields a request may set
 EVAL_OPTIONS = request_names(EvalConfig)  # eval_fraction
 SOURCE_OPTIONS = ("data", "eval_data", "general_data", "config")  # files under the data root
-RUN_OPTIONS = ("wait",)  # how the request waits for its run
+RUN_OPTIONS = ("wait", "request_id")  # how the request waits for its run, and which request it is
 REPORT_ID = "train-report"
 RUN_DOC_ID = "train-run"  # the answer of a /train with wait=False
 CANCEL_DOC_ID = "train-cancel"  # the answer of /train/cancel
 TORCH_THREADS_ENV = "CLIPTUNER_TORCH_THREADS"  # torch_threads, when the setting is not given
 TRAIN_NICENESS_ENV = "CLIPTUNER_TRAIN_NICENESS"  # train_niceness, when the setting is not given
+REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")  # a client's parameters['request_id']
 
 __all__ = [
     "CLIPTuner",
@@ -88,6 +94,59 @@ class TrainRequest:
     eval_data: Optional[Path]  # held-out PAIRS file, or None for a held-out fraction
     general_data: Optional[Path] = None  # off-domain PAIRS file for the WiSE-FT sweep
     wait: bool = True  # answer after the run (the report), or at once (the run id)
+    request_id: Optional[str] = None  # the client's id of this request; None: derived (:func:`request_digest`)
+
+
+def _digest_value(value: Any) -> Any:
+    """``value`` as JSON can hold it, for :func:`request_digest`: bytes and arrays by their SHA-256."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"sha256": hashlib.sha256(value).hexdigest()}
+    if hasattr(value, "tobytes") and hasattr(value, "shape"):  # a numpy array (or a tensor docarray gives)
+        return {
+            "shape": list(value.shape),
+            "dtype": str(value.dtype),
+            "sha256": hashlib.sha256(value.tobytes()).hexdigest(),
+        }
+    return value
+
+
+def request_digest(parameters: dict, docs: DocList[ClipDoc], files: dict[str, Path]) -> str:
+    """The id of a /train request without a client ``request_id``: a digest of what it asks for.
+
+    The same parameters (``wait`` aside), the same docs in the same order (ids, texts, uris, tags, image bytes) and
+    the same data files (path, size and modification time, so an edited file is a new request) give the same id.
+    """
+    digest = hashlib.sha256()
+    params = {k: v for k, v in sorted(parameters.items()) if k not in RUN_OPTIONS}
+    digest.update(json.dumps(params, sort_keys=True, default=str).encode())
+    for name, path in sorted(files.items()):
+        stat = path.stat()
+        digest.update(json.dumps([name, str(path), stat.st_size, stat.st_mtime_ns]).encode())
+    for doc in docs:
+        fields = [doc.id, doc.text, doc.uri, doc.tags, _digest_value(doc.blob)]
+        if doc.tensor is not None:
+            fields.append(_digest_value(np.asarray(doc.tensor)))
+        digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
+    return "derived-" + digest.hexdigest()[:32]
+
+
+def training_cluster(values: Optional[dict]) -> Optional[TrainingCluster]:
+    """The :class:`TrainingCluster` of the tuner's ``train_cluster`` setting (None: runs train in local processes).
+
+    Raises:
+        ValueError: not a mapping, an unknown field (named) or a bad value.
+    """
+    if not values:
+        return None
+    if not isinstance(values, dict):
+        raise ValueError(f"train_cluster must be a mapping of TrainingCluster fields, got {values!r}")
+    known = {field.name for field in dataclasses.fields(TrainingCluster)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"train_cluster: unknown field(s) {unknown}; known: {sorted(known)}")
+    values = dict(values)
+    values.setdefault("namespace", in_cluster_namespace())
+    return TrainingCluster(**values)
 
 
 class CLIPTuner(Executor):
@@ -103,6 +162,10 @@ class CLIPTuner(Executor):
         processes: worker processes per run: N > 1 runs them under torchrun (DDP: NCCL on GPUs, gloo on CPU).
         keep_versions: after each publish, delete all but the newest this many versions (never CURRENT); None
             keeps every version.
+        train_cluster: train each run as a Kubernetes Job of several pods instead of a local process: the fields of
+            :class:`cliptuner.serve.cluster.TrainingCluster` (``image``, ``nodes``, ``procs_per_node``,
+            ``gpus_per_node``, ``cpu``, ``memory``, ``workspace_claim``, ...; ``namespace`` defaults to the tuner pod's
+            own). The tuner talks to the API server with its pod's service account (docs/training.md).
         **kwargs: the settings the three Executors share, by name (:class:`executors.options.ExecutorSettings`:
             model, pretrained, device, models_dir, bootstrap, bootstrap_timeout, uri_roots, allowed_hosts,
             intra_op_threads and the request limits ``max_*``), then jina's own.
@@ -121,6 +184,7 @@ class CLIPTuner(Executor):
         train_niceness: Optional[int] = None,
         keep_versions: Optional[int] = None,
         processes: int = 1,
+        train_cluster: Optional[dict] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -145,7 +209,11 @@ class CLIPTuner(Executor):
             "train_niceness", train_niceness, TRAIN_NICENESS_ENV, DEFAULT_TRAIN_NICENESS, 0, MAX_NICENESS
         )
         self.metrics = Metrics(getattr(self.runtime_args, "metrics_registry", None))
+        self.metrics.workspace_volume(setup.root)
+        self.metrics.training_outcomes()
+        self.metrics.time_requests(self)
         self.metrics.model_version(self.registry.current())
+        self.cluster = training_cluster(setting(train_cluster))
         self.runs = TrainingRuns(
             self.runs_dir,
             self.registry,
@@ -155,6 +223,7 @@ class CLIPTuner(Executor):
             keep_versions=self.keep_versions,
             observer=self.metrics,
             hidden={"the data root": self.data_root},
+            cluster=self.cluster,
         )
         logger.info(
             "CLIPTuner: CURRENT %s in %s, training on %s (%d process(es) per run, %d torch thread(s) each, "
@@ -199,6 +268,12 @@ class CLIPTuner(Executor):
         wait = params.pop("wait", True)
         if not isinstance(wait, bool):
             raise ValueError(f"parameter 'wait' must be true or false, got {wait!r}")
+        request_id = params.pop("request_id", None)
+        if request_id is not None and not (isinstance(request_id, str) and REQUEST_ID.match(request_id)):
+            raise ValueError(
+                "parameter 'request_id' must be 1 to 128 letters, digits and . _ : - (starting with a letter or "
+                f"digit), got {request_id!r}"
+            )
         if "config" in params:
             name = params.pop("config")
             params = {
@@ -211,7 +286,11 @@ class CLIPTuner(Executor):
         eval_cfg = from_mapping(EvalConfig, {**eval_values, "split_seed": cfg.seed})
         paths = {name: self._data_path(name, params[name]) for name in SOURCE_OPTIONS[:3] if name in params}
         return TrainRequest(
-            cfg=cfg, eval_cfg=eval_cfg, **{name: paths.get(name) for name in SOURCE_OPTIONS[:3]}, wait=wait
+            cfg=cfg,
+            eval_cfg=eval_cfg,
+            **{name: paths.get(name) for name in SOURCE_OPTIONS[:3]},
+            wait=wait,
+            request_id=request_id,
         )
 
     def pairs_from_docs(self, docs: DocList[ClipDoc]) -> PairSet:
@@ -346,6 +425,9 @@ class CLIPTuner(Executor):
             "torch_threads": self.torch_threads,
             "train_niceness": self.train_niceness,
             "data_root": str(self.data_root),
+            "cluster": None
+            if self.cluster is None
+            else f"{self.cluster.nodes} node(s) x {self.cluster.procs_per_node}",
         }
 
     def close(self) -> None:
@@ -360,18 +442,36 @@ class CLIPTuner(Executor):
         """Fine-tune on the request's pairs (or ``parameters['data']``); returns the one report doc, or with
         ``parameters['wait']=False`` the run's doc as soon as its worker has started."""
         request = self.parse_request(parameters)
-        self.runs.acquire()
-        try:
-            prepare = functools.partial(self._prepare, request=request, docs=docs)
-            work = self.runs.run if request.wait else self.runs.start_detached
-            future = asyncio.get_running_loop().run_in_executor(None, work, prepare)
-        except BaseException:
-            self.runs.release()
-            raise
-        result = await future  # the run releases its place when it ends, even if this request is cancelled meanwhile
-        if not request.wait:
-            return DocList[ClipDoc]([ClipDoc(id=RUN_DOC_ID, tags={"run_id": result.run_id, "state": "running"})])
+        request_id = request.request_id
+        if request_id is None:
+            files = {name: getattr(request, name) for name in SOURCE_OPTIONS[:3] if getattr(request, name)}
+            request_id = await asyncio.to_thread(request_digest, dict(parameters or {}), docs, files)
+        loop = asyncio.get_running_loop()
+        run, new = self.runs.claim(request_id, derived=request.request_id is None)
+        if new:
+            try:
+                prepare = functools.partial(self._prepare, request=request, docs=docs)
+                work = self.runs.run if request.wait else self.runs.start_detached
+                future = loop.run_in_executor(None, work, prepare, run)
+            except BaseException:
+                self.runs.release()
+                raise
+            # the run releases its place when it ends, even if this request is cancelled meanwhile
+            result = await future
+            if not request.wait:
+                return DocList[ClipDoc]([self._run_doc(result)])
+        elif not request.wait:
+            return DocList[ClipDoc]([self._run_doc(run)])
+        else:  # the same request again (a retry): the report of the run it started, once that run has ended
+            result = await loop.run_in_executor(None, run.outcome)
         return DocList[ClipDoc]([ClipDoc(id=REPORT_ID, model_version=result["model_version"], tags={"report": result})])
+
+    @staticmethod
+    def _run_doc(run: Run) -> ClipDoc:
+        """The answer of a /train with ``wait=False``: the run's id and state (and version, once published)."""
+        tags = {"run_id": run.run_id, "state": run.state, "request_id": run.request_id}
+        version = run.report["model_version"] if run.report is not None else None
+        return ClipDoc(id=RUN_DOC_ID, model_version=version, tags=tags)
 
     @requests(on="/train/cancel")
     async def cancel(

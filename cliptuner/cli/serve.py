@@ -22,6 +22,7 @@ SERVE_ENV = {
     "pretrained": "CLIPTUNER_PRETRAINED",
     "device": "CLIPTUNER_DEVICE",
     "metrics_port": "CLIPTUNER_METRICS_PORT",
+    "metrics_host": "CLIPTUNER_METRICS_HOST",
     "index_backend": "CLIPTUNER_INDEX_BACKEND",
     "milvus_uri": "CLIPTUNER_MILVUS_URI",
     "milvus_token": "CLIPTUNER_MILVUS_TOKEN",
@@ -95,8 +96,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help="turn on Prometheus metrics (CLIPTUNER_METRICS_PORT): the gateway serves them on this port, "
-        "the tuner, encoder and indexer on the next three. Jina binds these endpoints to every "
-        "interface, whatever --host says; firewall them where the machine is reachable. Default: off",
+        "the tuner, encoder and indexer on the next three, on --metrics-host. Default: off",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default=None,
+        help="address the metrics ports listen on (CLIPTUNER_METRICS_HOST; default: the gateway's --host)",
     )
     p.add_argument(
         "--http-port",
@@ -213,6 +218,36 @@ def _wait_until_answering(
             time.sleep(0.5)
 
 
+def bind_metrics(host: str) -> None:
+    """Make the Prometheus servers of the Flow's processes listen on ``host`` only.
+
+    Jina starts each one with ``prometheus_client.start_http_server(port, registry=...)``, whose address defaults to
+    every interface, and has no option for it. It looks the function up when it starts the server, in the process
+    of each gateway and Executor, which the Flow forks from this one: replacing the module's function here gives them
+    all this address.
+
+    Raises:
+        ValueError: processes are not forked (``JINA_MP_START_METHOD``), so the address could not reach them.
+    """
+    import multiprocessing
+
+    import prometheus_client
+
+    method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_context().get_start_method()
+    if method != "fork":
+        raise ValueError(
+            f"--metrics-port needs the Flow's processes forked (multiprocessing start method {method!r}, "
+            "JINA_MP_START_METHOD): only then do the metrics ports listen on --metrics-host"
+        )
+    start = getattr(prometheus_client.start_http_server, "__wrapped__", prometheus_client.start_http_server)
+
+    def start_http_server(port: int, addr: str = host, *args: Any, **kwargs: Any) -> Any:
+        return start(port, host, *args, **kwargs)
+
+    start_http_server.__wrapped__ = start  # type: ignore[attr-defined]
+    prometheus_client.start_http_server = start_http_server
+
+
 def run_serve(args: argparse.Namespace) -> None:
     """``cliptuner serve``: start the Flow of ``flows/flow.yml`` (gRPC gateway, tuner, encoder, indexer) and block.
 
@@ -266,7 +301,10 @@ def run_serve(args: argparse.Namespace) -> None:
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    flow = Flow.load_config(flow_config(flow_path, environment.metrics_ports(), tls=tls))
+    metrics = environment.metrics_ports()
+    if metrics:
+        bind_metrics(environment.metrics_host or host)
+    flow = Flow.load_config(flow_config(flow_path, metrics, tls=tls, keepalive_ms=environment.grpc_keepalive_ms))
     with flow:
         _wait_until_answering(host, port, key=ready_key, tls=tls is not None)
         http = None

@@ -101,6 +101,9 @@ _PROP_CREATED = "cliptuner.created"  # time.time_ns() at creation: the newest un
 _BUILDING = "building"
 _RETIRED = "retired"
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# a server's address as pymilvus takes it: http(s) or tcp, a host, an optional port and database path (a local
+# ``.db`` file would start Milvus Lite without this store's Lite handling: that is ``uri=None``)
+_SERVER_URI = re.compile(r"(https?|tcp)://(\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]]+)(:\d{1,5})?(/\S*)?", re.IGNORECASE)
 _OUTPUT_FIELDS = ["text", "uri", "tags", "seq", "chash", "content"]
 _MISSING = object()  # a tag the doc does not have
 
@@ -395,8 +398,9 @@ class MilvusCollection(VectorStore):
             Lite, its data. One open store per root at a time.
         uri: a Milvus server or cluster (``"http://host:19530"``); None for Milvus Lite at ``<root>/milvus.db``.
         token: credentials for a server (``"user:password"`` or an API key); unused by Milvus Lite.
-        name: alias of the live collection and prefix of the per-version collection names (a plain identifier,
-            at most 64 characters). Stores sharing a server need distinct names.
+        name: alias of the live collection and prefix (``<name>__``) of the per-version collection names (a
+            plain identifier of at most 64 characters, without ``__`` and not ending in ``_``, so that one store's
+            prefix never matches another's collections). Stores sharing a server need distinct names.
         index: vector index of new collections: ``"HNSW"``, ``"FLAT"`` (exact) or ``"AUTOINDEX"`` (the
             server's choice).
         hnsw_m: HNSW graph degree ``M``.
@@ -407,7 +411,7 @@ class MilvusCollection(VectorStore):
             rows in Python at every search); a new live collection is flushed before searches reach it.
 
     Raises:
-        ValueError: a bad ``name``, ``index`` or parameter (names the option).
+        ValueError: a bad ``name``, ``uri``, ``index`` or parameter (names the option).
         MilvusNotInstalledError: pymilvus or milvus-lite is missing (an ImportError).
         RuntimeError: ``root`` is already open, or the alias ``name`` is taken by something else.
     """
@@ -428,16 +432,25 @@ class MilvusCollection(VectorStore):
         timeout: Optional[float] = None,
         flush_rows: int = 1024,
     ) -> None:
-        if not isinstance(name, str) or not _IDENT.fullmatch(name) or len(name) > _MAX_NAME:
+        if (
+            not isinstance(name, str)
+            or not _IDENT.fullmatch(name)
+            or len(name) > _MAX_NAME
+            or "__" in name
+            or name.endswith("_")
+        ):
+            # no "__" and no trailing "_": then no other store's collections (``<name>__...``) start with this
+            # store's prefix, so stores sharing a server never take (or drop) each other's collections
             raise ValueError(
-                f"name must be a plain identifier ([A-Za-z_][A-Za-z0-9_]*) of at most {_MAX_NAME} "
-                f"characters, got {name!r}"
+                f"name must be a plain identifier ([A-Za-z_][A-Za-z0-9_]*) of at most {_MAX_NAME} characters, "
+                f"without '__' and not ending in '_', got {name!r}"
             )
         if not isinstance(index, str) or index.upper() not in INDEXES:
             raise ValueError(f"unknown index {index!r}; allowed: {list(INDEXES)}")
-        if uri is not None and (not isinstance(uri, str) or not uri):
+        if uri is not None and (not isinstance(uri, str) or not _SERVER_URI.fullmatch(uri)):
             raise ValueError(
-                f"uri must be a Milvus server URI such as 'http://localhost:19530' or None (Milvus Lite), got {uri!r}"
+                "uri must be a Milvus server URI (http://, https:// or tcp://, a host and a port, such as "
+                f"'http://localhost:19530') or None (Milvus Lite in the store's folder), got {uri!r}"
             )
         self.name = name
         self.index = index.upper()

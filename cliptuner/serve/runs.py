@@ -11,11 +11,19 @@ A run's directory ``<runs_dir>/<run_id>/``: ``inputs/`` (``job.json`` and the pa
 ``model/`` (the worker's export, moved into the registry), ``events.jsonl`` (the worker's events), ``train.log``
 (its stdout and stderr, for operators), ``process.json`` (``{"pgid"}`` of its process group, for a tuner that
 restarts after a crash) and ``report.json`` (written once the run has published: a directory without one is
-unfinished).
+unfinished; it names the request the run answered, ``request_id``).
+
+A run answers one request, named by its request id: the client's ``parameters['request_id']``, or a digest of the
+request that the tuner derives. :meth:`TrainingRuns.claim` gives a request that arrives again (a gRPC retry of the
+gateway, a client's own retry) the run it already started instead of a second run or a ``TrainingBusy``:
+the run going, or one that ended — a client's id for as long as the run's record lasts (published runs: their
+``report.json``; failed ones: the last :data:`RECENT_RUNS` in memory), a derived id only while the run goes or
+for :data:`DERIVED_ATTACH_S` seconds after it published.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -30,14 +38,24 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Optional, Protocol, Union
 
 import cliptuner
 from cliptuner.model.manifest import ModelManifest
 from cliptuner.model.registry import Registry
+from cliptuner.serve.cluster import KubeAPI, KubernetesJobRun, TrainingCluster, stop_leftover_job
 from cliptuner.serve.launch import stop_group
+from cliptuner.serve.worker_events import (
+    LOG_TAIL_LINES,
+    PROCESS_FILE,
+    TrainingProcessError,
+    TrainingProcessInputError,
+    WorkerEvents,
+    file_tail,
+    signal_cause,
+)
 from cliptuner.train.job import JOB_FILE, PHASES, TrainJob, phase_after
-from cliptuner.train.worker import FAILED, INPUT
+from cliptuner.train.worker import FAILED
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +63,6 @@ INPUTS_SUBDIR = "inputs"  # what the worker reads: job.json, the pairs as PAIRS 
 MODEL_SUBDIR = "model"  # the tuned model version the worker exports (the job's ``out``)
 EVENTS_FILE = "events.jsonl"  # the worker's events, one JSON line each, followed into ``progress``
 LOG_FILE = "train.log"  # the worker's stdout and stderr, for operators (never parsed)
-PROCESS_FILE = "process.json"  # {"pgid": ...} of its process group, for a tuner that restarts after a crash
 REPORT_FILE = "report.json"  # written when the run has published: a run directory without one is unfinished
 WORKER_MODULE = "cliptuner.train.worker"
 STOP_GRACE_S = 10.0  # seconds between SIGTERM and SIGKILL when a run's process group is stopped
@@ -53,7 +70,8 @@ POLL_S = 0.2  # how often a run's thread reads new events and looks at the worke
 DEFAULT_TRAIN_NICENESS = 10  # added to the tuner's nice value for its training processes: serving comes first
 MAX_NICENESS = 19  # the lowest CPU priority Linux has
 NICE = shutil.which("nice")  # runs the worker at a lower priority, inherited by all its threads
-LOG_TAIL_LINES = 5  # lines of train.log quoted when a worker ended without a failed event
+RECENT_RUNS = 64  # ended runs kept in memory with their outcome, for a request that arrives again
+DERIVED_ATTACH_S = 60.0  # a request without a client id finds the run it derived for this long after it published
 PROGRESS_KEYS = ("epoch", "epochs", "step", "total_steps", "loss", "lr", "samples_per_s", "eta_s", "step_s")
 SUMMARY_KEYS = (
     "epoch_losses",
@@ -97,22 +115,6 @@ class TrainingCancelled(RuntimeError):
 
 class TrainingNotRunning(ValueError):
     """A cancel found no run to cancel: none is going, or the run id names another."""
-
-
-class TrainingProcessError(RuntimeError):
-    """The worker ended without a tuned model: it reported a failure, exited with an error, or was killed.
-
-    Attributes:
-        returncode: its exit status; negative: the number of the signal that killed it.
-    """
-
-    def __init__(self, message: str, returncode: int) -> None:
-        super().__init__(message)
-        self.returncode = returncode
-
-
-class TrainingProcessInputError(TrainingProcessError, ValueError):
-    """The worker refused its input (its ``failed`` event has ``kind: input``)."""
 
 
 def hide_paths(message: str, roots: dict[str, Path]) -> str:
@@ -166,17 +168,6 @@ def worker_env(torch_threads: int) -> dict[str, str]:
     return env
 
 
-def signal_cause(returncode: int) -> str:
-    """How a worker killed by signal ``-returncode`` ended, the signal named."""
-    number = -returncode
-    try:
-        name = signal.Signals(number).name
-    except ValueError:
-        name = "unknown signal"
-    hint = " (out of memory, or stopped from outside?)" if number == signal.SIGKILL else ""
-    return f"the training process was killed by signal {number} ({name}){hint}"
-
-
 def _group_works_in(pgid: int, run_dir: Path) -> bool:
     """True when process ``pgid`` is alive and its working directory is ``run_dir``: the worker a run started (a pid
     reused since by another process does not work there)."""
@@ -186,7 +177,9 @@ def _group_works_in(pgid: int, run_dir: Path) -> bool:
         return False
 
 
-def clean_unfinished_runs(runs_dir: Path, wait_s: float = STOP_GRACE_S) -> list[str]:
+def clean_unfinished_runs(
+    runs_dir: Path, wait_s: float = STOP_GRACE_S, kube_api: Optional[KubeAPI] = None
+) -> list[str]:
     """Remove the runs a previous service process left unfinished, ending their workers first.
 
     A tuner that was killed (SIGKILL, OOM, a node lost) cannot stop its worker's process group, which lives in a
@@ -201,6 +194,8 @@ def clean_unfinished_runs(runs_dir: Path, wait_s: float = STOP_GRACE_S) -> list[
     for run_dir in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
         if (run_dir / REPORT_FILE).exists():
             continue
+        if kube_api is not None:
+            stop_leftover_job(kube_api, run_dir, wait_s)  # a Job the run's process.json names, if any
         try:
             pgid = int(json.loads((run_dir / PROCESS_FILE).read_text(encoding="utf-8"))["pgid"])
         except (OSError, ValueError, KeyError, TypeError):
@@ -220,7 +215,7 @@ def clean_unfinished_runs(runs_dir: Path, wait_s: float = STOP_GRACE_S) -> list[
     return removed
 
 
-class TrainingProcess:
+class TrainingProcess(WorkerEvents):
     """A worker as a child process in a process group of its own, its events file read as it grows.
 
     Its stdout and stderr go to ``train.log`` in the run directory, its events to ``events.jsonl``;
@@ -236,13 +231,11 @@ class TrainingProcess:
     def __init__(self, argv: list[str], env: dict[str, str], run_dir: Path, niceness: int = 0) -> None:
         self.argv = argv
         self.env = env
+        super().__init__(run_dir / EVENTS_FILE)
         self.run_dir = run_dir
         self.niceness = niceness
-        self.events_path = run_dir / EVENTS_FILE
         self.log_path = run_dir / LOG_FILE
         self.proc: Optional[subprocess.Popen] = None
-        self.failed: Optional[dict] = None  # the first failed event it wrote
-        self._offset = 0  # bytes of the events file already handed on
         self._stopping = threading.Lock()
 
     @property
@@ -273,29 +266,6 @@ class TrainingProcess:
         """Its exit status, or None while it runs."""
         return self.proc.poll()
 
-    def read_events(self, on_event: Callable[[dict], None], stop: Callable[[], bool]) -> None:
-        """Hand each complete new line of the events file to ``on_event``, in order; return early once ``stop()``."""
-        try:
-            with self.events_path.open("rb") as fh:
-                fh.seek(self._offset)
-                data = fh.read()
-        except FileNotFoundError:  # not written yet
-            return
-        for line in data[: data.rfind(b"\n") + 1].splitlines(keepends=True):  # a line being written waits
-            self._offset += len(line)
-            try:
-                event = json.loads(line)
-            except ValueError:
-                logger.warning("%s: unreadable event line %r", self.events_path, line[:200])
-                continue
-            if not isinstance(event, dict):
-                continue
-            if event.get("event") == FAILED and self.failed is None:
-                self.failed = event
-            on_event(event)
-            if stop():
-                return
-
     def stop(self, grace: float = STOP_GRACE_S) -> None:
         """End the process group: SIGTERM, up to ``grace`` seconds for the child to exit, then SIGKILL."""
         with self._stopping:
@@ -303,27 +273,7 @@ class TrainingProcess:
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         """The last non-empty ``lines`` of its log (at most 2000 characters), or ``no output``."""
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            text = ""
-        tail = [line for line in text.strip().splitlines() if line.strip()][-lines:]
-        return "\n".join(tail)[-2000:] or "no output"
-
-    def failure(self, returncode: int, clean: Callable[[str], str]) -> TrainingProcessError:
-        """The error of a worker that exited with ``returncode`` != 0; ``clean`` takes server paths out of it.
-
-        The cause is its ``failed`` event; without one, the signal that killed it, or its exit status and the end
-        of its log.
-        """
-        if self.failed is not None:
-            message = f"the training process exited with code {returncode}: {self.failed.get('message')}"
-            kind = TrainingProcessInputError if self.failed.get("kind") == INPUT else TrainingProcessError
-            return kind(clean(message), returncode)
-        if returncode < 0:
-            return TrainingProcessError(signal_cause(returncode), returncode)
-        message = f"the training process exited with code {returncode} without reporting why; its log ends:\n"
-        return TrainingProcessError(clean(message + self.log_tail()), returncode)
+        return file_tail(self.log_path, lines) or "no output"
 
 
 @dataclasses.dataclass
@@ -336,9 +286,35 @@ class Run:
     parent: str = ""  # CURRENT when the run began
     init: str = ""  # what the weights start from, as the report names it
     sources: dict = dataclasses.field(default_factory=dict)  # the report's split sources
-    process: Optional[TrainingProcess] = None
+    process: Optional[Union[TrainingProcess, KubernetesJobRun]] = None
+    request_id: Optional[str] = None  # the request it answers: the client's id or a derived one
+    derived: bool = False  # request_id was derived from the request, not given by the client
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)  # a cancel asked for it
     finished: threading.Event = dataclasses.field(default_factory=threading.Event)  # its progress state is final
+    report: Optional[dict] = None  # once it published
+    error: Optional[TrainingFailed] = None  # once it failed or was cancelled
+    ended: Optional[float] = None  # time.time() when it ended
+    final_state: Optional[str] = None  # done (published), failed or cancelled, once it ended
+
+    @property
+    def state(self) -> str:
+        """``running``, ``done`` (published), ``failed`` or ``cancelled``."""
+        return self.final_state if self.finished.is_set() and self.final_state else "running"
+
+    def outcome(self, timeout: Optional[float] = None) -> dict:
+        """Wait for the run to end; its report, or its error raised.
+
+        Raises:
+            TrainingFailed: the run failed or was cancelled (the error its own request got).
+            TimeoutError: it had not ended after ``timeout`` seconds.
+        """
+        if not self.finished.wait(timeout):
+            raise TimeoutError(f"run {self.run_id} is still going")
+        if self.report is not None:
+            return self.report
+        if self.error is not None:
+            raise self.error
+        raise TrainingFailed(f"/train run {self.run_id} ended without a report", run_id=self.run_id)
 
     @property
     def inputs_dir(self) -> Path:
@@ -403,6 +379,8 @@ class TrainingRuns:
         keep_versions: Optional[int] = None,
         observer: Optional[RunObserver] = None,
         hidden: Optional[dict[str, Path]] = None,
+        cluster: Optional[TrainingCluster] = None,
+        kube_api: Optional[KubeAPI] = None,
     ) -> None:
         self.runs_dir = Path(runs_dir)
         self.registry = registry
@@ -412,12 +390,16 @@ class TrainingRuns:
         self.keep_versions = keep_versions
         self.observer = observer if observer is not None else _Unobserved()
         self.hidden = dict(hidden or {})
+        self.cluster = cluster
+        self.kube_api = kube_api if kube_api is not None or cluster is None else KubeAPI.in_cluster()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
-        clean_unfinished_runs(self.runs_dir)
+        clean_unfinished_runs(self.runs_dir, kube_api=self.kube_api)
         self.progress: dict[str, Any] = {"state": "idle"}  # replaced whole on each change: readers see one state
         self.last_report: Optional[dict] = None
         self.active: Optional[Run] = None  # the run going, if any
         self._lock = threading.Lock()  # held from acquire() until the run going has ended
+        self._claims = threading.Lock()  # makes finding a request's run and starting a new one one step
+        self._recent: collections.OrderedDict[str, Run] = collections.OrderedDict()  # request id -> run, newest last
         self._stop = threading.Event()
 
     # -- the worker -----------------------------------------------------------------------------------------------
@@ -448,13 +430,103 @@ class TrainingRuns:
         """Give the place back when no run was started after :meth:`acquire`."""
         self._lock.release()
 
-    def run(self, prepare: Prepare) -> dict:
-        """A whole run (after :meth:`acquire`): :meth:`start`, then :meth:`finish`; returns its report."""
-        return self.finish(self.start(prepare))
+    def claim(self, request_id: str, derived: bool = False) -> tuple[Run, bool]:
+        """The run that answers request ``request_id``: the one it already has, or a new one (not started yet).
 
-    def start_detached(self, prepare: Prepare) -> Run:
-        """:meth:`start` a run (after :meth:`acquire`) and follow it to its end in a thread of its own."""
-        run = self.start(prepare)
+        A request that arrives again gets its run back — the run going, or one that ended and is still on record
+        (see the module's docs) — and ``(run, False)``; follow it with :meth:`Run.outcome`. Otherwise the one
+        run's place is taken for a new run, given back by :meth:`start` (or :meth:`run`, :meth:`start_detached`)
+        when it ends, or by :meth:`release` when it is not started.
+
+        Args:
+            request_id: the client's id, or one derived from the request.
+            derived: True when the id was derived: it then finds only the run going, or one that published in the
+                last :data:`DERIVED_ATTACH_S` seconds.
+
+        Returns:
+            ``(run, new)``.
+
+        Raises:
+            TrainingBusy: another request's run is going.
+        """
+        with self._claims:
+            found = self.find(request_id, derived)
+            if found is not None:
+                # while the run goes, a repeat is a retry (the client's, or the gateway's after a lost connection)
+                log = logger.warning if found.state == "running" else logger.info
+                log("request %s arrived again: it follows its run %s (%s)", request_id, found.run_id, found.state)
+                return found, False
+            self.acquire()
+            run = self._new_run(request_id, derived)
+            self.active = run
+            self._remember(run)
+            return run, True
+
+    def find(self, request_id: str, derived: bool = False) -> Optional[Run]:
+        """The run of request ``request_id`` that a request arriving again follows, or None (see :meth:`claim`)."""
+        active = self.active
+        if active is not None and active.request_id == request_id and not active.finished.is_set():
+            return active
+        run = self._recent.get(request_id)
+        if run is not None and run.finished.is_set():
+            if not derived:
+                return run
+            if run.report is not None and run.ended is not None and time.time() - run.ended < DERIVED_ATTACH_S:
+                return run
+            return None
+        if derived or run is not None:
+            return None
+        return self._published_run(request_id)
+
+    def _published_run(self, request_id: str) -> Optional[Run]:
+        """A run that published for the client's ``request_id``, from its ``report.json`` (one a tuner before this one
+        ran), or None."""
+        for report_path in sorted(self.runs_dir.glob(f"*/{REPORT_FILE}"), reverse=True):
+            try:
+                report = json.loads(report_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(report, dict) and report.get("request_id") == request_id:
+                run = Run(
+                    run_id=report_path.parent.name,
+                    run_dir=report_path.parent,
+                    started=report_path.stat().st_mtime - float(report.get("wall_seconds") or 0),
+                    parent=str(report.get("parent_version") or ""),
+                    request_id=request_id,
+                    report=report,
+                    ended=report_path.stat().st_mtime,
+                    final_state="done",
+                )
+                run.finished.set()
+                return run
+        return None
+
+    def _new_run(self, request_id: Optional[str] = None, derived: bool = False) -> Run:
+        run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        return Run(
+            run_id=run_id, run_dir=self.runs_dir / run_id, started=time.time(), request_id=request_id, derived=derived
+        )
+
+    def _remember(self, run: Run) -> None:
+        if run.request_id is None:
+            return
+        self._recent[run.request_id] = run
+        self._recent.move_to_end(run.request_id)
+        while len(self._recent) > RECENT_RUNS:
+            oldest = next(iter(self._recent))
+            if not self._recent[oldest].finished.is_set():
+                break
+            del self._recent[oldest]
+
+    def run(self, prepare: Prepare, run: Optional[Run] = None) -> dict:
+        """A whole run (after :meth:`acquire` or :meth:`claim`): :meth:`start`, then :meth:`finish`; returns its
+        report."""
+        return self.finish(self.start(prepare, run))
+
+    def start_detached(self, prepare: Prepare, run: Optional[Run] = None) -> Run:
+        """:meth:`start` a run (after :meth:`acquire` or :meth:`claim`) and follow it to its end in a thread of its
+        own."""
+        run = self.start(prepare, run)
         try:
             threading.Thread(target=self._finish_quietly, args=(run,), name=f"train-{run.run_id}", daemon=True).start()
         except BaseException as exc:
@@ -467,24 +539,25 @@ class TrainingRuns:
         except TrainingFailed:
             pass  # recorded in progress and logged
 
-    def start(self, prepare: Prepare) -> Run:
-        """Begin a run (after :meth:`acquire`): ``prepare`` checks and writes its inputs, then its worker starts.
+    def start(self, prepare: Prepare, run: Optional[Run] = None) -> Run:
+        """Begin a run (after :meth:`acquire`, or the run :meth:`claim` gave): ``prepare`` checks and writes its
+        inputs, then its worker starts.
 
         Raises:
             TrainingInputError, TrainingFailed: as :meth:`finish` (the run is recorded and cleaned up, the place
                 released).
         """
-        run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-        run = Run(run_id=run_id, run_dir=self.runs_dir / run_id, started=time.time())
+        run = run if run is not None else self._new_run()
         self.active = run
         try:
             run.parent = self.registry.current()
             self.progress = {
                 "state": "running",
                 "phase": "preparing",
-                "run_id": run_id,
+                "run_id": run.run_id,
                 "started_at": run.started,
                 "parent_version": run.parent,
+                **({"request_id": run.request_id} if run.request_id else {}),
             }
             run.inputs_dir.mkdir(parents=True)
             job = prepare(run)
@@ -492,9 +565,14 @@ class TrainingRuns:
             if self._stop_asked(run):
                 raise self._stopped(run, "before training")
             self._set_phase(PHASES[0])
-            run.process = TrainingProcess(
-                self.worker_argv(job_path, run.run_dir / EVENTS_FILE), self.worker_env(), run.run_dir, self.niceness
-            )
+            if self.cluster is not None:
+                run.process = KubernetesJobRun(
+                    self.kube_api, self.cluster, run.run_id, job_path, run.run_dir / EVENTS_FILE
+                )
+            else:
+                run.process = TrainingProcess(
+                    self.worker_argv(job_path, run.run_dir / EVENTS_FILE), self.worker_env(), run.run_dir, self.niceness
+                )
             run.process.start()
             self.progress = {**self.progress, "pid": run.process.pid}
         except Exception as exc:
@@ -676,11 +754,14 @@ class TrainingRuns:
             report["pruned_versions"] = pruned
         report["model_version"] = version
         report["wall_seconds"] = round(time.time() - run.started, 3)
+        if run.request_id is not None:
+            report["request_id"] = run.request_id
         try:
             (run.run_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         except OSError as exc:  # the report also lives in the version's model.json
             logger.warning("run %s published %s but could not write its report.json: %s", run.run_id, version, exc)
         self.last_report = report
+        run.report, run.final_state = report, "done"
         self.observer.training_finished("published")
         self.observer.model_version(version)
         self.progress = {
@@ -735,6 +816,7 @@ class TrainingRuns:
             if run.process is not None:
                 run.process.stop()
             failure = self._failure(run.run_id, exc)
+            run.error, run.final_state = failure, self.progress.get("state", "failed")
             shutil.rmtree(run.run_dir, ignore_errors=True)
         finally:
             self._end(run)
@@ -745,13 +827,16 @@ class TrainingRuns:
         if run.finished.is_set():
             return
         self.active = None
+        run.ended = time.time()
         run.finished.set()
         self._lock.release()
 
 
 __all__ = [
     "DEFAULT_TRAIN_NICENESS",
+    "DERIVED_ATTACH_S",
     "MAX_NICENESS",
+    "RECENT_RUNS",
     "Run",
     "RunObserver",
     "TrainingBusy",

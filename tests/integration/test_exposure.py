@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from service import ROOT, FlowProcess, free_port
+from service import ROOT, FlowProcess, free_port, free_ports
 
 LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp
 
@@ -103,12 +103,25 @@ def gateway_and_executors(serve: Serve) -> tuple[list, list]:
 
 
 def test_serve_listens_on_loopback_only_by_default(workspace):
-    http_port = free_port()
-    with Serve(workspace, ["--http-port", str(http_port)], {}) as serve:  # the search page and JSON API too
+    http_port, metrics = free_port(), free_ports(4)
+    # the search page and JSON API, and the Prometheus ports of the gateway and the three Executors too
+    with Serve(workspace, ["--http-port", str(http_port), "--metrics-port", str(metrics)], {}) as serve:
         gateway, executors = gateway_and_executors(serve)
-        assert (ipaddress.ip_address("127.0.0.1"), http_port) in serve.listening()
-    assert gateway == [ipaddress.ip_address("127.0.0.1")]
-    assert all(address == ipaddress.ip_address("127.0.0.1") for address in executors), executors
+        listening = serve.listening()
+    loopback = ipaddress.ip_address("127.0.0.1")
+    assert (loopback, http_port) in listening
+    assert {port for address, port in listening if address == loopback} >= set(range(metrics, metrics + 4))
+    assert gateway == [loopback]
+    assert all(address == loopback for address in executors), executors
+
+
+def test_metrics_listen_where_told_apart_from_the_gateway(workspace):
+    metrics = free_ports(4)
+    args = ["--host", "0.0.0.0", "--insecure-no-auth", "--metrics-port", str(metrics), "--metrics-host", "127.0.0.1"]
+    with Serve(workspace, args, {}) as serve:
+        listening = serve.listening()
+    on_metrics = sorted(address for address, port in listening if metrics <= port < metrics + 4)
+    assert on_metrics == [ipaddress.ip_address("127.0.0.1")] * 4, listening
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,18 @@
-"""The service on the Milvus vector store: `cliptuner serve --index-backend milvus` (Milvus Lite, in the indexer's
-process, on a file in the workspace) indexes, searches with and without a tag filter, and moves to the version a
-/train publishes — the index re-embedded into the new version's Milvus collection and the alias switched before
-/train answers — then keeps its collection across a restart.
+"""The service on the Milvus vector store: `cliptuner serve --index-backend milvus` indexes, searches with and
+without a tag filter, and moves to the version a /train publishes — the index re-embedded into the new version's
+Milvus collection and the alias switched before /train answers — then keeps its collection across a restart.
+
+Twice: on Milvus Lite (in the indexer's process, on a file in the workspace), and on a Milvus server reached over
+TCP (`--milvus-uri http://127.0.0.1:PORT`: milvus-lite's gRPC server in a child process, up across the restart).
 """
 
+import contextlib
+
 import numpy as np
+import pytest
 from docarray import DocList
+from milvus_server import MilvusServer
+from pymilvus import MilvusClient
 from service import FlowProcess, by_id, png, post
 
 from cliptuner.model.registry import Registry
@@ -16,10 +23,21 @@ from executors.schemas import ClipDoc
 GALLERY = 40
 
 
-def serve(workspace, log) -> FlowProcess:
-    server = FlowProcess(workspace, log, args=["--index-backend", "milvus"])
+def serve(workspace, log, milvus_uri=None) -> FlowProcess:
+    uri_args = ["--milvus-uri", milvus_uri] if milvus_uri else []
+    server = FlowProcess(workspace, log, args=["--index-backend", "milvus", *uri_args])
     server.start()
     return server
+
+
+def live_count(uri: str) -> int:
+    """Rows of the collection that the alias ``cliptuner`` names, asked of the Milvus server directly."""
+    client = MilvusClient(uri=uri)
+    try:
+        live = client.describe_alias("cliptuner")["collection_name"]
+        return client.query(live, filter="", output_fields=["count(*)"])[0]["count(*)"]
+    finally:
+        client.close()
 
 
 def top_ids(server, gallery, i: int, **filters) -> list[str]:
@@ -32,11 +50,25 @@ def top_ids(server, gallery, i: int, **filters) -> list[str]:
     ]
 
 
-def test_index_search_filter_train_and_restart_on_milvus(tmp_path):
+@pytest.mark.parametrize("milvus", ["lite", "server"])
+def test_index_search_filter_train_and_restart_on_milvus(tmp_path, milvus):
+    with contextlib.ExitStack() as stack:
+        uri = None
+        if milvus == "server":
+            uri = stack.enter_context(MilvusServer(tmp_path / "milvus", tmp_path / "milvus.log")).uri
+        run_index_search_filter_train_and_restart(tmp_path, uri)
+        lite_files = list((tmp_path / "ws" / "index").rglob("milvus.db"))
+        if uri is None:
+            assert lite_files
+        else:  # the vectors are on the server, nothing of Milvus in the workspace
+            assert not lite_files and live_count(uri) == GALLERY
+
+
+def run_index_search_filter_train_and_restart(tmp_path, milvus_uri) -> None:
     gallery = synthetic.generate(GALLERY, domain="domain", seed=101)
     pairs = synthetic.generate(96, domain="domain", seed=202)
     workspace = tmp_path / "ws"
-    server = serve(workspace, tmp_path / "flow.log")
+    server = serve(workspace, tmp_path / "flow.log", milvus_uri)
     try:
         assert by_id(post(server, "/status"))["status-indexer"].tags["backend"] == "milvus"
         post(
@@ -79,7 +111,7 @@ def test_index_search_filter_train_and_restart_on_milvus(tmp_path):
     finally:
         server.stop()
 
-    server = serve(workspace, tmp_path / "flow.log")  # the collection and its version survive a restart
+    server = serve(workspace, tmp_path / "flow.log", milvus_uri)  # the collection and its version survive a restart
     try:
         status = by_id(post(server, "/status"))["status-indexer"]
         assert (status.model_version, status.tags["count"]) == ("v2", GALLERY)

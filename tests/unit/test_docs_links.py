@@ -20,7 +20,7 @@ LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 CODE = re.compile(r"`([^`\n]+)`")
 # a code span that names a file of this repository: a path under one of its top-level folders, or a top-level file
 REPO_PATH = re.compile(
-    r"^(?:(?:cliptuner|executors|flows|tests|benchmarks|docs|\.ci)/[\w./-]*|Dockerfile|config\.yml|pyproject\.toml)$"
+    r"^(?:(?:cliptuner|executors|flows|tests|benchmarks|docs|deploy|\.ci)/[\w./-]*|Dockerfile|config\.yml|pyproject\.toml)$"
 )
 
 

@@ -5,6 +5,7 @@ another version publish ``tiny_model_dir_v2`` (other weights), so that a vector 
 embedding if it really was made by the new model.
 """
 
+import asyncio
 import base64
 import json
 import threading
@@ -672,6 +673,36 @@ def test_one_training_at_a_time(tuner):
             run(tuner.train(docs=pair_docs(12, seed=2), parameters=QUICK))
     finally:
         tuner.runs.release()
+
+
+def test_the_same_train_request_sent_again_follows_its_run_instead_of_training_twice(tuner, workspace):
+    """A retry (the gateway re-sends a /train whose connection broke) gets the report of the run it started."""
+    docs = pair_docs(16, seed=5)
+
+    async def twice():
+        first = asyncio.create_task(tuner.train(docs=docs, parameters=QUICK))
+        await asyncio.sleep(0.5)  # the first is running when the same request arrives again
+        again = await tuner.train(docs=pair_docs(16, seed=5), parameters={**QUICK, "wait": True})
+        return await first, again
+
+    first, again = run(twice())
+    assert first[0].tags["report"] == again[0].tags["report"] and first[0].model_version == "v2"
+    assert Registry(workspace / "models").versions() == ["v1", "v2"]  # one run published once
+    assert first[0].tags["report"]["request_id"].startswith("derived-")
+    # other pairs are another request; a client's own id names a request whatever its content
+    other = run(tuner.train(docs=pair_docs(16, seed=6), parameters={**QUICK, "request_id": "nightly-2026-12-07"}))
+    assert other[0].model_version == "v3"
+    detached = run(
+        tuner.train(docs=pair_docs(16, seed=7), parameters={**QUICK, "request_id": "nightly-2026-12-07", "wait": False})
+    )[0]
+    assert detached.tags["state"] == "done" and detached.model_version == "v3"
+    assert Registry(workspace / "models").versions() == ["v1", "v2", "v3"]
+
+
+@pytest.mark.parametrize("request_id", ["", "has space", "x" * 129, 7.0, "-leading-dash"])
+def test_a_bad_request_id_is_refused_by_name(tuner, request_id):
+    with pytest.raises(ValueError, match="parameter 'request_id' must be 1 to 128 letters"):
+        run(tuner.train(docs=pair_docs(4, seed=1), parameters={**QUICK, "request_id": request_id}))
 
 
 def test_passthrough_endpoints_forward_docs_unchanged(encoder, indexer):

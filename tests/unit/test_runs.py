@@ -21,6 +21,7 @@ import pytest
 from cliptuner.config import TrainConfig
 from cliptuner.model.registry import Registry
 from cliptuner.serve import launch
+from cliptuner.serve import runs as runs_module
 from cliptuner.serve.runs import (
     EVENTS_FILE,
     LOG_FILE,
@@ -349,3 +350,81 @@ def test_the_real_worker_reports_an_undecodable_image_as_one_input_failure(tmp_p
     assert broken.name in failed[0]["message"] and "decode" in failed[0]["message"]
     assert not (tmp_path / "model").exists()
     shutil.rmtree(tmp_path / "run")
+
+
+# -- a request that arrives again follows its run (claim) -------------------------------------------------------------
+def test_a_request_claimed_again_while_its_run_goes_follows_that_run_and_gets_its_report(
+    tmp_path, registry, monkeypatch, tiny_model_dir
+):
+    runs = fake_runs(tmp_path, registry, "publish", monkeypatch, tiny_model_dir)
+    first, new = runs.claim("nightly-42")
+    assert new and first.request_id == "nightly-42"
+    again, new_again = runs.claim("nightly-42")  # before it even started: same run, no TrainingBusy
+    assert not new_again and again is first
+    with pytest.raises(TrainingBusy):  # another request still waits its turn
+        runs.claim("another")
+    results = []
+    follower = threading.Thread(target=lambda: results.append(again.outcome(timeout=60)))
+    follower.start()
+    report = runs.run(prepare, first)
+    follower.join(60)
+    assert results == [report] and report["model_version"] == "v2" and report["request_id"] == "nightly-42"
+    assert registry.versions() == ["v1", "v2"]  # one run, one version
+    assert runs.progress["state"] == "done"
+    # after it published: the client's id still finds it, also from its report.json for a tuner started later
+    assert runs.claim("nightly-42") == (first, False)
+    later = TrainingRuns(tmp_path / "runs", registry, niceness=0)
+    found, new = later.claim("nightly-42")
+    assert not new and found.run_id == first.run_id and found.outcome()["model_version"] == "v2"
+    assert later.progress == {"state": "idle"}  # nothing started
+    fresh, new = later.claim("nightly-43")
+    assert new
+    later.release()
+
+
+def test_a_derived_request_id_finds_only_a_going_or_just_published_run(tmp_path, registry, monkeypatch, tiny_model_dir):
+    runs = fake_runs(tmp_path, registry, "publish", monkeypatch, tiny_model_dir)
+    run, _ = runs.claim("derived-abc", derived=True)
+    runs.run(prepare, run)
+    assert runs.claim("derived-abc", derived=True) == (run, False)  # a retry that arrives just after the publish
+    run.ended -= runs_module.DERIVED_ATTACH_S + 1  # long after: the same content is a new request
+    again, new = runs.claim("derived-abc", derived=True)
+    assert new and again is not run
+    runs.release()
+
+
+def test_a_failed_run_gives_its_error_to_a_request_that_arrives_again_with_the_clients_id(
+    tmp_path, registry, monkeypatch, tiny_model_dir
+):
+    runs = fake_runs(tmp_path, registry, "error", monkeypatch, tiny_model_dir)
+    run, _ = runs.claim("job-7")
+    with pytest.raises(TrainingFailed) as first:
+        runs.run(prepare, run)
+    again, new = runs.claim("job-7")
+    assert not new and again.state == "failed"
+    with pytest.raises(TrainingFailed) as second:
+        again.outcome()
+    assert second.value is first.value and "device-side assert" in str(second.value)
+    # a derived id does not stick to a failure: the same content may be tried again
+    failed, _ = runs.claim("derived-x", derived=True)
+    with pytest.raises(TrainingFailed):
+        runs.run(prepare, failed)
+    retry, new = runs.claim("derived-x", derived=True)
+    assert new and retry is not failed
+    runs.release()
+
+
+def test_a_cancelled_run_reads_cancelled_to_the_request_that_follows_it(
+    tmp_path, registry, monkeypatch, tiny_model_dir
+):
+    runs = fake_runs(tmp_path, registry, "train", monkeypatch, tiny_model_dir)
+    run, _ = runs.claim("job-8")
+    started = runs.start_detached(prepare, run)
+    wait_for_step(runs)
+    follower, new = runs.claim("job-8")
+    assert not new and follower.state == "running"
+    runs.cancel(started.run_id)
+    with pytest.raises(TrainingFailed, match="cancelled"):
+        follower.outcome(timeout=60)
+    assert follower.state == "cancelled"
+    assert_nothing_left(runs, registry)

@@ -220,3 +220,56 @@ def test_a_refused_serve_leaves_the_environment_as_it_was(clean_env, tmp_path, c
     assert main(["serve", "--workspace", str(tmp_path), "--http-port", "0", "--port", "52000"]) == 2
     assert "--http-port / CLIPTUNER_HTTP_PORT must be a port number in [1, 65535], got '0'" in capsys.readouterr().err
     assert dict(os.environ) == before and not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize("name", ["flow.yml", "serving.yml", "shards.yml", "k8s.yml"])
+def test_every_flow_lets_its_servers_accept_the_gateways_keepalive_pings(name):
+    """The keys gRPC reads (grpc.http2.*), not Jina's grpc.http1.* ones: a server keeping gRPC's default refuses
+    pings closer than 5 min on a quiet connection, and the gateway then re-sends a long /train."""
+    from cliptuner.serve.flows import KEEPALIVE_CHANNEL_OPTIONS, KEEPALIVE_SERVER_OPTIONS
+
+    given = yaml.safe_load((ROOT / "flows" / name).read_text())["with"]
+    assert KEEPALIVE_SERVER_OPTIONS.items() <= given["grpc_server_options"].items()
+    assert KEEPALIVE_CHANNEL_OPTIONS.items() <= given["grpc_channel_options"].items()
+    assert not any(key.startswith("grpc.http1.") for key in given["grpc_server_options"])
+
+
+def test_flow_config_sets_keepalive_on_every_server_and_the_gateways_channels(tmp_path):
+    path = tmp_path / "flow.yml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "jtype": "Flow",
+                "with": {"grpc_server_options": {"grpc.max_receive_message_length": 1000}},
+                "executors": [
+                    {"name": "a", "uses": "X"},
+                    {"name": "b", "uses": "X", "grpc_server_options": {"grpc.max_send_message_length": 7}},
+                ],
+            }
+        )
+    )
+    config = flow_config(path, {})  # a Flow without them gets the defaults; its own options stay
+    server = config["with"]["grpc_server_options"]
+    assert server == {"grpc.max_receive_message_length": 1000, "grpc.http2.min_ping_interval_without_data_ms": 5000}
+    assert config["with"]["grpc_channel_options"] == {"grpc.http2.max_pings_without_data": 0}
+    b = config["executors"][1]["grpc_server_options"]  # an Executor's own options replace the Flow's: merged
+    assert b == {**server, "grpc.max_send_message_length": 7}
+    quick = flow_config(path, {}, keepalive_ms=800)
+    assert quick["with"]["grpc_server_options"]["grpc.http2.min_ping_interval_without_data_ms"] == 400
+    assert quick["with"]["grpc_channel_options"]["grpc.keepalive_time_ms"] == 800
+
+
+def test_serve_binds_the_metrics_servers_to_the_host_it_is_given(monkeypatch):
+    import prometheus_client
+
+    from cliptuner.cli.serve import bind_metrics
+
+    calls = []
+    monkeypatch.setattr(prometheus_client, "start_http_server", lambda *a, **k: calls.append((a, k)))
+    bind_metrics("127.0.0.1")
+    bind_metrics("127.0.0.2")  # again: wraps the original, not the wrapper
+    prometheus_client.start_http_server(9100, registry="r")  # as Jina calls it
+    assert calls == [((9100, "127.0.0.2"), {"registry": "r"})]
+    monkeypatch.setattr("multiprocessing.get_start_method", lambda allow_none=False: "spawn")
+    with pytest.raises(ValueError, match="needs the Flow's processes forked"):
+        bind_metrics("127.0.0.1")

@@ -3,17 +3,23 @@
 ``make_store(root)`` opens the backend under test at ``root``: ``"embedded"`` is
 :class:`cliptuner.index.embedded.Collection` (exact search), ``"embedded-hnsw"`` the same with a usearch HNSW graph from
 the first doc (the graph then holds the vectors: no matrix beside it), ``"milvus"`` is :class:`cliptuner.index.milvus.MilvusCollection`
-on Milvus Lite (a local file, no server). Vectors are small (8-16 dims) and docs few, so that the file runs fast.
+on Milvus Lite (a local file, no server), ``"milvus-server"`` the same store on a Milvus server reached over TCP
+(``uri="http://127.0.0.1:PORT"``: milvus-lite's gRPC server in a child process, one per module; each test's stores
+take their own collection name on it). Vectors are small (8-16 dims) and docs few, so that the file runs fast.
 """
 
+import re
+import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import uuid
 
 import numpy as np
 import pytest
+from milvus_server import MilvusServer
 from vector_support import brute as _brute
 from vector_support import random_vectors
 from vector_support import text_docs as _docs
@@ -21,10 +27,10 @@ from vector_support import unit as _unit
 
 from cliptuner.index.base import VectorStore
 from cliptuner.index.embedded import Collection, StoredDoc
-from cliptuner.index.milvus import MilvusCollection, where_expr
+from cliptuner.index.milvus import LITE_FILE, MilvusCollection, where_expr
 
 DIM = 16
-BACKENDS = ["embedded", "embedded-hnsw", "milvus"]
+BACKENDS = ["embedded", "embedded-hnsw", "milvus", "milvus-server"]
 EMBEDDED = {"embedded": "exact", "embedded-hnsw": "usearch"}  # the Collection backend of each
 
 
@@ -58,14 +64,30 @@ def backend(request) -> str:
     return request.param
 
 
+@pytest.fixture(scope="module")
+def milvus_server(tmp_path_factory):
+    """A Milvus server on a free port of 127.0.0.1 for this module's tests (stopped after the last one)."""
+    folder = tmp_path_factory.mktemp("milvus_server")
+    with MilvusServer(folder / "data", folder / "server.log") as server:
+        yield server
+
+
 @pytest.fixture
-def make_store(backend, tmp_path):
+def make_store(backend, tmp_path, request):
     """Opens the backend under test at a root; everything it opened is closed after the test (before tmp_path,
-    where the stores save on close, is removed)."""
+    where the stores save on close, is removed). On the server, a test's stores share a collection name that no
+    other test uses (a reopened root finds its collections again)."""
     opened = []
+    server = request.getfixturevalue("milvus_server") if backend == "milvus-server" else None
+    name = f"t{uuid.uuid4().hex[:16]}"
 
     def make(root):
-        store = Collection(root, backend=EMBEDDED[backend]) if backend in EMBEDDED else MilvusCollection(root)
+        if backend in EMBEDDED:
+            store = Collection(root, backend=EMBEDDED[backend])
+        elif server is not None:
+            store = MilvusCollection(root, uri=server.uri, name=name)
+        else:
+            store = MilvusCollection(root)
         opened.append(store)
         return store
 
@@ -620,6 +642,78 @@ def test_milvus_refuses_bad_options(tmp_path):
         MilvusCollection(tmp_path / "a", index="IVF_PQ")
     with pytest.raises(ValueError, match="ef_search"):
         MilvusCollection(tmp_path / "a", ef_search=0)
+    for name in ("shop_", "shop__2"):  # their collections would start with the prefix of the store 'shop'
+        with pytest.raises(ValueError, match=f"'__' and not ending in '_', got '{name}'"):
+            MilvusCollection(tmp_path / "a", name=name)
+
+
+@pytest.mark.parametrize(
+    "uri", ["127.0.0.1:19530", "grpc://milvus:19530", "/data/milvus.db", "http://", "http://milvus:port", ""]
+)
+def test_milvus_refuses_a_uri_that_is_not_a_server(tmp_path, uri):
+    with pytest.raises(ValueError, match=f"uri must be a Milvus server URI .*, got {re.escape(repr(uri))}"):
+        MilvusCollection(tmp_path / "a", uri=uri)
+    assert not (tmp_path / "a").exists()  # refused before anything was made
+
+
+# -- Milvus server (uri="http://...") ----------------------------------------------------------------------------
+def test_milvus_server_holds_the_collection_and_another_client_sees_it(milvus_server, tmp_path):
+    from pymilvus import MilvusClient
+
+    with MilvusCollection(tmp_path / "store", uri=milvus_server.uri, name="seen") as store:
+        assert not store.lite
+        store.upsert(_docs(6), _random(6, seed=40), "v1")
+        live = store.collection_name
+    assert not (tmp_path / "store" / LITE_FILE).exists()  # nothing of Milvus in the store's folder
+    client = MilvusClient(uri=milvus_server.uri)
+    try:
+        assert client.describe_alias("seen")["collection_name"] == live
+        assert client.query(live, filter="", output_fields=["count(*)"])[0]["count(*)"] == 6
+    finally:
+        client.close()
+
+
+def test_milvus_stores_sharing_a_server_keep_apart_by_name(milvus_server, tmp_path):
+    vecs = _random(8, seed=44)
+    shop = MilvusCollection(tmp_path / "shop", uri=milvus_server.uri, name="shop")
+    archive = MilvusCollection(tmp_path / "archive", uri=milvus_server.uri, name="shop_archive")
+    try:
+        shop.upsert(_docs(5, prefix="s"), vecs[:5], "v1")
+        archive.upsert(_docs(3, prefix="a"), vecs[5:], "v7")
+        shop.rebuild("v2", _new_model, batch_size=2)  # drops only shop's old collection
+        shop.close()
+        shop = MilvusCollection(tmp_path / "shop", uri=milvus_server.uri, name="shop")  # its open drops leftovers
+        assert (shop.version, len(shop)) == ("v2", 5)
+        assert (archive.version, len(archive)) == ("v7", 3)
+        _assert_hits(archive.search(vecs[5:], limit=3), _brute(vecs[5:], ["a0", "a1", "a2"], vecs[5:], 3))
+    finally:
+        shop.close()
+        archive.close()
+
+
+def test_milvus_store_survives_a_server_restart(tmp_path):
+    queries = _random(3, seed=45, dim=12)
+    with MilvusServer(tmp_path / "data", tmp_path / "server.log") as server:
+        with MilvusCollection(tmp_path / "store", uri=server.uri, name="kept") as store:
+            store.upsert(_docs(20), _random(20, seed=46), "v1")
+            store.delete(["d3"])
+            store.rebuild("v2", _new_model, batch_size=8)
+            before = store.search(queries, limit=5)
+    with MilvusServer(tmp_path / "data", tmp_path / "server.log") as server:  # another port, the same data
+        with MilvusCollection(tmp_path / "store", uri=server.uri, name="kept") as store:
+            assert (store.version, store.dim, len(store)) == ("v2", 12, 19) and "d3" not in store
+            _assert_hits(store.search(queries, limit=5), before)
+
+
+def test_milvus_unreachable_server_is_named_and_leaves_the_root_free(tmp_path):
+    from pymilvus import MilvusException
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for _ in range(2):  # the failed open released the root's lock: the second try fails the same way
+        with pytest.raises(MilvusException, match=f"127.0.0.1:{port}"):
+            MilvusCollection(tmp_path / "store", uri=f"http://127.0.0.1:{port}", timeout=10)
 
 
 def test_milvus_second_open_of_the_same_root_is_refused(milvus, tmp_path):
