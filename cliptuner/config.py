@@ -263,6 +263,12 @@ SOURCE_PARAMETERS = {  # /train parameters that name a file under the tuner's da
     "config": "a YAML or JSON file under the data root holding option values; the request's own parameters override it",
 }
 WAIT_HELP = "answer when the tuned version serves (the report), or at once with a run id to follow in /status"
+REQUEST_ID_HELP = (
+    "names the request: sent again, it follows the run it started instead of training twice (unset: derived from "
+    "the request)"
+)
+RUN_PARAMETERS = ("wait", "request_id")  # how a /train waits, and which request it is
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"  # a client's request_id
 
 
 def _parameter(cls: type, f: dataclasses.Field) -> tuple[Any, Any]:
@@ -284,13 +290,14 @@ class _Sources:
     general_data: Optional[str] = None
     config: Optional[str] = None
     wait: bool = True
+    request_id: Optional[str] = None
 
 
 def _owner(name: str) -> type:
     """The class whose field a /train parameter is (for its cast)."""
     if name in request_names(EvalConfig):
         return EvalConfig
-    if name in SOURCE_PARAMETERS or name == "wait":
+    if name in SOURCE_PARAMETERS or name in RUN_PARAMETERS:
         return _Sources
     return TrainConfig
 
@@ -307,6 +314,10 @@ def _train_parameters_model() -> type[pydantic.BaseModel]:
     for name, text in SOURCE_PARAMETERS.items():
         fields[name] = (Optional[str], pydantic.Field(None, description=text))
     fields["wait"] = (bool, pydantic.Field(True, description=WAIT_HELP))
+    fields["request_id"] = (
+        Optional[str],
+        pydantic.Field(None, description=REQUEST_ID_HELP, pattern=REQUEST_ID_PATTERN),
+    )
     return pydantic.create_model(
         "TrainParameters",
         __config__=pydantic.ConfigDict(extra="forbid"),

@@ -21,7 +21,14 @@ import numpy as np
 from docarray import DocList
 from jina import Executor, requests
 
-from cliptuner.config import EvalConfig, ModelSpec, TrainConfig, from_mapping
+from cliptuner.config import (
+    REQUEST_ID_PATTERN,
+    RUN_PARAMETERS,
+    EvalConfig,
+    ModelSpec,
+    TrainConfig,
+    from_mapping,
+)
 from cliptuner.extras import require_train
 from cliptuner.model.registry import CurrentChange, Registry
 from cliptuner.options import read_options_file, request_names
@@ -65,13 +72,13 @@ logger = logging.getLogger(__name__)
 TRAIN_OPTIONS = request_names(TrainConfig)  # the TrainConfig fields a request may set
 EVAL_OPTIONS = request_names(EvalConfig)  # eval_fraction
 SOURCE_OPTIONS = ("data", "eval_data", "general_data", "config")  # files under the data root
-RUN_OPTIONS = ("wait", "request_id")  # how the request waits for its run, and which request it is
+RUN_OPTIONS = RUN_PARAMETERS  # how the request waits for its run, and which request it is
 REPORT_ID = "train-report"
 RUN_DOC_ID = "train-run"  # the answer of a /train with wait=False
 CANCEL_DOC_ID = "train-cancel"  # the answer of /train/cancel
 TORCH_THREADS_ENV = "CLIPTUNER_TORCH_THREADS"  # torch_threads, when the setting is not given
 TRAIN_NICENESS_ENV = "CLIPTUNER_TRAIN_NICENESS"  # train_niceness, when the setting is not given
-REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")  # a client's parameters['request_id']
+REQUEST_ID = re.compile(REQUEST_ID_PATTERN)  # a client's parameters['request_id']
 
 __all__ = [
     "CLIPTuner",

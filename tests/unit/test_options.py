@@ -410,7 +410,7 @@ def test_train_parameters_are_typed_like_the_configs():
 def test_the_train_schema_names_every_parameter_with_its_type_default_and_help():
     schema = train_parameters_schema()
     properties = schema["properties"]
-    expected = {*request_names(TrainConfig), *request_names(EvalConfig), *SOURCE_PARAMETERS, "wait"}
+    expected = {*request_names(TrainConfig), *request_names(EvalConfig), *SOURCE_PARAMETERS, "wait", "request_id"}
     assert set(properties) == expected and schema["additionalProperties"] is False
     assert properties["epochs"]["type"] == "integer" and properties["epochs"]["default"] == 5
     assert properties["learning_rate"]["type"] == "number"
