@@ -20,7 +20,9 @@
 # started). To serve without keys, open to whoever reaches the port:
 #   docker run -e CLIPTUNER_KEYS_FILE= -e CLIPTUNER_INSECURE_NO_AUTH=1 -p 51000:51000 ... cliptuner
 #
-# GPU image: build with --build-arg ORT=onnxruntime-gpu and run with --gpus all.
+# GPU image: build with --build-arg "ORT=onnxruntime-gpu[cuda,cudnn]" (ONNX Runtime's CUDA build and the CUDA and
+# cuDNN libraries it loads, registered with ldconfig below: python:3.11-slim has none) and run with --gpus all. Its
+# CUDA major must be one the host's NVIDIA driver supports; pin a version in ORT to choose it.
 #
 # Kubernetes (flows/k8s.yml, `cliptuner k8s`) runs each Executor from its own image, as
 # `jina executor --uses config.yml`; build one per Executor, EXECUTOR naming the class that its config.yml loads.
@@ -31,6 +33,10 @@
 #   docker build --build-arg EXECUTOR=CLIPEncoder --build-arg TRAIN=0 -t cliptuner-encoder .
 #   docker build --build-arg EXECUTOR=CLIPIndexer --build-arg TRAIN=0 -t cliptuner-indexer .
 #   docker build --build-arg TRAIN=0                            -t cliptuner-gateway .
+# tagged with the package's version (`cliptuner k8s` pins the images to it: cliptuner-encoder:0.1.0 ...), and for
+# pods that reserve GPUs (`cliptuner k8s --gpus-encoder N`, --gpus-tuner) the -gpu variant of the image:
+#   docker build --build-arg EXECUTOR=CLIPEncoder --build-arg TRAIN=0 --build-arg "ORT=onnxruntime-gpu[cuda,cudnn]" \
+#       -t cliptuner-encoder:0.1.0-gpu .
 FROM python:3.11-slim
 
 ARG ORT=onnxruntime
@@ -55,7 +61,13 @@ COPY pyproject.toml README.md ./
 COPY cliptuner ./cliptuner
 COPY executors ./executors
 RUN if [ "$TRAIN" = 1 ]; then pip install ".[train]"; else pip install .; fi \
-    && if [ "$ORT" != "onnxruntime" ]; then pip uninstall -y onnxruntime && pip install "$ORT"; fi
+    && if [ "$ORT" != "onnxruntime" ]; then \
+        pip uninstall -y onnxruntime && pip install "$ORT" \
+        && site="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+        && { find "$site/nvidia" -name 'lib*.so*' -printf '%h\n' 2>/dev/null || true; } | sort -u \
+            > /etc/ld.so.conf.d/cliptuner-cuda.conf \
+        && ldconfig; \
+    fi
 COPY flows ./flows
 COPY config.yml ./
 RUN sed -i "s/^jtype: .*/jtype: ${EXECUTOR}/" config.yml

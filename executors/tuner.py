@@ -152,7 +152,8 @@ def training_cluster(values: Optional[dict]) -> Optional[TrainingCluster]:
     if unknown:
         raise ValueError(f"train_cluster: unknown field(s) {unknown}; known: {sorted(known)}")
     values = dict(values)
-    values.setdefault("namespace", in_cluster_namespace())
+    if "namespace" not in values:
+        values["namespace"] = in_cluster_namespace()
     return TrainingCluster(**values)
 
 
