@@ -50,7 +50,16 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
 from cliptuner.serve.cluster_node import log_name, status_name
-from cliptuner.serve.k8s import GPU_RESOURCE, UID, WORKSPACE, WORKSPACE_VOLUME
+from cliptuner.serve.k8s import (
+    CPU_QUANTITY,
+    DNS_LABEL,
+    DNS_SUBDOMAIN,
+    GPU_RESOURCE,
+    MEMORY_QUANTITY,
+    UID,
+    WORKSPACE,
+    WORKSPACE_VOLUME,
+)
 from cliptuner.serve.kube_api import KubeAPI, KubeAPIError, KubeNotFound, in_cluster_namespace
 from cliptuner.serve.worker_events import LOG_TAIL_LINES, PROCESS_FILE, WorkerEvents, file_tail, files_tail
 
@@ -86,12 +95,8 @@ UNSTARTABLE = frozenset(
     }
 )
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
-_CPU = re.compile(r"^([0-9]+m|[0-9]+(\.[0-9]+)?)$")
-_MEMORY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
 _OWN_ENV = ("POD_IP", "PYTHONUNBUFFERED", "JOB_COMPLETION_INDEX")  # set by the Job itself
 
 
@@ -136,7 +141,7 @@ def _check(condition: bool, message: str) -> None:
 
 def _check_namespace(namespace: Any) -> None:
     _check(
-        isinstance(namespace, str) and bool(_DNS_LABEL.match(namespace)),
+        isinstance(namespace, str) and bool(DNS_LABEL.match(namespace)),
         f"namespace must be a DNS label (lowercase letters, digits and '-', at most 63 characters), got {namespace!r}",
     )
 
@@ -194,15 +199,15 @@ class TrainingCluster:
             value = getattr(self, name)
             _check(
                 (value is None and name == "service_account")
-                or (isinstance(value, str) and bool(_DNS_SUBDOMAIN.match(value))),
+                or (isinstance(value, str) and bool(DNS_SUBDOMAIN.match(value))),
                 f"{name} must be a DNS subdomain (lowercase letters, digits, '-' and '.'), got {value!r}",
             )
         _check(
-            isinstance(self.cpu, str) and bool(_CPU.match(self.cpu)),
+            isinstance(self.cpu, str) and bool(CPU_QUANTITY.match(self.cpu)),
             f"cpu must be a CPU quantity like '2', '1.5' or '500m', got {self.cpu!r}",
         )
         _check(
-            isinstance(self.memory, str) and bool(_MEMORY.match(self.memory)),
+            isinstance(self.memory, str) and bool(MEMORY_QUANTITY.match(self.memory)),
             f"memory must be a memory quantity like '8Gi' or '512Mi', got {self.memory!r}",
         )
         _check(_is_int(self.port) and 1 <= self.port <= 65535, f"port must be in 1..65535, got {self.port!r}")
@@ -421,7 +426,7 @@ def training_rbac(namespace: str, service_account: str = DEFAULT_SERVICE_ACCOUNT
     """
     _check_namespace(namespace)
     _check(
-        isinstance(service_account, str) and bool(_DNS_SUBDOMAIN.match(service_account)),
+        isinstance(service_account, str) and bool(DNS_SUBDOMAIN.match(service_account)),
         f"service account {service_account!r} must be a DNS subdomain (lowercase letters, digits, '-' and '.')",
     )
     labels = {"app.kubernetes.io/name": APP, "app.kubernetes.io/component": "tuner"}

@@ -237,10 +237,11 @@ until [ -f {CURRENT_FILE} ]; do
 done
 """
 
-_CPU = re.compile(r"^([0-9]+m|[0-9]+(\.[0-9]+)?)$")
-_MEMORY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+# Kubernetes quantities and names (also checked by cliptuner.serve.cluster)
+CPU_QUANTITY = re.compile(r"^([0-9]+m|[0-9]+(\.[0-9]+)?)$")
+MEMORY_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _HOST = re.compile(r"^(\*\.)?[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _PREFIX = re.compile(r"^([a-z0-9][a-z0-9._/:-]*)?$")
@@ -343,7 +344,7 @@ class K8sOptions:
         Raises:
             ValueError: naming the first bad option and what it accepts.
         """
-        if not _DNS_LABEL.match(self.namespace):
+        if not DNS_LABEL.match(self.namespace):
             raise ValueError(
                 f"--namespace {self.namespace!r}: must be a DNS label (lowercase letters, digits and "
                 "'-', at most 63 characters)"
@@ -354,7 +355,7 @@ class K8sOptions:
             ("--index-storage-class", self.index_storage_class),
             ("--ingress-class", self.ingress_class),
         ):
-            if name is not None and not _DNS_SUBDOMAIN.match(name):
+            if name is not None and not DNS_SUBDOMAIN.match(name):
                 raise ValueError(f"{option} {name!r}: must be a DNS subdomain (lowercase letters, digits, '-' and '.')")
         self._validate_images()
         self._validate_model()
@@ -376,7 +377,7 @@ class K8sOptions:
             ("--milvus-token-secret", self.milvus_token_secret),
             ("--ingress-tls-secret", self.ingress_tls_secret),
         ):
-            if secret is not None and not _DNS_SUBDOMAIN.match(secret):
+            if secret is not None and not DNS_SUBDOMAIN.match(secret):
                 raise ValueError(f"{option} {secret!r}: must be a Secret name (a DNS subdomain)")
         if self.encoder_replicas < 1:
             raise ValueError(f"--encoder-replicas {self.encoder_replicas}: must be at least 1")
@@ -384,12 +385,12 @@ class K8sOptions:
             if gpus < 0:
                 raise ValueError(f"{option} {gpus}: must be 0 (no GPU) or more")
         for option, size in (("--storage", self.storage), ("--index-storage", self.index_storage)):
-            if not _MEMORY.match(size):
+            if not MEMORY_QUANTITY.match(size):
                 raise ValueError(f"{option} {size!r}: must be a Kubernetes quantity, e.g. 20Gi")
         for name, (cpu, memory) in self.resources.items():
-            if not _CPU.match(cpu) or _cpus(cpu) <= 0:
+            if not CPU_QUANTITY.match(cpu) or _cpus(cpu) <= 0:
                 raise ValueError(f"--{name}-cpu {cpu!r}: must be a CPU quantity above 0, e.g. 2, 1.5 or 500m")
-            if not _MEMORY.match(memory):
+            if not MEMORY_QUANTITY.match(memory):
                 raise ValueError(f"--{name}-memory {memory!r}: must be a memory quantity, e.g. 512Mi or 8Gi")
         self._validate_network()
         self._validate_training()
@@ -406,7 +407,7 @@ class K8sOptions:
                 f"{128 - len(GPU_SUFFIX)} characters, not starting with '.' or '-')"
             )
         for name, digest in self.digests.items():
-            if not _DNS_LABEL.match(name):
+            if not DNS_LABEL.match(name):
                 raise ValueError(f"--digest {name}={digest}: {name!r} must be a service name, e.g. encoder")
             if not _DIGEST.match(digest):
                 raise ValueError(f"--digest {name}={digest}: the digest must be sha256: and 64 lowercase hex digits")
@@ -439,7 +440,7 @@ class K8sOptions:
             if "/" not in cidr:
                 raise ValueError(f"--gateway-from {cidr!r}: must be a CIDR with its prefix length, e.g. {cidr}/32")
         for namespace in self.metrics_from_namespaces:
-            if not _DNS_LABEL.match(namespace):
+            if not DNS_LABEL.match(namespace):
                 raise ValueError(f"--metrics-from-namespace {namespace!r}: must be a namespace name (a DNS label)")
         if self.ingress_host is not None and not _HOST.match(self.ingress_host):
             raise ValueError(
@@ -479,7 +480,7 @@ class K8sOptions:
                 "--train-nodes the runs train in the Job's pods, not in the tuner's, so give the GPUs to them "
                 "(--train-gpus-per-node)"
             )
-        if _CPU.match(self.train_cpu) and _cpus(self.train_cpu) <= 0:
+        if CPU_QUANTITY.match(self.train_cpu) and _cpus(self.train_cpu) <= 0:
             raise ValueError(f"--train-cpu {self.train_cpu!r}: must be a CPU quantity above 0, e.g. 2, 1.5 or 500m")
         gpu_image = self.train_gpus_per_node > 0
         if gpu_image and "tuner" in self.digests and TRAIN_DIGEST not in self.digests:

@@ -5,7 +5,7 @@ Jina's rate, so that a minute of training is as many pings as ten minutes at the
 on the servers that gRPC reads, the tuner's server would close the connection after its third ping and the gateway
 would re-send the /train (tests/unit/test_keepalive.py shows that cut on a plain gRPC server).
 
-``SLOW_EPOCHS`` makes the run last about four minutes: `pytest -m slow tests/integration/test_train_once.py`.
+``SLOW_EPOCHS`` makes the run last over three minutes: `pytest -m slow tests/integration/test_train_once.py`.
 """
 
 import asyncio

@@ -18,9 +18,7 @@ fails and a cancel publish nothing and delete the Job. The tuner's ``train_clust
 from __future__ import annotations
 
 import copy
-import datetime
 import http.server
-import ipaddress
 import json
 import os
 import re
@@ -39,6 +37,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytest
+from certificates import self_signed
 
 from cliptuner.config import ModelSpec, TrainConfig
 from cliptuner.model.registry import Registry
@@ -841,39 +840,10 @@ def test_a_leftover_job_named_by_an_unfinished_run_is_deleted(tmp_path, run_dir)
 
 
 # -- the API client ---------------------------------------------------------------------------------------------------
-def self_signed(folder: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubernetes")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / "ca.crt", folder / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_path, key_path
-
-
 def test_in_a_pod_the_api_is_reached_over_https_with_the_service_accounts_ca_and_token(tmp_path, monkeypatch):
     account = tmp_path / "serviceaccount"
     account.mkdir()
-    ca, key = self_signed(account)
+    ca, key = self_signed(account, cert_name="ca.crt")
     (account / "token").write_text(TOKEN + "\n")
     (account / "namespace").write_text(NAMESPACE)
     fake = make_fake(tmp_path, tls=(ca, key))
