@@ -15,7 +15,6 @@ from typing import Optional
 
 import numpy as np
 import pytest
-from certificates import self_signed  # noqa: F401  (the integration tests import it from here)
 from docarray import DocList
 from jina import Client
 from jina.excepts import BadServer
@@ -23,6 +22,10 @@ from PIL import Image
 
 from cliptuner.serve.launch import stop_group
 from executors.schemas import ClipDoc
+
+# tests/ holds the helpers the unit and integration tests share; the benchmarks import this module from elsewhere
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from certificates import self_signed  # noqa: E402, F401  (the integration tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 300.0
