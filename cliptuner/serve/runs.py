@@ -427,8 +427,15 @@ class TrainingRuns:
             )
 
     def release(self) -> None:
-        """Give the place back when no run was started after :meth:`acquire`."""
-        self._lock.release()
+        """Give the place back when no run was started after :meth:`acquire` (or :meth:`claim`: the run it made is
+        forgotten, so that its request finds no run that will never start)."""
+        with self._claims:
+            run = self.active
+            if run is not None and run.process is None and not run.finished.is_set():
+                self.active = None
+                if run.request_id is not None and self._recent.get(run.request_id) is run:
+                    del self._recent[run.request_id]
+            self._lock.release()
 
     def claim(self, request_id: str, derived: bool = False) -> tuple[Run, bool]:
         """The run that answers request ``request_id``: the one it already has, or a new one (not started yet).

@@ -379,6 +379,8 @@ def test_a_request_claimed_again_while_its_run_goes_follows_that_run_and_gets_it
     assert later.progress == {"state": "idle"}  # nothing started
     fresh, new = later.claim("nightly-43")
     assert new
+    later.release()  # not started after all: the request finds nothing, and may start anew
+    assert later.find("nightly-43") is None and later.claim("nightly-43")[1]
     later.release()
 
 
