@@ -68,12 +68,10 @@ def flow_config(
     server, channel = (KEEPALIVE_SERVER_OPTIONS, KEEPALIVE_CHANNEL_OPTIONS)
     if keepalive_ms is not None:
         server, channel = keepalive_options(keepalive_ms)
-    given = config.setdefault("with", {}) or {}
-    config["with"] = given
+    given = config["with"] = config.get("with") or {}
     for key, options in (("grpc_server_options", server), ("grpc_channel_options", channel)):
-        given[key] = {**(given.get(key) or {}), **(options if keepalive_ms else {})}
-        for name, value in options.items():
-            given[key].setdefault(name, value)
+        own = given.get(key) or {}  # the YAML's options win, unless an interval was asked for
+        given[key] = {**own, **options} if keepalive_ms is not None else {**options, **own}
     for member in [*executors, *([gateway] if isinstance(gateway, dict) else [])]:  # their own options win
         if member.get("grpc_server_options"):
             member["grpc_server_options"] = {**given["grpc_server_options"], **member["grpc_server_options"]}

