@@ -254,6 +254,51 @@ class EvalConfig:
         _check(0 < self.eval_fraction < 1, f"eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
 
 
+GATE_METRICS = ("mean_r5",) + METRIC_NAMES  # mean_r5: the mean of t2i_r5 and i2t_r5
+
+
+@config_dataclass
+class GateConfig:
+    """When a finished run goes live: the evaluation gate between a tuned candidate and the version serving now.
+
+    The candidate and the serving version are measured on the run's held-out split in the same run (and on each
+    regression set given); :func:`cliptuner.model.gate.decide` applies these options to the numbers.
+    """
+
+    gate: bool = option(
+        True,
+        "make the tuned model CURRENT only if it beats the version serving now on the held-out split (and loses at "
+        "most max_regression on each regression set); otherwise it stays a listed candidate. false: every finished "
+        "run goes live",
+    )
+    min_gain: float = option(
+        0.0,
+        "how much the candidate must beat the serving version by on gate_metric (absolute, e.g. 0.01 = one point); "
+        "0: any gain, a tie is not enough; negative: a loss this small is accepted",
+    )
+    max_regression: float = option(
+        0.01, "the most the candidate may lose against the serving version on a regression set (absolute)"
+    )
+    gate_metric: str = option(
+        "mean_r5", "what the gate compares: mean_r5 (mean of t2i and i2t recall@5) or one recall", choices=GATE_METRICS
+    )
+    gate_wiseft: bool = option(
+        False,
+        "when the tuned weights lose too much on a regression set, try WiSE-FT blends of the serving and the tuned "
+        "weights (wiseft_alphas, or 0.2 0.4 0.6 0.8) and promote the best blend that passes",
+    )
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.gate, bool), f"gate must be true or false, got {self.gate!r}")
+        _check(-1.0 <= self.min_gain <= 1.0, f"min_gain must be in [-1, 1], got {self.min_gain!r}")
+        _check(0.0 <= self.max_regression <= 1.0, f"max_regression must be in [0, 1], got {self.max_regression!r}")
+        _check(
+            self.gate_metric in GATE_METRICS,
+            f"gate_metric must be one of {list(GATE_METRICS)}, got {self.gate_metric!r}",
+        )
+        _check(isinstance(self.gate_wiseft, bool), f"gate_wiseft must be true or false, got {self.gate_wiseft!r}")
+
+
 # -- /train parameters -----------------------------------------------------------------------------------------------
 SOURCE_PARAMETERS = {  # /train parameters that name a file under the tuner's data root
     "data": "a PAIRS file (CSV or Karpathy JSON) under the data root to train on, instead of the request's docs",
@@ -266,6 +311,11 @@ WAIT_HELP = "answer when the tuned version serves (the report), or at once with 
 REQUEST_ID_HELP = (
     "names the request: sent again, it follows the run it started instead of training twice (unset: derived from "
     "the request)"
+)
+TRAIN_SOURCES = ("request", "feedback")  # what a /train trains on: its docs or data file, or the recorded feedback
+SOURCE_HELP = (
+    "request: the request's docs or parameters['data']; feedback: the search feedback recorded by /feedback (its "
+    "newest queries held out), mixed with parameters['data'] when given"
 )
 RUN_PARAMETERS = ("wait", "request_id")  # how a /train waits, and which request it is
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"  # a client's request_id
@@ -289,6 +339,7 @@ class _Sources:
     eval_data: Optional[str] = None
     general_data: Optional[str] = None
     config: Optional[str] = None
+    source: str = "request"
     wait: bool = True
     request_id: Optional[str] = None
 
@@ -297,7 +348,9 @@ def _owner(name: str) -> type:
     """The class whose field a /train parameter is (for its cast)."""
     if name in request_names(EvalConfig):
         return EvalConfig
-    if name in SOURCE_PARAMETERS or name in RUN_PARAMETERS:
+    if name in request_names(GateConfig):
+        return GateConfig
+    if name in SOURCE_PARAMETERS or name in RUN_PARAMETERS or name == "source":
         return _Sources
     return TrainConfig
 
@@ -308,11 +361,12 @@ def _cast_parameter(cls: type, value: Any, info: pydantic.ValidationInfo) -> Any
 
 def _train_parameters_model() -> type[pydantic.BaseModel]:
     fields: dict[str, Any] = {}
-    for cls in (TrainConfig, EvalConfig):
+    for cls in (TrainConfig, EvalConfig, GateConfig):
         names = request_names(cls)
         fields.update({f.name: _parameter(cls, f) for f in dataclasses.fields(cls) if f.name in names})
     for name, text in SOURCE_PARAMETERS.items():
         fields[name] = (Optional[str], pydantic.Field(None, description=text))
+    fields["source"] = (typing.Literal[TRAIN_SOURCES], pydantic.Field("request", description=SOURCE_HELP))
     fields["wait"] = (bool, pydantic.Field(True, description=WAIT_HELP))
     fields["request_id"] = (
         Optional[str],

@@ -128,6 +128,13 @@ class ServiceEnvironment(pydantic.BaseModel):
         16 * 1024 * 1024, "size at which <workspace>/audit/audit.jsonl is rotated", bounds=(1024, 2**40)
     )
     cache: Optional[Path] = variable(None, "where `cliptuner demo` caches its base model (unset: ~/.cache/cliptuner)")
+    auto_train: Optional[str] = variable(
+        None,
+        'the tuner\'s auto_train policy as JSON, e.g. {"min_events": 200, "min_queries": 50, "parameters": '
+        '{"epochs": 3}}: train on the search feedback by itself, gated (unset: off)',
+        flag="--auto-train",
+        accepts="a JSON object",
+    )
     torch_threads: Optional[int] = variable(None, "CPU threads of each training process (unset: the CPUs left)")
     train_niceness: Optional[int] = variable(None, "CPU priority of training below serving, 0 to 19 (unset: 10)")
 

@@ -1,7 +1,9 @@
 """CLIPIndexer: stores docs with their vectors, searches them, and moves them to each new model version.
 
-The endpoints (``/index``, ``/search``, ``/delete``, ``/train``, ``/status``), the rule for vectors that clients
-send, the request limits and sharding are described in ``docs/service.md``. The vector store is
+The endpoints (``/index``, ``/search``, ``/delete``, ``/feedback``, ``/train``, ``/status``), the rule for vectors
+that clients send, the request limits and sharding are described in ``docs/service.md``. ``/feedback`` records
+what people chose among the results of a search in the workspace's feedback log
+(:mod:`cliptuner.serve.feedback`). The vector store is
 :mod:`cliptuner.index.stores`; re-embedding for a new version, following CURRENT and a shard's versions are
 :class:`cliptuner.serve.reindex.Reindexer`'s. One replica per shard: a store's folder is opened by one process.
 """
@@ -20,7 +22,8 @@ from cliptuner.index.embedded import HnswSettings, StoredDoc, check_where
 from cliptuner.index.shards import check_shards, shard_of
 from cliptuner.index.stores import open_store
 from cliptuner.index.vectors import client_vector, repeated_ids
-from cliptuner.serve.content import Item, embed_items
+from cliptuner.serve.content import Item, embed_items, image_source
+from cliptuner.serve.feedback import FEEDBACK_SUBDIR, FeedbackRecorder, encoded_image, event_of
 from cliptuner.serve.limits import RequestLimits
 from cliptuner.serve.reindex import Reindexer
 from cliptuner.serve.status import status_view, wants_detail
@@ -158,6 +161,13 @@ class CLIPIndexer(Executor):
             keep_previous=self.shards > 1,
             dtype=setting(vector_dtype) or "f32",
         )
+        self.feedback = FeedbackRecorder(
+            setup.root / FEEDBACK_SUBDIR,  # <workspace>/feedback, one log for all shards; opened at the first event
+            self.collection,
+            self.policy,
+            self.limits.image_limits,
+            owns=lambda doc_id: shard_of(doc_id, self.shards) == self.shard,
+        )
         self.metrics = Metrics(getattr(self.runtime_args, "metrics_registry", None))
         self.metrics.time_requests(self)
         self.reindexer = Reindexer(
@@ -225,9 +235,10 @@ class CLIPIndexer(Executor):
         return self.reindexer.sync()
 
     def close(self) -> None:
-        """Stop following CURRENT and close the collection (saves its HNSW index)."""
+        """Stop following CURRENT and close the collection (saves its HNSW index) and the feedback log."""
         self.reindexer.close()
         self.collection.close()
+        self.feedback.close()
         super().close()
 
     # -- the work, in worker threads ---------------------------------------------------------------------------
@@ -380,6 +391,36 @@ class CLIPIndexer(Executor):
             doc.tags["deleted"] = True
         return docs
 
+    def _feedback(self, docs: DocList[ClipDoc]) -> DocList[ClipDoc]:
+        """Record one feedback event per doc (all or none); the docs, tagged ``feedback``, without image bytes."""
+        check_request(docs, self.limits)
+        repeated = repeated_ids(doc.id for doc in docs)
+        if repeated:
+            raise ValueError(
+                f"event ids given more than once in one /feedback request: {repeated}; nothing was recorded "
+                "(send each event once)"
+            )
+        events = []
+        for doc in docs:
+            name, limits = f"doc {doc.id!r}", self.limits.image_limits
+            source = image_source(name, doc.tensor, doc_blob(doc), doc_uri(doc), self.policy, limits)
+            image = None if source is None else encoded_image(source, name, limits)  # a tensor as a PNG
+            events.append(event_of(doc.id, doc.tags, doc.text, image, doc.model_version))
+        stored = self.feedback.record(events)
+        answered = DocList[ClipDoc]()
+        for doc, new in zip(docs, stored):
+            uri = doc_uri(doc)
+            answered.append(
+                ClipDoc(
+                    id=doc.id,
+                    text=doc.text,
+                    uri=None if uri and uri[:5].lower() == "data:" else uri,  # a data: uri is image bytes too
+                    model_version=doc.model_version,
+                    tags={**doc.tags, "feedback": {"event_id": doc.id, "stored": new}},
+                )
+            )
+        return answered
+
     def status(self) -> dict:
         """What this indexer holds: version, count, dimension, backend, rebuild state, CURRENT (and its shard)."""
         return {"executor": "CLIPIndexer", **self.reindexer.status()}
@@ -426,6 +467,19 @@ class CLIPIndexer(Executor):
             request_parameters(parameters, (), "/delete")
             mine = self._mine(docs)
             return await asyncio.to_thread(self._delete, docs, mine), {"positions": mine}
+
+        return await self._answer(work)
+
+    @requests(on="/feedback")
+    async def feedback_event(
+        self, docs: DocList[ClipDoc], parameters: Optional[dict] = None, **kwargs: Any
+    ) -> DocList[ClipDoc]:
+        """Record what people chose among the results of a search: one event per doc, stored durably and once per
+        event id; a shard checks and copies the shown docs it owns (docs/service.md)."""
+
+        async def work() -> tuple[DocList[ClipDoc], dict]:
+            request_parameters(parameters, (), "/feedback")
+            return await asyncio.to_thread(self._feedback, docs), {"positions": list(range(len(docs)))}
 
         return await self._answer(work)
 

@@ -22,8 +22,12 @@ metric                                     type       what
 ``cliptuner_train_loss``                   gauge      loss of the latest logged step
 ``cliptuner_train_samples_per_second``     gauge      training throughput of the running training
 ``cliptuner_train_progress``               gauge      step / total steps of the running training
-``cliptuner_train_runs_total``             counter    finished /train runs, by ``outcome`` (published, failed,
+``cliptuner_train_runs_total``             counter    finished /train runs, by ``outcome`` (published: promoted
+                                                      and serving; refused: the gate kept it a candidate; failed;
                                                       cancelled); each outcome at 0 from the tuner's start
+``cliptuner_feedback_pending_events``      gauge      feedback events recorded since the last automatic run
+                                                      (the tuner's, with an ``auto_train`` policy)
+``cliptuner_auto_train_runs_total``         counter    runs the ``auto_train`` policy started
 ``cliptuner_request_seconds``              histogram  time an Executor takes to answer one request, by
                                                       ``executor`` (class name) and ``endpoint``
 ``cliptuner_workspace_free_bytes``         gauge      bytes free for the service on the workspace volume (read
@@ -65,7 +69,7 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 # any endpoint's answer: the same, up to a synchronous /train of hours
 _REQUEST_BUCKETS = (*_LATENCY_BUCKETS, 300.0, 1800.0, 7200.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # items per model run (batch_size caps it: 32 by default)
-TRAIN_OUTCOMES = ("published", "failed", "cancelled")  # how a /train run ends (cliptuner_train_runs_total)
+TRAIN_OUTCOMES = ("published", "refused", "failed", "cancelled")  # how a /train run ends (cliptuner_train_runs_total)
 # the gauges of the running training, removed when it ends
 _TRAINING_GAUGES = (
     "cliptuner_train_step_seconds",
@@ -237,6 +241,16 @@ class Metrics:
             lambda: read("f_blocks")
         )
 
+    def feedback_pending(self, events: int) -> None:
+        """Feedback events recorded since the last automatic run (the auto_train policy's count)."""
+        self._get(
+            Gauge, "cliptuner_feedback_pending_events", "Feedback events recorded since the last automatic run"
+        ).set(events)
+
+    def auto_train_started(self) -> None:
+        """Count a run the auto_train policy started."""
+        self._get(Counter, "cliptuner_auto_train_runs", "Runs the auto_train policy started").inc()
+
     def training_outcomes(self) -> None:
         """Start the run counter of each outcome at 0, so that ``increase()`` and ``rate()`` see the first run
         that ends so (a series that first appears at 1 shows no increase). Call it once, when the tuner starts."""
@@ -267,7 +281,7 @@ class Metrics:
             )
 
     def training_finished(self, outcome: str) -> None:
-        """Count a finished run (``published``, ``failed`` or ``cancelled``) and remove the gauges of the running
+        """Count a finished run (``published``, ``refused``, ``failed`` or ``cancelled``) and remove the gauges of the running
         training (they come back with the next run's first step)."""
         self._runs_counter().labels(outcome).inc()
         for name in _TRAINING_GAUGES:

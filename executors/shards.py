@@ -110,6 +110,24 @@ class ShardMerger(Executor):
                 raise ValueError(f"{exc} (on that shard); the other shards removed their part: {shown}") from None
             raise
 
+    @requests(on="/feedback")
+    async def feedback(
+        self, docs: DocList[ClipDoc], docs_matrix: Optional[list] = None, **kwargs: Any
+    ) -> DocList[ClipDoc]:
+        """Each event as the shards answered it: ``stored`` when a shard stored it now (every shard writes the event
+        and the content of its own docs)."""
+        try:
+            answers = _answers(docs_matrix)
+        except ValueError as exc:
+            raise ValueError(
+                f"{exc} (the other shards may have kept the event; its pairs use only stored docs)"
+            ) from None
+        out = answers[0][2]
+        for i, doc in enumerate(out):
+            stored = [shard_docs[i].tags.get("feedback", {}).get("stored") for _, _, shard_docs in answers]
+            doc.tags["feedback"] = {"event_id": doc.id, "stored": any(stored)}
+        return out
+
     @requests(on="/search")
     async def search(
         self, docs: DocList[ClipDoc], docs_matrix: Optional[list] = None, **kwargs: Any

@@ -24,7 +24,9 @@ from jina import Executor, requests
 from cliptuner.config import (
     REQUEST_ID_PATTERN,
     RUN_PARAMETERS,
+    TRAIN_SOURCES,
     EvalConfig,
+    GateConfig,
     ModelSpec,
     TrainConfig,
     from_mapping,
@@ -33,8 +35,11 @@ from cliptuner.extras import require_train
 from cliptuner.model.registry import CurrentChange, Registry
 from cliptuner.options import read_options_file, request_names
 from cliptuner.serve.access import RemoteImage
+from cliptuner.serve.auto_train import AutoTrainer, AutoTrainPolicy
 from cliptuner.serve.cluster import TrainingCluster, in_cluster_namespace
 from cliptuner.serve.content import image_source
+from cliptuner.serve.feedback import FEEDBACK_SUBDIR
+from cliptuner.serve.feedback_training import FeedbackTraining, check_batch, feedback_training_sets
 from cliptuner.serve.runs import (
     DEFAULT_TRAIN_NICENESS,
     MAX_NICENESS,
@@ -50,6 +55,7 @@ from cliptuner.serve.runs import (
     hide_paths,
 )
 from cliptuner.serve.status import status_view, wants_detail
+from cliptuner.settings import ServiceEnvironment
 from cliptuner.train.data import DataError, PairSet, from_memory, load_split, train_and_held_out
 from cliptuner.train.job import TrainJob, write_pairs_csv
 
@@ -71,8 +77,10 @@ logger = logging.getLogger(__name__)
 
 TRAIN_OPTIONS = request_names(TrainConfig)  # the TrainConfig fields a request may set
 EVAL_OPTIONS = request_names(EvalConfig)  # eval_fraction
+GATE_OPTIONS = request_names(GateConfig)  # gate, min_gain, max_regression, gate_metric, gate_wiseft
 SOURCE_OPTIONS = ("data", "eval_data", "general_data", "config")  # files under the data root
 RUN_OPTIONS = RUN_PARAMETERS  # how the request waits for its run, and which request it is
+FEEDBACK = TRAIN_SOURCES[1]  # parameters['source'] of a run on the recorded feedback
 REPORT_ID = "train-report"
 RUN_DOC_ID = "train-run"  # the answer of a /train with wait=False
 CANCEL_DOC_ID = "train-cancel"  # the answer of /train/cancel
@@ -99,9 +107,11 @@ class TrainRequest:
     eval_cfg: EvalConfig
     data: Optional[Path]  # PAIRS file, or None for the request's docs
     eval_data: Optional[Path]  # held-out PAIRS file, or None for a held-out fraction
-    general_data: Optional[Path] = None  # off-domain PAIRS file for the WiSE-FT sweep
+    general_data: Optional[Path] = None  # off-domain PAIRS file: the WiSE-FT sweep, the gate's regression set
+    gate: GateConfig = dataclasses.field(default_factory=GateConfig)  # when the tuned version goes live
     wait: bool = True  # answer after the run (the report), or at once (the run id)
     request_id: Optional[str] = None  # the client's id of this request; None: derived (:func:`request_digest`)
+    source: str = "request"  # the request's docs or data file, or the recorded feedback (mixed with data)
 
 
 def _digest_value(value: Any) -> Any:
@@ -174,6 +184,9 @@ class CLIPTuner(Executor):
             :class:`cliptuner.serve.cluster.TrainingCluster` (``image``, ``nodes``, ``procs_per_node``,
             ``gpus_per_node``, ``cpu``, ``memory``, ``workspace_claim``, ...; ``namespace`` defaults to the tuner pod's
             own). The tuner talks to the API server with its pod's service account (docs/training.md).
+        auto_train: train on the search feedback by itself (off when unset): ``min_events`` new events over at
+            least ``min_queries`` distinct queries start a gated run, detached, looked for every ``check_every_s``
+            seconds, with the ``/train`` ``parameters`` given (:class:`cliptuner.serve.auto_train.AutoTrainPolicy`).
         **kwargs: the settings the three Executors share, by name (:class:`executors.options.ExecutorSettings`:
             model, pretrained, device, models_dir, bootstrap, bootstrap_timeout, uri_roots, allowed_hosts,
             intra_op_threads and the request limits ``max_*``), then jina's own.
@@ -193,6 +206,7 @@ class CLIPTuner(Executor):
         keep_versions: Optional[int] = None,
         processes: int = 1,
         train_cluster: Optional[dict] = None,
+        auto_train: Optional[dict] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -233,6 +247,19 @@ class CLIPTuner(Executor):
             hidden={"the data root": self.data_root},
             cluster=self.cluster,
         )
+        self.feedback_root = setup.root / FEEDBACK_SUBDIR
+        self.auto: Optional[AutoTrainer] = None
+        policy = AutoTrainPolicy.from_setting(setting(auto_train) or ServiceEnvironment.get("auto_train"))
+        if policy is not None:
+            self.parse_request({**policy.parameters, "source": FEEDBACK})  # bad parameters fail the start
+            self.auto = AutoTrainer(
+                policy,
+                self.feedback_root,
+                self._start_auto,
+                on_pending=self.metrics.feedback_pending,
+                on_started=self.metrics.auto_train_started,
+            )
+            self.auto.start()
         logger.info(
             "CLIPTuner: CURRENT %s in %s, training on %s (%d process(es) per run, %d torch thread(s) each, "
             "niceness +%d), data root %s",
@@ -272,10 +299,14 @@ class CLIPTuner(Executor):
             ValueError: an unknown parameter or config-file option (named), a bad value, or a data path outside
                 the data root.
         """
-        params = request_parameters(parameters, TRAIN_OPTIONS + EVAL_OPTIONS + SOURCE_OPTIONS + RUN_OPTIONS, "/train")
+        options = TRAIN_OPTIONS + EVAL_OPTIONS + GATE_OPTIONS
+        params = request_parameters(parameters, options + SOURCE_OPTIONS + RUN_OPTIONS + ("source",), "/train")
         wait = params.pop("wait", True)
         if not isinstance(wait, bool):
             raise ValueError(f"parameter 'wait' must be true or false, got {wait!r}")
+        source = params.pop("source", TRAIN_SOURCES[0])
+        if source not in TRAIN_SOURCES:
+            raise ValueError(f"parameter 'source' must be one of {list(TRAIN_SOURCES)}, got {source!r}")
         request_id = params.pop("request_id", None)
         if request_id is not None and not (isinstance(request_id, str) and REQUEST_ID.match(request_id)):
             raise ValueError(
@@ -285,20 +316,23 @@ class CLIPTuner(Executor):
         if "config" in params:
             name = params.pop("config")
             params = {
-                **read_options_file(self._data_path("config", name), TRAIN_OPTIONS + EVAL_OPTIONS, label=str(name)),
+                **read_options_file(self._data_path("config", name), options, label=str(name)),
                 **params,
             }
         train_values = {k: v for k, v in params.items() if k in TRAIN_OPTIONS}
         cfg = from_mapping(TrainConfig, {**train_values, "device": self.device, "log_every": 1})
         eval_values = {k: v for k, v in params.items() if k in EVAL_OPTIONS}
         eval_cfg = from_mapping(EvalConfig, {**eval_values, "split_seed": cfg.seed})
+        gate = from_mapping(GateConfig, {k: v for k, v in params.items() if k in GATE_OPTIONS})
         paths = {name: self._data_path(name, params[name]) for name in SOURCE_OPTIONS[:3] if name in params}
         return TrainRequest(
             cfg=cfg,
             eval_cfg=eval_cfg,
+            gate=gate,
             **{name: paths.get(name) for name in SOURCE_OPTIONS[:3]},
             wait=wait,
             request_id=request_id,
+            source=source,
         )
 
     def pairs_from_docs(self, docs: DocList[ClipDoc]) -> PairSet:
@@ -368,15 +402,32 @@ class CLIPTuner(Executor):
             held_out_from = f"{source} (test split)"
         else:
             held_out_from = f"{eval_cfg.eval_fraction:g} of {source} (seed {eval_cfg.split_seed})"
-        if train.num_images < request.cfg.batch_size:
-            raise ValueError(
-                f"{train.num_images} training images is fewer than batch_size {request.cfg.batch_size}: "
-                "send more pairs or lower batch_size"
-            )
+        if request.source != FEEDBACK:
+            check_batch(train, request.cfg.batch_size)
         return train, held_out, {"source": source, "held_out": held_out_from}
+
+    def feedback_split(self, request: TrainRequest, docs: DocList[ClipDoc]) -> FeedbackTraining:
+        """The pairs of a run on the recorded feedback, mixed with ``parameters['data']`` when given
+        (:func:`cliptuner.serve.feedback_training.feedback_training_sets`).
+
+        Raises:
+            ValueError: docs sent too, no usable feedback, too few queries to hold any out, too few images.
+        """
+        if len(docs):
+            raise ValueError(
+                f"/train with source 'feedback' trains on the recorded feedback (and parameters['data']); got "
+                f"{len(docs)} docs: send none"
+            )
+        extra, name = None, ""
+        if request.data is not None:
+            train, held_out, sources = self.split_pairs(request, docs)
+            extra, name = (train, held_out), sources["source"]
+        return feedback_training_sets(self.feedback_root, request.cfg.batch_size, extra, name)
 
     # -- the run's job: checked and written here, trained by a worker, published by the runs --------------------
     def _parent_spec(self, parent: str) -> tuple[ModelSpec, str]:
+        """The weights a run starts from (CURRENT's checkpoint: the version serving, which the gate compares the tuned
+        weights with) and how the report names them."""
         manifest = self.registry.manifest(parent)
         checkpoint = manifest.checkpoint_path(self.registry.path(parent))
         if checkpoint is not None:
@@ -399,22 +450,56 @@ class CLIPTuner(Executor):
 
         The split made here is handed over as it is: ``data`` the training pairs, ``eval_data`` the held-out ones.
         """
-        train, held_out, run.sources = self.split_pairs(request, docs)
+        regression = None
+        if request.source == FEEDBACK:
+            feedback = self.feedback_split(request, docs)
+            train, held_out, run.sources, regression = (
+                feedback.train,
+                feedback.held_out,
+                feedback.sources,
+                feedback.regression,
+            )
+        else:
+            train, held_out, run.sources = self.split_pairs(request, docs)
         spec, run.init = self._parent_spec(run.parent)
         general = None
         if request.general_data is not None:
             general_pairs = self._load_general(request.general_data)
             general = write_pairs_csv(general_pairs, run.inputs_dir / "general" / "general.csv")
+        if regression is not None:
+            regression = write_pairs_csv(regression, run.inputs_dir / "regression" / "regression.csv")
         return TrainJob(
             data=str(write_pairs_csv(train, run.inputs_dir / "train.csv")),
             eval_data=str(write_pairs_csv(held_out, run.inputs_dir / "held_out.csv")),
             general_data=None if general is None else str(general),
+            regression_data=None if regression is None else str(regression),
             model=spec,
             cfg=request.cfg,
             eval_cfg=request.eval_cfg,
+            gate=request.gate,
+            serving_label=run.init,
             out=str(run.model_dir),
             plots=False,  # a version in the registry is served, not looked at: its curves are in the report
         )
+
+    def _start_auto(self, parameters: dict, request_id: str) -> Optional[str]:
+        """Start the auto_train policy's run on the feedback, detached; its run id, or None when a run is going.
+
+        A run that fails to start (too little usable feedback) has had its chance on these events: its id is
+        returned all the same, and /status shows why it failed.
+        """
+        request = self.parse_request({**parameters, "source": FEEDBACK, "wait": False, "request_id": request_id})
+        try:
+            run, new = self.runs.claim(request_id)
+        except TrainingBusy:
+            return None
+        if new:
+            prepare = functools.partial(self._prepare, request=request, docs=DocList[ClipDoc]())
+            try:
+                self.runs.start_detached(prepare, run)
+            except TrainingFailed as exc:
+                logger.warning("auto_train: run %s did not start: %s", run.run_id, exc)
+        return run.run_id
 
     def _run(self, request: TrainRequest, docs: DocList[ClipDoc]) -> dict:
         """A whole run, as a synchronous /train waits for it (the runs' place taken already)."""
@@ -436,11 +521,14 @@ class CLIPTuner(Executor):
             "cluster": None
             if self.cluster is None
             else f"{self.cluster.nodes} node(s) x {self.cluster.procs_per_node}",
+            "auto_train": None if self.auto is None else self.auto.status(),
         }
 
     def close(self) -> None:
         """Stop a running training: its worker's process group is ended (SIGTERM, then SIGKILL); nothing is
         published."""
+        if self.auto is not None:
+            self.auto.stop()
         self.runs.close()
         super().close()
 
@@ -479,6 +567,8 @@ class CLIPTuner(Executor):
         """The answer of a /train with ``wait=False``: the run's id and state (and version, once published)."""
         tags = {"run_id": run.run_id, "state": run.state, "request_id": run.request_id}
         version = run.report["model_version"] if run.report is not None else None
+        if run.report is not None:  # published: as CURRENT, or as a candidate the gate refused
+            tags["gate"] = run.report.get("gate", {}).get("reason")
         return ClipDoc(id=RUN_DOC_ID, model_version=version, tags=tags)
 
     @requests(on="/train/cancel")

@@ -10,11 +10,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cliptuner.model.gate import gate_status
+from cliptuner.model.manifest import ModelManifest
+
 MODELS_EPILOG = """\
 examples:
   cliptuner models list --workspace ./ws            every version: CURRENT, parent, before -> after R@5
   cliptuner models list --workspace ./ws --json     the same as JSON (one object per version)
   cliptuner models publish out/model --workspace ./ws   a model from cliptuner train --out becomes CURRENT
+                                                    (a candidate, listed but not served, when its gate refused it)
   cliptuner models promote v3 --workspace ./ws      serve v3 (its manifest and files are checked first)
   cliptuner models rollback --workspace ./ws        serve the version CURRENT was tuned from
   cliptuner models prune --keep 5 --workspace ./ws  delete all but the 5 newest versions (never CURRENT)
@@ -100,10 +104,22 @@ def _percent(metrics: Any, key: str) -> str:
 def format_models_table(summaries: list[dict[str, Any]]) -> str:
     """:meth:`Registry.summaries <cliptuner.model.registry.Registry.summaries>` as a table, one row per version.
 
-    Recall columns read ``before -> after`` in percent; ``*`` marks CURRENT; a version that cannot be read shows
-    its error under its row.
+    Recall columns read ``before -> after`` in percent; ``*`` marks CURRENT; STATUS is ``current``, ``candidate``
+    (the evaluation gate refused it: its reason follows under its row) or ``published``; a version that cannot be
+    read shows its error under its row.
     """
-    header = ("", "VERSION", "CREATED", "PARENT", "ARCH", "EPOCHS", "T2I R@5 %", "I2T R@5 %", "MEAN RECALL %")
+    header = (
+        "",
+        "VERSION",
+        "STATUS",
+        "CREATED",
+        "PARENT",
+        "ARCH",
+        "EPOCHS",
+        "T2I R@5 %",
+        "I2T R@5 %",
+        "MEAN RECALL %",
+    )
     rows, notes = [], {}
     for entry in summaries:
         report = entry.get("report") or {}
@@ -116,6 +132,7 @@ def format_models_table(summaries: list[dict[str, Any]]) -> str:
             (
                 "*" if entry.get("current") else "",
                 entry["version"],
+                entry.get("status") or "-",
                 created[:19].replace("T", " "),
                 entry.get("parent_version") or "-",
                 entry.get("arch") or "?",
@@ -123,8 +140,11 @@ def format_models_table(summaries: list[dict[str, Any]]) -> str:
                 *recall,
             )
         )
+        gate = report.get("gate") or {}
         if entry.get("error"):
             notes[len(rows) - 1] = f"    error: {entry['error']}"
+        elif entry.get("status") == "candidate" and gate.get("reason"):
+            notes[len(rows) - 1] = f"    gate: {gate['reason']}"
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(header, widths)).rstrip()]
     for i, row in enumerate(rows):
@@ -140,8 +160,16 @@ def run(args: argparse.Namespace) -> Any:
     """``cliptuner models list|publish|promote|rollback|prune``: operate on the model versions of a registry."""
     registry = _registry_of(args, create=args.models_command == "publish")
     if args.models_command == "publish":
-        version = registry.publish(args.model_dir, args.version, make_current=not args.no_current)
-        print(f"published {version}" + ("" if args.no_current else f"; CURRENT is now {version}"))
+        gate = gate_status(ModelManifest.read(Path(args.model_dir)).report)
+        refused = gate is not None and not gate["promoted"]
+        version = registry.publish(args.model_dir, args.version, make_current=not (args.no_current or refused))
+        if refused:
+            print(
+                f"published {version} as a candidate ({gate['reason']}); CURRENT is still {registry.current()}. "
+                f"Serve it anyway: cliptuner models promote {version}"
+            )
+        else:
+            print(f"published {version}" + ("" if args.no_current else f"; CURRENT is now {version}"))
         return version
     if args.models_command == "list":
         summaries = registry.summaries()
@@ -150,6 +178,9 @@ def run(args: argparse.Namespace) -> Any:
     if args.models_command == "promote":
         change = registry.promote(args.version)
         print(f"CURRENT is now {change.version}" + (f" (was {change.previous})" if change.changed else " (unchanged)"))
+        gate = gate_status(registry.manifest(change.version).report)
+        if gate is not None and not gate["promoted"]:
+            print(f"note: the evaluation gate had refused it ({gate['reason']})")
         return change
     if args.models_command == "rollback":
         change = registry.rollback()

@@ -100,6 +100,9 @@ def print_report(report: dict[str, Any], out: Path) -> None:
             if "general" in entry:
                 line += f"  {100 * entry['general']['t2i_r5']:.1f}%"
             print(line)
+    gate = report.get("gate")
+    if gate and gate.get("enabled", True):
+        print(f"gate: {gate['reason']}")
     print(
         f"{report['epochs']} epochs, {report['samples_per_s']:.1f} samples/s; "
         f"model version {report['model_version']!r} in {out}"

@@ -33,6 +33,7 @@ SERVE_ENV = {
     "tls_cert": "CLIPTUNER_TLS_CERT",
     "tls_key": "CLIPTUNER_TLS_KEY",
     "insecure_no_auth": "CLIPTUNER_INSECURE_NO_AUTH",
+    "auto_train": "CLIPTUNER_AUTO_TRAIN",
 }
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 METRICS_PORTS = ("GATEWAY", "TUNER", "ENCODER", "INDEXER")  # --metrics-port P: their Prometheus ports P, P+1, ...
@@ -111,6 +112,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="also serve HTTP on this port of the same host (CLIPTUNER_HTTP_PORT): the search page at / "
         'and a JSON API, POST /post {"execEndpoint": "/search", "data": [...], '
         '"parameters": {...}}, forwarded to the gRPC gateway (cliptuner/serve/http_front.py). Default: off',
+    )
+    p.add_argument(
+        "--auto-train",
+        default=None,
+        metavar="JSON",
+        help='train on the search feedback by itself (CLIPTUNER_AUTO_TRAIN), e.g. \'{"min_events": 200, '
+        '"min_queries": 50, "check_every_s": 30, "parameters": {"epochs": 3}}\': after that many new /feedback '
+        "events over that many distinct queries, a gated /train on the feedback starts in the background. "
+        "Default: off",
     )
     p.add_argument(
         "--keys-file",

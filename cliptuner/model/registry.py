@@ -22,7 +22,8 @@ of an interrupted :func:`~cliptuner.model.atomic.write_atomic`) once nothing in 
 
 Operating on versions (``cliptuner models …``, the tuner's ``/models`` endpoints):
 
-- :meth:`Registry.summaries` lists every version with its lineage and its report's headline numbers.
+- :meth:`Registry.summaries` lists every version with its lineage, its report's headline numbers and its status:
+  ``current``, ``candidate`` (the evaluation gate refused it: :mod:`cliptuner.model.gate`) or ``published``.
 - :meth:`Registry.promote` points CURRENT at a published version once its manifest and files check out.
 - :meth:`Registry.rollback` points CURRENT at the version before it, by lineage: the CURRENT version's
   ``parent_version`` (the version it was tuned from) while that is still published, else the version just before
@@ -54,6 +55,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from cliptuner.model.atomic import fsync_path, write_atomic
+from cliptuner.model.gate import gate_status
 from cliptuner.model.manifest import MANIFEST_FILE, ModelManifest
 
 logger = logging.getLogger(__name__)
@@ -68,6 +70,14 @@ _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _AUTO_VERSION_RE = re.compile(r"^v(\d+)$")
 _RESERVED = {CURRENT_FILE}
 HEADLINE_METRICS = ("t2i_r5", "i2t_r5", "mean_recall")  # what a version summary shows of before / after
+
+
+class CurrentMoved(ValueError):
+    """A publish that was to replace CURRENT found it naming another version than the one the caller expected."""
+
+    def __init__(self, message: str, current: Optional[str]) -> None:
+        super().__init__(message)
+        self.current = current
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +100,17 @@ def _headline(report: Any) -> Optional[dict[str, Any]]:
     for side in ("before", "after"):
         metrics = report.get(side)
         out[side] = {k: metrics[k] for k in HEADLINE_METRICS if k in metrics} if isinstance(metrics, dict) else None
+    out["gate"] = gate_status(report)
     return out
+
+
+def version_status(current: bool, report: Any) -> str:
+    """How a listing names a version: ``current``; ``candidate`` (the gate refused it, it never went live unless an
+    admin promotes it); ``published`` (any other: served before, a base, one published by hand)."""
+    if current:
+        return "current"
+    gate = gate_status(report)
+    return "candidate" if gate is not None and not gate["promoted"] else "published"
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -221,10 +241,11 @@ class Registry:
     def summaries(self) -> list[dict[str, Any]]:
         """One summary per published version, in natural order (as :meth:`versions`).
 
-        Each is ``{"version", "current", "created_at", "parent_version", "arch", "report"}`` where ``created_at``
-        is the export time of ``model.json`` (ISO 8601, UTC) and ``report`` is None for a version published
-        without a training report (a base version), else ``{"epochs", "before", "after"}`` with the
-        :data:`HEADLINE_METRICS` of each side. A version whose manifest or files do not check out is listed with
+        Each is ``{"version", "current", "status", "created_at", "parent_version", "arch", "report"}`` where
+        ``status`` is :func:`version_status`'s, ``created_at`` is the export time of ``model.json`` (ISO 8601, UTC)
+        and ``report`` is None for a version published without a training report (a base version), else
+        ``{"epochs", "before", "after", "gate"}`` with the :data:`HEADLINE_METRICS` of each side and the gate's
+        ``{"promoted", "reason"}`` (None for a run without a gate decision). A version whose manifest or files do not check out is listed with
         None for what could not be read and ``"error"`` saying why; a version deleted while listing is left out.
         """
         current = self.current()
@@ -233,6 +254,7 @@ class Registry:
             entry: dict[str, Any] = {
                 "version": version,
                 "current": version == current,
+                "status": "current" if version == current else "published",
                 "created_at": None,
                 "parent_version": None,
                 "arch": None,
@@ -246,6 +268,7 @@ class Registry:
                 entry["error"] = str(exc)
             else:
                 entry.update(
+                    status=version_status(version == current, manifest.report),
                     created_at=manifest.created_at,
                     parent_version=manifest.parent_version,
                     arch=manifest.arch,
@@ -272,7 +295,13 @@ class Registry:
         return f"v{number}"
 
     def publish(
-        self, src_dir: str | Path, version: Optional[str] = None, *, make_current: bool = True, move: bool = False
+        self,
+        src_dir: str | Path,
+        version: Optional[str] = None,
+        *,
+        make_current: bool = True,
+        move: bool = False,
+        expect_current: Optional[str] = None,
     ) -> str:
         """Publish a prepared model directory as a new version and (by default) point CURRENT at it.
 
@@ -282,11 +311,14 @@ class Registry:
             version: the name to publish under; default the next of ``v1``, ``v2``, …
             make_current: replace CURRENT with the new version.
             move: move ``src_dir`` instead of copying it (a rename when on the same filesystem).
+            expect_current: with ``make_current``, publish only if CURRENT still names this version (checked under
+                the lock, so no promote or rollback slips in between); None: whatever CURRENT names.
 
         Returns:
             The version name.
 
         Raises:
+            CurrentMoved: CURRENT no longer names ``expect_current``; nothing is published (as for OSError below).
             ValueError: ``src_dir`` is not a valid model directory (no or a bad ``model.json``, a missing file), or
                 the version name is invalid or already published.
             OSError: copying, renaming or writing CURRENT failed. Nothing is published then: no temp directory
@@ -304,6 +336,11 @@ class Registry:
                 shutil.copytree(src, tmp)
             _fsync_tree(tmp, skip=(MANIFEST_FILE,))
             with self._lock():
+                current = self.current()
+                if make_current and expect_current is not None and current != expect_current:
+                    raise CurrentMoved(
+                        f"CURRENT of {str(self.root)!r} moved from {expect_current!r} to {current!r}", current
+                    )
                 name = version if version is not None else self._next_version()
                 self._check_new_name(name)
                 dataclasses.replace(manifest, version=name).write(tmp)
@@ -425,7 +462,7 @@ class Registry:
             parent = ModelManifest.read(self.root / current).parent_version
         if parent and parent != current and parent in versions:
             return parent
-        earlier = [v for v in versions if _natural_key(v) < _natural_key(current)]
+        earlier = [v for v in versions if _natural_key(v) < _natural_key(current) and not self._refused(v)]
         if not earlier:
             why = f"its parent version {parent!r} is no longer published and" if parent else "it has no parent and"
             raise ValueError(
@@ -433,11 +470,20 @@ class Registry:
             )
         return earlier[-1]
 
+    def _refused(self, version: str) -> bool:
+        """Whether the gate refused ``version`` (a candidate that never went live by itself)."""
+        try:
+            gate = gate_status(ModelManifest.read(self.root / version).report)
+        except ValueError:
+            return False
+        return gate is not None and not gate["promoted"]
+
     def rollback(self) -> CurrentChange:
         """Point CURRENT at the version before it.
 
         The rule: the CURRENT version's ``parent_version`` (the version it was tuned from) if it is still
-        published; else the newest version that precedes CURRENT in natural order (``v9`` before ``v10``). Only
+        published; else the newest version that precedes CURRENT in natural order (``v9`` before ``v10``) and that
+        the gate did not refuse (a candidate never served goes live only by a promote). Only
         what is on disk counts (no history is kept), so rolling back twice walks two steps down the lineage.
         The target is checked as :meth:`promote` checks a version.
 

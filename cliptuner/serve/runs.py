@@ -41,8 +41,9 @@ from pathlib import Path
 from typing import Any, Optional, Protocol, Union
 
 import cliptuner
+from cliptuner.model.gate import gate_off, refused_after_all
 from cliptuner.model.manifest import ModelManifest
-from cliptuner.model.registry import Registry
+from cliptuner.model.registry import CurrentMoved, Registry
 from cliptuner.serve.cluster import KubeAPI, KubernetesJobRun, TrainingCluster, stop_leftover_job
 from cliptuner.serve.launch import stop_group
 from cliptuner.serve.worker_events import (
@@ -357,13 +358,15 @@ class TrainingRuns:
 
     Args:
         runs_dir: one directory per run under it; unfinished ones left by a previous process are removed here.
-        registry: where a finished run publishes (as CURRENT).
+        registry: where a finished run publishes: as CURRENT when the evaluation gate promotes it (the report's
+            ``gate``, :mod:`cliptuner.model.gate`), else as a listed candidate.
         processes: worker processes per run (torchrun with more than one).
         torch_threads: ``OMP_NUM_THREADS`` of each worker process.
         niceness: added to this process's nice value for the workers (0 to 19).
         keep_versions: after each publish, keep only the newest this many versions (never CURRENT); None keeps all.
         observer: told of each event (``training_event``), each finished run (``training_finished`` with
-            ``published``, ``failed`` or ``cancelled``) and each publish (``model_version``).
+            ``published``, ``refused`` — the gate kept it a candidate —, ``failed`` or ``cancelled``) and the version
+            serving after each publish (``model_version``).
         hidden: more folders to take out of the messages clients read (label → folder), beside the run directory and
             the registry.
     """
@@ -605,7 +608,7 @@ class TrainingRuns:
                 if self._stop_asked(run):
                     raise self._stopped(run, "after training; the tuned model is not published")
                 self._set_phase("publishing")
-                version = self.registry.publish(run.model_dir, move=True)
+                version = self._publish(run, report)
             except Exception as exc:
                 raise self._abandon(run, exc) from exc
             except BaseException as exc:  # KeyboardInterrupt, SystemExit: recorded, then on their way unchanged
@@ -658,7 +661,9 @@ class TrainingRuns:
         if r is None:
             return None
         keys = ("model_version", "parent_version", "before", "after", "epochs")
-        return {**{key: r[key] for key in keys}, **{key: r[key] for key in SUMMARY_KEYS if key in r}}
+        summary = {**{key: r[key] for key in keys}, **{key: r[key] for key in SUMMARY_KEYS if key in r}}
+        gate = r.get("gate") or {}
+        return {**summary, "promoted": gate.get("promoted", True), "gate": gate.get("reason")}
 
     # -- following a run ------------------------------------------------------------------------------------------
     def _on_event(self, event: dict) -> None:
@@ -679,6 +684,8 @@ class TrainingRuns:
             update["last_eval"] = {"epoch": event["epoch"], **event["metrics"]}
         elif kind == "after":
             update["after"] = event["metrics"]
+        elif kind == "gate":
+            update["gate"] = event.get("reason")
         self.progress = {**self.progress, **update}
 
     def _set_phase(self, phase: str) -> None:
@@ -748,6 +755,30 @@ class TrainingRuns:
         return report
 
     # -- how a run ends -------------------------------------------------------------------------------------------
+    def _publish(self, run: Run, report: dict) -> str:
+        """Publish the run's model: as CURRENT when the gate promoted it, else as a candidate (listed, not served).
+
+        A promoted candidate goes live only if CURRENT still names the version it was measured against (checked
+        under the registry's lock); when an admin moved CURRENT meanwhile, it stays a candidate, and its report says
+        why. A run with the gate off replaces CURRENT as before the gate existed.
+        """
+        gate = report.setdefault("gate", gate_off().to_dict())
+        if not gate.get("promoted"):
+            return self.registry.publish(run.model_dir, move=True, make_current=False)
+        if not gate.get("enabled", True) or not run.parent:
+            return self.registry.publish(run.model_dir, move=True)
+        try:
+            return self.registry.publish(run.model_dir, move=True, expect_current=run.parent)
+        except CurrentMoved as exc:
+            report["gate"] = refused_after_all(
+                gate,
+                f"CURRENT moved from {run.parent} to {exc.current} during the run, and the candidate was measured "
+                f"against {run.parent}",
+            )
+            manifest = ModelManifest.read(run.model_dir)
+            dataclasses.replace(manifest, report=report).write(run.model_dir)
+            return self.registry.publish(run.model_dir, move=True, make_current=False)
+
     def _published(self, run: Run, version: str, report: dict) -> dict:
         """Record a run that published ``version``: its report (also ``report.json`` in its directory)."""
         shutil.rmtree(run.inputs_dir, ignore_errors=True)  # train.log stays, with report.json
@@ -757,6 +788,7 @@ class TrainingRuns:
         if pruned:
             report["pruned_versions"] = pruned
         report["model_version"] = version
+        report["serving_version"] = self.registry.current()
         report["wall_seconds"] = round(time.time() - run.started, 3)
         if run.request_id is not None:
             report["request_id"] = run.request_id
@@ -766,22 +798,27 @@ class TrainingRuns:
             logger.warning("run %s published %s but could not write its report.json: %s", run.run_id, version, exc)
         self.last_report = report
         run.report, run.final_state = report, "done"
-        self.observer.training_finished("published")
-        self.observer.model_version(version)
+        promoted = bool(report["gate"].get("promoted"))
+        self.observer.training_finished("published" if promoted else "refused")
+        self.observer.model_version(self.registry.current())
         self.progress = {
             "state": "done",
             "run_id": run.run_id,
             "model_version": version,
             "parent_version": run.parent,
+            "promoted": promoted,
+            "gate": report["gate"].get("reason"),
+            "serving_version": report["serving_version"],
             "finished_at": time.time(),
             "wall_seconds": report["wall_seconds"],
         }
         logger.info(
-            "run %s published %s: t2i R@5 %.3f → %.3f",
+            "run %s published %s (t2i R@5 %.3f → %.3f); %s",
             run.run_id,
             version,
             report["before"]["t2i_r5"],
             report["after"]["t2i_r5"],
+            report["gate"].get("reason"),
         )
         return report
 

@@ -7,8 +7,13 @@ image (COCO has five) are kept as several pairs of one image, so that
 * a training batch never holds two captions of one image (:class:`UniqueImageBatchSampler`): the contrastive
   loss would otherwise push apart a caption from its own image (a false negative).
 
-Sources: a CSV (``image,caption``, paths relative to the CSV), a Karpathy-style JSON (Flickr8k/30k, COCO) or
-in-memory lists. Loaders check the rows and that image files exist, and raise :class:`DataError` naming the file
+Pairs may also carry a *batch group* (:attr:`PairSet.groups`): pairs of one group are trained in one batch, so
+that each is a negative for the others. Search feedback uses it for hard negatives: a query paired with the
+image chosen, grouped with the results shown above the choice but skipped (each its stored text with its
+image), so that the loss pushes the query away from those images (:class:`GroupedBatchSampler`).
+
+Sources: a CSV (``image,caption[,group]``, paths relative to the CSV), a Karpathy-style JSON (Flickr8k/30k, COCO)
+or in-memory lists. Loaders check the rows and that image files exist, and raise :class:`DataError` naming the file
 and the row; images are decoded only when a batch needs them, with the limits of :mod:`cliptuner.model.images`.
 
 A service reading a PAIRS file a client named gives the loaders ``resolve_image`` (an :data:`ImageResolver`,
@@ -19,9 +24,9 @@ user reading their own files) image paths are taken as written.
 
 This module imports torch lazily (inside :class:`PairDataset`, :func:`collate_pairs` and :func:`make_loader`),
 so that :mod:`cliptuner.train.synthetic` and other torch-free code can build :class:`PairSet` objects. For the same
-reason :class:`PairDataset` and :class:`UniqueImageBatchSampler` implement torch's map-style dataset and batch
-sampler protocols (``__getitem__``/``__len__``, ``__iter__``/``__len__``) rather than subclassing them;
-``torch.utils.data.DataLoader`` accepts both.
+reason :class:`PairDataset`, :class:`UniqueImageBatchSampler` and :class:`GroupedBatchSampler` implement torch's
+map-style dataset and batch sampler protocols (``__getitem__``/``__len__``, ``__iter__``/``__len__``) rather than
+subclassing them; ``torch.utils.data.DataLoader`` accepts both.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import json
 import logging
 import math
 import os
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 ImageResolver = Callable[[str, str], "str | os.PathLike"]  # (joined path, label) → path to read; raises ValueError
 MAX_REPORTED_ERRORS = 10  # problems listed in one DataError before "… and N more"
+NO_GROUP = -1  # PairSet.groups entry of a pair in no batch group
 TRAIN_SPLITS = ("train", "restval")  # Karpathy splits that ``split="train"`` selects (COCO custom)
 
 
@@ -63,9 +70,30 @@ def _raise_collected(source: str, problems: list[str]) -> None:
     raise DataError(f"{source}: {len(problems)} bad row(s):\n  " + "\n  ".join(shown) + more)
 
 
+def _checked_groups(groups: Sequence[Any], num_pairs: int) -> list[int]:
+    """``groups`` as a list of ints, one per pair, each a group id >= 0 or :data:`NO_GROUP`.
+
+    Raises:
+        ValueError: the length differs from ``num_pairs``, or an entry is not an int >= -1 (a bool is not an int).
+    """
+    if len(groups) != num_pairs:
+        raise ValueError(f"{len(groups)} groups but {num_pairs} pairs; give one group per pair ({NO_GROUP}: none)")
+    checked: list[int] = []
+    for pair, group in enumerate(groups):
+        if isinstance(group, (bool, np.bool_)) or not isinstance(group, (int, np.integer)) or group < NO_GROUP:
+            raise ValueError(f"pair {pair}: group must be an int >= 0, or {NO_GROUP} for no group; got {group!r}")
+        checked.append(int(group))
+    return checked
+
+
 @dataclass
 class PairSet:
-    """Image–caption pairs grouped by distinct image.
+    """Image–caption pairs grouped by distinct image, optionally in batch groups.
+
+    ``groups`` (None: no pair has a group) gives each pair a batch group id, :data:`NO_GROUP` (-1) for none.
+    Pairs that share an id >= 0 are trained in one batch (:class:`GroupedBatchSampler`); ids are labels only
+    (any ints >= 0, not necessarily contiguous). Within a group, pair order matters: the first pair leads (see
+    the sampler).
 
     Treat a PairSet as immutable: the per-image caption lists are computed once.
     """
@@ -75,6 +103,7 @@ class PairSet:
     image_index: list[int]  # pair i shows images[image_index[i]]
     image_ids: list[str]  # a name per distinct image (relative filename, id), used in errors and reports
     name: str = ""  # where the pairs came from
+    groups: Optional[list[int]] = None  # one per pair: its batch group id >= 0, or NO_GROUP; None: no groups
     _by_image: list[list[int]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -86,6 +115,8 @@ class PairSet:
             raise ValueError(f"{len(self.images)} images but {len(self.image_ids)} image_ids")
         if len(self.captions) != len(self.image_index):
             raise ValueError(f"{len(self.captions)} captions but {len(self.image_index)} image_index entries")
+        if self.groups is not None:
+            self.groups = _checked_groups(self.groups, len(self.captions))
         by_image: list[list[int]] = [[] for _ in self.images]
         for pair, image in enumerate(self.image_index):
             if not 0 <= image < len(self.images):
@@ -116,7 +147,8 @@ class PairSet:
     def subset_images(self, image_indices: Sequence[int]) -> PairSet:
         """The pairs of some images, re-indexed: image ``image_indices[k]`` becomes image ``k``.
 
-        Pairs keep their original relative order.
+        Pairs keep their original relative order and their groups; a group whose pairs show images on both sides
+        keeps the pairs of the chosen images only.
 
         Raises:
             ValueError: an index is out of range or repeated.
@@ -136,6 +168,7 @@ class PairSet:
             image_index=[new_of_old[self.image_index[p]] for p in pairs],
             image_ids=[self.image_ids[int(old)] for old in image_indices],
             name=self.name,
+            groups=None if self.groups is None else [self.groups[p] for p in pairs],
         )
 
     def split(self, eval_fraction: float, seed: int) -> tuple[PairSet, PairSet]:
@@ -147,7 +180,8 @@ class PairSet:
             seed: the same seed gives the same split.
 
         Returns:
-            ``(train, held_out)``; both keep the original image order.
+            ``(train, held_out)``; both keep the original image order and the pairs' groups (a group is split
+            with its images: each side keeps its own pairs of it).
 
         Raises:
             ValueError: the fraction is outside (0, 1), or either side would be empty.
@@ -179,6 +213,7 @@ class _PairsBuilder:
         self.image_ids: list[str] = []
         self.captions: list[str] = []
         self.image_index: list[int] = []
+        self.groups: list[int] = []
         self._index_of: dict[str, int] = {}
 
     def where(self, resolved: str) -> str:
@@ -203,25 +238,38 @@ class _PairsBuilder:
             self.image_ids.append(image_id)
         return self._index_of[resolved]
 
-    def add(self, image: int, captions: Sequence[str]) -> None:
+    def add(self, image: int, captions: Sequence[str], group: int = NO_GROUP) -> None:
         self.captions.extend(captions)
         self.image_index.extend([image] * len(captions))
+        self.groups.extend([group] * len(captions))
 
-    def build(self, name: str) -> PairSet:
+    def build(self, name: str, grouped: bool = False) -> PairSet:
+        """The pairs read; with ``grouped`` (the file has a group column) their groups too."""
         return PairSet(
             images=self.images,
             captions=self.captions,
             image_index=self.image_index,
             image_ids=self.image_ids,
             name=name,
+            groups=self.groups if grouped else None,
         )
+
+
+def _group_cell(cell: str) -> Optional[int]:
+    """The group of a CSV cell: empty → :data:`NO_GROUP`, ASCII digits → that id; None for anything else."""
+    cell = cell.strip()
+    if not cell:
+        return NO_GROUP
+    return int(cell) if cell.isascii() and cell.isdigit() else None
 
 
 def load_csv(path: str | os.PathLike, resolve_image: Optional[ImageResolver] = None) -> PairSet:
     """Read ``image,caption`` rows; image paths are relative to the CSV's folder (absolute paths allowed).
 
-    Rows naming the same image path are captions of one image. Extra columns are ignored, blank lines skipped.
-    Image files must exist; they are decoded later, when a batch needs them.
+    Rows naming the same image path are captions of one image. An optional ``group`` column gives each row's
+    batch group (:attr:`PairSet.groups`): an integer >= 0, or an empty cell for none; without that column the
+    set has no groups (``groups`` is None). Other columns are ignored, blank lines skipped. Image files must
+    exist; they are decoded later, when a batch needs them.
 
     Args:
         path: the CSV.
@@ -229,8 +277,8 @@ def load_csv(path: str | os.PathLike, resolve_image: Optional[ImageResolver] = N
 
     Raises:
         DataError: unreadable file, missing ``image``/``caption`` columns, no rows, or bad rows (each named by
-            its 1-based line number: empty image, empty caption, a path ``resolve_image`` refuses, missing image
-            file).
+            its 1-based line number: empty image, empty caption, a group that is not an integer >= 0, a path
+            ``resolve_image`` refuses, missing image file).
     """
     path = Path(path)
     if not path.is_file():
@@ -252,6 +300,7 @@ def load_csv(path: str | os.PathLike, resolve_image: Optional[ImageResolver] = N
                     "expected a header with 'image' and 'caption'"
                 )
             image_col, caption_col = columns.index("image"), columns.index("caption")
+            group_col = columns.index("group") if "group" in columns else None
             line = reader.line_num
             for row in reader:
                 start, line = line + 1, reader.line_num  # a quoted caption may span several lines
@@ -265,6 +314,15 @@ def load_csv(path: str | os.PathLike, resolve_image: Optional[ImageResolver] = N
                 if not caption:
                     problems.append(f"line {start}: empty caption for image {image!r}")
                     continue
+                group = NO_GROUP
+                if group_col is not None:
+                    cell = row[group_col] if group_col < len(row) else ""
+                    group = _group_cell(cell)
+                    if group is None:
+                        problems.append(
+                            f"line {start}: group {cell.strip()!r} is not an integer >= 0 (leave it empty for no group)"
+                        )
+                        continue
                 resolved = os.path.normpath(Path(image) if os.path.isabs(image) else root / image)
                 try:
                     resolved = pairs.allowed(resolved, f"line {start}: image {image!r}")
@@ -275,7 +333,7 @@ def load_csv(path: str | os.PathLike, resolve_image: Optional[ImageResolver] = N
                 if index is None:
                     problems.append(f"line {start}: image file {image!r} not found{pairs.where(resolved)}")
                     continue
-                pairs.add(index, [caption])
+                pairs.add(index, [caption], group)
     except UnicodeDecodeError as exc:
         raise DataError(f"{str(path)!r}: not UTF-8 text ({exc})") from exc
     except csv.Error as exc:
@@ -283,7 +341,7 @@ def load_csv(path: str | os.PathLike, resolve_image: Optional[ImageResolver] = N
     _raise_collected(repr(str(path)), problems)
     if not pairs.captions:
         raise DataError(f"{str(path)!r}: no pairs after the header")
-    return pairs.build(str(path))
+    return pairs.build(str(path), grouped=group_col is not None)
 
 
 def load_karpathy(
@@ -389,11 +447,45 @@ def load_pairs(
     )
 
 
+def concat_pairs(sets: Sequence[PairSet], name: str = "") -> PairSet:
+    """The pairs of several sets as one: images and pairs in order, batch groups renumbered so that they stay apart.
+
+    An image that two sets share (the same image id) is kept twice: each set's images stay its own.
+
+    Raises:
+        ValueError: no sets.
+    """
+    if not sets:
+        raise ValueError("concat_pairs needs at least one PairSet")
+    images, captions, image_index, image_ids, groups = [], [], [], [], []
+    grouped = any(s.groups is not None for s in sets)
+    next_group = 0
+    for part in sets:
+        offset = len(images)
+        images.extend(part.images)
+        image_ids.extend(part.image_ids)
+        captions.extend(part.captions)
+        image_index.extend(i + offset for i in part.image_index)
+        if grouped:
+            own = part.groups if part.groups is not None else [NO_GROUP] * len(part)
+            groups.extend(g if g == NO_GROUP else g + next_group for g in own)
+            next_group = max([g + 1 for g in groups if g != NO_GROUP], default=next_group)
+    return PairSet(
+        images=images,
+        captions=captions,
+        image_index=image_index,
+        image_ids=image_ids,
+        name=name or " + ".join(s.name for s in sets),
+        groups=groups if grouped else None,
+    )
+
+
 def from_memory(
     images: Sequence[ImageSource],
     captions: Sequence[str],
     image_ids: Optional[Sequence[str]] = None,
     name: str = "memory",
+    groups: Optional[Sequence[int]] = None,
 ) -> PairSet:
     """Pairs given one per item; items that share an ``image_id`` are captions of one image.
 
@@ -404,9 +496,10 @@ def from_memory(
         captions: one caption per pair.
         image_ids: one id per pair (default: every pair its own image, ids ``"0"``, ``"1"``, …).
         name: a name for the set.
+        groups: one batch group per pair (:attr:`PairSet.groups`; :data:`NO_GROUP` for none); None: no groups.
 
     Raises:
-        ValueError: lengths differ, or a caption or id is empty (named by its index).
+        ValueError: lengths differ, a caption or id is empty (named by its index), or a group is not an int >= -1.
     """
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
@@ -414,6 +507,8 @@ def from_memory(
         image_ids = [str(i) for i in range(len(images))]
     elif len(image_ids) != len(captions):
         raise ValueError(f"{len(image_ids)} image_ids but {len(captions)} captions")
+    if groups is not None and len(groups) != len(captions):
+        raise ValueError(f"{len(groups)} groups but {len(captions)} captions")
     distinct: list[ImageSource] = []
     ids: list[str] = []
     index_of: dict[str, int] = {}
@@ -434,7 +529,14 @@ def from_memory(
         image_index.append(index_of[key])
     if not clean:
         raise ValueError("no pairs given")
-    return PairSet(images=distinct, captions=clean, image_index=image_index, image_ids=ids, name=name)
+    return PairSet(
+        images=distinct,
+        captions=clean,
+        image_index=image_index,
+        image_ids=ids,
+        name=name,
+        groups=None if groups is None else list(groups),
+    )
 
 
 class PairDataset:
@@ -645,6 +747,243 @@ def _deal(runs: Sequence[np.ndarray], n_batches: int, rng: np.random.Generator) 
     return batches
 
 
+class GroupedBatchSampler:
+    """Batches of pair indices that keep batch groups together and images unique (a ``torch`` batch sampler by
+    protocol).
+
+    Why: the contrastive loss makes every other pair of a batch a negative. The pairs of a group must meet (a
+    query paired with the image chosen, and the results skipped above the choice, whose images the query must be
+    pushed away from), so a group goes into one batch; and two captions of one image in a batch would be false
+    negatives, so no batch shows an image twice.
+
+    Units: the pairs of a group (one id >= 0 in ``groups``) are one unit, in pair order; the first one *leads*
+    (put the query pair first). A pair without a group is a unit of its own. Pairs that could never be in their
+    group's batch are left out of every epoch (logged once): a later pair of an image the group already shows
+    (that image is in the group's batch anyway), and the pairs past the first ``batch_size * num_replicas`` of a
+    group (a group larger than the batch is cut).
+
+    Each epoch (seeded by ``seed + epoch``) shuffles the units and fills global batches of
+    ``batch_size * num_replicas`` pairs one after another. Each batch is offered the units still waiting (those
+    that waited longest first) and then the fresh ones, in shuffled order:
+
+    * a unit whose lead's image is already in the batch waits for a later batch;
+    * otherwise its pairs whose image is already in the batch are left out for the epoch (that image is a
+      negative in the batch anyway), and the others join together if they fit in the room left;
+    * a unit too big for the room left waits too, unless ``batch_size * num_replicas`` units were already too
+      big for this batch or no unit is left to offer: then it is cut to the room left (its leading pairs join,
+      the rest are left out for the epoch).
+
+    So every pair is used at most once per epoch, and the pairs of a group used in an epoch sit in one batch with
+    their lead. Full batches come in random order, their pairs shuffled. ``drop_last=True`` yields the full
+    batches only; the partial ones (left at the end when the units still waiting clash with each other) are left
+    out, and with ``drop_last=False`` they follow, largest first. The number of batches may differ slightly
+    between epochs: ``len()`` gives that of the epoch set by :meth:`set_epoch`.
+
+    With ``num_replicas > 1`` each global batch is cut into contiguous slices and rank ``r`` yields slice ``r``;
+    all ranks yield the same number of batches, and the loss gathers the features of every rank, so a group's
+    pairs meet whichever slices they fall in.
+
+    Args:
+        image_index: pair → image id (``PairSet.image_index``).
+        groups: pair → batch group id, :data:`NO_GROUP` for none (``PairSet.groups``).
+        batch_size: pairs per batch on this rank.
+        seed: base seed; call :meth:`set_epoch` each epoch for a new order.
+        drop_last: only full batches (required when ``num_replicas > 1``).
+        num_replicas: number of DDP ranks.
+        rank: this rank.
+
+    Raises:
+        ValueError: no pairs, ``groups`` not one int >= -1 per pair, ``batch_size * num_replicas`` larger than the
+            number of distinct images, bad rank, or ``drop_last=False`` with several replicas.
+    """
+
+    def __init__(
+        self,
+        image_index: Sequence[int],
+        groups: Sequence[int],
+        batch_size: int,
+        seed: int = 0,
+        drop_last: bool = True,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}")
+        if num_replicas > 1 and not drop_last:
+            raise ValueError("drop_last=False is not supported with num_replicas > 1: ranks would get uneven batches")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self._image = [int(i) for i in image_index]
+        groups = _checked_groups(groups, len(self._image))
+        if not self._image:
+            raise ValueError("no pairs to sample")
+        self.global_batch = batch_size * num_replicas
+        num_images = len(set(self._image))
+        if self.global_batch > num_images:
+            raise ValueError(
+                f"batch_size {batch_size} x {num_replicas} replica(s) = {self.global_batch} is larger than "
+                f"the {num_images} distinct images; no batch can hold unique images"
+            )
+        self.batch_size = batch_size
+        self.seed = seed
+        self.drop_last = drop_last
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+        self._units = self._make_units(groups)
+        self._plan_epoch: Optional[int] = None
+        self._plan: list[list[int]] = []
+
+    def _make_units(self, groups: list[int]) -> list[list[int]]:
+        """One unit per group (pairs in pair order, distinct images, at most a global batch) or ungrouped pair."""
+        members: dict[int, list[int]] = {}
+        units: list[list[int]] = []
+        for pair, group in enumerate(groups):
+            if group == NO_GROUP:
+                units.append([pair])
+            else:
+                members.setdefault(group, []).append(pair)
+        repeated = cut = 0
+        for pairs in members.values():
+            unit: list[int] = []
+            shown: set[int] = set()
+            for pair in pairs:
+                if self._image[pair] not in shown:
+                    shown.add(self._image[pair])
+                    unit.append(pair)
+            repeated += len(pairs) - len(unit)
+            cut += max(0, len(unit) - self.global_batch)
+            units.append(unit[: self.global_batch])
+        if repeated or cut:
+            logger.warning(
+                "%d grouped pair(s) show an image their group already shows and %d are past the first %d of their "
+                "group: they are not trained on (a group meets in one batch of unique images)",
+                repeated,
+                cut,
+                self.global_batch,
+            )
+        return units
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the order of ``epoch`` (call before iterating, on every rank)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self._global_batches())
+
+    def __iter__(self) -> Iterator[list[int]]:
+        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        for batch in self._global_batches():
+            yield batch[lo:hi] if self.num_replicas > 1 else list(batch)
+
+    def _global_batches(self) -> list[list[int]]:
+        if self._plan_epoch != self.epoch:
+            self._plan = self._make_plan(self.epoch)
+            self._plan_epoch = self.epoch
+        return self._plan
+
+    def _make_plan(self, epoch: int) -> list[list[int]]:
+        rng = np.random.default_rng(self.seed + epoch)
+        order = [self._units[i] for i in rng.permutation(len(self._units))]
+        batches = _GroupPacker(order, self._image, self.global_batch).batches()
+        for batch in batches:
+            rng.shuffle(batch)
+        full = [b for b in batches if len(b) == self.global_batch]
+        full = [full[i] for i in rng.permutation(len(full))]
+        if self.drop_last:
+            return full
+        return full + sorted((b for b in batches if len(b) < self.global_batch), key=len, reverse=True)
+
+
+class _GroupPacker:
+    """Fills the global batches of one epoch from units in order, by the rule of :class:`GroupedBatchSampler`.
+
+    Units that wait are kept by their lead's image, oldest first, and a batch is offered only the oldest unit of
+    each such image: the others could not join once it has (they share its lead's image). Such an offer is
+    refused only for a lead's image already in the batch (at most ``size`` images) or for room (at most ``size``
+    times before a unit is cut to fit), so a batch makes O(``size``) offers to waiting units however many wait;
+    a fresh unit is offered once, then joins or waits.
+    """
+
+    def __init__(self, units: Sequence[list[int]], image_of: Sequence[int], size: int) -> None:
+        self.fresh = deque(units)
+        self.waiting: dict[int, deque[list[int]]] = {}  # lead's image → units waiting, oldest first
+        self.image_of = image_of
+        self.size = size
+
+    def batches(self) -> list[list[int]]:
+        """Batches until every unit has been placed (each batch places at least one: the first unit offered)."""
+        batches = []
+        while self.fresh or self.waiting:
+            batches.append(self._fill())
+        return batches
+
+    def _fill(self) -> list[int]:
+        batch: list[int] = []
+        images: set[int] = set()
+        too_big: list[tuple[list[int], Optional[int]]] = []  # units refused for room only, with their waiting key
+        emptied: list[int] = []
+        for key, queue in self.waiting.items():
+            if len(batch) == self.size:
+                break
+            if self._offer(queue[0], batch, images, too_big, key):
+                queue.popleft()
+                if not queue:
+                    emptied.append(key)
+        refused: list[list[int]] = []
+        while self.fresh and len(batch) < self.size:
+            unit = self.fresh.popleft()
+            if not self._offer(unit, batch, images, too_big, None):
+                refused.append(unit)
+        if len(batch) < self.size:  # nothing left to offer: cut the first unit refused for room that still fits
+            for unit, key in too_big:
+                if self._join(unit, batch, images, cut=True):
+                    if key is None:
+                        refused.remove(unit)
+                    else:
+                        self.waiting[key].popleft()
+                        if not self.waiting[key]:
+                            emptied.append(key)
+                    break
+        for key in emptied:
+            del self.waiting[key]
+        for unit in refused:
+            self.waiting.setdefault(self.image_of[unit[0]], deque()).append(unit)
+        return batch
+
+    def _offer(
+        self,
+        unit: list[int],
+        batch: list[int],
+        images: set[int],
+        too_big: list[tuple[list[int], Optional[int]]],
+        key: Optional[int],
+    ) -> bool:
+        """Offer ``unit`` to the batch; True when it joined. A unit refused for room only goes to ``too_big``."""
+        if self.image_of[unit[0]] in images:
+            return False
+        if self._join(unit, batch, images, cut=len(too_big) >= self.size):
+            return True
+        too_big.append((unit, key))
+        return False
+
+    def _join(self, unit: list[int], batch: list[int], images: set[int], cut: bool) -> bool:
+        """Add the pairs of ``unit`` whose image the batch lacks, when they fit (or cut to the room, with ``cut``)."""
+        if self.image_of[unit[0]] in images:
+            return False
+        joining = [p for p in unit if self.image_of[p] not in images]
+        room = self.size - len(batch)
+        if len(joining) > room:
+            if not cut:
+                return False
+            joining = joining[:room]
+        batch.extend(joining)
+        images.update(self.image_of[p] for p in joining)
+        return True
+
+
 def make_loader(
     pairs: PairSet,
     transform: Callable,
@@ -667,8 +1006,10 @@ def make_loader(
         tokenizer: ``list[str]`` → ``LongTensor [batch, ctx]``.
         batch_size: pairs per batch (per rank).
         seed: seed of the batch order (shuffle) and of the loader's worker seeds.
-        shuffle: True: :class:`UniqueImageBatchSampler` (training; call ``loader.batch_sampler.set_epoch``).
-            False: pairs in order (evaluation, encoding); images may repeat within a batch.
+        shuffle: True: training batches of unique images (call ``loader.batch_sampler.set_epoch``), from
+            :class:`GroupedBatchSampler` when a pair has a batch group (``pairs.groups`` holds an id >= 0), else
+            :class:`UniqueImageBatchSampler`. False: pairs in order (evaluation, encoding); images may repeat
+            within a batch and groups are ignored.
         num_workers: DataLoader worker processes.
         drop_last: keep only full batches; default True when shuffling, False otherwise.
         limits: image size limits.
@@ -677,21 +1018,20 @@ def make_loader(
         cache_images: keep decoded images in memory.
 
     Raises:
-        ValueError: see :class:`UniqueImageBatchSampler`; ``num_replicas > 1`` without shuffle.
+        ValueError: see the samplers; ``num_replicas > 1`` without shuffle.
     """
     import torch
 
     dataset = PairDataset(pairs, transform, tokenizer, limits=limits, cache_images=cache_images)
     generator = torch.Generator().manual_seed(seed)
     if shuffle:
-        sampler = UniqueImageBatchSampler(
-            pairs.image_index,
-            batch_size,
-            seed=seed,
-            drop_last=True if drop_last is None else drop_last,
-            num_replicas=num_replicas,
-            rank=rank,
+        options = dict(
+            seed=seed, drop_last=True if drop_last is None else drop_last, num_replicas=num_replicas, rank=rank
         )
+        if pairs.groups is not None and any(group != NO_GROUP for group in pairs.groups):
+            sampler = GroupedBatchSampler(pairs.image_index, pairs.groups, batch_size, **options)
+        else:
+            sampler = UniqueImageBatchSampler(pairs.image_index, batch_size, **options)
         return torch.utils.data.DataLoader(
             dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_pairs, generator=generator
         )

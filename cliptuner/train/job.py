@@ -25,9 +25,9 @@ from typing import Any, Optional, Union
 import numpy as np
 from PIL import Image
 
-from cliptuner.config import EvalConfig, ModelSpec, TrainConfig, from_mapping
+from cliptuner.config import EvalConfig, GateConfig, ModelSpec, TrainConfig, from_mapping
 from cliptuner.extras import require_train
-from cliptuner.train.data import PairSet
+from cliptuner.train.data import NO_GROUP, PairSet
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +42,16 @@ _PHASE_AFTER = {
     "before": "training",
     "eval": "training",
     "end": "evaluating",
-    "after": "exporting",
+    "gate": "exporting",  # after "after": the gate measured the regression sets and decided
 }
 
 
 def phase_after(event: Mapping[str, Any], phase: str) -> str:
     """The phase of a run once it emitted ``event`` (``phase`` when the event does not change it)."""
     return _PHASE_AFTER.get(event.get("event"), phase)
+
+
+_CONFIGS = (("model", ModelSpec), ("cfg", TrainConfig), ("eval_cfg", EvalConfig), ("gate", GateConfig))
 
 
 def _path(name: str, value: Any, optional: bool = True) -> Optional[str]:
@@ -83,7 +86,10 @@ class TrainJob:
     cfg: TrainConfig = field(default_factory=lambda: TrainConfig(device=AUTO_DEVICE))  # device "auto" allowed
     eval_cfg: EvalConfig = field(default_factory=EvalConfig)  # held-out fraction and seed, recall cut-offs
     eval_data: Optional[str] = None  # held-out PAIRS; None: a seeded fraction of ``data`` (or a JSON's test split)
-    general_data: Optional[str] = None  # off-domain PAIRS that the WiSE-FT sweep also reports on
+    general_data: Optional[str] = None  # off-domain PAIRS: the WiSE-FT sweep reports on it, the gate's regression set
+    regression_data: Optional[str] = None  # PAIRS the candidate may not lose on (the kept queries of past feedback)
+    gate: GateConfig = field(default_factory=GateConfig)  # whether the tuned model may replace the serving one
+    serving_label: str = "the serving version"  # how the gate names the weights the run starts from (``version v3``)
     version: Optional[str] = None  # the model version name recorded; None: the name of ``out``
     checkpoint_dir: Optional[str] = None  # resumable training state written here every epoch
     resume: Optional[str] = None  # a last.pt from checkpoint_dir to continue from
@@ -92,15 +98,17 @@ class TrainJob:
     def __post_init__(self) -> None:
         self.data = _path("data", self.data, optional=False)
         self.out = _path("out", self.out, optional=False)
-        for name in ("eval_data", "general_data", "checkpoint_dir", "resume"):
+        for name in ("eval_data", "general_data", "regression_data", "checkpoint_dir", "resume"):
             setattr(self, name, _path(name, getattr(self, name)))
-        for name, cls in (("model", ModelSpec), ("cfg", TrainConfig), ("eval_cfg", EvalConfig)):
+        for name, cls in _CONFIGS:
             if not isinstance(getattr(self, name), cls):
                 raise ValueError(f"TrainJob.{name} must be a {cls.__name__}, got {getattr(self, name)!r}")
         if self.version is not None and (not isinstance(self.version, str) or not self.version.strip()):
             raise ValueError(f"TrainJob.version must be a non-empty string or None, got {self.version!r}")
         if not isinstance(self.plots, bool):
             raise ValueError(f"TrainJob.plots must be true or false, got {self.plots!r}")
+        if not isinstance(self.serving_label, str) or not self.serving_label.strip():
+            raise ValueError(f"TrainJob.serving_label must be a non-empty string, got {self.serving_label!r}")
 
     @property
     def version_name(self) -> str:
@@ -110,7 +118,7 @@ class TrainJob:
     def to_dict(self) -> dict[str, Any]:
         """The job as JSON-ready values; :meth:`from_dict` reads it back."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for name in ("model", "cfg", "eval_cfg"):
+        for name, _ in _CONFIGS:
             values[name] = config_values(values[name])
         return json.loads(json.dumps(values))  # tuples as lists, as the file holds them
 
@@ -131,7 +139,7 @@ class TrainJob:
         if missing:
             raise ValueError(f"a training job needs {missing}")
         values = dict(values)
-        for name, config in (("model", ModelSpec), ("cfg", TrainConfig), ("eval_cfg", EvalConfig)):
+        for name, config in _CONFIGS:
             if name in values:
                 if not isinstance(values[name], Mapping):
                     raise ValueError(f"training job key {name!r} must be a mapping, got {values[name]!r}")
@@ -169,7 +177,8 @@ def _safe_name(text: str, limit: int = 48) -> str:
 def write_pairs_csv(pairs: PairSet, path: Path) -> Path:
     """Write ``pairs`` as a PAIRS CSV that :func:`cliptuner.train.data.load_csv` reads back as the same pairs.
 
-    Rows follow the pairs' order (the images then come in the set's order). Images held in memory are written
+    Rows follow the pairs' order (the images then come in the set's order); batch groups (hard negatives that
+    train with their query pair) go into a ``group`` column. Images held in memory are written
     beside the CSV under ``images/``, named by position and image id: arrays and PIL images as PNG (lossless),
     encoded bytes as they came. Images given as paths are named by their absolute path; a path that two image ids
     share is copied for the second, so that the two stay two images as they were.
@@ -200,9 +209,13 @@ def write_pairs_csv(pairs: PairSet, path: Path) -> Path:
         names.append(f"images/{name}")
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["image", "caption"])
-        for caption, image_i in zip(pairs.captions, pairs.image_index):
-            writer.writerow([names[image_i], caption])
+        groups = pairs.groups
+        writer.writerow(["image", "caption"] if groups is None else ["image", "caption", "group"])
+        for pair, (caption, image_i) in enumerate(zip(pairs.captions, pairs.image_index)):
+            if groups is None:
+                writer.writerow([names[image_i], caption])
+            else:  # an empty cell: no group (NO_GROUP)
+                writer.writerow([names[image_i], caption, "" if groups[pair] == NO_GROUP else groups[pair]])
     return path
 
 
@@ -270,6 +283,7 @@ def train_and_export(job: TrainJob, on_event: Optional[EventCallback] = None) ->
     """
     require_train("training a model")
     from cliptuner.train.data import train_and_held_out
+    from cliptuner.train.gating import gate_after, gate_baseline
     from cliptuner.train.loop import finetune
     from cliptuner.train.models import load_model, seed_everything
 
@@ -295,6 +309,9 @@ def train_and_export(job: TrainJob, on_event: Optional[EventCallback] = None) ->
             }
         )
         started = time.time()
+        general = load_general(job.general_data)
+        regression = regression_sets(general, job.regression_data)
+        baseline = gate_baseline(bundle, job.gate, regression, eval_cfg, cfg.device) if rank == 0 else None
         report = finetune(
             bundle,
             train_pairs,
@@ -304,8 +321,12 @@ def train_and_export(job: TrainJob, on_event: Optional[EventCallback] = None) ->
             on_event=emit,
             checkpoint_dir=job.checkpoint_dir,
             resume_from=job.resume,
-            general_pairs=load_general(job.general_data),
+            general_pairs=general,
         )
+        if rank == 0:
+            report["gate"] = gate_after(
+                bundle, baseline, job.gate, cfg, eval_cfg, eval_pairs, report, job.serving_label, emit
+            )
     finally:
         if world_size > 1:
             import torch.distributed as dist
@@ -330,6 +351,16 @@ def load_general(path: Optional[str]) -> Optional[PairSet]:
     from cliptuner.train.data import load_split
 
     return load_split(path, "test")
+
+
+def regression_sets(general: Optional[PairSet], regression_data: Optional[str]) -> dict[str, PairSet]:
+    """The gate's regression sets: ``general`` (the general pairs) and ``feedback`` (a PAIRS file of kept queries)."""
+    sets = {} if general is None else {"general": general}
+    if regression_data:
+        from cliptuner.train.data import load_split
+
+        sets["feedback"] = load_split(regression_data, "test")
+    return sets
 
 
 def _export(
@@ -398,6 +429,7 @@ __all__ = [
     "init_distributed",
     "load_general",
     "phase_after",
+    "regression_sets",
     "train_and_export",
     "write_pairs_csv",
 ]

@@ -12,6 +12,7 @@ import urllib.request
 import pytest
 from service import FlowProcess, free_port
 
+from cliptuner.serve.feedback import FEEDBACK_SUBDIR, FeedbackLog
 from cliptuner.serve.keys import create_key
 from cliptuner.train import synthetic
 
@@ -162,6 +163,51 @@ def test_image_route_serves_only_images_under_the_roots(served):
         assert status == expected, (uri, body)
 
 
+def test_page_records_feedback_on_a_result(served):
+    docs = [{"id": path.name, "uri": f"images/{path.name}"} for path in served.images]
+    status, answer = call(served, {"execEndpoint": "/index", "data": docs})  # the gallery, whichever test ran first
+    assert status == 200, answer
+    chromium = shutil.which("chromium")
+    assert chromium, "the page test needs Debian's chromium package (.ci/run installs it)"
+    with FeedbackLog(served.workspace / FEEDBACK_SUBDIR) as log:
+        after = log.stats()["last_seq"]
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(served.http + "/")
+            expect = playwright_api.expect
+            page.select_option("#limit", str(LIMIT))
+            page.fill("#query", "a large teal star")
+            page.click("#search")
+            cards = page.locator("#results .card")
+            expect(cards).to_have_count(LIMIT)
+            shown = page.locator("#results .card .id").all_text_contents()
+            version = page.locator("#results .card .version").first.text_content()
+
+            cards.nth(1).get_by_role("button", name="good match").click()
+            expect(cards.nth(1).locator(".feedback-status")).to_have_text("recorded: good match")
+            cards.nth(1).get_by_role("button", name="good match").click()  # again: the same event, stored once
+            expect(cards.nth(1).locator(".feedback-status")).to_have_text("recorded: good match (already)")
+            cards.nth(0).get_by_role("button", name="not this").click()
+            expect(cards.nth(0).locator(".feedback-status")).to_have_text("recorded: not this")
+            assert not errors, errors
+        finally:
+            browser.close()
+    with FeedbackLog(served.workspace / FEEDBACK_SUBDIR) as log:
+        good, wrong = (r.event for r in log.events(after_seq=after))
+        contents = log.contents(shown)
+    assert good.shown == wrong.shown == tuple(shown)  # the ids shown, in order
+    assert (good.chosen, good.wrong, wrong.chosen, wrong.wrong) == ((shown[1],), (), (), (shown[0],))
+    assert good.query_text == wrong.query_text == "a large teal star" and good.query_image is None
+    assert good.model_version == wrong.model_version == version
+    assert good.event_id != wrong.event_id
+    images = {path.name: path.read_bytes() for path in served.images}
+    assert {doc_id: content.image for doc_id, content in contents.items()} == {i: images[i] for i in shown}
+
+
 def test_page_searches_tunes_and_compares(served, tmp_path):
     status, kind, body = get(served, "/")
     assert status == 200 and kind.startswith("text/html") and b"<script" in body
@@ -201,23 +247,34 @@ def test_page_searches_tunes_and_compares(served, tmp_path):
             page.click("#tune")
             expect(page.locator("#error")).to_contain_text("no-such.csv")
 
-            # a tuning run: progress, then done and v2; the results before stay pinned next to the results after
+            # a run the gate refuses: the report says why, and the version serving stays
+            page.fill("#pairs", served.pairs.name)
+            page.fill("#epochs", "1")
+            page.fill("#lr", "1e-9")  # learns nothing: no gain over the version serving
+            page.fill("#batch", "8")
+            page.click("#tune")
+            expect(page.locator("#progress")).to_contain_text("state done", timeout=180_000)
+            expect(page.locator("#progress")).to_contain_text("published v2 as a candidate")
+            expect(page.locator("#tune-result")).to_contain_text("not promoted: mean_r5")
+            expect(page.locator("#version")).to_have_text("v1")
+
+            # a tuning run with the gate off: progress, then done and v3; the results before stay pinned next to the
+            # results after
             page.fill("#query", "a small magenta cross")
             page.click("#search")
             expect(cards).to_have_count(LIMIT)
-            page.fill("#pairs", served.pairs.name)
-            page.fill("#epochs", "1")
             page.fill("#lr", "0.0001")
-            page.fill("#batch", "8")
+            page.uncheck("#gate")
             page.click("#tune")
             expect(page.locator("#pinned .card")).to_have_count(LIMIT)
             expect(page.locator("#pinned-caption")).to_contain_text("model v1")
-            expect(page.locator("#progress")).to_contain_text("state done", timeout=180_000)
-            expect(page.locator("#progress")).to_contain_text("published v2")
-            expect(page.locator("#tune-result")).to_contain_text("v1 → v2")
-            expect(page.locator("#version")).to_have_text("v2")
-            expect(page.locator("#results-caption")).to_contain_text("model v2", timeout=60_000)
-            expect(page.locator("#results .card .version").first).to_have_text("v2")
+            expect(page.locator("#progress")).to_contain_text("published v3", timeout=180_000)
+            expect(page.locator("#progress")).to_contain_text("state done")
+            expect(page.locator("#tune-result")).to_contain_text("v1 → v3")
+            expect(page.locator("#tune-result")).to_contain_text("gate off")
+            expect(page.locator("#version")).to_have_text("v3")
+            expect(page.locator("#results-caption")).to_contain_text("model v3", timeout=60_000)
+            expect(page.locator("#results .card .version").first).to_have_text("v3")
             expect(page.locator("#pinned .card .version").first).to_have_text("v1")
             assert not errors, errors
         finally:

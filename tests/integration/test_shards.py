@@ -15,6 +15,7 @@ from service import FlowProcess, ServerError, by_id, post
 
 from cliptuner.index.shards import shard_of
 from cliptuner.model.registry import Registry
+from cliptuner.serve.feedback import FEEDBACK_SUBDIR, FeedbackLog
 from executors.schemas import ClipDoc
 
 DOCS = 60
@@ -84,6 +85,32 @@ def test_two_shards_split_merge_and_swap_versions_together(tmp_path, tiny_model_
         assert [d.id for d in deleted] == gone and all(d.tags["deleted"] for d in deleted)
         assert by_id(post(server, "/status"))["status-indexer"].tags["count"] == DOCS - 3
         assert not {m.id for q in search(server, [caption(31), caption(4), caption(17)]) for m in q.matches} & set(gone)
+
+        # /feedback: every shard checks and stores its own docs; one merged answer per event, stored once
+        shown = [m.id for m in search(server, ["a green square thing"], limit=10)[0].matches]
+        assert {shard_of(i, SHARDS) for i in shown} == set(range(SHARDS))  # the event names docs of both shards
+        event = ClipDoc(
+            id="ev-1",
+            text="a green square thing",
+            model_version="v1",
+            tags={"shown": shown, "chosen": [shown[2]], "wrong": []},
+        )
+        answered = post(server, "/feedback", DocList[ClipDoc]([event]))
+        assert [d.id for d in answered] == ["ev-1"] and answered[0].tags["feedback"] == {
+            "event_id": "ev-1",
+            "stored": True,
+        }
+        again = post(server, "/feedback", DocList[ClipDoc]([event]))
+        assert again[0].tags["feedback"] == {"event_id": "ev-1", "stored": False}
+        with FeedbackLog(workspace / FEEDBACK_SUBDIR) as log:
+            (recorded,) = log.events()
+            assert recorded.event.shown == tuple(shown) and set(log.contents(shown)) == set(shown)
+        with ServerError("'d999'"):
+            post(
+                server,
+                "/feedback",
+                DocList[ClipDoc]([ClipDoc(id="ev-2", text="red", tags={"shown": ["d999"], "chosen": ["d999"]})]),
+            )
 
         # a refusal on a shard fails the whole request, naming the id, and the service goes on
         with ServerError("'nope' not stored"):

@@ -42,6 +42,7 @@ ALERT_NAMES = {
     "CliptunerTargetDown",
     "CliptunerSearchLatencyHigh",
     "CliptunerTrainingFailed",
+    "CliptunerCandidateRefused",
     "CliptunerWorkspaceVolumeNearlyFull",
     "CliptunerWorkspaceVolumeFull",
     "CliptunerRefusalsSurging",
@@ -163,7 +164,11 @@ def exercise(metrics: Metrics, executor: Executor, workspace: Path) -> list[str]
     metrics.training_event(
         {"event": "step", "step": 1, "total_steps": 4, "loss": 2.0, "step_s": 0.1, "samples_per_s": 9}
     )
+    metrics.feedback_pending(3)
+    metrics.auto_train_started()
     return [
+        "feedback_pending",
+        "auto_train_started",
         "encoding",
         "count_items",
         "encode_batch",

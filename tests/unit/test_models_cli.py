@@ -28,6 +28,7 @@ def test_list_prints_a_table_with_current_lineage_and_recall(workspace, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == [
         "VERSION",
+        "STATUS",
         "CREATED",
         "PARENT",
         "ARCH",
@@ -44,9 +45,10 @@ def test_list_prints_a_table_with_current_lineage_and_recall(workspace, capsys):
     ]
     rows = {line.split()[0] if not line.startswith("*") else line.split()[1]: line for line in lines[1:]}
     assert sorted(rows) == ["v1", "v2", "v3"]
-    assert rows["v1"].split()[:5] == ["v1", "2024-01-01", "10:00:00", "-", "base-arch"]
+    assert rows["v1"].split()[:6] == ["v1", "published", "2024-01-01", "10:00:00", "-", "base-arch"]
     assert rows["v2"].split() == [
         "v2",
+        "published",
         "2024-01-02",
         "10:00:00",
         "v1",
@@ -62,7 +64,7 @@ def test_list_prints_a_table_with_current_lineage_and_recall(workspace, capsys):
         "->",
         "52.0",
     ]
-    assert rows["v3"].startswith("*") and rows["v3"].split()[1:5] == ["v3", "2024-01-03", "10:00:00", "v2"]
+    assert rows["v3"].startswith("*") and rows["v3"].split()[1:6] == ["v3", "current", "2024-01-03", "10:00:00", "v2"]
 
 
 def test_list_json_and_models_dir(workspace, capsys):

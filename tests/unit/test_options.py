@@ -17,6 +17,7 @@ from cliptuner import cli
 from cliptuner.config import (
     SOURCE_PARAMETERS,
     EvalConfig,
+    GateConfig,
     TrainConfig,
     from_mapping,
     parse_train_parameters,
@@ -410,7 +411,15 @@ def test_train_parameters_are_typed_like_the_configs():
 def test_the_train_schema_names_every_parameter_with_its_type_default_and_help():
     schema = train_parameters_schema()
     properties = schema["properties"]
-    expected = {*request_names(TrainConfig), *request_names(EvalConfig), *SOURCE_PARAMETERS, "wait", "request_id"}
+    expected = {
+        *request_names(TrainConfig),
+        *request_names(EvalConfig),
+        *request_names(GateConfig),
+        *SOURCE_PARAMETERS,
+        "source",
+        "wait",
+        "request_id",
+    }
     assert set(properties) == expected and schema["additionalProperties"] is False
     assert properties["epochs"]["type"] == "integer" and properties["epochs"]["default"] == 5
     assert properties["learning_rate"]["type"] == "number"
@@ -418,6 +427,8 @@ def test_the_train_schema_names_every_parameter_with_its_type_default_and_help()
     assert properties["export_precision"]["enum"] == ["fp32", "fp16", "int8"]
     assert {"type": "null"} in properties["grad_clip_norm"]["anyOf"]
     assert properties["wiseft_alphas"] == {**properties["wiseft_alphas"], "type": "array", "default": []}
+    assert properties["gate"]["default"] is True and properties["max_regression"]["default"] == 0.01
+    assert properties["gate_metric"]["enum"][0] == "mean_r5" and properties["gate_metric"]["default"] == "mean_r5"
     for name, f in [(f.name, f) for f in dataclasses.fields(TrainConfig) if f.name in request_names(TrainConfig)]:
         assert properties[name]["description"] == f.metadata["help"], name
     assert all(properties[name]["description"] for name in expected)

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from fake_models import REPORT, make_model_dir, publish_fake
 
+from cliptuner.cli.models import format_models_table
 from cliptuner.config import ModelSpec
 from cliptuner.model.manifest import REQUIRED_FILES, TEXTUAL_FILE, VISUAL_FILE, VOCAB_FILE
-from cliptuner.model.registry import Registry, temp_name
+from cliptuner.model.registry import CurrentMoved, Registry, temp_name
 from cliptuner.serve.bootstrap import ensure_current
 
 
@@ -409,6 +410,7 @@ def test_summaries_show_lineage_reports_current_and_unreadable_versions(tmp_path
     assert v1 == {
         "version": "v1",
         "current": False,
+        "status": "published",
         "created_at": "2024-01-01T10:00:00+00:00",
         "parent_version": None,
         "arch": "base-arch",
@@ -417,6 +419,7 @@ def test_summaries_show_lineage_reports_current_and_unreadable_versions(tmp_path
     assert v2 == {
         "version": "v2",
         "current": True,
+        "status": "current",
         "created_at": "2024-01-02T10:00:00+00:00",
         "parent_version": "v1",
         "arch": "fake",
@@ -424,11 +427,12 @@ def test_summaries_show_lineage_reports_current_and_unreadable_versions(tmp_path
             "epochs": 3,
             "before": {"t2i_r5": 0.25, "i2t_r5": 0.3, "mean_recall": 0.3},
             "after": {"t2i_r5": 0.5, "i2t_r5": 0.55, "mean_recall": 0.52},
+            "gate": None,
         },
     }
     assert v3["current"] is False and v3["arch"] is None and v3["report"] is None
     assert "cannot read" in v3["error"] and "v3" in v3["error"]
-    assert v10["report"] == {"epochs": 1, "before": None, "after": None} and "error" not in v10
+    assert v10["report"] == {"epochs": 1, "before": None, "after": None, "gate": None} and "error" not in v10
     (reg.root / "v10" / TEXTUAL_FILE).unlink()
     assert "missing ['textual.onnx']" in reg.summaries()[3]["error"]
     json.dumps(reg.summaries())  # plain JSON: the CLI prints it, the tuner sends it as tags
@@ -568,3 +572,44 @@ def test_a_prune_cut_short_leaves_only_a_temp_entry(tmp_path, monkeypatch):
     leftovers = [p.name for p in reg.root.iterdir() if p.name.startswith(".tmp-")]
     assert len(leftovers) == 2 and all(str(os.getpid()) in name for name in leftovers)
     assert reg.clean_temps() == []  # its owner (this process) lives
+
+
+# -- the evaluation gate's candidates ------------------------------------------------------------------------------
+REFUSED = {**REPORT, "gate": {"promoted": False, "reason": "not promoted: mean_r5 40.0 vs 50.0 of version v1"}}
+PROMOTED = {**REPORT, "gate": {"promoted": True, "reason": "promoted: mean_r5 60.0 vs 50.0 of version v1"}}
+
+
+def test_a_refused_candidate_is_listed_as_one_with_its_reason_and_rollback_passes_it_by(tmp_path):
+    reg = Registry(tmp_path / "models")
+    publish_fake(reg, tmp_path, "v1")
+    publish_fake(reg, tmp_path, "v2", parent="v1", report=PROMOTED)
+    publish_fake(reg, tmp_path, "v3", parent="v2", report=REFUSED, make_current=False)
+    publish_fake(reg, tmp_path, "v4", parent="v9", report=PROMOTED)  # its parent is gone: natural order decides
+    statuses = {s["version"]: (s["status"], s["report"] and s["report"]["gate"]) for s in reg.summaries()}
+    assert statuses == {
+        "v1": ("published", None),
+        "v2": ("published", {"promoted": True, "reason": PROMOTED["gate"]["reason"]}),
+        "v3": ("candidate", {"promoted": False, "reason": REFUSED["gate"]["reason"]}),
+        "v4": ("current", {"promoted": True, "reason": PROMOTED["gate"]["reason"]}),
+    }
+    assert reg.rollback_target() == "v2"  # v3 precedes v4 but never went live by itself
+    assert reg.promote("v3").version == "v3"  # an admin may serve a candidate by hand
+    assert {s["version"]: s["status"] for s in reg.summaries()}["v3"] == "current"
+    assert "gate: not promoted: mean_r5 40.0" not in format_models_table(reg.summaries())
+    reg.promote("v4")
+    table = format_models_table(reg.summaries())
+    assert "candidate" in table and "    gate: not promoted: mean_r5 40.0 vs 50.0 of version v1" in table
+
+
+def test_publish_with_expect_current_refuses_when_current_moved(tmp_path):
+    reg = Registry(tmp_path / "models")
+    publish_fake(reg, tmp_path, "v1")
+    publish_fake(reg, tmp_path, "v2", parent="v1", make_current=False)
+    src = make_model_dir(tmp_path / "src")
+    reg.set_current("v2")  # an admin moved CURRENT while a run measured against v1
+    with pytest.raises(CurrentMoved, match="moved from 'v1' to 'v2'") as caught:
+        reg.publish(src, move=True, expect_current="v1")
+    assert caught.value.current == "v2"
+    assert reg.versions() == ["v1", "v2"] and reg.current() == "v2"
+    assert all((src / name).is_file() for name in REQUIRED_FILES)  # the moved directory came back
+    assert reg.publish(src, move=True, expect_current="v2") == "v3" and reg.current() == "v3"

@@ -77,6 +77,7 @@ def test_models_lists_one_doc_per_version_with_its_summary(tuner, registry):
         "epochs": 2,
         "before": {"t2i_r5": 0.2, "i2t_r5": 0.25, "mean_recall": 0.3},
         "after": {"t2i_r5": 0.4, "i2t_r5": 0.45, "mean_recall": 0.5},
+        "gate": None,
     }
     assert [doc.tags for doc in out] == registry.summaries()
 

@@ -75,6 +75,8 @@ FAKE = textwrap.dedent(
         split = {"train_images": 18, "train_pairs": 36, "eval_images": 6, "eval_pairs": 12}
         report = {"before": {"t2i_r5": 0.1}, "after": {"t2i_r5": 0.4}, "epochs": 1, "split": split,
                   "model_version": "model", "model": {"arch": "x"}, "wall_seconds": 1.0}
+        if os.environ.get("FAKE_GATE"):
+            report["gate"] = json.loads(os.environ["FAKE_GATE"])
         open(os.path.join(job["out"], "report.json"), "w").write(json.dumps(report))
         emit({"event": "after", "metrics": report["after"]})
     """
@@ -250,6 +252,57 @@ def test_a_run_that_exported_publishes_its_model_with_the_report(tmp_path, regis
     assert runs.progress["state"] == "done" and runs.progress["model_version"] == "v2"
     assert runs.last_summary()["after"] == {"t2i_r5": 0.4}
     assert runs.observer.finished == ["published"] and runs.observer.versions == ["v2"]
+
+
+REFUSED_GATE = {"enabled": True, "promoted": False, "reason": "not promoted: mean_r5 10.0 vs 20.0", "failed": "gain"}
+PASSED_GATE = {"enabled": True, "promoted": True, "reason": "promoted: mean_r5 40.0 vs 10.0", "failed": None}
+
+
+def test_a_run_the_gate_refused_is_published_as_a_candidate_and_serving_stays(
+    tmp_path, registry, monkeypatch, tiny_model_dir
+):
+    monkeypatch.setenv("FAKE_GATE", json.dumps(REFUSED_GATE))
+    runs = fake_runs(tmp_path, registry, "publish", monkeypatch, tiny_model_dir)
+    runs.acquire()
+    report = runs.run(prepare)
+    assert report["model_version"] == "v2" and report["serving_version"] == registry.current() == "v1"
+    assert report["gate"] == REFUSED_GATE and registry.metadata("v2")["report"]["gate"] == REFUSED_GATE
+    (summary,) = [s for s in registry.summaries() if s["version"] == "v2"]
+    assert summary["status"] == "candidate" and summary["report"]["gate"]["reason"] == REFUSED_GATE["reason"]
+    assert runs.progress["state"] == "done" and runs.progress["promoted"] is False
+    assert runs.progress["gate"] == REFUSED_GATE["reason"] and runs.progress["serving_version"] == "v1"
+    assert runs.last_summary()["promoted"] is False and runs.last_summary()["gate"] == REFUSED_GATE["reason"]
+    assert runs.observer.finished == ["refused"] and runs.observer.versions == ["v1"]
+
+
+def test_a_promoted_run_stays_a_candidate_when_current_moved_during_it(tmp_path, registry, monkeypatch, tiny_model_dir):
+    monkeypatch.setenv("FAKE_GATE", json.dumps(PASSED_GATE))
+    runs = fake_runs(tmp_path, registry, "publish", monkeypatch, tiny_model_dir)
+
+    def prepare_then_move_current(run):
+        registry.publish(tiny_model_dir)  # an admin's publish: CURRENT is v2 while the run measured against v1
+        return prepare(run)
+
+    runs.acquire()
+    report = runs.run(prepare_then_move_current)
+    assert report["model_version"] == "v3" and registry.current() == "v2"
+    assert report["gate"]["promoted"] is False and report["gate"]["failed"] == "current moved"
+    assert "CURRENT moved from v1 to v2 during the run" in report["gate"]["reason"]
+    assert registry.metadata("v3")["report"]["gate"] == report["gate"]  # the listing says why
+    assert {s["version"]: s["status"] for s in registry.summaries()} == {
+        "v1": "published",
+        "v2": "current",
+        "v3": "candidate",
+    }
+
+
+def test_a_run_the_gate_promoted_replaces_current(tmp_path, registry, monkeypatch, tiny_model_dir):
+    monkeypatch.setenv("FAKE_GATE", json.dumps(PASSED_GATE))
+    runs = fake_runs(tmp_path, registry, "publish", monkeypatch, tiny_model_dir)
+    runs.acquire()
+    report = runs.run(prepare)
+    assert report["model_version"] == report["serving_version"] == registry.current() == "v2"
+    assert runs.progress["promoted"] is True and runs.observer.finished == ["published"]
 
 
 def test_the_worker_command_runs_under_torchrun_with_several_processes(tmp_path):

@@ -77,12 +77,13 @@ def test_an_unreadable_job_file_is_named(tmp_path):
 
 def test_the_phase_follows_the_training_events():
     phase, seen = PHASES[0], []
-    for kind in ("loaded", "before", "step", "eval", "epoch", "end", "wiseft", "after", "exported", "plots"):
+    kinds = ("loaded", "before", "step", "eval", "epoch", "end", "wiseft", "after", "gate", "exported", "plots")
+    for kind in kinds:
         phase = phase_after({"event": kind}, phase)
         seen.append(phase)
     assert (
         seen
-        == ["evaluating", "training", "training", "training", "training", "evaluating", "evaluating"]
+        == ["evaluating", "training", "training", "training", "training", "evaluating", "evaluating", "evaluating"]
         + ["exporting"] * 3
     )
 

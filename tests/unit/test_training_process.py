@@ -178,7 +178,7 @@ def test_a_run_trains_in_another_process_and_publishes_the_report_of_the_same_sp
     pids = {event["pid"] for event in events}
     assert len(pids) == 1 and os.getpid() not in pids
     kinds = [event["event"] for event in events]
-    assert kinds[:2] == ["loaded", "before"] and kinds[-1] == "after" and "step" in kinds and "end" in kinds
+    assert kinds[:2] == ["loaded", "before"] and kinds[-2:] == ["after", "gate"] and "step" in kinds and "end" in kinds
 
     # on the split the tuner made: the same counts, and the base model's recall on the same held-out pairs
     split = report["split"]

@@ -152,7 +152,7 @@ def test_a_stop_after_the_last_step_drops_the_tuned_model(tuner):
 
     def stop_once_exported(event):  # the stop arrives after the training process wrote the tuned model
         on_event(event)
-        if event.get("event") == "after":
+        if event.get("event") == "gate":  # the last event before the export
             tuner.runs.active.process.proc.wait(timeout=300)
             tuner.runs.request_stop()
 
