@@ -83,16 +83,19 @@ class DemoSettings:
     learning_rate: float = 6e-4
     warmup_steps: int = 20
     seed: int = 0
+    gate: bool = True  # the tuned version serves only if it beats the base on the run's held-out split
     base: BaseSettings = field(default_factory=BaseSettings)
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        """A minute-sized run that exercises every step (for tests); its recall says little."""
+        """A minute-sized run that exercises every step (for tests); its recall says little, so the gate is off:
+        two epochs prove the machinery, not a gain."""
         return cls(
             n_images=60,
             epochs=2,
             batch_size=16,
             warmup_steps=2,
+            gate=False,
             base=BaseSettings(n_images=80, epochs=1, batch_size=16, warmup_steps=2),
         )
 
@@ -293,7 +296,8 @@ def train_following_progress(port: int, parameters: dict, say: Say, poll_s: floa
     (``last_report``) and its progress dict.
 
     Raises:
-        RuntimeError: the run failed or was cancelled (with its error).
+        RuntimeError: the run failed or was cancelled (with its error), or the evaluation gate kept the tuned
+            version a candidate (with its reason).
     """
     from jina import Client
 
@@ -314,6 +318,13 @@ def train_following_progress(port: int, parameters: dict, say: Say, poll_s: floa
             if state != "done":
                 raise RuntimeError(f"the tuning run {state}: {training.get('error')}")
             say(f"tuning: done in {time.monotonic() - t0:.0f} s: model version {training.get('model_version')}")
+            if training.get("gate"):
+                say(f"gate: {training['gate']}")
+            if training.get("promoted") is False:
+                raise RuntimeError(
+                    f"the evaluation gate kept {training.get('model_version')} a candidate, so "
+                    f"{training.get('serving_version')} still serves: {training.get('gate')}"
+                )
             return {"report": tuner.get("last_report") or {}, "progress": training}
         key = (phase, training.get("epoch"))
         if key == last_key and time.monotonic() - last_said < every_s:
@@ -408,6 +419,7 @@ def run_demo(
                 "learning_rate": settings.learning_rate,
                 "warmup_steps": settings.warmup_steps,
                 "seed": settings.seed,
+                "gate": settings.gate,
             },
             say,
         )

@@ -29,11 +29,16 @@ Each event of the log (:mod:`cliptuner.serve.feedback`) is one search as the per
   ``ceil(holdout * n)`` are this run's *held-out set* (at least one when there are two or more, none when there is
   only one, never all of them, and none with ``holdout=0``); the rest are trained on. :func:`split_feedback` adds this run's held-out
   queries to the kept set, so later runs check them as their regression set. Held-out and regression pairs are the
-  positive pairs only, without groups.
+  positive pairs only, without groups. Only a query first asked after the last split may be held out: an older one
+  was trained on by an earlier run, and the version serving may have learnt it, which would bias the comparison.
+* **Gallery.** The held-out and regression sets also hold every stored image of a doc the events showed (the newest
+  :data:`GALLERY_MAX`) as gallery images without a caption (:attr:`PairSet.gallery`): each query is ranked against
+  the candidates of a real search, not only against the few images chosen for the other held-out queries.
 * **Images.** As encoded bytes; image ids ``"doc:<doc id>"`` for a stored doc's image and ``"query:<first 12 hex of
   its SHA-256>"`` for a query image.
 
-``held_out.json`` is ``{"keys": [query key, ...]}`` (sorted), replaced atomically
+``held_out.json`` is ``{"keys": [query key, ...], "through_seq": n}`` (sorted keys; the newest event seq the last
+split saw), replaced atomically
 (:func:`cliptuner.model.atomic.write_atomic`); a missing file is an empty kept set. Reading it and adding to it is
 not one transaction: one :func:`split_feedback` at a time per feedback root (the tuner trains one run at a time).
 
@@ -51,7 +56,7 @@ import json
 import math
 import unicodedata
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -61,6 +66,7 @@ from cliptuner.train.data import NO_GROUP, PairSet, from_memory
 
 HELD_OUT_FILE = "held_out.json"  # in the feedback root: the query keys held out so far (the kept set)
 DEFAULT_HOLDOUT = 0.2  # share of the new queries (the newest) held out by a run
+GALLERY_MAX = 5000  # stored doc images the held-out and regression queries are ranked against (the newest shown)
 MAX_HARD_NEGATIVES = 5  # hard negatives per group (per event and chosen doc)
 KEY_KINDS = ("text", "image")  # what a query key starts with, before the ':'
 _QUERY_ID_HEX = 12  # hex digits of a query image's SHA-256 in its image id
@@ -130,6 +136,7 @@ class _Collected:
 
     positives: list[_Positive] = field(default_factory=list)
     newest: dict[str, int] = field(default_factory=dict)  # query key -> its newest event seq
+    first: dict[str, int] = field(default_factory=dict)  # query key -> its first event seq
     used_events: dict[str, set[int]] = field(default_factory=dict)  # query key -> seqs of events that gave a pair
     events: int = 0
     skipped_no_choice: int = 0
@@ -186,6 +193,7 @@ def _collect(events: Iterable[RecordedEvent], contents: Mapping[str, DocContent]
         event = recorded.event
         key = query_key(event)
         collected.newest[key] = max(collected.newest.get(key, 0), recorded.seq)
+        collected.first.setdefault(key, recorded.seq)
         if not event.chosen:
             collected.skipped_no_choice += 1
             continue
@@ -312,20 +320,53 @@ def feedback_pairs(
     Raises:
         ValueError: a key is both in ``held_out_keys`` and in ``regression_keys``.
     """
-    return _split(_collect(events, contents), held_out_keys, regression_keys)
+    events = list(events)
+    return _with_gallery(_split(_collect(events, contents), held_out_keys, regression_keys), events, contents)
+
+
+def _gallery_ids(events: Iterable[RecordedEvent]) -> list[str]:
+    """Every doc the events showed, newest first, at most :data:`GALLERY_MAX`."""
+    ids: dict[str, None] = {}
+    for recorded in sorted(events, key=lambda r: -r.seq):
+        ids.update(dict.fromkeys(recorded.event.shown))
+    return list(ids)[:GALLERY_MAX]
+
+
+def _with_gallery(
+    split: FeedbackSplit, events: Iterable[RecordedEvent], contents: Mapping[str, DocContent]
+) -> FeedbackSplit:
+    """The held-out and regression pairs with every stored doc image the events showed as gallery images: a query
+    is then measured against the other candidates of a real search, not only against the few images its part holds
+    (among five images, recall@5 is 1.0 whatever the model)."""
+    gallery = [(contents[i].image, f"doc:{i}") for i in _gallery_ids(events) if i in contents and contents[i].image]
+    images, image_ids = [image for image, _ in gallery], [image_id for _, image_id in gallery]
+    return replace(
+        split,
+        held_out=None if split.held_out is None else split.held_out.with_gallery(images, image_ids),
+        regression=None if split.regression is None else split.regression.with_gallery(images, image_ids),
+    )
 
 
 def read_kept(root: Path) -> set[str]:
     """The kept set: the query keys held out by earlier runs (``<root>/held_out.json``; none when it is missing).
 
     Raises:
-        ValueError: the file is not ``{"keys": [query key, ...]}`` (names the file and what is wrong).
+        ValueError: the file is not ``{"keys": [query key, ...], "through_seq": n}`` (names what is wrong).
+    """
+    return read_split_state(root)[0]
+
+
+def read_split_state(root: Path) -> tuple[set[str], int]:
+    """The kept set and the newest event seq the last split saw (0 before the first; also for a file without it).
+
+    Raises:
+        ValueError: see :func:`read_kept`.
     """
     path = Path(root) / HELD_OUT_FILE
     try:
         raw = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return set()
+        return set(), 0
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -338,11 +379,15 @@ def read_kept(root: Path) -> set[str]:
         raise ValueError(
             f"{HELD_OUT_FILE}: query keys must start with one of {[k + ':' for k in KEY_KINDS]}, got {bad[0]!r}"
         )
-    return set(keys)
+    through = data.get("through_seq", 0)
+    if isinstance(through, bool) or not isinstance(through, int) or through < 0:
+        raise ValueError(f"{HELD_OUT_FILE}: through_seq must be an integer >= 0, got {through!r}")
+    return set(keys), through
 
 
-def _write_kept(root: Path, keys: Collection[str]) -> None:
-    write_atomic(Path(root) / HELD_OUT_FILE, json.dumps({"keys": sorted(keys)}, ensure_ascii=False, indent=1) + "\n")
+def _write_kept(root: Path, keys: Collection[str], through_seq: int) -> None:
+    state = {"keys": sorted(keys), "through_seq": through_seq}
+    write_atomic(Path(root) / HELD_OUT_FILE, json.dumps(state, ensure_ascii=False, indent=1) + "\n")
 
 
 def _content_ids(events: Iterable[RecordedEvent]) -> list[str]:
@@ -373,11 +418,14 @@ def split_feedback(log: FeedbackLog, holdout: float = DEFAULT_HOLDOUT, persist: 
     """
     _check_holdout(holdout)
     root = Path(log.root)
-    kept = read_kept(root)
+    kept, seen_through = read_split_state(root)
     events = log.events()
-    collected = _collect(events, log.contents(_content_ids(events)))
-    new = {p.key for p in collected.positives if p.key not in kept}
-    newest_first = sorted(new, key=lambda key: -collected.newest[key])
+    contents = log.contents(set(_content_ids(events)) | set(_gallery_ids(events)))
+    collected = _collect(events, contents)
+    # only queries first asked after the last split may be held out: an older one was trained on by an earlier run,
+    # so the version serving may have learnt it, which would bias the comparison against the candidate
+    fresh = {p.key for p in collected.positives if p.key not in kept and collected.first[p.key] > seen_through}
+    newest_first = sorted(fresh, key=lambda key: -collected.newest[key])
     held = newest_first[: held_out_count(len(newest_first), holdout)]
     split = _split(collected, held, kept)
     if split.train is None:
@@ -389,6 +437,6 @@ def split_feedback(log: FeedbackLog, holdout: float = DEFAULT_HOLDOUT, persist: 
             f"{counts['queries_regression']} query(ies) in the regression set (held out by earlier runs, never "
             f"trained on), {counts['queries_held_out']} held out now; record feedback on new queries"
         )
-    if persist and held:
-        _write_kept(root, kept | set(held))
-    return split
+    if persist:
+        _write_kept(root, kept | set(held), collected.through_seq)
+    return _with_gallery(split, events, contents)

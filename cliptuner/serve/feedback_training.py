@@ -3,7 +3,8 @@
 
 The feedback's pairs and split are :func:`cliptuner.serve.feedback_pairs.split_feedback`'s: the newest queries are
 held out (before/after and the gate), the queries earlier runs held out are the regression set, the rest is trained
-on with its hard negatives. A PAIRS file may be mixed in: its training part joins the training pairs, its held-out
+on with its hard negatives. When no query is new since the last run, the regression set measures the run instead
+(its queries were never trained on either). A PAIRS file may be mixed in: its training part joins the training pairs, its held-out
 part the held-out pairs. The held-out queries are recorded as kept (never trained on again) only once everything
 checked out, so a refused request does not use them up.
 """
@@ -59,7 +60,7 @@ def feedback_training_sets(
     log = FeedbackLog(root)
     try:
         preview = split_feedback(log, persist=False)
-        if preview.train is None or preview.held_out is None:
+        if preview.train is None or (preview.held_out is None and preview.regression is None):
             raise ValueError(
                 f"too little feedback to train on and hold out (at least two queries with a chosen result "
                 f"whose content is stored): {preview.counts}"
@@ -68,12 +69,16 @@ def feedback_training_sets(
         split = split_feedback(log)  # checked: its newest queries are held out from now on
     finally:
         log.close()
-    if split.train is None or split.held_out is None:  # feedback changed between the two looks
+    if split.train is None or (split.held_out is None and split.regression is None):  # it changed between the looks
         raise ValueError(f"too little feedback to train on and hold out: {split.counts}")
     counts = split.counts
     source = f"feedback ({counts.get('events_used')} events through seq {counts.get('through_seq')})"
-    held_out_from = f"the newest {counts.get('queries_held_out')} feedback queries"
-    trains, held = [split.train], [split.held_out]
+    if split.held_out is not None:
+        held_out_from, measured = f"the newest {counts.get('queries_held_out')} feedback queries", split.held_out
+    else:  # no query new since the last run: the queries earlier runs held out, never trained on, measure it
+        held_out_from = f"the {counts.get('queries_regression')} feedback queries earlier runs held out (none is new)"
+        measured = split.regression
+    trains, held = [split.train], [measured]
     if extra is not None:
         trains.append(extra[0])
         held.append(extra[1])

@@ -38,7 +38,7 @@ import math
 import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -104,6 +104,7 @@ class PairSet:
     image_ids: list[str]  # a name per distinct image (relative filename, id), used in errors and reports
     name: str = ""  # where the pairs came from
     groups: Optional[list[int]] = None  # one per pair: its batch group id >= 0, or NO_GROUP; None: no groups
+    gallery: int = 0  # the last this many images have no caption: evaluation ranks every text against them too
     _by_image: list[list[int]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -122,9 +123,19 @@ class PairSet:
             if not 0 <= image < len(self.images):
                 raise ValueError(f"pair {pair}: image_index {image} is outside [0, {len(self.images)})")
             by_image[image].append(pair)
-        lonely = [self.image_ids[i] for i, pairs in enumerate(by_image) if not pairs]
+        if (
+            isinstance(self.gallery, bool)
+            or not isinstance(self.gallery, int)
+            or not 0 <= self.gallery <= len(self.images)
+        ):
+            raise ValueError(f"gallery must be an integer in [0, {len(self.images)}], got {self.gallery!r}")
+        captioned = len(self.images) - self.gallery
+        lonely = [self.image_ids[i] for i, pairs in enumerate(by_image[:captioned]) if not pairs]
         if lonely:
             raise ValueError(f"{len(lonely)} image(s) without a caption, e.g. {lonely[:3]}")
+        described = [self.image_ids[i] for i, pairs in enumerate(by_image[captioned:], captioned) if pairs]
+        if described:
+            raise ValueError(f"gallery image(s) with a caption, e.g. {described[:3]}: a gallery image has none")
         self._by_image = by_image
 
     def __len__(self) -> int:
@@ -133,8 +144,26 @@ class PairSet:
 
     @property
     def num_images(self) -> int:
-        """Number of distinct images."""
+        """Number of distinct images (gallery images included)."""
         return len(self.images)
+
+    @property
+    def num_captioned(self) -> int:
+        """Number of distinct images with captions (the gallery left out)."""
+        return len(self.images) - self.gallery
+
+    def with_gallery(self, images: Sequence[ImageSource], image_ids: Sequence[str]) -> PairSet:
+        """These pairs with more gallery images: images without a caption that evaluation ranks every text against
+        (a search's other candidates), so that recall@k means what it means in a large index. An image whose id is
+        already in the set is left out."""
+        known = set(self.image_ids)
+        extra = [(image, image_id) for image, image_id in zip(images, image_ids) if image_id not in known]
+        return replace(
+            self,
+            images=self.images + [image for image, _ in extra],
+            image_ids=self.image_ids + [image_id for _, image_id in extra],
+            gallery=self.gallery + len(extra),
+        )
 
     def captions_of(self, image_i: int) -> list[int]:
         """Pair indices of the captions of distinct image ``image_i``."""
@@ -153,22 +182,25 @@ class PairSet:
         Raises:
             ValueError: an index is out of range or repeated.
         """
-        new_of_old: dict[int, int] = {}
-        for k, old in enumerate(image_indices):
-            old = int(old)
+        chosen = [int(old) for old in image_indices]
+        for old in chosen:
             if not 0 <= old < self.num_images:
                 raise ValueError(f"image index {old} is outside [0, {self.num_images})")
-            if old in new_of_old:
-                raise ValueError(f"image index {old} is repeated")
-            new_of_old[old] = k
+        repeated = sorted({old for old in chosen if chosen.count(old) > 1})
+        if repeated:
+            raise ValueError(f"image index {repeated[0]} is repeated")
+        gallery = [old for old in chosen if old >= self.num_captioned]  # gallery images stay last
+        chosen = [old for old in chosen if old < self.num_captioned] + gallery
+        new_of_old = {old: k for k, old in enumerate(chosen)}
         pairs = sorted(p for old in new_of_old for p in self._by_image[old])
         return PairSet(
-            images=[self.images[int(old)] for old in image_indices],
+            images=[self.images[old] for old in chosen],
             captions=[self.captions[p] for p in pairs],
             image_index=[new_of_old[self.image_index[p]] for p in pairs],
-            image_ids=[self.image_ids[int(old)] for old in image_indices],
+            image_ids=[self.image_ids[old] for old in chosen],
             name=self.name,
             groups=None if self.groups is None else [self.groups[p] for p in pairs],
+            gallery=len(gallery),
         )
 
     def split(self, eval_fraction: float, seed: int) -> tuple[PairSet, PairSet]:
@@ -188,13 +220,13 @@ class PairSet:
         """
         if not 0 < eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction!r}")
-        n_held = max(1, round(eval_fraction * self.num_images))
-        if self.num_images - n_held < 1:
+        n_held = max(1, round(eval_fraction * self.num_captioned))  # the gallery stays out
+        if self.num_captioned - n_held < 1:
             raise ValueError(
-                f"cannot hold out {n_held} of {self.num_images} image(s) (eval_fraction={eval_fraction}) "
+                f"cannot hold out {n_held} of {self.num_captioned} image(s) (eval_fraction={eval_fraction}) "
                 "and keep at least one for training; give more images or eval data"
             )
-        order = np.random.default_rng(seed).permutation(self.num_images)
+        order = np.random.default_rng(seed).permutation(self.num_captioned)
         held = sorted(int(i) for i in order[:n_held])
         train = sorted(int(i) for i in order[n_held:])
         return self.subset_images(train), self.subset_images(held)
@@ -214,6 +246,7 @@ class _PairsBuilder:
         self.captions: list[str] = []
         self.image_index: list[int] = []
         self.groups: list[int] = []
+        self.gallery: dict[str, str] = {}  # resolved path -> image id of the gallery rows (no caption)
         self._index_of: dict[str, int] = {}
 
     def where(self, resolved: str) -> str:
@@ -244,14 +277,17 @@ class _PairsBuilder:
         self.groups.extend([group] * len(captions))
 
     def build(self, name: str, grouped: bool = False) -> PairSet:
-        """The pairs read; with ``grouped`` (the file has a group column) their groups too."""
+        """The pairs read; with ``grouped`` (the file has a group column) their groups too; gallery images last (one
+        that also has a caption is a captioned image)."""
+        gallery = {path: image_id for path, image_id in self.gallery.items() if path not in self._index_of}
         return PairSet(
-            images=self.images,
+            images=self.images + list(gallery),
             captions=self.captions,
             image_index=self.image_index,
-            image_ids=self.image_ids,
+            image_ids=self.image_ids + list(gallery.values()),
             name=name,
             groups=self.groups if grouped else None,
+            gallery=len(gallery),
         )
 
 
@@ -268,7 +304,9 @@ def load_csv(path: str | os.PathLike, resolve_image: Optional[ImageResolver] = N
 
     Rows naming the same image path are captions of one image. An optional ``group`` column gives each row's
     batch group (:attr:`PairSet.groups`): an integer >= 0, or an empty cell for none; without that column the
-    set has no groups (``groups`` is None). Other columns are ignored, blank lines skipped. Image files must
+    set has no groups (``groups`` is None). An optional ``gallery`` column marks with ``1`` a row without a caption
+    whose image is a gallery image (:attr:`PairSet.gallery`: evaluation ranks every text against it; training
+    never sees it). Other columns are ignored, blank lines skipped. Image files must
     exist; they are decoded later, when a batch needs them.
 
     Args:
@@ -301,6 +339,7 @@ def load_csv(path: str | os.PathLike, resolve_image: Optional[ImageResolver] = N
                 )
             image_col, caption_col = columns.index("image"), columns.index("caption")
             group_col = columns.index("group") if "group" in columns else None
+            gallery_col = columns.index("gallery") if "gallery" in columns else None
             line = reader.line_num
             for row in reader:
                 start, line = line + 1, reader.line_num  # a quoted caption may span several lines
@@ -311,7 +350,11 @@ def load_csv(path: str | os.PathLike, resolve_image: Optional[ImageResolver] = N
                 if not image:
                     problems.append(f"line {start}: empty image path")
                     continue
-                if not caption:
+                in_gallery = gallery_col is not None and gallery_col < len(row) and row[gallery_col].strip() == "1"
+                if in_gallery and caption:
+                    problems.append(f"line {start}: a gallery row (gallery 1) has no caption, got {caption!r}")
+                    continue
+                if not caption and not in_gallery:
                     problems.append(f"line {start}: empty caption for image {image!r}")
                     continue
                 group = NO_GROUP
@@ -328,6 +371,12 @@ def load_csv(path: str | os.PathLike, resolve_image: Optional[ImageResolver] = N
                     resolved = pairs.allowed(resolved, f"line {start}: image {image!r}")
                 except ValueError as exc:
                     problems.append(str(exc))
+                    continue
+                if in_gallery:
+                    if not os.path.isfile(resolved):
+                        problems.append(f"line {start}: image file {image!r} not found{pairs.where(resolved)}")
+                    else:
+                        pairs.gallery.setdefault(resolved, image)
                     continue
                 index = pairs.image(resolved, image)
                 if index is None:
@@ -448,7 +497,8 @@ def load_pairs(
 
 
 def concat_pairs(sets: Sequence[PairSet], name: str = "") -> PairSet:
-    """The pairs of several sets as one: images and pairs in order, batch groups renumbered so that they stay apart.
+    """The pairs of several sets as one: images and pairs in order (every gallery image after the captioned ones),
+    batch groups renumbered so that they stay apart.
 
     An image that two sets share (the same image id) is kept twice: each set's images stay its own.
 
@@ -458,12 +508,15 @@ def concat_pairs(sets: Sequence[PairSet], name: str = "") -> PairSet:
     if not sets:
         raise ValueError("concat_pairs needs at least one PairSet")
     images, captions, image_index, image_ids, groups = [], [], [], [], []
+    gallery_images, gallery_ids = [], []  # every part's gallery, after all the captioned images
     grouped = any(s.groups is not None for s in sets)
     next_group = 0
     for part in sets:
         offset = len(images)
-        images.extend(part.images)
-        image_ids.extend(part.image_ids)
+        images.extend(part.images[: part.num_captioned])
+        image_ids.extend(part.image_ids[: part.num_captioned])
+        gallery_images.extend(part.images[part.num_captioned :])
+        gallery_ids.extend(part.image_ids[part.num_captioned :])
         captions.extend(part.captions)
         image_index.extend(i + offset for i in part.image_index)
         if grouped:
@@ -471,12 +524,13 @@ def concat_pairs(sets: Sequence[PairSet], name: str = "") -> PairSet:
             groups.extend(g if g == NO_GROUP else g + next_group for g in own)
             next_group = max([g + 1 for g in groups if g != NO_GROUP], default=next_group)
     return PairSet(
-        images=images,
+        images=images + gallery_images,
         captions=captions,
         image_index=image_index,
-        image_ids=image_ids,
+        image_ids=image_ids + gallery_ids,
         name=name or " + ".join(s.name for s in sets),
         groups=groups if grouped else None,
+        gallery=len(gallery_images),
     )
 
 
@@ -597,6 +651,29 @@ def collate_pairs(batch: Sequence[tuple[Any, Any, int]]) -> tuple[torch.Tensor, 
     return images, texts, index
 
 
+def _check_sampling(batch_size: int, seed: int, drop_last: bool, num_replicas: int, rank: int) -> None:
+    """The argument checks the batch samplers share."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_replicas < 1 or not 0 <= rank < num_replicas:
+        raise ValueError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}")
+    if num_replicas > 1 and not drop_last:
+        raise ValueError("drop_last=False is not supported with num_replicas > 1: ranks would get uneven batches")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+
+
+def _check_global_batch(batch_size: int, num_replicas: int, num_images: int) -> int:
+    """``batch_size * num_replicas``, which a batch of unique images needs that many distinct images for."""
+    global_batch = batch_size * num_replicas
+    if global_batch > num_images:
+        raise ValueError(
+            f"batch_size {batch_size} x {num_replicas} replica(s) = {global_batch} is larger than "
+            f"the {num_images} distinct images; no batch can hold unique images"
+        )
+    return global_batch
+
+
 class UniqueImageBatchSampler:
     """Batches of pair indices in which no two pairs share an image (a ``torch`` batch sampler by protocol).
 
@@ -633,25 +710,13 @@ class UniqueImageBatchSampler:
         num_replicas: int = 1,
         rank: int = 0,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}")
-        if num_replicas > 1 and not drop_last:
-            raise ValueError("drop_last=False is not supported with num_replicas > 1: ranks would get uneven batches")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
+        _check_sampling(batch_size, seed, drop_last, num_replicas, rank)
         groups: dict[int, list[int]] = {}
         for pair, image in enumerate(image_index):
             groups.setdefault(int(image), []).append(pair)
         if not groups:
             raise ValueError("no pairs to sample")
-        self.global_batch = batch_size * num_replicas
-        if self.global_batch > len(groups):
-            raise ValueError(
-                f"batch_size {batch_size} x {num_replicas} replica(s) = {self.global_batch} is larger than "
-                f"the {len(groups)} distinct images; no batch can hold unique images"
-            )
+        self.global_batch = _check_global_batch(batch_size, num_replicas, len(groups))
         self.batch_size = batch_size
         self.seed = seed
         self.drop_last = drop_last
@@ -807,25 +872,12 @@ class GroupedBatchSampler:
         num_replicas: int = 1,
         rank: int = 0,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}")
-        if num_replicas > 1 and not drop_last:
-            raise ValueError("drop_last=False is not supported with num_replicas > 1: ranks would get uneven batches")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
+        _check_sampling(batch_size, seed, drop_last, num_replicas, rank)
         self._image = [int(i) for i in image_index]
         groups = _checked_groups(groups, len(self._image))
         if not self._image:
             raise ValueError("no pairs to sample")
-        self.global_batch = batch_size * num_replicas
-        num_images = len(set(self._image))
-        if self.global_batch > num_images:
-            raise ValueError(
-                f"batch_size {batch_size} x {num_replicas} replica(s) = {self.global_batch} is larger than "
-                f"the {num_images} distinct images; no batch can hold unique images"
-            )
+        self.global_batch = _check_global_batch(batch_size, num_replicas, len(set(self._image)))
         self.batch_size = batch_size
         self.seed = seed
         self.drop_last = drop_last

@@ -178,7 +178,8 @@ def write_pairs_csv(pairs: PairSet, path: Path) -> Path:
     """Write ``pairs`` as a PAIRS CSV that :func:`cliptuner.train.data.load_csv` reads back as the same pairs.
 
     Rows follow the pairs' order (the images then come in the set's order); batch groups (hard negatives that
-    train with their query pair) go into a ``group`` column. Images held in memory are written
+    train with their query pair) go into a ``group`` column, gallery images into rows of their own without a
+    caption, marked in a ``gallery`` column. Images held in memory are written
     beside the CSV under ``images/``, named by position and image id: arrays and PIL images as PNG (lossless),
     encoded bytes as they came. Images given as paths are named by their absolute path; a path that two image ids
     share is copied for the second, so that the two stay two images as they were.
@@ -210,12 +211,15 @@ def write_pairs_csv(pairs: PairSet, path: Path) -> Path:
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         groups = pairs.groups
-        writer.writerow(["image", "caption"] if groups is None else ["image", "caption", "group"])
+        gallery = ["gallery"] if pairs.gallery else []
+        writer.writerow(["image", "caption"] + (["group"] if groups is not None else []) + gallery)
         for pair, (caption, image_i) in enumerate(zip(pairs.captions, pairs.image_index)):
-            if groups is None:
-                writer.writerow([names[image_i], caption])
-            else:  # an empty cell: no group (NO_GROUP)
-                writer.writerow([names[image_i], caption, "" if groups[pair] == NO_GROUP else groups[pair]])
+            row = [names[image_i], caption]
+            if groups is not None:  # an empty cell: no group (NO_GROUP)
+                row.append("" if groups[pair] == NO_GROUP else groups[pair])
+            writer.writerow(row + ([""] if gallery else []))
+        for image_i in range(pairs.num_captioned, pairs.num_images):  # gallery images: no caption
+            writer.writerow([names[image_i], ""] + ([""] if groups is not None else []) + ["1"])
     return path
 
 

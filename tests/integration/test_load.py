@@ -88,7 +88,14 @@ def test_mixed_clients_see_no_failure_and_no_mixed_versions_across_a_train(flow,
                 "/train",
                 train_docs,
                 request_size=len(train_docs),
-                parameters={"epochs": 2, "batch_size": 32, "learning_rate": 1e-3, "warmup_steps": 2, "seed": 0},
+                parameters={
+                    "epochs": 2,
+                    "batch_size": 32,
+                    "learning_rate": 1e-3,
+                    "warmup_steps": 2,
+                    "seed": 0,
+                    "gate": False,
+                },
             )
         )
         await asyncio.gather(*(client_loop(flow.port, n, gallery, training, log) for n in range(CLIENTS)))

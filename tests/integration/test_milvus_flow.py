@@ -95,7 +95,7 @@ def run_index_search_filter_train_and_restart(tmp_path, milvus_uri) -> None:
                     for i, caption in enumerate(pairs.captions)
                 ]
             ),
-            parameters={"epochs": 2, "batch_size": 16, "eval_fraction": 0.25, "seed": 0},
+            parameters={"epochs": 2, "batch_size": 16, "eval_fraction": 0.25, "seed": 0, "gate": False},
             request_size=len(pairs),
         )[0]
         assert report.tags["index"]["model_version"] == "v2" and report.tags["index"]["count"] == GALLERY

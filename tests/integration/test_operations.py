@@ -157,7 +157,7 @@ def test_an_async_run_reports_progress_and_cancel_publishes_nothing(served, pair
         served,
         "/train",
         pairs,
-        parameters={"wait": False, "epochs": 50, "batch_size": 16, "eval_fraction": 0.25, "seed": 0},
+        parameters={"wait": False, "epochs": 50, "batch_size": 16, "eval_fraction": 0.25, "seed": 0, "gate": False},
     )
     run_id = answer[0].tags["run_id"]
     assert answer[0].id == "train-run" and answer[0].tags["state"] == "running"
@@ -192,7 +192,7 @@ def test_killing_the_training_process_fails_the_run_and_serving_goes_on(served, 
         served,
         "/train",
         pairs,
-        parameters={"wait": False, "epochs": 50, "batch_size": 16, "eval_fraction": 0.25, "seed": 0},
+        parameters={"wait": False, "epochs": 50, "batch_size": 16, "eval_fraction": 0.25, "seed": 0, "gate": False},
     )
     run_id = answer[0].tags["run_id"]
     progress = wait_for(
@@ -216,7 +216,7 @@ def test_an_async_run_publishes_and_the_encoder_and_indexer_follow(served, pairs
         served,
         "/train",
         pairs,
-        parameters={"wait": False, "epochs": 1, "batch_size": 16, "eval_fraction": 0.25, "seed": 0},
+        parameters={"wait": False, "epochs": 1, "batch_size": 16, "eval_fraction": 0.25, "seed": 0, "gate": False},
     )
     run_id = answer[0].tags["run_id"]
     done = wait_for(

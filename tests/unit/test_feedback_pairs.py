@@ -297,24 +297,37 @@ def test_the_newest_queries_are_held_out_kept_and_then_checked_as_the_regression
     assert first.regression is None
     assert first.held_out_keys == ("text:q0",)
     assert read_kept(log.root) == {"text:q0"}
-    assert json.loads((log.root / HELD_OUT_FILE).read_text()) == {"keys": ["text:q0"]}
+    assert json.loads((log.root / HELD_OUT_FILE).read_text()) == {"keys": ["text:q0"], "through_seq": 6}
 
     # later: new queries, and new events for the held-out query; it stays out of training
     for i in range(5, 10):
         record(log, f"e{i + 1}", "ab", chosen="b", text=f"q{i}")
     record(log, "e11", "abc", chosen="c", text="q0")  # a new pair for q0 too
-    second = split_feedback(log)  # 9 new queries (q1 ... q9): 2 held out, q8 and q9
+    record(log, "e12", "ab", chosen="a", text="q1")  # q1 again: trained on by the first run, never held out now
+    second = split_feedback(log)  # 5 queries first asked since the last split (q5 ... q9): 1 held out, q9
     assert queries(second.regression) == {"q0", "Q0"}
     assert rows(second.regression) == [("doc:b", "q0", None), ("doc:a", "Q0", None), ("doc:c", "q0", None)]
-    assert second.held_out_keys == ("text:q9", "text:q8")
-    assert queries(second.train) == {f"q{i}" for i in range(1, 8)}
-    assert second.counts["queries_regression"] == 1 and second.counts["queries_held_out"] == 2
-    assert read_kept(log.root) == {"text:q0", "text:q8", "text:q9"}
+    assert second.held_out_keys == ("text:q9",)
+    assert queries(second.train) == {f"q{i}" for i in range(1, 9)}
+    assert second.counts["queries_regression"] == 1 and second.counts["queries_held_out"] == 1
+    assert read_kept(log.root) == {"text:q0", "text:q9"}
 
-    third = split_feedback(log, persist=False)  # everything new is held out already: q1 ... q7 left, 2 held out
-    assert queries(third.regression) == {"q0", "Q0", "q8", "q9"}
-    assert third.held_out_keys == ("text:q7", "text:q6")
-    assert read_kept(log.root) == {"text:q0", "text:q8", "text:q9"}  # a dry run writes nothing
+    third = split_feedback(log, persist=False)  # no query is new since the second split: none held out
+    assert queries(third.regression) == {"q0", "Q0", "q9"}
+    assert third.held_out_keys == () and third.held_out is None
+    assert json.loads((log.root / HELD_OUT_FILE).read_text())["through_seq"] == 13  # a dry run writes nothing
+
+
+def test_held_out_and_regression_queries_are_ranked_against_every_stored_doc_image(log):
+    for i in range(6):
+        record(log, f"e{i}", "abc", chosen="abc"[i % 3], text=f"q{i}")
+    first = split_feedback(log)  # 6 queries: 2 held out, ranked against the images of a, b and c
+    assert first.held_out.gallery == first.held_out.num_images - first.held_out.num_captioned > 0
+    assert sorted(first.held_out.image_ids) == ["doc:a", "doc:b", "doc:c"]
+    assert first.train.gallery == 0  # training never sees a gallery
+    record(log, "e6", "bd", chosen="d", text="q6")
+    second = split_feedback(log)
+    assert sorted(second.regression.image_ids) == ["doc:a", "doc:b", "doc:c", "doc:d"]
 
 
 def test_image_queries_are_split_by_their_image(log):
@@ -327,12 +340,12 @@ def test_image_queries_are_split_by_their_image(log):
     assert read_kept(log.root) == {key}
 
 
-def test_one_query_alone_is_trained_on_and_nothing_is_kept(log):
+def test_one_query_alone_is_trained_on_and_never_held_out_later(log):
     record(log, "e1", "ab", chosen="b", wrong="a", text="hat")
     split = split_feedback(log)
     assert rows(split.train) == [("doc:b", "hat", 0), ("doc:a", "text of a", 0)]
     assert split.held_out is None and split.counts["through_seq"] == 1
-    assert not (log.root / HELD_OUT_FILE).exists()
+    assert json.loads((log.root / HELD_OUT_FILE).read_text()) == {"keys": [], "through_seq": 1}  # trained on
 
 
 def test_queries_without_a_pair_are_not_held_out(log):

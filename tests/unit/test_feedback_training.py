@@ -44,18 +44,19 @@ def test_a_run_on_the_feedback_holds_out_its_newest_queries_for_good(tuner, work
     report = run(tuner.train(docs=DocList[ClipDoc](), parameters=FEEDBACK_TRAIN))[0].tags["report"]
     split = report["split"]
     assert split["source"].startswith("feedback (12 events through seq 12)")
-    assert split["held_out"] == "the newest 3 feedback queries" and split["eval_images"] == 3
+    assert split["held_out"] == "the newest 3 feedback queries"
+    assert split["eval_images"] == 13  # their 3 images among the 13 the searches showed (the gallery)
     counts = split["feedback"]
     assert counts["queries_train"] == 9 and counts["hard_negatives"] == 9 and counts["queries_regression"] == 0
     kept = json.loads((workspace / FEEDBACK_SUBDIR / HELD_OUT_FILE).read_text())["keys"]
     assert len(kept) == 3
     record(workspace, 12, 8)  # the next run: the kept queries are its regression set
     again = run(tuner.train(docs=DocList[ClipDoc](), parameters={**FEEDBACK_TRAIN, "gate": True}))[0].tags["report"]
-    assert again["split"]["feedback"]["queries_regression"] == 3 and again["split"]["feedback"]["queries_train"] == 13
+    assert again["split"]["feedback"]["queries_regression"] == 3 and again["split"]["feedback"]["queries_train"] == 15
     assert set(again["gate"]["regression"]) == {"feedback"}
     assert (
-        len(json.loads((workspace / FEEDBACK_SUBDIR / HELD_OUT_FILE).read_text())["keys"]) == 7
-    )  # 3 + 4 of the 17 new
+        len(json.loads((workspace / FEEDBACK_SUBDIR / HELD_OUT_FILE).read_text())["keys"]) == 5
+    )  # 3 + 2 of the 8 queries first asked since the first run
 
 
 def test_a_run_on_the_feedback_refuses_docs_and_too_little_feedback_by_name(tuner, workspace):
@@ -76,7 +77,7 @@ def test_cliptuner_train_trains_on_a_workspaces_feedback(workspace, tmp_path, ca
     args = ["train", "--feedback", str(workspace), "--out", str(out), "--quiet", "--device", "cpu"]
     assert main([*args, "--epochs", "1", "--batch-size", "4", "--no-plots"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["split"]["eval_images"] == 3 and report["gate"]["enabled"] is True
+    assert report["split"]["eval_images"] == 13 and report["gate"]["enabled"] is True
     assert "gate: " in capsys.readouterr().out
     assert main(["train", "--out", str(tmp_path / "none"), "--quiet"]) == 2  # neither --data nor --feedback
     assert "needs --data PAIRS, --feedback WORKSPACE, or both" in capsys.readouterr().err
