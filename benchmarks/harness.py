@@ -24,7 +24,13 @@ Parts (``--only``/``--skip`` take these names):
 ``access_flood``          authorised ``/search`` p50 before and during 1000 calls with wrong API keys
 ``seed_table``            recall@5 before vs after tuning public CLIP models on Flickr/COCO (runs only where
                           the weights are cached and the data sets are on disk)
+``feedback_loop``         simulated users search, click and send ``/feedback``; ``auto_train`` trains, the gate
+                          decides: recall@5 on captions nobody searched, per round, vs the start; and a harmful
+                          candidate the gate must refuse
 ========================  ==============================================================================
+
+``--merge`` runs some parts again and keeps the others' results from the report's ``results.json``: each part
+run now is marked with this run's command and date, which its section of RESULTS.md names.
 """
 
 from __future__ import annotations
@@ -209,6 +215,27 @@ PARTS: tuple[Part, ...] = (
         "(laion400m_e32) on the Karpathy test splits, same split before and after. It runs only where the "
         "weights are in the Hugging Face cache and the data sets on disk; rows it cannot run say why.",
     ),
+    Part(
+        "feedback_loop",
+        "feedback_loop",
+        "Learning from users' clicks: `/feedback`, `auto_train` and the gate",
+        full=(),
+        quick=("--quick",),
+        about="`cliptuner serve` with an `auto_train` policy, started from the demo's pretrained base (`--quick`: "
+        "random init) with the demo's held-out domain gallery indexed through `/index`. Simulated users search "
+        "with captions of the gallery's images, see the top 10 and click (the click model is stated below); "
+        "every click is a `/feedback` event. After each round of K events the tuner trains on the feedback by "
+        "itself and the gate promotes the candidate or refuses it. Recall@5 (text → image) is measured through "
+        "`/search` on other captions of the same images, which no user ever searched, before the first click "
+        "and after each round: the baseline is the start version, on the same captions, in the same run. Two "
+        "arms, each a service of its own with the same data, users and settings: the gate on, and the gate off "
+        "(every finished run promoted: what the clicks teach); the gated arm uses the service's gate defaults. The "
+        "gate measures each run on the feedback queries first asked since the run before (when none is new, on "
+        "those earlier runs held out), each ranked among every gallery image the clicked searches showed; an "
+        "audit counts how many of those queries the serving version had been trained on (0 expected). Last, a "
+        "`/train` on captions shuffled across images, gated on clean held-out pairs, must be refused with "
+        "serving unchanged.",
+    ),
 )
 PART_NAMES = tuple(part.name for part in PARTS)
 
@@ -276,6 +303,53 @@ def _rebuild_ratio(r: dict, store: str) -> Optional[float]:
 
 def _fmt(value: Optional[float], spec: str = ".2f", suffix: str = "×") -> str:
     return "–" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _pct(value: Optional[float]) -> str:
+    return "–" if value is None else f"{100 * value:.1f} %"
+
+
+ARM_LABELS = {"gated": "gate on", "ungated": "gate off"}  # the feedback_loop part's arms, as the report names them
+
+
+def _arm(r: dict, name: str) -> Optional[dict]:
+    """One arm of the feedback_loop part's results (``gated``, ``ungated``), None when it did not run."""
+    return next((arm for arm in r.get("arms", []) if arm["name"] == name), None)
+
+
+def _loop_gain(arm: dict) -> str:
+    rounds = arm["rounds"]
+    promoted = sum(1 for row in rounds[1:] if (row.get("run") or {}).get("promoted"))
+    return (
+        f"{_pct(arm['start_r5'])} → {_pct(arm['final_r5'])} after {rounds[-1]['clicks']} clicks "
+        f"({len(rounds) - 1} rounds, {promoted} promoted)"
+    )
+
+
+def _clicks_for(arm: dict) -> str:
+    clicks = arm["rounds"][-1]["clicks"]
+    return ", ".join(
+        f"+{points}: {n} clicks" if n is not None else f"+{points}: not reached in {clicks}"
+        for points, n in arm["clicks_for"].items()
+    )
+
+
+def _all_clicks_for(r: dict) -> str:
+    return "; ".join(f"{ARM_LABELS[arm['name']]}: {_clicks_for(arm)}" for arm in r.get("arms", []))
+
+
+def _harmful_refused(r: dict) -> bool:
+    harmful = r["harmful"]
+    return harmful["run"]["state"] == "done" and not harmful["run"]["promoted"] and harmful["unchanged"]
+
+
+def _harmful(r: dict) -> str:
+    h = r["harmful"]
+    decision = "refused" if not h["run"]["promoted"] else "promoted"
+    return (
+        f"{decision}; serving {h['serving_before']} → {h['serving_after']}, never-searched R@5 "
+        f"{_pct(h['unseen_before']['r5'])} → {_pct(h['unseen_after']['r5'])}"
+    )
 
 
 TARGETS: tuple[Target, ...] = (
@@ -483,6 +557,46 @@ TARGETS: tuple[Target, ...] = (
         "train_load",
         read=lambda r: max(r["memory_mb"].values()) if r.get("memory_mb") else None,
         show=lambda r: ", ".join(f"{name} {mb:.0f} MB" for name, mb in r["memory_mb"].items()),
+    ),
+    Target(
+        "learning from clicks, gate on: R@5 on never-searched captions",
+        "the start version, same captions, same run",
+        "reported",
+        "feedback_loop",
+        read=lambda r: (_arm(r, "gated") or {}).get("final_r5"),
+        show=lambda r: _loop_gain(_arm(r, "gated")),
+        missing="the gated arm did not run",
+    ),
+    Target(
+        "learning from clicks, gate off (every run promoted): R@5 on never-searched captions",
+        "the start version, same captions, same run",
+        "reported",
+        "feedback_loop",
+        read=lambda r: (_arm(r, "ungated") or {}).get("final_r5"),
+        show=lambda r: _loop_gain(_arm(r, "ungated")),
+        missing="the ungated arm did not run",
+    ),
+    Target(
+        "clicks needed for +10 / +30 points of never-searched R@5",
+        "the start version, same captions, same run",
+        "reported",
+        "feedback_loop",
+        read=lambda r: len(r["arms"]) if r.get("arms") else None,
+        show=_all_clicks_for,
+    ),
+    Target(
+        "a harmful candidate (captions shuffled across images)",
+        "the version serving before the run, same captions",
+        "refused; the same version and recall serve",
+        "feedback_loop",
+        read=lambda r: _get(r, "harmful", "unseen_after", "r5"),
+        show=_harmful,
+        meets=_harmful_refused,
+        missing="the gated arm did not run",
+        short=(
+            "The gate compares the candidate with the serving version on the run's held-out pairs only; a "
+            "candidate that ties or wins there goes live whatever else it learned."
+        ),
     ),
 )
 
@@ -705,11 +819,192 @@ def render(results: dict, info: dict, charts: list[str], quick: bool, command: s
                 "",
             ]
             continue
-        lines += [tables_only(outcome["stdout"]), "", f"Wall time {outcome['wall_s']:.0f} s.", ""]
+        ran = outcome.get("ran")
+        if ran:
+            lines += [
+                f"This part ran on its own{' in quick mode' if ran.get('quick') else ''}: `{ran['command']}` on "
+                f"{ran['date']} (code: commit {ran['commit']}); its results were merged into this report's "
+                "results.json, whose other parts come from the command at the top.",
+                "",
+            ]
+        lines += [part_tables(part.name, outcome), "", f"Wall time {outcome['wall_s']:.0f} s.", ""]
         for note in notes(outcome["result"], outcome["stdout"]):
             lines.append(f"- {note}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def part_tables(name: str, outcome: dict) -> str:
+    """A part's tables in RESULTS.md: rendered here from its results where this module knows how (so that
+    ``--from-json`` shows them in today's layout), else what the part printed."""
+    if name == "feedback_loop":
+        return feedback_loop_tables(outcome["result"])
+    return tables_only(outcome["stdout"])
+
+
+def _decision(run: Optional[dict]) -> str:
+    """A round's run in words: ``start`` (round 0), promoted, refused or failed, with the gate's reason."""
+    if run is None:
+        return "start"
+    if run.get("state") != "done":
+        return f"{run.get('state')}: {run.get('reason') or 'no reason given'}"
+    word = "**promoted**" if run.get("promoted") else "**refused**"
+    return f"{word}: {str(run.get('reason') or '').removeprefix('promoted: ').removeprefix('not promoted: ')}"
+
+
+def _held_out(run: Optional[dict]) -> str:
+    """The gate's held-out numbers of serving → candidate (mean of t2i and i2t R@5, and mean recall), with what they
+    were measured on: pairs and images (gallery images included), and the regression set when no query was new."""
+    held = (run or {}).get("held_out")
+    if not held:
+        return "–"
+
+    def mean(side: dict) -> float:
+        return (side["t2i_r5"] + side["i2t_r5"]) / 2
+
+    counts = (run or {}).get("feedback") or {}
+    if run.get("eval_pairs") is not None:
+        size = f", {run['eval_pairs']} pairs among {run['eval_images']} images"
+    else:  # results of an earlier revision: the held-out pairs only
+        size = f", {counts['pairs_held_out']} pairs" if "pairs_held_out" in counts else ""
+    if counts.get("queries_held_out") == 0 and counts.get("queries_regression"):
+        size += " (the regression set: no new query)"
+    text = f"{_pct(mean(held['serving']))} → {_pct(mean(held['candidate']))}"
+    if held["serving"].get("mean_recall") is not None:
+        text += f" (mean recall {_pct(held['serving']['mean_recall'])} → {_pct(held['candidate']['mean_recall'])})"
+    return text + size
+
+
+def _audit(run: Optional[dict]) -> str:
+    """A run's held-out and regression queries, each with how many of them the serving version was trained on; the
+    queries it trained on."""
+    audit = (run or {}).get("audit")
+    if not audit:
+        return "–"
+    text = f"{audit['held_out_queries']} ({audit['held_out_trained']})"
+    if "regression_queries" in audit:
+        text += f" + {audit['regression_queries']} ({audit['regression_trained']})"
+    return f"{text} / {audit['trained_queries']}"
+
+
+def _rounds_table(arm: dict) -> list[str]:
+    lines = [
+        "| round | searches | clicks so far (wrong) | queries clicked | R@5 never-searched | R@5 searched pool | "
+        "version serving | run's held-out + regression queries (of them trained on by serving) / queries trained on "
+        "| gate's held-out mean R@5, serving → candidate | run: decision and reason |",
+        "|---:|---:|---:|---:|---:|---:|---|---|---|---|",
+    ]
+    for row in arm["rounds"]:
+        run = row.get("run")
+        candidate = f"{run['candidate']}: " if run and run.get("candidate") else ""
+        lines.append(
+            f"| {row['round']} | {row['searches']} | {row['clicks']} ({row['wrong_clicks']}) | {row['queries']} | "
+            f"{_pct(row['unseen']['r5'])} | {_pct(row['pool']['r5'])} | {row['serving']} | {_audit(run)} | "
+            f"{_held_out(run)} | {candidate}{_decision(run)} |"
+        )
+    rounds = arm["rounds"]
+    needs = []
+    for points, n in arm["clicks_for"].items():
+        row = next((row for row in rounds if row["clicks"] == n), None) if n is not None else None
+        needs.append(
+            f"+{points} points: {n} clicks (round {row['round']})"
+            if row is not None
+            else f"+{points} points: not reached in {rounds[-1]['clicks']} clicks"
+        )
+    lines += [
+        "",
+        f"Never-searched R@5 at the start {_pct(arm['start_r5'])}, best "
+        f"{_pct(max(row['unseen']['r5'] for row in rounds))}, last {_pct(arm['final_r5'])}. Clicks needed: "
+        f"{'; '.join(needs)}. /models at the end: "
+        + ", ".join(f"{version} {status}" for version, status in arm["models"].items())
+        + f". Wall time of the arm {arm['wall_s']:.0f} s.",
+    ]
+    lines += _audit_sentence(rounds)
+    if arm.get("stopped"):
+        lines += ["", f"The rounds stopped early: {arm['stopped']}."]
+    return lines
+
+
+def _audit_sentence(rounds: list[dict]) -> list[str]:
+    """The held-out audit of an arm's runs in one sentence (none when no run was audited)."""
+    audits = [row["run"]["audit"] for row in rounds[1:] if (row.get("run") or {}).get("audit")]
+    held = sum(audit["held_out_queries"] for audit in audits)
+    regression = sum(audit.get("regression_queries", 0) for audit in audits)
+    if not held and not regression:
+        return []
+    seen = sum(audit["held_out_trained"] for audit in audits)
+    seen_regression = sum(audit.get("regression_trained", 0) for audit in audits)
+    measured = f"the {held} queries its runs held out for the gate"
+    if any("regression_queries" in audit for audit in audits):
+        measured += f" and the {regression} regression queries of its runs (counted once per run)"
+    if seen + seen_regression == 0:
+        return [
+            "",
+            f"Audit: none of {measured} had been trained on by the version serving at the time: the gate compared "
+            "two versions that had not seen them.",
+        ]
+    trained = f"{seen} held-out and {seen_regression} regression" if regression else str(seen)
+    return [
+        "",
+        f"Audit: of {measured}, **{trained}** had been trained on by the version serving at the time: on those the "
+        "gate compared a version that had seen them with a candidate that had not.",
+    ]
+
+
+def _gate_words(arm: dict) -> str:
+    """How an arm's runs were gated: off, or the gate's options (the service's defaults unless the policy set one)."""
+    if not arm["gate"]:
+        return "gate off: every finished run is promoted"
+    train = arm["auto_train"]["parameters"]
+    options = arm.get("gate_options")
+    if not options:  # results of an earlier revision
+        return f"gate on, gate_metric {train.get('gate_metric', 'mean_r5')}"
+    words = ", ".join(f"{name} {options[name]:g}" for name in ("min_gain", "max_regression"))
+    own = [name for name in ("gate_metric", "min_gain", "max_regression") if name in train]
+    whose = f"set by the policy: {', '.join(own)}" if own else "the service's defaults"
+    return f"gate on: gate_metric {options['gate_metric']}, {words} ({whose})"
+
+
+def feedback_loop_tables(r: dict) -> str:
+    """The ``feedback_loop`` part's tables (also what ``benchmarks/feedback_loop.py`` prints): each arm's rounds, the
+    clicks each gain took, and the harmful candidate."""
+    data, settings = r["data"], r["settings"]
+    lines = [
+        f"Gallery: {data['gallery_images']} held-out domain images (data seed {data['data_seed']}); users search "
+        f"{data['pool_captions']} captions of them (the pool); recall is measured through /search on "
+        f"{data['unseen_captions']} other captions of the same images that no user searched "
+        f"({data['dropped_captions']} captions left out as duplicates). Start: {settings['base']} base. Clicks: "
+        f"{r['click_model']}; {settings['limit']} results shown. {r['threads']} threads.",
+    ]
+    for arm in r["arms"]:
+        policy = arm["auto_train"]
+        train = policy["parameters"]
+        gate = _gate_words(arm)
+        lines += [
+            "",
+            f"**{ARM_LABELS[arm['name']]}** ({arm['name']}): auto_train after {policy['min_events']} events over at "
+            f"least {policy['min_queries']} distinct queries; each run {train['epochs']} epochs, batch "
+            f"{train['batch_size']}, lr {train['learning_rate']:g}; {gate}.",
+            "",
+            *_rounds_table(arm),
+        ]
+    h = r.get("harmful")
+    if h:
+        p, run = h["parameters"], h["run"]
+        lines += [
+            "",
+            "| harmful run | trained on | gate measured on | held-out mean R@5, serving → candidate | decision | "
+            "serving before → after | R@5 never-searched before → after |",
+            "|---|---|---|---|---|---|---|",
+            f"| {run.get('candidate') or '–'} | {h['data']['train_pairs']} pairs of {h['data']['train_images']} "
+            f"images, captions shuffled across images ({h['data']['still_matching']} left on their image), "
+            f"{p['epochs']} epoch(s) | {h['data']['eval_pairs']} clean pairs of {h['data']['eval_images']} other "
+            f"images | {_held_out(run)} | {_decision(run)} | {h['serving_before']} → {h['serving_after']} | "
+            f"{_pct(h['unseen_before']['r5'])} → {_pct(h['unseen_after']['r5'])} |",
+            "",
+            f"Serving {'unchanged' if h['unchanged'] else '**changed**'} after the harmful run.",
+        ]
+    return "\n".join(lines)
 
 
 def notes(r: dict, printed: str) -> list[str]:
@@ -831,7 +1126,75 @@ def draw_charts(results: dict, folder: Path) -> list[Path]:
         ax.set_title("/search latency through the gRPC Flow")
         ax.legend()
         paths.append(save(fig, folder / "latency.png"))
+
+    # 5. learning from clicks: never-searched R@5 per round, against the clicks sent
+    loop = _get(results.get("feedback_loop", {}), "result")
+    if loop and loop.get("arms"):
+        paths.append(feedback_loop_chart(loop, folder / "feedback_loop.png"))
     return paths
+
+
+def feedback_loop_chart(r: dict, path: Path) -> Path:
+    """Never-searched R@5 against the clicks sent, one line per arm, each round's gate decision marked; the harmful
+    run's outcome as a star."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    marks = {
+        "start": ("o", "black", "start"),
+        "promoted": ("o", "#2b8a3e", "promoted"),
+        "refused": ("x", "#c92a2a", "refused by the gate"),
+        "failed": ("s", "#868e96", "run failed"),
+    }
+    labelled = set()
+    for arm, colour in zip(r["arms"], ("#1c7ed6", "#e67700")):
+        rounds = arm["rounds"]
+        clicks = [row["clicks"] for row in rounds]
+        unseen = [100 * row["unseen"]["r5"] for row in rounds]
+        ax.plot(clicks, unseen, color=colour, label=f"{ARM_LABELS[arm['name']]}: never-searched captions")
+        for row, x, y in zip(rounds, clicks, unseen):
+            run = row.get("run")
+            kind = "start" if run is None else "failed" if run.get("state") != "done" else None
+            kind = kind or ("promoted" if run.get("promoted") else "refused")
+            marker, mark_colour, label = marks[kind]
+            ax.scatter(
+                [x], [y], marker=marker, color=mark_colour, s=50, zorder=3, label=None if kind in labelled else label
+            )
+            labelled.add(kind)
+            if run is None or run.get("promoted"):
+                ax.annotate(row["serving"], (x, y), fontsize=7, xytext=(3, 5), textcoords="offset points")
+    start = 100 * r["arms"][0]["start_r5"]
+    for points in (10, 30):
+        ax.axhline(start + points, color="grey", linestyle=":", linewidth=1)
+        ax.text(
+            0.99,
+            start + points,
+            f"start +{points} ",
+            fontsize=7,
+            va="bottom",
+            ha="right",
+            color="grey",
+            transform=ax.get_yaxis_transform(),
+        )
+    harmful = r.get("harmful")
+    gated = _arm(r, "gated")
+    if harmful and gated:
+        refused = not harmful["run"].get("promoted")
+        ax.scatter(
+            [gated["rounds"][-1]["clicks"]],
+            [100 * harmful["unseen_after"]["r5"]],
+            marker="*",
+            s=160,
+            facecolors="none",
+            edgecolors="#c92a2a" if refused else "#e67700",
+            zorder=4,
+            label=f"after the harmful run ({'refused' if refused else 'promoted'})",
+        )
+    ax.set_xlabel("clicks sent (/feedback events)")
+    ax.set_ylabel("recall@5, text → image (%)")
+    ax.set_title("Learning from clicks: R@5 on never-searched captions per auto_train round")
+    ax.legend(fontsize=7, loc="upper left")
+    return save(fig, path)
 
 
 # -- main ------------------------------------------------------------------------------------------------------
@@ -851,6 +1214,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     p.add_argument(
         "--timeout", type=float, default=None, help="seconds each part may run (default: 1200, or 600 with --quick)"
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other parts of the report's results.json: the parts run now replace theirs (each marked with "
+        "this run's command and date), the report is written from the merged results",
     )
     p.add_argument(
         "--from-json",
@@ -875,29 +1244,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     info = machine()
     info["date"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    partial = out.parent / "results.json"
+    if args.merge and not partial.is_file():
+        p.error(f"--merge keeps the other parts of {partial}, which does not exist: run without --merge first")
+    earlier = json.loads(partial.read_text()) if args.merge else None
     started = time.perf_counter()
     results: dict[str, dict] = {}
-    partial = out.parent / "results.json"
+
+    def raw(wall_s: float) -> dict:
+        """This run's results, or with ``--merge`` the earlier ones with this run's parts in their place."""
+        if earlier is None:
+            return {"machine": info, "command": command, "quick": args.quick, "wall_s": wall_s, "parts": results}
+        ran = {"command": command, "date": info["date"], "commit": info["commit"], "quick": args.quick}
+        return {**earlier, "parts": {**earlier["parts"], **{n: {**o, "ran": ran} for n, o in results.items()}}}
+
     with tempfile.TemporaryDirectory(prefix="cliptuner-benchmarks-") as tmp:
         for part in parts:
             results[part.name] = run_part(part, args.quick, Path(tmp), timeout)
-            partial.write_text(
-                json.dumps(
-                    {
-                        "machine": info,
-                        "command": command,
-                        "quick": args.quick,  # kept if
-                        "wall_s": time.perf_counter() - started,
-                        "parts": results,
-                    },  # a later
-                    indent=2,
-                    default=str,
-                )
-            )  # step fails: --from-json writes the report
+            # kept if a later step fails: --from-json writes the report
+            partial.write_text(json.dumps(raw(time.perf_counter() - started), indent=2, default=str))
     wall = time.perf_counter() - started
-    charts = write_report(
-        out, {"machine": info, "command": command, "quick": args.quick, "wall_s": wall, "parts": results}
-    )
+    charts = write_report(out, raw(wall))
     failed = [name for name, outcome in results.items() if outcome.get("error")]
     print(
         f"[benchmarks] wrote {out} and {len(charts)} chart(s) in {wall / 60:.1f} min"

@@ -160,7 +160,7 @@ def decide(
             for name, r in lost.items()
         )
         reason = (
-            f"not promoted: {numbers} (+{_points(gain)} points), but it loses more than "
+            f"not promoted: {numbers} ({gain * 100:+.1f} points), but it loses more than "
             f"{_points(cfg.max_regression)} points on {details}"
         )
         return GateDecision(promoted=False, reason=reason, failed="regression", **common)
