@@ -422,6 +422,11 @@ class CLIPTuner(Executor):
         if request.data is not None:
             train, held_out, sources = self.split_pairs(request, docs)
             extra, name = (train, held_out), sources["source"]
+        elif request.eval_data is not None:  # labelled pairs that measure the run beside the feedback's own
+            extra, name = (
+                (None, self._load_general(request.eval_data)),
+                str(request.eval_data.relative_to(self.data_root)),
+            )
         return feedback_training_sets(self.feedback_root, request.cfg.batch_size, extra, name)
 
     # -- the run's job: checked and written here, trained by a worker, published by the runs --------------------
@@ -439,7 +444,8 @@ class CLIPTuner(Executor):
         return self.base, f"base model {self.base.arch} (version {parent} has no checkpoint)"
 
     def _load_general(self, path: Path) -> PairSet:
-        """The off-domain pairs of the WiSE-FT sweep, their image paths under the image policy like the others."""
+        """A PAIRS file's test pairs (the WiSE-FT sweep's general pairs, a feedback run's eval data), their image paths
+        under the image policy like the others."""
         try:
             return load_split(path, "test", resolve_image=self.policy.local_path)
         except DataError as exc:

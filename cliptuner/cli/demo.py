@@ -296,8 +296,8 @@ def train_following_progress(port: int, parameters: dict, say: Say, poll_s: floa
     (``last_report``) and its progress dict.
 
     Raises:
-        RuntimeError: the run failed or was cancelled (with its error), or the evaluation gate kept the tuned
-            version a candidate (with its reason).
+        RuntimeError: the run failed or was cancelled (with its error). A run the evaluation gate kept a candidate
+            has ended well: its progress says ``promoted: False`` and why (``gate``).
     """
     from jina import Client
 
@@ -320,11 +320,6 @@ def train_following_progress(port: int, parameters: dict, say: Say, poll_s: floa
             say(f"tuning: done in {time.monotonic() - t0:.0f} s: model version {training.get('model_version')}")
             if training.get("gate"):
                 say(f"gate: {training['gate']}")
-            if training.get("promoted") is False:
-                raise RuntimeError(
-                    f"the evaluation gate kept {training.get('model_version')} a candidate, so "
-                    f"{training.get('serving_version')} still serves: {training.get('gate')}"
-                )
             return {"report": tuner.get("last_report") or {}, "progress": training}
         key = (phase, training.get("epoch"))
         if key == last_key and time.monotonic() - last_said < every_s:
@@ -424,6 +419,11 @@ def run_demo(
             say,
         )
         version = tuned["progress"]["model_version"]
+        if tuned["progress"].get("promoted") is False:
+            raise RuntimeError(
+                f"the evaluation gate kept {version} a candidate, so {tuned['progress'].get('serving_version')} "
+                f"still serves: {tuned['progress'].get('gate')}"
+            )
         wait_until_serving(client, version, len(data.gallery_ids), say=say)
         after, after_version = service_recall(client, data)
         top_after = [search(client, q) for q in queries]

@@ -174,13 +174,15 @@ def _feedback_inputs(args: argparse.Namespace, cfg: Any, eval_cfg: Any, folder: 
     (:func:`cliptuner.serve.feedback_training.feedback_training_sets`)."""
     from cliptuner.serve.feedback import FEEDBACK_SUBDIR
     from cliptuner.serve.feedback_training import feedback_training_sets
-    from cliptuner.train.data import train_and_held_out
+    from cliptuner.train.data import load_split, train_and_held_out
     from cliptuner.train.job import write_pairs_csv
 
-    extra = None
+    extra, name = None, str(args.data or args.eval_data or "")
     if args.data:
         extra = train_and_held_out(args.data, args.eval_data, eval_cfg.eval_fraction, eval_cfg.split_seed)
-    sets = feedback_training_sets(Path(args.feedback) / FEEDBACK_SUBDIR, cfg.batch_size, extra, str(args.data or ""))
+    elif args.eval_data:  # labelled pairs that measure the run beside the feedback's own
+        extra = (None, load_split(args.eval_data, "test"))
+    sets = feedback_training_sets(Path(args.feedback) / FEEDBACK_SUBDIR, cfg.batch_size, extra, name)
     regression = None
     if sets.regression is not None:
         regression = str(write_pairs_csv(sets.regression, folder / "regression" / "pairs.csv"))

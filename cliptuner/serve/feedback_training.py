@@ -7,6 +7,11 @@ on with its hard negatives. When no query is new since the last run, the regress
 (its queries were never trained on either). A PAIRS file may be mixed in: its training part joins the training pairs, its held-out
 part the held-out pairs. The held-out queries are recorded as kept (never trained on again) only once everything
 checked out, so a refused request does not use them up.
+
+Feedback judges a run with a lean toward the version serving: a person can choose only a result that version showed,
+so the queries with a choice are those it already answered well, and the held-out ones too. Labelled eval data (a
+PAIRS file of the domain, ``eval_data``) added to the held-out pairs gives the gate a measure that leans toward
+neither; without it a run on feedback alone is promoted only when it beats that lean.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ def check_batch(train: PairSet, batch_size: int) -> None:
 def feedback_training_sets(
     root: Path,
     batch_size: int,
-    extra: Optional[tuple[PairSet, PairSet]] = None,
+    extra: Optional[tuple[Optional[PairSet], Optional[PairSet]]] = None,
     extra_name: str = "",
 ) -> FeedbackTraining:
     """The training, held-out and regression pairs of a run on the feedback log in ``root``.
@@ -50,7 +55,8 @@ def feedback_training_sets(
     Args:
         root: the feedback log's folder (``<workspace>/feedback``).
         batch_size: the run's batch size (the training pairs need as many images).
-        extra: the training and held-out parts of a PAIRS file to mix in.
+        extra: the training and held-out parts of a PAIRS file to mix in (either may be None: labelled eval data
+            alone adds held-out pairs, which judge a run more fairly than feedback alone: see the module's docs).
         extra_name: how the sources name that file.
 
     Raises:
@@ -65,7 +71,7 @@ def feedback_training_sets(
                 f"too little feedback to train on and hold out (at least two queries with a chosen result "
                 f"whose content is stored): {preview.counts}"
             )
-        check_batch(concat_pairs([preview.train, *([extra[0]] if extra else [])]), batch_size)
+        check_batch(concat_pairs([preview.train, *([extra[0]] if extra and extra[0] is not None else [])]), batch_size)
         split = split_feedback(log)  # checked: its newest queries are held out from now on
     finally:
         log.close()
@@ -79,11 +85,12 @@ def feedback_training_sets(
         held_out_from = f"the {counts.get('queries_regression')} feedback queries earlier runs held out (none is new)"
         measured = split.regression
     trains, held = [split.train], [measured]
-    if extra is not None:
+    if extra is not None and extra[0] is not None:
         trains.append(extra[0])
-        held.append(extra[1])
         source += f" + {extra_name}"
-        held_out_from += f" + the held-out part of {extra_name}"
+    if extra is not None and extra[1] is not None:
+        held.append(extra[1])
+        held_out_from += f" + {extra_name}" if extra[0] is None else f" + the held-out part of {extra_name}"
     return FeedbackTraining(
         train=concat_pairs(trains, name="feedback"),
         held_out=concat_pairs(held, name="feedback held out"),

@@ -59,6 +59,17 @@ def test_a_run_on_the_feedback_holds_out_its_newest_queries_for_good(tuner, work
     )  # 3 + 2 of the 8 queries first asked since the first run
 
 
+def test_labelled_eval_data_joins_the_held_out_pairs_of_a_run_on_the_feedback(tuner, workspace):
+    record(workspace, 0, 12)
+    synthetic.write_csv(workspace / "data" / "clean", n_images=5, domain="domain", seed=3)
+    parameters = {**FEEDBACK_TRAIN, "eval_data": "clean/pairs.csv"}
+    report = run(tuner.train(docs=DocList[ClipDoc](), parameters=parameters))[0].tags["report"]
+    split = report["split"]
+    assert split["held_out"] == "the newest 3 feedback queries + clean/pairs.csv"
+    assert split["eval_pairs"] == 3 + 5 and split["eval_images"] == 13 + 5
+    assert split["source"].startswith("feedback (12 events") and "clean" not in split["source"]  # not trained on
+
+
 def test_a_run_on_the_feedback_refuses_docs_and_too_little_feedback_by_name(tuner, workspace):
     with pytest.raises(ValueError, match="trains on the recorded feedback .* got 1 docs: send none"):
         run(tuner.train(docs=DocList[ClipDoc]([ClipDoc(id="x", text="a")]), parameters=FEEDBACK_TRAIN))
