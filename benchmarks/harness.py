@@ -229,7 +229,9 @@ PARTS: tuple[Part, ...] = (
         "`/search` on other captions of the same images, which no user ever searched, before the first click "
         "and after each round: the baseline is the start version, on the same captions, in the same run. Two "
         "arms, each a service of its own with the same data, users and settings: the gate on, and the gate off "
-        "(every finished run promoted: what the clicks teach); the gated arm uses the service's gate defaults. The "
+        "(every finished run promoted: what the clicks teach); the gated arm uses the service's gate defaults. Each automatic run gets `eval_data`: labelled domain images (a fifth "
+        "of the demo's training images: not in the gallery, never trained on) with their captions, which join its held-out feedback queries (held-out "
+        "feedback alone leans toward the version serving: a person can choose only what it showed). The "
         "gate measures each run on the feedback queries first asked since the run before (when none is new, on "
         "those earlier runs held out), each ranked among every gallery image the clicked searches showed; an "
         "audit counts how many of those queries the serving version had been trained on (0 expected). Last, a "
@@ -594,8 +596,10 @@ TARGETS: tuple[Target, ...] = (
         meets=_harmful_refused,
         missing="the gated arm did not run",
         short=(
-            "The gate compares the candidate with the serving version on the run's held-out pairs only; a "
-            "candidate that ties or wins there goes live whatever else it learned."
+            "The gate compares the candidate with the serving version on the run's held-out pairs only, and its "
+            "default min_gain (0) takes any gain there: where both versions are near chance on those pairs (the "
+            "clicks teach the gallery's images, not the domain's other images), noise decides. A min_gain above "
+            "the noise of the held-out split, or a significance test, would refuse such a candidate."
         ),
     ),
 )
@@ -919,10 +923,29 @@ def _rounds_table(arm: dict) -> list[str]:
         + ", ".join(f"{version} {status}" for version, status in arm["models"].items())
         + f". Wall time of the arm {arm['wall_s']:.0f} s.",
     ]
-    lines += _audit_sentence(rounds)
+    lines += _verdict_sentence(rounds) + _audit_sentence(rounds)
     if arm.get("stopped"):
         lines += ["", f"The rounds stopped early: {arm['stopped']}."]
     return lines
+
+
+def _verdict_sentence(rounds: list[dict]) -> list[str]:
+    """How the gate's held-out mean R@5 compared the candidate with the serving version over an arm's runs (none when
+    no run was measured)."""
+    sides = [row["run"]["held_out"] for row in rounds[1:] if (row.get("run") or {}).get("held_out")]
+    if not sides:
+        return []
+
+    def mean_r5(side: dict) -> float:
+        return (side["t2i_r5"] + side["i2t_r5"]) / 2
+
+    gains = [round(mean_r5(held["candidate"]) - mean_r5(held["serving"]), 9) for held in sides]
+    return [
+        "",
+        f"The gate's held-out mean R@5 put the candidate above the version serving in {sum(g > 0 for g in gains)} "
+        f"of the {len(gains)} finished runs, level in {sum(g == 0 for g in gains)}, below in "
+        f"{sum(g < 0 for g in gains)}.",
+    ]
 
 
 def _audit_sentence(rounds: list[dict]) -> list[str]:

@@ -1,7 +1,7 @@
 """`python -m benchmarks`: writes RESULTS.md, results.json and charts from scratch, judges targets, reports failures.
 
 One real run of two cheap parts in quick mode (a child process per part, as always), then the judging and the
-failure path on parts made for the test; ``--merge``; and the feedback loop: its quick run (slow), its click model,
+failure path on parts made for the test; ``--merge``; and the feedback loop: its quick run, its click model,
 its caption sets, its table and chart from made-up results.
 """
 
@@ -212,7 +212,6 @@ def _check_arm(arm: dict, events: int, shown: int) -> None:
     assert arm["models"][rounds[-1]["serving"]] == "current"
 
 
-@pytest.mark.slow
 def test_quick_feedback_loop_serves_what_each_run_decided(tmp_path):
     out = tmp_path / "report" / "RESULTS.md"
     proc = subprocess.run(
@@ -232,6 +231,7 @@ def test_quick_feedback_loop_serves_what_each_run_decided(tmp_path):
     assert all(row["run"]["promoted"] for row in arms["ungated"]["rounds"][1:] if row["run"]["state"] == "done")
     assert arms["ungated"]["auto_train"]["parameters"]["gate"] is False
     assert arms["gated"]["gate_options"]["gate_metric"] == "mean_r5"  # the service's default gate
+    assert all(arm["auto_train"]["parameters"]["eval_data"] for arm in arms.values())  # labelled pairs judge too
     harmful = r["harmful"]
     assert harmful["run"]["state"] == "done" and harmful["serving_before"] == arms["gated"]["rounds"][-1]["serving"]
     if harmful["run"]["promoted"]:
@@ -418,6 +418,7 @@ def test_the_feedback_loop_table_says_what_the_gate_measured_on_and_what_the_aud
     row_1, row_2 = (next(line for line in text.splitlines() if line.startswith(f"| {n} |")) for n in (1, 2))
     assert "| 6 (0) + 0 (0) / 24 | 60.0 % → 70.0 %, 6 pairs among 80 images | v2: **promoted**" in row_1
     assert "6 pairs among 90 images (the regression set: no new query)" in row_2
+    assert "put the candidate above the version serving in 1 of the 2 finished runs, level in 0, below in 1." in text
     assert "Audit: none of the 6 queries its runs held out for the gate and the 6 regression queries" in text
     arm["rounds"][2]["run"]["audit"]["regression_trained"] = 2
     text = harness.feedback_loop_tables(result)
