@@ -419,12 +419,13 @@ def run_demo(
             say,
         )
         version = tuned["progress"]["model_version"]
-        if tuned["progress"].get("promoted") is False:
-            raise RuntimeError(
-                f"the evaluation gate kept {version} a candidate, so {tuned['progress'].get('serving_version')} "
-                f"still serves: {tuned['progress'].get('gate')}"
+        if tuned["progress"].get("promoted") is False:  # the gate kept it a candidate: what served still serves
+            say(
+                f"{version} stays a candidate and {base_version} keeps serving (a work directory that an earlier demo "
+                "already tuned has little left to gain: start afresh with another --workdir)"
             )
-        wait_until_serving(client, version, len(data.gallery_ids), say=say)
+        else:
+            wait_until_serving(client, version, len(data.gallery_ids), say=say)
         after, after_version = service_recall(client, data)
         top_after = [search(client, q) for q in queries]
     result = {
