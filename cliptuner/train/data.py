@@ -674,7 +674,40 @@ def _check_global_batch(batch_size: int, num_replicas: int, num_images: int) -> 
     return global_batch
 
 
-class UniqueImageBatchSampler:
+class _EpochPlanned:
+    """What the batch samplers share: a plan of global batches per epoch, made once, and this rank's slice of each.
+
+    A subclass sets ``batch_size``, ``num_replicas``, ``rank``, ``epoch``, ``_plan_epoch`` (None) and ``_plan`` and
+    makes an epoch's plan in ``_make_plan``.
+    """
+
+    batch_size: int
+    num_replicas: int
+    rank: int
+    epoch: int
+    _plan_epoch: Optional[int]
+    _plan: list[list[int]]
+
+    def _make_plan(self, epoch: int) -> list[list[int]]:
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the order of ``epoch`` (call before iterating, on every rank)."""
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        for batch in self._global_batches():
+            yield batch[lo:hi] if self.num_replicas > 1 else list(batch)
+
+    def _global_batches(self) -> list[list[int]]:
+        if self._plan_epoch != self.epoch:
+            self._plan = self._make_plan(self.epoch)
+            self._plan_epoch = self.epoch
+        return self._plan
+
+
+class UniqueImageBatchSampler(_EpochPlanned):
     """Batches of pair indices in which no two pairs share an image (a ``torch`` batch sampler by protocol).
 
     Captions of one image in one batch would be false negatives for the contrastive loss. Each epoch (seeded by
@@ -740,25 +773,10 @@ class UniqueImageBatchSampler:
                 hi = mid - 1
         return lo
 
-    def set_epoch(self, epoch: int) -> None:
-        """Use the order of ``epoch`` (call before iterating, on every rank)."""
-        self.epoch = int(epoch)
-
     def __len__(self) -> int:
         if self.drop_last:
             return self._full_batches
         return len(self._global_batches())
-
-    def __iter__(self) -> Iterator[list[int]]:
-        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
-        for batch in self._global_batches():
-            yield batch[lo:hi] if self.num_replicas > 1 else list(batch)
-
-    def _global_batches(self) -> list[list[int]]:
-        if self._plan_epoch != self.epoch:
-            self._plan = self._make_plan(self.epoch)
-            self._plan_epoch = self.epoch
-        return self._plan
 
     def _make_plan(self, epoch: int) -> list[list[int]]:
         rng = np.random.default_rng(self.seed + epoch)
@@ -812,7 +830,7 @@ def _deal(runs: Sequence[np.ndarray], n_batches: int, rng: np.random.Generator) 
     return batches
 
 
-class GroupedBatchSampler:
+class GroupedBatchSampler(_EpochPlanned):
     """Batches of pair indices that keep batch groups together and images unique (a ``torch`` batch sampler by
     protocol).
 
@@ -918,23 +936,8 @@ class GroupedBatchSampler:
             )
         return units
 
-    def set_epoch(self, epoch: int) -> None:
-        """Use the order of ``epoch`` (call before iterating, on every rank)."""
-        self.epoch = int(epoch)
-
     def __len__(self) -> int:
         return len(self._global_batches())
-
-    def __iter__(self) -> Iterator[list[int]]:
-        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
-        for batch in self._global_batches():
-            yield batch[lo:hi] if self.num_replicas > 1 else list(batch)
-
-    def _global_batches(self) -> list[list[int]]:
-        if self._plan_epoch != self.epoch:
-            self._plan = self._make_plan(self.epoch)
-            self._plan_epoch = self.epoch
-        return self._plan
 
     def _make_plan(self, epoch: int) -> list[list[int]]:
         rng = np.random.default_rng(self.seed + epoch)

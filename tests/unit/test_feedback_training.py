@@ -94,6 +94,26 @@ def test_cliptuner_train_trains_on_a_workspaces_feedback(workspace, tmp_path, ca
     assert "needs --data PAIRS, --feedback WORKSPACE, or both" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "parameters, message",
+    [
+        ({"source": "elsewhere"}, r"parameter 'source' must be one of \['request', 'feedback'\], got 'elsewhere'"),
+        ({"source": 1.0}, r"parameter 'source' must be one of"),
+        ({"min_gain": 5.0}, r"min_gain must be in \[-1, 1\], got 5.0"),
+        ({"gate": "yes"}, "gate must be true or false"),
+        ({"gate_metric": "r5"}, r"gate_metric must be one of \['mean_r5'"),
+    ],
+)
+def test_bad_source_and_gate_parameters_are_refused_by_name_and_the_tuner_goes_on(
+    tuner, workspace, parameters, message
+):
+    with pytest.raises(ValueError, match=message):
+        run(tuner.train(docs=DocList[ClipDoc](), parameters={**FEEDBACK_TRAIN, **parameters}))
+    assert not (workspace / FEEDBACK_SUBDIR / HELD_OUT_FILE).exists()
+    assert run(tuner.report_status(docs=DocList[ClipDoc]()))[0].tags["model_version"] == "v1"  # still answering
+    assert tuner.runs.active is None  # no run was claimed: the next /train may start
+
+
 @pytest.fixture
 def auto_tuner(workspace):
     policy = {"min_events": 6, "min_queries": 6, "check_every_s": 3600, "parameters": {**QUICK, "batch_size": 4}}
