@@ -37,6 +37,7 @@ from cliptuner.options import (
 PRECISIONS = ("fp32", "amp", "amp_bf16")
 EXPORT_PRECISIONS = ("fp32", "fp16", "int8")  # cliptuner.model.manifest.PRECISIONS (config stays free of the manifest)
 SCHEDULERS = ("cosine", "constant")
+LOSSES = ("auto", "clip", "siglip")  # auto: siglip for a model with a logit bias (the SigLIP family), else clip
 METRIC_NAMES = ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "mean_recall")
 
 
@@ -167,6 +168,20 @@ class TrainConfig:
     wiseft_alpha: Optional[float] = option(
         None, "WiSE-FT: keep (1-a)*base + a*tuned as the result (exported); none keeps the tuned weights"
     )
+    loss: str = option(
+        "auto",
+        "contrastive loss: clip (softmax over the batch, both directions), siglip (sigmoid over every pair with a "
+        "learnable bias); auto: what the model family was pretrained with (siglip for a model with a logit bias)",
+        choices=LOSSES,
+    )
+    hard_negatives: bool = option(
+        False,
+        "build each batch from neighbours in the base model's embedding space (pairs the model confuses) "
+        "instead of at random",
+    )
+    shuffle_buffer: int = option(
+        1000, "streamed data (tar shards, parquet): pairs held in memory and drawn from at random", request=False
+    )
     export_precision: str = option(
         "fp32",
         "precision of the exported ONNX model: fp32; int8 (dynamic "
@@ -190,6 +205,14 @@ class TrainConfig:
         )
         _check(self.scheduler in SCHEDULERS, f"scheduler must be one of {list(SCHEDULERS)}, got {self.scheduler!r}")
         _check(self.precision in PRECISIONS, f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        _check(self.loss in LOSSES, f"loss must be one of {list(LOSSES)}, got {self.loss!r}")
+        _check(
+            isinstance(self.hard_negatives, bool), f"hard_negatives must be true or false, got {self.hard_negatives!r}"
+        )
+        _check(
+            isinstance(self.shuffle_buffer, int) and self.shuffle_buffer >= 1,
+            f"shuffle_buffer must be an integer >= 1, got {self.shuffle_buffer!r}",
+        )
         _check(
             self.export_precision in EXPORT_PRECISIONS,
             f"export_precision must be one of {list(EXPORT_PRECISIONS)}, got {self.export_precision!r}",

@@ -29,7 +29,7 @@ from torch import nn
 
 from cliptuner.config import EvalConfig, TrainConfig
 from cliptuner.model.atomic import atomic_path
-from cliptuner.train.loss import ClipLoss, clamp_logit_scale
+from cliptuner.train.loss import ClipLoss, build_loss, clamp_logit_scale
 from cliptuner.train.models import seed_everything
 from cliptuner.train.wiseft import apply_wiseft, state_copy, wiseft_sweep
 
@@ -905,7 +905,7 @@ def finetune(
     result = fit(
         _distributed_model(model, device, world_size),
         loader,
-        ClipLoss(world_size=world_size, rank=rank),
+        build_loss(cfg, model, world_size=world_size, rank=rank),
         optimizer,
         scheduler,
         cfg,

@@ -10,6 +10,7 @@ global batch.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -115,3 +116,14 @@ class ClipLoss(nn.Module):
             F.cross_entropy(logits_per_image.float(), labels, label_smoothing=self.label_smoothing)
             + F.cross_entropy(logits_per_text.float(), labels, label_smoothing=self.label_smoothing)
         ) / 2
+
+
+def build_loss(cfg: Any, model: nn.Module, world_size: int = 1, rank: int = 0) -> nn.Module:
+    """The loss ``cfg.loss`` names for ``model`` (``auto``: what its family was pretrained with).
+
+    Raises:
+        ValueError: an unknown loss name.
+    """
+    if cfg.loss not in ("auto", "clip"):
+        raise ValueError(f"loss must be one of ['auto', 'clip', 'siglip'], got {cfg.loss!r}")
+    return ClipLoss(world_size=world_size, rank=rank)
