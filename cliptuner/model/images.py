@@ -12,8 +12,9 @@ side at least ``min_side`` and ``H*W`` at most ``max_pixels``. Nothing else is c
 dtype and this rule; convert them first (``np.stack([g] * 3, -1)``, ``rgba[..., :3]``,
 ``np.round(x * 255).astype(np.uint8)``), or send the encoded file instead.
 
-:func:`preprocess` reproduces OpenCLIP's evaluation transform (resize the shortest side with bicubic
-filtering, centre crop, scale to [0, 1], normalise by mean/std) so the ONNX runtime sees what torch saw.
+:func:`preprocess` reproduces OpenCLIP's evaluation transform (resize per the model's resize mode — the shortest
+side and a centre crop for CLIP, a squash to a square for SigLIP, the longest side and padding — with the model's
+filter, scale to [0, 1], normalise by mean/std) so the ONNX runtime sees what torch saw.
 """
 
 from __future__ import annotations
@@ -207,14 +208,51 @@ def resize_and_crop(image: Image.Image, size: int, interpolation: str = "bicubic
     return image.crop((left, top, left + size, top + size))
 
 
+RESIZE_MODES = ("shortest", "squash", "longest")
+
+
+def fit_image(
+    image: Image.Image, size: int, interpolation: str = "bicubic", resize_mode: str = "shortest", fill_color: int = 0
+) -> Image.Image:
+    """``image`` brought to ``size × size`` as OpenCLIP's evaluation transform does for each resize mode.
+
+    ``shortest`` (CLIP): resize the shortest side, centre crop. ``squash`` (SigLIP): resize both sides, the aspect
+    ratio is not kept. ``longest``: resize the longest side, then pad the short side evenly with ``fill_color``.
+
+    Raises:
+        ValueError: an unknown resize mode or interpolation.
+    """
+    if resize_mode == "shortest":
+        return resize_and_crop(image, size, interpolation)
+    if interpolation not in _INTERPOLATION:
+        raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATION)}, got {interpolation!r}")
+    if resize_mode == "squash":
+        return image if image.size == (size, size) else image.resize((size, size), _INTERPOLATION[interpolation])
+    if resize_mode == "longest":
+        width, height = image.size
+        ratio = max(width / size, height / size)
+        new_w, new_h = round(width / ratio), round(height / ratio)  # OpenCLIP's ResizeKeepRatio(longest=1)
+        if (new_w, new_h) != (width, height):
+            image = image.resize((new_w, new_h), _INTERPOLATION[interpolation])
+        if (new_w, new_h) == (size, size):
+            return image
+        canvas = Image.new("RGB", (size, size), (fill_color,) * 3)
+        left, top = max(size - new_w, 0) // 2, max(size - new_h, 0) // 2
+        canvas.paste(image.crop((0, 0, min(new_w, size), min(new_h, size))), (left, top))
+        return canvas
+    raise ValueError(f"resize_mode must be one of {list(RESIZE_MODES)}, got {resize_mode!r}")
+
+
 def preprocess(
     images: Sequence[Image.Image],
     image_size: int,
     mean: Sequence[float],
     std: Sequence[float],
     interpolation: str = "bicubic",
+    resize_mode: str = "shortest",
+    fill_color: int = 0,
 ) -> np.ndarray:
-    """Turn RGB PIL images into a normalised float32 batch.
+    """Turn RGB PIL images into a normalised float32 batch (geometry: :func:`fit_image`).
 
     Returns:
         ``np.ndarray`` of shape ``[batch, 3, image_size, image_size]``, dtype float32.
@@ -223,6 +261,7 @@ def preprocess(
     std_arr = np.asarray(std, dtype=np.float32).reshape(1, 1, 3)
     out = np.empty((len(images), 3, image_size, image_size), dtype=np.float32)
     for i, image in enumerate(images):
-        pixels = np.asarray(resize_and_crop(image, image_size, interpolation), dtype=np.float32) / 255.0
+        fitted = fit_image(image, image_size, interpolation, resize_mode, fill_color)
+        pixels = np.asarray(fitted, dtype=np.float32) / 255.0
         out[i] = ((pixels - mean_arr) / std_arr).transpose(2, 0, 1)  # [3, H, W]
     return out

@@ -6,7 +6,8 @@ A model directory (written by :func:`cliptuner.train.export.export_model_dir`, p
     model.json                      this module's ModelManifest
     visual.onnx                     pixel_values float32 [batch, 3, H, W] -> embeddings float32 [batch, D]
     textual.onnx                    input_ids    int64   [batch, context] -> embeddings float32 [batch, D]
-    bpe_simple_vocab_16e6.txt.gz    the CLIP BPE vocab
+    bpe_simple_vocab_16e6.txt.gz    the CLIP BPE vocab (tokenizer kind clip_bpe), or
+    tokenizer.json                  a Hugging Face tokenizer (kind hf: SigLIP, XLM-RoBERTa, NLLB…)
     checkpoint.pt                   optional: the torch weights, to fine-tune or re-export
 
 This module is the one place that knows the file names, the format tag, the ONNX input/output names and the
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional, Union
 
 from cliptuner.model.atomic import write_atomic
+from cliptuner.model.images import RESIZE_MODES  # shortest, squash, longest: cliptuner.model.images.fit_image
 from cliptuner.model.tokenizer import CLEAN_MODES, VOCAB_FILENAME
 
 MANIFEST_FILE = "model.json"
@@ -37,10 +39,12 @@ VOCAB_FILE = VOCAB_FILENAME  # the vocab is stored under the name OpenCLIP ships
 IMAGE_INPUT = "pixel_values"
 TEXT_INPUT = "input_ids"
 OUTPUT = "embeddings"
-REQUIRED_FILES = (MANIFEST_FILE, VISUAL_FILE, TEXTUAL_FILE, VOCAB_FILE)  # what makes a directory servable
-TOKENIZER_KINDS = ("clip_bpe",)  # what cliptuner.model.tokenizer.ClipTokenizer implements
+REQUIRED_FILES = (MANIFEST_FILE, VISUAL_FILE, TEXTUAL_FILE, VOCAB_FILE)  # a CLIP BPE directory; files() names any
+HF_TOKENIZER_FILE = "tokenizer.json"  # a Hugging Face tokenizer, read by the tokenizers package
+# clip_bpe: cliptuner.model.tokenizer.ClipTokenizer; hf: cliptuner.model.hf_tokenizer.HfTokenizer
+TOKENIZER_KINDS = ("clip_bpe", "hf")
+SIDES = ("right", "left")
 PRECISIONS = ("fp32", "fp16", "int8")  # of the ONNX graphs: as exported, float16 (CUDA), int8 dynamic (CPU)
-RESIZE_MODES = ("shortest",)  # resize the shortest side + centre crop (cliptuner.model.images.preprocess)
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")  # what cliptuner.model.images.preprocess implements
 LINEAGE_KEYS = ("version", "parent_version", "report")  # set by whoever exports / publishes; in model.json once set
 
@@ -101,13 +105,24 @@ def _field_names(cls: type) -> set[str]:
 
 @dataclass(kw_only=True)
 class TokenizerSpec(_Section):
-    """``model.json`` ``tokenizer``: how :class:`cliptuner.model.tokenizer.ClipTokenizer` is built."""
+    """``model.json`` ``tokenizer``: which tokenizer serves the text tower and how it is set up.
+
+    ``clip_bpe`` (:class:`cliptuner.model.tokenizer.ClipTokenizer`) needs only ``vocab``, ``context_length`` and
+    ``clean``; ``hf`` (:class:`cliptuner.model.hf_tokenizer.HfTokenizer`) also says how rows are padded and cut —
+    the text tower's pooling depends on it (SigLIP pools the last position, so rows are padded to the context
+    length; an HF text tower masks ``pad_id``) — and which separator id OpenCLIP replaces by 0, if any.
+    """
 
     kind: str = TOKENIZER_KINDS[0]
     vocab: str = VOCAB_FILE
     context_length: int
     clean: str = "lower"
+    pad_id: Optional[int] = None  # hf: the id that fills each row to context_length
+    padding_side: Optional[str] = None  # hf: right (default) or left
+    truncation_side: Optional[str] = None  # hf: right (keeps a long text's start, the default) or left
+    strip_sep_id: Optional[int] = None  # hf: an id replaced by 0 (OpenCLIP's strip_sep_token)
     extra: dict[str, Any] = field(default_factory=dict)
+    _omit_none: ClassVar[tuple[str, ...]] = ("pad_id", "padding_side", "truncation_side", "strip_sep_id")
 
 
 @dataclass(kw_only=True)
@@ -156,6 +171,7 @@ class ModelManifest(_Section):
     std: list[float]
     interpolation: str
     resize_mode: str = RESIZE_MODES[0]
+    fill_color: Optional[int] = None  # resize_mode longest: the grey level it pads with (None: 0, black)
     tokenizer: TokenizerSpec
     onnx: OnnxSpec
     created_at: Optional[str] = None  # ISO 8601, UTC
@@ -167,8 +183,13 @@ class ModelManifest(_Section):
     version: Optional[str] = None  # set by Registry.publish
     parent_version: Optional[str] = None
     report: Optional[dict[str, Any]] = None  # the training run's report
+    # exp(logit_scale) and the SigLIP family's logit bias of the tuned weights: a client turns the cosine s of
+    # two embeddings into the model's probability with sigmoid(logit_scale * s + logit_bias) (SigLIP) or a
+    # softmax over logit_scale * s (CLIP); search ranks by s alone
+    logit_scale: Optional[float] = None
+    logit_bias: Optional[float] = None
     extra: dict[str, Any] = field(default_factory=dict)
-    _omit_none: ClassVar[tuple[str, ...]] = LINEAGE_KEYS
+    _omit_none: ClassVar[tuple[str, ...]] = LINEAGE_KEYS + ("fill_color", "logit_scale", "logit_bias")
 
     # -- JSON --------------------------------------------------------------------------------------------------
     def to_json(self) -> str:
@@ -242,6 +263,19 @@ class ModelManifest(_Section):
                 f"{source}: tokenizer kind {self.tokenizer.kind!r} is not supported; known: {list(TOKENIZER_KINDS)}"
             )
         _check_choice(source, "tokenizer.clean", self.tokenizer.clean, CLEAN_MODES)
+        if self.tokenizer.kind == "hf":
+            pad_id = self.tokenizer.pad_id
+            if not isinstance(pad_id, int) or isinstance(pad_id, bool) or pad_id < 0:
+                raise ValueError(
+                    f"{source}: tokenizer.pad_id must be an integer >= 0 for an hf tokenizer, got {pad_id!r}"
+                )
+            for key in ("padding_side", "truncation_side"):
+                value = getattr(self.tokenizer, key)
+                if value is not None:
+                    _check_choice(source, f"tokenizer.{key}", value, SIDES)
+        fill = self.fill_color
+        if fill is not None and (not isinstance(fill, int) or isinstance(fill, bool) or not 0 <= fill <= 255):
+            raise ValueError(f"{source}: fill_color must be an integer in [0, 255], got {self.fill_color!r}")
         _check_choice(source, "resize_mode", self.resize_mode, RESIZE_MODES)
         _check_choice(source, "precision", self.precision, PRECISIONS)
         _check_choice(source, "interpolation", self.interpolation, INTERPOLATIONS)

@@ -2,7 +2,7 @@
 
 :class:`OnnxClip` reads a model directory written by :func:`cliptuner.train.export.export_model_dir` (its
 :class:`~cliptuner.model.manifest.ModelManifest`, the two ONNX graphs and the BPE vocab), decodes and preprocesses
-images with :mod:`cliptuner.model.images`, tokenizes with :class:`cliptuner.model.tokenizer.ClipTokenizer`, and runs the two
+images with :mod:`cliptuner.model.images`, tokenizes with the tokenizer ``model.json`` names (:mod:`cliptuner.model.hf_tokenizer`), and runs the two
 sessions in minibatches. This module must stay importable without torch: it imports nothing from ``cliptuner.train.models``,
 ``cliptuner.train.export`` or ``cliptuner.train.data``.
 """
@@ -16,9 +16,9 @@ from typing import Any, Optional
 
 import numpy as np
 
+from cliptuner.model.hf_tokenizer import load_tokenizer
 from cliptuner.model.images import DEFAULT_LIMITS, ImageError, ImageLimits, ImageSource, decode_image, preprocess
 from cliptuner.model.manifest import ModelManifest
-from cliptuner.model.tokenizer import ClipTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class OnnxClip:
         self.batch_size = batch_size
         self.limits = limits
         tok = self.manifest.tokenizer
-        self.tokenizer = ClipTokenizer(self.model_dir / tok.vocab, tok.context_length, tok.clean)
+        self.tokenizer = load_tokenizer(tok, self.model_dir)
         graphs = self.manifest.onnx
         precision = self.manifest.precision
         self._visual = self._session(self.model_dir / graphs.visual.file, kind, device_id, intra_op_threads, precision)
@@ -190,7 +190,7 @@ class OnnxClip:
             except ImageError as exc:
                 raise ImageError(f"item #{offset + i}: {exc}") from exc
         m = self.manifest
-        pixels = preprocess(decoded, m.image_size, m.mean, m.std, m.interpolation)
+        pixels = preprocess(decoded, m.image_size, m.mean, m.std, m.interpolation, m.resize_mode, m.fill_color or 0)
         return {m.onnx.visual.input: pixels}
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:

@@ -37,7 +37,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from cliptuner.model.images import decode_image, resize_and_crop
+from cliptuner.model.images import decode_image, fit_image
 from cliptuner.serve.access import RemoteImage
 from cliptuner.serve.content import Item, embed_items
 
@@ -63,8 +63,7 @@ def decode_items(clip: Any, items: Sequence[Item]) -> list[Item]:
     vectors are those of the undecoded items: preprocessing resizes and crops an image of the input size to itself.
 
     Args:
-        clip: an :class:`~cliptuner.model.runtime.OnnxClip` (its ``limits`` and ``manifest.image_size`` /
-            ``interpolation``).
+        clip: an :class:`~cliptuner.model.runtime.OnnxClip` (its ``limits`` and ``manifest``'s image geometry).
         items: checked items (:func:`cliptuner.serve.content.make_item`); texts and remote images are kept as they are.
 
     Returns:
@@ -80,7 +79,10 @@ def decode_items(clip: Any, items: Sequence[Item]) -> list[Item]:
             out.append(item)
             continue
         image = decode_image(item.image, clip.limits, name=item.name)
-        out.append(Item(name=item.name, image=resize_and_crop(image, manifest.image_size, manifest.interpolation)))
+        fitted = fit_image(
+            image, manifest.image_size, manifest.interpolation, manifest.resize_mode, manifest.fill_color or 0
+        )
+        out.append(Item(name=item.name, image=fitted))
     return out
 
 

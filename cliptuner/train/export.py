@@ -4,9 +4,17 @@
 ``textual.onnx`` ``input_ids``    int64   ``[batch, context]``  → ``embeddings`` float32 ``[batch, D]``
 
 Both outputs are L2-normalised inside the graph and the batch axis is dynamic. After export the graphs are
-checked with ``onnx.checker`` and, by default, compared with torch on real inputs — images decoded and
-preprocessed by :mod:`cliptuner.model.images`, texts tokenized by :class:`cliptuner.model.tokenizer.ClipTokenizer`, i.e.
-exactly what :class:`cliptuner.model.runtime.OnnxClip` will feed them — at batch sizes other than the one traced.
+checked with ``onnx.checker`` and, by default, compared with torch end to end at batch sizes other than the one
+traced: the graphs get what :class:`cliptuner.model.runtime.OnnxClip` will feed them (images decoded and
+preprocessed by :mod:`cliptuner.model.images`, texts tokenized by the serving tokenizer of
+:mod:`cliptuner.model.hf_tokenizer`), torch gets open_clip's own tokenization of the same texts, and the two
+tokenizations must agree id for id.
+
+Tokenizers: the CLIP BPE (``clip_bpe``: open_clip's ``SimpleTokenizer``, served by the project's port) and Hugging
+Face tokenizers (``hf``: open_clip's ``HFTokenizer`` — SigLIP, SigLIP2, XLM-RoBERTa, NLLB…; the directory carries
+the ``tokenizer.json`` that the ``tokenizers`` package serves). The SigLIP text tower's last-token pooling and an
+HF text tower's attention mask over ``pad_id`` are traced into the graph; the logit scale and bias are recorded
+in ``model.json``.
 
 The exporter is torch's TorchScript-based one (``dynamo=False``): it handles OpenCLIP's ViT and text
 transformer in seconds and needs no extra package. The ``torch.export``-based exporter is available with
@@ -31,9 +39,11 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from cliptuner.model.hf_tokenizer import HfTokenizer, load_tokenizer
 from cliptuner.model.images import DEFAULT_LIMITS, ImageSource, decode_image, preprocess
 from cliptuner.model.manifest import (
     CHECKPOINT_FILE,
+    HF_TOKENIZER_FILE,
     IMAGE_INPUT,
     INTERPOLATIONS,
     LINEAGE_KEYS,
@@ -98,17 +108,27 @@ def tokenizer_settings(bundle: ClipBundle) -> TokenizerSpec:
     """The ``tokenizer`` section of ``model.json`` for a bundle, refusing tokenizers the runtime cannot serve.
 
     Raises:
-        ValueError: the arch uses an HF / SigLIP tokenizer, a token-reduction mask, extra special tokens or a
-            vocab other than CLIP's BPE — names the arch and the tokenizer type.
+        ValueError: a tokenizer other than open_clip's ``SimpleTokenizer`` (CLIP BPE) or ``HFTokenizer`` (a fast
+            Hugging Face tokenizer), a token-reduction mask, extra special tokens or a vocab other than CLIP's BPE,
+            OpenCLIP's ``clips`` tokenizer mode, or no pad token — names the arch and the tokenizer type.
     """
     tok = bundle.tokenizer
     arch = bundle.spec.arch
     kind = type(tok).__name__
-    if not isinstance(tok, _oc_tokenizer.SimpleTokenizer):
+    if not isinstance(tok, (_oc_tokenizer.SimpleTokenizer, _oc_tokenizer.HFTokenizer)):
         raise ValueError(
-            f"model {arch!r} uses a {kind} tokenizer; cliptuner's ONNX runtime serves only the CLIP BPE "
-            "tokenizer (open_clip SimpleTokenizer), so this arch cannot be exported"
+            f"model {arch!r} uses a {kind} tokenizer; cliptuner's ONNX runtime serves the CLIP BPE tokenizer "
+            "(open_clip SimpleTokenizer) and Hugging Face tokenizers (open_clip HFTokenizer), so this arch cannot "
+            "be exported"
         )
+    clean = _clean_mode(tok)
+    if clean is None:
+        raise ValueError(
+            f"model {arch!r}: its {kind} uses a text cleaning function the runtime does not know "
+            f"({getattr(tok, 'clean_fn', None)!r})"
+        )
+    if isinstance(tok, _oc_tokenizer.HFTokenizer):
+        return _hf_settings(tok, arch, clean, int(bundle.context_length))
     if getattr(tok, "reduction_fn", None) is not None:
         raise ValueError(
             f"model {arch!r}: its {kind} uses a token reduction mask, which the runtime does not implement"
@@ -118,13 +138,60 @@ def tokenizer_settings(bundle: ClipBundle) -> TokenizerSpec:
             f"model {arch!r}: its {kind} has extra special tokens or a non-standard vocab "
             f"({len(tok.encoder)} entries); the runtime serves the plain CLIP BPE vocab only"
         )
-    clean = _clean_mode(tok)
-    if clean is None:
-        raise ValueError(
-            f"model {arch!r}: its {kind} uses a text cleaning function the runtime does not know "
-            f"({getattr(tok, 'clean_fn', None)!r})"
-        )
     return TokenizerSpec(vocab=VOCAB_FILE, context_length=int(bundle.context_length), clean=clean)
+
+
+def _hf_settings(tok: Any, arch: str, clean: str, context_length: int) -> TokenizerSpec:
+    """``model.json``'s tokenizer section for open_clip's ``HFTokenizer`` (padded to the context length)."""
+    if getattr(tok, "tokenizer_mode", ""):
+        raise ValueError(
+            f"model {arch!r}: its HFTokenizer uses tokenizer_mode {tok.tokenizer_mode!r}, which the runtime does "
+            "not implement (only the standard mode: padding and truncation to the context length)"
+        )
+    hf = tok.tokenizer
+    if hf.pad_token_id is None:
+        raise ValueError(f"model {arch!r}: its Hugging Face tokenizer has no pad token, so rows cannot be padded")
+    return TokenizerSpec(
+        kind="hf",
+        vocab=HF_TOKENIZER_FILE,
+        context_length=context_length,
+        clean=clean,
+        pad_id=int(hf.pad_token_id),
+        padding_side=str(getattr(hf, "padding_side", "right") or "right"),
+        truncation_side=str(getattr(hf, "truncation_side", "right") or "right"),
+        strip_sep_id=int(hf.sep_token_id) if tok.strip_sep_token and hf.sep_token_id is not None else None,
+    )
+
+
+def write_tokenizer_files(bundle: ClipBundle, spec: TokenizerSpec, out_dir: str | Path) -> ClipTokenizer | HfTokenizer:
+    """Put what the serving tokenizer reads into ``out_dir`` and build it from there.
+
+    ``clip_bpe``: the BPE vocab open_clip ships. ``hf``: ``tokenizer.json`` (with ``tokenizer_config.json`` and
+    ``special_tokens_map.json``, so the directory also loads with ``transformers``), saved from open_clip's
+    tokenizer.
+
+    Raises:
+        ValueError: the Hugging Face tokenizer cannot be saved as a ``tokenizer.json`` (a slow, Python-only one).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if spec.kind == "clip_bpe":
+        shutil.copyfile(_oc_tokenizer.default_bpe(), out / spec.vocab)
+        return load_tokenizer(spec, out)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle.tokenizer.tokenizer.save_pretrained(tmp)
+        saved = Path(tmp)
+        if not (saved / HF_TOKENIZER_FILE).is_file():
+            raise ValueError(
+                f"model {bundle.spec.arch!r}: its Hugging Face tokenizer ({type(bundle.tokenizer.tokenizer).__name__}) "
+                f"saves no {HF_TOKENIZER_FILE} (not a fast tokenizer), which the runtime needs"
+            )
+        for name in (HF_TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json"):
+            if (saved / name).is_file():
+                shutil.copyfile(saved / name, out / name)
+    return load_tokenizer(spec, out)
 
 
 def build_manifest(bundle: ClipBundle, **extra: Any) -> ModelManifest:
@@ -174,12 +241,24 @@ def build_manifest(bundle: ClipBundle, **extra: Any) -> ModelManifest:
         std=[float(v) for v in cfg["std"]],
         interpolation=cfg["interpolation"],
         resize_mode=cfg["resize_mode"],
+        fill_color=int(cfg["fill_color"]) if cfg["resize_mode"] == "longest" else None,
         tokenizer=tokenizer,
+        logit_scale=_logit("logit_scale", bundle.model, exp=True),
+        logit_bias=_logit("logit_bias", bundle.model),
         onnx=OnnxSpec.standard(),
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         **lineage,
         extra=copy.deepcopy(extra),
     )
+
+
+def _logit(name: str, model: torch.nn.Module, exp: bool = False) -> Optional[float]:
+    """The model's ``logit_scale`` (exponentiated) or ``logit_bias`` as a float, None when it has none."""
+    value = getattr(getattr(model, "module", model), name, None)
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        return None
+    value = value.detach().float().cpu()
+    return round(float(value.exp() if exp else value), 6)
 
 
 class _ImageTower(torch.nn.Module):
@@ -421,7 +500,7 @@ def _checked_opset(exporter: str, precision: str, parity_threshold: float, opset
 
 def _write_towers(
     model: torch.nn.Module,
-    tokenizer: ClipTokenizer,
+    tokenizer: ClipTokenizer | HfTokenizer,
     image_size: int,
     visual_path: Path,
     textual_path: Path,
@@ -457,15 +536,20 @@ class _ParitySamples:
     def build(
         cls,
         model: torch.nn.Module,
-        tokenizer: ClipTokenizer,
+        tokenizer: ClipTokenizer | HfTokenizer,
+        reference_tokenizer: Any,
         preprocess_cfg: dict[str, Any],
         sample_images: Optional[Sequence[ImageSource]],
         sample_texts: Optional[Sequence[str]],
     ) -> _ParitySamples:
         """Decode, preprocess and tokenize the samples (the defaults when None) and embed them with torch.
 
+        The graphs will get ``tokenizer``'s ids (the serving tokenizer); torch gets ``reference_tokenizer``'s
+        (open_clip's, what the model was trained with), and the two must be equal.
+
         Raises:
             ValueError: no sample image or no sample text.
+            ExportError: the serving tokenizer's ids differ from open_clip's (names the text and both rows).
         """
         images = list(sample_images) if sample_images is not None else generate_sample_images()
         texts = list(sample_texts) if sample_texts is not None else list(DEFAULT_SAMPLE_TEXTS)
@@ -473,11 +557,19 @@ class _ParitySamples:
             raise ValueError("the parity check needs at least one sample image and one sample text")
         pil = [decode_image(img, DEFAULT_LIMITS, name=f"parity sample #{i}") for i, img in enumerate(images)]
         size, mean, std = preprocess_cfg["image_size"], preprocess_cfg["mean"], preprocess_cfg["std"]
-        pixels = preprocess(pil, size, mean, std, preprocess_cfg["interpolation"])  # [N, 3, H, W]
+        geometry = (preprocess_cfg["interpolation"], preprocess_cfg["resize_mode"], preprocess_cfg["fill_color"])
+        pixels = preprocess(pil, size, mean, std, *geometry)  # [N, 3, H, W]
         ids = tokenizer(texts)  # [M, context_length]
+        reference = np.asarray(reference_tokenizer(texts), dtype=np.int64)  # [M, context_length]
+        if reference.shape != ids.shape or not np.array_equal(reference, ids):
+            row = next((i for i in range(len(texts)) if not np.array_equal(ids[i], reference[i])), 0)
+            raise ExportError(
+                f"the serving tokenizer ({type(tokenizer).__name__}) gives other ids than open_clip's for sample "
+                f"text #{row} {texts[row][:60]!r}: {ids[row].tolist()} vs {reference[row].tolist()}"
+            )
         with torch.no_grad():
             torch_img = model.encode_image(torch.from_numpy(pixels), normalize=True).numpy()
-            torch_txt = model.encode_text(torch.from_numpy(ids), normalize=True).numpy()
+            torch_txt = model.encode_text(torch.from_numpy(reference), normalize=True).numpy()
         return cls(pixels, ids, torch_img, torch_txt)
 
     def compare(
@@ -569,11 +661,9 @@ def export_onnx(
             and the value).
     """
     opset = _checked_opset(exporter, precision, parity_threshold, opset)
-    tok_cfg = tokenizer_settings(bundle)
-    tokenizer = ClipTokenizer(_oc_tokenizer.default_bpe(), tok_cfg.context_length, tok_cfg.clean)
+    tokenizer = write_tokenizer_files(bundle, tokenizer_settings(bundle), out_dir)
     cfg = bundle.preprocess_cfg()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     visual_path, textual_path = out / VISUAL_FILE, out / TEXTUAL_FILE
 
     with _export_ready(bundle.model) as model:
@@ -582,8 +672,12 @@ def export_onnx(
 
         parity = None
         if check_parity:
-            samples = _ParitySamples.build(model, tokenizer, cfg, sample_images, sample_texts)
-            parity = {"threshold": parity_threshold, **samples.compare(visual_path, textual_path, parity_threshold)}
+            samples = _ParitySamples.build(model, tokenizer, bundle.tokenizer, cfg, sample_images, sample_texts)
+            parity = {
+                "threshold": parity_threshold,
+                "tokenizer": {"texts": len(samples.ids), "ids_equal": True},
+                **samples.compare(visual_path, textual_path, parity_threshold),
+            }
             logger.info(
                 "ONNX parity: visual min cosine %.7f, textual min cosine %.7f",
                 parity["visual"]["min_cosine"],
@@ -635,9 +729,7 @@ def export_model_dir(
     """
     manifest = build_manifest(bundle, **(metadata_extra or {}))
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(_oc_tokenizer.default_bpe(), out / manifest.tokenizer.vocab)
-    result = export_onnx(bundle, out, **export_kwargs)
+    result = export_onnx(bundle, out, **export_kwargs)  # writes the tokenizer files too
     manifest.opset = result["opset"]
     manifest.exporter = result["exporter"]
     manifest.precision = result["precision"]

@@ -80,7 +80,7 @@ class ClipBundle:
         return next(self.model.parameters()).device
 
     def preprocess_cfg(self) -> dict[str, Any]:
-        """Image preprocessing settings (size, mean, std, interpolation, resize mode) as plain values."""
+        """Image preprocessing settings (size, mean, std, interpolation, resize mode, fill) as plain values."""
         cfg = dict(getattr(self.model.visual, "preprocess_cfg", {}) or {})
         mean = cfg.get("mean") or open_clip.OPENAI_DATASET_MEAN
         std = cfg.get("std") or open_clip.OPENAI_DATASET_STD
@@ -90,6 +90,7 @@ class ClipBundle:
             "std": [float(s) for s in std],
             "interpolation": cfg.get("interpolation") or "bicubic",
             "resize_mode": cfg.get("resize_mode") or "shortest",
+            "fill_color": int(cfg.get("fill_color") or 0),
         }
 
 

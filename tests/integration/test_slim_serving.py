@@ -11,6 +11,7 @@ The packaging test checks that the base install does not depend on those package
 does, and that the Dockerfile's serving images (``TRAIN=0``) install without it.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -177,3 +178,50 @@ def test_without_torch_an_empty_registry_fails_naming_the_train_extra(tmp_path, 
         "cliptuner demo: error: cliptuner demo needs the training extra (torch, open_clip, onnx not installed): "
         'pip install "cliptuner[train]". Serving (encoder, indexer) works without it.'
     ]
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip", "xlmr"])
+def test_each_model_family_trains_exports_and_serves_without_torch(family, tmp_path, no_torch):
+    """CLIP BPE, SigLIP-style and XLM-R-style models: a few training steps here, the export's end-to-end parity
+    check, a published version, and a torch-free Flow that encodes as the tuned torch model does and searches."""
+    import torch
+
+    from cliptuner.config import ModelSpec, TrainConfig
+    from cliptuner.train.export import export_model_dir
+    from cliptuner.train.families import write_tiny_model
+    from cliptuner.train.loop import finetune
+    from cliptuner.train.models import load_model
+
+    torch.manual_seed(0)
+    bundle = load_model(ModelSpec(write_tiny_model(tmp_path / "base", family, seed=2)))
+    pairs = synthetic.generate(24, domain="generic", seed=4)
+    train, held_out = pairs.split(0.25, seed=0)
+    finetune(bundle, train, held_out, TrainConfig(epochs=1, batch_size=6, warmup_steps=0, precision="fp32"))
+    model_dir = export_model_dir(bundle, tmp_path / "model")
+    assert json.loads((model_dir / "model.json").read_text())["parity"]["tokenizer"]["ids_equal"] is True
+    workspace = tmp_path / "ws"
+    Registry(workspace / "models").publish(model_dir)
+
+    texts = ["a small red circle at the top left", "deux grands carrés bleus", "two large blue squares " * 10]
+    with torch.no_grad():
+        want = bundle.model.encode_text(bundle.tokenizer(texts), normalize=True).numpy()
+    server = FlowProcess(workspace, tmp_path / "flow.log", env=no_torch, args=["--flow", "flows/serving.yml"])
+    server.start()
+    try:
+        scenes = synthetic.generate(6, domain="generic", seed=11)
+        gallery = DocList[ClipDoc]([ClipDoc(id=f"img{i}", blob=png(image)) for i, image in enumerate(scenes.images)])
+        assert [d.model_version for d in post(server, "/index", gallery)] == ["v1"] * len(gallery)
+        encoded = by_id(
+            post(server, "/encode", DocList[ClipDoc]([ClipDoc(id=f"t{i}", text=t) for i, t in enumerate(texts)]))
+        )
+        got = np.stack([encoded[f"t{i}"].embedding for i in range(len(texts))])
+        np.testing.assert_allclose((got * want).sum(-1), 1.0, atol=1e-4)  # the tuned torch model's vectors
+        found = post(
+            server, "/search", DocList[ClipDoc]([ClipDoc(id="q", tensor=scenes.images[4])]), parameters={"limit": 3}
+        )[0]
+        assert found.matches[0].id == "img4" and found.scores[0] == pytest.approx(1.0, abs=1e-4)
+        text_hits = post(server, "/search", DocList[ClipDoc]([ClipDoc(id="q", text=texts[1])]), parameters={"limit": 6})
+        assert sorted(m.id for m in text_hits[0].matches) == sorted(d.id for d in gallery)
+    finally:
+        server.stop()
+    assert "ModuleNotFoundError" not in server.log_path.read_text(errors="replace")

@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
-from open_clip.tokenizer import SimpleTokenizer
+from open_clip.tokenizer import HFTokenizer, SimpleTokenizer, _clean_whitespace
 from PIL import Image
 
 from cliptuner.config import ModelSpec
@@ -120,21 +120,47 @@ def test_metadata_extra_and_its_checks(tiny_bundle):
         build_manifest(tiny_bundle, blob=object())
 
 
-def test_non_clip_tokenizer_is_refused_before_writing(tiny_bundle, tmp_path):
-    class HFTokenizer:  # stands in for open_clip's HFTokenizer (which would need a hub download)
+def test_a_tokenizer_the_runtime_cannot_serve_is_refused_before_writing(tiny_bundle, tmp_path):
+    class SigLipTokenizer:  # stands in for open_clip's SentencePiece-only SigLipTokenizer (no tokenizer.json)
         context_length = 32
 
         def __call__(self, texts):
             return torch.zeros(len(texts), 32, dtype=torch.long)
 
-    bundle = dataclasses.replace(tiny_bundle, tokenizer=HFTokenizer(), spec=ModelSpec("xlm-roberta-base-ViT-B-32"))
-    with pytest.raises(ValueError, match=r"'xlm-roberta-base-ViT-B-32' uses a HFTokenizer tokenizer"):
+    bundle = dataclasses.replace(tiny_bundle, tokenizer=SigLipTokenizer(), spec=ModelSpec("ViT-B-16-SigLIP"))
+    with pytest.raises(ValueError, match=r"'ViT-B-16-SigLIP' uses a SigLipTokenizer tokenizer"):
         build_manifest(bundle)
-    with pytest.raises(ValueError, match="HFTokenizer"):
+    with pytest.raises(ValueError, match="SigLipTokenizer"):
         export_model_dir(bundle, tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    with pytest.raises(ValueError, match="HFTokenizer"):
+    with pytest.raises(ValueError, match="SigLipTokenizer"):
         export_onnx(bundle, tmp_path / "out2")
+
+
+def test_an_hf_tokenizer_in_clips_mode_or_without_a_pad_token_is_refused(tiny_bundle):
+    class Hf:
+        pad_token_id = None
+        sep_token_id = 2
+        padding_side = truncation_side = "right"
+
+    tok = HFTokenizer.__new__(HFTokenizer)  # open_clip's class, without loading a tokenizer
+    tok.tokenizer, tok.context_length, tok.strip_sep_token = Hf(), 16, False
+    tok.clean_fn, tok.tokenizer_mode = _clean_whitespace, "clips"
+    bundle = dataclasses.replace(tiny_bundle, tokenizer=tok, spec=ModelSpec("some-model"))
+    with pytest.raises(ValueError, match="tokenizer_mode 'clips', which the runtime does not implement"):
+        tokenizer_settings(bundle)
+    tok.tokenizer_mode = ""
+    with pytest.raises(ValueError, match="'some-model': its Hugging Face tokenizer has no pad token"):
+        tokenizer_settings(bundle)
+    Hf.pad_token_id, tok.strip_sep_token = 1, True
+    spec = tokenizer_settings(bundle)
+    assert (spec.kind, spec.vocab, spec.pad_id, spec.strip_sep_id, spec.clean) == (
+        "hf",
+        "tokenizer.json",
+        1,
+        2,
+        "whitespace",
+    )
 
 
 def test_tokenizer_variants(tiny_bundle):

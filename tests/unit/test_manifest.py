@@ -160,15 +160,22 @@ def test_missing_key_is_named(model_dir, path, shown):
 
 
 def test_unknown_tokenizer_kind(model_dir):
-    rewrite(model_dir, lambda d: d["tokenizer"].update(kind="hf"))
-    with pytest.raises(ValueError, match=r"tokenizer kind 'hf' is not supported; known: \['clip_bpe'\]"):
+    rewrite(model_dir, lambda d: d["tokenizer"].update(kind="sentencepiece"))
+    with pytest.raises(
+        ValueError, match=r"tokenizer kind 'sentencepiece' is not supported; known: \['clip_bpe', 'hf'\]"
+    ):
         ModelManifest.read(model_dir)
 
 
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("resize_mode", "squash", r"resize_mode 'squash' is not supported; known: \['shortest'\]"),
+        (
+            "resize_mode",
+            "stretch",
+            r"resize_mode 'stretch' is not supported; known: \['shortest', 'squash', 'longest'\]",
+        ),
+        ("fill_color", 300, r"fill_color must be an integer in \[0, 255\], got 300"),
         ("interpolation", "lanczos", r"interpolation 'lanczos' is not supported"),
         ("embed_dim", 0, "embed_dim must be a positive integer"),
         ("image_size", "64", "image_size must be a positive integer"),
