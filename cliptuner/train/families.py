@@ -7,8 +7,9 @@ Real models of these families come from the Hugging Face hub (``hf-hub:timm/ViT-
 :func:`write_tiny_model` writes, with a tokenizer trained here on the captions given:
 
 * ``clip``: the CLIP BPE family (``ViT-B-32``…) — the bundled ``cliptuner-tiny`` config; nothing is written.
-* ``siglip``: SigLIP-style — a ViT with mean/std 0.5 and ``squash`` resizing, a text transformer without a causal
-  mask that pools the last position (rows padded to the context length), a projection bias, a learnable logit
+* ``siglip``: SigLIP-style — timm's ViT with an attention-pool (MAP) head and no projection, as SigLIP's image
+  tower (the smallest one, ``vit_tiny_patch16_224``, 224 px), mean/std 0.5 and ``squash`` resizing, a text
+  transformer without a causal mask that pools the last position (rows padded to the context length), a projection bias, a learnable logit
   bias (initialised at -10, so ``loss=auto`` trains it with the sigmoid loss) and a SentencePiece-style Unigram
   tokenizer that appends ``</s>``, with ``canonicalize`` cleaning.
 * ``xlmr``: multilingual-CLIP-style — a Hugging Face XLM-RoBERTa text tower (``transformers``, mean pooling over
@@ -31,6 +32,10 @@ import torch
 FAMILIES = ("clip", "siglip", "xlmr")
 CLIP_ARCH = "cliptuner-tiny"  # the bundled config of the CLIP BPE family
 LOCAL_DIR = "local-dir:"
+# SigLIP's image tower is timm's ViT with an attention-pool (MAP) head; the smallest timm ViT at its own input size
+SIGLIP_TIMM_MODEL = "vit_tiny_patch16_224"
+SIGLIP_WIDTH = 192
+SIGLIP_IMAGE_SIZE = 224
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 # a few captions beyond the synthetic English ones, so that the multilingual vocab covers other scripts
@@ -123,13 +128,19 @@ def _vision_cfg(image_size: int) -> dict[str, Any]:
     return {"image_size": image_size, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16}
 
 
-def _siglip_config(out: Path, vocab_size: int, context_length: int, image_size: int) -> dict[str, Any]:
+def _siglip_config(out: Path, vocab_size: int, context_length: int) -> dict[str, Any]:
     return {
         "model_cfg": {
-            "embed_dim": 64,
+            "embed_dim": SIGLIP_WIDTH,  # SigLIP's image tower has no projection: its width is the embedding size
             "init_logit_bias": -10,
             "custom_text": True,
-            "vision_cfg": {**_vision_cfg(image_size), "no_ln_pre": True, "pool_type": "avg"},
+            "vision_cfg": {
+                "image_size": SIGLIP_IMAGE_SIZE,
+                "timm_model_name": SIGLIP_TIMM_MODEL,
+                "timm_model_pretrained": False,
+                "timm_pool": "map",
+                "timm_proj": "none",
+            },
             "text_cfg": {
                 "context_length": context_length,
                 "vocab_size": vocab_size,
@@ -207,7 +218,7 @@ def write_tiny_model(
             few in other languages for ``xlmr``).
         seed: seeds the weights (and the default captions).
         context_length: tokens per text.
-        image_size: the image tower's input side.
+        image_size: the image tower's input side (``xlmr``; ``siglip`` takes its timm tower's 224 px).
         vocab_size: the trained tokenizer's vocab size (an upper bound: a small corpus may give fewer).
 
     Returns:
@@ -228,7 +239,7 @@ def write_tiny_model(
     texts = _captions(captions, seed)
     if family == "siglip":
         size = _train_unigram(texts, out, vocab_size, context_length)
-        config = _siglip_config(out, size, context_length, image_size)
+        config = _siglip_config(out, size, context_length)
     else:
         size = _train_xlmr_bpe(texts + list(MULTILINGUAL_CAPTIONS), out, vocab_size, context_length)
         config = _xlmr_config(out, size, context_length, image_size)
