@@ -1,4 +1,4 @@
-"""The ``cliptuner`` command: train, eval, export, encode, synth, demo, serve, models, keys, audit, k8s.
+"""The ``cliptuner`` command: train, data, eval, export, encode, synth, demo, serve, models, keys, audit, k8s.
 
 ``main`` parses the command line and runs the command it names. Each command is a module of this package with
 ``add_parser(subparsers)`` (its options, help and examples) and ``run(args)``.
@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Optional
 
-from cliptuner.cli import audit, demo_command, encode, evaluate, export, k8s, keys, models, serve, synth, train
+from cliptuner.cli import audit, data, demo_command, encode, evaluate, export, k8s, keys, models, serve, synth, train
 from cliptuner.cli.train import _train_configs as _train_configs  # the options a train run gets, for tests
 from cliptuner.extras import MissingTrainExtra
 
@@ -21,6 +21,7 @@ logger = logging.getLogger("cliptuner")
 
 COMMANDS = (
     train,
+    data,
     evaluate,
     export,
     encode,
@@ -40,6 +41,7 @@ DESCRIPTION = (
 EXAMPLES = """\
 examples:
   cliptuner demo                                   the whole service offline, with plots (start here)
+  cliptuner data check pairs.csv                   missing or broken images, held-out leaks, long captions
   cliptuner train --data pairs.csv --model ViT-B-32 --pretrained openai --epochs 5 --out runs/v1
   cliptuner eval --data test.csv --model-dir runs/v1
   cliptuner encode --model-dir runs/v1 --text "a red dress" --image shoe.jpg
@@ -74,7 +76,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command ``argv`` names (default: ``sys.argv[1:]``).
 
     Returns:
-        The exit status: 0 done, 2 bad input (one line on stderr), 3 a command that needs the training extra.
+        The exit status: 0 done, 2 bad input (one line on stderr), 3 a command that needs the training extra;
+        ``data check`` exits 1 when it finds problems.
     """
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -12,7 +12,9 @@ through a small script that replaces the exporter before calling it.
 
 import os
 import re
+import struct
 import sys
+import zlib
 
 import pytest
 from docarray import DocList
@@ -69,6 +71,17 @@ def failed_run(tuner: CLIPTuner, docs: DocList[ClipDoc], parameters: dict = QUIC
     return error
 
 
+def _png_with_broken_pixels(size: int = 64) -> bytes:
+    """A PNG whose header and chunk checksums are sound but whose pixel stream is not zlib data: the data check
+    before training lets it through (it reads headers); decoding it, in the worker, fails."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", b"not zlib data") + chunk(b"IEND", b"")
+
+
 def test_a_non_finite_loss_fails_the_run_while_training(tuner):
     error = failed_run(
         tuner, pair_docs(16, seed=2, blobs=True), {**QUICK, "learning_rate": 1e12, "epochs": 3.0, "precision": "fp32"}
@@ -84,7 +97,7 @@ def test_an_undecodable_image_among_the_pairs_fails_the_run_and_names_it(tuner):
     broken = docs[5].tags["image_id"]
     for doc in docs:  # both captions of one image carry the same broken file
         if doc.tags["image_id"] == broken:
-            doc.blob = b"\x89PNG\r\n\x1a\n but not really a PNG"
+            doc.blob = _png_with_broken_pixels()
     error = failed_run(tuner, docs)
     assert isinstance(error, TrainingInputError) and isinstance(error, ValueError)  # the input was at fault
     assert isinstance(error.__cause__, TrainingProcessError) and isinstance(error.__cause__, ValueError)
