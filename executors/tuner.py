@@ -57,7 +57,9 @@ from cliptuner.serve.runs import (
 from cliptuner.serve.status import status_view, wants_detail
 from cliptuner.settings import ServiceEnvironment
 from cliptuner.train.data import DataError, PairSet, from_memory, load_split, train_and_held_out
+from cliptuner.train.datacheck import check_before_training
 from cliptuner.train.job import TrainJob, write_pairs_csv
+from cliptuner.train.streaming import StreamError, StreamSource, expand_shards, is_stream_spec, source_files
 
 from .content import check_request, doc_blob, doc_uri
 from .metrics import Metrics
@@ -131,14 +133,16 @@ def request_digest(parameters: dict, docs: DocList[ClipDoc], files: dict[str, Pa
     """The id of a /train request without a client ``request_id``: a digest of what it asks for.
 
     The same parameters (``wait`` aside), the same docs in the same order (ids, texts, uris, tags, image bytes) and
-    the same data files (path, size and modification time, so an edited file is a new request) give the same id.
+    the same data files (path, size and modification time, so an edited file is a new request; each shard of a
+    stream) give the same id.
     """
     digest = hashlib.sha256()
     params = {k: v for k, v in sorted(parameters.items()) if k not in RUN_OPTIONS}
     digest.update(json.dumps(params, sort_keys=True, default=str).encode())
-    for name, path in sorted(files.items()):
-        stat = path.stat()
-        digest.update(json.dumps([name, str(path), stat.st_size, stat.st_mtime_ns]).encode())
+    for name, source in sorted(files.items()):
+        for path in source_files(source):
+            stat = path.stat()
+            digest.update(json.dumps([name, str(path), stat.st_size, stat.st_mtime_ns]).encode())
     for doc in docs:
         fields = [doc.id, doc.text, doc.uri, doc.tags, _digest_value(doc.blob)]
         if doc.tensor is not None:
@@ -274,8 +278,19 @@ class CLIPTuner(Executor):
 
     # -- request parsing -----------------------------------------------------------------------------------------
     def _data_path(self, name: str, value: Any) -> Path:
+        """The file a data parameter names under the data root; for ``data``/``eval_data``/``general_data`` also a
+        stream (a brace pattern, a ``.tar``/``.parquet`` file or a folder), every file of which must lie inside it."""
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"parameter {name!r} must name a PAIRS file under the data root, got {value!r}")
+        if name != "config" and is_stream_spec(value, base=self.data_root):
+            spec = Path(value)
+            if spec.is_absolute() and not spec.is_relative_to(self.data_root):
+                raise ValueError(f"parameter {name!r}: {value!r} is outside the data root")
+            try:  # each file it names, resolved (symlinks and '..' followed), must lie in the data root
+                expand_shards(value, root=self.data_root)
+            except StreamError as exc:
+                raise ValueError(f"parameter {name!r}: {exc}") from None
+            return spec if spec.is_absolute() else self.data_root / spec
         path = Path(value).expanduser()
         path = (path if path.is_absolute() else self.data_root / path).resolve()
         if not path.is_relative_to(self.data_root):  # the client never learns where the data root is
@@ -383,10 +398,24 @@ class CLIPTuner(Executor):
                 "/train needs pairs: docs with text and an image, or parameters['data'] naming a "
                 "PAIRS file under the data root"
             )
+        if request.source == FEEDBACK and request.data is not None and is_stream_spec(request.data):
+            raise ValueError(
+                "/train with source 'feedback' mixes parameters['data'] into the feedback's pairs in memory; "
+                f"{str(request.data.relative_to(self.data_root))!r} is a stream (tar shards or parquet): train on it "
+                "with source 'request'"
+            )
         source = str(request.data.relative_to(self.data_root)) if request.data is not None else "request docs"
         data = self.pairs_from_docs(docs) if request.data is None else request.data
         eval_cfg = request.eval_cfg
-        try:
+        try:  # every problem of the pairs at once (missing, broken, leaking images), before the run starts
+            check_before_training(
+                data,
+                request.eval_data,
+                eval_cfg.eval_fraction,
+                eval_cfg.split_seed,
+                model_dir=self.registry.path(self.registry.current()),  # its tokenizer measures the captions
+                resolve_image=self.policy.local_path,
+            )
             train, held_out = train_and_held_out(
                 data,
                 request.eval_data,
@@ -474,8 +503,11 @@ class CLIPTuner(Executor):
             general = write_pairs_csv(general_pairs, run.inputs_dir / "general" / "general.csv")
         if regression is not None:
             regression = write_pairs_csv(regression, run.inputs_dir / "regression" / "regression.csv")
+        # a stream is read by the run where it lies (its files were checked under the data root); pairs are written
+        stream = isinstance(train, StreamSource)
+        data = train.spec if stream else str(write_pairs_csv(train, run.inputs_dir / "train.csv"))
         return TrainJob(
-            data=str(write_pairs_csv(train, run.inputs_dir / "train.csv")),
+            data=data,
             eval_data=str(write_pairs_csv(held_out, run.inputs_dir / "held_out.csv")),
             general_data=None if general is None else str(general),
             regression_data=None if regression is None else str(regression),

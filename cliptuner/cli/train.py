@@ -20,7 +20,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data",
         default=None,
-        help="PAIRS: CSV (image,caption[,group]) or Karpathy-style JSON (required unless --feedback is given)",
+        help="PAIRS: CSV (image,caption[,group]) or Karpathy-style JSON; or a stream read while training, with bounded "
+        "memory (shuffle_buffer samples): webdataset tar shards as img2dataset writes them ('shards/{00000..00099}.tar', "
+        "a .tar file or a folder of them) or parquet (a file, a brace pattern or a folder; columns: image bytes, a "
+        "{bytes: ...} struct or local paths, and caption/text/txt); a stream needs --eval-data (required unless "
+        "--feedback is given)",
     )
     p.add_argument(
         "--feedback",
@@ -210,6 +214,13 @@ def train_job(args: argparse.Namespace, inputs: Optional[Path] = None) -> Any:
     if not args.data and not args.feedback:
         raise ValueError("cliptuner train needs --data PAIRS, --feedback WORKSPACE, or both")
     if args.feedback:
+        from cliptuner.train.streaming import is_stream_spec
+
+        if args.data and is_stream_spec(args.data):
+            raise ValueError(
+                f"--feedback mixes --data into the feedback's pairs in memory; {args.data!r} is a stream (tar shards or "
+                "parquet): train on it without --feedback"
+            )
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would hold out queries of its own
             raise ValueError("--feedback runs in one process; under torchrun, train on the feedback with /train")
         if inputs is None:

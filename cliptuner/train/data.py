@@ -478,11 +478,18 @@ def load_karpathy(
 def load_pairs(
     path: str | os.PathLike, split: Optional[str] = None, resolve_image: Optional[ImageResolver] = None
 ) -> PairSet:
-    """Load a PAIRS file by its suffix: ``.csv`` (:func:`load_csv`) or ``.json`` (:func:`load_karpathy`).
+    """Load a PAIRS file by its suffix: ``.csv`` (:func:`load_csv`) or ``.json`` (:func:`load_karpathy`); a stream
+    (tar shards, parquet: :mod:`cliptuner.train.streaming`) is read whole into memory, up to its limit.
 
     Raises:
-        DataError: another suffix, or ``split`` given for a CSV (CSV files have no split).
+        DataError: another suffix, or ``split`` given for a CSV or a stream (they have no split).
     """
+    from cliptuner.train.streaming import is_stream_spec, load_stream_pairs
+
+    if is_stream_spec(path):
+        if split is not None:
+            raise DataError(f"{str(path)!r}: a stream has no split; pass split=None (got {split!r})")
+        return load_stream_pairs(path, resolve_image)
     suffix = Path(path).suffix.lower()
     if suffix == ".csv":
         if split is not None:
@@ -1105,7 +1112,12 @@ def make_loader(
 
 def load_split(path: str | os.PathLike, split: str, resolve_image: Optional[ImageResolver] = None) -> PairSet:
     """A PAIRS file for one role: a Karpathy JSON gives its ``split`` (``train`` includes ``restval``); a CSV
-    is used whole. ``resolve_image``: see the module docstring."""
+    is used whole, and so is a stream, read into memory (:func:`cliptuner.train.streaming.load_stream_pairs`).
+    ``resolve_image``: see the module docstring."""
+    from cliptuner.train.streaming import is_stream_spec, load_stream_pairs
+
+    if is_stream_spec(path):
+        return load_stream_pairs(path, resolve_image)
     if Path(path).suffix.lower() == ".json":
         return load_karpathy(path, split=split, resolve_image=resolve_image)
     return load_csv(path, resolve_image)
@@ -1117,11 +1129,12 @@ def train_and_held_out(
     eval_fraction: float,
     seed: int,
     resolve_image: Optional[ImageResolver] = None,
-) -> tuple[PairSet, PairSet]:
+) -> tuple[Any, PairSet]:
     """Training and held-out pairs by the contract of ``cliptuner train`` and ``/train``.
 
     Args:
-        data: the training pairs, in memory or as a PAIRS file.
+        data: the training pairs, in memory or as a PAIRS file, or a stream spec (tar shards, parquet): then the
+            training pairs are a :class:`cliptuner.train.streaming.StreamSource`, read while training.
         eval_data: held-out PAIRS (its ``test`` split for a Karpathy JSON); None to hold out part of ``data``.
         eval_fraction: share of images held out when neither ``eval_data`` nor a Karpathy test split applies.
         seed: seed of that split.
@@ -1130,7 +1143,17 @@ def train_and_held_out(
     Returns:
         ``(train, held_out)``: a Karpathy JSON without ``eval_data`` gives its train and test splits; otherwise a
         seeded ``eval_fraction`` of the images (all their captions) is held out.
+
+    Raises:
+        DataError: see the loaders; a stream without ``eval_data`` (a stream cannot be split).
     """
+    if not isinstance(data, PairSet):
+        from cliptuner.train.streaming import STREAM_NEEDS_EVAL, StreamError, is_stream_spec, open_stream
+
+        if is_stream_spec(data):
+            if eval_data is None:
+                raise StreamError(f"{str(data)!r}: {STREAM_NEEDS_EVAL}")
+            return open_stream(data, resolve_image=resolve_image), load_split(eval_data, "test", resolve_image)
     if eval_data is not None:
         train = data if isinstance(data, PairSet) else load_split(data, "train", resolve_image)
         return train, load_split(eval_data, "test", resolve_image)

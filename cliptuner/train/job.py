@@ -77,10 +77,12 @@ class TrainJob:
     """A fine-tuning run: what it trains on, from which model, with which options, and where its export goes.
 
     Raises:
-        ValueError: a path that is not a non-empty string, or a config of the wrong type (named).
+        ValueError: a path that is not a non-empty string, or a config of the wrong type (named); a stream without
+            ``eval_data``, or with options a stream cannot serve (:func:`cliptuner.train.streaming.check_stream_training`).
     """
 
-    data: str  # PAIRS to train on: a CSV (image,caption) or a Karpathy-style JSON (its train split)
+    data: str  # PAIRS to train on: a CSV (image,caption), a Karpathy-style JSON (its train split), or a stream read
+    #   while training: tar shards or parquet, as a brace pattern, a file or a folder (cliptuner.train.streaming)
     out: str  # the model directory written: ONNX towers, model.json, checkpoint.pt, report.json (and plots/)
     model: ModelSpec = field(default_factory=ModelSpec)  # the model to start from
     cfg: TrainConfig = field(default_factory=lambda: TrainConfig(device=AUTO_DEVICE))  # device "auto" allowed
@@ -109,6 +111,10 @@ class TrainJob:
             raise ValueError(f"TrainJob.plots must be true or false, got {self.plots!r}")
         if not isinstance(self.serving_label, str) or not self.serving_label.strip():
             raise ValueError(f"TrainJob.serving_label must be a non-empty string, got {self.serving_label!r}")
+        from cliptuner.train.streaming import check_stream_training
+
+        cfg = self.cfg
+        check_stream_training(self.data, self.eval_data, cfg.keep_best, cfg.early_stop_patience, cfg.hard_negatives)
 
     @property
     def version_name(self) -> str:
@@ -308,6 +314,7 @@ def train_and_export(job: TrainJob, on_event: Optional[EventCallback] = None) ->
                 "device": cfg.device,
                 "train_pairs": len(train_pairs),
                 "train_images": train_pairs.num_images,
+                **({"train_shards": train_pairs.num_shards} if hasattr(train_pairs, "num_shards") else {}),
                 "eval_pairs": len(eval_pairs),
                 "eval_images": eval_pairs.num_images,
             }

@@ -29,7 +29,7 @@ from torch import nn
 
 from cliptuner.config import EvalConfig, TrainConfig
 from cliptuner.model.atomic import atomic_path
-from cliptuner.train.loss import ClipLoss, build_loss, clamp_logit_scale
+from cliptuner.train.loss import ClipLoss, SigLipLoss, build_loss, clamp_logit_scale
 from cliptuner.train.models import seed_everything
 from cliptuner.train.wiseft import apply_wiseft, state_copy, wiseft_sweep
 
@@ -203,19 +203,23 @@ class FitResult:
 
 def _forward(
     model: nn.Module, images: torch.Tensor, texts: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Normalised features and exp(logit_scale) through the model's forward (so DDP sees the call)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Normalised features, exp(logit_scale) and the logit bias through the model's forward (so DDP sees the call).
+
+    The bias is None for a model without one; OpenCLIP models built with ``init_logit_bias`` (the SigLIP family)
+    return it as a fourth output (or the ``logit_bias`` key).
+    """
     out = model(image=images, text=texts)
     if isinstance(out, dict):
-        return out["image_features"], out["text_features"], out["logit_scale"]
-    return out[0], out[1], out[2]
+        return out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias")
+    return out[0], out[1], out[2], (out[3] if len(out) > 3 else None)
 
 
 def train_step(
     model: nn.Module,
     images: torch.Tensor,
     texts: torch.Tensor,
-    loss_fn: ClipLoss,
+    loss_fn: ClipLoss | SigLipLoss,
     cfg: TrainConfig,
     scaler: Optional[torch.amp.GradScaler] = None,
 ) -> torch.Tensor:
@@ -226,21 +230,40 @@ def train_step(
     again with gradient and the loss over the *whole* batch is back-propagated through it. The gradient equals
     the one-big-batch gradient while activations are held for one micro-batch at a time.
 
-    The logit scale takes part in every micro-batch's loss, but each of those losses carries its whole gradient,
-    so it is kept (not detached) in exactly one of them: the last. Under DDP the last micro-batch is the
-    synchronising one (the others run under ``no_sync``), so every trainable parameter, the logit scale included,
-    is used in the backward whose gradients DDP averages; a parameter used only in a ``no_sync`` micro-batch would
-    never be reduced, and DDP would refuse the next step ("Expected to have finished reduction").
+    The logit scale (and a SigLIP-family model's logit bias) takes part in every micro-batch's loss, but each of
+    those losses carries its whole gradient, so it is kept (not detached) in exactly one of them: the last. Under
+    DDP the last micro-batch is the synchronising one (the others run under ``no_sync``), so every trainable
+    parameter, the logit scale and bias included, is used in the backward whose gradients DDP averages; a parameter
+    used only in a ``no_sync`` micro-batch would never be reduced, and DDP would refuse the next step ("Expected to
+    have finished reduction").
+
+    A :class:`SigLipLoss` receives the model's logit bias; a :class:`ClipLoss` does not. When a model with a bias
+    is trained with the CLIP loss, the bias still enters the graph with weight zero: its gradient is 0 (AdamW then
+    leaves it where it is, as it has no weight decay), and DDP sees every parameter used.
 
     Without a ``scaler`` a non-finite loss raises :class:`FloatingPointError`. With one (fp16 AMP) it is left to
     the scaler, which skips the optimizer step whose gradients overflowed and lowers its scale, as OpenCLIP does.
     """
     device = images.device
     backward = (lambda loss: scaler.scale(loss).backward()) if scaler is not None else (lambda loss: loss.backward())
+
+    def batch_loss(
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        if isinstance(loss_fn, SigLipLoss):
+            return loss_fn(image_features, text_features, logit_scale, logit_bias)
+        loss = loss_fn(image_features, text_features, logit_scale)
+        if logit_bias is not None and logit_bias.requires_grad:
+            loss = loss + 0.0 * logit_bias.sum()  # unused by the CLIP loss: a zero gradient, so DDP reduces it
+        return loss
+
     if cfg.accum_steps == 1:
         with _autocast(cfg, device):
-            image_features, text_features, logit_scale = _forward(model, images, texts)  # [batch, dim] x2
-            loss = loss_fn(image_features, text_features, logit_scale)
+            image_features, text_features, logit_scale, logit_bias = _forward(model, images, texts)  # [batch, dim] x2
+            loss = batch_loss(image_features, text_features, logit_scale, logit_bias)
         if scaler is None:
             _check_finite(loss)
         backward(loss)
@@ -253,10 +276,13 @@ def train_step(
     for j, (image_chunk, text_chunk) in enumerate(zip(image_chunks, text_chunks)):
         last = j == len(image_chunks) - 1
         with no_sync() if no_sync is not None and not last else nullcontext(), _autocast(cfg, device):
-            image_features, text_features, logit_scale = _forward(model, image_chunk, text_chunk)
+            image_features, text_features, logit_scale, logit_bias = _forward(model, image_chunk, text_chunk)
             all_image = torch.cat([c[0] for c in cached[:j]] + [image_features] + [c[0] for c in cached[j + 1 :]])
             all_text = torch.cat([c[1] for c in cached[:j]] + [text_features] + [c[1] for c in cached[j + 1 :]])
-            loss = loss_fn(all_image, all_text, logit_scale if last else logit_scale.detach())
+            if not last:  # the scale and the bias carry their gradient in the last micro-batch only
+                logit_scale = logit_scale.detach()
+                logit_bias = logit_bias.detach() if logit_bias is not None else None
+            loss = batch_loss(all_image, all_text, logit_scale, logit_bias)
             if scaler is None:
                 _check_finite(loss)
             backward(loss)
@@ -430,7 +456,7 @@ def _apply_gradients(
 def train_one_epoch(
     model: nn.Module,
     loader: torch.utils.data.DataLoader,
-    loss_fn: ClipLoss,
+    loss_fn: ClipLoss | SigLipLoss,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: Optional[torch.amp.GradScaler],
@@ -585,8 +611,13 @@ def _save_last_checkpoint(
     result: FitResult,
     choice: _EpochChoice,
     cfg: TrainConfig,
+    stream: Optional[dict[str, Any]] = None,
 ) -> None:
-    """Write the full training state after ``epoch`` (0-based) to ``checkpoint_dir/last.pt``, atomically."""
+    """Write the full training state after ``epoch`` (0-based) to ``checkpoint_dir/last.pt``, atomically.
+
+    ``stream``: within an epoch of a stream, the loader's state (``{"epoch", "done"}``: the epoch being read and the
+    shards done in it); ``epoch`` is then the last whole epoch (``stream["epoch"] - 1``).
+    """
     Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
     state = {
         "model": inner.state_dict(),
@@ -599,6 +630,7 @@ def _save_last_checkpoint(
         "patience_left": choice.patience_left,
         "config": asdict(cfg),
         "rng": _rng_state(),
+        "stream": stream,
     }
     with atomic_path(Path(checkpoint_dir) / LAST_CHECKPOINT) as tmp:
         torch.save(state, tmp)
@@ -611,11 +643,15 @@ def _resume(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: Optional[torch.amp.GradScaler],
     cfg: TrainConfig,
+    stream: Any = None,
 ) -> tuple[int, FitResult, _EpochChoice]:
     """Load a ``last.pt`` into the training objects and the RNGs; ``(epochs done, result so far, epoch choice)``.
 
+    A ``stream`` loader (:class:`cliptuner.train.stream_loader.StreamLoader`) is told which shards of the epoch
+    being read were done when the checkpoint was written, to skip them.
+
     Raises:
-        ValueError: the checkpoint was written with other training options.
+        ValueError: the checkpoint was written with other training options, or names shards ``stream`` lacks.
     """
     state = torch.load(path, map_location="cpu", weights_only=False)
     _check_resumable(state.get("config", {}), cfg, path)
@@ -628,6 +664,11 @@ def _resume(
     result = FitResult(**state["result"])
     choice = _EpochChoice(cfg, state.get("best_state"), state.get("patience_left", cfg.early_stop_patience))
     _set_rng_state(state["rng"])
+    if stream is not None and state.get("stream"):
+        stream.resume(state["stream"])
+        logger.info(
+            "resuming the stream after %d shard(s) done in epoch %d", len(state["stream"]["done"]), start_epoch + 1
+        )
     logger.info("resumed from %s at epoch %d", path, start_epoch)
     return start_epoch, result, choice
 
@@ -635,7 +676,7 @@ def _resume(
 def fit(
     model: nn.Module,
     loader: torch.utils.data.DataLoader,
-    loss_fn: ClipLoss,
+    loss_fn: ClipLoss | SigLipLoss,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     cfg: TrainConfig,
@@ -662,10 +703,12 @@ def fit(
         cfg: training options.
         eval_fn: returns held-out metrics for the current weights; drives early stopping and best keeping.
         on_event: receives progress events (``{"event": "step" | "epoch" | "eval" | "end", ...}``).
-        checkpoint_dir: where ``last.pt`` (full training state) is written after every epoch.
+        checkpoint_dir: where ``last.pt`` (full training state) is written after every epoch; for a stream
+            (a :class:`cliptuner.train.stream_loader.StreamLoader`) also each time shards are done within an epoch,
+            with their names.
         resume_from: a ``last.pt`` to continue from (model, optimizer, scheduler, scaler, epoch, history, RNG);
             written with the same options (``cfg`` may differ only in ``device`` and ``log_every``). A run that had
-            stopped early stays stopped.
+            stopped early stays stopped. A stream resumes its epoch without the shards done before.
         should_stop: polled between steps; returning True raises :class:`TrainingStopped`.
         scaler: the gradient scaler; default: one for fp16 AMP on CUDA, else none. Under a scaler a step whose
             gradients overflow is skipped (the weights, optimizer and schedule stay where they were), as OpenCLIP
@@ -681,13 +724,27 @@ def fit(
     scaler = _default_scaler(scaler, cfg, next(model.parameters()).device)
     if len(loader) == 0:
         raise ValueError("the training loader yields no batch: fewer distinct images than the batch size?")
+    from cliptuner.train.stream_loader import StreamLoader, planned_steps
+
+    stream = loader if isinstance(loader, StreamLoader) else None
 
     result, start_epoch, choice = FitResult(), 0, _EpochChoice(cfg, patience_left=cfg.early_stop_patience)
     if resume_from is not None:
-        start_epoch, result, choice = _resume(resume_from, inner, optimizer, scheduler, scaler, cfg)
-    progress = _Progress(total_steps=len(loader) * cfg.epochs, step=result.steps, steps_at_start=result.steps)
+        start_epoch, result, choice = _resume(resume_from, inner, optimizer, scheduler, scaler, cfg, stream)
+    progress = _Progress(total_steps=planned_steps(loader, cfg.epochs), step=result.steps, steps_at_start=result.steps)
+    if stream is not None and checkpoint_dir is not None and is_main:
+
+        def shards_done(state: dict[str, Any]) -> None:  # between two steps: the shards named are trained on
+            result.steps = progress.step
+            _save_last_checkpoint(
+                checkpoint_dir, inner, optimizer, scheduler, scaler, state["epoch"] - 1, result, choice, cfg, state
+            )
+
+        stream.on_shards_done = shards_done
     first_epoch = cfg.epochs if result.stopped_early else start_epoch  # an early-stopped run stays stopped
     for epoch in range(first_epoch, cfg.epochs):
+        if stream is not None:
+            stream.set_epoch(epoch)
         train_one_epoch(
             model, loader, loss_fn, optimizer, scheduler, scaler, cfg, epoch, progress, result, emit, should_stop
         )
@@ -776,8 +833,27 @@ def _wiseft_sweep_and_apply(
 
 def _train_loader(bundle: Any, train_pairs: Any, cfg: TrainConfig, world_size: int, rank: int) -> Any:
     """The shuffled, seeded loader of this rank's shard: one optimizer step's batch (all micro-batches) at a time."""
-    from cliptuner.train.data import make_loader
+    if cfg.hard_negatives:  # batches of pairs the base model confuses (mined now, before training)
+        from cliptuner.train.hard_negatives import hard_negative_loader
 
+        return hard_negative_loader(bundle, train_pairs, cfg, world_size, rank)
+    from cliptuner.train.data import make_loader
+    from cliptuner.train.streaming import StreamSource
+
+    if isinstance(train_pairs, StreamSource):  # read while training, cfg.shuffle_buffer samples held per reader
+        from cliptuner.train.stream_loader import StreamLoader
+
+        return StreamLoader(
+            train_pairs,
+            bundle.preprocess_train,
+            bundle.tokenizer,
+            cfg.batch_size * cfg.accum_steps,
+            seed=cfg.seed,
+            shuffle_buffer=cfg.shuffle_buffer,
+            num_workers=cfg.num_workers,
+            num_replicas=world_size,
+            rank=rank,
+        )
     return make_loader(
         train_pairs,
         bundle.preprocess_train,
@@ -792,10 +868,15 @@ def _train_loader(bundle: Any, train_pairs: Any, cfg: TrainConfig, world_size: i
 
 
 def _split_counts(train_pairs: Any, eval_pairs: Any, val_pairs: Any) -> dict[str, int]:
-    """The report's ``split``: pairs and images trained on, held out and (when an epoch is chosen) validated on."""
+    """The report's ``split``: pairs and images trained on, held out and (when an epoch is chosen) validated on.
+
+    For a stream the training pairs and images are those counted before reading (an image per sample), with its
+    ``train_shards``.
+    """
     return {
         "train_pairs": len(train_pairs),
         "train_images": train_pairs.num_images,
+        **({"train_shards": train_pairs.num_shards} if hasattr(train_pairs, "num_shards") else {}),
         "eval_pairs": len(eval_pairs),
         "eval_images": eval_pairs.num_images,
         **({"val_pairs": len(val_pairs), "val_images": val_pairs.num_images} if val_pairs else {}),
@@ -813,6 +894,7 @@ def _report(
     split: dict[str, int],
     world_size: int,
     wiseft: dict[str, Any],
+    loss: str,
 ) -> dict[str, Any]:
     """The report of :func:`finetune` (its keys in this order)."""
     return {
@@ -832,6 +914,7 @@ def _report(
         "history_split": "val" if selecting else "eval",
         "config": asdict(cfg),
         "world_size": world_size,
+        "loss": loss,  # the loss trained with (cfg.loss "auto" resolved)
         **({"wiseft": wiseft} if wiseft else {}),
     }
 
@@ -856,7 +939,9 @@ def finetune(
 
     Args:
         bundle: a :class:`cliptuner.train.models.ClipBundle` (trained in place; moved to ``cfg.device``).
-        train_pairs: :class:`cliptuner.train.data.PairSet` to train on.
+        train_pairs: :class:`cliptuner.train.data.PairSet` to train on, or a
+            :class:`cliptuner.train.streaming.StreamSource` read while training (it cannot choose an epoch: no
+            ``keep_best``, early stopping or hard negatives).
         eval_pairs: held-out :class:`~cliptuner.train.data.PairSet`, never trained on and never used to choose: with
             ``keep_best`` or early stopping, the epoch is chosen on ``cfg.val_fraction`` of the training images.
         cfg: training options.
@@ -889,6 +974,10 @@ def finetune(
     def run_eval(pairs: Any = eval_pairs) -> dict[str, float]:
         return evaluate(bundle, pairs, eval_cfg.ks, eval_cfg.batch_size)
 
+    from cliptuner.train.stream_loader import planned_steps
+    from cliptuner.train.streaming import check_stream_training
+
+    check_stream_training(train_pairs, eval_pairs, cfg.keep_best, cfg.early_stop_patience, cfg.hard_negatives)
     # Choosing an epoch (best weights, early stopping) on the split that reports "after" would flatter it:
     # the choice is made on a validation part of the training images instead.
     selecting = cfg.keep_best or cfg.early_stop_patience is not None
@@ -901,11 +990,12 @@ def finetune(
     base_state = state_copy(model) if use_wiseft and rank == 0 else None
     loader = _train_loader(bundle, train_pairs, cfg, world_size, rank)
     optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, len(loader) * cfg.epochs)
+    scheduler = build_scheduler(optimizer, cfg, planned_steps(loader, cfg.epochs))
+    loss_fn = build_loss(cfg, model, world_size=world_size, rank=rank)
     result = fit(
         _distributed_model(model, device, world_size),
         loader,
-        build_loss(cfg, model, world_size=world_size, rank=rank),
+        loss_fn,
         optimizer,
         scheduler,
         cfg,
@@ -933,4 +1023,5 @@ def finetune(
         split=_split_counts(train_pairs, eval_pairs, val_pairs),
         world_size=world_size,
         wiseft=wiseft,
+        loss="siglip" if isinstance(loss_fn, SigLipLoss) else "clip",
     )

@@ -47,6 +47,7 @@ def test_each_family_trains_exports_with_parity_publishes_and_serves(family, fam
     cfg = TrainConfig(epochs=1, batch_size=6, learning_rate=1e-3, warmup_steps=0, seed=0, precision="fp32")
     report = finetune(bundle, train, held_out, cfg)
     assert report["epochs"] == 1 and set(report["after"]) >= {"t2i_r5", "i2t_r5"}
+    assert report["loss"] == ("siglip" if family == "siglip" else "clip")  # loss=auto: the family's own
 
     out = export_model_dir(bundle, tmp_path / "model", metadata_extra={"report": {"family": family}})
     manifest = ModelManifest.read(out)

@@ -38,7 +38,8 @@ from cliptuner.options import (
     request_names,
 )
 
-NOT_REQUESTED = {"device", "num_workers", "log_every", "shuffle_buffer"}  # set by the service (host memory), not a client
+# set by the service (device, threads, host memory), not by a client
+NOT_REQUESTED = {"device", "num_workers", "log_every", "shuffle_buffer"}
 NOT_FLAGS = {"device", "log_every"}  # --device is written by hand (cuda by default); the progress bar sets log_every
 NEEDS = {"image_unlocked_groups": {"lock_image": True}, "text_unlocked_layers": {"lock_text": True}}
 REQUIRED = ["train", "--data", "pairs.csv", "--out", "model"]
