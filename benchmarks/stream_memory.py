@@ -241,15 +241,9 @@ def main(argv=None) -> dict:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="stream-memory-"))
     try:
         data = generate(workdir, args.pairs, args.image_size, args.per_shard, args.seed)
-        print(
-            f"generated {args.pairs} pairs in {data['generate_s']:.1f} s: {data['shards']} tar shards "
-            f"({data['disk_mb']['tar']:.1f} MB), CSV + files ({data['disk_mb']['csv']:.1f} MB)",
-            file=sys.stderr,
-        )
         variants = {}
         for variant in VARIANTS:
             variants[variant] = _run_child(variant, args, workdir)
-            print(f"{variant}: {variants[variant]}", file=sys.stderr)
     finally:
         if temporary or not args.keep:
             shutil.rmtree(workdir / "shards", ignore_errors=True)
