@@ -415,6 +415,8 @@ class CLIPTuner(Executor):
                 eval_cfg.split_seed,
                 model_dir=self.registry.path(self.registry.current()),  # its tokenizer measures the captions
                 resolve_image=self.policy.local_path,
+                # a batch holds distinct images (feedback runs are checked against their own pairs later)
+                batch_size=request.cfg.batch_size if request.source != FEEDBACK else None,
             )
             train, held_out = train_and_held_out(
                 data,

@@ -894,6 +894,7 @@ def check_before_training(
     split_seed: int,
     model_dir: str | os.PathLike | None = None,
     resolve_image: Optional[ImageResolver] = None,
+    batch_size: Optional[int] = None,
 ) -> DataReport:
     """The check a service runs before a run starts: refuse on problems, log warnings, skip what it cannot read.
 
@@ -905,6 +906,7 @@ def check_before_training(
         model_dir: the model version training starts from: its tokenizer measures the captions (a tokenizer that
             cannot be built is logged, and caption lengths are not checked).
         resolve_image: checks each image path (see :mod:`cliptuner.train.data`).
+        batch_size: the run's batch size: fewer training images is a problem too (None: not checked).
 
     Returns:
         The report (no problems in it).
@@ -918,7 +920,9 @@ def check_before_training(
             tokens = version_caption_tokens(model_dir)
         except (ValueError, OSError) as exc:
             logger.warning("data check: caption lengths not checked, the model's tokenizer is not available: %s", exc)
-    report = check_pairs(data, eval_data, eval_fraction, split_seed, tokens=tokens, resolve_image=resolve_image)
+    report = check_pairs(
+        data, eval_data, eval_fraction, split_seed, tokens=tokens, resolve_image=resolve_image, batch_size=batch_size
+    )
     if report.skipped is not None:
         logger.info("data check skipped: %s", report.skipped)
         return report
