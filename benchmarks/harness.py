@@ -239,10 +239,12 @@ PARTS: tuple[Part, ...] = (
         "hard_negatives",
         "hard_negatives",
         "Hard-negative batches vs random batches",
-        full=("--threads", "1"),
+        full=("--threads", "1", "--spaces", "cross", "image", "text", "both"),
         quick=("--quick",),
         about="`hard_negatives` (batches of the pairs the base model confuses, mined once from its embeddings "
-        "before training) against the default random batches of unique images: the demo's base fine-tuned on "
+        "before training; `cross`: caption against image, what `hard_negatives` does, and three other spaces to "
+        "mine in: image against image, caption against caption, both) against the default random batches of "
+        "unique images: the demo's base fine-tuned on "
         "synthetic domain pairs of two shapes (data seeds no other benchmark or choice uses), same budget and "
         "seeds. Validation (a part of the training images) chooses each run's epoch and decides between the "
         "arms by a rule fixed before the run — hard negatives become the default only if they win on every "
