@@ -707,6 +707,20 @@ class _EpochPlanned:
         for batch in self._global_batches():
             yield batch[lo:hi] if self.num_replicas > 1 else list(batch)
 
+    @staticmethod
+    def _in_order(
+        batches: list[list[int]], global_batch: int, drop_last: bool, rng: np.random.Generator
+    ) -> list[list[int]]:
+        """An epoch's plan from filled batches: each shuffled inside, the full ones in random order, then (unless
+        ``drop_last``) the short ones, longest first."""
+        for batch in batches:
+            rng.shuffle(batch)
+        full = [b for b in batches if len(b) == global_batch]
+        full = [full[i] for i in rng.permutation(len(full))]
+        if drop_last:
+            return full
+        return full + sorted((b for b in batches if len(b) < global_batch), key=len, reverse=True)
+
     def _global_batches(self) -> list[list[int]]:
         if self._plan_epoch != self.epoch:
             self._plan = self._make_plan(self.epoch)
@@ -950,13 +964,7 @@ class GroupedBatchSampler(_EpochPlanned):
         rng = np.random.default_rng(self.seed + epoch)
         order = [self._units[i] for i in rng.permutation(len(self._units))]
         batches = _GroupPacker(order, self._image, self.global_batch).batches()
-        for batch in batches:
-            rng.shuffle(batch)
-        full = [b for b in batches if len(b) == self.global_batch]
-        full = [full[i] for i in rng.permutation(len(full))]
-        if self.drop_last:
-            return full
-        return full + sorted((b for b in batches if len(b) < self.global_batch), key=len, reverse=True)
+        return self._in_order(batches, self.global_batch, self.drop_last, rng)
 
 
 class _GroupPacker:

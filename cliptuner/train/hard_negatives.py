@@ -346,13 +346,7 @@ class HardNegativeBatchSampler(_EpochPlanned):
         batches = _EpochFiller(
             self._image, self._caption, self._neighbours, self.global_batch, self.expand_limit, rng
         ).batches(rng)
-        for batch in batches:
-            rng.shuffle(batch)
-        full = [b for b in batches if len(b) == self.global_batch]
-        full = [full[i] for i in rng.permutation(len(full))]
-        if self.drop_last:
-            return full
-        return full + sorted((b for b in batches if len(b) < self.global_batch), key=len, reverse=True)
+        return self._in_order(batches, self.global_batch, self.drop_last, rng)
 
 
 class _EpochFiller:
