@@ -65,6 +65,7 @@ class Part:
     full: tuple[str, ...]
     quick: tuple[str, ...]
     about: str  # what it measures against what, for RESULTS.md
+    timeout_s: Optional[float] = None  # a full run's time limit when longer than the default (--timeout overrides)
 
 
 PARTS: tuple[Part, ...] = (
@@ -249,6 +250,7 @@ PARTS: tuple[Part, ...] = (
         "seeds. Validation (a part of the training images) chooses each run's epoch and decides between the "
         "arms by a rule fixed before the run — hard negatives become the default only if they win on every "
         "shape; a test split that chooses nothing reports.",
+        timeout_s=3600.0,  # 5 arms x 2 shapes x 3 seeds of 8 epochs: about 25 minutes on one thread
     ),
     Part(
         "feedback_loop",
@@ -916,6 +918,10 @@ def part_tables(name: str, outcome: dict) -> str:
         return feedback_loop_tables(outcome["result"])
     if name.startswith("stream_memory"):
         return stream_tables(outcome["result"])
+    if name == "hard_negatives":  # its own markdown, blank lines kept
+        from benchmarks.hard_negatives import markdown
+
+        return markdown(outcome["result"])
     return tables_only(outcome["stdout"])
 
 
@@ -1382,7 +1388,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="cliptuner-benchmarks-") as tmp:
         for part in parts:
-            results[part.name] = run_part(part, args.quick, Path(tmp), timeout)
+            limit = timeout if args.timeout or args.quick or part.timeout_s is None else max(timeout, part.timeout_s)
+            results[part.name] = run_part(part, args.quick, Path(tmp), limit)
             # kept if a later step fails: --from-json writes the report
             partial.write_text(json.dumps(raw(time.perf_counter() - started), indent=2, default=str))
     wall = time.perf_counter() - started
