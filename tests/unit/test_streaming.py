@@ -391,3 +391,34 @@ def test_train_endpoint_trains_on_a_stream_under_the_data_root(tuner, shards):
     assert report["split"]["source"] == "web/{00000..00002}.tar" and report["split"]["train_shards"] == 3
     assert report["split"]["train_pairs"] == 60 and report["split"]["eval_images"] == 8
     assert report["steps"] >= 5 and report["model_version"] == "v2"
+
+
+def test_hostile_stream_requests_are_refused_by_name_and_the_tuner_goes_on(tuner, shards, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder, _ = shards
+    web = tuner.data_root / "web"
+    web.mkdir()
+    (web / "00000.tar").write_bytes((folder / "00000.tar").read_bytes())
+    secret = tmp_path / "secret.png"  # an image outside the data root, named by a parquet file inside it
+    secret.write_bytes(_pairs(1)[0][1])
+    table = pa.table(
+        {"image_path": [str(secret), "../../../../../../../../etc/hostname"], "caption": ["a secret", "another"]}
+    )
+    pq.write_table(table, web / "pairs.parquet")
+    request = tuner.parse_request({"data": "web/pairs.parquet", "eval_data": "web/00000.tar", "batch_size": 2})
+    with pytest.raises(DataError, match="web/pairs.parquet#0:1: image .* is not allowed") as refused:
+        tuner.split_pairs(request, DocList[ClipDoc]())
+    assert "#0:1: image '/etc/hostname' is not allowed" in str(refused.value)  # every row named, not only the first
+    assert str(tuner.data_root) not in str(refused.value)
+
+    too_many = "web/{0..9}{0..9}{0..9}{0..9}{0..9}{0..9}.tar"  # a million names
+    with pytest.raises(ValueError, match="100000|too many|at most") as refused:
+        tuner.parse_request({"data": too_many, "eval_data": "web/00000.tar"})
+    for name, value in (("loss", "triplet"), ("loss", 3), ("hard_negatives", "yes")):
+        with pytest.raises(ValueError, match=name):
+            tuner.parse_request({"data": "web/00000.tar", "eval_data": "web/00000.tar", name: value})
+    # the next request is served
+    status = run(tuner.report_status(docs=DocList[ClipDoc]()))[0].tags
+    assert status["model_version"] == "v1"
